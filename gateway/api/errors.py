@@ -1,0 +1,62 @@
+"""Map the gateway's error tree to IoT Hub-shaped HTTP errors, in one place.
+
+IoT Hub answers errors with a JSON body ``{"Message": "ErrorCode:<code>;<text>",
+"ExceptionMessage": ...}`` and an ``iothub-errorcode`` header (ref §5.2); clients mostly look at
+the status, so the status is what must be right.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from gateway.errors import (
+    AuthError,
+    ConflictError,
+    ForbiddenError,
+    GatewayError,
+    InvalidRequestError,
+    NotFoundError,
+    PreconditionFailedError,
+    StoreError,
+)
+
+_STATUS: list[tuple[type[GatewayError], int, str]] = [
+    (AuthError, 401, "IotHubUnauthorizedAccess"),
+    (ForbiddenError, 403, "IotHubUnauthorizedAccess"),
+    (NotFoundError, 404, "DeviceNotFound"),
+    (ConflictError, 409, "DeviceAlreadyExists"),
+    (PreconditionFailedError, 412, "PreconditionFailed"),
+    (InvalidRequestError, 400, "ArgumentInvalid"),
+    (StoreError, 503, "ServerBusy"),
+]
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    body = {"Message": f"ErrorCode:{code};{message}", "ExceptionMessage": message}
+    return web.Response(
+        status=status,
+        text=json.dumps(body),
+        content_type="application/json",
+        headers={"iothub-errorcode": code},
+    )
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        for cls, status, code in _STATUS:
+            if isinstance(exc, cls):
+                if isinstance(exc, NotFoundError) and getattr(exc, "code", None):
+                    code = exc.code  # type: ignore[attr-defined]
+                return error_response(status, code, str(exc))
+        return error_response(500, "ServerError", str(exc))
+    except json.JSONDecodeError as exc:
+        return error_response(400, "ArgumentInvalid", f"malformed JSON body: {exc}")

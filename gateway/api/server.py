@@ -1,0 +1,258 @@
+"""The HTTPS service API: IoT Hub's REST shapes for identities (ref §9.1), and the built-in
+endpoint's readers.
+
+Every request is authorized by a shared-access-policy SAS token in the ``Authorization``
+header (ref §7.2); each route names the right it needs. ``api-version`` is accepted with any
+non-empty value (ref §16.2).
+
+Built-in endpoint (our own routes; IoT Hub exposes it over AMQP as an Event Hub):
+
+* ``GET /messages/events?consumerGroup=G&start=latest|earliest|checkpoint|SEQ&deviceId=D``
+  ``&kinds=telemetry,connectionState&stream=true`` streams newline-delimited JSON, one message
+  per line, until the client goes away; without ``stream=true`` it long-polls for up to
+  ``waitSeconds`` and returns a JSON array of at most ``limit`` messages.
+* ``POST /messages/events/checkpoint`` ``{"consumerGroup": G, "seq": N}`` records a consumer
+  group's position, so ``start=checkpoint`` resumes after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from gateway.api.errors import error_middleware
+from gateway.api.events import entry_json
+from gateway.errors import AuthError, InvalidRequestError, NotFoundError
+from gateway.hub.auth import Authenticator, ServicePrincipal
+from gateway.hub.registry import Registry
+from gateway.store.log import MessageLog
+
+log = logging.getLogger(__name__)
+
+READ, WRITE, SERVICE = "RegistryRead", "RegistryWrite", "ServiceConnect"
+PRINCIPAL = web.AppKey("principal", ServicePrincipal)
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, text=json.dumps(data), content_type="application/json", headers=headers
+    )
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    data = await request.json(loads=json.loads)
+    if not isinstance(data, dict):
+        raise InvalidRequestError("the body must be a JSON object")
+    return data
+
+
+def _if_match(request: web.Request) -> str | None:
+    value = request.headers.get("If-Match")
+    return value.strip() if value else None
+
+
+class ServiceApi:
+    """Routes and handlers; :meth:`start` binds the HTTPS listener."""
+
+    def __init__(
+        self,
+        *,
+        host_name: str,
+        registry: Registry,
+        authenticator: Authenticator,
+        log: MessageLog,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.host_name = host_name
+        self.registry = registry
+        self.authenticator = authenticator
+        self.log = log
+        self.clock = clock
+        self.app = web.Application(middlewares=[error_middleware], client_max_size=1 << 20)
+        self._routes: list[tuple[str, str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = []
+        r = self._route
+        r("GET", "/devices", READ, self.list_devices)
+        r("GET", "/devices/{device_id}", READ, self.get_device)
+        r("PUT", "/devices/{device_id}", WRITE, self.put_device)
+        r("DELETE", "/devices/{device_id}", WRITE, self.delete_device)
+        r("GET", "/devices/{device_id}/modules", READ, self.list_modules)
+        r("GET", "/devices/{device_id}/modules/{module_id}", READ, self.get_module)
+        r("PUT", "/devices/{device_id}/modules/{module_id}", WRITE, self.put_module)
+        r("DELETE", "/devices/{device_id}/modules/{module_id}", WRITE, self.delete_module)
+        r("GET", "/sharedAccessPolicies/{name}", WRITE, self.get_policy)
+        r("GET", "/messages/events", SERVICE, self.read_events)
+        r("POST", "/messages/events/checkpoint", SERVICE, self.checkpoint)
+        r("GET", "/statistics/devices", READ, self.device_statistics)
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+        self._streams: set[asyncio.Task[Any]] = set()
+
+    def _route(self, method: str, path: str, right: str,
+               handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> None:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            principal = self.authenticator.authenticate_service(
+                request.headers.get("Authorization"), now=self.clock()
+            )
+            Authenticator.require(principal, right)
+            return await handler(request)
+
+        self.app.router.add_route(method, path, guarded)
+
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context, reuse_address=True)
+        await site.start()
+        server = site._server  # noqa: SLF001 - aiohttp exposes the bound port only here
+        assert server is not None and server.sockets
+        self.port = server.sockets[0].getsockname()[1]
+        log.info("https service api listening port=%s", self.port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- identities (ref §9.1) ---------------------------------------------------------------
+
+    async def list_devices(self, request: web.Request) -> web.Response:
+        top = request.query.get("top")
+        devices = [d.to_json() for d in self.registry.devices()]
+        if top:
+            devices = devices[: max(int(top), 0)]
+        return _json(devices)
+
+    async def get_device(self, request: web.Request) -> web.Response:
+        device_id = request.match_info["device_id"]
+        device = self.registry.get_device(device_id)
+        if device is None:
+            raise NotFoundError(f"device {device_id!r} not found")
+        return _json(device.to_json())
+
+    async def put_device(self, request: web.Request) -> web.Response:
+        device, _ = await self.registry.put_device(
+            await _body(request), device_id=request.match_info["device_id"],
+            if_match=_if_match(request),
+        )
+        return _json(device.to_json())
+
+    async def delete_device(self, request: web.Request) -> web.Response:
+        await self.registry.delete_device(request.match_info["device_id"], if_match=_if_match(request))
+        return web.Response(status=204)
+
+    async def list_modules(self, request: web.Request) -> web.Response:
+        device_id = request.match_info["device_id"]
+        if self.registry.get_device(device_id) is None:
+            raise NotFoundError(f"device {device_id!r} not found")
+        return _json([m.to_json() for m in self.registry.modules(device_id)])
+
+    async def get_module(self, request: web.Request) -> web.Response:
+        device_id, module_id = request.match_info["device_id"], request.match_info["module_id"]
+        module = self.registry.get_module(device_id, module_id)
+        if module is None:
+            raise NotFoundError(f"module {device_id}/{module_id} not found")
+        return _json(module.to_json())
+
+    async def put_module(self, request: web.Request) -> web.Response:
+        module, _ = await self.registry.put_module(
+            await _body(request), device_id=request.match_info["device_id"],
+            module_id=request.match_info["module_id"], if_match=_if_match(request),
+        )
+        return _json(module.to_json())
+
+    async def delete_module(self, request: web.Request) -> web.Response:
+        await self.registry.delete_module(
+            request.match_info["device_id"], request.match_info["module_id"],
+            if_match=_if_match(request),
+        )
+        return web.Response(status=204)
+
+    async def get_policy(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        policy = self.registry.get_policy(name)
+        if policy is None:
+            raise NotFoundError(f"shared access policy {name!r} not found")
+        return _json({
+            "keyName": policy.name,
+            "primaryKey": policy.primary_key,
+            "secondaryKey": policy.secondary_key,
+            "rights": ", ".join(sorted(policy.rights)),
+        })
+
+    async def device_statistics(self, request: web.Request) -> web.Response:
+        devices = self.registry.devices()
+        return _json({
+            "totalDeviceCount": len(devices),
+            "enabledDeviceCount": sum(d.status == "enabled" for d in devices),
+            "disabledDeviceCount": sum(d.status != "enabled" for d in devices),
+        })
+
+    # -- built-in endpoint -------------------------------------------------------------------
+
+    async def _start_seq(self, group: str, start: str) -> int:
+        if start == "latest":
+            return self.log.last_seq
+        if start == "earliest":
+            return 0
+        if start == "checkpoint":
+            return await self.log.get_cursor(f"events/{group}") or 0
+        try:
+            return int(start)
+        except ValueError:
+            raise InvalidRequestError(
+                f"start must be latest, earliest, checkpoint or a sequence number, not {start!r}"
+            ) from None
+
+    async def read_events(self, request: web.Request) -> web.StreamResponse:
+        q = request.query
+        group = q.get("consumerGroup", "$Default")
+        after = await self._start_seq(group, q.get("start", "latest"))
+        device_id = q.get("deviceId") or None
+        kinds = {k for k in q.get("kinds", "").split(",") if k} or None
+        limit = min(int(q.get("limit", "500")), 5000)
+        if q.get("stream", "").lower() != "true":
+            wait = min(float(q.get("waitSeconds", "0")), 60.0)
+            if wait and self.log.last_seq <= after:
+                await self.log.wait_beyond(after, wait)
+            entries = await self.log.read(after, limit, device_id=device_id, kinds=kinds)
+            return _json([entry_json(e, self.host_name) for e in entries])
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        await response.write(b"")
+        while True:
+            # Everything committed up to `snapshot` is visible to the read below, so when the
+            # read comes back short the reader may skip to `snapshot` (filters can hide entries).
+            snapshot = self.log.last_seq
+            entries = await self.log.read(after, limit, device_id=device_id, kinds=kinds)
+            if entries:
+                lines = "".join(json.dumps(entry_json(e, self.host_name)) + "\n" for e in entries)
+                await response.write(lines.encode())
+            if len(entries) == limit:
+                after = entries[-1].seq
+                continue
+            after = max(snapshot, entries[-1].seq if entries else after)
+            # Wait for a commit; send a heartbeat line now and then so a client notices a dead
+            # hub and a proxy keeps the stream open.
+            if not await self.log.wait_beyond(after, 15.0):
+                await response.write(b"\n")
+        return response  # pragma: no cover
+
+    async def checkpoint(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        group, seq = body.get("consumerGroup", "$Default"), body.get("seq")
+        if not isinstance(group, str) or not group or not isinstance(seq, int) or seq < 0:
+            raise InvalidRequestError("body must be {\"consumerGroup\": str, \"seq\": int >= 0}")
+        await self.log.set_cursor(f"events/{group}", seq)
+        return _json({"consumerGroup": group, "seq": seq})
+
+
+__all__ = ["ServiceApi", "AuthError"]

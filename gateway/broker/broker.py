@@ -1,0 +1,190 @@
+"""The MQTT broker: listeners, the live-connection table, session takeover, subscriptions.
+
+Policy (who may connect, what topics mean) is the hub's; this module only keeps connections
+and MQTT sessions straight: one live connection per client id (a second CONNECT with the same
+id closes the older one, IoT Hub ref §1.1 and pitfall 16), CleanSession=0 subscriptions kept
+per identity (ref §1.6), Wills published when a link drops without DISCONNECT (MQTT 3.1.1
+§3.1.2.5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+
+from gateway.broker.connection import MqttConnection
+from gateway.broker.sessions import SessionStore
+from gateway.config import MqttConfig
+from gateway.errors import ForbiddenError
+from gateway.hub import addresses
+from gateway.hub.auth import Principal
+from gateway.hub.hub import Hub
+from gateway.hub.registry import Device, Module
+from gateway.mqtt.packets import Connect, Subscribe, Unsubscribe
+
+log = logging.getLogger(__name__)
+
+SUBACK_FAILURE = 0x80
+
+
+class Broker:
+    def __init__(self, config: MqttConfig, hub: Hub, sessions: SessionStore) -> None:
+        self.config = config
+        self.hub = hub
+        self.sessions = sessions
+        self.live: dict[str, MqttConnection] = {}
+        self.open_connections: set[MqttConnection] = set()
+        self.ports: dict[str, int | str] = {}
+        self._servers: list[asyncio.base_events.Server] = []
+
+    # -- listeners ---------------------------------------------------------------------------
+
+    async def start(self, *, tls_context: ssl.SSLContext | None, unix_path: Path | None) -> None:
+        """Bind every configured listener. Port 0 binds an ephemeral port (tests); the bound
+        ports are in :attr:`ports`."""
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+
+        def factory(name: str) -> Callable[[], MqttConnection]:
+            return lambda: MqttConnection(self, name)
+
+        if tls_context is not None:
+            server = await loop.create_server(
+                factory("tls"), cfg.bind, cfg.tls_port, ssl=tls_context, reuse_address=True,
+                ssl_handshake_timeout=cfg.connect_timeout,
+            )
+            self._servers.append(server)
+            self.ports["tls"] = server.sockets[0].getsockname()[1]
+        server = await loop.create_server(
+            factory("local"), cfg.local_bind, cfg.local_port, reuse_address=True
+        )
+        self._servers.append(server)
+        self.ports["local"] = server.sockets[0].getsockname()[1]
+        if unix_path is not None:
+            if unix_path.exists():
+                unix_path.unlink()
+            server = await loop.create_unix_server(factory("unix"), str(unix_path))
+            os.chmod(unix_path, 0o660)
+            self._servers.append(server)
+            self.ports["unix"] = str(unix_path)
+        log.info("mqtt listening %s", " ".join(f"{k}={v}" for k, v in self.ports.items()))
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.close()
+        for conn in list(self.open_connections):
+            conn.close()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+
+    # -- connection lifecycle ----------------------------------------------------------------
+
+    def connection_opened(self, conn: MqttConnection) -> None:
+        self.open_connections.add(conn)
+
+    def authenticate(self, conn: MqttConnection, packet: Connect) -> Principal:
+        chain: list[bytes] | None = None
+        assert conn.transport is not None
+        ssl_object = conn.transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            der = ssl_object.getpeercert(binary_form=True)
+            if der:
+                chain = [der]
+        principal = self.hub.authenticate(packet.client_id, packet.username, packet.password, chain)
+        if packet.keepalive > self.config.max_keepalive:
+            log.info(
+                "keep-alive capped client_id=%r asked=%s cap=%s",
+                packet.client_id, packet.keepalive, self.config.max_keepalive,
+            )
+        return principal
+
+    def attach(self, conn: MqttConnection, clean_session: bool) -> bool:
+        """Make ``conn`` the live connection of its client id; returns session_present."""
+        client_id = conn.client_id
+        old = self.live.get(client_id)
+        if old is not None and old is not conn:
+            log.info("session taken over client_id=%r old_peer=%s new_peer=%s",
+                     client_id, old.peer, conn.peer)
+            old._close_reason = "taken over by a new connection with the same client id"
+            self.live.pop(client_id, None)
+            self._publish_will(old)
+            old.close()
+        self.live[client_id] = conn
+        present = self.sessions.has_session(client_id) and not clean_session
+        future = asyncio.ensure_future(self.sessions.start(client_id, clean=clean_session))
+        future.add_done_callback(_log_failure)
+        assert conn.principal is not None
+        self.hub.connection_event(conn.principal, connected=True)
+        log.info("connected client_id=%r peer=%s listener=%s auth=%s session_present=%s",
+                 client_id, conn.peer, conn.listener, conn.principal.auth_type, present)
+        return present
+
+    def connection_closed(self, conn: MqttConnection, reason: str) -> None:
+        self.open_connections.discard(conn)
+        if self.live.get(conn.client_id) is conn:
+            del self.live[conn.client_id]
+            if not conn.clean_disconnect:
+                self._publish_will(conn)
+            assert conn.principal is not None
+            self.hub.connection_event(conn.principal, connected=False)
+            log.info("disconnected client_id=%r peer=%s reason=%s", conn.client_id, conn.peer, reason)
+
+    def _publish_will(self, conn: MqttConnection) -> None:
+        if conn.will is None or conn.principal is None:
+            return
+        will, conn.will = conn.will, None
+        record = self.hub.will_record(conn.principal, will)
+        self.hub.append([record]).add_done_callback(_log_failure)
+
+    # -- subscriptions -----------------------------------------------------------------------
+
+    def subscribe(self, conn: MqttConnection, packet: Subscribe) -> asyncio.Future[list[int]]:
+        """Authorize every filter; IoT Hub closes the connection on a filter it does not allow
+        rather than answering 0x80 (ref §1.5), so a forbidden filter raises ForbiddenError."""
+        assert conn.principal is not None
+        granted: dict[str, int] = {}
+        codes: list[int] = []
+        for topic_filter, qos in packet.topics:
+            addresses.parse_subscribe_filter(
+                topic_filter, device_id=conn.principal.device_id, module_id=conn.principal.module_id
+            )
+            q = min(qos, 1)  # QoS 2 is granted as 1 (ref §1.5)
+            granted[topic_filter] = q
+            codes.append(q)
+
+        async def persist() -> list[int]:
+            await self.sessions.subscribe(conn.client_id, granted)
+            return codes
+
+        return asyncio.ensure_future(persist())
+
+    def unsubscribe(self, conn: MqttConnection, packet: Unsubscribe) -> asyncio.Future[None]:
+        return asyncio.ensure_future(self.sessions.unsubscribe(conn.client_id, list(packet.topics)))
+
+    def identity_changed(self, event: str, identity: Device | Module) -> None:
+        """Registry listener: a deleted or disabled identity loses its live connection at
+        once (IoT Hub has no in-band revocation either; the client must reconnect and is
+        then refused), and so does one whose keys or certificate changed."""
+        if event == "created":
+            return
+        module_id = identity.module_id if isinstance(identity, Module) else None
+        client_id = f"{identity.device_id}/{module_id}" if module_id else identity.device_id
+        conn = self.live.get(client_id)
+        if conn is not None:
+            conn.fail(f"identity {event}" + ("" if event == "deleted" else f", status {identity.status}"))
+
+    def puback_received(self, conn: MqttConnection, packet_id: int) -> None:
+        """A client acknowledged one of our QoS 1 publishes (C2D completion comes later)."""
+
+
+def _log_failure(fut: asyncio.Future[object]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("background step failed: %s", fut.exception())
+
+
+__all__ = ["Broker", "ForbiddenError"]

@@ -1,0 +1,315 @@
+"""One MQTT connection: bytes in, session events, hub calls, bytes out.
+
+This is the thin asyncio shell around the pure :class:`gateway.mqtt.session.ServerSession`
+(aesthetics §1.2, convention 2): ``data_received`` feeds the session, handles the events in
+order and flushes. It never blocks: work that needs the store (telemetry commits, subscription
+persistence) returns a future whose callback sends the acknowledgement, so PUBACK goes out only
+after the message is durable (DESIGN "One telemetry message", step 6) and in the order the
+PUBLISH packets arrived (MQTT 3.1.1 §4.6: the store resolves commits in submission order).
+
+Bounds: at most ``max_pending_acks`` QoS1 messages per connection wait for their commit (reading
+pauses beyond that), and at most ``outbox_bytes`` may sit unsent in the transport (a slower
+consumer is disconnected: its durable messages stay in the store).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from gateway.hub.auth import SKEW_SECONDS
+from gateway.errors import AuthError, ForbiddenError, GatewayError, RemoteProtocolError
+from gateway.mqtt.packets import ConnackCode, Connect, Publish, Subscribe, Unsubscribe
+from gateway.mqtt.session import (
+    ConnectReceived,
+    DisconnectReceived,
+    PubackReceived,
+    PublishReceived,
+    ServerSession,
+    SessionState,
+    SubscribeReceived,
+    UnsubscribeReceived,
+)
+
+if TYPE_CHECKING:
+    from gateway.broker.broker import Broker
+    from gateway.hub.auth import Principal
+
+log = logging.getLogger(__name__)
+
+
+class MqttConnection(asyncio.Protocol):
+    """asyncio protocol for one client connection (TCP, TLS or unix socket)."""
+
+    def __init__(self, broker: Broker, listener: str) -> None:
+        self.broker = broker
+        self.listener = listener
+        cfg = broker.config
+        self.session = ServerSession(
+            max_packet_size=cfg.max_packet_size,
+            max_inflight=cfg.max_inflight,
+            connect_timeout=cfg.connect_timeout,
+            now=time.monotonic(),
+        )
+        self.principal: Principal | None = None
+        self.client_id = ""
+        self.peer = "?"
+        self.will: Publish | None = None
+        self.closed = False
+        self.clean_disconnect = False
+        self.transport: asyncio.Transport | None = None
+        self._pending_acks = 0
+        self._paused = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        # Per-connection cache: topic -> prepared telemetry (props JSON and its size).
+        self._topic_cache: dict[str, Any] = {}
+        self._close_reason = ""
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else (peer or self.listener)
+        self.broker.connection_opened(self)
+        self._arm_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            events = self.session.receive(data, time.monotonic())
+        except RemoteProtocolError as exc:
+            self.flush()  # a refusal CONNACK may be queued (unsupported level, empty id)
+            self.fail(f"protocol error: {exc}")
+            return
+        if not events:
+            self.flush()
+            return
+        rows: list[tuple[Any, ...]] = []
+        ack_ids: list[int] = []
+        try:
+            for event in events:
+                if type(event) is PublishReceived:
+                    self._on_publish(event.packet, rows, ack_ids)
+                elif type(event) is ConnectReceived:
+                    self._on_connect(event.packet)
+                elif type(event) is PubackReceived:
+                    self.broker.puback_received(self, event.packet_id)
+                elif type(event) is SubscribeReceived:
+                    self._on_subscribe(event.packet)
+                elif type(event) is UnsubscribeReceived:
+                    self._on_unsubscribe(event.packet)
+                elif type(event) is DisconnectReceived:
+                    self.clean_disconnect = True
+                    self._close_reason = "client disconnected"
+                if self.closed:
+                    break
+        except (ForbiddenError, RemoteProtocolError, GatewayError) as exc:
+            # Commit what came before the offending packet, then drop the connection
+            # (IoT Hub closes the link on a bad topic, QoS 2 or an oversize message).
+            if rows:
+                self._commit(rows, ack_ids)
+            self.fail(str(exc))
+            return
+        if rows:
+            self._commit(rows, ack_ids)
+        self.flush()
+        if self.clean_disconnect and self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        for handle in (self._timer, self._expiry):
+            if handle is not None:
+                handle.cancel()
+        reason = self._close_reason or (f"connection lost: {exc}" if exc else "peer closed")
+        self.broker.connection_closed(self, reason)
+
+    def pause_writing(self) -> None:  # transport buffer over its high-water mark
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # -- packet handlers -------------------------------------------------------------------
+
+    def _on_connect(self, packet: Connect) -> None:
+        self.client_id = packet.client_id
+        try:
+            principal = self.broker.authenticate(self, packet)
+        except AuthError as exc:
+            log.warning(
+                "connection refused client_id=%r peer=%s listener=%s reason=%s",
+                packet.client_id, self.peer, self.listener, exc.reason,
+            )
+            self._close_reason = f"refused: {exc.reason}"
+            self.session.refuse(ConnackCode(exc.connack))
+            self.flush()
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self.principal = principal
+        if packet.will is not None:
+            self.will = self.broker.hub.check_will(principal, packet.will)
+        session_present = self.broker.attach(self, packet.clean_session)
+        self.session.accept(session_present)
+        if principal.expires_at is not None:
+            self._arm_expiry(principal.expires_at)
+        self._arm_timer()
+
+    def _on_publish(self, packet: Publish, rows: list[tuple[Any, ...]], ack_ids: list[int]) -> None:
+        assert self.principal is not None
+        prepared = self._topic_cache.get(packet.topic)
+        if prepared is None:
+            prepared = self.broker.hub.prepare_publish(self.principal, packet.topic)
+            if len(self._topic_cache) < 64:
+                self._topic_cache[packet.topic] = prepared
+        row = self.broker.hub.handle_publish(self, prepared, packet)
+        if row is None:
+            if packet.qos == 1:
+                assert packet.packet_id is not None
+                self.session.ack(packet.packet_id)
+            return
+        rows.append(row)
+        if packet.qos == 1:
+            assert packet.packet_id is not None
+            ack_ids.append(packet.packet_id)
+
+    def _on_subscribe(self, packet: Subscribe) -> None:
+        assert self.principal is not None
+        future = self.broker.subscribe(self, packet)
+        pid = packet.packet_id
+
+        def done(fut: asyncio.Future[list[int]]) -> None:
+            if self.closed:
+                return
+            if fut.cancelled() or fut.exception() is not None:
+                self.fail(f"subscribe failed: {fut.exception()}")
+                return
+            self.session.suback(pid, fut.result())
+            self.flush()
+
+        future.add_done_callback(done)
+
+    def _on_unsubscribe(self, packet: Unsubscribe) -> None:
+        future = self.broker.unsubscribe(self, packet)
+        pid = packet.packet_id
+
+        def done(fut: asyncio.Future[None]) -> None:
+            if self.closed or fut.cancelled() or fut.exception() is not None:
+                return
+            self.session.unsuback(pid)
+            self.flush()
+
+        future.add_done_callback(done)
+
+    # -- commits and acknowledgements ------------------------------------------------------
+
+    def _commit(self, rows: list[tuple[Any, ...]], ack_ids: list[int]) -> None:
+        future = self.broker.hub.append(rows)
+        if not ack_ids:
+            future.add_done_callback(self._log_commit_failure)
+            return
+        self._pending_acks += len(ack_ids)
+        if self._pending_acks >= self.broker.config.max_pending_acks and not self._paused:
+            self._paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+
+        def done(fut: asyncio.Future[int]) -> None:
+            self._pending_acks -= len(ack_ids)
+            if self.closed:
+                return
+            if fut.cancelled() or fut.exception() is not None:
+                # Not durable: no PUBACK. Closing makes the client resend (at-least-once).
+                self.fail(f"store refused the message: {fut.exception()}")
+                return
+            self.session.ack_many(ack_ids)
+            self.flush()
+            if self._paused and self._pending_acks < self.broker.config.max_pending_acks // 2:
+                self._paused = False
+                assert self.transport is not None
+                self.transport.resume_reading()
+
+        future.add_done_callback(done)
+
+    def _log_commit_failure(self, fut: asyncio.Future[int]) -> None:
+        if not fut.cancelled() and fut.exception() is not None:
+            log.error("store refused QoS 0 messages client_id=%r: %s", self.client_id, fut.exception())
+
+    # -- output ------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        data = self.session.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+            if self.transport.get_write_buffer_size() > self.broker.config.outbox_bytes:
+                self.fail("slow consumer: outbox over its bound")
+
+    def publish(self, topic: str, payload: bytes, qos: int) -> int | None:
+        """Send a PUBLISH to this client (QoS 1 returns the packet id, tracked in flight)."""
+        pid = self.session.publish(topic, payload, qos)
+        self.flush()
+        return pid
+
+    @property
+    def can_publish(self) -> bool:
+        return not self.closed and self.session.state is SessionState.CONNECTED and not self.session.inflight_full
+
+    # -- closing -----------------------------------------------------------------------------
+
+    def fail(self, reason: str) -> None:
+        """Close the connection because of ``reason`` (logged once, with the identity)."""
+        if self.closed:
+            return
+        log.warning(
+            "closing connection client_id=%r peer=%s reason=%s", self.client_id, self.peer, reason
+        )
+        self._close_reason = reason
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self.session.close()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        deadline = self.session.deadline()
+        if deadline is None:
+            self._timer = None
+            return
+        loop = asyncio.get_running_loop()
+        delay = deadline - time.monotonic()
+        self._timer = loop.call_later(max(delay, 0.0), self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        if self.closed:
+            return
+        deadline = self.session.deadline()
+        if deadline is not None and time.monotonic() >= deadline:
+            if self.session.state is SessionState.AWAIT_CONNECT:
+                self.fail("no CONNECT within the connect timeout")
+            else:
+                self.fail(f"keep-alive expired ({self.session.keepalive} s x 1.5 without traffic)")
+            return
+        self._arm_timer()
+
+    def _arm_expiry(self, expires_at: float) -> None:
+        """Close when the SAS token expires (IoT Hub ref §1.4). ``expires_at`` includes the
+        5-minute clock-skew allowance; a token still valid by its own ``se`` is dropped at
+        ``se``, one accepted only thanks to the allowance at the end of the allowance."""
+        loop = asyncio.get_running_loop()
+        now = time.time()
+        stated = expires_at - SKEW_SECONDS
+        delay = (stated if stated > now else expires_at) - now
+        self._expiry = loop.call_later(max(delay, 1.0), self.fail, "SAS token expired")
+

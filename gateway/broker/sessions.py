@@ -1,0 +1,85 @@
+"""Persistent MQTT sessions: the subscription set of each client id.
+
+The Azure device SDK connects with CleanSession=0 and never re-subscribes after a reconnect
+(IoT Hub ref §1.6, pitfall 6), so the hub keeps each identity's subscriptions across reconnects
+and across hub restarts. CleanSession=1 discards the stored set (MQTT 3.1.1 §3.1.2.4).
+
+The set lives in memory and is written through to the store's database, so a SUBACK is only
+sent after the subscription is durable.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+from gateway.store.db import Database, Migration
+
+MIGRATION: Migration = (
+    "mqtt_sessions",
+    ["CREATE TABLE mqtt_sessions (client_id TEXT PRIMARY KEY, subscriptions TEXT NOT NULL)"],
+)
+
+
+class SessionStore:
+    """Client id -> {topic filter: granted QoS}, durable."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._subs: dict[str, dict[str, int]] = {}
+
+    async def open(self) -> None:
+        await self._db.migrate(MIGRATION)
+
+        def load(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+            return conn.execute("SELECT client_id, subscriptions FROM mqtt_sessions").fetchall()
+
+        for client_id, subs in await self._db.run(load):
+            self._subs[client_id] = dict(json.loads(subs))
+
+    def has_session(self, client_id: str) -> bool:
+        return client_id in self._subs
+
+    def subscriptions(self, client_id: str) -> dict[str, int]:
+        return dict(self._subs.get(client_id, {}))
+
+    async def start(self, client_id: str, *, clean: bool) -> bool:
+        """Begin a session; returns ``session_present`` for the CONNACK (§3.2.2.2)."""
+        if clean:
+            await self.discard(client_id)
+            return False
+        if client_id in self._subs:
+            return True
+        await self._save(client_id, {})
+        return False
+
+    async def subscribe(self, client_id: str, granted: dict[str, int]) -> None:
+        subs = {**self._subs.get(client_id, {}), **granted}
+        await self._save(client_id, subs)
+
+    async def unsubscribe(self, client_id: str, filters: list[str]) -> None:
+        subs = {f: q for f, q in self._subs.get(client_id, {}).items() if f not in filters}
+        await self._save(client_id, subs)
+
+    async def discard(self, client_id: str) -> None:
+        if client_id not in self._subs:
+            return
+
+        def delete(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM mqtt_sessions WHERE client_id = ?", (client_id,))
+
+        await self._db.run(delete)
+        self._subs.pop(client_id, None)
+
+    async def _save(self, client_id: str, subs: dict[str, int]) -> None:
+        text = json.dumps(sorted(subs.items()))
+
+        def upsert(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO mqtt_sessions (client_id, subscriptions) VALUES (?, ?) "
+                "ON CONFLICT (client_id) DO UPDATE SET subscriptions = excluded.subscriptions",
+                (client_id, text),
+            )
+
+        await self._db.run(upsert)
+        self._subs[client_id] = subs

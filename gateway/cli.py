@@ -1,0 +1,327 @@
+"""The ``gateway`` command.
+
+``gateway run`` serves in the foreground; ``gateway demo`` shows the whole flow on loopback;
+the other subcommands speak to the running hub's service API, found through ``--data-dir``, in
+the manner of ``az iot hub``. Errors print one line on stderr and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway.config import default_data_dir, load_config
+from gateway.errors import GatewayError
+
+log = logging.getLogger("gateway")
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    return Path(args.data_dir) if args.data_dir else default_data_dir()
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from gateway.hubclient import HubClient
+
+    return HubClient(_data_dir(args))
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+# -- run, ca ---------------------------------------------------------------------------------
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gateway import app
+
+    config = load_config(_data_dir(args), Path(args.config) if args.config else None)
+    _run_loop(app.run(config))
+    return 0
+
+
+def _run_loop(coro: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def cmd_ca(args: argparse.Namespace) -> int:
+    path = _data_dir(args) / "ca.pem"
+    try:
+        sys.stdout.write(path.read_text())
+    except FileNotFoundError:
+        raise GatewayError(f"no CA in {_data_dir(args)}: the hub creates it on first start") from None
+    return 0
+
+
+# -- identities ------------------------------------------------------------------------------
+
+def _auth_body(args: argparse.Namespace) -> dict[str, Any]:
+    if getattr(args, "x509_ca", False):
+        return {"type": "certificateAuthority"}
+    if getattr(args, "x509_cert", None):
+        from gateway.pki import thumbprints
+        from cryptography import x509
+
+        pem = Path(args.x509_cert).read_text()
+        der = x509.load_pem_x509_certificate(pem.encode()).public_bytes(
+            __import__("cryptography.hazmat.primitives.serialization", fromlist=["Encoding"]).Encoding.DER
+        )
+        sha1, _ = thumbprints(der)
+        return {"type": "selfSigned", "x509Thumbprint": {"primaryThumbprint": sha1}}
+    if getattr(args, "x509_thumbprint", None):
+        return {"type": "selfSigned", "x509Thumbprint": {"primaryThumbprint": args.x509_thumbprint}}
+    return {"type": "sas"}
+
+
+def cmd_device(args: argparse.Namespace) -> int:
+    client = _client(args)
+    path = f"/devices/{args.device_id}" if getattr(args, "device_id", None) else "/devices"
+    if args.action == "create":
+        body: dict[str, Any] = {"deviceId": args.device_id, "authentication": _auth_body(args),
+                                "status": "disabled" if args.disabled else "enabled"}
+        if args.x509_cert:  # our extension: the certificate itself becomes a TLS trust anchor
+            body["x509Certificate"] = Path(args.x509_cert).read_text()
+        if args.edge:
+            body["capabilities"] = {"iotEdge": True}
+        if args.parent:
+            parent = client.request("GET", f"/devices/{args.parent}")
+            if not parent.get("deviceScope"):
+                raise GatewayError(f"device {args.parent!r} has no device scope (create it with --edge)")
+            body["parentScopes"] = [parent["deviceScope"]]
+            body["deviceScope"] = parent["deviceScope"]
+        try:
+            client.request("GET", path)
+        except GatewayError as exc:
+            if getattr(exc, "status", None) != 404:
+                raise
+        else:
+            raise GatewayError(f"device {args.device_id!r} already exists")
+        _print_json(client.request("PUT", path, body))
+    elif args.action == "update":
+        device = client.request("GET", path)
+        if args.status:
+            device["status"] = args.status
+        _print_json(client.request("PUT", path, device, headers={"If-Match": f'"{device["etag"]}"'}))
+    elif args.action == "show":
+        _print_json(client.request("GET", path))
+    elif args.action == "list":
+        for device in client.request("GET", "/devices"):
+            print(f"{device['deviceId']}\t{device['status']}\t{device['connectionState']}\t"
+                  f"{device['authentication']['type']}")
+    elif args.action == "delete":
+        client.request("DELETE", path, headers={"If-Match": "*"})
+    elif args.action == "connection-string":
+        device = client.request("GET", path)
+        print(_connection_string(client, device, args))
+    return 0
+
+
+def _connection_string(client: Any, identity: dict[str, Any], args: argparse.Namespace) -> str:
+    from gateway.hub.connstr import ConnectionString
+
+    auth = identity["authentication"]
+    key = None
+    if auth["type"] == "sas":
+        key = auth["symmetricKey"]["secondaryKey" if args.secondary else "primaryKey"]
+    return str(ConnectionString(
+        host_name=client.host_name,
+        device_id=identity["deviceId"],
+        module_id=identity.get("moduleId"),
+        shared_access_key=key,
+        gateway_host_name=args.gateway_host,
+        x509=auth["type"] != "sas",
+    ))
+
+
+def cmd_module(args: argparse.Namespace) -> int:
+    client = _client(args)
+    base = f"/devices/{args.device_id}/modules"
+    path = f"{base}/{args.module_id}" if getattr(args, "module_id", None) else base
+    if args.action == "create":
+        try:
+            client.request("GET", path)
+        except GatewayError as exc:
+            if getattr(exc, "status", None) != 404:
+                raise
+        else:
+            raise GatewayError(f"module {args.device_id}/{args.module_id} already exists")
+        body = {"deviceId": args.device_id, "moduleId": args.module_id,
+                "authentication": _auth_body(args)}
+        if args.x509_cert:
+            body["x509Certificate"] = Path(args.x509_cert).read_text()
+        _print_json(client.request("PUT", path, body))
+    elif args.action == "show":
+        _print_json(client.request("GET", path))
+    elif args.action == "list":
+        for module in client.request("GET", base):
+            print(f"{module['moduleId']}\t{module['connectionState']}\t"
+                  f"{module['authentication']['type']}")
+    elif args.action == "delete":
+        client.request("DELETE", path, headers={"If-Match": "*"})
+    elif args.action == "connection-string":
+        print(_connection_string(client, client.request("GET", path), args))
+    return 0
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    from gateway.hub.connstr import ConnectionString
+
+    client = _client(args)
+    policy = client.request("GET", f"/sharedAccessPolicies/{args.name}")
+    key = policy["secondaryKey" if args.secondary else "primaryKey"]
+    print(ConnectionString(host_name=client.host_name, shared_access_key_name=policy["keyName"],
+                           shared_access_key=key))
+    return 0
+
+
+def cmd_monitor_events(args: argparse.Namespace) -> int:
+    client = _client(args)
+    query = {"consumerGroup": args.consumer_group,
+             "start": "earliest" if args.from_beginning else "latest"}
+    if args.device:
+        query["deviceId"] = args.device
+    if not args.all_kinds:
+        query["kinds"] = "telemetry"
+    if not args.json:
+        print(f"Starting event monitor, use ctrl-c to stop...", file=sys.stderr)
+    timeout = args.timeout if args.timeout and args.timeout > 0 else None
+    try:
+        for event in client.stream("/messages/events", query, idle_timeout=timeout):
+            event.pop("kind", None)
+            event.pop("seq", None)
+            if args.json:
+                print(json.dumps(event), flush=True)
+            else:
+                print(json.dumps(event, indent=4), flush=True)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    _run_loop(run_demo(Path(args.data_dir) if args.data_dir else None, duration=args.duration))
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    help_dir = "the hub's data directory (default: %s)" % default_data_dir()
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", default=argparse.SUPPRESS, help=help_dir)
+    parser = argparse.ArgumentParser(
+        prog="gateway", description="Edge gateway: a local IoT hub with Azure IoT Hub's device protocol.",
+    )
+    parser.add_argument("--data-dir", default=None, help=help_dir)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", parents=[common], help="serve the hub in the foreground")
+    p.add_argument("--config", help="TOML config file (default: DATA_DIR/gateway.toml if present)")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("demo", parents=[common], help="run a hub with simulated devices, live")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("ca", parents=[common], help="print the hub's root CA certificate (PEM)")
+    p.set_defaults(fn=cmd_ca)
+
+    def auth_options(p: argparse.ArgumentParser) -> None:
+        g = p.add_mutually_exclusive_group()
+        g.add_argument("--x509-ca", action="store_true", help="X.509, signed by the hub CA (CN = id)")
+        g.add_argument("--x509-thumbprint", metavar="HEX", help="X.509 self-signed, by thumbprint")
+        g.add_argument("--x509-cert", metavar="PEM", help="X.509 self-signed, by certificate file")
+
+    def cs_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--gateway-host", help="add GatewayHostName= (a transparent-gateway name)")
+        p.add_argument("--secondary", action="store_true", help="use the secondary key")
+
+    device = sub.add_parser("device", help="manage device identities").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    p = device.add_parser("create", parents=[common], help="create a device")
+    p.add_argument("device_id")
+    p.add_argument("--disabled", action="store_true")
+    p.add_argument("--edge", action="store_true", help="a gateway device (has a device scope)")
+    p.add_argument("--parent", help="parent gateway device id")
+    auth_options(p)
+    p = device.add_parser("update", parents=[common], help="change a device")
+    p.add_argument("device_id")
+    p.add_argument("--status", choices=["enabled", "disabled"])
+    for name in ("show", "delete"):
+        device.add_parser(name, parents=[common], help=f"{name} a device").add_argument("device_id")
+    device.add_parser("list", parents=[common], help="list devices")
+    p = device.add_parser("connection-string", parents=[common], help="print a device connection string")
+    p.add_argument("device_id")
+    cs_options(p)
+    for p in device.choices.values():
+        p.set_defaults(fn=cmd_device)
+
+    module = sub.add_parser("module", help="manage module identities").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    for name in ("create", "show", "delete", "connection-string"):
+        p = module.add_parser(name, parents=[common], help=f"{name} a module")
+        p.add_argument("device_id")
+        p.add_argument("module_id")
+        if name == "create":
+            auth_options(p)
+        if name == "connection-string":
+            cs_options(p)
+    module.add_parser("list", parents=[common], help="list a device's modules").add_argument("device_id")
+    for p in module.choices.values():
+        p.set_defaults(fn=cmd_module)
+
+    policy = sub.add_parser("policy", help="shared access policies").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    p = policy.add_parser("connection-string", parents=[common], help="print a policy connection string")
+    p.add_argument("name", help="iothubowner, service, device, registryRead or registryReadWrite")
+    p.add_argument("--secondary", action="store_true")
+    p.set_defaults(fn=cmd_policy)
+
+    p = sub.add_parser("monitor-events", parents=[common], help="print messages reaching the built-in endpoint")
+    p.add_argument("--device", help="only this device's messages")
+    p.add_argument("--consumer-group", default="$Default")
+    p.add_argument("--from-beginning", action="store_true", help="start at the oldest retained message")
+    p.add_argument("--timeout", type=float, default=0, help="stop after this many seconds without a message (0: never)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--all-kinds", action="store_true",
+                   help="also connection-state and lifecycle events")
+    p.set_defaults(fn=cmd_monitor_events)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level if args.command in ("run", "demo") else "warning")
+    try:
+        return int(args.fn(args))
+    except GatewayError as exc:
+        print(f"gateway: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0

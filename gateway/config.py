@@ -1,0 +1,186 @@
+"""Typed, frozen configuration. Every default lives here.
+
+The gateway reads one TOML file (``gateway.toml`` in the data directory, or the file given with
+``--config``). Every section is optional; unknown keys are errors, so a typo never silently
+falls back to a default. Example::
+
+    [hub]
+    host_name = "gw-plant-7.local"
+
+    [mqtt]
+    tls_port = 8883
+    local_port = 1883
+
+    [api]
+    port = 443
+
+    [store]
+    sync = "full"
+    retention_days = 7
+    max_bytes = 1073741824
+    overflow = "drop-oldest"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_type_hints
+
+from gateway.errors import ConfigError
+
+SYSTEM_DATA_DIR = Path("/var/lib/gateway")
+
+
+def default_data_dir() -> Path:
+    """``$STATE_DIRECTORY`` under systemd, ``/var/lib/gateway`` when it exists and is ours,
+    otherwise a per-user directory (``$XDG_DATA_HOME/gateway``)."""
+    state = os.environ.get("STATE_DIRECTORY")
+    if state:
+        return Path(state.split(":")[0])
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "gateway"
+
+
+def _default_host_name() -> str:
+    return socket.gethostname() or "localhost"
+
+
+def _default_api_port() -> int:
+    return 443 if os.geteuid() == 0 else 8443
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HubConfig:
+    """Who the hub is. ``host_name`` is the ``HostName=`` of every connection string and the
+    first SAN of the server certificate; ``aliases`` are further names devices may dial (and
+    may sign their SAS tokens for), e.g. a DNS name and the IoT Hub name of a transparent
+    gateway setup."""
+
+    host_name: str = field(default_factory=_default_host_name)
+    aliases: tuple[str, ...] = ()
+    addresses: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MqttConfig:
+    """MQTT listeners and per-connection limits (IoT Hub ref §1)."""
+
+    bind: str = "0.0.0.0"
+    tls_port: int = 8883
+    local_bind: str = "127.0.0.1"
+    local_port: int = 1883
+    unix_socket: bool = True
+    max_packet_size: int = 300 * 1024  # 256 KB message + topic and property bag
+    max_message_bytes: int = 262144  # IoT Hub ref §2.4
+    connect_timeout: float = 60.0  # edgeHub ConnectArrivalTimeout
+    max_keepalive: int = 1740  # Python SDK maximum; IoT Hub caps at 1767 s of silence
+    max_inflight: int = 100  # outbound QoS1 window per connection
+    outbox_bytes: int = 4 * 1024 * 1024  # slow-consumer bound: beyond this the client is dropped
+    max_pending_acks: int = 2000  # inbound QoS1 not yet committed, per connection
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApiConfig:
+    """HTTPS: service API, device HTTP API, MQTT over WebSocket."""
+
+    bind: str = "0.0.0.0"
+    port: int = field(default_factory=_default_api_port)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreConfig:
+    """The durable message store. ``sync = "full"`` fsyncs every group commit (survives power
+    loss); ``"normal"`` survives a killed process but may lose the last commits on power loss.
+    ``overflow`` is the policy at ``max_bytes``: ``drop-oldest`` evicts the oldest messages
+    (counted as dropped), ``reject-new`` refuses new telemetry (the publisher is disconnected
+    without an acknowledgement, so it keeps the message)."""
+
+    sync: Literal["full", "normal"] = "full"
+    retention_days: float = 7.0
+    max_bytes: int = 1 << 30
+    overflow: Literal["drop-oldest", "reject-new"] = "drop-oldest"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    data_dir: Path
+    hub: HubConfig = field(default_factory=HubConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+
+
+_SECTIONS = {"hub": HubConfig, "mqtt": MqttConfig, "api": ApiConfig, "store": StoreConfig}
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    origin = getattr(hint, "__origin__", None)
+    if origin is Literal:
+        if value not in get_args(hint):
+            choices = ", ".join(repr(a) for a in get_args(hint))
+            raise ConfigError(f"must be one of {choices}, not {value!r}", path=path)
+        return value
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError("must be a list of strings", path=path)
+        return tuple(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"must be true or false, not {value!r}", path=path)
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"must be an integer, not {value!r}", path=path)
+        if value < 0:
+            raise ConfigError("must not be negative", path=path)
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"must be a number, not {value!r}", path=path)
+        if value < 0:
+            raise ConfigError("must not be negative", path=path)
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"must be a non-empty string, not {value!r}", path=path)
+        return value
+    raise ConfigError(f"unsupported type {hint!r}", path=path)  # pragma: no cover
+
+
+def _section(cls: type, raw: Any, name: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError("must be a table", path=name)
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"unknown key (known: {', '.join(sorted(known))})", path=f"{name}.{key}")
+        kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
+    return cls(**kwargs)
+
+
+def load_config(data_dir: Path, file: Path | None = None, **overrides: Any) -> Config:
+    """Build the config from ``file`` (or ``data_dir/gateway.toml`` if it exists).
+    ``overrides`` maps section names to ready objects (used by tests and ``gateway demo``)."""
+    path = file if file is not None else data_dir / "gateway.toml"
+    raw: dict[str, Any] = {}
+    if file is not None or path.exists():
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    sections: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"unknown section (known: {', '.join(_SECTIONS)})", path=name)
+        sections[name] = _section(_SECTIONS[name], value, name)
+    sections.update(overrides)
+    return Config(data_dir=data_dir, **sections)

@@ -1,0 +1,247 @@
+"""Authentication: MQTT CONNECT credentials and service API tokens -> principals.
+
+IoT Hub ref §1.2 (username, client id, password), §7.1-7.2 (SAS tokens and their audience),
+§8 (X.509), §14.1 (a gateway accepts the upstream hub's name in ``sr``). Pure apart from reading
+the in-memory registry; the TLS layer has already verified any client certificate chain.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.x509.oid import NameOID
+
+from gateway.errors import AuthError, ForbiddenError
+from gateway.hub.registry import Device, Module, Registry, Right
+from gateway.hub.sas import SasToken, parse_sas_token, verify_sas_signature
+from gateway.hub.username import Username, parse_username
+from gateway.pki import thumbprints
+
+__all__ = ["Authenticator", "Principal", "ServicePrincipal"]
+
+SKEW_SECONDS = 300.0  # clock-skew allowance on SAS expiry (edgeHub: 5 min, ref §7.1)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who an MQTT connection is. ``expires_at`` is when the SAS token stops being accepted,
+    ``se + SKEW_SECONDS`` (None for X.509): close the connection then (ref §1.4). ``policy`` names the shared access policy when
+    a gateway connected on the device's behalf with a DeviceConnect policy token."""
+
+    device_id: str
+    module_id: str | None
+    auth_type: str  # "sas" | "x509"
+    generation_id: str
+    expires_at: float | None
+    model_id: str | None
+    policy: str | None = None
+
+    @property
+    def client_id(self) -> str:
+        return self.device_id if self.module_id is None else f"{self.device_id}/{self.module_id}"
+
+    def auth_method_json(self) -> str:
+        """Value of ``iothub-connection-auth-method`` (ref §2.5), shaped as IoT Hub stamps it:
+        scope ``hub`` for policy tokens, else ``device``/``module``; type ``sas`` or
+        ``x509Certificate`` (issuer ``external``)."""
+        if self.policy is not None:
+            scope = "hub"
+        else:
+            scope = "device" if self.module_id is None else "module"
+        x509_auth = self.auth_type == "x509"
+        return json.dumps({
+            "scope": scope,
+            "type": "x509Certificate" if x509_auth else "sas",
+            "issuer": "external" if x509_auth else "iothub",
+            "acceptingIpFilterRule": None,
+        }, separators=(",", ":"))
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePrincipal:
+    """A caller of the service REST API, authenticated with a shared access policy token;
+    ``expires_at`` as in :class:`Principal`."""
+
+    policy: str
+    rights: frozenset[str]
+    expires_at: float
+
+
+def _split_resource(resource: str) -> tuple[str, list[str]]:
+    """``host/a/b`` -> (``host``, [``a``, ``b``]); empty segments (trailing ``/``) dropped."""
+    host, _, path = resource.partition("/")
+    return host, [segment for segment in path.split("/") if segment]
+
+
+class Authenticator:
+    """Checks CONNECT credentials against the registry (ref §1.2, §7, §8).
+
+    ``host_names``: hub names accepted as the host of a token's ``sr`` (case-insensitive) --
+    our own HostName and any alias, including the upstream IoT Hub's name that devices behind a
+    transparent gateway keep using (ref §7.1, §14.1). ``ca_pems``: the CA(s) allowed to issue
+    certificates for ``certificateAuthority`` identities. When given, the leaf must be directly
+    issued by one of them; this stops a registered self-signed device certificate that happens
+    to be a CA (``openssl req -x509`` makes those) -- trusted as a TLS anchor -- from vouching
+    for another identity.
+    """
+
+    def __init__(self, registry: Registry, *, host_names: Collection[str],
+                 ca_pems: Sequence[str] = ()) -> None:
+        if not host_names:
+            raise ValueError("host_names must not be empty")
+        self._registry = registry
+        self._hosts = frozenset(name.lower() for name in host_names)
+        self._issuers = tuple(x509.load_pem_x509_certificate(pem.encode()) for pem in ca_pems)
+
+    # --- MQTT -------------------------------------------------------------------------------
+
+    def authenticate_mqtt(self, *, client_id: str, username: str | None,
+                          password: bytes | None, peer_cert_chain: Sequence[bytes] | None,
+                          now: float) -> Principal:
+        """Authenticate a CONNECT. SAS when a non-empty password is present, else the client
+        certificate (``peer_cert_chain``: DER, leaf first), as edgeHub does (ref §1.2).
+
+        Raises :class:`AuthError` whose reason names what failed; CONNACK 4 for a malformed
+        username, password or missing credentials, 5 otherwise.
+        """
+        if username is None:
+            raise AuthError("missing username", connack=4)
+        user = parse_username(username)
+        if client_id != user.client_id:
+            raise AuthError("client id mismatch")
+        if password:
+            try:
+                token_text = password.decode("utf-8")
+            except UnicodeDecodeError:
+                raise AuthError("password is not UTF-8", connack=4) from None
+            return self._sas(user, parse_sas_token(token_text), now)
+        if peer_cert_chain:
+            return self._x509(user, peer_cert_chain[0], now)
+        raise AuthError("no password and no client certificate", connack=4)
+
+    def _identity(self, user: Username) -> tuple[Device, Module | None]:
+        device = self._registry.get_device(user.device_id)
+        if device is None:
+            raise AuthError("unknown device")
+        if not device.enabled:
+            raise AuthError("device disabled")
+        if user.module_id is None:
+            return device, None
+        module = self._registry.get_module(user.device_id, user.module_id)
+        if module is None:
+            raise AuthError("unknown module")
+        return device, module
+
+    def _sas(self, user: Username, token: SasToken, now: float) -> Principal:
+        device, module = self._identity(user)
+        identity: Device | Module = module or device
+        expected = ["devices", user.device_id.lower()]
+        if user.module_id is not None:
+            expected += ["modules", user.module_id.lower()]
+        host, segments = _split_resource(token.resource)
+        if token.policy is None:
+            if identity.auth_type != "sas":
+                raise AuthError("identity does not use SAS")
+            keys: Iterable[str] = (k for k in (identity.primary_key, identity.secondary_key) if k)
+            verify_sas_signature(token, keys, now=now, skew=SKEW_SECONDS)
+            audience_ok = [s.lower() for s in segments] == expected
+        else:
+            # The gateway pattern (ref §7.2): a DeviceConnect policy token whose sr is the hub,
+            # {hub}/devices or {hub}/devices/{d} -- a segment prefix of the identity's URI.
+            policy = self._registry.get_policy(token.policy)
+            if policy is None:
+                raise AuthError("unknown policy")
+            if Right.DEVICE_CONNECT not in policy.rights:
+                raise AuthError("policy lacks DeviceConnect")
+            verify_sas_signature(token, (policy.primary_key, policy.secondary_key), now=now,
+                                 skew=SKEW_SECONDS)
+            lowered = [s.lower() for s in segments]
+            audience_ok = lowered == expected[:len(lowered)]
+        if host.lower() not in self._hosts:
+            raise AuthError("token audience names another hub")
+        if not audience_ok:
+            raise AuthError("token audience names another identity")
+        return Principal(
+            device_id=device.device_id,
+            module_id=user.module_id,
+            auth_type="sas",
+            generation_id=identity.generation_id,
+            expires_at=token.expiry + SKEW_SECONDS,
+            model_id=user.model_id,
+            policy=token.policy,
+        )
+
+    def _x509(self, user: Username, leaf_der: bytes, now: float) -> Principal:
+        device, module = self._identity(user)
+        identity: Device | Module = module or device
+        if identity.auth_type not in ("selfSigned", "certificateAuthority"):
+            raise AuthError("identity does not use X.509")
+        try:
+            leaf = x509.load_der_x509_certificate(leaf_der)
+        except ValueError:
+            raise AuthError("client certificate unreadable") from None
+        moment = datetime.fromtimestamp(now, UTC)
+        if moment < leaf.not_valid_before_utc:
+            raise AuthError("client certificate not yet valid")
+        if moment > leaf.not_valid_after_utc:
+            raise AuthError("client certificate expired")
+        if identity.auth_type == "selfSigned":
+            registered = {p for p in (identity.primary_thumbprint,
+                                      identity.secondary_thumbprint) if p}
+            if not registered & set(thumbprints(leaf_der)):
+                raise AuthError("thumbprint mismatch")
+        else:
+            names = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            if len(names) != 1 or names[0].value != user.client_id:
+                raise AuthError("certificate common name mismatch")
+            if self._issuers and not any(self._issued_by(leaf, ca) for ca in self._issuers):
+                raise AuthError("certificate not issued by the hub CA")
+        return Principal(
+            device_id=device.device_id,
+            module_id=user.module_id,
+            auth_type="x509",
+            generation_id=identity.generation_id,
+            expires_at=None,
+            model_id=user.model_id,
+        )
+
+    @staticmethod
+    def _issued_by(leaf: x509.Certificate, ca: x509.Certificate) -> bool:
+        try:
+            leaf.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+        return True
+
+    # --- service API ------------------------------------------------------------------------
+
+    def authenticate_service(self, authorization: str | None, *, now: float) -> ServicePrincipal:
+        """Authenticate an ``Authorization: SharedAccessSignature ...&skn=policy`` header
+        (ref §9). ``sr`` must name one of our hosts (optionally followed by a path); only
+        shared access policies are accepted."""
+        if not authorization:
+            raise AuthError("missing Authorization header")
+        token = parse_sas_token(authorization)
+        if token.policy is None:
+            raise AuthError("service calls need a shared access policy token (skn)")
+        policy = self._registry.get_policy(token.policy)
+        if policy is None:
+            raise AuthError("unknown policy")
+        verify_sas_signature(token, (policy.primary_key, policy.secondary_key), now=now,
+                             skew=SKEW_SECONDS)
+        host, _ = _split_resource(token.resource)
+        if host.lower() not in self._hosts:
+            raise AuthError("token audience names another hub")
+        return ServicePrincipal(policy=policy.name, rights=policy.rights,
+                                expires_at=token.expiry + SKEW_SECONDS)
+
+    @staticmethod
+    def require(principal: ServicePrincipal, right: str) -> None:
+        """Raise :class:`ForbiddenError` unless the principal's policy grants ``right``."""
+        if right not in principal.rights:
+            raise ForbiddenError(f"policy {principal.policy!r} lacks {right}")

@@ -1,0 +1,252 @@
+"""IoT Hub semantics for MQTT connections: who may connect, what a PUBLISH means, what is stored.
+
+The broker shell calls in here with parsed packets; everything here is synchronous and cheap
+except :meth:`Hub.append`, which hands rows to the durable log and returns the commit future.
+Telemetry handling follows IoT Hub ref §2: the topic is parsed against the *authenticated*
+identity (never trusting ids in the topic), the property bag is decoded once per topic and
+cached by the connection, the hub stamps the anti-spoofing system properties (§2.5), and the
+256 KB limit (§2.4) is enforced before anything is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from gateway.errors import ForbiddenError, MessageTooLargeError
+from gateway.hub import addresses
+from gateway.hub.auth import Authenticator, Principal
+from gateway.hub.messages import message_size, props_json, split_properties
+from gateway.hub.propbag import decode_bag
+from gateway.hub.registry import Device, Module, Registry
+from gateway.mqtt.packets import Publish, Will
+from gateway.store.log import MessageLog, Record
+
+if TYPE_CHECKING:
+    from gateway.broker.connection import MqttConnection
+
+log = logging.getLogger(__name__)
+
+TELEMETRY = "telemetry"
+CONNECTION_STATE = "connectionState"
+LIFECYCLE = "deviceLifecycle"
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedTelemetry:
+    """What a telemetry topic means for one connection, computed once per topic."""
+
+    device_id: str
+    module_id: str | None
+    props: str  # stored JSON of system + application properties
+    props_size: int  # bytes counted against the 256 KB limit
+    retained_props: str  # the same with application property mqtt-retain=true
+
+
+def _iso(ts: float) -> str:
+    t = time.gmtime(ts)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(ts * 1000) % 1000:03d}Z"
+
+
+class Hub:
+    """The local IoT hub's device-facing semantics."""
+
+    def __init__(
+        self,
+        *,
+        host_name: str,
+        registry: Registry,
+        authenticator: Authenticator,
+        log: MessageLog,
+        max_message_bytes: int = 262144,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.host_name = host_name
+        self.registry = registry
+        self.authenticator = authenticator
+        self.log = log
+        self.max_message_bytes = max_message_bytes
+        self.clock = clock
+        self._state_seq = 0
+        registry.add_listener(self._on_registry_change)
+
+    # -- connect -----------------------------------------------------------------------------
+
+    def authenticate(
+        self, client_id: str, username: str | None, password: bytes | None,
+        cert_chain: Sequence[bytes] | None,
+    ) -> Principal:
+        return self.authenticator.authenticate_mqtt(
+            client_id=client_id, username=username, password=password,
+            peer_cert_chain=cert_chain, now=self.clock(),
+        )
+
+    def check_will(self, principal: Principal, will: Will) -> Publish:
+        """A Will must be the identity's own telemetry topic (ref §1.2 "Will")."""
+        prepared = self.prepare_publish(principal, will.topic)
+        if not isinstance(prepared, PreparedTelemetry):
+            raise ForbiddenError(f"will topic not allowed: {will.topic!r}")
+        return Publish(topic=will.topic, payload=will.payload, qos=1, retain=will.retain)
+
+    # -- publish -----------------------------------------------------------------------------
+
+    def prepare_publish(self, principal: Principal, topic: str) -> Any:
+        """Parse ``topic`` for ``principal``; raise ForbiddenError for anything not allowed."""
+        address = addresses.parse_publish_topic(
+            topic, device_id=principal.device_id, module_id=principal.module_id
+        )
+        if isinstance(address, addresses.Telemetry):
+            return self._prepare_telemetry(principal, address)
+        raise ForbiddenError(f"topic not supported by this hub yet: {topic!r}")
+
+    def _prepare_telemetry(self, principal: Principal, address: addresses.Telemetry) -> PreparedTelemetry:
+        system, application = split_properties(decode_bag(address.bag))
+        system.pop("to", None)  # C2D-only; never accepted from devices (ref §2.3)
+        system["iothub-connection-device-id"] = principal.device_id
+        if principal.module_id is not None:
+            system["iothub-connection-module-id"] = principal.module_id
+        system["iothub-connection-auth-method"] = principal.auth_method_json()
+        system["iothub-connection-auth-generation-id"] = principal.generation_id
+        system["iothub-message-source"] = "Telemetry"
+        if principal.model_id:
+            system["dt-dataschema"] = principal.model_id
+        size = message_size(b"", system, application)
+        retained = dict(application)
+        retained["mqtt-retain"] = "true"
+        return PreparedTelemetry(
+            device_id=principal.device_id,
+            module_id=principal.module_id,
+            props=props_json(system, application),
+            props_size=size,
+            retained_props=props_json(system, retained),
+        )
+
+    def handle_publish(self, conn: MqttConnection, prepared: Any, packet: Publish) -> Record | None:
+        """Return the row to store for this PUBLISH (the caller batches and commits)."""
+        if type(prepared) is PreparedTelemetry:
+            if len(packet.payload) + prepared.props_size > self.max_message_bytes:
+                raise MessageTooLargeError(
+                    f"message of {len(packet.payload) + prepared.props_size} bytes is over the "
+                    f"{self.max_message_bytes}-byte limit"
+                )
+            return Record(
+                TELEMETRY,
+                prepared.device_id,
+                prepared.module_id,
+                int(self.clock() * 1000),
+                prepared.retained_props if packet.retain else prepared.props,
+                packet.payload,
+            )
+        raise ForbiddenError("unsupported publish")  # pragma: no cover
+
+    def append(self, rows: Sequence[Record]) -> asyncio.Future[int]:
+        return self.log.append(rows)
+
+    def will_record(self, principal: Principal, will: Publish) -> Record:
+        prepared = self._prepare_telemetry(
+            principal,
+            addresses.parse_publish_topic(
+                will.topic, device_id=principal.device_id, module_id=principal.module_id
+            ),  # type: ignore[arg-type]
+        )
+        data = json.loads(prepared.props)
+        data["application"]["iothub-MessageType"] = "Will"
+        return Record(
+            TELEMETRY, principal.device_id, principal.module_id, int(self.clock() * 1000),
+            json.dumps(data, separators=(",", ":")), will.payload,
+        )
+
+    # -- non-telemetry events (ref §10.5) -----------------------------------------------------
+
+    def _next_sequence(self) -> str:
+        """Connection-state sequence numbers: 64 hex digits, strictly increasing, comparable as
+        strings (ref §10.5); the high part is the time so they also increase across restarts."""
+        value = max(self._state_seq + 1, time.time_ns())
+        self._state_seq = value
+        return f"{value:064X}"
+
+    def _event(self, kind: str, source: str, schema: str, op: str, device_id: str,
+               module_id: str | None, body: dict[str, Any]) -> Record:
+        now = self.clock()
+        system = {
+            "content-type": "application/json",
+            "content-encoding": "utf-8",
+            "user-id": self.host_name,
+            "iothub-connection-device-id": device_id,
+            "iothub-message-source": source,
+        }
+        if module_id is not None:
+            system["iothub-connection-module-id"] = module_id
+        application: dict[str, str | None] = {
+            "hubName": self.host_name,
+            "deviceId": device_id,
+            "operationTimestamp": _iso(now),
+            "opType": op,
+            "iothub-message-schema": schema,
+        }
+        if module_id is not None:
+            application["moduleId"] = module_id
+        return Record(
+            kind, device_id, module_id, int(now * 1000), props_json(system, application),
+            json.dumps(body, separators=(",", ":")).encode(),
+        )
+
+    def connection_event(self, principal: Principal, connected: bool) -> None:
+        record = self._event(
+            CONNECTION_STATE,
+            "deviceConnectionStateEvents",
+            "deviceConnectionStateNotification",
+            "deviceConnected" if connected else "deviceDisconnected",
+            principal.device_id,
+            principal.module_id,
+            {"sequenceNumber": self._next_sequence()},
+        )
+        self.registry_state(principal, connected)
+        self._append_event(record)
+
+    def registry_state(self, principal: Principal, connected: bool) -> None:
+        coro = self.registry.set_connection_state(
+            principal.device_id, principal.module_id, connected, _iso(self.clock())
+        )
+        if asyncio.iscoroutine(coro):
+            task = asyncio.ensure_future(coro)
+            task.add_done_callback(_log_failure)
+
+    def _on_registry_change(self, change: str, identity: Device | Module) -> None:
+        module_id = identity.module_id if isinstance(identity, Module) else None
+        twin: dict[str, Any] = {
+            "deviceId": identity.device_id,
+            "etag": identity.etag,
+            "version": 1,
+            "properties": {
+                "desired": {"$metadata": {"$lastUpdated": _iso(self.clock())}, "$version": 1},
+                "reported": {"$metadata": {"$lastUpdated": _iso(self.clock())}, "$version": 1},
+            },
+        }
+        if module_id is not None:
+            twin["moduleId"] = module_id
+        op = "createDeviceIdentity" if change == "created" else "deleteDeviceIdentity"
+        if module_id is not None:
+            op = op.replace("Device", "Module")
+        record = self._event(
+            LIFECYCLE, "deviceLifecycleEvents", "deviceLifecycleNotification", op,
+            identity.device_id, module_id, twin,
+        )
+        self._append_event(record)
+
+    def _append_event(self, record: Record) -> None:
+        try:
+            future = self.log.append([record])
+        except RuntimeError:  # no running loop (registry used outside the hub)
+            return
+        future.add_done_callback(_log_failure)
+
+
+def _log_failure(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("could not record event: %s", fut.exception())

@@ -1,0 +1,584 @@
+"""The durable message log: one sequence of stored messages, per-consumer cursors, retention.
+
+The hub appends every routed message here and acknowledges the PUBLISH only when the append's
+future resolves, i.e. after the transaction holding it committed (DESIGN "One telemetry
+message, end to end", steps 5-6). Every endpoint drains the log from its own durable cursor
+(step 7), and retention removes messages every pinning cursor has passed once they are older
+than the retention period, or evicts the oldest by policy at the byte cap (step 8), in the
+manner of edgeHub's store-and-forward (IoT Hub ref §6.3).
+
+Hot path: :meth:`MessageLog.append` only turns records into row tuples and puts them in a
+shared buffer; one writer body per group transaction takes the whole buffer and inserts it with
+a single ``executemany``. Sequence numbers are the table's rowids (dense, increasing, never
+reused: when retention empties the table the high-water mark is kept in ``log_meta``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from operator import attrgetter
+from typing import Any, Final, Literal, TypeAlias
+
+from gateway.errors import InvalidRequestError, StoreError, StoreFullError
+from gateway.store.db import Database, Migration
+
+__all__ = ["MIGRATION", "Entry", "LogStats", "MessageLog", "PruneResult", "Record"]
+
+log = logging.getLogger(__name__)
+
+MIGRATION: Final[Migration] = (
+    "log",
+    (
+        """
+        CREATE TABLE log_messages(
+            seq INTEGER PRIMARY KEY,
+            kind TEXT NOT NULL,
+            device_id TEXT NOT NULL,
+            module_id TEXT,
+            enqueued_ms INTEGER NOT NULL,
+            props TEXT NOT NULL,
+            body BLOB NOT NULL);
+        CREATE TABLE log_cursors(
+            name TEXT PRIMARY KEY,
+            seq INTEGER NOT NULL,
+            pinned INTEGER NOT NULL) WITHOUT ROWID;
+        CREATE TABLE log_meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+        """,
+    ),
+)
+
+DROP_BYTE_CAP: Final = "byte-cap"
+CHUNK_ROWS: Final = 5000  # rows deleted per prune transaction, so appends interleave
+
+_INSERT: Final = (
+    "INSERT INTO log_messages(kind, device_id, module_id, enqueued_ms, props, body)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+_INSERT_AT: Final = (
+    "INSERT INTO log_messages(seq, kind, device_id, module_id, enqueued_ms, props, body)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_COLUMNS: Final = "seq, kind, device_id, module_id, enqueued_ms, props, body"
+_SIZE: Final = "length(body) + length(props)"
+
+_row_of = attrgetter("kind", "device_id", "module_id", "enqueued_ms", "props", "body")
+_body_of = attrgetter("body")
+_props_of = attrgetter("props")
+
+Row: TypeAlias = tuple[str, str, str | None, int, str, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A message as the hub appends it. ``props`` is the hub's JSON text, opaque here."""
+
+    kind: str  # "telemetry", "connectionState", "lifecycle", "twinChange", ...
+    device_id: str
+    module_id: str | None
+    enqueued_ms: int  # epoch milliseconds
+    props: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A stored message as readers get it back; ``seq`` orders the log."""
+
+    seq: int
+    kind: str
+    device_id: str
+    module_id: str | None
+    enqueued_ms: int
+    props: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    """What one :meth:`MessageLog.prune` removed. ``expired``: past retention and passed by
+    every pinning cursor; ``evicted``: removed for the byte cap; ``dropped``: the evicted ones
+    some pinning cursor had not read yet (lost to that endpoint)."""
+
+    expired: int = 0
+    evicted: int = 0
+    dropped: int = 0
+    bytes_freed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LogStats:
+    """A snapshot of the log. ``bytes`` counts body + props lengths of stored messages;
+    ``dropped_total`` is persistent, by reason; ``rejected``, ``appended`` and ``commits``
+    (append transactions) count since :meth:`MessageLog.open`."""
+
+    count: int
+    bytes: int
+    first_seq: int | None
+    last_seq: int
+    oldest_enqueued_ms: int | None
+    dropped_total: Mapping[str, int]
+    rejected: int
+    appended: int
+    commits: int
+    pending: int
+
+
+class _WriteBody:
+    """The writer's transaction body: takes the whole append buffer when it first runs and
+    inserts it with one ``executemany``; settles every waiting append on the loop."""
+
+    __slots__ = ("owner", "rows", "waiters")
+
+    def __init__(self, owner: MessageLog) -> None:
+        self.owner = owner
+        self.rows: list[Row] | None = None
+        self.waiters: list[tuple[asyncio.Future[int], int, int]] = []
+
+    def __call__(self, conn: sqlite3.Connection) -> int:
+        rows = self.rows
+        if rows is None:  # first run: take the buffer (a re-run reuses it)
+            rows, self.waiters = self.owner._take_buffer(self)
+            self.rows = rows
+        top = conn.execute("SELECT max(seq) FROM log_messages").fetchone()[0]
+        if top is None:  # empty table: continue after the kept high-water mark
+            top = _meta(conn, "high_water")
+            conn.execute(_INSERT_AT, (top + 1, *rows[0]))
+            conn.executemany(_INSERT, rows[1:])
+        else:
+            conn.executemany(_INSERT, rows)
+        return int(top) + len(rows)
+
+    def settle(self, done: asyncio.Future[int]) -> None:
+        """On the loop, once the transaction is over: resolve or fail every waiter."""
+        owner = self.owner
+        if self.rows is None:  # never ran (database closed): the buffer is still ours
+            self.rows, self.waiters = owner._take_buffer(self)
+        exc = done.exception() if not done.cancelled() else StoreError("append cancelled")
+        if exc is not None:
+            owner._failed(self.waiters, exc)
+        else:
+            owner._committed(self.rows, self.waiters, done.result())
+
+
+class MessageLog:
+    """Durable, group-committed message log with per-consumer cursors and retention.
+
+    All methods must be called on the event loop that opened the :class:`Database`."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        retention_s: float = 7 * 86400,
+        max_bytes: int = 1 << 30,
+        overflow: Literal["drop-oldest", "reject-new"] = "drop-oldest",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if overflow not in ("drop-oldest", "reject-new"):
+            raise ValueError(f"overflow must be 'drop-oldest' or 'reject-new', not {overflow!r}")
+        if max_bytes <= 0 or retention_s < 0:
+            raise ValueError("max_bytes must be positive and retention_s not negative")
+        self._db = db
+        self._retention_s = retention_s
+        self._max_bytes = max_bytes
+        self._reject_new = overflow == "reject-new"
+        self._clock = clock
+        self.last_seq = 0  # highest committed seq
+        self._count = 0
+        self._bytes = 0  # committed
+        self._pending_bytes = 0  # appended, not yet committed or failed
+        self._first_seq: int | None = None
+        self._oldest_ms: int | None = None
+        self._cursors: dict[str, tuple[int, bool]] = {}
+        self._dropped: dict[str, int] = {}
+        self._rejected = 0
+        self._appended = 0
+        self._commits = 0
+        # The append buffer, shared with the db thread (guarded by _lock).
+        self._lock = threading.Lock()
+        self._rows: list[Row] = []
+        self._waiters: list[tuple[asyncio.Future[int], int, int]] = []
+        self._writer: _WriteBody | None = None
+        self._advanced: asyncio.Event | None = None
+        self._over_cap = asyncio.Event()
+        self._opened = False
+
+    async def open(self) -> None:
+        """Create or migrate the schema, then load last_seq, counts, bytes and cursors."""
+        await self._db.migrate(MIGRATION)
+        state = await self._db.run(_load_state)
+        (
+            self.last_seq,
+            self._count,
+            self._bytes,
+            self._first_seq,
+            self._oldest_ms,
+            self._cursors,
+            self._dropped,
+        ) = state
+        self._opened = True
+
+    # -- appending (hot path) --------------------------------------------------------------
+
+    def append(self, records: Sequence[Record]) -> asyncio.Future[int]:
+        """Store ``records`` in order; the future resolves with the seq of the last one once
+        the transaction holding them has committed, or fails with :class:`StoreError`
+        (:class:`StoreFullError` under ``reject-new`` at the byte cap). Appends made while a
+        transaction commits are coalesced into the next one (one ``executemany``)."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if len(records) == 1:
+            record = records[0]
+            rows = [_row_of(record)]
+            nbytes = len(record.body) + len(record.props)
+        else:
+            rows = list(map(_row_of, records))
+            nbytes = sum(map(len, map(_body_of, records))) + sum(map(len, map(_props_of, records)))
+            if not rows:
+                future.set_result(self.last_seq)
+                return future
+        if not self._opened:
+            future.set_exception(StoreError("message log is not open"))
+            return future
+        if self._reject_new and self._bytes + self._pending_bytes + nbytes > self._max_bytes:
+            self._rejected += len(rows)
+            future.set_exception(
+                StoreFullError(f"store full: {self._bytes} of {self._max_bytes} bytes used")
+            )
+            return future
+        self._pending_bytes += nbytes
+        writer = None
+        with self._lock:
+            self._rows += rows
+            self._waiters.append((future, len(rows), nbytes))
+            if self._writer is None:
+                writer = self._writer = _WriteBody(self)
+        if writer is not None:
+            self._db.submit(writer).add_done_callback(writer.settle)
+        return future
+
+    def _take_buffer(
+        self, writer: _WriteBody
+    ) -> tuple[list[Row], list[tuple[asyncio.Future[int], int, int]]]:
+        """Hand the whole buffer to ``writer`` (db thread, or loop if it never ran)."""
+        with self._lock:
+            assert self._writer is writer
+            rows, self._rows = self._rows, []
+            waiters, self._waiters = self._waiters, []
+            self._writer = None
+        return rows, waiters
+
+    def _committed(
+        self, rows: list[Row], waiters: list[tuple[asyncio.Future[int], int, int]], last: int
+    ) -> None:
+        seq = last - len(rows)
+        nbytes = 0
+        for future, count, size in waiters:
+            seq += count
+            nbytes += size
+            if not future.done():
+                future.set_result(seq)
+        self._pending_bytes -= nbytes
+        if self._count == 0:
+            self._first_seq = last - len(rows) + 1
+            self._oldest_ms = rows[0][3]
+        self._count += len(rows)
+        self._bytes += nbytes
+        self._appended += len(rows)
+        self._commits += 1
+        self.last_seq = max(self.last_seq, last)
+        if self._advanced is not None:
+            self._advanced.set()
+            self._advanced = None
+        if not self._reject_new and self._bytes > self._max_bytes:
+            self._over_cap.set()
+
+    def _failed(
+        self, waiters: list[tuple[asyncio.Future[int], int, int]], exc: BaseException
+    ) -> None:
+        for future, _count, size in waiters:
+            self._pending_bytes -= size
+            if not future.done():
+                future.set_exception(exc)
+
+    # -- reading and waiting ---------------------------------------------------------------
+
+    async def read(
+        self,
+        after_seq: int,
+        limit: int = 500,
+        *,
+        device_id: str | None = None,
+        kinds: Collection[str] | None = None,
+    ) -> list[Entry]:
+        """Committed entries with ``seq > after_seq``, ascending, at most ``limit``.
+        Filters scan in seq order (no secondary index, to keep appends cheap)."""
+        if limit <= 0:
+            raise InvalidRequestError(f"limit must be positive, not {limit}")
+        upto = self.last_seq
+        if after_seq >= upto or (kinds is not None and not kinds):
+            return []
+        sql = f"SELECT {_COLUMNS} FROM log_messages WHERE seq > ? AND seq <= ?"
+        args: list[Any] = [after_seq, upto]
+        if device_id is not None:
+            sql += " AND device_id = ?"
+            args.append(device_id)
+        if kinds is not None:
+            kind_list = sorted(set(kinds))
+            sql += f" AND kind IN ({', '.join('?' * len(kind_list))})"
+            args.extend(kind_list)
+        sql += " ORDER BY seq LIMIT ?"
+        args.append(limit)
+
+        def query(conn: sqlite3.Connection) -> list[Entry]:
+            return [Entry(*row) for row in conn.execute(sql, args)]
+
+        return await self._db.run(query)
+
+    async def wait_beyond(self, seq: int, timeout: float | None = None) -> bool:
+        """Return True as soon as ``last_seq > seq`` (woken by commits), False on timeout."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self.last_seq <= seq:
+                    if self._advanced is None:
+                        self._advanced = asyncio.Event()
+                    await self._advanced.wait()
+        except TimeoutError:
+            return self.last_seq > seq
+        return True
+
+    # -- cursors -------------------------------------------------------------------------------
+
+    async def get_cursor(self, name: str) -> int | None:
+        """The durable position of consumer ``name`` (last seq it has consumed), or None."""
+        entry = self._cursors.get(name)
+        return entry[0] if entry is not None else None
+
+    async def set_cursor(self, name: str, seq: int, *, pin: bool = False) -> None:
+        """Durably store consumer ``name``'s position. ``pin=True`` marks an internal endpoint
+        (upstream forwarder, module input): retention keeps what it has not read."""
+        if not name:
+            raise InvalidRequestError("cursor name must not be empty")
+        if seq < 0 or seq > self.last_seq:
+            raise InvalidRequestError(f"cursor {name!r}: seq {seq} outside 0..{self.last_seq}")
+
+        def store(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO log_cursors(name, seq, pinned) VALUES (?, ?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET seq = excluded.seq, pinned = excluded.pinned",
+                (name, seq, int(pin)),
+            )
+
+        await self._db.run(store)
+        self._cursors[name] = (seq, pin)
+
+    async def delete_cursor(self, name: str) -> None:
+        """Forget consumer ``name`` (no error if it does not exist)."""
+        await self._db.run(
+            lambda conn: conn.execute("DELETE FROM log_cursors WHERE name = ?", (name,))
+        )
+        self._cursors.pop(name, None)
+
+    async def cursors(self) -> dict[str, int]:
+        return {name: seq for name, (seq, _pin) in self._cursors.items()}
+
+    # -- retention -----------------------------------------------------------------------------
+
+    async def prune(self) -> PruneResult:
+        """Delete messages older than the retention that every pinning cursor has passed;
+        then, over the byte cap under ``drop-oldest``, evict the oldest (even unread by a
+        pinning cursor: counted as dropped) until under 90 % of the cap. Works in chunks of
+        :data:`CHUNK_ROWS` rows per transaction so appends keep flowing."""
+        self._over_cap.clear()
+        expired = evicted = dropped = freed = 0
+        floor = self._pin_floor()
+        cutoff_ms = int((self._clock() - self._retention_s) * 1000)
+        more = True
+        while more:
+            upto = min(floor, self.last_seq)
+            deleted, nbytes, more, first = await self._db.run(
+                partial(_delete_expired, upto=upto, cutoff_ms=cutoff_ms)
+            )
+            self._removed(deleted, nbytes, first)
+            expired += deleted
+            freed += nbytes
+        if not self._reject_new and self._bytes > self._max_bytes:
+            target = self._max_bytes * 9 // 10
+            while self._bytes > target:
+                floor = self._pin_floor()
+                deleted, nbytes, lost, first = await self._db.run(
+                    partial(_evict, need=self._bytes - target, upto=self.last_seq, pin_floor=floor)
+                )
+                if not deleted:
+                    break
+                self._removed(deleted, nbytes, first)
+                evicted += deleted
+                dropped += lost
+                freed += nbytes
+                if lost:
+                    self._dropped[DROP_BYTE_CAP] = self._dropped.get(DROP_BYTE_CAP, 0) + lost
+            log.warning(
+                "store over byte cap: evicted=%d dropped_unread=%d bytes=%d max_bytes=%d",
+                evicted,
+                dropped,
+                self._bytes,
+                self._max_bytes,
+            )
+        return PruneResult(expired=expired, evicted=evicted, dropped=dropped, bytes_freed=freed)
+
+    def _pin_floor(self) -> int:
+        """The highest seq every pinning cursor has consumed (last_seq when none pins)."""
+        return min((seq for seq, pin in self._cursors.values() if pin), default=self.last_seq)
+
+    def _removed(self, deleted: int, nbytes: int, first: tuple[int, int] | None) -> None:
+        self._count -= deleted
+        self._bytes -= nbytes
+        self._first_seq, self._oldest_ms = first if first is not None else (None, None)
+
+    async def run_retention(self, interval: float = 60.0) -> None:
+        """Prune every ``interval`` seconds, and as soon as a commit crosses the byte cap.
+        Runs until cancelled (the app owns it in its TaskGroup)."""
+        failing = False
+        while True:
+            try:
+                await self.prune()
+            except StoreError as exc:
+                if not failing:
+                    log.error("store retention failing: %s", exc)
+                failing = True
+                await asyncio.sleep(interval)
+                continue
+            if failing:
+                log.info("store retention recovered")
+                failing = False
+            try:
+                async with asyncio.timeout(interval):
+                    await self._over_cap.wait()
+            except TimeoutError:
+                pass
+
+    def stats(self) -> LogStats:
+        return LogStats(
+            count=self._count,
+            bytes=self._bytes,
+            first_seq=self._first_seq,
+            last_seq=self.last_seq,
+            oldest_enqueued_ms=self._oldest_ms,
+            dropped_total=dict(self._dropped),
+            rejected=self._rejected,
+            appended=self._appended,
+            commits=self._commits,
+            pending=len(self._rows),
+        )
+
+
+# -- transaction bodies (run on the db thread) ---------------------------------------------------
+
+
+def _meta(conn: sqlite3.Connection, key: str) -> int:
+    row = conn.execute("SELECT value FROM log_meta WHERE key = ?", (key,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _add_meta(conn: sqlite3.Connection, key: str, delta: int, *, maximum: bool = False) -> None:
+    op = "max(value, excluded.value)" if maximum else "value + excluded.value"
+    conn.execute(
+        "INSERT INTO log_meta(key, value) VALUES (?, ?)"
+        f" ON CONFLICT(key) DO UPDATE SET value = {op}",
+        (key, delta),
+    )
+
+
+def _first(conn: sqlite3.Connection) -> tuple[int, int] | None:
+    row = conn.execute("SELECT seq, enqueued_ms FROM log_messages ORDER BY seq LIMIT 1").fetchone()
+    return (int(row[0]), int(row[1])) if row else None
+
+
+def _load_state(
+    conn: sqlite3.Connection,
+) -> tuple[int, int, int, int | None, int | None, dict[str, tuple[int, bool]], dict[str, int]]:
+    count, nbytes, top = conn.execute(
+        f"SELECT count(*), total({_SIZE}), max(seq) FROM log_messages"
+    ).fetchone()
+    last = max(int(top or 0), _meta(conn, "high_water"))
+    first = _first(conn)
+    cursors = {
+        str(name): (int(seq), bool(pinned))
+        for name, seq, pinned in conn.execute("SELECT name, seq, pinned FROM log_cursors")
+    }
+    dropped = {
+        str(key).removeprefix("dropped:"): int(value)
+        for key, value in conn.execute("SELECT key, value FROM log_meta WHERE key LIKE 'dropped:%'")
+    }
+    return (
+        last,
+        int(count),
+        int(nbytes),
+        first[0] if first else None,
+        first[1] if first else None,
+        cursors,
+        dropped,
+    )
+
+
+def _delete(conn: sqlite3.Connection, below: int) -> tuple[int, int]:
+    """Delete every message with ``seq < below``; return (rows, bytes). Keeps the high-water
+    mark when the table becomes empty, so seqs are never reused."""
+    deleted = conn.execute(
+        f"DELETE FROM log_messages WHERE seq < ? RETURNING seq, {_SIZE}", (below,)
+    ).fetchall()
+    if deleted and conn.execute("SELECT 1 FROM log_messages LIMIT 1").fetchone() is None:
+        _add_meta(conn, "high_water", max(seq for seq, _ in deleted), maximum=True)
+    return len(deleted), sum(size for _, size in deleted)
+
+
+def _delete_expired(
+    conn: sqlite3.Connection, upto: int, cutoff_ms: int
+) -> tuple[int, int, bool, tuple[int, int] | None]:
+    """One chunk of retention: messages with ``seq <= upto`` enqueued before ``cutoff_ms``,
+    stopping at the first younger one (enqueued times follow seq order). Returns (rows,
+    bytes, more chunks may follow, new first (seq, enqueued_ms))."""
+    first = _first(conn)
+    if first is None or first[0] > upto:
+        return 0, 0, False, first
+    window = min(first[0] + CHUNK_ROWS, upto + 1)
+    young = conn.execute(
+        "SELECT seq FROM log_messages WHERE seq < ? AND enqueued_ms >= ? ORDER BY seq LIMIT 1",
+        (window, cutoff_ms),
+    ).fetchone()
+    below = young[0] if young else window
+    rows, nbytes = _delete(conn, below)
+    return rows, nbytes, young is None and below <= upto, _first(conn)
+
+
+def _evict(
+    conn: sqlite3.Connection, need: int, upto: int, pin_floor: int
+) -> tuple[int, int, int, tuple[int, int] | None]:
+    """One chunk of byte-cap eviction: delete the oldest messages (``seq <= upto``) until
+    ``need`` bytes are freed or a chunk is done. Returns (rows, bytes, rows a pinning cursor
+    had not read, new first)."""
+    freed = 0
+    last = None
+    for seq, size in conn.execute(
+        f"SELECT seq, {_SIZE} FROM log_messages WHERE seq <= ? ORDER BY seq LIMIT ?",
+        (upto, CHUNK_ROWS),
+    ):
+        last = seq
+        freed += size
+        if freed >= need:
+            break
+    if last is None:
+        return 0, 0, 0, _first(conn)
+    lost = conn.execute(
+        "SELECT count(*) FROM log_messages WHERE seq > ? AND seq <= ?", (pin_floor, last)
+    ).fetchone()[0]
+    rows, nbytes = _delete(conn, last + 1)
+    if lost:
+        _add_meta(conn, f"dropped:{DROP_BYTE_CAP}", int(lost))
+    return rows, nbytes, int(lost), _first(conn)

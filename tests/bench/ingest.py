@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Durable QoS 1 ingest: our hub against Debian's Mosquitto, same machine, same generator.
+
+Runs ../shared/tools/loadgen.py (or --loadgen PATH) first against a Mosquitto started here, then
+against a hub started here (100 registered devices, one SAS token each), and prints both rates,
+the ratio, broker CPU per message and publish-to-PUBACK latency p50/p99.
+
+The hub acknowledges only after the SQLite group commit (synchronous=FULL by default: every
+commit is fsynced); Mosquitto acknowledges from memory. Plain TCP is compared with plain TCP
+(the hub's local listener, still authenticated) and, with --tls, TLS with TLS.
+
+    python tests/bench/ingest.py                       # 100 conns x 100 in flight, 400k msgs
+    python tests/bench/ingest.py --conns 1000 --window 1 --msgs 200000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from tests.hubproc import HubProcess  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_loadgen(loadgen: Path, args: argparse.Namespace, port: int, pid: int, label: str,
+                extra: list[str]) -> dict[str, object]:
+    cmd = [sys.executable, str(loadgen), "--port", str(port), "--conns", str(args.conns),
+           "--window", str(args.window), "--msgs", str(args.msgs), "--qos", "1",
+           "--payload-size", "200", "--broker-pid", str(pid), "--label", label, *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
+    if not lines:
+        raise SystemExit(f"loadgen failed for {label}:\n{out.stdout}\n{out.stderr}")
+    return json.loads(lines[-1])
+
+
+def mosquitto(tmp: Path, tls: tuple[str, str, str] | None) -> tuple[subprocess.Popen[bytes], int]:
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    port = free_port()
+    conf = tmp / "mosquitto.conf"
+    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false",
+             "max_inflight_messages 0", "max_queued_messages 0", "log_type error"]
+    if tls:
+        lines += [f"cafile {tls[0]}", f"certfile {tls[1]}", f"keyfile {tls[2]}"]
+    conf.write_text("\n".join(lines) + "\n")
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("mosquitto did not start")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--conns", type=int, default=100)
+    ap.add_argument("--window", type=int, default=100)
+    ap.add_argument("--msgs", type=int, default=400_000)
+    ap.add_argument("--tls", action="store_true", help="compare over TLS instead of plain TCP")
+    ap.add_argument("--sync", choices=["full", "normal"], default="full")
+    ap.add_argument("--loadgen", default=str(REPO.parent / "shared" / "tools" / "loadgen.py"))
+    ap.add_argument("--json-out", default=None)
+    args = ap.parse_args()
+    loadgen = Path(args.loadgen)
+    if not loadgen.exists():
+        raise SystemExit(f"loadgen not found at {loadgen} (give --loadgen PATH)")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    try:
+        hub = HubProcess(tmp / "hub", host_name="bench.local", extra_config=f'[store]\nsync = "{args.sync}"\n')
+        hub.start()
+        # Register the devices through the service API, as an integrator would.
+        from gateway.hubclient import HubClient
+        from gateway.hub.sas import generate_sas_token
+
+        client = HubClient(hub.data_dir)
+        creds = []
+        for i in range(args.conns):
+            device_id = f"dev-{i}"
+            device = client.request("PUT", f"/devices/{device_id}",
+                                    {"deviceId": device_id, "authentication": {"type": "sas"}})
+            key = device["authentication"]["symmetricKey"]["primaryKey"]
+            token = generate_sas_token(f"bench.local/devices/{device_id}", key, int(time.time()) + 7200)
+            creds.append(f"{device_id}\tbench.local/{device_id}/?api-version=2021-04-12\t{token}")
+        cred_file = tmp / "creds.tsv"
+        cred_file.write_text("\n".join(creds) + "\n")
+
+        tls_files = (hub.ca_file, str(hub.data_dir / "server.pem"), str(hub.data_dir / "server.key"))
+        mosq, mport = mosquitto(tmp, tls_files if args.tls else None)
+        tls_args = ["--tls", "--ca-file", hub.ca_file, "--tls-server-name", "localhost"] if args.tls else []
+        try:
+            m = run_loadgen(loadgen, args, mport, mosq.pid, "mosquitto", tls_args)
+        finally:
+            mosq.terminate()
+            mosq.wait()
+        hport = hub.port("mqtt_tls_port" if args.tls else "mqtt_local_port")
+        h = run_loadgen(loadgen, args, hport, hub.pid, "hub", ["--cred-file", str(cred_file), *tls_args])
+        hub.stop()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ratio = h["msgs_per_s"] / m["msgs_per_s"]  # type: ignore[operator]
+    cpu_ratio = h["broker_cpu_us_per_msg"] / m["broker_cpu_us_per_msg"]  # type: ignore[operator]
+    transport = "TLS" if args.tls else "TCP"
+    print(f"durable QoS1 ingest, {args.conns} conns x {args.window} in flight, {args.msgs} msgs, "
+          f"200-byte JSON, {transport}, hub store sync={args.sync}")
+    print(f"{'':10} {'msg/s':>10} {'cpu us/msg':>11} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    for label, r in (("mosquitto", m), ("hub", h)):
+        print(f"{label:10} {r['msgs_per_s']:>10,.0f} {r['broker_cpu_us_per_msg']:>11.2f} "
+              f"{r['lat_p50_ms']:>8.2f} {r['lat_p99_ms']:>8.2f} {len(r['errors']):>6}")  # type: ignore[arg-type]
+    print(f"ratio hub/mosquitto: rate {ratio:.2f}x, cpu per message {cpu_ratio:.2f}x")
+    if args.json_out:
+        with open(args.json_out, "a") as fh:
+            fh.write(json.dumps({"mosquitto": m, "hub": h, "rate_ratio": ratio, "cpu_ratio": cpu_ratio}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
