@@ -18,6 +18,7 @@ from pathlib import Path
 
 from gateway.broker.connection import MqttConnection
 from gateway.broker.sessions import SessionStore
+from gateway.broker.tls import TlsServerProtocol
 from gateway.config import MqttConfig
 from gateway.errors import ForbiddenError
 from gateway.hub import addresses
@@ -53,9 +54,10 @@ class Broker:
             return lambda: MqttConnection(self, name)
 
         if tls_context is not None:
+            tls = factory("tls")
             server = await loop.create_server(
-                factory("tls"), cfg.bind, cfg.tls_port, ssl=tls_context, reuse_address=True,
-                ssl_handshake_timeout=cfg.connect_timeout,
+                lambda: TlsServerProtocol(tls_context, cfg.connect_timeout, tls),
+                cfg.bind, cfg.tls_port, reuse_address=True,
             )
             self._servers.append(server)
             self.ports["tls"] = server.sockets[0].getsockname()[1]
@@ -115,9 +117,7 @@ class Broker:
             self._publish_will(old)
             old.close()
         self.live[client_id] = conn
-        present = self.sessions.has_session(client_id) and not clean_session
-        future = asyncio.ensure_future(self.sessions.start(client_id, clean=clean_session))
-        future.add_done_callback(_log_failure)
+        present = self.sessions.start(client_id, clean=clean_session)
         assert conn.principal is not None
         self.hub.connection_event(conn.principal, connected=True)
         log.info("connected client_id=%r peer=%s listener=%s auth=%s session_present=%s",
@@ -157,14 +157,20 @@ class Broker:
             granted[topic_filter] = q
             codes.append(q)
 
-        async def persist() -> list[int]:
-            await self.sessions.subscribe(conn.client_id, granted)
-            return codes
+        written = self.sessions.subscribe(conn.client_id, granted)
+        result: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
 
-        return asyncio.ensure_future(persist())
+        def done(fut: asyncio.Future[None]) -> None:
+            if fut.exception() is not None:
+                result.set_exception(fut.exception())  # type: ignore[arg-type]
+            else:
+                result.set_result(codes)
+
+        written.add_done_callback(done)
+        return result
 
     def unsubscribe(self, conn: MqttConnection, packet: Unsubscribe) -> asyncio.Future[None]:
-        return asyncio.ensure_future(self.sessions.unsubscribe(conn.client_id, list(packet.topics)))
+        return self.sessions.unsubscribe(conn.client_id, list(packet.topics))
 
     def identity_changed(self, event: str, identity: Device | Module) -> None:
         """Registry listener: a deleted or disabled identity loses its live connection at

@@ -4,12 +4,15 @@ The Azure device SDK connects with CleanSession=0 and never re-subscribes after 
 (IoT Hub ref §1.6, pitfall 6), so the hub keeps each identity's subscriptions across reconnects
 and across hub restarts. CleanSession=1 discards the stored set (MQTT 3.1.1 §3.1.2.4).
 
-The set lives in memory and is written through to the store's database, so a SUBACK is only
-sent after the subscription is durable.
+The set changes in memory at once (so ``session_present`` and delivery decisions are exact)
+and is written through to the store's database; each change returns the future of its write,
+so a SUBACK is sent only once the subscription is durable. Writes are applied by the store's
+single thread in submission order, so they cannot overtake each other.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 
@@ -35,43 +38,40 @@ class SessionStore:
             return conn.execute("SELECT client_id, subscriptions FROM mqtt_sessions").fetchall()
 
         for client_id, subs in await self._db.run(load):
-            self._subs[client_id] = dict(json.loads(subs))
-
-    def has_session(self, client_id: str) -> bool:
-        return client_id in self._subs
+            self._subs[client_id] = {f: int(q) for f, q in json.loads(subs)}
 
     def subscriptions(self, client_id: str) -> dict[str, int]:
         return dict(self._subs.get(client_id, {}))
 
-    async def start(self, client_id: str, *, clean: bool) -> bool:
-        """Begin a session; returns ``session_present`` for the CONNACK (§3.2.2.2)."""
+    def start(self, client_id: str, *, clean: bool) -> bool:
+        """Begin a session; returns ``session_present`` for the CONNACK (§3.2.2.2). A clean
+        session discards the stored one; a persistent one is created if missing."""
+        present = client_id in self._subs
         if clean:
-            await self.discard(client_id)
+            if present:
+                self.discard(client_id)
             return False
-        if client_id in self._subs:
-            return True
-        await self._save(client_id, {})
-        return False
+        if not present:
+            self._save(client_id, {})
+        return present
 
-    async def subscribe(self, client_id: str, granted: dict[str, int]) -> None:
-        subs = {**self._subs.get(client_id, {}), **granted}
-        await self._save(client_id, subs)
+    def subscribe(self, client_id: str, granted: dict[str, int]) -> asyncio.Future[None]:
+        return self._save(client_id, {**self._subs.get(client_id, {}), **granted})
 
-    async def unsubscribe(self, client_id: str, filters: list[str]) -> None:
+    def unsubscribe(self, client_id: str, filters: list[str]) -> asyncio.Future[None]:
         subs = {f: q for f, q in self._subs.get(client_id, {}).items() if f not in filters}
-        await self._save(client_id, subs)
+        return self._save(client_id, subs)
 
-    async def discard(self, client_id: str) -> None:
-        if client_id not in self._subs:
-            return
+    def discard(self, client_id: str) -> asyncio.Future[None]:
+        self._subs.pop(client_id, None)
 
         def delete(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM mqtt_sessions WHERE client_id = ?", (client_id,))
 
-        await self._db.run(delete)
-        self._subs.pop(client_id, None)
+        return self._db.submit(delete)
 
-    async def _save(self, client_id: str, subs: dict[str, int]) -> None:
+    def _save(self, client_id: str, subs: dict[str, int]) -> asyncio.Future[None]:
+        self._subs[client_id] = subs
         text = json.dumps(sorted(subs.items()))
 
         def upsert(conn: sqlite3.Connection) -> None:
@@ -81,5 +81,4 @@ class SessionStore:
                 (client_id, text),
             )
 
-        await self._db.run(upsert)
-        self._subs[client_id] = subs
+        return self._db.submit(upsert)

@@ -210,12 +210,9 @@ class Hub:
         self._append_event(record)
 
     def registry_state(self, principal: Principal, connected: bool) -> None:
-        coro = self.registry.set_connection_state(
+        self.registry.set_connection_state(
             principal.device_id, principal.module_id, connected, _iso(self.clock())
         )
-        if asyncio.iscoroutine(coro):
-            task = asyncio.ensure_future(coro)
-            task.add_done_callback(_log_failure)
 
     def _on_registry_change(self, change: str, identity: Device | Module) -> None:
         module_id = identity.module_id if isinstance(identity, Module) else None

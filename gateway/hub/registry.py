@@ -748,7 +748,7 @@ class Registry:
             self._emit("deleted", existing)
         return existing
 
-    async def set_connection_state(self, device_id: str, module_id: str | None,
+    def set_connection_state(self, device_id: str, module_id: str | None,
                                    connected: bool, when: str) -> None:
         """Record a connect/disconnect at ``when`` (ISO 8601). Memory only, by design (see the
         module docstring); unknown identities are ignored (deleted while connected)."""

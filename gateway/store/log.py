@@ -23,56 +23,27 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from operator import attrgetter
-from typing import Any, Final, Literal, TypeAlias
+from typing import Any, Literal
 
 from gateway.errors import InvalidRequestError, StoreError, StoreFullError
-from gateway.store.db import Database, Migration
+from gateway.store._log_sql import (
+    BODY_OF,
+    COLUMNS,
+    DROP_BYTE_CAP,
+    MIGRATION,
+    PROPS_OF,
+    ROW_OF,
+    Row,
+    delete_expired,
+    evict,
+    insert,
+    load_state,
+)
+from gateway.store.db import Database
 
 __all__ = ["MIGRATION", "Entry", "LogStats", "MessageLog", "PruneResult", "Record"]
 
 log = logging.getLogger(__name__)
-
-MIGRATION: Final[Migration] = (
-    "log",
-    (
-        """
-        CREATE TABLE log_messages(
-            seq INTEGER PRIMARY KEY,
-            kind TEXT NOT NULL,
-            device_id TEXT NOT NULL,
-            module_id TEXT,
-            enqueued_ms INTEGER NOT NULL,
-            props TEXT NOT NULL,
-            body BLOB NOT NULL);
-        CREATE TABLE log_cursors(
-            name TEXT PRIMARY KEY,
-            seq INTEGER NOT NULL,
-            pinned INTEGER NOT NULL) WITHOUT ROWID;
-        CREATE TABLE log_meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
-        """,
-    ),
-)
-
-DROP_BYTE_CAP: Final = "byte-cap"
-CHUNK_ROWS: Final = 5000  # rows deleted per prune transaction, so appends interleave
-
-_INSERT: Final = (
-    "INSERT INTO log_messages(kind, device_id, module_id, enqueued_ms, props, body)"
-    " VALUES (?, ?, ?, ?, ?, ?)"
-)
-_INSERT_AT: Final = (
-    "INSERT INTO log_messages(seq, kind, device_id, module_id, enqueued_ms, props, body)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?)"
-)
-_COLUMNS: Final = "seq, kind, device_id, module_id, enqueued_ms, props, body"
-_SIZE: Final = "length(body) + length(props)"
-
-_row_of = attrgetter("kind", "device_id", "module_id", "enqueued_ms", "props", "body")
-_body_of = attrgetter("body")
-_props_of = attrgetter("props")
-
-Row: TypeAlias = tuple[str, str, str | None, int, str, bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,14 +117,7 @@ class _WriteBody:
         if rows is None:  # first run: take the buffer (a re-run reuses it)
             rows, self.waiters = self.owner._take_buffer(self)
             self.rows = rows
-        top = conn.execute("SELECT max(seq) FROM log_messages").fetchone()[0]
-        if top is None:  # empty table: continue after the kept high-water mark
-            top = _meta(conn, "high_water")
-            conn.execute(_INSERT_AT, (top + 1, *rows[0]))
-            conn.executemany(_INSERT, rows[1:])
-        else:
-            conn.executemany(_INSERT, rows)
-        return int(top) + len(rows)
+        return insert(conn, rows)
 
     def settle(self, done: asyncio.Future[int]) -> None:
         """On the loop, once the transaction is over: resolve or fail every waiter."""
@@ -213,7 +177,7 @@ class MessageLog:
     async def open(self) -> None:
         """Create or migrate the schema, then load last_seq, counts, bytes and cursors."""
         await self._db.migrate(MIGRATION)
-        state = await self._db.run(_load_state)
+        state = await self._db.run(load_state)
         (
             self.last_seq,
             self._count,
@@ -235,11 +199,11 @@ class MessageLog:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         if len(records) == 1:
             record = records[0]
-            rows = [_row_of(record)]
+            rows = [ROW_OF(record)]
             nbytes = len(record.body) + len(record.props)
         else:
-            rows = list(map(_row_of, records))
-            nbytes = sum(map(len, map(_body_of, records))) + sum(map(len, map(_props_of, records)))
+            rows = list(map(ROW_OF, records))
+            nbytes = sum(map(len, map(BODY_OF, records))) + sum(map(len, map(PROPS_OF, records)))
             if not rows:
                 future.set_result(self.last_seq)
                 return future
@@ -324,7 +288,7 @@ class MessageLog:
         upto = self.last_seq
         if after_seq >= upto or (kinds is not None and not kinds):
             return []
-        sql = f"SELECT {_COLUMNS} FROM log_messages WHERE seq > ? AND seq <= ?"
+        sql = f"SELECT {COLUMNS} FROM log_messages WHERE seq > ? AND seq <= ?"
         args: list[Any] = [after_seq, upto]
         if device_id is not None:
             sql += " AND device_id = ?"
@@ -397,13 +361,12 @@ class MessageLog:
         :data:`CHUNK_ROWS` rows per transaction so appends keep flowing."""
         self._over_cap.clear()
         expired = evicted = dropped = freed = 0
-        floor = self._pin_floor()
         cutoff_ms = int((self._clock() - self._retention_s) * 1000)
         more = True
         while more:
-            upto = min(floor, self.last_seq)
+            upto = min(self._pin_floor(), self.last_seq)  # cursors may move between chunks
             deleted, nbytes, more, first = await self._db.run(
-                partial(_delete_expired, upto=upto, cutoff_ms=cutoff_ms)
+                partial(delete_expired, upto=upto, cutoff_ms=cutoff_ms)
             )
             self._removed(deleted, nbytes, first)
             expired += deleted
@@ -413,7 +376,7 @@ class MessageLog:
             while self._bytes > target:
                 floor = self._pin_floor()
                 deleted, nbytes, lost, first = await self._db.run(
-                    partial(_evict, need=self._bytes - target, upto=self.last_seq, pin_floor=floor)
+                    partial(evict, need=self._bytes - target, upto=self.last_seq, pin_floor=floor)
                 )
                 if not deleted:
                     break
@@ -476,109 +439,3 @@ class MessageLog:
             commits=self._commits,
             pending=len(self._rows),
         )
-
-
-# -- transaction bodies (run on the db thread) ---------------------------------------------------
-
-
-def _meta(conn: sqlite3.Connection, key: str) -> int:
-    row = conn.execute("SELECT value FROM log_meta WHERE key = ?", (key,)).fetchone()
-    return int(row[0]) if row else 0
-
-
-def _add_meta(conn: sqlite3.Connection, key: str, delta: int, *, maximum: bool = False) -> None:
-    op = "max(value, excluded.value)" if maximum else "value + excluded.value"
-    conn.execute(
-        "INSERT INTO log_meta(key, value) VALUES (?, ?)"
-        f" ON CONFLICT(key) DO UPDATE SET value = {op}",
-        (key, delta),
-    )
-
-
-def _first(conn: sqlite3.Connection) -> tuple[int, int] | None:
-    row = conn.execute("SELECT seq, enqueued_ms FROM log_messages ORDER BY seq LIMIT 1").fetchone()
-    return (int(row[0]), int(row[1])) if row else None
-
-
-def _load_state(
-    conn: sqlite3.Connection,
-) -> tuple[int, int, int, int | None, int | None, dict[str, tuple[int, bool]], dict[str, int]]:
-    count, nbytes, top = conn.execute(
-        f"SELECT count(*), total({_SIZE}), max(seq) FROM log_messages"
-    ).fetchone()
-    last = max(int(top or 0), _meta(conn, "high_water"))
-    first = _first(conn)
-    cursors = {
-        str(name): (int(seq), bool(pinned))
-        for name, seq, pinned in conn.execute("SELECT name, seq, pinned FROM log_cursors")
-    }
-    dropped = {
-        str(key).removeprefix("dropped:"): int(value)
-        for key, value in conn.execute("SELECT key, value FROM log_meta WHERE key LIKE 'dropped:%'")
-    }
-    return (
-        last,
-        int(count),
-        int(nbytes),
-        first[0] if first else None,
-        first[1] if first else None,
-        cursors,
-        dropped,
-    )
-
-
-def _delete(conn: sqlite3.Connection, below: int) -> tuple[int, int]:
-    """Delete every message with ``seq < below``; return (rows, bytes). Keeps the high-water
-    mark when the table becomes empty, so seqs are never reused."""
-    deleted = conn.execute(
-        f"DELETE FROM log_messages WHERE seq < ? RETURNING seq, {_SIZE}", (below,)
-    ).fetchall()
-    if deleted and conn.execute("SELECT 1 FROM log_messages LIMIT 1").fetchone() is None:
-        _add_meta(conn, "high_water", max(seq for seq, _ in deleted), maximum=True)
-    return len(deleted), sum(size for _, size in deleted)
-
-
-def _delete_expired(
-    conn: sqlite3.Connection, upto: int, cutoff_ms: int
-) -> tuple[int, int, bool, tuple[int, int] | None]:
-    """One chunk of retention: messages with ``seq <= upto`` enqueued before ``cutoff_ms``,
-    stopping at the first younger one (enqueued times follow seq order). Returns (rows,
-    bytes, more chunks may follow, new first (seq, enqueued_ms))."""
-    first = _first(conn)
-    if first is None or first[0] > upto:
-        return 0, 0, False, first
-    window = min(first[0] + CHUNK_ROWS, upto + 1)
-    young = conn.execute(
-        "SELECT seq FROM log_messages WHERE seq < ? AND enqueued_ms >= ? ORDER BY seq LIMIT 1",
-        (window, cutoff_ms),
-    ).fetchone()
-    below = young[0] if young else window
-    rows, nbytes = _delete(conn, below)
-    return rows, nbytes, young is None and below <= upto, _first(conn)
-
-
-def _evict(
-    conn: sqlite3.Connection, need: int, upto: int, pin_floor: int
-) -> tuple[int, int, int, tuple[int, int] | None]:
-    """One chunk of byte-cap eviction: delete the oldest messages (``seq <= upto``) until
-    ``need`` bytes are freed or a chunk is done. Returns (rows, bytes, rows a pinning cursor
-    had not read, new first)."""
-    freed = 0
-    last = None
-    for seq, size in conn.execute(
-        f"SELECT seq, {_SIZE} FROM log_messages WHERE seq <= ? ORDER BY seq LIMIT ?",
-        (upto, CHUNK_ROWS),
-    ):
-        last = seq
-        freed += size
-        if freed >= need:
-            break
-    if last is None:
-        return 0, 0, 0, _first(conn)
-    lost = conn.execute(
-        "SELECT count(*) FROM log_messages WHERE seq > ? AND seq <= ?", (pin_floor, last)
-    ).fetchone()[0]
-    rows, nbytes = _delete(conn, last + 1)
-    if lost:
-        _add_meta(conn, f"dropped:{DROP_BYTE_CAP}", int(lost))
-    return rows, nbytes, int(lost), _first(conn)

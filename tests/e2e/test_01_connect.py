@@ -128,3 +128,25 @@ def test_same_client_id_takes_over(hub: HubProcess, device: tuple[str, str]) -> 
     first.expect_closed()
     second.send(Publish(topic="devices/dev1/messages/events/", payload=b"x", qos=1, packet_id=1))
     assert second.recv() == Puback(1)
+
+
+def test_untrusted_client_certificate_fails_handshake_with_log(hub: HubProcess, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from gateway.pki import make_self_signed_certificate
+    from tests.mqttraw import Closed
+
+    cert, key = make_self_signed_certificate("intruder", tmp_path)
+    with pytest.raises((Closed, OSError)):
+        c = RawClient(hub.port("mqtt_tls_port"), ca_file=hub.ca_file, cert=(str(cert), str(key)))
+        c.connect("intruder", username(hub, "intruder"), None)
+    wait_for_log(hub, "tls handshake failed")
+
+
+def test_plaintext_on_tls_port_is_logged(hub: HubProcess, device: tuple[str, str]) -> None:
+    import socket
+
+    with socket.create_connection(("localhost", hub.port("mqtt_tls_port"))) as s:
+        s.sendall(b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c\x00\x00")
+        s.settimeout(5)
+        s.recv(100)  # the hub answers with an alert or just closes
+    wait_for_log(hub, "tls handshake failed")
+    assert_still_serving(hub, device)

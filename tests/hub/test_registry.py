@@ -92,7 +92,7 @@ async def test_everything_survives_a_reopen(tmp_path: Path) -> None:
         edge, _ = await reg.put_device(sas_body("e1", iot_edge=True), device_id="e1",
                                        if_match=None)
         policies = reg.policies()
-        await reg.set_connection_state("d1", None, True, "2024-01-01T00:00:00.000000Z")
+        reg.set_connection_state("d1", None, True, "2024-01-01T00:00:00.000000Z")
     async with await Registry.open(path) as reg:
         assert reg.get_device("d1") == device      # connection state is memory-only
         assert reg.get_module("d1", "m1") == module
@@ -513,9 +513,9 @@ async def test_connection_state_is_tracked_in_memory(registry: Registry) -> None
     await registry.put_device({}, device_id="d1", if_match=None)
     await registry.put_module({}, device_id="d1", module_id="m1", if_match=None)
     when = "2024-05-01T13:00:00.000000Z"
-    await registry.set_connection_state("d1", None, True, when)
-    await registry.set_connection_state("d1", "m1", True, when)
-    await registry.set_connection_state("ghost", None, True, when)  # ignored
+    registry.set_connection_state("d1", None, True, when)
+    registry.set_connection_state("d1", "m1", True, when)
+    registry.set_connection_state("ghost", None, True, when)  # ignored
     device = registry.get_device("d1")
     assert device is not None
     assert (device.connection_state, device.connection_state_updated, device.last_activity) == (
@@ -526,6 +526,6 @@ async def test_connection_state_is_tracked_in_memory(registry: Registry) -> None
     # An admin update keeps the live connection state.
     updated, _ = await registry.put_device({"status": "disabled"}, device_id="d1", if_match="*")
     assert updated.connection_state == "Connected"
-    await registry.set_connection_state("d1", None, False, "2024-05-01T14:00:00.000000Z")
+    registry.set_connection_state("d1", None, False, "2024-05-01T14:00:00.000000Z")
     device = registry.get_device("d1")
     assert device is not None and device.connection_state == "Disconnected"

@@ -32,7 +32,7 @@ def run_and_kill(path: Path, appenders: int, acks_before_kill: int) -> list[tupl
     assert proc.stdout is not None
     try:
         assert proc.stdout.readline() == b"ready\n", proc.stderr.read() if proc.stderr else ""
-        lines = []
+        lines: list[bytes] = []
         deadline = time.monotonic() + 60
         while len(lines) < acks_before_kill and time.monotonic() < deadline:
             line = proc.stdout.readline()

@@ -246,3 +246,12 @@ def test_split_statements_keeps_triggers_and_quoted_semicolons_whole() -> None:
     ]
     with pytest.raises(ValueError, match="incomplete"):
         split_statements("INSERT INTO a VALUES ('open")
+
+
+async def test_a_call_cancelled_before_its_batch_starts_never_runs(db: Database) -> None:
+    async with held(db):
+        cancelled = db.submit(insert("never"))
+        kept = db.submit(insert("kept"))
+        cancelled.cancel()
+    assert await kept == 1
+    assert await db.run(values) == ["kept"]
