@@ -315,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.log_level if args.command in ("run", "demo") else "warning")
+    # `run` logs at --log-level (default info); every other command stays quiet unless asked.
+    quiet = args.command != "run" and args.log_level == "info"
+    setup_logging("warning" if quiet else args.log_level)
     try:
         return int(args.fn(args))
     except GatewayError as exc:

@@ -31,6 +31,9 @@ DEVICES = {
 }
 
 
+START = time.time()
+
+
 def reading(kind: str, t: float, rng: random.Random) -> dict[str, float | str]:
     if kind == "thermostat":
         return {"temperature": round(21 + 2 * math.sin(t / 60) + rng.gauss(0, 0.1), 2),
@@ -39,7 +42,7 @@ def reading(kind: str, t: float, rng: random.Random) -> dict[str, float | str]:
         return {"rmsVelocity": round(abs(2.5 + rng.gauss(0, 0.3)), 3),
                 "pressureBar": round(4.2 + rng.gauss(0, 0.05), 3)}
     return {"activePowerW": round(3200 + 400 * math.sin(t / 30) + rng.gauss(0, 20), 1),
-            "energyKWh": round(12840 + t / 3600 * 3.2, 3), "voltageV": round(230 + rng.gauss(0, 1), 1)}
+            "energyKWh": round(12840 + (t - START) / 3600 * 3.2, 4), "voltageV": round(230 + rng.gauss(0, 1), 1)}
 
 
 async def simulated_device(settings: ClientSettings, kind: str, interval: float) -> None:

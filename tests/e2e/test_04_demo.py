@@ -1,0 +1,23 @@
+"""``gateway demo`` runs the whole flow on embedded defaults and shows live messages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.hubproc import REPO
+
+
+def test_demo_shows_messages_from_every_simulated_device() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "demo", "--duration", "4"],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [l for l in result.stdout.splitlines() if "#" in l and "{" in l]
+    for device in ("boiler-room-thermostat", "pump-3-vibration", "main-energy-meter"):
+        rows = [l for l in lines if device in l]
+        assert len(rows) >= 2, f"no live messages from {device}:\n{result.stdout}"
+        json.loads(rows[0][rows[0].index("{"): rows[0].rindex("}") + 1])
+    assert "hub ready" in result.stdout
