@@ -28,7 +28,11 @@ from gateway.hub.auth import Authenticator
 from gateway.hub.connstr import ConnectionString
 from gateway.hub.hub import Hub
 from gateway.hub.registry import Device, Module, Registry
+from gateway.hub.methods import MethodService
+from gateway.hub.twinstore import TwinStore
+from gateway.hub.twinsvc import TwinService
 from gateway.notify import Notifier
+from gateway.tasks import TaskSet
 from gateway.store.db import Database
 from gateway.store.log import MessageLog
 
@@ -85,6 +89,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
     registry = await Registry.open(data_dir / "registry.db")
     broker: Broker | None = None
     api: ServiceApi | None = None
+    tasks_ = TaskSet()
     try:
         message_log = MessageLog(
             db, retention_s=config.store.retention_days * 86400,
@@ -98,6 +103,11 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         hub = Hub(host_name=config.hub.host_name, registry=registry, authenticator=authenticator,
                   log=message_log, max_message_bytes=config.mqtt.max_message_bytes)
         broker = Broker(config.mqtt, hub, sessions)
+        twin_store = TwinStore(db)
+        await twin_store.open()
+        hub.methods = MethodService(broker)
+        hub.twins = TwinService(twin_store, hub=hub, broker=broker, tasks=tasks_)
+        registry.add_listener(hub.twins.identity_changed)
         mqtt_tls = pki.server_ssl_context(certs, extra_trust_pems=registry.registered_certificates())
         registry.add_listener(broker.identity_changed, updates=True)
         registry.add_listener(partial(_trust_certificate, mqtt_tls), updates=True)
@@ -106,7 +116,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
             unix_path=data_dir / "mqtt.sock" if config.mqtt.unix_socket else None,
         )
         api = ServiceApi(host_name=config.hub.host_name, registry=registry,
-                         authenticator=authenticator, log=message_log)
+                         authenticator=authenticator, log=message_log, hub=hub)
         await api.start(config.api.bind, config.api.port, pki.server_ssl_context(certs))
         owner = registry.get_policy("iothubowner")
         assert owner is not None
@@ -146,6 +156,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
             await broker.stop()
         if api is not None:
             await api.stop()
+        await tasks_.close()
         await registry.close()
         await db.close()
         log.info("hub stopped")

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 
 class GatewayError(Exception):
-    """Root of every error the gateway raises on purpose."""
+    """Root of every error the gateway raises on purpose. ``code`` is the IoT Hub error code a
+    subclass reports over HTTP (``iothub-errorcode``), when it has a more precise one."""
+
+    code: str | None = None
 
 
 class ConfigError(GatewayError):
@@ -70,6 +73,10 @@ class InvalidRequestError(GatewayError):
 
 class MessageTooLargeError(InvalidRequestError):
     """A message is over its size limit (256 KB for telemetry)."""
+
+
+class GatewayTimeoutError(GatewayError):
+    """A device did not answer in time (HTTP 504)."""
 
 
 class StoreError(GatewayError):

@@ -17,6 +17,7 @@ from gateway.errors import (
     ConflictError,
     ForbiddenError,
     GatewayError,
+    GatewayTimeoutError,
     InvalidRequestError,
     NotFoundError,
     PreconditionFailedError,
@@ -30,6 +31,7 @@ _STATUS: list[tuple[type[GatewayError], int, str]] = [
     (ConflictError, 409, "DeviceAlreadyExists"),
     (PreconditionFailedError, 412, "PreconditionFailed"),
     (InvalidRequestError, 400, "ArgumentInvalid"),
+    (GatewayTimeoutError, 504, "GatewayTimeout"),
     (StoreError, 503, "ServerBusy"),
 ]
 
@@ -54,9 +56,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except GatewayError as exc:
         for cls, status, code in _STATUS:
             if isinstance(exc, cls):
-                if isinstance(exc, NotFoundError) and getattr(exc, "code", None):
-                    code = exc.code  # type: ignore[attr-defined]
-                return error_response(status, code, str(exc))
+                status = getattr(exc, "status", status)
+                return error_response(status, exc.code or code, str(exc))
         return error_response(500, "ServerError", str(exc))
     except json.JSONDecodeError as exc:
         return error_response(400, "ArgumentInvalid", f"malformed JSON body: {exc}")

@@ -31,6 +31,7 @@ from gateway.api.errors import error_middleware
 from gateway.api.events import entry_json
 from gateway.errors import AuthError, InvalidRequestError, NotFoundError
 from gateway.hub.auth import Authenticator, ServicePrincipal
+from gateway.hub.hub import Hub
 from gateway.hub.registry import Registry
 from gateway.store.log import MessageLog
 
@@ -70,8 +71,10 @@ class ServiceApi:
         registry: Registry,
         authenticator: Authenticator,
         log: MessageLog,
+        hub: Hub,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self.hub = hub
         self.host_name = host_name
         self.registry = registry
         self.authenticator = authenticator
@@ -92,6 +95,11 @@ class ServiceApi:
         r("GET", "/messages/events", SERVICE, self.read_events)
         r("POST", "/messages/events/checkpoint", SERVICE, self.checkpoint)
         r("GET", "/statistics/devices", READ, self.device_statistics)
+        for base in ("/twins/{device_id}", "/twins/{device_id}/modules/{module_id}"):
+            r("GET", base, READ, self.get_twin)
+            r("PATCH", base, SERVICE, self.patch_twin)
+            r("PUT", base, SERVICE, self.replace_twin)
+            r("POST", base + "/methods", SERVICE, self.invoke_method)
         self._runner: web.AppRunner | None = None
         self.port = 0
         self._streams: set[asyncio.Task[Any]] = set()
@@ -195,6 +203,66 @@ class ServiceApi:
             "enabledDeviceCount": sum(d.status == "enabled" for d in devices),
             "disabledDeviceCount": sum(d.status != "enabled" for d in devices),
         })
+
+    # -- twins and methods (ref §4.2, §5.2, §9.2) ----------------------------------------------
+
+    def _twin_identity(self, device_id: str, module_id: str | None) -> dict[str, Any]:
+        if module_id is None:
+            device = self.registry.get_device(device_id)
+            if device is None:
+                raise NotFoundError(f"device {device_id!r} not found")
+            d = device.to_json()
+            return {
+                "deviceEtag": d["etag"], "status": d["status"], "statusReason": d["statusReason"],
+                "statusUpdateTime": d["statusUpdatedTime"], "connectionState": d["connectionState"],
+                "lastActivityTime": d["lastActivityTime"],
+                "cloudToDeviceMessageCount": d["cloudToDeviceMessageCount"],
+                "authenticationType": d["authentication"]["type"],
+                "x509Thumbprint": d["authentication"]["x509Thumbprint"],
+                "capabilities": d["capabilities"], "deviceScope": d["deviceScope"],
+                "parentScopes": d["parentScopes"],
+            }
+        module = self.registry.get_module(device_id, module_id)
+        if module is None:
+            raise NotFoundError(f"module {device_id}/{module_id} not found")
+        m = module.to_json()
+        return {
+            "deviceEtag": m["etag"], "connectionState": m["connectionState"],
+            "lastActivityTime": m["lastActivityTime"],
+            "cloudToDeviceMessageCount": m["cloudToDeviceMessageCount"],
+            "authenticationType": m["authentication"]["type"],
+            "x509Thumbprint": m["authentication"]["x509Thumbprint"],
+        }
+
+    @staticmethod
+    def _ids(request: web.Request) -> tuple[str, str | None]:
+        return request.match_info["device_id"], request.match_info.get("module_id")
+
+    async def get_twin(self, request: web.Request) -> web.Response:
+        device_id, module_id = self._ids(request)
+        identity = self._twin_identity(device_id, module_id)
+        twin = await self.hub.twins.twin(device_id, module_id)
+        return _json(twin.service_view(identity))
+
+    async def _write_twin(self, request: web.Request, *, replace: bool) -> web.Response:
+        device_id, module_id = self._ids(request)
+        identity = self._twin_identity(device_id, module_id)
+        twin = await self.hub.twins.service_update(
+            device_id, module_id, await _body(request), if_match=_if_match(request),
+            replace=replace)
+        return _json(twin.service_view(identity))
+
+    async def patch_twin(self, request: web.Request) -> web.Response:
+        return await self._write_twin(request, replace=False)
+
+    async def replace_twin(self, request: web.Request) -> web.Response:
+        return await self._write_twin(request, replace=True)
+
+    async def invoke_method(self, request: web.Request) -> web.Response:
+        device_id, module_id = self._ids(request)
+        self._twin_identity(device_id, module_id)  # 404 for an unknown identity
+        status, payload = await self.hub.methods.invoke(device_id, module_id, await _body(request))
+        return _json({"status": status, "payload": payload})
 
     # -- built-in endpoint -------------------------------------------------------------------
 

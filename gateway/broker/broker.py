@@ -40,6 +40,11 @@ class Broker:
         self.live: dict[str, MqttConnection] = {}
         self.open_connections: set[MqttConnection] = set()
         self.ports: dict[str, int | str] = {}
+        # client id -> kinds of IoT Hub subscriptions it holds (C2DFilter, MethodRequestsFilter..)
+        self._features: dict[str, set[type]] = {}
+        self._waiters: dict[str, list[tuple[type, asyncio.Future[MqttConnection]]]] = {}
+        self.ready_hooks: list[Callable[[MqttConnection, set[type]], None]] = []
+        self.puback_hooks: list[Callable[[MqttConnection, int], None]] = []
         self._servers: list[asyncio.base_events.Server] = []
 
     # -- listeners ---------------------------------------------------------------------------
@@ -119,10 +124,68 @@ class Broker:
         self.live[client_id] = conn
         present = self.sessions.start(client_id, clean=clean_session)
         assert conn.principal is not None
+        self._features[client_id] = {
+            type(self._address(conn.principal, f)) for f in self.sessions.subscriptions(client_id)
+        }
+        assert conn.principal is not None
         self.hub.connection_event(conn.principal, connected=True)
         log.info("connected client_id=%r peer=%s listener=%s auth=%s session_present=%s",
                  client_id, conn.peer, conn.listener, conn.principal.auth_type, present)
         return present
+
+    def connection_ready(self, conn: MqttConnection) -> None:
+        """Called once the CONNACK is out: restored subscriptions may now receive (queued C2D,
+        module inputs), and callers waiting for this identity to come online are woken."""
+        self._announce(conn, set(self._features.get(conn.client_id, ())))
+
+    def _announce(self, conn: MqttConnection, kinds: set[type]) -> None:
+        if not kinds:
+            return
+        waiters = self._waiters.get(conn.client_id)
+        if waiters:
+            keep = []
+            for kind, fut in waiters:
+                if kind in kinds and not fut.done():
+                    fut.set_result(conn)
+                elif not fut.done():
+                    keep.append((kind, fut))
+            self._waiters[conn.client_id] = keep
+        for hook in self.ready_hooks:
+            try:
+                hook(conn, kinds)
+            except Exception:  # a failing feature must not break the connection
+                log.exception("delivery hook failed client_id=%r", conn.client_id)
+
+    def target(self, client_id: str, kind: type) -> MqttConnection | None:
+        """The live connection of ``client_id`` if it holds a subscription of ``kind``."""
+        conn = self.live.get(client_id)
+        if conn is not None and not conn.closed and kind in self._features.get(client_id, ()):
+            return conn
+        return None
+
+    async def wait_target(self, client_id: str, kind: type, timeout: float) -> MqttConnection | None:
+        """Wait up to ``timeout`` seconds for ``client_id`` to be connected with a subscription
+        of ``kind`` (direct methods' connectTimeoutInSeconds, IoT Hub ref §5.2)."""
+        conn = self.target(client_id, kind)
+        if conn is not None or timeout <= 0:
+            return conn
+        fut: asyncio.Future[MqttConnection] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(client_id, []).append((kind, fut))
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            return None
+        finally:
+            waiters = self._waiters.get(client_id)
+            if waiters is not None:
+                waiters[:] = [(k, f) for k, f in waiters if f is not fut]
+                if not waiters:
+                    del self._waiters[client_id]
+
+    @staticmethod
+    def _address(principal: Principal, topic_filter: str) -> object:
+        return addresses.parse_subscribe_filter(
+            topic_filter, device_id=principal.device_id, module_id=principal.module_id)
 
     def connection_closed(self, conn: MqttConnection, reason: str) -> None:
         self.open_connections.discard(conn)
@@ -149,13 +212,13 @@ class Broker:
         assert conn.principal is not None
         granted: dict[str, int] = {}
         codes: list[int] = []
+        kinds: set[type] = set()
         for topic_filter, qos in packet.topics:
-            addresses.parse_subscribe_filter(
-                topic_filter, device_id=conn.principal.device_id, module_id=conn.principal.module_id
-            )
+            kinds.add(type(self._address(conn.principal, topic_filter)))
             q = min(qos, 1)  # QoS 2 is granted as 1 (ref §1.5)
             granted[topic_filter] = q
             codes.append(q)
+        self._features.setdefault(conn.client_id, set()).update(kinds)
 
         written = self.sessions.subscribe(conn.client_id, granted)
         result: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
@@ -165,11 +228,16 @@ class Broker:
                 result.set_exception(fut.exception())  # type: ignore[arg-type]
             else:
                 result.set_result(codes)
+                if not conn.closed:
+                    conn.after_flush(lambda: self._announce(conn, kinds))
 
         written.add_done_callback(done)
         return result
 
     def unsubscribe(self, conn: MqttConnection, packet: Unsubscribe) -> asyncio.Future[None]:
+        assert conn.principal is not None
+        remaining = set(self.sessions.subscriptions(conn.client_id)) - set(packet.topics)
+        self._features[conn.client_id] = {type(self._address(conn.principal, f)) for f in remaining}
         return self.sessions.unsubscribe(conn.client_id, list(packet.topics))
 
     def identity_changed(self, event: str, identity: Device | Module) -> None:
@@ -185,7 +253,10 @@ class Broker:
             conn.fail(f"identity {event}" + ("" if event == "deleted" else f", status {identity.status}"))
 
     def puback_received(self, conn: MqttConnection, packet_id: int) -> None:
-        """A client acknowledged one of our QoS 1 publishes (C2D completion comes later)."""
+        """A client acknowledged one of our QoS 1 publishes (a C2D completion, a module input
+        delivered)."""
+        for hook in self.puback_hooks:
+            hook(conn, packet_id)
 
 
 def _log_failure(fut: asyncio.Future[object]) -> None:

@@ -17,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway.hub.auth import SKEW_SECONDS
 from gateway.errors import AuthError, ForbiddenError, GatewayError, RemoteProtocolError
+from gateway.store.log import Record
 from gateway.mqtt.packets import ConnackCode, Connect, Publish, Subscribe, Unsubscribe
 from gateway.mqtt.session import (
     ConnectReceived,
@@ -33,6 +35,8 @@ from gateway.mqtt.session import (
     SubscribeReceived,
     UnsubscribeReceived,
 )
+
+from gateway.hub.hub import PreparedTelemetry
 
 if TYPE_CHECKING:
     from gateway.broker.broker import Broker
@@ -62,6 +66,7 @@ class MqttConnection(asyncio.Protocol):
         self.clean_disconnect = False
         self.transport: asyncio.Transport | None = None
         self._pending_acks = 0
+        self._acks: deque[tuple[list[int], asyncio.Future[Any] | None]] = deque()
         self._paused = False
         self._timer: asyncio.TimerHandle | None = None
         self._expiry: asyncio.TimerHandle | None = None
@@ -90,7 +95,7 @@ class MqttConnection(asyncio.Protocol):
         if not events:
             self.flush()
             return
-        rows: list[tuple[Any, ...]] = []
+        rows: list[Any] = []
         ack_ids: list[int] = []
         try:
             for event in events:
@@ -159,27 +164,37 @@ class MqttConnection(asyncio.Protocol):
             self.will = self.broker.hub.check_will(principal, packet.will)
         session_present = self.broker.attach(self, packet.clean_session)
         self.session.accept(session_present)
+        self.after_flush(lambda: self.broker.connection_ready(self))
         if principal.expires_at is not None:
             self._arm_expiry(principal.expires_at)
         self._arm_timer()
 
-    def _on_publish(self, packet: Publish, rows: list[tuple[Any, ...]], ack_ids: list[int]) -> None:
+    def _on_publish(self, packet: Publish, rows: list[Any], ack_ids: list[int]) -> None:
+        """Telemetry rows join this read's batch (one commit); any other publish (a twin
+        request, a method response) is handled by the hub, which may return a future: its
+        PUBACK then waits for it, in order with the batch's (MQTT 3.1.1 §4.6)."""
         assert self.principal is not None
         prepared = self._topic_cache.get(packet.topic)
         if prepared is None:
             prepared = self.broker.hub.prepare_publish(self.principal, packet.topic)
-            if len(self._topic_cache) < 64:
-                self._topic_cache[packet.topic] = prepared
-        row = self.broker.hub.handle_publish(self, prepared, packet)
-        if row is None:
+            if type(prepared) is PreparedTelemetry and len(self._topic_cache) < 64:
+                self._topic_cache[packet.topic] = prepared  # twin topics carry a fresh $rid
+        result = self.broker.hub.handle_publish(self, prepared, packet)
+        if isinstance(result, Record):
+            rows.append(result)
             if packet.qos == 1:
                 assert packet.packet_id is not None
-                self.session.ack(packet.packet_id)
+                ack_ids.append(packet.packet_id)
             return
-        rows.append(row)
+        if rows:  # keep PUBACK order: the batch so far is acknowledged before this one
+            self._commit(list(rows), list(ack_ids))
+            rows.clear()
+            ack_ids.clear()
         if packet.qos == 1:
             assert packet.packet_id is not None
-            ack_ids.append(packet.packet_id)
+            self._queue_ack([packet.packet_id], result)
+        elif result is not None:
+            result.add_done_callback(_log_failure)
 
     def _on_subscribe(self, packet: Subscribe) -> None:
         assert self.principal is not None
@@ -211,39 +226,62 @@ class MqttConnection(asyncio.Protocol):
 
     # -- commits and acknowledgements ------------------------------------------------------
 
-    def _commit(self, rows: list[tuple[Any, ...]], ack_ids: list[int]) -> None:
+    def _commit(self, rows: list[Any], ack_ids: list[int]) -> None:
         future = self.broker.hub.append(rows)
-        if not ack_ids:
-            future.add_done_callback(self._log_commit_failure)
-            return
-        self._pending_acks += len(ack_ids)
+        if ack_ids:
+            self._queue_ack(ack_ids, future)
+        else:
+            future.add_done_callback(_log_failure)
+
+    def _queue_ack(self, packet_ids: list[int], future: asyncio.Future[Any] | None) -> None:
+        """PUBACK ``packet_ids`` once ``future`` is done (None: at once), never before the
+        acknowledgements queued earlier. A failed future means "not durable": no PUBACK, the
+        connection closes and the client resends (at-least-once)."""
+        self._acks.append((packet_ids, future))
+        self._pending_acks += len(packet_ids)
         if self._pending_acks >= self.broker.config.max_pending_acks and not self._paused:
             self._paused = True
             assert self.transport is not None
             self.transport.pause_reading()
+        if future is None:
+            self._drain_acks()
+        else:
+            future.add_done_callback(self._drain_acks)
 
-        def done(fut: asyncio.Future[int]) -> None:
-            self._pending_acks -= len(ack_ids)
-            if self.closed:
-                return
-            if fut.cancelled() or fut.exception() is not None:
-                # Not durable: no PUBACK. Closing makes the client resend (at-least-once).
-                self.fail(f"store refused the message: {fut.exception()}")
-                return
-            self.session.ack_many(ack_ids)
+    def _drain_acks(self, _: object = None) -> None:
+        acks = self._acks
+        ready: list[int] = []
+        while acks:
+            packet_ids, future = acks[0]
+            if future is not None:
+                if not future.done():
+                    break
+                if future.cancelled() or future.exception() is not None:
+                    acks.clear()
+                    self.fail(f"not acknowledged: {future.exception() or 'cancelled'}")
+                    return
+            acks.popleft()
+            self._pending_acks -= len(packet_ids)
+            ready += packet_ids
+        if ready and not self.closed:
+            self.session.ack_many(ready)
             self.flush()
             if self._paused and self._pending_acks < self.broker.config.max_pending_acks // 2:
                 self._paused = False
                 assert self.transport is not None
                 self.transport.resume_reading()
 
-        future.add_done_callback(done)
-
-    def _log_commit_failure(self, fut: asyncio.Future[int]) -> None:
-        if not fut.cancelled() and fut.exception() is not None:
-            log.error("store refused QoS 0 messages client_id=%r: %s", self.client_id, fut.exception())
-
     # -- output ------------------------------------------------------------------------------
+
+    def after_flush(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once the packets queued now (a CONNACK, a SUBACK) have been written, so
+        deliveries it starts follow them on the wire."""
+        asyncio.get_running_loop().call_soon(self._run_if_open, fn)
+
+    def _run_if_open(self, fn: Callable[[], None]) -> None:
+        if not self.closed:
+            self.flush()
+            fn()
 
     def flush(self) -> None:
         data = self.session.data_to_send()
@@ -313,3 +351,8 @@ class MqttConnection(asyncio.Protocol):
         delay = (stated if stated > now else expires_at) - now
         self._expiry = loop.call_later(max(delay, 1.0), self.fail, "SAS token expired")
 
+
+
+def _log_failure(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("background step failed: %s", fut.exception())

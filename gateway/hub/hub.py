@@ -24,17 +24,21 @@ from gateway.hub.auth import Authenticator, Principal
 from gateway.hub.messages import message_size, props_json, split_properties
 from gateway.hub.propbag import decode_bag
 from gateway.hub.registry import Device, Module, Registry
+from gateway.hub.twins import new_twin
 from gateway.mqtt.packets import Publish, Will
 from gateway.store.log import MessageLog, Record
 
 if TYPE_CHECKING:
     from gateway.broker.connection import MqttConnection
+    from gateway.hub.methods import MethodService
+    from gateway.hub.twinsvc import TwinService
 
 log = logging.getLogger(__name__)
 
 TELEMETRY = "telemetry"
 CONNECTION_STATE = "connectionState"
 LIFECYCLE = "deviceLifecycle"
+TWIN_CHANGE = "twinChange"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +77,8 @@ class Hub:
         self.max_message_bytes = max_message_bytes
         self.clock = clock
         self._state_seq = 0
+        self.methods: MethodService
+        self.twins: TwinService
         registry.add_listener(self._on_registry_change)
 
     # -- connect -----------------------------------------------------------------------------
@@ -102,7 +108,7 @@ class Hub:
         )
         if isinstance(address, addresses.Telemetry):
             return self._prepare_telemetry(principal, address)
-        raise ForbiddenError(f"topic not supported by this hub yet: {topic!r}")
+        return address  # a twin request or a method response: dispatched per packet
 
     def _prepare_telemetry(self, principal: Principal, address: addresses.Telemetry) -> PreparedTelemetry:
         system, application = split_properties(decode_bag(address.bag))
@@ -126,8 +132,10 @@ class Hub:
             retained_props=props_json(system, retained),
         )
 
-    def handle_publish(self, conn: MqttConnection, prepared: Any, packet: Publish) -> Record | None:
-        """Return the row to store for this PUBLISH (the caller batches and commits)."""
+    def handle_publish(self, conn: MqttConnection, prepared: Any,
+                       packet: Publish) -> Record | asyncio.Future[Any] | None:
+        """Telemetry: the row to store (the caller batches and commits). A twin request: the
+        future of its handling (its PUBACK waits for it). A method response: None."""
         if type(prepared) is PreparedTelemetry:
             if len(packet.payload) + prepared.props_size > self.max_message_bytes:
                 raise MessageTooLargeError(
@@ -142,7 +150,14 @@ class Hub:
                 prepared.retained_props if packet.retain else prepared.props,
                 packet.payload,
             )
-        raise ForbiddenError("unsupported publish")  # pragma: no cover
+        if isinstance(prepared, addresses.MethodResponse):
+            self.methods.handle_response(conn.client_id, prepared, packet.payload)
+            return None
+        if isinstance(prepared, addresses.TwinGet):
+            return self.twins.handle_get(conn, prepared)
+        if isinstance(prepared, addresses.TwinReportedPatch):
+            return self.twins.handle_reported(conn, prepared, packet.payload)
+        raise ForbiddenError(f"unsupported publish on {packet.topic!r}")  # pragma: no cover
 
     def append(self, rows: Sequence[Record]) -> asyncio.Future[int]:
         return self.log.append(rows)
@@ -216,17 +231,8 @@ class Hub:
 
     def _on_registry_change(self, change: str, identity: Device | Module) -> None:
         module_id = identity.module_id if isinstance(identity, Module) else None
-        twin: dict[str, Any] = {
-            "deviceId": identity.device_id,
-            "etag": identity.etag,
-            "version": 1,
-            "properties": {
-                "desired": {"$metadata": {"$lastUpdated": _iso(self.clock())}, "$version": 1},
-                "reported": {"$metadata": {"$lastUpdated": _iso(self.clock())}, "$version": 1},
-            },
-        }
-        if module_id is not None:
-            twin["moduleId"] = module_id
+        existing = self.twins.store.get(identity.device_id, module_id) if hasattr(self, "twins") else None
+        twin = (existing or new_twin(identity.device_id, module_id, now=self.clock())).document()
         op = "createDeviceIdentity" if change == "created" else "deleteDeviceIdentity"
         if module_id is not None:
             op = op.replace("Device", "Module")
@@ -235,6 +241,13 @@ class Hub:
             identity.device_id, module_id, twin,
         )
         self._append_event(record)
+
+    def twin_change_event(self, device_id: str, module_id: str | None, op: str,
+                          body: dict[str, Any]) -> None:
+        """Record a twin change (ref §10.5 twinChangeEvents) for routing and readers."""
+        self._append_event(self._event(
+            TWIN_CHANGE, "twinChangeEvents", "twinChangeNotification", op, device_id,
+            module_id, body))
 
     def _append_event(self, record: Record) -> None:
         try:

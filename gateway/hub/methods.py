@@ -1,0 +1,109 @@
+"""Direct methods: the service invokes a method on a device or module (IoT Hub ref §5).
+
+The hub publishes ``$iothub/methods/POST/{name}/?$rid={rid}`` at QoS 0 to the target's live
+connection (it must hold a ``$iothub/methods/POST/#`` subscription), and correlates the
+device's ``$iothub/methods/res/{status}/?$rid={rid}`` by connection and request id. The caller
+gets ``(status, payload)``; an unreachable target is 404 ``DeviceNotOnline`` (after waiting up
+to ``connectTimeoutInSeconds``), a silent one 504 (after ``responseTimeoutInSeconds``).
+Method requests are not queued for offline devices (ref §1.6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from gateway.errors import GatewayTimeoutError, InvalidRequestError, NotFoundError
+from gateway.hub.addresses import MethodRequestsFilter, MethodResponse, method_request_topic
+
+log = logging.getLogger(__name__)
+
+MAX_PAYLOAD = 128 * 1024  # request and response JSON each (ref §5.2)
+FORBIDDEN_NAME_CHARS = set('$()<>@,;:\\"/[]?={} \t')
+
+
+class DeviceNotOnlineError(NotFoundError):
+    code = "DeviceNotOnline"
+
+
+class MethodTimeoutError(GatewayTimeoutError):
+    code = "GatewayTimeout"
+
+
+class _Connection(Protocol):
+    client_id: str
+
+    def publish(self, topic: str, payload: bytes, qos: int) -> int | None: ...
+
+
+class _Targets(Protocol):
+    async def wait_target(self, client_id: str, kind: type, timeout: float) -> Any: ...
+
+
+def _seconds(body: Mapping[str, Any], key: str, default: int, low: int, high: int) -> int:
+    value = body.get(key, default)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidRequestError(f"{key} must be an integer from {low} to {high}, not {value!r}")
+    return value
+
+
+class MethodService:
+    def __init__(self, targets: _Targets) -> None:
+        self._targets = targets
+        self._pending: dict[tuple[str, str], asyncio.Future[tuple[int, Any]]] = {}
+        self._rids = itertools.count(1)
+
+    async def invoke(self, device_id: str, module_id: str | None,
+                     body: Mapping[str, Any]) -> tuple[int, Any]:
+        """Run one invocation; ``body`` is the REST request (ref §5.2)."""
+        name = body.get("methodName")
+        if not isinstance(name, str) or not name or FORBIDDEN_NAME_CHARS & set(name) \
+                or not name.isascii() or not name.isprintable():
+            raise InvalidRequestError(f"methodName is missing or not allowed: {name!r}")
+        response_timeout = _seconds(body, "responseTimeoutInSeconds", 30, 5, 300)
+        connect_timeout = _seconds(body, "connectTimeoutInSeconds", 0, 0, 300)
+        payload = json.dumps(body.get("payload"), separators=(",", ":")).encode()
+        if len(payload) > MAX_PAYLOAD:
+            raise InvalidRequestError(f"method payload of {len(payload)} bytes is over 128 KB")
+        client_id = f"{device_id}/{module_id}" if module_id else device_id
+        conn = await self._targets.wait_target(client_id, MethodRequestsFilter, connect_timeout)
+        if conn is None:
+            raise DeviceNotOnlineError(
+                f"{client_id} is not connected with a method subscription "
+                f"(waited {connect_timeout} s)")
+        rid = format(next(self._rids), "x")
+        future: asyncio.Future[tuple[int, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[(client_id, rid)] = future
+        try:
+            conn.publish(method_request_topic(name, rid), payload, 0)
+            log.debug("method invoked client_id=%r method=%s rid=%s", client_id, name, rid)
+            return await asyncio.wait_for(future, response_timeout)
+        except TimeoutError:
+            raise MethodTimeoutError(
+                f"timed out waiting {response_timeout} s for the response from {client_id}"
+            ) from None
+        finally:
+            self._pending.pop((client_id, rid), None)
+
+    def handle_response(self, client_id: str, address: MethodResponse, body: bytes) -> None:
+        """A device answered; late or unknown answers are dropped (logged at debug)."""
+        future = self._pending.pop((client_id, address.rid), None)
+        if future is None or future.done():
+            log.debug("method response for no pending request client_id=%r rid=%s",
+                      client_id, address.rid)
+            return
+        if len(body) > MAX_PAYLOAD:
+            future.set_exception(InvalidRequestError("method response over 128 KB"))
+            return
+        text = body.decode("utf-8", errors="replace").strip()
+        try:
+            payload = json.loads(text) if text else None
+        except ValueError:
+            payload = text  # a device answering plain text still gets its answer through
+        future.set_result((address.status, payload))

@@ -1,0 +1,360 @@
+"""The durable twin store: every twin in memory, written through to SQLite (IoT Hub ref §4).
+
+Reads (:meth:`TwinStore.get`) are dictionary look-ups. Writes compute the new twin with the
+pure :mod:`gateway.hub.twins`, commit it through the shared :class:`~gateway.store.db.Database`
+(one writer thread, group commit: concurrent writes to different twins share one fsync) and
+only then replace the twin in memory, so a twin that was read has been durable.
+
+Writes to one twin are serialized by a per-twin lock that is held until the write's
+transaction is over, even if the awaiting caller is cancelled meanwhile: the next write
+always starts from the committed version. The memory copy is replaced by a callback on the
+commit's future, so it matches the database whether or not the caller is still waiting.
+
+One row per twin; a write updates only the columns of the sections it changed. The JSON
+encoding happens on the event loop before the write is queued, so transaction bodies are
+plain SQL (they may run twice, see :meth:`Database.submit`) and every UPDATE is guarded by
+the version it started from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Mapping
+from functools import partial
+from typing import Any, Final, TypeAlias, TypeVar
+
+from gateway.errors import NotFoundError
+from gateway.hub import twins
+from gateway.hub.twins import Twin
+from gateway.store.db import Database, Migration
+
+__all__ = ["MIGRATION", "TwinStore"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Key: TypeAlias = tuple[str, str | None]  # (device_id, module_id); None for a device twin
+
+MIGRATION: Final[Migration] = (
+    "twins",
+    (
+        # module_id is '' for a device twin (module ids are never empty). A rowid table, not
+        # WITHOUT ROWID: rows may reach a few hundred KB.
+        """
+        CREATE TABLE twins(
+            device_id TEXT NOT NULL,
+            module_id TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            etag TEXT NOT NULL,
+            tags TEXT NOT NULL,
+            desired TEXT NOT NULL,
+            desired_meta TEXT NOT NULL,
+            desired_version INTEGER NOT NULL,
+            reported TEXT NOT NULL,
+            reported_meta TEXT NOT NULL,
+            reported_version INTEGER NOT NULL,
+            PRIMARY KEY (device_id, module_id));
+        """,
+    ),
+)
+
+_COLUMNS: Final = (
+    "device_id", "module_id", "version", "etag", "tags", "desired", "desired_meta",
+    "desired_version", "reported", "reported_meta", "reported_version",
+)
+_INSERT: Final = (
+    f"INSERT INTO twins({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+    " ON CONFLICT(device_id, module_id) DO NOTHING"
+)
+_SECTIONS: Final[Mapping[str, tuple[str, ...]]] = {
+    "tags": ("tags",),
+    "desired": ("desired", "desired_meta", "desired_version"),
+    "reported": ("reported", "reported_meta", "reported_version"),
+}
+_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
+class _KeyLock:
+    """A per-twin lock and the number of writers holding or awaiting it (the entry is dropped
+    when that reaches zero, so idle twins cost no lock)."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
+class TwinStore:
+    """Device and module twins, served from memory and written through to SQLite.
+
+    ``await open()`` first (it migrates the ``twins`` table and loads every twin). All methods
+    must be called on the event loop that opened the database. ``clock`` gives epoch seconds
+    for the ``$metadata`` timestamps."""
+
+    def __init__(self, db: Database, *, clock: Callable[[], float] = time.time) -> None:
+        self._db = db
+        self._clock = clock
+        self._twins: dict[str, dict[str | None, Twin]] = {}  # device_id -> module_id -> twin
+        self._locks: dict[Key, _KeyLock] = {}
+
+    async def open(self) -> None:
+        """Create or migrate the table, then load every twin into memory."""
+        await self._db.migrate(MIGRATION)
+        loaded = await self._db.run(_load_all)
+        self._twins = {}
+        for twin in loaded:
+            self._twins.setdefault(twin.device_id, {})[twin.module_id] = twin
+        log.info("twins loaded count=%d", len(loaded))
+
+    def __len__(self) -> int:
+        return sum(len(by_module) for by_module in self._twins.values())
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def get(self, device_id: str, module_id: str | None = None) -> Twin | None:
+        """The committed twin, or None."""
+        by_module = self._twins.get(device_id)
+        return None if by_module is None else by_module.get(module_id)
+
+    def module_twins(self, device_id: str) -> list[Twin]:
+        """The twins of ``device_id``'s modules."""
+        by_module = self._twins.get(device_id, {})
+        return [twin for module_id, twin in by_module.items() if module_id is not None]
+
+    # -- writes --------------------------------------------------------------------------------
+
+    async def ensure(self, device_id: str, module_id: str | None = None) -> Twin:
+        """The twin of an identity, created (empty, version 1) if it has none yet: call it
+        when an identity is created, and for every identity at start-up."""
+        twin = self.get(device_id, module_id)
+        if twin is not None:
+            return twin
+        key = (device_id, module_id)
+        return await self._write([key], partial(self._create, key))
+
+    async def delete(self, device_id: str, module_id: str | None = None) -> None:
+        """Remove a twin because its identity was deleted; for a device (``module_id`` None)
+        also the twins of its modules. Missing twins are not an error."""
+        keys: list[Key] = [(device_id, module_id)]
+        if module_id is None:
+            keys += [(device_id, m) for m in self._twins.get(device_id, {}) if m is not None]
+        await self._write(keys, partial(self._remove, device_id, module_id))
+
+    async def update_reported(
+        self, device_id: str, module_id: str | None, patch: Mapping[str, Any], *,
+        expected_version: int | None = None,
+    ) -> tuple[Twin, dict[str, Any]]:
+        """Merge a device's reported patch (see :func:`twins.patch_reported`) and commit it.
+        Returns the committed twin (its ``reported_version`` is the ``$version`` of the MQTT
+        204 reply) and the ``updateTwin`` notification body. Raises NotFoundError if the
+        twin does not exist, InvalidRequestError / PreconditionFailedError from the model."""
+        key = (device_id, module_id)
+
+        def compute() -> tuple[Twin, Twin, tuple[Twin, dict[str, Any]]]:
+            twin = self._existing(key)
+            new, change = twins.patch_reported(twin, patch, now=self._clock(),
+                                               expected_version=expected_version)
+            return twin, new, (new, change)
+
+        return await self._write([key], partial(self._update, compute, ("reported",)))
+
+    async def update_desired(
+        self, device_id: str, module_id: str | None, body: Mapping[str, Any], *,
+        if_match: str | None = None, replace: bool = False,
+    ) -> tuple[Twin, dict[str, Any], dict[str, Any] | None]:
+        """Apply a service twin write: PATCH (:func:`twins.patch_desired_and_tags`, an
+        ``updateTwin`` notification) or, with ``replace``, PUT (:func:`twins.replace_twin`,
+        a ``replaceTwin`` notification). Returns the committed twin, the notification body
+        and the desired patch to push to the device (None if desired was not written)."""
+        key = (device_id, module_id)
+        operation = twins.replace_twin if replace else twins.patch_desired_and_tags
+
+        def compute() -> tuple[Twin, Twin, tuple[Twin, dict[str, Any], dict[str, Any] | None]]:
+            twin = self._existing(key)
+            new, change, push = operation(twin, body, now=self._clock(), if_match=if_match)
+            return twin, new, (new, change, push)
+
+        return await self._write([key], partial(self._update, compute, ("tags", "desired")))
+
+    # -- the write protocol ----------------------------------------------------------------------
+
+    async def _write(self, keys: list[Key],
+                     start: Callable[[], tuple[asyncio.Future[Any] | None, Callable[[], T]]]) -> T:
+        """Hold the locks of ``keys`` (sorted: device before its modules), ``start()`` the
+        write (compute the new state and submit its body; returns the commit future, or None
+        if there is nothing to write, and the function that applies the result to memory),
+        and release the locks only once the commit future is done, whatever happens to the
+        caller meanwhile."""
+        entries = [self._locks.setdefault(key, _KeyLock()) for key in sorted(keys, key=_order)]
+        for entry in entries:
+            entry.users += 1
+        acquired: list[_KeyLock] = []
+        try:
+            for entry in entries:
+                await entry.lock.acquire()
+                acquired.append(entry)
+            committed, apply = start()
+        except BaseException:
+            self._release(keys, entries, acquired)
+            raise
+        if committed is None:
+            self._release(keys, entries, acquired)
+            return apply()
+        applied: list[T] = []
+
+        def finish() -> T:  # apply exactly once: from the callback or, if first, the caller
+            if not applied:
+                applied.append(apply())
+            return applied[0]
+
+        def settle(done: asyncio.Future[Any]) -> None:
+            try:
+                if not done.cancelled() and done.exception() is None:
+                    finish()
+            finally:
+                self._release(keys, entries, acquired)
+
+        committed.add_done_callback(settle)
+        await asyncio.shield(committed)
+        return finish()
+
+    def _release(self, keys: Iterable[Key], entries: list[_KeyLock],
+                 acquired: list[_KeyLock]) -> None:
+        for entry in acquired:
+            entry.lock.release()
+        for key, entry in zip(sorted(keys, key=_order), entries):
+            entry.users -= 1
+            if entry.users == 0 and self._locks.get(key) is entry:
+                del self._locks[key]
+
+    def _create(self, key: Key) -> tuple[asyncio.Future[Any] | None, Callable[[], Twin]]:
+        existing = self.get(*key)
+        if existing is not None:  # created while we waited for the lock
+            return None, lambda: existing
+        twin = twins.new_twin(key[0], key[1], now=self._clock())
+        row = _row(twin)
+
+        def apply() -> Twin:
+            self._put(twin)
+            return twin
+
+        return self._db.submit(partial(_insert, row)), apply
+
+    def _remove(self, device_id: str,
+                module_id: str | None) -> tuple[asyncio.Future[Any] | None, Callable[[], None]]:
+        def apply() -> None:
+            if module_id is None:
+                self._twins.pop(device_id, None)
+            else:
+                by_module = self._twins.get(device_id)
+                if by_module is not None:
+                    by_module.pop(module_id, None)
+                    if not by_module:
+                        del self._twins[device_id]
+
+        return self._db.submit(partial(_delete, device_id, module_id)), apply
+
+    def _update(self, compute: Callable[[], tuple[Twin, Twin, T]],
+                sections: tuple[str, ...]) -> tuple[asyncio.Future[Any] | None, Callable[[], T]]:
+        old, new, result = compute()
+        values: dict[str, Any] = {"version": new.version, "etag": new.etag}
+        row = dict(zip(_COLUMNS, _row(new)))
+        for section in sections:
+            if _changed(old, new, section):
+                values.update((column, row[column]) for column in _SECTIONS[section])
+
+        def apply() -> T:
+            self._put(new)
+            return result
+
+        body = partial(_update_row, old.device_id, old.module_id, old.version, values)
+        return self._db.submit(body), apply
+
+    def _existing(self, key: Key) -> Twin:
+        twin = self.get(*key)
+        if twin is None:
+            name = key[0] if key[1] is None else f"{key[0]}/{key[1]}"
+            raise NotFoundError(f"twin {name!r} does not exist")
+        return twin
+
+    def _put(self, twin: Twin) -> None:
+        self._twins.setdefault(twin.device_id, {})[twin.module_id] = twin
+
+
+def _order(key: Key) -> tuple[str, str]:
+    return key[0], key[1] or ""
+
+
+def _changed(old: Twin, new: Twin, section: str) -> bool:
+    if section == "tags":
+        return old.tags is not new.tags
+    if section == "desired":
+        return old.desired_version != new.desired_version
+    return old.reported_version != new.reported_version
+
+
+def _row(twin: Twin) -> tuple[Any, ...]:
+    return (
+        twin.device_id, twin.module_id or "", twin.version, twin.etag, _encode(twin.tags),
+        _encode(twin.desired), _encode(twin.desired_meta), twin.desired_version,
+        _encode(twin.reported), _encode(twin.reported_meta), twin.reported_version,
+    )
+
+
+# --- transaction bodies (run on the db thread; may run twice) ---------------------------------
+
+def _load_all(conn: sqlite3.Connection) -> list[Twin]:
+    """Every twin. Metadata leaves with equal content become one shared mapping (in memory
+    the twins share the stamp of each write; decoding would otherwise give every leaf its own
+    dict and string, several times the memory)."""
+    loads = json.loads
+    stamps: dict[tuple[tuple[str, Any], ...], dict[str, Any]] = {}
+
+    def shared(node: dict[str, Any]) -> dict[str, Any]:
+        for key in node:
+            if key[:1] != "$":
+                return node
+        return stamps.setdefault(tuple(node.items()), node)
+
+    def loads_meta(text: str) -> Any:
+        return json.loads(text, object_hook=shared)
+
+    return [
+        Twin(device_id=device_id, module_id=module_id or None, tags=loads(tags),
+             desired=loads(desired), reported=loads(reported),
+             desired_meta=loads_meta(desired_meta), reported_meta=loads_meta(reported_meta),
+             desired_version=desired_version, reported_version=reported_version,
+             version=version, etag=etag)
+        for (device_id, module_id, version, etag, tags, desired, desired_meta, desired_version,
+             reported, reported_meta, reported_version)
+        in conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM twins")
+    ]
+
+
+def _insert(row: tuple[Any, ...], conn: sqlite3.Connection) -> None:
+    conn.execute(_INSERT, row)
+
+
+def _delete(device_id: str, module_id: str | None, conn: sqlite3.Connection) -> None:
+    if module_id is None:
+        conn.execute("DELETE FROM twins WHERE device_id = ?", (device_id,))
+    else:
+        conn.execute("DELETE FROM twins WHERE device_id = ? AND module_id = ?",
+                     (device_id, module_id))
+
+
+def _update_row(device_id: str, module_id: str | None, from_version: int,
+                values: Mapping[str, Any], conn: sqlite3.Connection) -> None:
+    # Column names come from _COLUMNS, never from callers.
+    assignments = ", ".join(f"{column} = ?" for column in values)
+    cursor = conn.execute(
+        f"UPDATE twins SET {assignments} WHERE device_id = ? AND module_id = ? AND version = ?",
+        (*values.values(), device_id, module_id or "", from_version))
+    if cursor.rowcount != 1:
+        name = device_id if module_id is None else f"{device_id}/{module_id}"
+        raise NotFoundError(f"twin {name!r} is gone or changed underneath (version {from_version})")

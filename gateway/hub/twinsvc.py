@@ -1,0 +1,134 @@
+"""Twins over MQTT and for the service API (IoT Hub ref §4, §9.2, §10.5).
+
+Device side: ``$iothub/twin/GET/?$rid=`` answers 200 with the properties document on
+``$iothub/twin/res/200/?$rid=``; ``$iothub/twin/PATCH/properties/reported/?$rid=`` merges the
+patch and answers 204 with ``&$version=`` (the new reported version), or 400 for malformed JSON
+or a patch over a limit. Answers go only to a connection subscribed to ``$iothub/twin/res/#``.
+Service side: GET/PATCH/PUT of the full twin; a desired change is pushed at once to the
+identity's connection if it holds ``$iothub/twin/PATCH/properties/desired/#`` (patches are not
+queued for offline devices: a reconnecting device catches up with a GET, ref §4.1).
+Every change is recorded in the message log as a ``twinChangeEvents`` message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from gateway.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
+from gateway.hub import addresses
+from gateway.hub.addresses import DesiredPatchesFilter, TwinGet, TwinReportedPatch, TwinResponsesFilter
+from gateway.hub.twins import Twin
+from gateway.hub.twinstore import TwinStore
+from gateway.tasks import TaskSet
+
+if TYPE_CHECKING:
+    from gateway.broker.broker import Broker
+    from gateway.broker.connection import MqttConnection
+    from gateway.hub.hub import Hub
+
+log = logging.getLogger(__name__)
+
+
+def _client_id(device_id: str, module_id: str | None) -> str:
+    return f"{device_id}/{module_id}" if module_id else device_id
+
+
+class TwinService:
+    def __init__(self, store: TwinStore, *, hub: Hub, broker: Broker, tasks: TaskSet) -> None:
+        self.store = store
+        self.hub = hub
+        self.broker = broker
+        self.tasks = tasks
+
+    # -- identities come and go ----------------------------------------------------------------
+
+    def identity_changed(self, event: str, identity: Any) -> None:
+        module_id = getattr(identity, "module_id", None)
+        if event == "created":
+            self.tasks.spawn(self.store.ensure(identity.device_id, module_id), "twin-create")
+        elif event == "deleted":
+            self.tasks.spawn(self.store.delete(identity.device_id, module_id), "twin-delete")
+
+    async def twin(self, device_id: str, module_id: str | None) -> Twin:
+        twin = self.store.get(device_id, module_id)
+        if twin is not None:
+            return twin
+        if not self._identity_exists(device_id, module_id):
+            raise NotFoundError(f"{_client_id(device_id, module_id)} not found")
+        return await self.store.ensure(device_id, module_id)
+
+    def _identity_exists(self, device_id: str, module_id: str | None) -> bool:
+        registry = self.hub.registry
+        if module_id is None:
+            return registry.get_device(device_id) is not None
+        return registry.get_module(device_id, module_id) is not None
+
+    # -- MQTT ------------------------------------------------------------------------------------
+
+    def _respond(self, conn: MqttConnection, status: int, rid: str, body: Any = None,
+                 version: int | None = None) -> None:
+        if self.broker.target(conn.client_id, TwinResponsesFilter) is not conn:
+            log.info("twin response dropped: no $iothub/twin/res/# subscription client_id=%r",
+                     conn.client_id)
+            return
+        payload = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
+        conn.publish(addresses.twin_response_topic(status, rid, version), payload, 0)
+
+    def handle_get(self, conn: MqttConnection, address: TwinGet) -> asyncio.Future[None]:
+        assert conn.principal is not None
+        p = conn.principal
+
+        async def run() -> None:
+            twin = await self.twin(p.device_id, p.module_id)
+            self._respond(conn, 200, address.rid, twin.device_view())
+
+        return self.tasks.spawn(run(), f"twin-get {conn.client_id}")
+
+    def handle_reported(self, conn: MqttConnection, address: TwinReportedPatch,
+                        body: bytes) -> asyncio.Future[None]:
+        assert conn.principal is not None
+        p = conn.principal
+
+        async def run() -> None:
+            try:
+                patch = json.loads(body)
+                if not isinstance(patch, dict):
+                    raise InvalidRequestError("a reported patch must be a JSON object")
+                await self.twin(p.device_id, p.module_id)
+                twin, change = await self.store.update_reported(
+                    p.device_id, p.module_id, patch, expected_version=address.version)
+            except (ValueError, InvalidRequestError) as exc:  # json errors are ValueErrors
+                log.warning("reported patch refused client_id=%r reason=%s", conn.client_id, exc)
+                self._respond(conn, 400, address.rid, {"message": str(exc)})
+                return
+            except PreconditionFailedError as exc:
+                self._respond(conn, 412, address.rid, {"message": str(exc)})
+                return
+            self._respond(conn, 204, address.rid, version=twin.reported_version)
+            self.hub.twin_change_event(p.device_id, p.module_id, "updateTwin", change)
+
+        return self.tasks.spawn(run(), f"twin-patch {conn.client_id}")
+
+    # -- service ---------------------------------------------------------------------------------
+
+    async def service_update(self, device_id: str, module_id: str | None,
+                             body: Mapping[str, Any], *, if_match: str | None,
+                             replace: bool) -> Twin:
+        await self.twin(device_id, module_id)
+        twin, change, push = await self.store.update_desired(
+            device_id, module_id, body, if_match=if_match, replace=replace)
+        self.hub.twin_change_event(device_id, module_id,
+                                   "replaceTwin" if replace else "updateTwin", change)
+        if push is not None:
+            conn = self.broker.target(_client_id(device_id, module_id), DesiredPatchesFilter)
+            if conn is not None:
+                conn.publish(addresses.desired_patch_topic(twin.desired_version),
+                             json.dumps(push, separators=(",", ":")).encode(), 0)
+        return twin
+
+
+__all__ = ["TwinService", "Callable"]
