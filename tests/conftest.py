@@ -14,7 +14,8 @@ import pytest
 from tests.hubproc import REPO, HubProcess
 
 AZURE_VENV = Path(os.environ.get("AZURE_VENV", REPO / ".venv-azure"))
-AZURE_PACKAGES = ["azure-iot-device==2.14.0", "azure-iot-hub==2.7.0"]
+# azure-iot-hub 2.7.0 imports six without declaring it.
+AZURE_PACKAGES = ["azure-iot-device==2.14.0", "azure-iot-hub==2.7.0", "six"]
 
 
 @pytest.fixture

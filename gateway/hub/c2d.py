@@ -62,6 +62,7 @@ from functools import partial
 from typing import Any, Final, TypeAlias
 
 from gateway.errors import InvalidRequestError, MessageTooLargeError, NotFoundError
+from gateway.hub.addresses import c2d_topic
 from gateway.hub.messages import SYSTEM_TO_WIRE, format_time, message_size
 from gateway.hub.propbag import encode_bag
 from gateway.store.db import Database, Migration
@@ -195,7 +196,7 @@ class C2DMessage:
 
     def topic(self) -> str:
         """``devices/{id}/messages/devicebound/{bag}`` (ref §3.1)."""
-        return f"devices/{self.device_id}/messages/devicebound/{self.topic_bag()}"
+        return c2d_topic(self.device_id, self.topic_bag())
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,7 @@ def test_sas_device_sends_1000_messages_in_order_with_properties(
 ) -> None:
     device_id = new_device(iot_hub)
     cs = iot_hub.connection_string(device_id, gateway_host="localhost")
-    assert cs.startswith("HostName=interop-hub.example;DeviceId=")
+    assert cs.startswith("HostName=localhost;DeviceId=")
     assert cs.endswith(";GatewayHostName=localhost")
     result = run_sdk(azure_python, "send_telemetry.py",
                      {"connection_string": cs, "ca_file": iot_hub.ca_file, "count": 1000})
@@ -85,7 +85,7 @@ def test_x509_ca_signed_device(iot_hub: HubProcess, azure_python: Path, tmp_path
                             server_cert=d / "server.pem", server_key=d / "server.key")
     cert, key = issue_client_certificate(certs, device_id, tmp_path)
     run_sdk(azure_python, "send_telemetry.py",
-            {"x509_cert": str(cert), "x509_key": str(key), "hostname": "interop-hub.example",
+            {"x509_cert": str(cert), "x509_key": str(key), "hostname": "localhost",
              "device_id": device_id, "gateway_hostname": "localhost",
              "ca_file": iot_hub.ca_file, "count": 3})
     events = monitor(iot_hub, device_id)
@@ -102,7 +102,7 @@ def test_x509_self_signed_device_by_certificate(iot_hub: HubProcess, azure_pytho
     cert, key = make_self_signed_certificate(device_id, tmp_path)
     iot_hub.cli("device", "create", device_id, "--x509-cert", str(cert))
     run_sdk(azure_python, "send_telemetry.py",
-            {"x509_cert": str(cert), "x509_key": str(key), "hostname": "interop-hub.example",
+            {"x509_cert": str(cert), "x509_key": str(key), "hostname": "localhost",
              "device_id": device_id, "gateway_hostname": "localhost",
              "ca_file": iot_hub.ca_file, "count": 2})
     assert len(monitor(iot_hub, device_id)) == 2
