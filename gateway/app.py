@@ -28,6 +28,8 @@ from gateway.hub.auth import Authenticator
 from gateway.hub.connstr import ConnectionString
 from gateway.hub.hub import Hub
 from gateway.hub.registry import Device, Module, Registry
+from gateway.hub.c2d import C2DQueues
+from gateway.hub.c2dsvc import C2DService
 from gateway.hub.methods import MethodService
 from gateway.hub.twinstore import TwinStore
 from gateway.hub.twinsvc import TwinService
@@ -108,6 +110,13 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         hub.methods = MethodService(broker)
         hub.twins = TwinService(twin_store, hub=hub, broker=broker, tasks=tasks_)
         registry.add_listener(hub.twins.identity_changed)
+        c2d_queues = C2DQueues(db)
+        await c2d_queues.open()
+        hub.c2d = C2DService(c2d_queues, broker=broker, registry=registry, tasks=tasks_)
+        broker.ready_hooks.append(hub.c2d.on_ready)
+        broker.puback_hooks.append(hub.c2d.on_puback)
+        broker.close_hooks.append(hub.c2d.on_closed)
+        registry.add_listener(partial(_drop_c2d_queue, tasks_, c2d_queues))
         mqtt_tls = pki.server_ssl_context(certs, extra_trust_pems=registry.registered_certificates())
         registry.add_listener(broker.identity_changed, updates=True)
         registry.add_listener(partial(_trust_certificate, mqtt_tls), updates=True)
@@ -138,6 +147,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         stop_event = stop or _signal_stop()
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(message_log.run_retention(), name="retention")
+            tasks.create_task(hub.c2d.run(), name="c2d-timers")
             if notifier.watchdog_interval:
                 tasks.create_task(_watchdog(notifier), name="watchdog")
             notifier.ready(f"serving: mqtt {broker.ports}, https {api.port}")
@@ -169,6 +179,13 @@ def _trust_certificate(context: ssl.SSLContext, event: str, identity: Device | M
     identity check in auth.py refuses it.)"""
     if event != "deleted" and identity.certificate_pem:
         context.load_verify_locations(cadata=identity.certificate_pem)
+
+
+def _drop_c2d_queue(tasks: TaskSet, queues: C2DQueues, event: str,
+                    identity: Device | Module) -> None:
+    """A deleted device's C2D queue goes with it, without feedback (ref §3.3)."""
+    if event == "deleted" and isinstance(identity, Device):
+        tasks.spawn(queues.drop_device(identity.device_id), "c2d-drop")
 
 
 class _Stop(Exception):

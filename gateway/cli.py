@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,84 @@ def cmd_policy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _twin_path(args: argparse.Namespace) -> str:
+    base = f"/twins/{args.device_id}"
+    return f"{base}/modules/{args.module}" if args.module else base
+
+
+def _json_arg(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise GatewayError(f"{what} is not valid JSON: {exc}") from None
+
+
+def cmd_twin(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.action == "show":
+        _print_json(client.request("GET", _twin_path(args)))
+        return 0
+    body: dict[str, Any] = {}
+    if args.desired:
+        body.setdefault("properties", {})["desired"] = _json_arg(args.desired, "--desired")
+    if args.tags:
+        body["tags"] = _json_arg(args.tags, "--tags")
+    if not body:
+        raise GatewayError("nothing to update: give --desired JSON and/or --tags JSON")
+    _print_json(client.request("PATCH", _twin_path(args), body,
+                               headers={"If-Match": args.etag or "*"}))
+    return 0
+
+
+def cmd_method(args: argparse.Namespace) -> int:
+    client = _client(args)
+    body = {"methodName": args.name, "payload": _json_arg(args.payload, "--payload"),
+            "responseTimeoutInSeconds": args.timeout,
+            "connectTimeoutInSeconds": args.connect_timeout}
+    result = client.request("POST", _twin_path(args) + "/methods", body,
+                            timeout=args.timeout + args.connect_timeout + 10)
+    _print_json(result)
+    return 0 if 200 <= int(result.get("status", 500)) < 300 else 3
+
+
+def cmd_c2d(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.action == "send":
+        props: dict[str, str] = {}
+        for item in args.prop:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise GatewayError(f"--prop takes KEY=VALUE, not {item!r}")
+            props[key] = value
+        for flag, key in (("message_id", "messageId"), ("correlation_id", "correlationId"),
+                          ("content_type", "contentType"), ("content_encoding", "contentEncoding"),
+                          ("ack", "ack")):
+            if getattr(args, flag):
+                props[key] = getattr(args, flag)
+        if args.ttl:
+            props["expiryTimeUtc"] = time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + args.ttl))
+        _print_json(client.request("POST", f"/devices/{args.device_id}/messages/deviceBound",
+                                   {"body": args.body, "properties": props}))
+    elif args.action == "purge":
+        _print_json(client.request("DELETE", f"/devices/{args.device_id}/commands"))
+    elif args.action == "feedback":
+        deadline = time.monotonic() + args.wait
+        while True:
+            wait = max(0.0, min(30.0, deadline - time.monotonic()))
+            response = client.raw("GET", "/messages/serviceBound/feedback",
+                                  query={"waitSeconds": f"{wait:g}"})
+            if response is None:
+                if time.monotonic() >= deadline:
+                    break
+                continue
+            records, lock = response
+            for record in records:
+                print(json.dumps(record), flush=True)
+            client.request("DELETE", f"/messages/serviceBound/feedback/{lock}")
+    return 0
+
+
 def cmd_monitor_events(args: argparse.Namespace) -> int:
     client = _client(args)
     query = {"consumerGroup": args.consumer_group,
@@ -299,6 +378,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="iothubowner, service, device, registryRead or registryReadWrite")
     p.add_argument("--secondary", action="store_true")
     p.set_defaults(fn=cmd_policy)
+
+    twin = sub.add_parser("twin", help="device and module twins").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    p = twin.add_parser("show", parents=[common], help="print a twin")
+    p.add_argument("device_id")
+    p.add_argument("--module")
+    p = twin.add_parser("update", parents=[common], help="patch desired properties and tags")
+    p.add_argument("device_id")
+    p.add_argument("--module")
+    p.add_argument("--desired", metavar="JSON", help='e.g. \'{"interval": 30}\' (null deletes)')
+    p.add_argument("--tags", metavar="JSON")
+    p.add_argument("--etag", help="only if the twin still has this etag")
+    for p in twin.choices.values():
+        p.set_defaults(fn=cmd_twin)
+
+    method = sub.add_parser("method", help="direct methods").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    p = method.add_parser("invoke", parents=[common], help="invoke a method, print its answer")
+    p.add_argument("device_id")
+    p.add_argument("name")
+    p.add_argument("--payload", default="null", help="JSON (default null)")
+    p.add_argument("--module")
+    p.add_argument("--timeout", type=int, default=30, help="response timeout, 5-300 s")
+    p.add_argument("--connect-timeout", type=int, default=0,
+                   help="wait this long for the device to come online, 0-300 s")
+    p.set_defaults(fn=cmd_method)
+
+    c2d = sub.add_parser("c2d", help="cloud-to-device messages").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    p = c2d.add_parser("send", parents=[common], help="queue a message for a device")
+    p.add_argument("device_id")
+    p.add_argument("--body", default="", help="the message body (text)")
+    p.add_argument("--prop", action="append", default=[], metavar="KEY=VALUE",
+                   help="an application property (repeatable)")
+    p.add_argument("--ack", choices=["none", "positive", "negative", "full"],
+                   help="ask for delivery feedback")
+    p.add_argument("--ttl", type=int, help="seconds until it expires (default 1 h, max 48 h)")
+    p.add_argument("--message-id")
+    p.add_argument("--correlation-id")
+    p.add_argument("--content-type")
+    p.add_argument("--content-encoding")
+    p = c2d.add_parser("purge", parents=[common], help="drop a device's queued messages")
+    p.add_argument("device_id")
+    p = c2d.add_parser("feedback", parents=[common],
+                       help="print delivery feedback records (and consume them)")
+    p.add_argument("--wait", type=float, default=0, help="wait this long for records")
+    for p in c2d.choices.values():
+        p.set_defaults(fn=cmd_c2d)
 
     p = sub.add_parser("monitor-events", parents=[common], help="print messages reaching the built-in endpoint")
     p.add_argument("--device", help="only this device's messages")

@@ -81,6 +81,14 @@ class HubClient:
         except urllib.error.URLError as exc:
             raise HubNotRunning(f"cannot reach the hub at {self.base}: {exc.reason}") from None
 
+    def raw(self, method: str, path: str, body: Any = None,
+            **kw: Any) -> tuple[Any, str] | None:
+        """Like :meth:`request`, also giving the ETag header (a lock token); None on 204."""
+        with self._open(method, path, body, **kw) as response:
+            if response.status == 204:
+                return None
+            return json.loads(response.read()), response.headers.get("ETag", "").strip('"')
+
     def request(self, method: str, path: str, body: Any = None, **kw: Any) -> Any:
         with self._open(method, path, body, **kw) as response:
             raw = response.read()

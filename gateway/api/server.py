@@ -18,6 +18,7 @@ Built-in endpoint (our own routes; IoT Hub exposes it over AMQP as an Event Hub)
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import ssl
@@ -29,6 +30,7 @@ from aiohttp import web
 
 from gateway.api.errors import error_middleware
 from gateway.api.events import entry_json
+from gateway.hub.messages import format_time as iso_time
 from gateway.errors import AuthError, InvalidRequestError, NotFoundError
 from gateway.hub.auth import Authenticator, ServicePrincipal
 from gateway.hub.hub import Hub
@@ -95,6 +97,11 @@ class ServiceApi:
         r("GET", "/messages/events", SERVICE, self.read_events)
         r("POST", "/messages/events/checkpoint", SERVICE, self.checkpoint)
         r("GET", "/statistics/devices", READ, self.device_statistics)
+        r("POST", "/devices/{device_id}/messages/deviceBound", SERVICE, self.send_c2d)
+        r("DELETE", "/devices/{device_id}/commands", SERVICE, self.purge_c2d)
+        r("GET", "/messages/serviceBound/feedback", SERVICE, self.receive_feedback)
+        r("DELETE", "/messages/serviceBound/feedback/{lock}", SERVICE, self.complete_feedback)
+        r("POST", "/messages/serviceBound/feedback/{lock}/abandon", SERVICE, self.abandon_feedback)
         for base in ("/twins/{device_id}", "/twins/{device_id}/modules/{module_id}"):
             r("GET", base, READ, self.get_twin)
             r("PATCH", base, SERVICE, self.patch_twin)
@@ -132,9 +139,13 @@ class ServiceApi:
 
     # -- identities (ref §9.1) ---------------------------------------------------------------
 
+    def _device_json(self, device: Any) -> dict[str, Any]:
+        return device.to_json(  # type: ignore[no-any-return]
+            cloud_to_device_message_count=self.hub.c2d.queues.pending(device.device_id))
+
     async def list_devices(self, request: web.Request) -> web.Response:
         top = request.query.get("top")
-        devices = [d.to_json() for d in self.registry.devices()]
+        devices = [self._device_json(d) for d in self.registry.devices()]
         if top:
             devices = devices[: max(int(top), 0)]
         return _json(devices)
@@ -144,14 +155,14 @@ class ServiceApi:
         device = self.registry.get_device(device_id)
         if device is None:
             raise NotFoundError(f"device {device_id!r} not found")
-        return _json(device.to_json())
+        return _json(self._device_json(device))
 
     async def put_device(self, request: web.Request) -> web.Response:
         device, _ = await self.registry.put_device(
             await _body(request), device_id=request.match_info["device_id"],
             if_match=_if_match(request),
         )
-        return _json(device.to_json())
+        return _json(self._device_json(device))
 
     async def delete_device(self, request: web.Request) -> web.Response:
         await self.registry.delete_device(request.match_info["device_id"], if_match=_if_match(request))
@@ -211,7 +222,7 @@ class ServiceApi:
             device = self.registry.get_device(device_id)
             if device is None:
                 raise NotFoundError(f"device {device_id!r} not found")
-            d = device.to_json()
+            d = self._device_json(device)
             return {
                 "deviceEtag": d["etag"], "status": d["status"], "statusReason": d["statusReason"],
                 "statusUpdateTime": d["statusUpdatedTime"], "connectionState": d["connectionState"],
@@ -263,6 +274,57 @@ class ServiceApi:
         self._twin_identity(device_id, module_id)  # 404 for an unknown identity
         status, payload = await self.hub.methods.invoke(device_id, module_id, await _body(request))
         return _json({"status": status, "payload": payload})
+
+    # -- cloud-to-device (our routes; IoT Hub's service SDK sends C2D over AMQP, ref §9.4) --
+
+    async def send_c2d(self, request: web.Request) -> web.Response:
+        """``{"body": text | "bodyBase64": b64, "properties": {messageId, correlationId, userId,
+        contentType, contentEncoding, expiryTimeUtc, ack, <application property>: str}}``."""
+        data = await _body(request)
+        if "bodyBase64" in data:
+            try:
+                body = base64.b64decode(data["bodyBase64"], validate=True)
+            except (ValueError, TypeError):
+                raise InvalidRequestError("bodyBase64 is not base64") from None
+        elif isinstance(data.get("body", ""), str):
+            body = data.get("body", "").encode()
+        else:
+            raise InvalidRequestError("body must be a string (or use bodyBase64)")
+        properties = data.get("properties") or {}
+        if not isinstance(properties, dict):
+            raise InvalidRequestError("properties must be an object")
+        message = await self.hub.c2d.send(request.match_info["device_id"], body, properties)
+        return _json({"messageId": message.message_id, "deviceId": message.device_id,
+                      "expiryTimeUtc": iso_time(message.expiry),
+                      "pending": self.hub.c2d.queues.pending(message.device_id)}, status=201)
+
+    async def purge_c2d(self, request: web.Request) -> web.Response:
+        device_id = request.match_info["device_id"]
+        if self.registry.get_device(device_id) is None:
+            raise NotFoundError(f"device {device_id!r} not found")
+        purged = await self.hub.c2d.queues.purge(device_id)
+        return _json({"deviceId": device_id, "totalMessagesPurged": purged})
+
+    async def receive_feedback(self, request: web.Request) -> web.Response:
+        wait = min(float(request.query.get("waitSeconds", "0")), 60.0)
+        deadline = time.monotonic() + wait
+        while True:
+            batch = await self.hub.c2d.queues.feedback_batch()
+            if batch is not None or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(min(0.5, max(deadline - time.monotonic(), 0)))
+        if batch is None:
+            return web.Response(status=204)
+        lock, records = batch
+        return _json([r.to_json() for r in records], headers={"ETag": f'"{lock}"'})
+
+    async def complete_feedback(self, request: web.Request) -> web.Response:
+        await self.hub.c2d.queues.complete_feedback(request.match_info["lock"].strip('"'))
+        return web.Response(status=204)
+
+    async def abandon_feedback(self, request: web.Request) -> web.Response:
+        await self.hub.c2d.queues.abandon_feedback(request.match_info["lock"].strip('"'))
+        return web.Response(status=204)
 
     # -- built-in endpoint -------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ class Broker:
         self._waiters: dict[str, list[tuple[type, asyncio.Future[MqttConnection]]]] = {}
         self.ready_hooks: list[Callable[[MqttConnection, set[type]], None]] = []
         self.puback_hooks: list[Callable[[MqttConnection, int], None]] = []
+        self.close_hooks: list[Callable[[MqttConnection], None]] = []
         self._servers: list[asyncio.base_events.Server] = []
 
     # -- listeners ---------------------------------------------------------------------------
@@ -193,6 +194,11 @@ class Broker:
             del self.live[conn.client_id]
             if not conn.clean_disconnect:
                 self._publish_will(conn)
+            for hook in self.close_hooks:
+                try:
+                    hook(conn)
+                except Exception:
+                    log.exception("close hook failed client_id=%r", conn.client_id)
             assert conn.principal is not None
             self.hub.connection_event(conn.principal, connected=False)
             log.info("disconnected client_id=%r peer=%s reason=%s", conn.client_id, conn.peer, reason)

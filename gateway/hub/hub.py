@@ -30,6 +30,7 @@ from gateway.store.log import MessageLog, Record
 
 if TYPE_CHECKING:
     from gateway.broker.connection import MqttConnection
+    from gateway.hub.c2dsvc import C2DService
     from gateway.hub.methods import MethodService
     from gateway.hub.twinsvc import TwinService
 
@@ -79,6 +80,7 @@ class Hub:
         self._state_seq = 0
         self.methods: MethodService
         self.twins: TwinService
+        self.c2d: C2DService
         registry.add_listener(self._on_registry_change)
 
     # -- connect -----------------------------------------------------------------------------

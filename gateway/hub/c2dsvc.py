@@ -1,0 +1,131 @@
+"""Cloud-to-device delivery over MQTT (IoT Hub ref §3): the durable queues of
+:mod:`gateway.hub.c2d` meet live connections here.
+
+A device holding ``devices/{id}/messages/devicebound/#`` gets its queue delivered at QoS 1 when
+it subscribes, when it reconnects (the subscription survives in its session), and whenever a
+message is sent to it; at most ``window`` messages are in flight per device. The device's
+PUBACK completes a message (and writes its feedback); a connection that ends with messages
+unacknowledged releases their locks, so they are delivered again on the next connection
+without counting as an abandon. Locks that lapse while a device is connected but silent, and
+messages that expire, are handled by one timer loop woken at the queues' ``next_wakeup``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from gateway.hub.addresses import C2DFilter
+from gateway.hub.c2d import C2DMessage, C2DQueues
+from gateway.tasks import TaskSet
+
+if TYPE_CHECKING:
+    from gateway.broker.broker import Broker
+    from gateway.broker.connection import MqttConnection
+    from gateway.hub.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+class C2DService:
+    def __init__(self, queues: C2DQueues, *, broker: Broker, registry: Registry,
+                 tasks: TaskSet, window: int = 10) -> None:
+        self.queues = queues
+        self.broker = broker
+        self.registry = registry
+        self.tasks = tasks
+        self.window = window
+        self._inflight: dict[str, dict[int, str]] = {}  # device id -> packet id -> lock token
+        self._pumping: dict[str, bool] = {}  # device id -> "pump again when done"
+        self._wake = asyncio.Event()
+
+    # -- broker hooks ------------------------------------------------------------------------
+
+    def on_ready(self, conn: MqttConnection, kinds: set[type]) -> None:
+        if C2DFilter in kinds:
+            self.pump(conn.client_id)
+
+    def on_puback(self, conn: MqttConnection, packet_id: int) -> None:
+        inflight = self._inflight.get(conn.client_id)
+        token = inflight.pop(packet_id, None) if inflight else None
+        if token is None:
+            return
+        device_id = conn.client_id
+
+        async def complete() -> None:
+            await self.queues.complete(device_id, token)
+            self.pump(device_id)
+
+        self.tasks.spawn(complete(), f"c2d-complete {device_id}")
+
+    def on_closed(self, conn: MqttConnection) -> None:
+        if self._inflight.pop(conn.client_id, None):
+            self.tasks.spawn(self.queues.release(conn.client_id), f"c2d-release {conn.client_id}")
+
+    # -- sending and delivering ---------------------------------------------------------------
+
+    async def send(self, device_id: str, body: bytes, properties: Mapping[str, Any]) -> C2DMessage:
+        device = self.registry.get_device(device_id)
+        if device is None:
+            from gateway.errors import NotFoundError
+
+            raise NotFoundError(f"device {device_id!r} not found")
+        message = await self.queues.send(device_id, body, properties=properties,
+                                         generation_id=device.generation_id)
+        self.pump(device_id)
+        self._wake.set()
+        return message
+
+    def pump(self, device_id: str) -> None:
+        """Deliver what is deliverable to ``device_id`` now, if it is connected and
+        subscribed; coalesces concurrent requests into one running pump."""
+        if device_id in self._pumping:
+            self._pumping[device_id] = True
+            return
+        if self.broker.target(device_id, C2DFilter) is None:
+            return
+        self._pumping[device_id] = False
+        self.tasks.spawn(self._pump(device_id), f"c2d-pump {device_id}")
+
+    async def _pump(self, device_id: str) -> None:
+        try:
+            while True:
+                conn = self.broker.target(device_id, C2DFilter)
+                inflight = self._inflight.setdefault(device_id, {})
+                room = self.window - len(inflight)
+                if conn is not None and room > 0:
+                    for message in await self.queues.deliverable(device_id, limit=room):
+                        conn = self.broker.target(device_id, C2DFilter)
+                        if conn is None or not conn.can_publish:
+                            break  # its lock lapses or is released with the connection
+                        pid = conn.publish(message.topic(), message.body, 1)
+                        assert pid is not None and message.lock_token is not None
+                        inflight[pid] = message.lock_token
+                if not self._pumping.get(device_id):
+                    return
+                self._pumping[device_id] = False
+        finally:
+            self._pumping.pop(device_id, None)
+
+    # -- timers --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Sweep expiries and lapsed locks when due; redeliver lapsed locks to connected
+        devices. Runs in the app's TaskGroup until cancelled."""
+        while True:
+            due = self.queues.next_wakeup()
+            delay = 3600.0 if due is None else max(due - time.time(), 0.0)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+                continue  # something new was queued: recompute the next wake-up
+            except TimeoutError:
+                pass
+            changed = await self.queues.expire()
+            if changed:
+                log.debug("c2d sweep changed=%s", changed)
+            for device_id in list(self._inflight):
+                self.pump(device_id)
