@@ -31,6 +31,8 @@ from gateway.hub.registry import Device, Module, Registry
 from gateway.hub.c2d import C2DQueues
 from gateway.hub.c2dsvc import C2DService
 from gateway.hub.methods import MethodService
+from gateway.hub.modinputs import ModuleInputService
+from gateway.routing.routes import RouteTable
 from gateway.hub.twinstore import TwinStore
 from gateway.hub.twinsvc import TwinService
 from gateway.notify import Notifier
@@ -117,6 +119,13 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         broker.puback_hooks.append(hub.c2d.on_puback)
         broker.close_hooks.append(hub.c2d.on_closed)
         registry.add_listener(partial(_drop_c2d_queue, tasks_, c2d_queues))
+        inputs = ModuleInputService(message_log, RouteTable.parse(dict(config.routes)),
+                                    broker=broker, registry=registry, tasks=tasks_)
+        await inputs.open()
+        broker.ready_hooks.append(inputs.on_ready)
+        broker.puback_hooks.append(inputs.on_puback)
+        broker.close_hooks.append(inputs.on_closed)
+        registry.add_listener(inputs.identity_changed)
         mqtt_tls = pki.server_ssl_context(certs, extra_trust_pems=registry.registered_certificates())
         registry.add_listener(broker.identity_changed, updates=True)
         registry.add_listener(partial(_trust_certificate, mqtt_tls), updates=True)

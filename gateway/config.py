@@ -19,6 +19,9 @@ falls back to a default. Example::
     retention_days = 7
     max_bytes = 1073741824
     overflow = "drop-oldest"
+
+    [routes]
+    sensorToFilter = 'FROM /messages/modules/sensor/outputs/raw INTO BrokeredEndpoint("/modules/filter/inputs/in1")'
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ class Config:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    routes: tuple[tuple[str, str], ...] = ()  # (name, route) in file order, checked on load
 
 
 _SECTIONS = {"hub": HubConfig, "mqtt": MqttConfig, "api": ApiConfig, "store": StoreConfig}
@@ -165,6 +169,21 @@ def _section(cls: type, raw: Any, name: str) -> Any:
     return cls(**kwargs)
 
 
+def _routes(raw: Any) -> tuple[tuple[str, str], ...]:
+    """``[routes]`` maps route names to routes in edgeHub's syntax (IoT Hub ref §6.2)."""
+    from gateway.routing.routes import parse_route
+
+    if not isinstance(raw, dict):
+        raise ConfigError("must be a table of name = \"FROM ... INTO ...\"", path="routes")
+    out = []
+    for name, text in raw.items():
+        if not isinstance(text, str):
+            raise ConfigError("must be a string", path=f"routes.{name}")
+        parse_route(name, text)  # raises RouteError (a ConfigError) with the position
+        out.append((name, text))
+    return tuple(out)
+
+
 def load_config(data_dir: Path, file: Path | None = None, **overrides: Any) -> Config:
     """Build the config from ``file`` (or ``data_dir/gateway.toml`` if it exists).
     ``overrides`` maps section names to ready objects (used by tests and ``gateway demo``)."""
@@ -179,8 +198,11 @@ def load_config(data_dir: Path, file: Path | None = None, **overrides: Any) -> C
             raise ConfigError(f"{path}: {exc}") from None
     sections: dict[str, Any] = {}
     for name, value in raw.items():
+        if name == "routes":
+            sections["routes"] = _routes(value)
+            continue
         if name not in _SECTIONS:
-            raise ConfigError(f"unknown section (known: {', '.join(_SECTIONS)})", path=name)
+            raise ConfigError(f"unknown section (known: {', '.join(_SECTIONS)}, routes)", path=name)
         sections[name] = _section(_SECTIONS[name], value, name)
     sections.update(overrides)
     return Config(data_dir=data_dir, **sections)

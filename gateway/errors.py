@@ -79,6 +79,16 @@ class GatewayTimeoutError(GatewayError):
     """A device did not answer in time (HTTP 504)."""
 
 
+class RouteError(ConfigError):
+    """A route does not parse. ``position`` is the 0-based offset of the problem."""
+
+    def __init__(self, message: str, *, route: str, position: int, path: str = "") -> None:
+        pointer = f"{route}\n{' ' * position}^"
+        super().__init__(f"{message} at column {position + 1}\n{pointer}", path=path)
+        self.route = route
+        self.position = position
+
+
 class StoreError(GatewayError):
     """The durable store failed (disk full, I/O error, corrupt file)."""
 

@@ -2,8 +2,8 @@
 
 Pure: no I/O and no clock. Every operation takes ``now`` (epoch seconds, from the caller's
 clock) and returns a new :class:`Twin`; twins and their trees are never mutated, so unchanged
-subtrees are shared between successive versions of a twin (a patch costs the size of the patch
-plus one walk of the section it lands in, for the size limit).
+subtrees are shared between successive versions of a twin, and section sizes are kept up to
+date incrementally: a patch costs about the size of the patch, not of the twin.
 
 Decisions where the reference leaves room (each one documented where it is implemented):
 
@@ -21,7 +21,12 @@ Decisions where the reference leaves room (each one documented where it is imple
 * **The MQTT GET body carries no ``$metadata``** (ref §4.1: the documented example omits it and
   the SDK does not read it); :meth:`Twin.device_view` adds it on request.
 * **The etag is the twin version as 8 big-endian bytes in base64** (``"AAAAAAAAAAc="`` is
-  version 7), the shape IoT Hub's twin etags have; it changes exactly when the version does.
+  version 7), the shape IoT Hub's twin etags have; it changes exactly when the version does
+  (so a twin deleted and created again reuses the etags of its first life).
+* **Limits where ref §4.4 is silent**: arrays count as a nesting level and their size is the
+  sum of their elements; null is refused inside arrays (as edgeHub does) and anywhere in a
+  replacement (PUT); keys must not be empty; the 1 KB key and 4 KB string limits count UTF-8
+  bytes, control characters included.
 """
 
 from __future__ import annotations

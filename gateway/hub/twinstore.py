@@ -190,7 +190,7 @@ class TwinStore:
         if there is nothing to write, and the function that applies the result to memory),
         and release the locks only once the commit future is done, whatever happens to the
         caller meanwhile."""
-        entries = [_KeyLock() for key in sorted(keys, key=_order)]
+        entries = [self._locks.setdefault(key, _KeyLock()) for key in sorted(keys, key=_order)]
         for entry in entries:
             entry.users += 1
         acquired: list[_KeyLock] = []

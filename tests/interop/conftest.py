@@ -26,8 +26,10 @@ SDK_DIR = Path(__file__).parent / "sdk"
 
 @pytest.fixture(scope="session")
 def iot_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
+    routes = ("[routes]\nsenderToReceiver = 'FROM /messages/modules/sender/outputs/out1 "
+              "INTO BrokeredEndpoint(\"/modules/receiver/inputs/in1\")'\n")
     proc = HubProcess(tmp_path_factory.mktemp("interop") / "data", host_name="localhost",
-                      tls_port=8883, api_port=443).start()
+                      tls_port=8883, api_port=443, extra_config=routes).start()
     yield proc
     proc.stop()
 

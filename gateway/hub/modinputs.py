@@ -1,0 +1,189 @@
+"""Module inputs: routed messages delivered to modules (IoT Hub ref §6.1, §6.3).
+
+Each target module input reads the durable message log from its own pinned cursor
+(``inputs/{device}/{module}``), so a routed message is stored once, survives restarts and
+waits for a module that is offline; retention keeps it until the cursor has passed. A module
+connected with a ``devices/{d}/modules/{m}/inputs/#`` (or ``.../modules/{m}/#``) subscription
+gets its messages at QoS 1 on ``devices/{d}/modules/{m}/inputs/{input}/{bag}`` with the origin in
+``$.cdid``/``$.cmid``, in log order, at most ``window`` in flight; the cursor advances only over
+acknowledged messages (at-least-once, like edgeHub's checkpointer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from gateway.hub.addresses import ModuleInputsFilter, module_input_topic
+from gateway.hub.messages import message_from_stored, wire_pairs
+from gateway.hub.propbag import encode_bag
+from gateway.routing.routes import RouteTable, message_source
+from gateway.store.log import Entry, MessageLog
+from gateway.tasks import TaskSet
+
+if TYPE_CHECKING:
+    from gateway.broker.broker import Broker
+    from gateway.broker.connection import MqttConnection
+    from gateway.hub.registry import Module, Registry
+
+log = logging.getLogger(__name__)
+
+
+def cursor_name(device_id: str, module_id: str) -> str:
+    return f"inputs/{device_id}/{module_id}"
+
+
+class ModuleInputService:
+    def __init__(self, message_log: MessageLog, table: RouteTable, *, broker: Broker,
+                 registry: Registry, tasks: TaskSet, window: int = 50) -> None:
+        self.log = message_log
+        self.table = table
+        self.broker = broker
+        self.registry = registry
+        self.tasks = tasks
+        self.window = window
+        self._pumps: dict[str, _Pump] = {}
+
+    async def open(self) -> None:
+        """Give every existing target module a cursor, so messages routed to it while it is
+        offline (even before its first connection) wait for it."""
+        for device in self.registry.devices():
+            for module in self.registry.modules(device.device_id):
+                await self._ensure_cursor(module.device_id, module.module_id)
+
+    async def _ensure_cursor(self, device_id: str, module_id: str) -> None:
+        if not self.table.targets_module(module_id):
+            return
+        name = cursor_name(device_id, module_id)
+        if await self.log.get_cursor(name) is None:
+            await self.log.set_cursor(name, self.log.last_seq, pin=True)
+
+    def identity_changed(self, event: str, identity: Any) -> None:
+        module_id = getattr(identity, "module_id", None)
+        if module_id is None:
+            return
+        if event == "created":
+            self.tasks.spawn(self._ensure_cursor(identity.device_id, module_id), "input-cursor")
+        elif event == "deleted":
+            name = cursor_name(identity.device_id, module_id)
+            self.tasks.spawn(self.log.delete_cursor(name), "input-cursor-delete")
+
+    # -- broker hooks ------------------------------------------------------------------------
+
+    def on_ready(self, conn: MqttConnection, kinds: set[type]) -> None:
+        p = conn.principal
+        if ModuleInputsFilter not in kinds or p is None or p.module_id is None:
+            return
+        if not self.table.targets_module(p.module_id) or conn.client_id in self._pumps:
+            return
+        pump = _Pump(self, conn, p.device_id, p.module_id)
+        self._pumps[conn.client_id] = pump
+        task = self.tasks.spawn(pump.run(), f"inputs {conn.client_id}")
+        task.add_done_callback(lambda _: self._pumps.pop(conn.client_id, None)
+                               if self._pumps.get(conn.client_id) is pump else None)
+        pump.task = task
+
+    def on_puback(self, conn: MqttConnection, packet_id: int) -> None:
+        pump = self._pumps.get(conn.client_id)
+        if pump is not None and pump.conn is conn:
+            pump.acked(packet_id)
+
+    def on_closed(self, conn: MqttConnection) -> None:
+        pump = self._pumps.get(conn.client_id)
+        if pump is not None and pump.conn is conn and pump.task is not None:
+            pump.task.cancel()
+
+
+class _Pump:
+    """Delivery to one connected module, from its cursor."""
+
+    def __init__(self, service: ModuleInputService, conn: MqttConnection, device_id: str,
+                 module_id: str) -> None:
+        self.s = service
+        self.conn = conn
+        self.device_id = device_id
+        self.module_id = module_id
+        self.cursor = cursor_name(device_id, module_id)
+        self.inflight: deque[tuple[int, int]] = deque()  # (seq, packet id), in order
+        self.scanned = 0
+        self.committed = 0
+        self.poke = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def acked(self, packet_id: int) -> None:
+        for i, (_, pid) in enumerate(self.inflight):
+            if pid == packet_id:
+                del self.inflight[i]
+                self.poke.set()
+                return
+
+    async def run(self) -> None:
+        log_ = self.s.log
+        start = await log_.get_cursor(self.cursor)
+        if start is None:
+            start = log_.last_seq
+            await log_.set_cursor(self.cursor, start, pin=True)
+        self.scanned = self.committed = start
+        try:
+            while not self.conn.closed:
+                await self._fill()
+                await self._checkpoint()
+                await self._wait()
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._checkpoint())
+
+    async def _fill(self) -> None:
+        log_ = self.s.log
+        while len(self.inflight) < self.s.window and not self.conn.closed:
+            snapshot = log_.last_seq
+            limit = self.s.window - len(self.inflight)
+            entries = await log_.read(self.scanned, limit, kinds={"telemetry"},
+                                      device_id=self.device_id)
+            for entry in entries:
+                self._deliver(entry)
+                self.scanned = entry.seq
+            if len(entries) < limit:
+                self.scanned = max(self.scanned, snapshot)
+                return
+
+    def _deliver(self, entry: Entry) -> None:
+        props = json.loads(entry.props)
+        source = message_source(entry.module_id, props["system"].get("output-name"))
+        inputs = [i for i in self.s.table.module_inputs(source) if i.module_id == self.module_id]
+        if not inputs:
+            return
+        message = message_from_stored(entry.props, entry.body)
+        bag = encode_bag(wire_pairs(message.system, message.application))
+        for target in inputs:
+            topic = module_input_topic(self.device_id, self.module_id, target.input_name, bag)
+            pid = self.conn.publish(topic, entry.body, 1)
+            assert pid is not None
+            self.inflight.append((entry.seq, pid))
+
+    async def _checkpoint(self) -> None:
+        done = self.inflight[0][0] - 1 if self.inflight else self.scanned
+        if done > self.committed:
+            await self.s.log.set_cursor(self.cursor, done, pin=True)
+            self.committed = done
+
+    async def _wait(self) -> None:
+        if len(self.inflight) >= self.s.window:
+            await self.poke.wait()
+            self.poke.clear()
+            return
+        waiter = asyncio.ensure_future(self.s.log.wait_beyond(self.scanned, 30.0))
+        poked = asyncio.ensure_future(self.poke.wait())
+        try:
+            await asyncio.wait({waiter, poked}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            poked.cancel()
+            self.poke.clear()
+
+
+__all__ = ["ModuleInputService", "Module"]
