@@ -24,18 +24,24 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from gateway.api import openapi
+from gateway.api.device_http import add_device_routes
 from gateway.api.errors import error_middleware
 from gateway.api.events import entry_json
+from gateway.api.ws import add_websocket_route
 from gateway.hub.messages import format_time as iso_time
 from gateway.errors import AuthError, InvalidRequestError, NotFoundError
 from gateway.hub.auth import Authenticator, ServicePrincipal
 from gateway.hub.hub import Hub
 from gateway.hub.registry import Registry
 from gateway.store.log import MessageLog
+
+if TYPE_CHECKING:
+    from gateway.broker.broker import Broker
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +80,7 @@ class ServiceApi:
         authenticator: Authenticator,
         log: MessageLog,
         hub: Hub,
+        broker: Broker | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.hub = hub
@@ -97,6 +104,7 @@ class ServiceApi:
         r("GET", "/messages/events", SERVICE, self.read_events)
         r("POST", "/messages/events/checkpoint", SERVICE, self.checkpoint)
         r("GET", "/statistics/devices", READ, self.device_statistics)
+        r("GET", "/openapi.json", READ, self.openapi)
         r("POST", "/devices/{device_id}/messages/deviceBound", SERVICE, self.send_c2d)
         r("DELETE", "/devices/{device_id}/commands", SERVICE, self.purge_c2d)
         r("GET", "/messages/serviceBound/feedback", SERVICE, self.receive_feedback)
@@ -107,6 +115,11 @@ class ServiceApi:
             r("PATCH", base, SERVICE, self.patch_twin)
             r("PUT", base, SERVICE, self.replace_twin)
             r("POST", base + "/methods", SERVICE, self.invoke_method)
+        # Device-facing routes authenticate devices themselves (not _route's policy token):
+        # the device HTTP API, and MQTT over WebSocket (its CONNECT authenticates).
+        add_device_routes(self.app, hub, clock=clock)
+        if broker is not None:
+            add_websocket_route(self.app, broker)
         self._runner: web.AppRunner | None = None
         self.port = 0
         self._streams: set[asyncio.Task[Any]] = set()
@@ -121,6 +134,7 @@ class ServiceApi:
             return await handler(request)
 
         self.app.router.add_route(method, path, guarded)
+        self._routes.append((method, path, right, handler))
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> None:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
@@ -144,6 +158,7 @@ class ServiceApi:
             cloud_to_device_message_count=self.hub.c2d.queues.pending(device.device_id))
 
     async def list_devices(self, request: web.Request) -> web.Response:
+        """List device identities (top=N limits the count)."""
         top = request.query.get("top")
         devices = [self._device_json(d) for d in self.registry.devices()]
         if top:
@@ -151,6 +166,7 @@ class ServiceApi:
         return _json(devices)
 
     async def get_device(self, request: web.Request) -> web.Response:
+        """Get one device identity."""
         device_id = request.match_info["device_id"]
         device = self.registry.get_device(device_id)
         if device is None:
@@ -158,6 +174,7 @@ class ServiceApi:
         return _json(self._device_json(device))
 
     async def put_device(self, request: web.Request) -> web.Response:
+        """Create or update a device identity (If-Match to update)."""
         device, _ = await self.registry.put_device(
             await _body(request), device_id=request.match_info["device_id"],
             if_match=_if_match(request),
@@ -165,16 +182,19 @@ class ServiceApi:
         return _json(self._device_json(device))
 
     async def delete_device(self, request: web.Request) -> web.Response:
+        """Delete a device identity and its modules."""
         await self.registry.delete_device(request.match_info["device_id"], if_match=_if_match(request))
         return web.Response(status=204)
 
     async def list_modules(self, request: web.Request) -> web.Response:
+        """List a device's module identities."""
         device_id = request.match_info["device_id"]
         if self.registry.get_device(device_id) is None:
             raise NotFoundError(f"device {device_id!r} not found")
         return _json([m.to_json() for m in self.registry.modules(device_id)])
 
     async def get_module(self, request: web.Request) -> web.Response:
+        """Get one module identity."""
         device_id, module_id = request.match_info["device_id"], request.match_info["module_id"]
         module = self.registry.get_module(device_id, module_id)
         if module is None:
@@ -182,6 +202,7 @@ class ServiceApi:
         return _json(module.to_json())
 
     async def put_module(self, request: web.Request) -> web.Response:
+        """Create or update a module identity."""
         module, _ = await self.registry.put_module(
             await _body(request), device_id=request.match_info["device_id"],
             module_id=request.match_info["module_id"], if_match=_if_match(request),
@@ -189,6 +210,7 @@ class ServiceApi:
         return _json(module.to_json())
 
     async def delete_module(self, request: web.Request) -> web.Response:
+        """Delete a module identity."""
         await self.registry.delete_module(
             request.match_info["device_id"], request.match_info["module_id"],
             if_match=_if_match(request),
@@ -196,6 +218,7 @@ class ServiceApi:
         return web.Response(status=204)
 
     async def get_policy(self, request: web.Request) -> web.Response:
+        """Get a shared access policy and its keys."""
         name = request.match_info["name"]
         policy = self.registry.get_policy(name)
         if policy is None:
@@ -207,7 +230,12 @@ class ServiceApi:
             "rights": ", ".join(sorted(policy.rights)),
         })
 
+    async def openapi(self, request: web.Request) -> web.Response:
+        """This document: the service API in OpenAPI 3.0."""
+        return _json(openapi.document(self._routes))
+
     async def device_statistics(self, request: web.Request) -> web.Response:
+        """Count devices, enabled and disabled."""
         devices = self.registry.devices()
         return _json({
             "totalDeviceCount": len(devices),
@@ -250,6 +278,7 @@ class ServiceApi:
         return request.match_info["device_id"], request.match_info.get("module_id")
 
     async def get_twin(self, request: web.Request) -> web.Response:
+        """Get a device or module twin."""
         device_id, module_id = self._ids(request)
         identity = self._twin_identity(device_id, module_id)
         twin = await self.hub.twins.twin(device_id, module_id)
@@ -264,12 +293,15 @@ class ServiceApi:
         return _json(twin.service_view(identity))
 
     async def patch_twin(self, request: web.Request) -> web.Response:
+        """Patch tags and desired properties (JSON merge patch, null deletes)."""
         return await self._write_twin(request, replace=False)
 
     async def replace_twin(self, request: web.Request) -> web.Response:
+        """Replace tags and desired properties."""
         return await self._write_twin(request, replace=True)
 
     async def invoke_method(self, request: web.Request) -> web.Response:
+        """Invoke a direct method and wait for the device's answer."""
         device_id, module_id = self._ids(request)
         self._twin_identity(device_id, module_id)  # 404 for an unknown identity
         status, payload = await self.hub.methods.invoke(device_id, module_id, await _body(request))
@@ -278,7 +310,9 @@ class ServiceApi:
     # -- cloud-to-device (our routes; IoT Hub's service SDK sends C2D over AMQP, ref §9.4) --
 
     async def send_c2d(self, request: web.Request) -> web.Response:
-        """``{"body": text | "bodyBase64": b64, "properties": {messageId, correlationId, userId,
+        """Queue a cloud-to-device message for a device.
+
+        ``{"body": text | "bodyBase64": b64, "properties": {messageId, correlationId, userId,
         contentType, contentEncoding, expiryTimeUtc, ack, <application property>: str}}``."""
         data = await _body(request)
         if "bodyBase64" in data:
@@ -299,6 +333,7 @@ class ServiceApi:
                       "pending": self.hub.c2d.queues.pending(message.device_id)}, status=201)
 
     async def purge_c2d(self, request: web.Request) -> web.Response:
+        """Drop every queued cloud-to-device message of a device."""
         device_id = request.match_info["device_id"]
         if self.registry.get_device(device_id) is None:
             raise NotFoundError(f"device {device_id!r} not found")
@@ -306,6 +341,7 @@ class ServiceApi:
         return _json({"deviceId": device_id, "totalMessagesPurged": purged})
 
     async def receive_feedback(self, request: web.Request) -> web.Response:
+        """Take a batch of C2D delivery feedback records (ETag is the lock)."""
         wait = min(float(request.query.get("waitSeconds", "0")), 60.0)
         deadline = time.monotonic() + wait
         while True:
@@ -319,10 +355,12 @@ class ServiceApi:
         return _json([r.to_json() for r in records], headers={"ETag": f'"{lock}"'})
 
     async def complete_feedback(self, request: web.Request) -> web.Response:
+        """Complete (consume) a feedback batch by its lock token."""
         await self.hub.c2d.queues.complete_feedback(request.match_info["lock"].strip('"'))
         return web.Response(status=204)
 
     async def abandon_feedback(self, request: web.Request) -> web.Response:
+        """Give a feedback batch back for a later reader."""
         await self.hub.c2d.queues.abandon_feedback(request.match_info["lock"].strip('"'))
         return web.Response(status=204)
 
@@ -343,6 +381,7 @@ class ServiceApi:
             ) from None
 
     async def read_events(self, request: web.Request) -> web.StreamResponse:
+        """Read the built-in endpoint: a batch, or a newline-delimited JSON stream."""
         q = request.query
         group = q.get("consumerGroup", "$Default")
         after = await self._start_seq(group, q.get("start", "latest"))
@@ -377,6 +416,7 @@ class ServiceApi:
         return response  # pragma: no cover
 
     async def checkpoint(self, request: web.Request) -> web.Response:
+        """Record a consumer group's position in the built-in endpoint."""
         body = await _body(request)
         group, seq = body.get("consumerGroup", "$Default"), body.get("seq")
         if not isinstance(group, str) or not group or not isinstance(seq, int) or seq < 0:

@@ -70,7 +70,7 @@ class WebSocketTransport(asyncio.Transport):
     def __init__(self, ws: web.WebSocketResponse, request: web.BaseRequest) -> None:
         super().__init__()
         self._ws = ws
-        self._raw: asyncio.Transport | None = request.transport  # type: ignore[assignment]
+        self._raw: asyncio.Transport | None = request.transport
         self._chunks: deque[bytes] = deque()
         self._buffered = 0  # queued or being sent
         self._closing = False
