@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from gateway import app
 from gateway.api.events import entry_json
@@ -46,28 +47,68 @@ def reading(kind: str, t: float, rng: random.Random) -> dict[str, float | str]:
 
 
 async def simulated_device(settings: ClientSettings, kind: str, interval: float) -> None:
+    """One simulated device: reports its twin properties, answers direct methods
+    (``getStatus``, ``setInterval``), applies desired ``interval`` and sends telemetry."""
     rng = random.Random(settings.client_id)
+    state: dict[str, Any] = {"interval": interval, "last": {}}
     backoff = 1.0
     while True:
         try:
             async with settings.mqtt_client() as client:
                 backoff = 1.0
-                n = 0
-                while True:
-                    body = reading(kind, time.time(), rng)
-                    alert = "high" if kind == "vibration" and body["rmsVelocity"] > 3 else None
-                    topic = settings.telemetry_topic(
-                        {"sensorType": kind, **({"alert": alert} if alert else {})},
-                        message_id=f"{settings.client_id}-{n}",
-                        content_type="application/json", content_encoding="utf-8",
-                    )
-                    await client.publish(topic, json.dumps(body), qos=1)
-                    n += 1
-                    await asyncio.sleep(interval * rng.uniform(0.8, 1.2))
+                await client.subscribe([("$iothub/methods/POST/#", 1),
+                                        ("$iothub/twin/res/#", 1),
+                                        ("$iothub/twin/PATCH/properties/desired/#", 1)])
+                reported = {"firmware": "3.2.1", "kind": kind, "interval": state["interval"]}
+                await client.publish("$iothub/twin/PATCH/properties/reported/?$rid=1",
+                                     json.dumps(reported), qos=1)
+                async with asyncio.TaskGroup() as tasks:
+                    tasks.create_task(_answer(client, state))
+                    tasks.create_task(_telemetry(client, settings, kind, rng, state))
         except Exception as exc:  # noqa: BLE001 - a demo device reconnects on any failure
             print(f"  {settings.client_id}: {exc}; reconnecting in {backoff:.0f} s", file=sys.stderr)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30)
+
+
+async def _telemetry(client: Any, settings: ClientSettings, kind: str, rng: random.Random,
+                     state: dict[str, Any]) -> None:
+    n = 0
+    while True:
+        body = reading(kind, time.time(), rng)
+        state["last"] = body
+        alert = "high" if kind == "vibration" and body["rmsVelocity"] > 3 else None
+        topic = settings.telemetry_topic(
+            {"sensorType": kind, **({"alert": alert} if alert else {})},
+            message_id=f"{settings.client_id}-{n}",
+            content_type="application/json", content_encoding="utf-8",
+        )
+        await client.publish(topic, json.dumps(body), qos=1)
+        n += 1
+        await asyncio.sleep(state["interval"] * rng.uniform(0.8, 1.2))
+
+
+async def _answer(client: Any, state: dict[str, Any]) -> None:
+    async for message in client.messages:
+        topic = str(message.topic)
+        if topic.startswith("$iothub/methods/POST/"):
+            name = topic.split("/")[3]
+            rid = topic.split("$rid=")[1]
+            payload = json.loads(message.payload or b"null")
+            if name == "getStatus":
+                status, answer = 200, {"interval": state["interval"], "last": state["last"]}
+            elif name == "setInterval" and isinstance(payload, dict) and payload.get("seconds", 0) > 0:
+                state["interval"] = float(payload["seconds"])
+                status, answer = 200, {"interval": state["interval"]}
+            else:
+                status, answer = 404, {"error": f"no method {name!r}"}
+            await client.publish(f"$iothub/methods/res/{status}/?$rid={rid}", json.dumps(answer))
+        elif topic.startswith("$iothub/twin/PATCH/properties/desired/"):
+            patch = json.loads(message.payload)
+            if isinstance(patch.get("interval"), int | float) and patch["interval"] > 0:
+                state["interval"] = float(patch["interval"])
+                await client.publish("$iothub/twin/PATCH/properties/reported/?$rid=2",
+                                     json.dumps({"interval": state["interval"]}), qos=1)
 
 
 def render(event: dict[str, object]) -> str:
@@ -117,6 +158,7 @@ async def run_demo(data_dir: Path | None, *, duration: float | None = None,
                 tasks.create_task(simulated_device(settings, kind, interval))
             print("  messages at the built-in endpoint (Ctrl-C to stop):", flush=True)
             tasks.create_task(_printer(gw, start_seq))
+            tasks.create_task(_show_method(gw))
             if duration is not None:
                 await asyncio.sleep(duration)
                 stop.set()
@@ -126,6 +168,22 @@ async def run_demo(data_dir: Path | None, *, duration: float | None = None,
     finally:
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)
+
+
+async def _show_method(gw: app.Gateway) -> None:
+    """A direct method round trip, as a back end would do it, a few seconds in."""
+    await asyncio.sleep(2.5)
+    device = "pump-3-vibration"
+    try:
+        status, payload = await gw.hub.methods.invoke(
+            device, None, {"methodName": "getStatus", "responseTimeoutInSeconds": 10,
+                           "connectTimeoutInSeconds": 10})
+        print(f"  >> direct method getStatus on {device}: {status} {json.dumps(payload)}",
+              flush=True)
+        twin = await gw.hub.twins.twin(device, None)
+        print(f"  >> twin of {device}: reported {json.dumps(twin.reported)}", flush=True)
+    except Exception as exc:  # noqa: BLE001 - the demo shows the failure and goes on
+        print(f"  >> direct method failed: {exc}", flush=True)
 
 
 class _DemoOver(Exception):

@@ -21,3 +21,5 @@ def test_demo_shows_messages_from_every_simulated_device() -> None:
         assert len(rows) >= 2, f"no live messages from {device}:\n{result.stdout}"
         json.loads(rows[0][rows[0].index("{"): rows[0].rindex("}") + 1])
     assert "hub ready" in result.stdout
+    assert ">> direct method getStatus on pump-3-vibration: 200" in result.stdout
+    assert '"firmware": "3.2.1"' in result.stdout
