@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway import pki
+from gateway.agent import Supervisor
 from gateway.api.server import ServiceApi
 from gateway.broker.broker import Broker
 from gateway.broker.sessions import SessionStore
@@ -152,12 +153,19 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
             "ca_file": str(certs.ca_cert),
         }
         write_private(data_dir / RUNTIME_FILE, json.dumps(runtime, indent=2) + "\n")
+        supervisor = Supervisor(
+            config.modules, registry=registry, host_name=config.hub.host_name,
+            device_id=config.hub.device_id or config.hub.host_name,
+            unix_socket=data_dir / "mqtt.sock" if config.mqtt.unix_socket else None,
+            tls_port=int(broker.ports["tls"]), ca_file=certs.ca_cert)
+        await supervisor.ensure_identities()
         gateway = Gateway(config=config, registry=registry, hub=hub, broker=broker, api=api,
                           log=message_log, certs=certs, runtime=runtime)
         stop_event = stop or _signal_stop()
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(message_log.run_retention(), name="retention")
             tasks.create_task(hub.c2d.run(), name="c2d-timers")
+            tasks.create_task(supervisor.run(), name="modules")
             if notifier.watchdog_interval:
                 tasks.create_task(_watchdog(notifier), name="watchdog")
             notifier.ready(f"serving: mqtt {broker.ports}, https {api.port}")

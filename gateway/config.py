@@ -20,6 +20,9 @@ falls back to a default. Example::
     max_bytes = 1073741824
     overflow = "drop-oldest"
 
+    [modules.modbus]
+    bridge = "modbus"
+
     [routes]
     sensorToFilter = 'FROM /messages/modules/sensor/outputs/raw INTO BrokeredEndpoint("/modules/filter/inputs/in1")'
 """
@@ -65,6 +68,7 @@ class HubConfig:
     gateway setup."""
 
     host_name: str = field(default_factory=_default_host_name)
+    device_id: str = ""  # the gateway's own device identity (its modules hang off it); "" = host_name
     aliases: tuple[str, ...] = ()
     addresses: tuple[str, ...] = ()
 
@@ -110,6 +114,15 @@ class StoreConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ModuleSpec:
+    """A southbound bridge the hub runs as one of its modules (``[modules.NAME]``)."""
+
+    name: str  # the module id
+    bridge: Literal["modbus", "serial", "ble"]
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     data_dir: Path
     hub: HubConfig = field(default_factory=HubConfig)
@@ -117,6 +130,7 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     routes: tuple[tuple[str, str], ...] = ()  # (name, route) in file order, checked on load
+    modules: tuple[ModuleSpec, ...] = ()
 
 
 _SECTIONS = {"hub": HubConfig, "mqtt": MqttConfig, "api": ApiConfig, "store": StoreConfig}
@@ -201,8 +215,20 @@ def load_config(data_dir: Path, file: Path | None = None, **overrides: Any) -> C
         if name == "routes":
             sections["routes"] = _routes(value)
             continue
+        if name == "modules":
+            if not isinstance(value, dict):
+                raise ConfigError("must be a table of [modules.NAME] tables", path="modules")
+            specs = []
+            for module_name, body in value.items():
+                if not isinstance(body, dict):
+                    raise ConfigError("must be a table", path=f"modules.{module_name}")
+                spec = _section(ModuleSpec, {"name": module_name, **body}, f"modules.{module_name}")
+                specs.append(spec)
+            sections["modules"] = tuple(specs)
+            continue
         if name not in _SECTIONS:
-            raise ConfigError(f"unknown section (known: {', '.join(_SECTIONS)}, routes)", path=name)
+            raise ConfigError(f"unknown section (known: {', '.join(_SECTIONS)}, routes, modules)",
+                              path=name)
         sections[name] = _section(_SECTIONS[name], value, name)
     sections.update(overrides)
     return Config(data_dir=data_dir, **sections)
