@@ -41,14 +41,15 @@ setup_python() {
     fi
     if [ ! -f "$VENV/.installed" ] || [ pyproject.toml -nt "$VENV/.installed" ]; then
         "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-        "$VENV/bin/pip" install -q -e ".[test,hw]"
+        "$VENV/bin/pip" install -q -e ".[test]"
         touch "$VENV/.installed"
     fi
 }
 
 setup_test() {
-    # Real peers for the tests: Debian's mosquitto broker and clients, socat for serial pairs.
-    apt_install mosquitto mosquitto-clients socat ca-certificates
+    # Real peers for the tests: Debian's mosquitto broker and clients, socat for serial pairs,
+    # a D-Bus daemon for the fake BlueZ that bleak talks to, umockdev for recorded udev devices.
+    apt_install mosquitto mosquitto-clients socat ca-certificates dbus-daemon umockdev
     setup_python
 }
 
@@ -57,7 +58,11 @@ shift || true
 case "$cmd" in
     demo)  setup_python; exec "$VENV/bin/gateway" demo "$@" ;;
     test)  setup_test; exec "$VENV/bin/python" -m pytest "$@" ;;
-    bench) setup_test; for b in tests/bench/ingest.py; do "$VENV/bin/python" "$b" "$@"; done ;;
+    bench) setup_test
+           for b in tests/bench/ingest.py tests/bench/methods.py tests/bench/modbus_bus.py \
+                    tests/bench/ble_decode.py tests/bench/serial_decode.py; do
+               echo "== $b"; "$VENV/bin/python" "$b" "$@"
+           done ;;
     setup) setup_test ;;
     *) sed -n '2,7p' "$0"; exit 2 ;;
 esac

@@ -273,6 +273,12 @@ def cmd_c2d(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_modbus_probe(args: argparse.Namespace) -> int:
+    from hw.modbus.probe import main as probe_main
+
+    return probe_main(args.probe_args)
+
+
 def cmd_monitor_events(args: argparse.Namespace) -> int:
     client = _client(args)
     query = {"consumerGroup": args.consumer_group,
@@ -427,6 +433,16 @@ def build_parser() -> argparse.ArgumentParser:
     for p in c2d.choices.values():
         p.set_defaults(fn=cmd_c2d)
 
+    modbus = sub.add_parser("modbus", help="Modbus tools for technicians").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    p = modbus.add_parser(
+        "probe", add_help=False,
+        help="read a register block and print every type and byte/word-order reading of it",
+        usage="gateway modbus probe (--tcp HOST:PORT | --serial DEVICE [--baud N]) --unit N "
+              "--address N --count N [--input]")
+    p.add_argument("probe_args", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_modbus_probe)
+
     p = sub.add_parser("monitor-events", parents=[common], help="print messages reaching the built-in endpoint")
     p.add_argument("--device", help="only this device's messages")
     p.add_argument("--consumer-group", default="$Default")
@@ -440,6 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["modbus", "probe"]:  # its own option grammar (argparse REMAINDER can't
+        setup_logging("warning")         # take a leading option like --tcp)
+        from hw.modbus.probe import main as probe_main
+
+        return probe_main(argv[2:])
     parser = build_parser()
     args = parser.parse_args(argv)
     # `run` logs at --log-level (default info); every other command stays quiet unless asked.

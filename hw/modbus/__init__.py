@@ -1,0 +1,1 @@
+"""Modbus RTU/TCP bridge: typed register maps, one scheduler per bus, probe, profiles."""
