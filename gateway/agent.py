@@ -60,7 +60,8 @@ class Supervisor:
         cs = ConnectionString(host_name=self.host_name, device_id=self.device_id,
                               module_id=spec.name, shared_access_key=module.primary_key)
         env = {**os.environ, "GATEWAY_CONNECTION_STRING": str(cs),
-               "GATEWAY_CA_FILE": str(self.ca_file)}
+               "GATEWAY_CA_FILE": str(self.ca_file),
+               "GATEWAY_STATUS_INTERVAL": str(spec.status_interval)}
         if self.unix_socket is not None:
             env["GATEWAY_UNIX_SOCKET"] = str(self.unix_socket)
         elif self.tls_port is not None:

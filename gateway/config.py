@@ -120,6 +120,7 @@ class ModuleSpec:
     name: str  # the module id
     bridge: Literal["modbus", "serial", "ble"]
     enabled: bool = True
+    status_interval: float = 30.0  # seconds between reported-status updates (when changed)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unix-socket", default=env.get("GATEWAY_UNIX_SOCKET"))
     parser.add_argument("--port", type=int, default=int(env.get("GATEWAY_MQTT_PORT", "8883")))
     parser.add_argument("--ca-file", default=env.get("GATEWAY_CA_FILE"))
-    parser.add_argument("--status-interval", type=float, default=30.0)
+    parser.add_argument("--status-interval", type=float,
+                        default=float(env.get("GATEWAY_STATUS_INTERVAL", "30")))
     parser.add_argument("--log-level", default=env.get("GATEWAY_LOG_LEVEL", "info"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),

@@ -73,6 +73,7 @@ class ModuleRuntime:
         self._last_status: Any = None
         self._config_error: str | None = None
         self._unsent: tuple[str, bytes] | None = None  # taken from the queue, not yet acked
+        self._report_now = asyncio.Event()
 
     async def emit(self, sensor: str, readings: Sequence[Reading]) -> None:
         if readings:
@@ -105,13 +106,16 @@ class ModuleRuntime:
 
     async def _session(self, client: aiomqtt.Client) -> None:
         await client.subscribe([(f"{METHODS}#", 1), (f"{RESPONSES}#", 1), (f"{DESIRED}#", 1)])
+        log.debug("subscribed; reading the module twin")
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._incoming(client))
+            tasks.create_task(self._incoming(client, tasks))
             status, body = await self._twin_request(client, "$iothub/twin/GET/?$rid={rid}", b" ")
+            log.debug("module twin read status=%s", status)
             if status != 200:
                 raise aiomqtt.MqttError(f"twin GET answered {status}")
             self._apply(strip_meta(json.loads(body).get("desired", {})), replace=True)
             await self._report(client, force=True)
+            log.debug("configuration applied and status reported")
             self.connected.set()
             tasks.create_task(self._publisher(client))
             tasks.create_task(self._status_loop(client))
@@ -127,7 +131,10 @@ class ModuleRuntime:
         finally:
             self._pending.pop(rid, None)
 
-    async def _incoming(self, client: aiomqtt.Client) -> None:
+    async def _incoming(self, client: aiomqtt.Client, tasks: asyncio.TaskGroup) -> None:
+        """The one reader of the connection. It never awaits a twin request (whose answer
+        only it can deliver): reports are signalled to the status loop, methods run as
+        tasks of the session."""
         async for message in client.messages:
             topic = str(message.topic)
             payload = bytes(message.payload) if isinstance(message.payload, bytes | bytearray) else b""
@@ -140,13 +147,16 @@ class ModuleRuntime:
             elif topic.startswith(DESIRED):
                 patch = json.loads(payload or b"{}")
                 self._apply(strip_meta(patch), replace=False)
-                await self._report(client, force=True)
+                self._report_now.set()
             elif topic.startswith(METHODS):
                 name = topic[len(METHODS):].split("/", 1)[0]
                 rid = topic.split("$rid=", 1)[1]
-                status, answer = await self._method(name, payload)
-                await client.publish(f"$iothub/methods/res/{status}/?$rid={rid}",
-                                     json.dumps(answer), qos=0)
+                tasks.create_task(self._answer(client, name, rid, payload))
+
+    async def _answer(self, client: aiomqtt.Client, name: str, rid: str, payload: bytes) -> None:
+        status, answer = await self._method(name, payload)
+        await client.publish(f"$iothub/methods/res/{status}/?$rid={rid}", json.dumps(answer),
+                             qos=0)
 
     def _apply(self, desired: dict[str, Any], *, replace: bool) -> None:
         candidate = desired if replace else merge(self.desired, desired)
@@ -193,6 +203,13 @@ class ModuleRuntime:
             log.warning("reported properties refused status=%s", code)
 
     async def _status_loop(self, client: aiomqtt.Client) -> None:
+        """Report the status every ``status_interval`` when it changed, and at once after a
+        configuration change."""
         while True:
-            await asyncio.sleep(self.status_interval)
-            await self._report(client)
+            try:
+                await asyncio.wait_for(self._report_now.wait(), self.status_interval)
+                force = True
+            except TimeoutError:
+                force = False
+            self._report_now.clear()
+            await self._report(client, force=force)

@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 class HubProcess:
     def __init__(self, data_dir: Path, *, host_name: str = "testhub.local", tls_port: int = 0,
-                 api_port: int = 0, extra_config: str = "") -> None:
+                 api_port: int = 0, extra_config: str = "", log_level: str = "debug") -> None:
+        self.log_level = log_level
         self.data_dir = data_dir
         self.host_name = host_name
         self.config_file = data_dir.parent / f"{data_dir.name}.toml"
@@ -38,7 +39,7 @@ class HubProcess:
             runtime.unlink()
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--log-level", "debug", "run",
+            [sys.executable, "-m", "gateway", "--log-level", self.log_level, "run",
              "--data-dir", str(self.data_dir), "--config", str(self.config_file)],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},

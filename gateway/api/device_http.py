@@ -60,6 +60,9 @@ APP_PREFIX: Final = "iothub-app-"
 API_VERSION: Final = "2020-09-30"
 """Stands in the username the request is authenticated under (its value is not checked)."""
 
+PREPARED_CACHE: Final = 1024
+"""Prepared property sets kept (identity + headers -> stored properties); cleared when full."""
+
 # Request header (lower case) -> the property-bag key an MQTT device would use (ref §2.3).
 _SYSTEM_HEADERS: Final[Mapping[str, str]] = {
     "iothub-messageid": "$.mid",
@@ -152,6 +155,8 @@ class DeviceApi:
     def __init__(self, hub: Hub, *, clock: Callable[[], float] = time.time) -> None:
         self.hub = hub
         self.clock = clock
+        # As MQTT connections cache per topic: devices repeat the same properties.
+        self._prepared: dict[tuple[str, str, str, str | None, str], PreparedTelemetry] = {}
 
     # -- authentication ------------------------------------------------------------------------
 
@@ -185,16 +190,27 @@ class DeviceApi:
             return _too_large(f"message body of {request.content_length} bytes is over the "
                               f"{limit}-byte limit")
         body = await request.read()
-        bag = encode_bag(telemetry_pairs(request.headers))
-        topic = Telemetry(principal.device_id, principal.module_id, bag).topic
-        prepared = self.hub.prepare_publish(principal, topic)
-        assert isinstance(prepared, PreparedTelemetry)
+        prepared = self._prepare(principal, encode_bag(telemetry_pairs(request.headers)))
         try:
             record = _telemetry_record(self.hub, prepared, body)
         except MessageTooLargeError as exc:
             return _too_large(str(exc))
         await self.hub.append([record])
         return web.Response(status=204)
+
+    def _prepare(self, principal: Principal, bag: str) -> PreparedTelemetry:
+        """The hub's stamping of a message with ``bag`` from ``principal`` (ref §2.5)."""
+        key = (principal.client_id, principal.generation_id, principal.auth_type,
+               principal.policy, bag)
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            topic = Telemetry(principal.device_id, principal.module_id, bag).topic
+            prepared = self.hub.prepare_publish(principal, topic)
+            assert isinstance(prepared, PreparedTelemetry)
+            if len(self._prepared) >= PREPARED_CACHE:
+                self._prepared.clear()
+            self._prepared[key] = prepared
+        return prepared
 
     # -- cloud-to-device (ref §3.2) ------------------------------------------------------------
 

@@ -72,6 +72,7 @@ class WebSocketTransport(asyncio.Transport):
         self._ws = ws
         self._raw: asyncio.Transport | None = request.transport
         self._chunks: deque[bytes] = deque()
+        self._inbox: list[bytes] = []  # frames received, not yet fed to the connection
         self._buffered = 0  # queued or being sent
         self._closing = False
         self._wake_sender = asyncio.Event()
@@ -102,7 +103,8 @@ class WebSocketTransport(asyncio.Transport):
         self._chunks.clear()
         self._buffered = 0
         self.close()
-        self._cut()
+        if self._raw is not None:
+            self._raw.abort()
 
     def is_closing(self) -> bool:
         return self._closing or self._ws.closed
@@ -130,23 +132,43 @@ class WebSocketTransport(asyncio.Transport):
 
     async def receive_loop(self, conn: MqttConnection) -> Exception | None:
         """Feed binary frames to ``conn`` until either side closes; returns the error that
-        ended the WebSocket, if any."""
+        ended the WebSocket, if any.
+
+        Frames already buffered are handed over together, in one ``data_received`` (so in
+        one store commit and one PUBACK write), as a TCP read would: a client sending each
+        packet in its own frame (paho, the Azure SDK) is not charged per frame."""
         ws = self._ws
-        while not self._closing:
-            if not self._readable.is_set():
-                await self._readable.wait()
-                continue
-            msg = await ws.receive()
-            if msg.type is WSMsgType.BINARY:
-                conn.data_received(msg.data)
-            elif msg.type is WSMsgType.TEXT:
-                conn.fail("protocol error: MQTT in a text frame (MQTT 3.1.1 §6.0)")
-            elif msg.type is WSMsgType.ERROR:
-                error = ws.exception()
-                return error if isinstance(error, Exception) else ConnectionError(str(msg.data))
-            else:  # CLOSE, CLOSING, CLOSED
-                return None
-        return None
+        inbox = self._inbox
+        loop = asyncio.get_running_loop()
+        try:
+            while not self._closing:
+                if not self._readable.is_set():
+                    self._deliver(conn)
+                    await self._readable.wait()
+                    continue
+                msg = await ws.receive()  # returns without yielding while frames are buffered
+                if msg.type is WSMsgType.BINARY:
+                    inbox.append(msg.data)
+                    if len(inbox) == 1:
+                        loop.call_soon(self._deliver, conn)
+                elif msg.type is WSMsgType.TEXT:
+                    self._deliver(conn)
+                    conn.fail("protocol error: MQTT in a text frame (MQTT 3.1.1 §6.0)")
+                elif msg.type is WSMsgType.ERROR:
+                    error = ws.exception()
+                    return error if isinstance(error, Exception) else ConnectionError(str(msg.data))
+                else:  # CLOSE, CLOSING, CLOSED
+                    return None
+            return None
+        finally:
+            self._deliver(conn)  # what came before the end (a PUBLISH, then DISCONNECT)
+
+    def _deliver(self, conn: MqttConnection) -> None:
+        inbox = self._inbox
+        if inbox:
+            data = inbox[0] if len(inbox) == 1 else b"".join(inbox)
+            inbox.clear()
+            conn.data_received(data)
 
     async def send_loop(self) -> None:
         """Send queued bytes as binary frames until the transport closes; then close."""

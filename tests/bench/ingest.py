@@ -84,7 +84,7 @@ def main() -> None:
         raise SystemExit(f"loadgen not found at {loadgen} (give --loadgen PATH)")
     tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     try:
-        hub = HubProcess(tmp / "hub", host_name="bench.local", extra_config=f'[store]\nsync = "{args.sync}"\n')
+        hub = HubProcess(tmp / "hub", host_name="bench.local", extra_config=f"[store]\nsync = \"{args.sync}\"\n", log_level="info")
         hub.start()
         # Register the devices through the service API, as an integrator would.
         from gateway.hubclient import HubClient

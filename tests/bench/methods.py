@@ -625,7 +625,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-methods-"))
     mosq_dir = Path(tempfile.mkdtemp(prefix="bench-methods-mosquitto-"))  # not under tmp (0700)
     hub = HubProcess(tmp / "hub", host_name="bench.local",
-                     extra_config=f'[store]\nsync = "{args.sync}"\n')
+                     extra_config=f'[store]\nsync = "{args.sync}"\n', log_level="info")
     mosq = None
     try:
         hub.start()
@@ -650,7 +650,7 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Result]],
     print(f"direct methods: {args.devices} devices, {args.calls} calls, {args.concurrency} "
           f"outstanding (hub: HTTPS back end; mosquitto: one MQTT back end); "
           f"twin reported patches: {args.patches}, {args.window} outstanding per device, "
-          f"hub sync={args.sync}, hub log level debug (tests/hubproc.py); MQTT over TLS, QoS 0")
+          f"hub sync={args.sync}, hub log level info; MQTT over TLS, QoS 0")
     print(f"{'':18} {'ops/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} "
           f"{'broker us/op':>12} {'client us/op':>12} {'errors':>6}")
     for phase, name in (("methods", "method"), ("twin", "patch")):

@@ -1,0 +1,132 @@
+"""Southbound bridges as hub modules, end to end: the hub's supervisor runs the real serial and
+Modbus bridges as processes, configured through their module twins; readings reach the
+built-in endpoint as module telemetry; desired changes apply without a restart; a direct
+method writes a register."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.hubclient import HubClient
+from hw.modbus.registers import Table
+from hw.modbus.simulate import SimulatedMeter
+from hw.serial.nmea import with_checksum
+from tests.hubproc import HubProcess
+
+GW = "testhub.local"
+MODULES = ('[modules.serial]\nbridge = "serial"\nstatus_interval = 1.0\n'
+           '[modules.modbus]\nbridge = "modbus"\n')
+
+
+def readings(hub: HubProcess, module: str) -> list[dict[str, Any]]:
+    """The module's telemetry in the built-in endpoint so far (one batch read)."""
+    batch = HubClient(hub.data_dir).request("GET", "/messages/events", query={
+        "start": "earliest", "deviceId": GW, "kinds": "telemetry", "limit": "5000"})
+    return [item["event"] for item in batch if item["event"]["module"] == module]
+
+
+async def wait_for(predicate, timeout: float = 30.0, what: str = "") -> Any:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = await asyncio.to_thread(predicate)
+        if result:
+            return result
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def bridge_hub(tmp_path: Path) -> Any:
+    if shutil.which("socat") is None:
+        pytest.fail("socat is required (dev.sh installs it)")
+    hub = HubProcess(tmp_path / "data", host_name=GW, extra_config=MODULES).start()
+    yield hub
+    hub.stop()
+
+
+def test_serial_and_modbus_bridges_end_to_end(bridge_hub: HubProcess, tmp_path: Path) -> None:
+    hub = bridge_hub
+    api = HubClient(hub.data_dir)
+
+    async def scenario() -> None:
+        a, b = tmp_path / "ttyA", tmp_path / "ttyB"
+        socat = await asyncio.create_subprocess_exec(
+            "socat", f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        try:
+            await wait_for(lambda: a.exists() and b.exists(), 10, "the pty pair")
+            async with SimulatedMeter("eastron-sdm120") as meter:
+                await run(meter, a, b)
+        finally:
+            socat.terminate()
+            await socat.wait()
+
+    async def run(meter: SimulatedMeter, a: Path, b: Path) -> None:
+        await asyncio.to_thread(api.request, "PATCH", f"/twins/{GW}/modules/serial", {
+            "properties": {"desired": {"ports": {"gps": {
+                "path": str(b), "sensor": "gps", "baud": 9600, "format": "nmea"}}}}})
+        await asyncio.to_thread(api.request, "PATCH", f"/twins/{GW}/modules/modbus", {
+            "properties": {"desired": {
+                "buses": {"sim": {"tcp": {"host": "127.0.0.1", "port": meter.port}, "timeout": 1.0}},
+                "devices": {"meter1": {"bus": "sim", "unit": 1, "profile": "eastron-sdm120",
+                                       "interval": 1}}}}})
+        gga = with_checksum("GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,") + b"\r\n"
+        bad = b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*00\r\n"
+        with open(a, "wb", buffering=0) as tty:
+            async def feed(stop: asyncio.Event) -> None:
+                while not stop.is_set():
+                    tty.write(bad)
+                    tty.write(gga)
+                    await asyncio.sleep(0.3)
+            stop = asyncio.Event()
+            feeder = asyncio.create_task(feed(stop))
+            try:
+                gps = await wait_for(lambda: readings(hub, "serial"), 40, "GPS readings")
+                body = json.loads(gps[0]["payload"]) if isinstance(gps[0]["payload"], str) else gps[0]["payload"]
+                assert body["sensor"] == "gps"
+                values = {r["name"]: r["value"] for r in body["readings"]}
+                assert values["latitude"] == pytest.approx(48.1173, abs=1e-4)
+                assert values["longitude"] == pytest.approx(11.516667, abs=1e-5)
+                notes = gps[0]["annotations"]
+                assert notes["iothub-connection-device-id"] == GW
+                assert notes["iothub-connection-module-id"] == "serial"
+                # bad checksums were counted, not forwarded
+                def counted() -> Any:
+                    status = api.request("GET", f"/twins/{GW}/modules/serial")[
+                        "properties"]["reported"].get("status") or {}
+                    counts = status.get("ports", {}).get("gps", {}).get("counts", {})
+                    return counts if counts.get("badChecksum", 0) >= 1 else None
+                counts = await wait_for(counted, 20, "bad checksums counted in the status")
+                assert counts["decoded"] >= 1
+                # a desired change applies without restarting the module process
+                await asyncio.to_thread(api.request, "PATCH", f"/twins/{GW}/modules/serial", {
+                    "properties": {"desired": {"ports": {"gps": {"sensor": "gps-renamed"}}}}})
+                await wait_for(lambda: any(
+                    (json.loads(e["payload"]) if isinstance(e["payload"], str) else e["payload"])
+                    ["sensor"] == "gps-renamed" for e in readings(hub, "serial")), 30, "renamed sensor")
+            finally:
+                stop.set()
+                await feeder
+        meter_events = await wait_for(lambda: readings(hub, "modbus"), 40, "meter readings")
+        body = meter_events[-1]["payload"]
+        body = json.loads(body) if isinstance(body, str) else body
+        values = {r["name"]: r for r in body["readings"]}
+        assert body["sensor"] == "meter1"
+        assert 220 < values["voltage"]["value"] < 240 and values["voltage"]["unit"] == "V"
+        result = await asyncio.to_thread(api.request, "POST", f"/twins/{GW}/modules/modbus/methods", {
+            "methodName": "write_register", "payload": {"bus": "sim", "unit": 1, "address": 10,
+                                                         "value": 1234},
+            "responseTimeoutInSeconds": 15})
+        assert result["status"] == 200, result
+        assert await meter.get(Table.HOLDING, 10) == [1234]
+        assert hub.log_text().count("module started module=serial") == 1
+        assert hub.log_text().count("module started module=modbus") == 1
+
+    asyncio.run(scenario())
