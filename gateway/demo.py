@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import json
 import math
+import os
+import tty
 import random
 import shutil
 import sys
@@ -22,7 +24,8 @@ from typing import Any
 from gateway import app
 from gateway.api.events import entry_json
 from gateway.client import ClientSettings
-from gateway.config import ApiConfig, HubConfig, MqttConfig, load_config
+from gateway.config import ApiConfig, HubConfig, ModuleSpec, MqttConfig, load_config
+from hw.modbus.simulate import SimulatedMeter
 from gateway.hub.connstr import ConnectionString
 
 DEVICES = {
@@ -111,10 +114,61 @@ async def _answer(client: Any, state: dict[str, Any]) -> None:
                                      json.dumps({"interval": state["interval"]}), qos=1)
 
 
+async def _configure_bridges(gw: app.Gateway, meter_port: int, gps_path: str) -> None:
+    """What a technician does through the module twins (``gateway twin update``)."""
+    device = gw.config.hub.device_id
+    await gw.hub.twins.service_update(device, "modbus", {"properties": {"desired": {
+        "buses": {"meters": {"tcp": {"host": "127.0.0.1", "port": meter_port}, "timeout": 1.0}},
+        "devices": {"main-meter": {"bus": "meters", "unit": 1, "profile": "eastron-sdm120",
+                                   "interval": 2}}}}}, if_match=None, replace=False)
+    await gw.hub.twins.service_update(device, "serial", {"properties": {"desired": {
+        "ports": {"gps": {"path": gps_path, "sensor": "gps", "baud": 9600, "format": "nmea"}}}}},
+        if_match=None, replace=False)
+
+
+class SimulatedGps:
+    """An NMEA 0183 GPS on a pseudo-terminal: GGA and RMC once a second, walking slowly."""
+
+    def __init__(self) -> None:
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.slave)
+        self.path = os.ttyname(self.slave)
+        self.lat, self.lon = 48.1173, 11.5167
+
+    def __enter__(self) -> "SimulatedGps":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.master)
+        os.close(self.slave)
+
+    async def run(self, period: float) -> None:
+        from hw.serial.nmea import with_checksum
+
+        while True:
+            self.lat += 0.00001
+            self.lon += 0.00002
+            now = time.gmtime()
+            hms = time.strftime("%H%M%S", now)
+            lat = f"{int(self.lat):02d}{(self.lat % 1) * 60:07.4f}"
+            lon = f"{int(self.lon):03d}{(self.lon % 1) * 60:07.4f}"
+            for body in (f"GPGGA,{hms},{lat},N,{lon},E,1,09,0.9,545.4,M,46.9,M,,",
+                         f"GPRMC,{hms},A,{lat},N,{lon},E,0.4,84.4,{time.strftime('%d%m%y', now)},,,A"):
+                os.write(self.master, with_checksum(body) + b"\r\n")
+            await asyncio.sleep(period)
+
+
 def render(event: dict[str, object]) -> str:
     e = event["event"]  # type: ignore[index]
     props = e["properties"]  # type: ignore[index]
     app_props = " ".join(f"{k}={v}" for k, v in props["application"].items())
+    if e["module"]:  # type: ignore[index]
+        body = e["payload"]  # type: ignore[index]
+        if isinstance(body, dict) and "readings" in body:
+            values = ", ".join(f"{r['name']}={_short(r['value'])}{r.get('unit') or ''}"
+                               for r in body["readings"][:6])
+            return (f"{time.strftime('%H:%M:%S')}  #{event['seq']:<6} "
+                    f"{e['module'] + ':' + body['sensor']:<24} {values}")  # type: ignore[index, operator]
     stamp = time.strftime("%H:%M:%S", time.localtime(e["annotations"]["iothub-enqueuedtime"] / 1000))
     return f"{stamp}  #{event['seq']:<6} {e['origin']:<24} {json.dumps(e['payload'])}  [{app_props}]"
 
@@ -127,16 +181,19 @@ async def run_demo(data_dir: Path | None, *, duration: float | None = None,
         data_dir = temp / "data"
     config = load_config(
         data_dir,
-        hub=HubConfig(host_name="localhost"),
-        mqtt=MqttConfig(tls_port=0, local_port=0, unix_socket=False),
+        hub=HubConfig(host_name="localhost", device_id="demo-gateway"),
+        mqtt=MqttConfig(tls_port=0, local_port=0),
         api=ApiConfig(bind="127.0.0.1", port=0),
+        modules=(ModuleSpec(name="modbus", bridge="modbus", status_interval=5.0),
+                 ModuleSpec(name="serial", bridge="serial", status_interval=5.0)),
     )
+    os.environ.setdefault("GATEWAY_LOG_LEVEL", "warning")  # bridge processes: problems only
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[app.Gateway] = loop.create_future()
     stop = asyncio.Event()
     print(f"gateway demo: starting a hub in {data_dir}", flush=True)
     try:
-        async with asyncio.TaskGroup() as tasks:
+        async with contextlib.AsyncExitStack() as stack, asyncio.TaskGroup() as tasks:
             tasks.create_task(app.run(config, ready=ready, stop=stop))
             gw = await ready
             port = int(gw.runtime["mqtt_tls_port"])  # type: ignore[arg-type]
@@ -156,6 +213,13 @@ async def run_demo(data_dir: Path | None, *, duration: float | None = None,
                     port=port, ca_file=str(gw.certs.ca_cert))
                 print(f"  device {device_id}: {settings.connection}"[:110] + "...")
                 tasks.create_task(simulated_device(settings, kind, interval))
+            meter = await stack.enter_async_context(SimulatedMeter("eastron-sdm120"))
+            tasks.create_task(meter.run(1.0))
+            gps_port = stack.enter_context(SimulatedGps())
+            tasks.create_task(gps_port.run(1.0))
+            await _configure_bridges(gw, meter.port, gps_port.path)
+            print(f"  bridges: Modbus meter (pymodbus, SDM120 map) on 127.0.0.1:{meter.port}, "
+                  f"NMEA GPS on {gps_port.path}")
             print("  messages at the built-in endpoint (Ctrl-C to stop):", flush=True)
             tasks.create_task(_printer(gw, start_seq))
             tasks.create_task(_show_method(gw))
@@ -188,6 +252,10 @@ async def _show_method(gw: app.Gateway) -> None:
 
 class _DemoOver(Exception):
     pass
+
+
+def _short(value: object) -> str:
+    return f"{value:.5g}" if isinstance(value, float) else str(value)
 
 
 async def _printer(gw: app.Gateway, after: int) -> None:

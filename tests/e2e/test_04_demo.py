@@ -11,7 +11,7 @@ from tests.hubproc import REPO
 
 def test_demo_shows_messages_from_every_simulated_device() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "gateway", "demo", "--duration", "4"],
+        [sys.executable, "-m", "gateway", "demo", "--duration", "7"],
         capture_output=True, text=True, timeout=60, cwd=REPO,
     )
     assert result.returncode == 0, result.stderr
@@ -22,4 +22,7 @@ def test_demo_shows_messages_from_every_simulated_device() -> None:
         json.loads(rows[0][rows[0].index("{"): rows[0].rindex("}") + 1])
     assert "hub ready" in result.stdout
     assert ">> direct method getStatus on pump-3-vibration: 200" in result.stdout
+    # the simulated meter and GPS come through the real Modbus and serial bridges
+    assert any("modbus:main-meter" in l and "voltage=" in l for l in lines), result.stdout
+    assert any("serial:gps" in l and "latitude=" in l for l in lines), result.stdout
     assert '"firmware": "3.2.1"' in result.stdout
