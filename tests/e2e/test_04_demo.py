@@ -23,6 +23,7 @@ def test_demo_shows_messages_from_every_simulated_device() -> None:
     assert "hub ready" in result.stdout
     assert ">> direct method getStatus on pump-3-vibration: 200" in result.stdout
     # the simulated meter and GPS come through the real Modbus and serial bridges
-    assert any("modbus:main-meter" in l and "voltage=" in l for l in lines), result.stdout
-    assert any("serial:gps" in l and "latitude=" in l for l in lines), result.stdout
+    out = result.stdout.splitlines()
+    assert any("modbus:main-meter" in l and "voltage=" in l for l in out), result.stdout
+    assert any("serial:gps" in l and "latitude=" in l for l in out), result.stdout
     assert '"firmware": "3.2.1"' in result.stdout
