@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,13 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tests.hubproc import HubProcess  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.bench.peers import start_mosquitto, tls_files
+from tests.hubproc import HubProcess
 
 
 def run_loadgen(loadgen: Path, args: argparse.Namespace, port: int, pid: int, label: str,
@@ -48,25 +41,6 @@ def run_loadgen(loadgen: Path, args: argparse.Namespace, port: int, pid: int, la
     if not lines:
         raise SystemExit(f"loadgen failed for {label}:\n{out.stdout}\n{out.stderr}")
     return json.loads(lines[-1])
-
-
-def mosquitto(tmp: Path, tls: tuple[str, str, str] | None) -> tuple[subprocess.Popen[bytes], int]:
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    port = free_port()
-    conf = tmp / "mosquitto.conf"
-    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false",
-             "max_inflight_messages 0", "max_queued_messages 0", "log_type error"]
-    if tls:
-        lines += [f"cafile {tls[0]}", f"certfile {tls[1]}", f"keyfile {tls[2]}"]
-    conf.write_text("\n".join(lines) + "\n")
-    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("mosquitto did not start")
 
 
 def main() -> None:
@@ -87,8 +61,8 @@ def main() -> None:
         hub = HubProcess(tmp / "hub", host_name="bench.local", extra_config=f"[store]\nsync = \"{args.sync}\"\n", log_level="info")
         hub.start()
         # Register the devices through the service API, as an integrator would.
-        from gateway.hubclient import HubClient
         from gateway.hub.sas import generate_sas_token
+        from gateway.hubclient import HubClient
 
         client = HubClient(hub.data_dir)
         creds = []
@@ -102,8 +76,8 @@ def main() -> None:
         cred_file = tmp / "creds.tsv"
         cred_file.write_text("\n".join(creds) + "\n")
 
-        tls_files = (hub.ca_file, str(hub.data_dir / "server.pem"), str(hub.data_dir / "server.key"))
-        mosq, mport = mosquitto(tmp, tls_files if args.tls else None)
+        mosq_dir = Path(tempfile.mkdtemp(prefix="bench-ingest-mosquitto-"))  # not under tmp (0700)
+        mosq, mport = start_mosquitto(mosq_dir, tls_files(hub.data_dir, mosq_dir) if args.tls else None)
         tls_args = ["--tls", "--ca-file", hub.ca_file, "--tls-server-name", "localhost"] if args.tls else []
         try:
             m = run_loadgen(loadgen, args, mport, mosq.pid, "mosquitto", tls_args)
@@ -115,6 +89,8 @@ def main() -> None:
         hub.stop()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if "mosq_dir" in locals():
+            shutil.rmtree(mosq_dir, ignore_errors=True)
     ratio = h["msgs_per_s"] / m["msgs_per_s"]  # type: ignore[operator]
     cpu_ratio = h["broker_cpu_us_per_msg"] / m["broker_cpu_us_per_msg"]  # type: ignore[operator]
     transport = "TLS" if args.tls else "TCP"

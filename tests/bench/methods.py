@@ -41,9 +41,7 @@ import math
 import os
 import resource
 import shutil
-import socket
 import ssl
-import subprocess
 import sys
 import tempfile
 import time
@@ -62,6 +60,7 @@ from gateway.hub.connstr import parse_connection_string
 from gateway.hub.sas import generate_sas_token
 from gateway.mqtt.codec import Decoder, encode
 from gateway.mqtt.packets import Connack, Connect, Publish, Suback, Subscribe
+from tests.bench.peers import start_mosquitto, tls_files
 from tests.hubproc import HubProcess
 
 API_VERSION = "2021-04-12"
@@ -549,53 +548,6 @@ def register(hub: HubProcess, count: int) -> tuple[list[str], list[str], str]:
     return ids, tokens, owner_token
 
 
-def mosquitto_tls_files(hub: HubProcess, directory: Path) -> tuple[str, str, str]:
-    """Copies of the hub's CA, server certificate and key that Mosquitto can read: started as
-    root it drops to the ``mosquitto`` user before loading them (mosquitto.conf(5) ``user``)."""
-    files = []
-    for source in (Path(hub.ca_file), hub.data_dir / "server.pem", hub.data_dir / "server.key"):
-        target = directory / source.name
-        shutil.copyfile(source, target)
-        files.append(target)
-    if os.geteuid() == 0:
-        import pwd
-
-        try:
-            user = pwd.getpwnam("mosquitto")
-        except KeyError:
-            pass
-        else:
-            for path in (directory, *files):
-                os.chown(path, user.pw_uid, user.pw_gid)
-    return str(files[0]), str(files[1]), str(files[2])
-
-
-def start_mosquitto(conf_dir: Path, tls: tuple[str, str, str]) -> tuple[subprocess.Popen[bytes], int]:
-    """Debian's Mosquitto on a free 127.0.0.1 port with TLS. Like the hub (asyncio sets
-    TCP_NODELAY) it sends without Nagle's delay: its default would stall small answers for
-    a delayed ACK (~40 ms) and flatter the ratio."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port = int(s.getsockname()[1])
-    conf = conf_dir / "mosquitto.conf"
-    conf.write_text("\n".join([
-        f"listener {port} {HOST}", "allow_anonymous true", "persistence false",
-        "set_tcp_nodelay true", "max_inflight_messages 0", "max_queued_messages 0",
-        "log_type error", f"cafile {tls[0]}", f"certfile {tls[1]}", f"keyfile {tls[2]}",
-    ]) + "\n")
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    for _ in range(100):  # 5 s
-        try:
-            socket.create_connection((HOST, port), timeout=0.2).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit(f"mosquitto did not start (try: {exe} -c {conf} -v)")
-
-
 def run_loop(coro: Awaitable[Any]) -> Any:
     try:
         import uvloop
@@ -630,7 +582,7 @@ def main() -> None:
     try:
         hub.start()
         ids, tokens, owner_token = register(hub, args.devices)
-        mosq, mport = start_mosquitto(tmp, mosquitto_tls_files(hub, mosq_dir))
+        mosq, mport = start_mosquitto(tmp, tls_files(hub.data_dir, mosq_dir))
         ctx = ssl.create_default_context(cafile=hub.ca_file)
         setup = Setup(hub, ids, tokens, owner_token, ctx, mosq.pid, mport)
         results = run_loop(bench(setup, args))

@@ -1,0 +1,64 @@
+"""The comparison peer for the benchmarks: Debian's Mosquitto, started the same way for all.
+
+Like the hub (asyncio sets TCP_NODELAY) it sends without Nagle's delay (``set_tcp_nodelay``):
+its default would stall small answers for a delayed ACK (~40 ms) and flatter the ratio. Queue
+limits are off so it never drops what the generator sends. With TLS it serves the hub's own
+certificate, copied where the ``mosquitto`` user can read it (started as root, Mosquitto drops
+to that user before loading certificates, mosquitto.conf(5) ``user``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+HOST = "127.0.0.1"
+
+
+def tls_files(data_dir: Path, directory: Path) -> tuple[str, str, str]:
+    files = []
+    for name in ("ca.pem", "server.pem", "server.key"):
+        target = directory / name
+        shutil.copyfile(data_dir / name, target)
+        files.append(target)
+    if os.geteuid() == 0:
+        import pwd
+
+        try:
+            user = pwd.getpwnam("mosquitto")
+        except KeyError:
+            pass
+        else:
+            for path in (directory, *files):
+                os.chown(path, user.pw_uid, user.pw_gid)
+    return str(files[0]), str(files[1]), str(files[2])
+
+
+def start_mosquitto(conf_dir: Path, tls: tuple[str, str, str] | None = None
+                    ) -> tuple[subprocess.Popen[bytes], int]:
+    """Mosquitto on a free loopback port; returns (process, port)."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port = int(s.getsockname()[1])
+    lines = [f"listener {port} {HOST}", "allow_anonymous true", "persistence false",
+             "set_tcp_nodelay true", "max_inflight_messages 0", "max_queued_messages 0",
+             "log_type error"]
+    if tls is not None:
+        lines += [f"cafile {tls[0]}", f"certfile {tls[1]}", f"keyfile {tls[2]}"]
+    conf = conf_dir / "mosquitto.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    for _ in range(100):  # 5 s
+        try:
+            socket.create_connection((HOST, port), timeout=0.2).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit(f"mosquitto did not start (try: {exe} -c {conf} -v)")
