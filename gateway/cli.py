@@ -110,13 +110,6 @@ def cmd_device(args: argparse.Namespace) -> int:
                 raise GatewayError(f"device {args.parent!r} has no device scope (create it with --edge)")
             body["parentScopes"] = [parent["deviceScope"]]
             body["deviceScope"] = parent["deviceScope"]
-        try:
-            client.request("GET", path)
-        except GatewayError as exc:
-            if getattr(exc, "status", None) != 404:
-                raise
-        else:
-            raise GatewayError(f"device {args.device_id!r} already exists")
         _print_json(client.request("PUT", path, body))
     elif args.action == "update":
         device = client.request("GET", path)
@@ -159,13 +152,6 @@ def cmd_module(args: argparse.Namespace) -> int:
     base = f"/devices/{args.device_id}/modules"
     path = f"{base}/{args.module_id}" if getattr(args, "module_id", None) else base
     if args.action == "create":
-        try:
-            client.request("GET", path)
-        except GatewayError as exc:
-            if getattr(exc, "status", None) != 404:
-                raise
-        else:
-            raise GatewayError(f"module {args.device_id}/{args.module_id} already exists")
         body = {"deviceId": args.device_id, "moduleId": args.module_id,
                 "authentication": _auth_body(args)}
         if args.x509_cert:

@@ -7,9 +7,9 @@ the in-memory registry; the TLS layer has already verified any client certificat
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 from datetime import UTC, datetime
 
 from cryptography import x509
@@ -17,6 +17,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import NameOID
 
 from gateway.errors import AuthError, ForbiddenError
+from gateway.hub.messages import auth_method_json
 from gateway.hub.registry import Device, Module, Registry, Right
 from gateway.hub.sas import SasToken, parse_sas_token, verify_sas_signature
 from gateway.hub.username import Username, parse_username
@@ -49,17 +50,9 @@ class Principal:
         """Value of ``iothub-connection-auth-method`` (ref §2.5), shaped as IoT Hub stamps it:
         scope ``hub`` for policy tokens, else ``device``/``module``; type ``sas`` or
         ``x509Certificate`` (issuer ``external``)."""
-        if self.policy is not None:
-            scope = "hub"
-        else:
-            scope = "device" if self.module_id is None else "module"
-        x509_auth = self.auth_type == "x509"
-        return json.dumps({
-            "scope": scope,
-            "type": "x509Certificate" if x509_auth else "sas",
-            "issuer": "external" if x509_auth else "iothub",
-            "acceptingIpFilterRule": None,
-        }, separators=(",", ":"))
+        scope: Literal["device", "module", "hub"] = (
+            "hub" if self.policy is not None else "device" if self.module_id is None else "module")
+        return auth_method_json(scope=scope, method="x509" if self.auth_type == "x509" else "sas")
 
 
 @dataclass(frozen=True, slots=True)
