@@ -192,7 +192,7 @@ class DeviceApi:
         body = await request.read()
         prepared = self._prepare(principal, encode_bag(telemetry_pairs(request.headers)))
         try:
-            record = _telemetry_record(self.hub, prepared, body)
+            record = self.hub.telemetry_record(prepared, body)
         except MessageTooLargeError as exc:
             return _too_large(str(exc))
         await self.hub.append([record])
@@ -250,17 +250,6 @@ def _lock_token(request: web.Request) -> str:
 
 def _too_large(text: str) -> web.Response:
     return error_response(413, "MessageTooLarge", text)
-
-
-def _telemetry_record(hub: Hub, prepared: PreparedTelemetry, body: bytes) -> Record:
-    """The stored row for ``body`` under ``prepared``: the telemetry step of
-    :meth:`Hub.handle_publish` (size limit, ref §2.4; enqueued time)."""
-    size = len(body) + prepared.props_size
-    if size > hub.max_message_bytes:
-        raise MessageTooLargeError(
-            f"message of {size} bytes is over the {hub.max_message_bytes}-byte limit")
-    return Record(TELEMETRY, prepared.device_id, prepared.module_id, int(hub.clock() * 1000),
-                  prepared.props, body)
 
 
 def add_device_routes(app: web.Application, hub: Hub, *,

@@ -139,19 +139,7 @@ class Hub:
         """Telemetry: the row to store (the caller batches and commits). A twin request: the
         future of its handling (its PUBACK waits for it). A method response: None."""
         if type(prepared) is PreparedTelemetry:
-            if len(packet.payload) + prepared.props_size > self.max_message_bytes:
-                raise MessageTooLargeError(
-                    f"message of {len(packet.payload) + prepared.props_size} bytes is over the "
-                    f"{self.max_message_bytes}-byte limit"
-                )
-            return Record(
-                TELEMETRY,
-                prepared.device_id,
-                prepared.module_id,
-                int(self.clock() * 1000),
-                prepared.retained_props if packet.retain else prepared.props,
-                packet.payload,
-            )
+            return self.telemetry_record(prepared, packet.payload, retain=packet.retain)
         if isinstance(prepared, addresses.MethodResponse):
             self.methods.handle_response(conn.client_id, prepared, packet.payload)
             return None
@@ -160,6 +148,18 @@ class Hub:
         if isinstance(prepared, addresses.TwinReportedPatch):
             return self.twins.handle_reported(conn, prepared, packet.payload)
         raise ForbiddenError(f"unsupported publish on {packet.topic!r}")  # pragma: no cover
+
+    def telemetry_record(self, prepared: PreparedTelemetry, body: bytes, *,
+                         retain: bool = False) -> Record:
+        """The stored row of one telemetry message, whatever transport brought it (MQTT,
+        WebSocket, HTTP): the 256 KB limit (ref §2.4) and the enqueued time."""
+        if len(body) + prepared.props_size > self.max_message_bytes:
+            raise MessageTooLargeError(
+                f"message of {len(body) + prepared.props_size} bytes is over the "
+                f"{self.max_message_bytes}-byte limit"
+            )
+        return Record(TELEMETRY, prepared.device_id, prepared.module_id, int(self.clock() * 1000),
+                      prepared.retained_props if retain else prepared.props, body)
 
     def append(self, rows: Sequence[Record]) -> asyncio.Future[int]:
         return self.log.append(rows)
