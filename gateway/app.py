@@ -15,8 +15,8 @@ import os
 import signal
 import socket
 import ssl
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from gateway import pki
@@ -26,20 +26,20 @@ from gateway.broker.broker import Broker
 from gateway.broker.sessions import SessionStore
 from gateway.config import Config
 from gateway.hub.auth import Authenticator
-from gateway.hub.connstr import ConnectionString
-from gateway.hub.hub import Hub
-from gateway.hub.registry import Device, Module, Registry
 from gateway.hub.c2d import C2DQueues
 from gateway.hub.c2dsvc import C2DService
+from gateway.hub.connstr import ConnectionString
+from gateway.hub.hub import Hub
 from gateway.hub.methods import MethodService
 from gateway.hub.modinputs import ModuleInputService
-from gateway.routing.routes import RouteTable
+from gateway.hub.registry import Device, Module, Registry
 from gateway.hub.twinstore import TwinStore
 from gateway.hub.twinsvc import TwinService
 from gateway.notify import Notifier
-from gateway.tasks import TaskSet
+from gateway.routing.routes import RouteTable
 from gateway.store.db import Database
 from gateway.store.log import MessageLog
+from gateway.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 

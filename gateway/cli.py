@@ -80,8 +80,9 @@ def _auth_body(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "x509_ca", False):
         return {"type": "certificateAuthority"}
     if getattr(args, "x509_cert", None):
-        from gateway.pki import thumbprints
         from cryptography import x509
+
+        from gateway.pki import thumbprints
 
         pem = Path(args.x509_cert).read_text()
         der = x509.load_pem_x509_certificate(pem.encode()).public_bytes(
@@ -274,7 +275,7 @@ def cmd_monitor_events(args: argparse.Namespace) -> int:
     if not args.all_kinds:
         query["kinds"] = "telemetry"
     if not args.json:
-        print(f"Starting event monitor, use ctrl-c to stop...", file=sys.stderr)
+        print("Starting event monitor, use ctrl-c to stop...", file=sys.stderr)
     timeout = args.timeout if args.timeout and args.timeout > 0 else None
     try:
         for event in client.stream("/messages/events", query, idle_timeout=timeout):

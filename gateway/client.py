@@ -40,7 +40,7 @@ class ClientSettings:
     unix_socket: str | None = None  # a local module may use the hub's unix socket instead
 
     @classmethod
-    def from_string(cls, connection_string: str, **kw: object) -> "ClientSettings":
+    def from_string(cls, connection_string: str, **kw: object) -> ClientSettings:
         return cls(connection=parse_connection_string(connection_string), **kw)  # type: ignore[arg-type]
 
     @property

@@ -12,12 +12,12 @@ import contextlib
 import json
 import math
 import os
-import tty
 import random
 import shutil
 import sys
 import tempfile
 import time
+import tty
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,8 @@ from gateway import app
 from gateway.api.events import entry_json
 from gateway.client import ClientSettings
 from gateway.config import ApiConfig, HubConfig, ModuleSpec, MqttConfig, load_config
-from hw.modbus.simulate import SimulatedMeter
 from gateway.hub.connstr import ConnectionString
+from hw.modbus.simulate import SimulatedMeter
 
 DEVICES = {
     "boiler-room-thermostat": "thermostat",
@@ -80,7 +80,7 @@ async def _telemetry(client: Any, settings: ClientSettings, kind: str, rng: rand
     while True:
         body = reading(kind, time.time(), rng)
         state["last"] = body
-        alert = "high" if kind == "vibration" and body["rmsVelocity"] > 3 else None
+        alert = "high" if kind == "vibration" and float(body["rmsVelocity"]) > 3 else None
         topic = settings.telemetry_topic(
             {"sensorType": kind, **({"alert": alert} if alert else {})},
             message_id=f"{settings.client_id}-{n}",
@@ -135,7 +135,7 @@ class SimulatedGps:
         self.path = os.ttyname(self.slave)
         self.lat, self.lon = 48.1173, 11.5167
 
-    def __enter__(self) -> "SimulatedGps":
+    def __enter__(self) -> SimulatedGps:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -158,17 +158,17 @@ class SimulatedGps:
             await asyncio.sleep(period)
 
 
-def render(event: dict[str, object]) -> str:
-    e = event["event"]  # type: ignore[index]
-    props = e["properties"]  # type: ignore[index]
+def render(event: dict[str, Any]) -> str:
+    e = event["event"]
+    props = e["properties"]
     app_props = " ".join(f"{k}={v}" for k, v in props["application"].items())
-    if e["module"]:  # type: ignore[index]
-        body = e["payload"]  # type: ignore[index]
+    if e["module"]:
+        body = e["payload"]
         if isinstance(body, dict) and "readings" in body:
             values = ", ".join(f"{r['name']}={_short(r['value'])}{r.get('unit') or ''}"
                                for r in body["readings"][:6])
             return (f"{time.strftime('%H:%M:%S')}  #{event['seq']:<6} "
-                    f"{e['module'] + ':' + body['sensor']:<24} {values}")  # type: ignore[index, operator]
+                    f"{e['module'] + ':' + body['sensor']:<24} {values}")
     stamp = time.strftime("%H:%M:%S", time.localtime(e["annotations"]["iothub-enqueuedtime"] / 1000))
     return f"{stamp}  #{event['seq']:<6} {e['origin']:<24} {json.dumps(e['payload'])}  [{app_props}]"
 
@@ -196,7 +196,7 @@ async def run_demo(data_dir: Path | None, *, duration: float | None = None,
         async with contextlib.AsyncExitStack() as stack, asyncio.TaskGroup() as tasks:
             tasks.create_task(app.run(config, ready=ready, stop=stop))
             gw = await ready
-            port = int(gw.runtime["mqtt_tls_port"])  # type: ignore[arg-type]
+            port = int(str(gw.runtime["mqtt_tls_port"]))
             print(f"  hub ready: MQTT/TLS on localhost:{port}, HTTPS API on "
                   f"localhost:{gw.runtime['api_port']}, CA {gw.certs.ca_cert}")
             start_seq = gw.log.last_seq

@@ -43,10 +43,9 @@ from gateway.api.errors import error_response
 from gateway.errors import AuthError, MessageTooLargeError
 from gateway.hub.addresses import Telemetry
 from gateway.hub.auth import Principal
-from gateway.hub.hub import TELEMETRY, PreparedTelemetry
+from gateway.hub.hub import PreparedTelemetry
 from gateway.hub.messages import format_time
 from gateway.hub.propbag import encode_bag
-from gateway.store.log import Record
 
 if TYPE_CHECKING:
     from gateway.hub.c2d import C2DMessage, C2DQueues

@@ -143,9 +143,9 @@ class ServiceApi:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context, reuse_address=True)
         await site.start()
-        server = site._server
-        assert server is not None and server.sockets
-        self.port = server.sockets[0].getsockname()[1]
+        sockets = getattr(site._server, "sockets", None)  # aiohttp shows the port only here
+        assert sockets
+        self.port = int(sockets[0].getsockname()[1])
         log.info("https service api listening port=%s", self.port)
 
     async def stop(self) -> None:

@@ -15,6 +15,7 @@ import os
 import ssl
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from gateway.broker.connection import MqttConnection
 from gateway.broker.sessions import SessionStore
@@ -256,7 +257,8 @@ class Broker:
         client_id = f"{identity.device_id}/{module_id}" if module_id else identity.device_id
         conn = self.live.get(client_id)
         if conn is not None:
-            conn.fail(f"identity {event}" + ("" if event == "deleted" else f", status {identity.status}"))
+            status = getattr(identity, "status", None)  # modules have no status of their own
+            conn.fail(f"identity {event}" + (f", status {status}" if status and event != "deleted" else ""))
 
     def puback_received(self, conn: MqttConnection, packet_id: int) -> None:
         """A client acknowledged one of our QoS 1 publishes (a C2D completion, a module input
@@ -265,7 +267,7 @@ class Broker:
             hook(conn, packet_id)
 
 
-def _log_failure(fut: asyncio.Future[object]) -> None:
+def _log_failure(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled() and fut.exception() is not None:
         log.error("background step failed: %s", fut.exception())
 

@@ -21,9 +21,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from gateway.hub.auth import SKEW_SECONDS
 from gateway.errors import AuthError, ForbiddenError, GatewayError, RemoteProtocolError
-from gateway.store.log import Record
+from gateway.hub.auth import SKEW_SECONDS
+from gateway.hub.hub import PreparedTelemetry
 from gateway.mqtt.packets import ConnackCode, Connect, Publish, Subscribe, Unsubscribe
 from gateway.mqtt.session import (
     ConnectReceived,
@@ -35,8 +35,7 @@ from gateway.mqtt.session import (
     SubscribeReceived,
     UnsubscribeReceived,
 )
-
-from gateway.hub.hub import PreparedTelemetry
+from gateway.store.log import Record
 
 if TYPE_CHECKING:
     from gateway.broker.broker import Broker

@@ -102,7 +102,7 @@ class TlsServerProtocol(asyncio.Protocol):
             self._timer = None
         self.flush()
         self._inner = self._make_inner()
-        self._inner.connection_made(TlsTransport(self))  # type: ignore[arg-type]
+        self._inner.connection_made(TlsTransport(self))
         return True
 
     def _handshake_expired(self) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 from datetime import UTC, datetime
+from typing import Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature

@@ -186,4 +186,4 @@ class _Pump:
             self.poke.clear()
 
 
-__all__ = ["ModuleInputService", "Module"]
+__all__ = ["Module", "ModuleInputService"]

@@ -20,7 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
 from gateway.hub import addresses
-from gateway.hub.addresses import DesiredPatchesFilter, TwinGet, TwinReportedPatch, TwinResponsesFilter
+from gateway.hub.addresses import (
+    DesiredPatchesFilter,
+    TwinGet,
+    TwinReportedPatch,
+    TwinResponsesFilter,
+)
 from gateway.hub.twins import Twin
 from gateway.hub.twinstore import TwinStore
 from gateway.tasks import TaskSet
@@ -131,4 +136,4 @@ class TwinService:
         return twin
 
 
-__all__ = ["TwinService", "Callable"]
+__all__ = ["Callable", "TwinService"]

@@ -111,7 +111,7 @@ class RouteTable:
         self._inputs = [r for r in routes if isinstance(r.sink, ModuleInput)]
 
     @classmethod
-    def parse(cls, routes: dict[str, str]) -> "RouteTable":
+    def parse(cls, routes: dict[str, str]) -> RouteTable:
         return cls([parse_route(name, text) for name, text in routes.items()])
 
     def module_inputs(self, source: str) -> list[ModuleInput]:

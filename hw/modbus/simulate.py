@@ -78,7 +78,7 @@ class SimulatedMeter:
         self.server: ModbusTcpServer | None = None
         self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> "SimulatedMeter":
+    async def __aenter__(self) -> SimulatedMeter:
         if not self.port:
             import socket
 
@@ -94,7 +94,7 @@ class SimulatedMeter:
 
     async def __aexit__(self, *exc: object) -> None:
         if self.server is not None:
-            await self.server.shutdown()
+            await self.server.shutdown()  # type: ignore[no-untyped-call]
         if self._task is not None:
             self._task.cancel()
 
