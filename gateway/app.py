@@ -110,7 +110,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         broker = Broker(config.mqtt, hub, sessions)
         twin_store = TwinStore(db)
         await twin_store.open()
-        hub.methods = MethodService(broker)
+        hub.methods = MethodService(broker, hub.children)
         hub.twins = TwinService(twin_store, hub=hub, broker=broker, tasks=tasks_)
         registry.add_listener(hub.twins.identity_changed)
         c2d_queues = C2DQueues(db)
@@ -159,6 +159,10 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
             unix_socket=data_dir / "mqtt.sock" if config.mqtt.unix_socket else None,
             tls_port=int(broker.ports["tls"]), ca_file=certs.ca_cert)
         await supervisor.ensure_identities()
+        for spec in supervisor.specs:  # children registered by earlier runs' twins
+            twin = twin_store.get(supervisor.device_id, spec.name)
+            if twin is not None:
+                await hub.children.module_desired(supervisor.device_id, spec.name, twin.desired)
         gateway = Gateway(config=config, registry=registry, hub=hub, broker=broker, api=api,
                           log=message_log, certs=certs, runtime=runtime)
         stop_event = stop or _signal_stop()

@@ -14,7 +14,10 @@ The runtime connects to the local hub as the bridge's module identity (MQTT thro
   seconds when it changed;
 * answers direct methods from :attr:`Bridge.methods` (404 for unknown names, 500 with the
   error for a failing one);
-* reconnects with exponential backoff (1 s to 60 s, jittered); the bridge itself never stops.
+* reconnects with exponential backoff (1 s to 60 s, jittered); the bridge itself never stops;
+* translates identities: sensors listed in the desired ``children`` map are sent with the
+  application property ``gateway-child={deviceId}`` and the hub files them as that child
+  device's telemetry (:mod:`gateway.hub.children`); the bridge never sees that key.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import aiomqtt
 
 from gateway.client import ClientSettings
 from gateway.errors import ConfigError
+from gateway.hub.children import CHILD_PROPERTY, parse_children
 from hw.bridge import Bridge
 from hw.readings import Reading, telemetry_body
 
@@ -74,6 +78,7 @@ class ModuleRuntime:
         self._config_error: str | None = None
         self._unsent: tuple[str, bytes] | None = None  # taken from the queue, not yet acked
         self._report_now = asyncio.Event()
+        self.children: dict[str, str] = {}  # sensor -> child device id
 
     async def emit(self, sensor: str, readings: Sequence[Reading]) -> None:
         if readings:
@@ -161,12 +166,14 @@ class ModuleRuntime:
     def _apply(self, desired: dict[str, Any], *, replace: bool) -> None:
         candidate = desired if replace else merge(self.desired, desired)
         try:
-            self.bridge.apply(candidate)
+            children = parse_children(candidate)
+            self.bridge.apply({k: v for k, v in candidate.items() if k != "children"})
         except ConfigError as exc:
             self._config_error = str(exc)
             log.warning("configuration refused bridge=%s reason=%s", self.bridge.name, exc)
             return
         self.desired = candidate
+        self.children = children
         self._config_error = None
 
     async def _method(self, name: str, payload: bytes) -> tuple[int, Any]:
@@ -180,13 +187,16 @@ class ModuleRuntime:
             return 500, {"error": str(exc)}
 
     async def _publisher(self, client: aiomqtt.Client) -> None:
-        topic = self.settings.telemetry_topic(content_type="application/json",
-                                              content_encoding="utf-8")
         while True:
             if self._unsent is None:
                 self._unsent = await self.queue.get()
+            sensor, body = self._unsent
+            child = self.children.get(sensor)
+            topic = self.settings.telemetry_topic(
+                {CHILD_PROPERTY: child} if child else None,
+                content_type="application/json", content_encoding="utf-8")
             # aiomqtt returns from a QoS 1 publish after the PUBACK: only then is it the hub's
-            await client.publish(topic, self._unsent[1], qos=1)
+            await client.publish(topic, body, qos=1)
             self._unsent = None
 
     async def _report(self, client: aiomqtt.Client, *, force: bool = False) -> None:

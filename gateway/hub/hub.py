@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.errors import ForbiddenError, MessageTooLargeError
 from gateway.hub import addresses
 from gateway.hub.auth import Authenticator, Principal
+from gateway.hub.children import CHILD_PROPERTY, ChildDirectory
 from gateway.hub.messages import message_size, props_json, split_properties
 from gateway.hub.propbag import decode_bag
 from gateway.hub.registry import Device, Module, Registry
@@ -81,6 +82,7 @@ class Hub:
         self.methods: MethodService
         self.twins: TwinService
         self.c2d: C2DService
+        self.children = ChildDirectory(registry)
         registry.add_listener(self._on_registry_change)
 
     # -- connect -----------------------------------------------------------------------------
@@ -115,11 +117,20 @@ class Hub:
     def _prepare_telemetry(self, principal: Principal, address: addresses.Telemetry) -> PreparedTelemetry:
         system, application = split_properties(decode_bag(address.bag))
         system.pop("to", None)  # C2D-only; never accepted from devices (ref §2.3)
-        system["iothub-connection-device-id"] = principal.device_id
-        if principal.module_id is not None:
-            system["iothub-connection-module-id"] = principal.module_id
+        device_id, module_id = principal.device_id, principal.module_id
+        generation_id = principal.generation_id
+        child_id = application.pop(CHILD_PROPERTY, None)
+        if child_id is not None:  # a bridge speaking for a sensor's child device
+            child = self.children.owner_of(child_id, device_id, module_id)
+            device = self.registry.get_device(child_id)
+            if child is None or device is None:
+                raise ForbiddenError(f"{principal.client_id} may not send as device {child_id!r}")
+            device_id, module_id, generation_id = child_id, None, device.generation_id
+        system["iothub-connection-device-id"] = device_id
+        if module_id is not None:
+            system["iothub-connection-module-id"] = module_id
         system["iothub-connection-auth-method"] = principal.auth_method_json()
-        system["iothub-connection-auth-generation-id"] = principal.generation_id
+        system["iothub-connection-auth-generation-id"] = generation_id
         system["iothub-message-source"] = "Telemetry"
         if principal.model_id:
             system["dt-dataschema"] = principal.model_id
@@ -127,8 +138,8 @@ class Hub:
         retained = dict(application)
         retained["mqtt-retain"] = "true"
         return PreparedTelemetry(
-            device_id=principal.device_id,
-            module_id=principal.module_id,
+            device_id=device_id,
+            module_id=module_id,
             props=props_json(system, application),
             props_size=size,
             retained_props=props_json(system, retained),

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from gateway.errors import GatewayTimeoutError, InvalidRequestError, NotFoundError
 from gateway.hub.addresses import MethodRequestsFilter, MethodResponse, method_request_topic
+from gateway.hub.children import ChildDirectory
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,9 @@ def _seconds(body: Mapping[str, Any], key: str, default: int, low: int, high: in
 
 
 class MethodService:
-    def __init__(self, targets: _Targets) -> None:
+    def __init__(self, targets: _Targets, children: ChildDirectory | None = None) -> None:
         self._targets = targets
+        self._children = children
         self._pending: dict[tuple[str, str], asyncio.Future[tuple[int, Any]]] = {}
         self._rids = itertools.count(1)
 
@@ -72,6 +74,12 @@ class MethodService:
         if len(payload) > MAX_PAYLOAD:
             raise InvalidRequestError(f"method payload of {len(payload)} bytes is over 128 KB")
         client_id = f"{device_id}/{module_id}" if module_id else device_id
+        child = self._children.lookup(device_id) if self._children and not module_id else None
+        if child is not None:  # a sensor's child device: reached through its bridge
+            client_id = f"{child.gateway_id}/{child.module_id}"
+            value = body.get("payload")
+            extra = dict(value) if isinstance(value, Mapping) else {"value": value}
+            payload = json.dumps({**extra, "sensor": child.sensor}, separators=(",", ":")).encode()
         conn = await self._targets.wait_target(client_id, MethodRequestsFilter, connect_timeout)
         if conn is None:
             raise DeviceNotOnlineError(

@@ -128,6 +128,8 @@ class TwinService:
             device_id, module_id, body, if_match=if_match, replace=replace)
         self.hub.twin_change_event(device_id, module_id,
                                    "replaceTwin" if replace else "updateTwin", change)
+        if module_id is not None and push is not None:
+            await self.hub.children.module_desired(device_id, module_id, twin.desired)
         if push is not None:
             conn = self.broker.target(_client_id(device_id, module_id), DesiredPatchesFilter)
             if conn is not None:

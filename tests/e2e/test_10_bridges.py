@@ -130,3 +130,80 @@ def test_serial_and_modbus_bridges_end_to_end(bridge_hub: HubProcess, tmp_path: 
         assert hub.log_text().count("module started module=modbus") == 1
 
     asyncio.run(scenario())
+
+
+def test_sensor_as_child_device_of_the_gateway(bridge_hub: HubProcess, tmp_path: Path) -> None:
+    """Identity translation: a GPS registered as its own device, child of the gateway; its
+    telemetry is filed as the child's, and its direct methods reach the bridge."""
+    hub = bridge_hub
+    api = HubClient(hub.data_dir)
+
+    async def scenario() -> None:
+        a, b = tmp_path / "ttyA", tmp_path / "ttyB"
+        socat = await asyncio.create_subprocess_exec(
+            "socat", f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        try:
+            await wait_for(lambda: a.exists() and b.exists(), 10, "the pty pair")
+            await asyncio.to_thread(api.request, "PATCH", f"/twins/{GW}/modules/serial", {
+                "properties": {"desired": {
+                    "ports": {"gps": {"path": str(b), "sensor": "gps", "baud": 9600,
+                                      "format": "nmea"}},
+                    "children": {"gps": {"deviceId": "plant7-gps"}}}}})
+            child = await wait_for(lambda: _get(api, "/devices/plant7-gps"), 20, "the child")
+            gateway = api.request("GET", f"/devices/{GW}")
+            assert gateway["capabilities"]["iotEdge"] and gateway["deviceScope"]
+            assert child["parentScopes"] == [gateway["deviceScope"]]
+            assert child["authentication"]["type"] == "none"
+            gga = with_checksum("GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,")
+            with open(a, "wb", buffering=0) as tty:
+                for _ in range(3):
+                    tty.write(gga + b"\r\n")
+                    await asyncio.sleep(0.2)
+
+            def child_events() -> list[dict[str, Any]]:
+                batch = api.request("GET", "/messages/events", query={
+                    "start": "earliest", "deviceId": "plant7-gps", "kinds": "telemetry"})
+                return [i["event"] for i in batch]
+
+            [event, *_] = await wait_for(child_events, 20, "the child's telemetry")
+            assert event["origin"] == "plant7-gps" and event["module"] == ""
+            assert event["annotations"]["iothub-connection-device-id"] == "plant7-gps"
+            assert "gateway-child" not in event["properties"]["application"]
+            assert readings(hub, "serial") == []  # not also filed as the module's
+            result = await asyncio.to_thread(api.request, "POST", "/twins/plant7-gps/methods", {
+                "methodName": "listPorts", "payload": {}, "responseTimeoutInSeconds": 10})
+            assert result["status"] == 200, result
+        finally:
+            socat.terminate()
+            await socat.wait()
+
+    asyncio.run(scenario())
+
+
+def _get(api: HubClient, path: str) -> Any:
+    from gateway.hubclient import ApiError
+
+    try:
+        return api.request("GET", path)
+    except ApiError:
+        return None
+
+
+def test_a_module_cannot_speak_for_a_device_it_does_not_own(hub: HubProcess) -> None:
+    from gateway.mqtt.packets import Publish
+    from tests.e2e.test_01_connect import wait_for_log
+    from tests.hubproc import create_device, device_token, username
+    from tests.mqttraw import RawClient
+
+    create_device(hub, "victim")
+    create_device(hub, "edge")
+    key = json.loads(hub.cli("module", "create", "edge", "m").stdout)[
+        "authentication"]["symmetricKey"]["primaryKey"]
+    c = RawClient(hub.port("mqtt_tls_port"), ca_file=hub.ca_file)
+    assert c.connect("edge/m", username(hub, "edge", "m"),
+                     device_token(hub, "edge", key, module_id="m")).return_code == 0  # type: ignore[union-attr]
+    c.send(Publish(topic="devices/edge/modules/m/messages/events/gateway-child=victim",
+                   payload=b"{}", qos=1, packet_id=1))
+    c.expect_closed()
+    wait_for_log(hub, "may not send as device 'victim'")
