@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,16 @@ from gateway.errors import ForbiddenError, MessageTooLargeError
 from gateway.hub import addresses
 from gateway.hub.auth import Authenticator, Principal
 from gateway.hub.children import CHILD_PROPERTY, ChildDirectory
-from gateway.hub.messages import message_size, props_json, split_properties
+from gateway.hub.messages import (
+    Event,
+    connection_state_event,
+    format_time,
+    lifecycle_event,
+    message_size,
+    props_json,
+    split_properties,
+    twin_change_event,
+)
 from gateway.hub.propbag import decode_bag
 from gateway.hub.registry import Device, Module, Registry
 from gateway.hub.twins import new_twin
@@ -52,11 +62,6 @@ class PreparedTelemetry:
     props: str  # stored JSON of system + application properties
     props_size: int  # bytes counted against the 256 KB limit
     retained_props: str  # the same with application property mqtt-retain=true
-
-
-def _iso(ts: float) -> str:
-    t = time.gmtime(ts)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(ts * 1000) % 1000:03d}Z"
 
 
 class Hub:
@@ -198,69 +203,47 @@ class Hub:
         self._state_seq = value
         return f"{value:064X}"
 
-    def _event(self, kind: str, source: str, schema: str, op: str, device_id: str,
-               module_id: str | None, body: dict[str, Any]) -> Record:
-        now = self.clock()
-        system = {
-            "content-type": "application/json",
-            "content-encoding": "utf-8",
-            "user-id": self.host_name,
-            "iothub-connection-device-id": device_id,
-            "iothub-message-source": source,
-        }
-        if module_id is not None:
-            system["iothub-connection-module-id"] = module_id
-        application: dict[str, str | None] = {
-            "hubName": self.host_name,
-            "deviceId": device_id,
-            "operationTimestamp": _iso(now),
-            "opType": op,
-            "iothub-message-schema": schema,
-        }
-        if module_id is not None:
-            application["moduleId"] = module_id
-        return Record(
-            kind, device_id, module_id, int(now * 1000), props_json(system, application),
-            json.dumps(body, separators=(",", ":")).encode(),
-        )
+    def _record(self, kind: str, event: Event, device_id: str, module_id: str | None) -> Record:
+        """A non-telemetry event (built by the pure builders of :mod:`gateway.hub.messages`)
+        as a stored row; the enqueued time lives in its own column, as for telemetry."""
+        system, application, body = event
+        system.pop("iothub-enqueuedtime", None)
+        return Record(kind, device_id, module_id, int(self.clock() * 1000),
+                      props_json(system, application), body)
 
     def connection_event(self, principal: Principal, connected: bool) -> None:
-        record = self._event(
-            CONNECTION_STATE,
-            "deviceConnectionStateEvents",
-            "deviceConnectionStateNotification",
-            "deviceConnected" if connected else "deviceDisconnected",
-            principal.device_id,
-            principal.module_id,
-            {"sequenceNumber": self._next_sequence()},
-        )
+        event = connection_state_event(
+            hub_name=self.host_name, device_id=principal.device_id,
+            module_id=principal.module_id, connected=connected,
+            sequence_number=self._next_sequence(), correlation_id=str(uuid.uuid4()),
+            now=self.clock())
         self.registry_state(principal, connected)
-        self._append_event(record)
+        self._append_event(self._record(CONNECTION_STATE, event, principal.device_id,
+                                        principal.module_id))
 
     def registry_state(self, principal: Principal, connected: bool) -> None:
         self.registry.set_connection_state(
-            principal.device_id, principal.module_id, connected, _iso(self.clock())
+            principal.device_id, principal.module_id, connected, format_time(self.clock())
         )
 
     def _on_registry_change(self, change: str, identity: Device | Module) -> None:
         module_id = identity.module_id if isinstance(identity, Module) else None
         existing = self.twins.store.get(identity.device_id, module_id) if hasattr(self, "twins") else None
         twin = (existing or new_twin(identity.device_id, module_id, now=self.clock())).document()
-        op = "createDeviceIdentity" if change == "created" else "deleteDeviceIdentity"
-        if module_id is not None:
-            op = op.replace("Device", "Module")
-        record = self._event(
-            LIFECYCLE, "deviceLifecycleEvents", "deviceLifecycleNotification", op,
-            identity.device_id, module_id, twin,
-        )
-        self._append_event(record)
+        event = lifecycle_event(
+            hub_name=self.host_name, device_id=identity.device_id, module_id=module_id,
+            created=change == "created", twin=twin, correlation_id=str(uuid.uuid4()),
+            now=self.clock())
+        self._append_event(self._record(LIFECYCLE, event, identity.device_id, module_id))
 
     def twin_change_event(self, device_id: str, module_id: str | None, op: str,
                           body: dict[str, Any]) -> None:
         """Record a twin change (ref §10.5 twinChangeEvents) for routing and readers."""
-        self._append_event(self._event(
-            TWIN_CHANGE, "twinChangeEvents", "twinChangeNotification", op, device_id,
-            module_id, body))
+        event = twin_change_event(
+            hub_name=self.host_name, device_id=device_id, module_id=module_id,
+            replaced=op == "replaceTwin", body=body, correlation_id=str(uuid.uuid4()),
+            now=self.clock())
+        self._append_event(self._record(TWIN_CHANGE, event, device_id, module_id))
 
     def _append_event(self, record: Record) -> None:
         try:

@@ -164,3 +164,20 @@ def test_mosquitto_pub(hub: HubProcess, device: tuple[str, str]) -> None:
     [event] = monitor(hub, "dev1")
     assert event["payload"] == {"hello": 1}
     assert event["properties"]["application"] == {"source": "mosquitto"}
+
+
+def test_lifecycle_and_connection_state_events(hub: HubProcess, device: tuple[str, str]) -> None:
+    c = connected(hub, device)
+    c.close()
+    wait_for_log(hub, "disconnected client_id='dev1'")
+    out = hub.cli("monitor-events", "--device", "dev1", "--from-beginning", "--timeout", "1.5",
+                  "--json", "--all-kinds").stdout
+    events = [json.loads(line)["event"] for line in out.splitlines() if line.strip()]
+    ops = [e["properties"]["application"]["opType"] for e in events]
+    assert ops == ["createDeviceIdentity", "deviceConnected", "deviceDisconnected"]
+    created, up, down = events
+    assert created["annotations"]["iothub-message-source"] == "deviceLifecycleEvents"
+    assert created["payload"]["deviceId"] == "dev1" and "properties" in created["payload"]
+    assert up["annotations"]["iothub-message-source"] == "deviceConnectionStateEvents"
+    first, second = up["payload"]["sequenceNumber"], down["payload"]["sequenceNumber"]
+    assert len(first) == 64 and first < second  # string order is time order (ref §10.5)
