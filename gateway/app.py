@@ -103,13 +103,14 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         await message_log.open()
         sessions = SessionStore(db)
         await sessions.open()
+        twin_store = TwinStore(db)
+        await twin_store.open()
         authenticator = Authenticator(registry, host_names=host_names,
                                       ca_pems=[certs.ca_cert.read_text()])
         hub = Hub(host_name=config.hub.host_name, registry=registry, authenticator=authenticator,
-                  log=message_log, max_message_bytes=config.mqtt.max_message_bytes)
+                  log=message_log, twin_store=twin_store,
+                  max_message_bytes=config.mqtt.max_message_bytes)
         broker = Broker(config.mqtt, hub, sessions)
-        twin_store = TwinStore(db)
-        await twin_store.open()
         hub.methods = MethodService(broker, hub.children)
         hub.twins = TwinService(twin_store, hub=hub, broker=broker, tasks=tasks_)
         registry.add_listener(hub.twins.identity_changed)

@@ -80,16 +80,7 @@ def _auth_body(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "x509_ca", False):
         return {"type": "certificateAuthority"}
     if getattr(args, "x509_cert", None):
-        from cryptography import x509
-
-        from gateway.pki import thumbprints
-
-        pem = Path(args.x509_cert).read_text()
-        der = x509.load_pem_x509_certificate(pem.encode()).public_bytes(
-            __import__("cryptography.hazmat.primitives.serialization", fromlist=["Encoding"]).Encoding.DER
-        )
-        sha1, _ = thumbprints(der)
-        return {"type": "selfSigned", "x509Thumbprint": {"primaryThumbprint": sha1}}
+        return {"type": "selfSigned"}  # the registry takes the thumbprint from the certificate
     if getattr(args, "x509_thumbprint", None):
         return {"type": "selfSigned", "x509Thumbprint": {"primaryThumbprint": args.x509_thumbprint}}
     return {"type": "sas"}

@@ -260,11 +260,8 @@ def _short(value: object) -> str:
 
 async def _printer(gw: app.Gateway, after: int) -> None:
     while True:
-        snapshot = gw.log.last_seq  # everything up to here is visible to the read below
-        entries = await gw.log.read(after, 100, kinds={"telemetry"})
+        entries, after = await gw.log.scan(after, 100, kinds={"telemetry"})
         for entry in entries:
             print(render(entry_json(entry, gw.config.hub.host_name)), flush=True)
-        after = max(snapshot, entries[-1].seq if entries else after) if len(entries) < 100 else entries[-1].seq
         if len(entries) < 100:
-            with contextlib.suppress(TimeoutError):
-                await gw.log.wait_beyond(after, 5.0)
+            await gw.log.wait_beyond(after, 5.0)

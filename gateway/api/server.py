@@ -33,7 +33,7 @@ from gateway.api.device_http import add_device_routes
 from gateway.api.errors import error_middleware
 from gateway.api.events import entry_json
 from gateway.api.ws import add_websocket_route
-from gateway.errors import AuthError, InvalidRequestError, NotFoundError
+from gateway.errors import InvalidRequestError, NotFoundError
 from gateway.hub.auth import Authenticator, ServicePrincipal
 from gateway.hub.hub import Hub
 from gateway.hub.messages import format_time as iso_time
@@ -122,7 +122,6 @@ class ServiceApi:
             add_websocket_route(self.app, broker)
         self._runner: web.AppRunner | None = None
         self.port = 0
-        self._streams: set[asyncio.Task[Any]] = set()
 
     def _route(self, method: str, path: str, right: str,
                handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> None:
@@ -409,17 +408,12 @@ class ServiceApi:
         """Write entries as they commit; a heartbeat line every 15 s of silence."""
         await response.write(b"")
         while True:
-            # Everything committed up to `snapshot` is visible to the read below, so when the
-            # read comes back short the reader may skip to `snapshot` (filters can hide entries).
-            snapshot = self.log.last_seq
-            entries = await self.log.read(after, limit, device_id=device_id, kinds=kinds)
+            entries, after = await self.log.scan(after, limit, device_id=device_id, kinds=kinds)
             if entries:
                 lines = "".join(json.dumps(entry_json(e, self.host_name)) + "\n" for e in entries)
                 await response.write(lines.encode())
             if len(entries) == limit:
-                after = entries[-1].seq
                 continue
-            after = max(snapshot, entries[-1].seq if entries else after)
             # Wait for a commit; send a heartbeat line now and then so a client notices a dead
             # hub and a proxy keeps the stream open.
             if not await self.log.wait_beyond(after, 15.0):
@@ -434,5 +428,3 @@ class ServiceApi:
         await self.log.set_cursor(f"events/{group}", seq)
         return _json({"consumerGroup": group, "seq": seq})
 
-
-__all__ = ["AuthError", "ServiceApi"]

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.errors import AuthError, ForbiddenError, GatewayError, RemoteProtocolError
 from gateway.hub.auth import SKEW_SECONDS
-from gateway.hub.hub import PreparedTelemetry
+from gateway.hub.hub import PendingWill, PreparedTelemetry
 from gateway.mqtt.packets import ConnackCode, Connect, Publish, Subscribe, Unsubscribe
 from gateway.mqtt.session import (
     ConnectReceived,
@@ -60,7 +60,7 @@ class MqttConnection(asyncio.Protocol):
         self.principal: Principal | None = None
         self.client_id = ""
         self.peer = "?"
-        self.will: Publish | None = None
+        self.will: PendingWill | None = None
         self.closed = False
         self.clean_disconnect = False
         self.transport: asyncio.Transport | None = None
@@ -133,12 +133,6 @@ class MqttConnection(asyncio.Protocol):
                 handle.cancel()
         reason = self._close_reason or (f"connection lost: {exc}" if exc else "peer closed")
         self.broker.connection_closed(self, reason)
-
-    def pause_writing(self) -> None:  # transport buffer over its high-water mark
-        pass
-
-    def resume_writing(self) -> None:
-        pass
 
     # -- packet handlers -------------------------------------------------------------------
 

@@ -49,9 +49,8 @@ class TlsServerProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._incoming.write(data)
-        if self._inner is None:
-            if not self._handshake():
-                return
+        if self._inner is None and not self._handshake():
+            return
         chunks = []
         try:
             while True:

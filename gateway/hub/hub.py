@@ -11,7 +11,6 @@ cached by the connection, the hub stamps the anti-spoofing system properties (§
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -36,6 +35,7 @@ from gateway.hub.messages import (
 from gateway.hub.propbag import decode_bag
 from gateway.hub.registry import Device, Module, Registry
 from gateway.hub.twins import new_twin
+from gateway.hub.twinstore import TwinStore
 from gateway.mqtt.packets import Publish, Will
 from gateway.store.log import MessageLog, Record
 
@@ -64,6 +64,15 @@ class PreparedTelemetry:
     retained_props: str  # the same with application property mqtt-retain=true
 
 
+@dataclass(frozen=True, slots=True)
+class PendingWill:
+    """A connection's Will, ready to store if its link drops."""
+
+    prepared: PreparedTelemetry
+    payload: bytes
+    retain: bool
+
+
 class Hub:
     """The local IoT hub's device-facing semantics."""
 
@@ -74,6 +83,7 @@ class Hub:
         registry: Registry,
         authenticator: Authenticator,
         log: MessageLog,
+        twin_store: TwinStore,
         max_message_bytes: int = 262144,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -81,6 +91,7 @@ class Hub:
         self.registry = registry
         self.authenticator = authenticator
         self.log = log
+        self.twin_store = twin_store
         self.max_message_bytes = max_message_bytes
         self.clock = clock
         self._state_seq = 0
@@ -101,12 +112,17 @@ class Hub:
             peer_cert_chain=cert_chain, now=self.clock(),
         )
 
-    def check_will(self, principal: Principal, will: Will) -> Publish:
-        """A Will must be the identity's own telemetry topic (ref §1.2 "Will")."""
-        prepared = self.prepare_publish(principal, will.topic)
-        if not isinstance(prepared, PreparedTelemetry):
+    def check_will(self, principal: Principal, will: Will) -> PendingWill:
+        """A Will must be the identity's own telemetry topic (ref §1.2 "Will"); it is sent as
+        telemetry with ``iothub-MessageType=Will`` if the link drops without DISCONNECT. It is
+        prepared (and size-checked) now, at CONNECT."""
+        address = addresses.parse_publish_topic(
+            will.topic, device_id=principal.device_id, module_id=principal.module_id)
+        if not isinstance(address, addresses.Telemetry):
             raise ForbiddenError(f"will topic not allowed: {will.topic!r}")
-        return Publish(topic=will.topic, payload=will.payload, qos=1, retain=will.retain)
+        prepared = self._prepare_telemetry(principal, address, {"iothub-MessageType": "Will"})
+        self.telemetry_record(prepared, will.payload)  # refuse an oversize Will at CONNECT
+        return PendingWill(prepared, will.payload, will.retain)
 
     # -- publish -----------------------------------------------------------------------------
 
@@ -119,8 +135,11 @@ class Hub:
             return self._prepare_telemetry(principal, address)
         return address  # a twin request or a method response: dispatched per packet
 
-    def _prepare_telemetry(self, principal: Principal, address: addresses.Telemetry) -> PreparedTelemetry:
+    def _prepare_telemetry(self, principal: Principal, address: addresses.Telemetry,
+                           extra: dict[str, str | None] | None = None) -> PreparedTelemetry:
         system, application = split_properties(decode_bag(address.bag))
+        if extra:
+            application.update(extra)
         system.pop("to", None)  # C2D-only; never accepted from devices (ref §2.3)
         device_id, module_id = principal.device_id, principal.module_id
         generation_id = principal.generation_id
@@ -180,20 +199,6 @@ class Hub:
     def append(self, rows: Sequence[Record]) -> asyncio.Future[int]:
         return self.log.append(rows)
 
-    def will_record(self, principal: Principal, will: Publish) -> Record:
-        prepared = self._prepare_telemetry(
-            principal,
-            addresses.parse_publish_topic(
-                will.topic, device_id=principal.device_id, module_id=principal.module_id
-            ),  # type: ignore[arg-type]
-        )
-        data = json.loads(prepared.props)
-        data["application"]["iothub-MessageType"] = "Will"
-        return Record(
-            TELEMETRY, principal.device_id, principal.module_id, int(self.clock() * 1000),
-            json.dumps(data, separators=(",", ":")), will.payload,
-        )
-
     # -- non-telemetry events (ref §10.5) -----------------------------------------------------
 
     def _next_sequence(self) -> str:
@@ -217,18 +222,14 @@ class Hub:
             module_id=principal.module_id, connected=connected,
             sequence_number=self._next_sequence(), correlation_id=str(uuid.uuid4()),
             now=self.clock())
-        self.registry_state(principal, connected)
+        self.registry.set_connection_state(
+            principal.device_id, principal.module_id, connected, format_time(self.clock()))
         self._append_event(self._record(CONNECTION_STATE, event, principal.device_id,
                                         principal.module_id))
 
-    def registry_state(self, principal: Principal, connected: bool) -> None:
-        self.registry.set_connection_state(
-            principal.device_id, principal.module_id, connected, format_time(self.clock())
-        )
-
     def _on_registry_change(self, change: str, identity: Device | Module) -> None:
         module_id = identity.module_id if isinstance(identity, Module) else None
-        existing = self.twins.store.get(identity.device_id, module_id) if hasattr(self, "twins") else None
+        existing = self.twin_store.get(identity.device_id, module_id)
         twin = (existing or new_twin(identity.device_id, module_id, now=self.clock())).document()
         event = lifecycle_event(
             hub_name=self.host_name, device_id=identity.device_id, module_id=module_id,
@@ -246,11 +247,7 @@ class Hub:
         self._append_event(self._record(TWIN_CHANGE, event, device_id, module_id))
 
     def _append_event(self, record: Record) -> None:
-        try:
-            future = self.log.append([record])
-        except RuntimeError:  # no running loop (registry used outside the hub)
-            return
-        future.add_done_callback(_log_failure)
+        self.log.append([record]).add_done_callback(_log_failure)
 
 
 def _log_failure(fut: asyncio.Future[Any]) -> None:

@@ -35,12 +35,6 @@ class MethodTimeoutError(GatewayTimeoutError):
     code = "GatewayTimeout"
 
 
-class _Connection(Protocol):
-    client_id: str
-
-    def publish(self, topic: str, payload: bytes, qos: int) -> int | None: ...
-
-
 class _Targets(Protocol):
     async def wait_target(self, client_id: str, kind: type, timeout: float) -> Any: ...
 

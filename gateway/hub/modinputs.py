@@ -28,7 +28,7 @@ from gateway.tasks import TaskSet
 if TYPE_CHECKING:
     from gateway.broker.broker import Broker
     from gateway.broker.connection import MqttConnection
-    from gateway.hub.registry import Module, Registry
+    from gateway.hub.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -140,15 +140,12 @@ class _Pump:
     async def _fill(self) -> None:
         log_ = self.s.log
         while len(self.inflight) < self.s.window and not self.conn.closed:
-            snapshot = log_.last_seq
             limit = self.s.window - len(self.inflight)
-            entries = await log_.read(self.scanned, limit, kinds={"telemetry"},
-                                      device_id=self.device_id)
+            entries, self.scanned = await log_.scan(self.scanned, limit, kinds={"telemetry"},
+                                                    device_id=self.device_id)
             for entry in entries:
                 self._deliver(entry)
-                self.scanned = entry.seq
             if len(entries) < limit:
-                self.scanned = max(self.scanned, snapshot)
                 return
 
     def _deliver(self, entry: Entry) -> None:
@@ -185,5 +182,3 @@ class _Pump:
             poked.cancel()
             self.poke.clear()
 
-
-__all__ = ["Module", "ModuleInputService"]

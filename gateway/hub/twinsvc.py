@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from gateway.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
@@ -137,5 +137,3 @@ class TwinService:
                              json.dumps(push, separators=(",", ":")).encode(), 0)
         return twin
 
-
-__all__ = ["Callable", "TwinService"]

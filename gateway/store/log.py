@@ -305,6 +305,24 @@ class MessageLog:
 
         return await self._db.run(query)
 
+    async def scan(
+        self,
+        after_seq: int,
+        limit: int = 500,
+        *,
+        device_id: str | None = None,
+        kinds: Collection[str] | None = None,
+    ) -> tuple[list[Entry], int]:
+        """:meth:`read`, plus the position a filtering reader may move to: when the read
+        comes back short, every entry committed before it started was examined, matching or
+        not, so the reader can skip past those its filters hid (and wait for commits beyond
+        that position, not beyond its last match)."""
+        examined = self.last_seq  # everything up to here is visible to the read below
+        entries = await self.read(after_seq, limit, device_id=device_id, kinds=kinds)
+        if len(entries) == limit:
+            return entries, entries[-1].seq
+        return entries, max(examined, after_seq, entries[-1].seq if entries else 0)
+
     async def wait_beyond(self, seq: int, timeout: float | None = None) -> bool:
         """Return True as soon as ``last_seq > seq`` (woken by commits), False on timeout."""
         try:
