@@ -21,7 +21,6 @@ from gateway.broker.connection import MqttConnection
 from gateway.broker.sessions import SessionStore
 from gateway.broker.tls import TlsServerProtocol
 from gateway.config import MqttConfig
-from gateway.errors import ForbiddenError
 from gateway.hub import addresses
 from gateway.hub.auth import Principal
 from gateway.hub.hub import Hub
@@ -191,15 +190,18 @@ class Broker:
 
     def connection_closed(self, conn: MqttConnection, reason: str) -> None:
         self.open_connections.discard(conn)
-        if self.live.get(conn.client_id) is conn:
+        live = self.live.get(conn.client_id) is conn
+        if live:
             del self.live[conn.client_id]
             if not conn.clean_disconnect:
                 self._publish_will(conn)
+        if conn.principal is not None:  # every session that was attached, replaced ones too
             for hook in self.close_hooks:
                 try:
                     hook(conn)
                 except Exception:
                     log.exception("close hook failed client_id=%r", conn.client_id)
+        if live:
             assert conn.principal is not None
             self.hub.connection_event(conn.principal, connected=False)
             log.info("disconnected client_id=%r peer=%s reason=%s", conn.client_id, conn.peer, reason)
@@ -208,7 +210,7 @@ class Broker:
         if conn.will is None or conn.principal is None:
             return
         will, conn.will = conn.will, None
-        record = self.hub.will_record(conn.principal, will)
+        record = self.hub.telemetry_record(will.prepared, will.payload, retain=will.retain)
         self.hub.append([record]).add_done_callback(_log_failure)
 
     # -- subscriptions -----------------------------------------------------------------------
@@ -271,5 +273,3 @@ def _log_failure(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled() and fut.exception() is not None:
         log.error("background step failed: %s", fut.exception())
 
-
-__all__ = ["Broker", "ForbiddenError"]

@@ -18,6 +18,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from gateway.errors import NotFoundError
 from gateway.hub.addresses import C2DFilter
 from gateway.hub.c2d import C2DMessage, C2DQueues
 from gateway.tasks import TaskSet
@@ -38,7 +39,10 @@ class C2DService:
         self.registry = registry
         self.tasks = tasks
         self.window = window
-        self._inflight: dict[str, dict[int, str]] = {}  # device id -> packet id -> lock token
+        # connection -> packet id -> lock token. Keyed by connection, not client id: packet ids
+        # are per connection, and a replaced connection's PUBACKs must never complete
+        # (or be mistaken for) its successor's deliveries.
+        self._inflight: dict[MqttConnection, dict[int, str]] = {}
         self._pumping: dict[str, bool] = {}  # device id -> "pump again when done"
         self._wake = asyncio.Event()
 
@@ -49,7 +53,7 @@ class C2DService:
             self.pump(conn.client_id)
 
     def on_puback(self, conn: MqttConnection, packet_id: int) -> None:
-        inflight = self._inflight.get(conn.client_id)
+        inflight = self._inflight.get(conn)
         token = inflight.pop(packet_id, None) if inflight else None
         if token is None:
             return
@@ -62,7 +66,11 @@ class C2DService:
         self.tasks.spawn(complete(), f"c2d-complete {device_id}")
 
     def on_closed(self, conn: MqttConnection) -> None:
-        if self._inflight.pop(conn.client_id, None):
+        """Unacknowledged deliveries become deliverable again at once -- unless a new
+        connection already took the session over: its own deliveries hold locks of the same
+        queue, so the old ones are left to lapse (and be redelivered) after the lock period."""
+        unacked = self._inflight.pop(conn, None)
+        if unacked and self.broker.live.get(conn.client_id) is None:
             self.tasks.spawn(self.queues.release(conn.client_id), f"c2d-release {conn.client_id}")
 
     # -- sending and delivering ---------------------------------------------------------------
@@ -70,8 +78,6 @@ class C2DService:
     async def send(self, device_id: str, body: bytes, properties: Mapping[str, Any]) -> C2DMessage:
         device = self.registry.get_device(device_id)
         if device is None:
-            from gateway.errors import NotFoundError
-
             raise NotFoundError(f"device {device_id!r} not found")
         message = await self.queues.send(device_id, body, properties=properties,
                                          generation_id=device.generation_id)
@@ -94,16 +100,16 @@ class C2DService:
         try:
             while True:
                 conn = self.broker.target(device_id, C2DFilter)
-                inflight = self._inflight.setdefault(device_id, {})
-                room = self.window - len(inflight)
-                if conn is not None and room > 0:
+                room = self.window - len(self._inflight.get(conn, ())) if conn else 0
+                if room > 0:
                     for message in await self.queues.deliverable(device_id, limit=room):
+                        # looked up again after the await: the connection may have changed
                         conn = self.broker.target(device_id, C2DFilter)
                         if conn is None or not conn.can_publish:
                             break  # its lock lapses or is released with the connection
                         pid = conn.publish(message.topic(), message.body, 1)
                         assert pid is not None and message.lock_token is not None
-                        inflight[pid] = message.lock_token
+                        self._inflight.setdefault(conn, {})[pid] = message.lock_token
                 if not self._pumping.get(device_id):
                     return
                 self._pumping[device_id] = False
@@ -127,5 +133,5 @@ class C2DService:
             changed = await self.queues.expire()
             if changed:
                 log.debug("c2d sweep changed=%s", changed)
-            for device_id in list(self._inflight):
-                self.pump(device_id)
+            for client_id in list(self.broker.live):  # pump() skips non-subscribers at once
+                self.pump(client_id)
