@@ -112,6 +112,9 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
                   max_message_bytes=config.mqtt.max_message_bytes)
         broker = Broker(config.mqtt, hub, sessions)
         hub.methods = MethodService(broker, hub.children)
+        hub.children.broker = broker
+        broker.ready_hooks.append(hub.children.on_ready)
+        registry.add_listener(hub.children.identity_changed, updates=True)
         hub.twins = TwinService(twin_store, hub=hub, broker=broker, tasks=tasks_)
         registry.add_listener(hub.twins.identity_changed)
         c2d_queues = C2DQueues(db)

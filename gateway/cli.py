@@ -107,6 +107,11 @@ def cmd_device(args: argparse.Namespace) -> int:
         device = client.request("GET", path)
         if args.status:
             device["status"] = args.status
+        if args.clear_sensor_key:
+            device["sensorKey"] = None
+        elif args.sensor_key:
+            device["sensorKey"] = (sys.stdin.readline().strip() if args.sensor_key == "-"
+                                   else args.sensor_key)
         _print_json(client.request("PUT", path, device, headers={"If-Match": f'"{device["etag"]}"'}))
     elif args.action == "show":
         _print_json(client.request("GET", path))
@@ -333,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = device.add_parser("update", parents=[common], help="change a device")
     p.add_argument("device_id")
     p.add_argument("--status", choices=["enabled", "disabled"])
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--sensor-key", metavar="HEX",
+                   help="a child sensor's key, e.g. a BTHome bindkey (32 hex digits; - reads "
+                        "it from standard input, keeping it out of the shell history)")
+    g.add_argument("--clear-sensor-key", action="store_true", help="remove the sensor key")
     for name in ("show", "delete"):
         device.add_parser(name, parents=[common], help=f"{name} a device").add_argument("device_id")
     device.add_parser("list", parents=[common], help="list devices")

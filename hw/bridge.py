@@ -39,6 +39,18 @@ class Bridge(Protocol):
     def status(self) -> dict[str, Any]:
         """Reported properties: per port and per sensor: last read time, errors, latency."""
 
+    def sensor_status(self, sensor: str) -> dict[str, Any] | None:
+        """One sensor's part of :meth:`status` (reported into its child device's twin)."""
+
+    def sensor_config_path(self, desired: Mapping[str, Any], sensor: str) -> tuple[str, ...] | None:
+        """Where ``sensor``'s configuration sits in ``desired`` (e.g. ``("devices", "meter1")``),
+        or None if it is not configured there: a child device's desired properties are merged
+        into that object (:mod:`gateway.translation`)."""
+
+    def set_secrets(self, secrets: Mapping[str, str]) -> None:
+        """Sensor keys from the registry (sensor name -> 32 hex digits), for sensors whose
+        frames are encrypted. Called again with the whole map whenever it changes."""
+
     @property
     def methods(self) -> Mapping[str, Method]:
         """Direct methods this bridge exposes (e.g. ``write_register``)."""

@@ -15,9 +15,13 @@ The runtime connects to the local hub as the bridge's module identity (MQTT thro
 * answers direct methods from :attr:`Bridge.methods` (404 for unknown names, 500 with the
   error for a failing one);
 * reconnects with exponential backoff (1 s to 60 s, jittered); the bridge itself never stops;
-* translates identities: sensors listed in the desired ``children`` map are sent with the
-  application property ``gateway-child={deviceId}`` and the hub files them as that child
-  device's telemetry (:mod:`gateway.hub.children`); the bridge never sees that key.
+* translates identities (:mod:`gateway.translation`): it subscribes to the hub's children
+  document, sends the readings of each child sensor with ``gateway-child={deviceId}`` (the hub
+  files them as that device's telemetry), merges each child twin's desired properties into
+  that sensor's configuration (:meth:`Bridge.sensor_config_path`; a child whose properties
+  the bridge refuses is reported and left out, the others apply), hands the children's
+  registry sensor keys to :meth:`Bridge.set_secrets`, and reports each child's status
+  (:meth:`Bridge.sensor_status`) into the child's twin. The bridge never sees ``children``.
 """
 
 from __future__ import annotations
@@ -33,8 +37,18 @@ from typing import Any
 import aiomqtt
 
 from gateway.client import ClientSettings
-from gateway.errors import ConfigError
-from gateway.hub.children import CHILD_PROPERTY, parse_children
+from gateway.errors import ConfigError, RemoteProtocolError
+from gateway.translation import (
+    CHILD_PROPERTY,
+    CHILDREN_DOCUMENT_TOPIC,
+    CHILDREN_FILTER,
+    ChildSpec,
+    child_reported_topic,
+    merge_patch,
+    overlay,
+    parse_children,
+    parse_document,
+)
 from hw.bridge import Bridge
 from hw.readings import Reading, telemetry_body
 
@@ -43,20 +57,6 @@ log = logging.getLogger(__name__)
 METHODS = "$iothub/methods/POST/"
 DESIRED = "$iothub/twin/PATCH/properties/desired/"
 RESPONSES = "$iothub/twin/res/"
-
-
-def merge(doc: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
-    """JSON merge patch (null deletes, objects merge, anything else replaces): how desired
-    patches combine (IoT Hub ref §4.3)."""
-    out = dict(doc)
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def strip_meta(doc: Mapping[str, Any]) -> dict[str, Any]:
@@ -78,7 +78,11 @@ class ModuleRuntime:
         self._config_error: str | None = None
         self._unsent: tuple[str, bytes] | None = None  # taken from the queue, not yet acked
         self._report_now = asyncio.Event()
-        self.children: dict[str, str] = {}  # sensor -> child device id
+        self._twin_read = False  # a first twin GET gave the desired properties
+        self.child_specs: dict[str, ChildSpec] = {}  # the hub's children document
+        self.children: dict[str, str] = {}  # sensor -> child device id, as applied
+        self._child_errors: dict[str, str] = {}
+        self._last_child: dict[str, Any] = {}  # device id -> last reported patch
 
     async def emit(self, sensor: str, readings: Sequence[Reading]) -> None:
         if readings:
@@ -110,7 +114,8 @@ class ModuleRuntime:
             backoff = min(backoff * 2, 60.0)
 
     async def _session(self, client: aiomqtt.Client) -> None:
-        await client.subscribe([(f"{METHODS}#", 1), (f"{RESPONSES}#", 1), (f"{DESIRED}#", 1)])
+        await client.subscribe([(f"{METHODS}#", 1), (f"{RESPONSES}#", 1), (f"{DESIRED}#", 1),
+                                (CHILDREN_FILTER, 1)])
         log.debug("subscribed; reading the module twin")
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._incoming(client, tasks))
@@ -118,7 +123,9 @@ class ModuleRuntime:
             log.debug("module twin read status=%s", status)
             if status != 200:
                 raise aiomqtt.MqttError(f"twin GET answered {status}")
+            self._twin_read = True
             self._apply(strip_meta(json.loads(body).get("desired", {})), replace=True)
+            self._last_child.clear()
             await self._report(client, force=True)
             log.debug("configuration applied and status reported")
             self.connected.set()
@@ -153,6 +160,8 @@ class ModuleRuntime:
                 patch = json.loads(payload or b"{}")
                 self._apply(strip_meta(patch), replace=False)
                 self._report_now.set()
+            elif topic == CHILDREN_DOCUMENT_TOPIC:
+                self._children_document(payload)
             elif topic.startswith(METHODS):
                 name = topic[len(METHODS):].split("/", 1)[0]
                 rid = topic.split("$rid=", 1)[1]
@@ -163,18 +172,64 @@ class ModuleRuntime:
         await client.publish(f"$iothub/methods/res/{status}/?$rid={rid}", json.dumps(answer),
                              qos=0)
 
-    def _apply(self, desired: dict[str, Any], *, replace: bool) -> None:
-        candidate = desired if replace else merge(self.desired, desired)
+    def _children_document(self, payload: bytes) -> None:
         try:
-            children = parse_children(candidate)
-            self.bridge.apply({k: v for k, v in candidate.items() if k != "children"})
-        except ConfigError as exc:
-            self._config_error = str(exc)
-            log.warning("configuration refused bridge=%s reason=%s", self.bridge.name, exc)
+            specs = parse_document(payload)
+        except RemoteProtocolError as exc:
+            log.warning("children document ignored: %s", exc)
             return
+        self.child_specs = specs
+        self.children = {s: c.device_id for s, c in specs.items()}
+        self.bridge.set_secrets({s: c.sensor_key for s, c in specs.items() if c.sensor_key})
+        if self._twin_read:  # before the first twin GET there is nothing to apply yet
+            self._apply(self.desired, replace=True)
+            self._report_now.set()
+
+    def _apply(self, desired: dict[str, Any], *, replace: bool) -> None:
+        """Apply the module's desired properties with each child's desired properties merged
+        into its sensor's configuration. A child whose properties the bridge refuses (the
+        ConfigError names a key inside that sensor) is left out and reported; a refusal
+        anywhere else refuses the whole document and the previous one stays in force."""
+        candidate = desired if replace else merge_patch(self.desired, desired)
+        try:
+            parse_children(candidate)
+        except ConfigError as exc:
+            self._refuse(exc)
+            return
+        base = {k: v for k, v in candidate.items() if k != "children"}
+        paths: dict[str, tuple[str, ...]] = {}
+        errors: dict[str, str] = {}
+        for sensor, spec in self.child_specs.items():
+            path = self.bridge.sensor_config_path(base, sensor)
+            if path is None:
+                if spec.desired:
+                    errors[sensor] = f"no sensor {sensor!r} in the bridge's configuration"
+            elif spec.desired:
+                paths[sensor] = path
+        while True:
+            config = base
+            for sensor, path in paths.items():
+                config = overlay(config, path, self.child_specs[sensor].desired)
+            try:
+                self.bridge.apply(config)
+                break
+            except ConfigError as exc:
+                culprit = next((s for s, path in paths.items()
+                                if exc.path == ".".join(path)
+                                or exc.path.startswith(".".join(path) + ".")), None)
+                if culprit is None:
+                    self._refuse(exc)
+                    return
+                errors[culprit] = str(exc)
+                del paths[culprit]
+                log.warning("child desired properties refused sensor=%s reason=%s", culprit, exc)
         self.desired = candidate
-        self.children = children
+        self._child_errors = errors
         self._config_error = None
+
+    def _refuse(self, exc: ConfigError) -> None:
+        self._config_error = str(exc)
+        log.warning("configuration refused bridge=%s reason=%s", self.bridge.name, exc)
 
     async def _method(self, name: str, payload: bytes) -> tuple[int, Any]:
         method = self.bridge.methods.get(name)
@@ -202,15 +257,30 @@ class ModuleRuntime:
     async def _report(self, client: aiomqtt.Client, *, force: bool = False) -> None:
         status = self.bridge.status()
         reported = {"status": status, "config": {"error": self._config_error,
-                                                 "applied": bool(self.desired)}}
-        if not force and reported == self._last_status:
-            return
-        self._last_status = reported
-        code, _ = await self._twin_request(
-            client, "$iothub/twin/PATCH/properties/reported/?$rid={rid}",
-            json.dumps(reported, default=str).encode())
-        if code >= 300:
-            log.warning("reported properties refused status=%s", code)
+                                                 "applied": bool(self.desired),
+                                                 "children": self._child_errors or None}}
+        if force or reported != self._last_status:
+            self._last_status = reported
+            code, _ = await self._twin_request(
+                client, "$iothub/twin/PATCH/properties/reported/?$rid={rid}",
+                json.dumps(reported, default=str).encode())
+            if code >= 300:
+                log.warning("reported properties refused status=%s", code)
+        await self._report_children(client)
+
+    async def _report_children(self, client: aiomqtt.Client) -> None:
+        """Each child's status and configuration outcome into its own twin (QoS 1: the hub
+        acknowledges after the write), when it changed."""
+        module = self.settings.connection.module_id
+        for sensor, spec in self.child_specs.items():
+            patch = {"status": self.bridge.sensor_status(sensor),
+                     "config": {"error": self._child_errors.get(sensor)},
+                     "bridge": {"module": module, "sensor": sensor}}
+            if self._last_child.get(spec.device_id) == patch:
+                continue
+            await client.publish(child_reported_topic(spec.device_id),
+                                 json.dumps(patch, default=str).encode(), qos=1)
+            self._last_child[spec.device_id] = patch
 
     async def _status_loop(self, client: aiomqtt.Client) -> None:
         """Report the status every ``status_interval`` when it changed, and at once after a

@@ -91,10 +91,11 @@ class HubProcess:
         self._log.close()
         return self.proc.returncode
 
-    def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, check: bool = True, timeout: float = 60,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [sys.executable, "-m", "gateway", "--data-dir", str(self.data_dir), *args],
-            capture_output=True, text=True, cwd=REPO, timeout=timeout,
+            capture_output=True, text=True, cwd=REPO, timeout=timeout, input=input,
         )
         if check and result.returncode != 0:
             raise AssertionError(f"gateway {' '.join(args)} failed ({result.returncode}): {result.stderr}")

@@ -7,7 +7,8 @@ Three directions:
 
 * :func:`parse_publish_topic`: what a device or module may PUBLISH (telemetry, twin GET,
   twin reported patch, method response). Raises :class:`~gateway.errors.ForbiddenError`.
-* :func:`parse_subscribe_filter`: the six SUBSCRIBE filters of ref §1.5 (and nothing else:
+* :func:`parse_subscribe_filter`: the six SUBSCRIBE filters of ref §1.5, plus this gateway's
+  ``$gateway/children/#`` for bridge modules (and nothing else:
   IoT Hub is not a general broker). Raises ForbiddenError.
 * hub -> device topics: :func:`c2d_topic`, :func:`module_input_topic`,
   :func:`twin_response_topic`, :func:`desired_patch_topic`, :func:`method_request_topic`,
@@ -31,6 +32,7 @@ Grammar of the publish topics (``{d}``/``{m}`` = the identity, as above)::
     twin-get    = "$iothub/twin/GET/?" query          ; $rid required     (ref §4.1)
     twin-patch  = "$iothub/twin/PATCH/properties/reported/?" query  ; $rid, optional $version
     method-res  = "$iothub/methods/res/" status "/?" query          ; $rid  (ref §5.1)
+    child-rep   = "$gateway/children/reported/" child-id       ; modules only (gateway.translation)
     query       = property bag: keys and values percent-decoded; unknown keys ignored;
                   duplicates: the first wins; $version = 1*DIGIT; status = [ "-" ] 1*DIGIT
 
@@ -44,10 +46,17 @@ from dataclasses import dataclass
 
 from gateway.errors import ForbiddenError, LocalProtocolError, RemoteProtocolError
 from gateway.hub.propbag import decode_bag, decode_component, encode_component
+from gateway.translation import (
+    CHILDREN_FILTER,
+    child_reported_topic,
+    parse_child_reported_topic,
+)
 
 __all__ = [
     "C2DFilter",
     "C2DMessage",
+    "ChildReportedPatch",
+    "ChildrenFilter",
     "DeliveryAddress",
     "DesiredPatch",
     "DesiredPatchesFilter",
@@ -148,7 +157,19 @@ class MethodResponse:
         return _METHOD_RES + str(self.status) + "/" + _query(self.rid)
 
 
-PublishAddress = Telemetry | TwinGet | TwinReportedPatch | MethodResponse
+@dataclass(frozen=True, slots=True)
+class ChildReportedPatch:
+    """``$gateway/children/reported/{deviceId}``: a bridge module's reported-properties patch
+    on behalf of its child device (:mod:`gateway.translation`; modules only)."""
+
+    device_id: str
+
+    @property
+    def topic(self) -> str:
+        return child_reported_topic(self.device_id)
+
+
+PublishAddress = Telemetry | TwinGet | TwinReportedPatch | MethodResponse | ChildReportedPatch
 
 # -- subscription filters (ref §1.5) ----------------------------------------------------------
 
@@ -204,9 +225,19 @@ class MethodRequestsFilter:
         return "$iothub/methods/POST/#"
 
 
+@dataclass(frozen=True, slots=True)
+class ChildrenFilter:
+    """``$gateway/children/#``: the children document of a bridge module
+    (:mod:`gateway.translation`; modules only)."""
+
+    @property
+    def topic(self) -> str:
+        return CHILDREN_FILTER
+
+
 SubscribeAddress = (
     C2DFilter | ModuleInputsFilter | TwinResponsesFilter | DesiredPatchesFilter
-    | MethodRequestsFilter
+    | MethodRequestsFilter | ChildrenFilter
 )
 _FIXED_FILTERS: dict[str, SubscribeAddress] = {
     "$iothub/twin/res/#": TwinResponsesFilter(),
@@ -447,6 +478,10 @@ def parse_publish_topic(
         if rid is None:
             raise _forbidden(topic, device_id, module_id, "$rid missing")
         return MethodResponse(status, rid)
+    if module_id is not None:
+        child_id = parse_child_reported_topic(topic)
+        if child_id is not None:
+            return ChildReportedPatch(child_id)
     raise _forbidden(topic, device_id, module_id)
 
 
@@ -469,6 +504,8 @@ def parse_subscribe_filter(
     else:
         if rest == "/inputs/#" or rest == "/#":
             return ModuleInputsFilter(device_id, module_id)
+        if topic_filter == CHILDREN_FILTER:
+            return ChildrenFilter()
         if _after_base(topic_filter, device_id, None) == _DEVICEBOUND + "/#":
             raise _forbidden(topic_filter, device_id, module_id, "C2D is for devices only")
     raise _forbidden(topic_filter, device_id, module_id)

@@ -1,20 +1,19 @@
-"""Identity translation: sensors behind a bridge registered as child devices of the gateway.
+"""Identity translation, hub side: sensors behind a bridge registered as child devices of the
+gateway (the contract with the bridge is :mod:`gateway.translation`).
 
-A bridge module's twin may map some of its sensors to device identities::
-
-    "children": {"meter1": {"deviceId": "plant7-meter1"}}
-
-Sensors not listed stay named streams of the module's telemetry. For each listed one the hub:
+For each sensor listed in a bridge module's desired ``children`` map the hub:
 
 * creates the device in the registry (authentication ``none``: it has no credentials of its
   own and never connects itself) as a child of the gateway device: ``parentScopes`` and
   ``deviceScope`` are the gateway's scope (IoT Hub ref §14.1);
-* attributes the sensor's telemetry to it: the bridge publishes on its module topic with the
-  application property ``gateway-child={deviceId}``, and the hub stamps the message as the
-  child's (``iothub-connection-device-id``), after checking that this module of this gateway
+* attributes the sensor's telemetry to it, after checking that this module of this gateway
   owns that child -- a module cannot speak for devices it was not given;
-* reaches the child's direct methods through the bridge: a method invoked on the child is
-  delivered to the bridge module with the sensor's name added to the payload.
+* reaches the child's direct methods through the bridge (:mod:`gateway.hub.methods`);
+* keeps the module's **children document** current: each child's desired properties and its
+  registry sensor key, pushed when the module subscribes and whenever one of them, or the
+  map, changes;
+* writes reported properties the module sends on the child's behalf into the child's twin
+  (:mod:`gateway.hub.twinsvc`).
 
 Only modules the hub supervises (``managedBy: gateway``) may have children.
 """
@@ -24,14 +23,24 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.errors import ConfigError, GatewayError
-from gateway.hub.registry import Registry
+from gateway.hub.addresses import ChildrenFilter
+from gateway.hub.registry import Device, Module, Registry
+from gateway.hub.twinstore import TwinStore
+from gateway.translation import (
+    CHILDREN_DOCUMENT_TOPIC,
+    ChildSpec,
+    encode_document,
+    parse_children,
+)
+
+if TYPE_CHECKING:
+    from gateway.broker.broker import Broker
+    from gateway.broker.connection import MqttConnection
 
 log = logging.getLogger(__name__)
-
-CHILD_PROPERTY = "gateway-child"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,24 +50,16 @@ class Child:
     module_id: str
     sensor: str
 
-
-def parse_children(desired: Mapping[str, Any]) -> dict[str, str]:
-    """``desired["children"]`` -> {sensor: device id}; ConfigError names the bad key."""
-    raw = desired.get("children") or {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError("must be an object of sensor: {deviceId: ...}", path="children")
-    out: dict[str, str] = {}
-    for sensor, spec in raw.items():
-        device_id = spec.get("deviceId") if isinstance(spec, Mapping) else None
-        if not isinstance(device_id, str) or not device_id:
-            raise ConfigError("needs a deviceId", path=f"children.{sensor}")
-        out[sensor] = device_id
-    return out
+    @property
+    def module_client_id(self) -> str:
+        return f"{self.gateway_id}/{self.module_id}"
 
 
 class ChildDirectory:
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, twin_store: TwinStore) -> None:
         self.registry = registry
+        self.twin_store = twin_store
+        self.broker: Broker | None = None  # set once the broker exists: documents are pushed
         self._children: dict[str, Child] = {}
 
     def lookup(self, device_id: str) -> Child | None:
@@ -109,3 +110,52 @@ class ChildDirectory:
                             device_id, gateway_id)
                 continue
             self._children[device_id] = Child(device_id, gateway_id, module_id, sensor)
+        self.push(gateway_id, module_id)
+
+    # -- the children document -------------------------------------------------------------
+
+    def document(self, gateway_id: str, module_id: str) -> list[ChildSpec]:
+        out = []
+        for child in self._children.values():
+            if (child.gateway_id, child.module_id) != (gateway_id, module_id):
+                continue
+            twin = self.twin_store.get(child.device_id)
+            device = self.registry.get_device(child.device_id)
+            out.append(ChildSpec(child.sensor, child.device_id,
+                                 twin.desired if twin is not None else {},
+                                 device.sensor_key if device is not None else None))
+        return out
+
+    def push(self, gateway_id: str, module_id: str) -> None:
+        """Send the module its children document, if it is connected and subscribed."""
+        if self.broker is None:
+            return
+        conn = self.broker.target(f"{gateway_id}/{module_id}", ChildrenFilter)
+        if conn is not None:
+            conn.publish(CHILDREN_DOCUMENT_TOPIC,
+                         encode_document(self.document(gateway_id, module_id)), 0)
+
+    def on_ready(self, conn: MqttConnection, kinds: set[type]) -> None:
+        """Broker hook: a module (re)subscribed to ``$gateway/children/#``."""
+        p = conn.principal
+        if ChildrenFilter in kinds and p is not None and p.module_id is not None:
+            self.push(p.device_id, p.module_id)
+
+    def desired_changed(self, device_id: str) -> None:
+        """A device twin's desired properties changed: its bridge learns if it is a child."""
+        child = self._children.get(device_id)
+        if child is not None:
+            self.push(child.gateway_id, child.module_id)
+
+    def identity_changed(self, event: str, identity: Device | Module) -> None:
+        """Registry listener: a child's sensor key changed, or the child was deleted."""
+        if isinstance(identity, Module):
+            return
+        child = self._children.get(identity.device_id)
+        if child is None:
+            return
+        if event == "deleted":
+            del self._children[identity.device_id]
+            log.info("child device deleted device_id=%s sensor=%s/%s",
+                     child.device_id, child.module_id, child.sensor)
+        self.push(child.gateway_id, child.module_id)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.errors import ForbiddenError, MessageTooLargeError
 from gateway.hub import addresses
 from gateway.hub.auth import Authenticator, Principal
-from gateway.hub.children import CHILD_PROPERTY, ChildDirectory
+from gateway.hub.children import ChildDirectory
 from gateway.hub.messages import (
     Event,
     connection_state_event,
@@ -38,6 +38,7 @@ from gateway.hub.twins import new_twin
 from gateway.hub.twinstore import TwinStore
 from gateway.mqtt.packets import Publish, Will
 from gateway.store.log import MessageLog, Record
+from gateway.translation import CHILD_PROPERTY
 
 if TYPE_CHECKING:
     from gateway.broker.connection import MqttConnection
@@ -98,7 +99,7 @@ class Hub:
         self.methods: MethodService
         self.twins: TwinService
         self.c2d: C2DService
-        self.children = ChildDirectory(registry)
+        self.children = ChildDirectory(registry, twin_store)
         registry.add_listener(self._on_registry_change)
 
     # -- connect -----------------------------------------------------------------------------
@@ -182,6 +183,8 @@ class Hub:
             return self.twins.handle_get(conn, prepared)
         if isinstance(prepared, addresses.TwinReportedPatch):
             return self.twins.handle_reported(conn, prepared, packet.payload)
+        if isinstance(prepared, addresses.ChildReportedPatch):
+            return self.twins.handle_child_reported(conn, prepared, packet.payload)
         raise ForbiddenError(f"unsupported publish on {packet.topic!r}")  # pragma: no cover
 
     def telemetry_record(self, prepared: PreparedTelemetry, body: bytes, *,

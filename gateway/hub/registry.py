@@ -24,7 +24,7 @@ import secrets
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -65,6 +65,7 @@ _STATUSES: Final = frozenset({"enabled", "disabled"})
 # (IoT Hub ref §1.2).
 _ID_RE: Final = re.compile(r"[A-Za-z0-9\-.+%_#*?!(),:=@$']{1,128}")
 _THUMBPRINT_RE: Final = re.compile(r"[0-9A-Fa-f]{40}|[0-9A-Fa-f]{64}")
+_SENSOR_KEY_RE: Final = re.compile(r"[0-9A-Fa-f]{32}")
 _KEY_BYTES: Final = 32  # generated keys; accepted keys decode to 16..64 bytes
 
 
@@ -109,8 +110,10 @@ def _authentication_json(auth_type: str, primary_key: str | None, secondary_key:
 
 @dataclass(frozen=True, slots=True)
 class Device:
-    """A device identity. ``certificate_pem`` is an extension: the registered certificate of a
-    ``selfSigned`` device, used as a TLS trust anchor."""
+    """A device identity. Two extensions: ``certificate_pem``, the registered certificate of a
+    ``selfSigned`` device, used as a TLS trust anchor; ``sensor_key`` (JSON ``sensorKey``,
+    32 hex digits), the key of a child sensor's encrypted radio frames (a BTHome bindkey),
+    handed only to the bridge module that owns the child (:mod:`gateway.translation`)."""
 
     device_id: str
     generation_id: str
@@ -131,6 +134,7 @@ class Device:
     connection_state_updated: str = NEVER
     last_activity: str = NEVER
     certificate_pem: str | None = None
+    sensor_key: str | None = field(default=None, repr=False)
 
     @property
     def enabled(self) -> bool:
@@ -156,6 +160,7 @@ class Device:
             "capabilities": {"iotEdge": self.iot_edge},
             "deviceScope": self.device_scope,
             "parentScopes": list(self.parent_scopes),
+            **({"sensorKey": self.sensor_key} if self.sensor_key else {}),
         }
 
 
@@ -262,6 +267,19 @@ def _check_key(key: str, name: str) -> str:
     if not 16 <= len(raw) <= 64:
         raise InvalidRequestError(f"{name} must decode to 16..64 bytes")
     return key
+
+
+def _sensor_key(body: Mapping[str, Any], existing: Device | None) -> str | None:
+    """``sensorKey``: absent keeps the current key (an SDK's full-body update does not know the
+    field), null removes it."""
+    if "sensorKey" not in body:
+        return existing.sensor_key if existing else None
+    value = body["sensorKey"]
+    if value is None:
+        return None
+    if not isinstance(value, str) or _SENSOR_KEY_RE.fullmatch(value) is None:
+        raise InvalidRequestError("sensorKey must be 32 hex digits (a 128-bit key)")
+    return value.lower()
 
 
 def _check_thumbprint(value: str | None, name: str) -> str | None:
@@ -381,6 +399,7 @@ def _device_from_body(body: Mapping[str, Any], *, device_id: str, existing: Devi
                         else now),
         created=existing.created if existing else now,
         certificate_pem=auth.certificate_pem,
+        sensor_key=_sensor_key(body, existing),
     )
 
 

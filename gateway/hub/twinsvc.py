@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
 from gateway.hub import addresses
 from gateway.hub.addresses import (
+    ChildReportedPatch,
     DesiredPatchesFilter,
     TwinGet,
     TwinReportedPatch,
@@ -99,24 +100,49 @@ class TwinService:
         p = conn.principal
 
         async def run() -> None:
-            try:
-                patch = json.loads(body)
-                if not isinstance(patch, dict):
-                    raise InvalidRequestError("a reported patch must be a JSON object")
-                await self.twin(p.device_id, p.module_id)
-                twin, change = await self.store.update_reported(
-                    p.device_id, p.module_id, patch, expected_version=address.version)
-            except (ValueError, InvalidRequestError) as exc:  # json errors are ValueErrors
-                log.warning("reported patch refused client_id=%r reason=%s", conn.client_id, exc)
-                self._respond(conn, 400, address.rid, {"message": str(exc)})
-                return
-            except PreconditionFailedError as exc:
-                self._respond(conn, 412, address.rid, {"message": str(exc)})
-                return
-            self._respond(conn, 204, address.rid, version=twin.reported_version)
-            self.hub.twin_change_event(p.device_id, p.module_id, "updateTwin", change)
+            status, answer, version = await self._patch_reported(
+                p.device_id, p.module_id, body, address.version, conn.client_id)
+            self._respond(conn, status, address.rid, answer, version)
 
         return self.tasks.spawn(run(), f"twin-patch {conn.client_id}")
+
+    def handle_child_reported(self, conn: MqttConnection, address: ChildReportedPatch,
+                              body: bytes) -> asyncio.Future[None]:
+        """A bridge module's patch on behalf of its child (gateway.translation); there is no
+        answer topic, so a refusal is logged (the PUBACK still follows the attempt)."""
+        assert conn.principal is not None
+        p = conn.principal
+        if self.hub.children.owner_of(address.device_id, p.device_id, p.module_id) is None:
+            log.warning("child reported patch refused client_id=%r device_id=%r: not its child",
+                        conn.client_id, address.device_id)
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+
+        async def run() -> None:
+            await self._patch_reported(address.device_id, None, body, None, conn.client_id)
+
+        return self.tasks.spawn(run(), f"child-twin-patch {address.device_id}")
+
+    async def _patch_reported(self, device_id: str, module_id: str | None, body: bytes,
+                              expected_version: int | None,
+                              sender: str) -> tuple[int, Any, int | None]:
+        """Merge a reported patch: ``(status, answer body, new reported version)``."""
+        try:
+            patch = json.loads(body)
+            if not isinstance(patch, dict):
+                raise InvalidRequestError("a reported patch must be a JSON object")
+            await self.twin(device_id, module_id)
+            twin, change = await self.store.update_reported(
+                device_id, module_id, patch, expected_version=expected_version)
+        except (ValueError, InvalidRequestError) as exc:  # json errors are ValueErrors
+            log.warning("reported patch refused client_id=%r twin=%s reason=%s", sender,
+                        _client_id(device_id, module_id), exc)
+            return 400, {"message": str(exc)}, None
+        except PreconditionFailedError as exc:
+            return 412, {"message": str(exc)}, None
+        self.hub.twin_change_event(device_id, module_id, "updateTwin", change)
+        return 204, None, twin.reported_version
 
     # -- service ---------------------------------------------------------------------------------
 
@@ -130,6 +156,8 @@ class TwinService:
                                    "replaceTwin" if replace else "updateTwin", change)
         if module_id is not None and push is not None:
             await self.hub.children.module_desired(device_id, module_id, twin.desired)
+        elif push is not None:
+            self.hub.children.desired_changed(device_id)
         if push is not None:
             conn = self.broker.target(_client_id(device_id, module_id), DesiredPatchesFilter)
             if conn is not None:

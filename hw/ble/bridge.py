@@ -45,7 +45,7 @@ from hw.readings import Reading, iso
 log = logging.getLogger(__name__)
 
 KeyLookup = Callable[[SensorConfig], BindKey | None]
-"""Where bindkeys come from when the desired properties carry none (later: the registry)."""
+"""Where bindkeys come from when the desired properties carry none."""
 
 
 @dataclass(eq=False)
@@ -139,6 +139,27 @@ class BleBridge:
         self._central.configure(self._scan_settings(config),
                                 max_connections=config.max_connections)
 
+    def sensor_status(self, sensor: str) -> dict[str, Any] | None:
+        s = self._sensors.get(sensor)
+        return self._sensor_status(s) if s is not None else None
+
+    def sensor_config_path(self, desired: Mapping[str, Any], sensor: str) -> tuple[str, ...] | None:
+        sensors = desired.get("sensors")
+        return ("sensors", sensor) if isinstance(sensors, Mapping) and sensor in sensors else None
+
+    def set_secrets(self, secrets: Mapping[str, str]) -> None:
+        """Bindkeys kept in the registry, by sensor name: used for BTHome sensors whose desired
+        properties carry no ``bindkey`` (an explicit one wins). A malformed key counts as none
+        (and is not echoed)."""
+        keys: dict[str, BindKey] = {}
+        for name, text in secrets.items():
+            try:
+                keys[name] = BindKey.from_hex(text)
+            except ValueError:
+                log.warning("sensor %s: the registry's sensor key is not 32 hex digits", name)
+        self._keys = lambda sc: keys.get(sc.name)
+        self.refresh_keys()
+
     def status(self) -> dict[str, Any]:
         return {
             "scan": self._central.status(),
@@ -192,7 +213,7 @@ class BleBridge:
                             expected=bool(config.sensors))
 
     def refresh_keys(self) -> None:
-        """Look bindkeys up again (call when the registry's keys change)."""
+        """Look bindkeys up again (after the key source changed)."""
         if self._keys is None:
             return
         for s in self._sensors.values():

@@ -109,6 +109,17 @@ class ModbusBridge:
             writes.update(wr)
         return {"buses": buses, "devices": devices, "writes": writes}
 
+    def sensor_status(self, sensor: str) -> dict[str, Any] | None:
+        status: dict[str, Any] | None = self.status()["devices"].get(sensor)
+        return status
+
+    def sensor_config_path(self, desired: Mapping[str, Any], sensor: str) -> tuple[str, ...] | None:
+        devices = desired.get("devices")
+        return ("devices", sensor) if isinstance(devices, Mapping) and sensor in devices else None
+
+    def set_secrets(self, secrets: Mapping[str, str]) -> None:
+        """Modbus frames are not encrypted: nothing to do."""
+
     @property
     def methods(self) -> Mapping[str, Method]:
         return self._methods

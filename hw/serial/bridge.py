@@ -138,6 +138,21 @@ class SerialBridge:
     def status(self) -> dict[str, Any]:
         return {"ports": {name: port.status() for name, port in self._ports.items()}}
 
+    def sensor_status(self, sensor: str) -> dict[str, Any] | None:
+        return next((port.status() for port in self._ports.values()
+                     if port.cfg.sensor == sensor), None)
+
+    def sensor_config_path(self, desired: Mapping[str, Any], sensor: str) -> tuple[str, ...] | None:
+        """A port's sensor is its ``sensor`` key, or the port name."""
+        ports = desired.get("ports")
+        if not isinstance(ports, Mapping):
+            return None
+        return next((("ports", name) for name, spec in ports.items()
+                     if isinstance(spec, Mapping) and spec.get("sensor", name) == sensor), None)
+
+    def set_secrets(self, secrets: Mapping[str, str]) -> None:
+        """Serial lines are not encrypted: nothing to do."""
+
     @property
     def methods(self) -> Mapping[str, Method]:
         return self._methods

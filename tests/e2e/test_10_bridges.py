@@ -174,6 +174,45 @@ def test_sensor_as_child_device_of_the_gateway(bridge_hub: HubProcess, tmp_path:
             result = await asyncio.to_thread(api.request, "POST", "/twins/plant7-gps/methods", {
                 "methodName": "listPorts", "payload": {}, "responseTimeoutInSeconds": 10})
             assert result["status"] == 200, result
+
+            # the child's own twin: its port's status is reported there ...
+            def child_reported() -> dict[str, Any]:
+                twin: dict[str, Any] = api.request("GET", "/twins/plant7-gps")
+                return twin["properties"]["reported"]
+
+            reported = await wait_for(lambda: child_reported().get("status"), 20,
+                                      "the child's status")
+            assert reported["sensor"] == "gps" and reported["format"] == "nmea"
+            assert child_reported()["bridge"] == {"module": "serial", "sensor": "gps"}
+            # ... and its desired properties configure the sensor: a bad one is refused for
+            # this child alone (the port keeps running), a good one applies without a restart
+            await asyncio.to_thread(api.request, "PATCH", "/twins/plant7-gps", {
+                "properties": {"desired": {"baud": "fast"}}})
+            error = await wait_for(
+                lambda: (child_reported().get("config") or {}).get("error"), 20,
+                "the child's refusal")
+            assert "ports.gps.baud" in error
+            module = api.request("GET", f"/twins/{GW}/modules/serial")["properties"]["reported"]
+            assert "ports.gps.baud" in module["config"]["children"]["gps"]
+            assert "error" not in module["config"]
+            await asyncio.to_thread(api.request, "PATCH", "/twins/plant7-gps", {
+                "properties": {"desired": {"baud": None, "decoder": {"sentences": ["RMC"]}}}})
+            await wait_for(lambda: not (child_reported().get("config") or {}).get("error"), 20,
+                           "the child's configuration to apply")
+            before = len(child_events())
+            rmc = with_checksum("GPRMC,123519,A,4807.038,N,01131.000,E,022.4,084.4,230394,"
+                                "003.1,W")
+
+            def rmc_arrived() -> list[dict[str, Any]]:
+                with open(a, "wb", buffering=0) as tty:
+                    tty.write(gga + b"\r\n" + rmc + b"\r\n")
+                return [e for e in child_events()[before:]
+                        if any(r["name"] == "speed" for r in e["payload"]["readings"])]
+
+            await wait_for(rmc_arrived, 20, "RMC readings after the change")
+            assert not any(r["name"] == "altitude" for e in child_events()[before:]
+                           for r in e["payload"]["readings"])  # GGA is no longer decoded
+            assert hub.log_text().count("module started module=serial") == 1
         finally:
             socat.terminate()
             await socat.wait()
@@ -207,3 +246,35 @@ def test_a_module_cannot_speak_for_a_device_it_does_not_own(hub: HubProcess) -> 
                    payload=b"{}", qos=1, packet_id=1))
     c.expect_closed()
     wait_for_log(hub, "may not send as device 'victim'")
+
+
+def test_the_children_channel_is_confined_to_a_modules_own_children(hub: HubProcess) -> None:
+    """A module subscribing to ``$gateway/children/#`` gets its (here empty) children document
+    at once; reported properties for a device that is not its child are refused and logged,
+    and that device's twin is untouched."""
+    from gateway.mqtt.packets import Puback, Publish, Suback, Subscribe
+    from tests.e2e.test_01_connect import wait_for_log
+    from tests.hubproc import create_device, device_token, username
+    from tests.mqttraw import RawClient
+
+    create_device(hub, "victim")
+    create_device(hub, "edge")
+    key = json.loads(hub.cli("module", "create", "edge", "m").stdout)[
+        "authentication"]["symmetricKey"]["primaryKey"]
+    c = RawClient(hub.port("mqtt_tls_port"), ca_file=hub.ca_file)
+    try:
+        assert c.connect("edge/m", username(hub, "edge", "m"),
+                         device_token(hub, "edge", key, module_id="m")).return_code == 0  # type: ignore[union-attr]
+        c.send(Subscribe(packet_id=1, topics=[("$gateway/children/#", 1)]))
+        assert isinstance(c.recv(), Suback)
+        document = c.recv()
+        assert isinstance(document, Publish)
+        assert document.topic == "$gateway/children/document" and json.loads(document.payload) == {}
+        c.send(Publish(topic="$gateway/children/reported/victim", payload=b'{"hacked": true}',
+                       qos=1, packet_id=2))
+        assert isinstance(c.recv(), Puback)
+        wait_for_log(hub, "child reported patch refused client_id='edge/m' device_id='victim'")
+        twin = HubClient(hub.data_dir).request("GET", "/twins/victim")
+        assert "hacked" not in twin["properties"]["reported"]
+    finally:
+        c.close()

@@ -12,6 +12,8 @@ from gateway.errors import ForbiddenError, LocalProtocolError, RemoteProtocolErr
 from gateway.hub.addresses import (
     C2DFilter,
     C2DMessage,
+    ChildrenFilter,
+    ChildReportedPatch,
     DeliveryAddress,
     DesiredPatch,
     DesiredPatchesFilter,
@@ -222,6 +224,28 @@ def test_module_filters_from_the_python_and_c_sdks() -> None:
 
 def test_encoded_ids_in_filters_match_the_identity() -> None:
     assert sub("devices/a%2Bb/messages/devicebound/#", "a+b") == C2DFilter("a+b")
+
+
+def test_the_children_document_filter_is_for_modules_only() -> None:
+    assert sub("$gateway/children/#", "gw", "m") == ChildrenFilter()
+    assert ChildrenFilter().topic == "$gateway/children/#"
+    with pytest.raises(ForbiddenError):
+        sub("$gateway/children/#", "dev1")
+    with pytest.raises(ForbiddenError):
+        sub("$gateway/#", "gw", "m")
+
+
+def test_reported_properties_on_a_childs_behalf_are_for_modules_only() -> None:
+    address = parse_publish_topic("$gateway/children/reported/plant7%2Bgps",
+                                  device_id="gw", module_id="m")
+    assert address == ChildReportedPatch("plant7+gps")
+    assert address.topic == "$gateway/children/reported/plant7%2Bgps"
+    for topic, module in (("$gateway/children/reported/x", None),
+                          ("$gateway/children/reported/", "m"),
+                          ("$gateway/children/reported/a/b", "m"),
+                          ("$gateway/children/document", "m")):
+        with pytest.raises(ForbiddenError):
+            parse_publish_topic(topic, device_id="gw", module_id=module)
 
 
 def test_c2d_filter_is_for_devices_only() -> None:

@@ -529,3 +529,38 @@ async def test_connection_state_is_tracked_in_memory(registry: Registry) -> None
     registry.set_connection_state("d1", None, False, "2024-05-01T14:00:00.000000Z")
     device = registry.get_device("d1")
     assert device is not None and device.connection_state == "Disconnected"
+
+
+# --- sensor keys (extension: a child sensor's bindkey, gateway.translation) --------------------
+
+SENSOR_KEY = "231D39C1D7CC1AB1AEE224CD096DB932"
+
+
+async def test_a_sensor_key_is_kept_through_updates_that_do_not_name_it(tmp_path: Path) -> None:
+    path = tmp_path / "registry.db"
+    async with await Registry.open(path) as reg:
+        body = {"deviceId": "porch", "authentication": {"type": "none"}, "sensorKey": SENSOR_KEY}
+        device, _ = await reg.put_device(body, device_id="porch", if_match=None)
+        assert device.sensor_key == SENSOR_KEY.lower()
+        assert device.to_json()["sensorKey"] == SENSOR_KEY.lower()
+        assert SENSOR_KEY.lower() not in repr(device)
+        # an SDK's full-body update knows nothing of the field: the key stays
+        sdk_body = {k: v for k, v in device.to_json().items() if k != "sensorKey"}
+        device, _ = await reg.put_device(sdk_body, device_id="porch", if_match="*")
+        assert device.sensor_key == SENSOR_KEY.lower()
+    async with await Registry.open(path) as reg:
+        device = reg.get_device("porch")
+        assert device is not None and device.sensor_key == SENSOR_KEY.lower()
+        device, _ = await reg.put_device({**device.to_json(), "sensorKey": None},
+                                         device_id="porch", if_match="*")
+        assert device.sensor_key is None and "sensorKey" not in device.to_json()
+
+
+@pytest.mark.parametrize("bad", ["231d39", "zz" * 16, 42, SENSOR_KEY + "00"])
+async def test_a_malformed_sensor_key_is_refused_without_echoing_it(
+        registry: Registry, bad: object) -> None:
+    with pytest.raises(InvalidRequestError, match="32 hex digits") as caught:
+        await registry.put_device({"deviceId": "porch", "sensorKey": bad}, device_id="porch",
+                                  if_match=None)
+    assert str(bad) not in str(caught.value)
+    assert registry.get_device("porch") is None
