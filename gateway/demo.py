@@ -36,6 +36,7 @@ DEVICES = {
 
 
 START = time.time()
+DEMO_GPS = "site-gps"  # the GPS as a child device of the gateway
 
 
 def reading(kind: str, t: float, rng: random.Random) -> dict[str, float | str]:
@@ -122,7 +123,9 @@ async def _configure_bridges(gw: app.Gateway, meter_port: int, gps_path: str) ->
         "devices": {"main-meter": {"bus": "meters", "unit": 1, "profile": "eastron-sdm120",
                                    "interval": 2}}}}}, if_match=None, replace=False)
     await gw.hub.twins.service_update(device, "serial", {"properties": {"desired": {
-        "ports": {"gps": {"path": gps_path, "sensor": "gps", "baud": 9600, "format": "nmea"}}}}},
+        "ports": {"gps": {"path": gps_path, "sensor": "gps", "baud": 9600, "format": "nmea"}},
+        # the GPS becomes a device of its own, a child of the gateway (identity translation)
+        "children": {"gps": {"deviceId": DEMO_GPS}}}}},
         if_match=None, replace=False)
 
 
@@ -162,13 +165,13 @@ def render(event: dict[str, Any]) -> str:
     e = event["event"]
     props = e["properties"]
     app_props = " ".join(f"{k}={v}" for k, v in props["application"].items())
-    if e["module"]:
-        body = e["payload"]
-        if isinstance(body, dict) and "readings" in body:
-            values = ", ".join(f"{r['name']}={_short(r['value'])}{r.get('unit') or ''}"
-                               for r in body["readings"][:6])
-            return (f"{time.strftime('%H:%M:%S')}  #{event['seq']:<6} "
-                    f"{e['module'] + ':' + body['sensor']:<24} {values}")
+    body = e["payload"]
+    if isinstance(body, dict) and "readings" in body and "sensor" in body:  # a bridge's reading
+        values = ", ".join(f"{r['name']}={_short(r['value'])}{r.get('unit') or ''}"
+                           for r in body["readings"][:6])
+        label = (f"{e['module']}:{body['sensor']}" if e["module"]
+                 else f"{e['origin']} (child)")
+        return f"{time.strftime('%H:%M:%S')}  #{event['seq']:<6} {label:<24} {values}"
     stamp = time.strftime("%H:%M:%S", time.localtime(e["annotations"]["iothub-enqueuedtime"] / 1000))
     return f"{stamp}  #{event['seq']:<6} {e['origin']:<24} {json.dumps(e['payload'])}  [{app_props}]"
 

@@ -25,5 +25,6 @@ def test_demo_shows_messages_from_every_simulated_device() -> None:
     # the simulated meter and GPS come through the real Modbus and serial bridges
     out = result.stdout.splitlines()
     assert any("modbus:main-meter" in l and "voltage=" in l for l in out), result.stdout
-    assert any("serial:gps" in l and "latitude=" in l for l in out), result.stdout
+    # ... and the GPS is a child device of the gateway: its readings are filed as its own
+    assert any("site-gps (child)" in l and "latitude=" in l for l in out), result.stdout
     assert '"firmware": "3.2.1"' in result.stdout
