@@ -72,6 +72,7 @@ class MqttConnection(asyncio.Protocol):
         # Per-connection cache: topic -> prepared telemetry (props JSON and its size).
         self._topic_cache: dict[str, Any] = {}
         self._close_reason = ""
+        self._flush_soon = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -284,10 +285,19 @@ class MqttConnection(asyncio.Protocol):
                 self.fail("slow consumer: outbox over its bound")
 
     def publish(self, topic: str, payload: bytes, qos: int) -> int | None:
-        """Send a PUBLISH to this client (QoS 1 returns the packet id, tracked in flight)."""
+        """Send a PUBLISH to this client (QoS 1 returns the packet id, tracked in flight).
+        It is written at the end of this turn of the event loop, with whatever else is queued
+        for this client meanwhile: one write (one TLS record) for a burst of answers."""
         pid = self.session.publish(topic, payload, qos)
-        self.flush()
+        if not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush_queued)
         return pid
+
+    def _flush_queued(self) -> None:
+        self._flush_soon = False
+        if not self.closed:
+            self.flush()
 
     @property
     def can_publish(self) -> bool:
@@ -306,6 +316,8 @@ class MqttConnection(asyncio.Protocol):
         self.close()
 
     def close(self) -> None:
+        if self._flush_soon and not self.closed:
+            self.flush()  # what was published before the close still goes out first
         self.closed = True
         self.session.close()
         if self.transport is not None:

@@ -96,6 +96,8 @@ class Hub:
         self.max_message_bytes = max_message_bytes
         self.clock = clock
         self._state_seq = 0
+        self._id_prefix = str(uuid.uuid4())[:24]  # "xxxxxxxx-xxxx-4xxx-yxxx-"
+        self._id_counter = 0
         self.methods: MethodService
         self.twins: TwinService
         self.c2d: C2DService
@@ -204,6 +206,12 @@ class Hub:
 
     # -- non-telemetry events (ref §10.5) -----------------------------------------------------
 
+    def _correlation_id(self) -> str:
+        """A uuid-shaped id, unique per event: a random prefix drawn once per hub run and a
+        counter (uuid4 per event costs a getrandom call each, on the twin-patch hot path)."""
+        self._id_counter += 1
+        return f"{self._id_prefix}{self._id_counter:012x}"
+
     def _next_sequence(self) -> str:
         """Connection-state sequence numbers: 64 hex digits, strictly increasing, comparable as
         strings (ref §10.5); the high part is the time so they also increase across restarts."""
@@ -223,7 +231,7 @@ class Hub:
         event = connection_state_event(
             hub_name=self.host_name, device_id=principal.device_id,
             module_id=principal.module_id, connected=connected,
-            sequence_number=self._next_sequence(), correlation_id=str(uuid.uuid4()),
+            sequence_number=self._next_sequence(), correlation_id=self._correlation_id(),
             now=self.clock())
         self.registry.set_connection_state(
             principal.device_id, principal.module_id, connected, format_time(self.clock()))
@@ -236,7 +244,7 @@ class Hub:
         twin = (existing or new_twin(identity.device_id, module_id, now=self.clock())).document()
         event = lifecycle_event(
             hub_name=self.host_name, device_id=identity.device_id, module_id=module_id,
-            created=change == "created", twin=twin, correlation_id=str(uuid.uuid4()),
+            created=change == "created", twin=twin, correlation_id=self._correlation_id(),
             now=self.clock())
         self._append_event(self._record(LIFECYCLE, event, identity.device_id, module_id))
 
@@ -245,7 +253,7 @@ class Hub:
         """Record a twin change (ref §10.5 twinChangeEvents) for routing and readers."""
         event = twin_change_event(
             hub_name=self.host_name, device_id=device_id, module_id=module_id,
-            replaced=op == "replaceTwin", body=body, correlation_id=str(uuid.uuid4()),
+            replaced=op == "replaceTwin", body=body, correlation_id=self._correlation_id(),
             now=self.clock())
         self._append_event(self._record(TWIN_CHANGE, event, device_id, module_id))
 

@@ -31,6 +31,7 @@ Decisions where the reference leaves room (each one documented where it is imple
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from base64 import b64encode
@@ -107,8 +108,13 @@ def format_time(now: float) -> str:
     """Epoch seconds as IoT Hub's metadata timestamp, UTC ``YYYY-MM-DDTHH:MM:SS.mmmZ``
     (ref §4.3); milliseconds are truncated, never rounded up into the next second."""
     millis = math.floor(now * 1000)
-    moment = datetime.fromtimestamp(millis // 1000, UTC)
-    return f"{moment:%Y-%m-%dT%H:%M:%S}.{millis % 1000:03d}Z"
+    return f"{_second(millis // 1000)}.{millis % 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _second(epoch_second: int) -> str:
+    """``YYYY-MM-DDTHH:MM:SS`` of one second (memoized: a burst of writes shares it)."""
+    return f"{datetime.fromtimestamp(epoch_second, UTC):%Y-%m-%dT%H:%M:%S}"
 
 
 def make_etag(version: int) -> str:

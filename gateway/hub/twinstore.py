@@ -5,10 +5,15 @@ pure :mod:`gateway.hub.twins`, commit it through the shared :class:`~gateway.sto
 (one writer thread, group commit: concurrent writes to different twins share one fsync) and
 only then replace the twin in memory, so a twin that was read has been durable.
 
-Writes to one twin are serialized by a per-twin lock that is held until the write's
-transaction is over, even if the awaiting caller is cancelled meanwhile: the next write
-always starts from the committed version. The memory copy is replaced by a callback on the
-commit's future, so it matches the database whether or not the caller is still waiting.
+Writes to one twin are chained, not serialized: each computes its new twin from the state the
+twin will have once the writes already in flight commit (the twin's *head*), and is queued
+behind them, so a device with several reported patches outstanding gets them all into one
+group commit instead of one fsync each. Each UPDATE is guarded by the version it started
+from: if a write fails, the writes chained on it fail too (their guard no longer matches)
+and the head falls back to the committed twin. Computing and queueing happen in one step on
+the event loop, so the queue order is the order in which callers asked. The memory copy is
+replaced by a callback on the commit's future, in commit order, so it matches the database
+whether or not the caller is still waiting.
 
 One row per twin; a write updates only the columns of the sections it changed. The JSON
 encoding happens on the event loop before the write is queued, so transaction bodies are
@@ -23,7 +28,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, Final, TypeAlias, TypeVar
 
@@ -70,23 +75,22 @@ _INSERT: Final = (
     f"INSERT INTO twins({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
     " ON CONFLICT(device_id, module_id) DO NOTHING"
 )
-_SECTIONS: Final[Mapping[str, tuple[str, ...]]] = {
-    "tags": ("tags",),
-    "desired": ("desired", "desired_meta", "desired_version"),
-    "reported": ("reported", "reported_meta", "reported_version"),
-}
 _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 
 
-class _KeyLock:
-    """A per-twin lock and the number of writers holding or awaiting it (the entry is dropped
-    when that reaches zero, so idle twins cost no lock)."""
+class _Head:
+    """What a twin will be once its writes in flight commit (None: deleted, or not created),
+    how many writes are in flight, and the commit future of the last one."""
 
-    __slots__ = ("lock", "users")
+    __slots__ = ("last", "twin", "writes")
 
-    def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self.users = 0
+    def __init__(self, twin: Twin | None, last: asyncio.Future[Any]) -> None:
+        self.twin = twin
+        self.last = last
+        self.writes = 0
+
+
+_Start = Callable[[], tuple["asyncio.Future[Any] | None", Callable[[], T], Mapping[Key, "Twin | None"]]]
 
 
 class TwinStore:
@@ -100,7 +104,7 @@ class TwinStore:
         self._db = db
         self._clock = clock
         self._twins: dict[str, dict[str | None, Twin]] = {}  # device_id -> module_id -> twin
-        self._locks: dict[Key, _KeyLock] = {}
+        self._heads: dict[Key, _Head] = {}  # twins with writes in flight
 
     async def open(self) -> None:
         """Create or migrate the table, then load every twin into memory."""
@@ -130,20 +134,27 @@ class TwinStore:
 
     async def ensure(self, device_id: str, module_id: str | None = None) -> Twin:
         """The twin of an identity, created (empty, version 1) if it has none yet: call it
-        when an identity is created, and for every identity at start-up."""
-        twin = self.get(device_id, module_id)
-        if twin is not None:
-            return twin
+        when an identity is created, and for every identity at start-up. Returns a committed
+        twin (a creation in flight is waited for)."""
         key = (device_id, module_id)
-        return await self._write([key], partial(self._create, key))
+        while True:
+            twin = self.get(device_id, module_id)
+            if twin is not None:
+                return twin
+            head = self._heads.get(key)
+            if head is None or head.twin is None:
+                return await self._write([key], partial(self._create, key))
+            await asyncio.wait([head.last])
 
     async def delete(self, device_id: str, module_id: str | None = None) -> None:
         """Remove a twin because its identity was deleted; for a device (``module_id`` None)
         also the twins of its modules. Missing twins are not an error."""
         keys: list[Key] = [(device_id, module_id)]
         if module_id is None:
-            keys += [(device_id, m) for m in self._twins.get(device_id, {}) if m is not None]
-        await self._write(keys, partial(self._remove, device_id, module_id))
+            modules = {m for m in self._twins.get(device_id, {}) if m is not None}
+            modules.update(m for d, m in self._heads if d == device_id and m is not None)
+            keys += [(device_id, m) for m in sorted(modules)]
+        await self._write(keys, partial(self._remove, keys))
 
     async def update_reported(
         self, device_id: str, module_id: str | None, patch: Mapping[str, Any], *,
@@ -183,28 +194,22 @@ class TwinStore:
 
     # -- the write protocol ----------------------------------------------------------------------
 
-    async def _write(self, keys: list[Key],
-                     start: Callable[[], tuple[asyncio.Future[Any] | None, Callable[[], T]]]) -> T:
-        """Hold the locks of ``keys`` (sorted: device before its modules), ``start()`` the
-        write (compute the new state and submit its body; returns the commit future, or None
-        if there is nothing to write, and the function that applies the result to memory),
-        and release the locks only once the commit future is done, whatever happens to the
-        caller meanwhile."""
-        entries = [self._locks.setdefault(key, _KeyLock()) for key in sorted(keys, key=_order)]
-        for entry in entries:
-            entry.users += 1
-        acquired: list[_KeyLock] = []
-        try:
-            for entry in entries:
-                await entry.lock.acquire()
-                acquired.append(entry)
-            committed, apply = start()
-        except BaseException:
-            self._release(keys, entries, acquired)
-            raise
+    async def _write(self, keys: list[Key], start: _Start[T]) -> T:
+        """``start()`` computes the write from the heads of ``keys`` and queues its body; it
+        returns the commit future (None if there is nothing to write), the function that
+        applies the result to memory, and each key's twin once it commits. The heads move
+        on at once; memory, when the commit succeeds."""
+        committed, apply, after = start()
         if committed is None:
-            self._release(keys, entries, acquired)
             return apply()
+        heads: list[tuple[Key, _Head]] = []
+        for key in keys:
+            head = self._heads.get(key)
+            if head is None:
+                head = self._heads[key] = _Head(after[key], committed)
+            head.twin, head.last = after[key], committed
+            head.writes += 1
+            heads.append((key, head))
         applied: list[T] = []
 
         def finish() -> T:  # apply exactly once: from the callback or, if first, the caller
@@ -213,29 +218,27 @@ class TwinStore:
             return applied[0]
 
         def settle(done: asyncio.Future[Any]) -> None:
+            ok = not done.cancelled() and done.exception() is None
             try:
-                if not done.cancelled() and done.exception() is None:
+                if ok:
                     finish()
             finally:
-                self._release(keys, entries, acquired)
+                for key, head in heads:
+                    head.writes -= 1
+                    if not ok:  # writes chained on this one fail on their version guard
+                        head.twin = self.get(*key)
+                    if head.writes == 0 and self._heads.get(key) is head:
+                        del self._heads[key]
 
         committed.add_done_callback(settle)
         await asyncio.shield(committed)
         return finish()
 
-    def _release(self, keys: Iterable[Key], entries: list[_KeyLock],
-                 acquired: list[_KeyLock]) -> None:
-        for entry in acquired:
-            entry.lock.release()
-        for key, entry in zip(sorted(keys, key=_order), entries):
-            entry.users -= 1
-            if entry.users == 0 and self._locks.get(key) is entry:
-                del self._locks[key]
-
-    def _create(self, key: Key) -> tuple[asyncio.Future[Any] | None, Callable[[], Twin]]:
-        existing = self.get(*key)
-        if existing is not None:  # created while we waited for the lock
-            return None, lambda: existing
+    def _create(self, key: Key) -> tuple[asyncio.Future[Any] | None, Callable[[], Twin],
+                                         Mapping[Key, Twin | None]]:
+        existing = self._current(key)
+        if existing is not None:
+            return None, lambda: existing, {}
         twin = twins.new_twin(key[0], key[1], now=self._clock())
         row = _row(twin)
 
@@ -243,10 +246,12 @@ class TwinStore:
             self._put(twin)
             return twin
 
-        return self._db.submit(partial(_insert, row)), apply
+        return self._db.submit(partial(_insert, row)), apply, {key: twin}
 
-    def _remove(self, device_id: str,
-                module_id: str | None) -> tuple[asyncio.Future[Any] | None, Callable[[], None]]:
+    def _remove(self, keys: list[Key]) -> tuple[asyncio.Future[Any] | None, Callable[[], None],
+                                                Mapping[Key, Twin | None]]:
+        device_id, module_id = keys[0]
+
         def apply() -> None:
             if module_id is None:
                 self._twins.pop(device_id, None)
@@ -257,26 +262,31 @@ class TwinStore:
                     if not by_module:
                         del self._twins[device_id]
 
-        return self._db.submit(partial(_delete, device_id, module_id)), apply
+        return (self._db.submit(partial(_delete, device_id, module_id)), apply,
+                dict.fromkeys(keys))
 
-    def _update(self, compute: Callable[[], tuple[Twin, Twin, T]],
-                sections: tuple[str, ...]) -> tuple[asyncio.Future[Any] | None, Callable[[], T]]:
+    def _update(self, compute: Callable[[], tuple[Twin, Twin, T]], sections: tuple[str, ...],
+                ) -> tuple[asyncio.Future[Any] | None, Callable[[], T], Mapping[Key, Twin | None]]:
         old, new, result = compute()
         values: dict[str, Any] = {"version": new.version, "etag": new.etag}
-        row = dict(zip(_COLUMNS, _row(new)))
         for section in sections:
             if _changed(old, new, section):
-                values.update((column, row[column]) for column in _SECTIONS[section])
+                values.update(_section_columns(new, section))
 
         def apply() -> T:
             self._put(new)
             return result
 
         body = partial(_update_row, old.device_id, old.module_id, old.version, values)
-        return self._db.submit(body), apply
+        return self._db.submit(body), apply, {(old.device_id, old.module_id): new}
+
+    def _current(self, key: Key) -> Twin | None:
+        """Where the next write to ``key`` starts: its head, else the committed twin."""
+        head = self._heads.get(key)
+        return head.twin if head is not None else self.get(*key)
 
     def _existing(self, key: Key) -> Twin:
-        twin = self.get(*key)
+        twin = self._current(key)
         if twin is None:
             name = key[0] if key[1] is None else f"{key[0]}/{key[1]}"
             raise NotFoundError(f"twin {name!r} does not exist")
@@ -286,16 +296,23 @@ class TwinStore:
         self._twins.setdefault(twin.device_id, {})[twin.module_id] = twin
 
 
-def _order(key: Key) -> tuple[str, str]:
-    return key[0], key[1] or ""
-
-
 def _changed(old: Twin, new: Twin, section: str) -> bool:
     if section == "tags":
         return old.tags is not new.tags
     if section == "desired":
         return old.desired_version != new.desired_version
     return old.reported_version != new.reported_version
+
+
+def _section_columns(twin: Twin, section: str) -> dict[str, Any]:
+    """The columns of one section, encoded (only what a write changed is encoded)."""
+    if section == "tags":
+        return {"tags": _encode(twin.tags)}
+    if section == "desired":
+        return {"desired": _encode(twin.desired), "desired_meta": _encode(twin.desired_meta),
+                "desired_version": twin.desired_version}
+    return {"reported": _encode(twin.reported), "reported_meta": _encode(twin.reported_meta),
+            "reported_version": twin.reported_version}
 
 
 def _row(twin: Twin) -> tuple[Any, ...]:
@@ -337,7 +354,8 @@ def _load_all(conn: sqlite3.Connection) -> list[Twin]:
 
 
 def _insert(row: tuple[Any, ...], conn: sqlite3.Connection) -> None:
-    conn.execute(_INSERT, row)
+    if conn.execute(_INSERT, row).rowcount != 1:  # a delete before it failed: do not fork
+        raise NotFoundError(f"twin {row[0]!r}/{row[1]!r} still exists (an earlier delete failed)")
 
 
 def _delete(device_id: str, module_id: str | None, conn: sqlite3.Connection) -> None:

@@ -222,7 +222,7 @@ async def test_memory_changes_only_after_the_commit(tmp_path: Path) -> None:
         assert store.get("devA") is twin and twin.reported == {"a": 1}
 
 
-# --- one writer per twin -------------------------------------------------------------------------
+# --- writes to one twin are chained -------------------------------------------------------------------------
 
 async def test_concurrent_reported_patches_are_serialized(tmp_path: Path) -> None:
     count = 50
@@ -290,10 +290,50 @@ async def test_delete_waits_for_writes_in_flight_and_wins(tmp_path: Path) -> Non
     assert rows(tmp_path / "hub.db") == []
 
 
-async def test_lock_entries_are_dropped_when_idle(store: TwinStore) -> None:
+async def test_head_entries_are_dropped_when_idle(store: TwinStore) -> None:
     await store.ensure("devA")
     await asyncio.gather(*(store.update_reported("devA", None, {"a": i}) for i in range(5)))
     with pytest.raises(InvalidRequestError):
         await store.update_reported("devA", None, {"bad key": 1})
     await store.delete("devA")
-    assert store._locks == {}
+    assert store._heads == {}
+
+
+async def test_writes_to_one_twin_share_a_commit(tmp_path: Path) -> None:
+    """A device with patches outstanding gets them into one transaction, in order."""
+    async with opened(tmp_path / "hub.db") as (db, store):
+        await store.ensure("devA")
+        async with held(db):
+            commits = db.commits
+            writes = [asyncio.ensure_future(store.update_reported("devA", None, {"n": i}))
+                      for i in range(20)]
+            await asyncio.sleep(0.05)
+            assert store.get("devA").reported_version == 1  # type: ignore[union-attr]
+        results = await asyncio.gather(*writes)
+        assert [t.reported_version for t, _ in results] == list(range(2, 22))
+        assert db.commits - commits <= 2  # the blocker's transaction and one for all 20
+        assert store.get("devA") is results[-1][0]
+    assert rows(tmp_path / "hub.db") == [("devA", "", 21, 21, 1)]
+
+
+async def test_a_failed_write_fails_the_writes_chained_on_it_and_no_more(tmp_path: Path) -> None:
+    async with opened(tmp_path / "hub.db") as (db, store):
+        await store.ensure("devA")
+        first, _ = await store.update_reported("devA", None, {"a": 1})
+        await db.run(lambda c: c.execute(
+            "CREATE TRIGGER once BEFORE UPDATE ON twins WHEN NEW.reported_version = 3"
+            " BEGIN SELECT RAISE(ABORT, 'boom'); END"))
+        async with held(db):
+            failing = asyncio.ensure_future(store.update_reported("devA", None, {"b": 1}))
+            chained = asyncio.ensure_future(store.update_reported("devA", None, {"c": 1}))
+            await asyncio.sleep(0.05)
+        with pytest.raises(StoreError, match="boom"):
+            await failing
+        with pytest.raises(NotFoundError, match="changed underneath"):
+            await chained
+        assert store.get("devA") is first and store._heads == {}
+        await db.run(lambda c: c.execute("DROP TRIGGER once"))
+        twin, _ = await store.update_reported("devA", None, {"d": 1})
+        assert twin.reported == {"a": 1, "d": 1} and twin.reported_version == 3
+    assert rows(tmp_path / "hub.db") == [("devA", "", 3, 3, 1)]
+
