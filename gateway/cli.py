@@ -256,10 +256,20 @@ def cmd_c2d(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_modbus_probe(args: argparse.Namespace) -> int:
-    from hw.modbus.probe import main as probe_main
+MODBUS_TOOLS = {"probe": "hw.modbus.probe", "scan": "hw.modbus.scan"}
 
-    return probe_main(args.probe_args)
+
+def modbus_tool(name: str, argv: list[str]) -> int:
+    """The Modbus tools parse their own options (argparse REMAINDER cannot take a leading
+    option like --tcp), so ``gateway modbus TOOL ...`` hands them the rest of the line."""
+    import importlib
+
+    setup_logging("warning")
+    return int(importlib.import_module(MODBUS_TOOLS[name]).main(argv))
+
+
+def cmd_modbus_tool(args: argparse.Namespace) -> int:
+    return modbus_tool(args.action, args.tool_args)
 
 
 def cmd_monitor_events(args: argparse.Namespace) -> int:
@@ -428,8 +438,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="read a register block and print every type and byte/word-order reading of it",
         usage="gateway modbus probe (--tcp HOST:PORT | --serial DEVICE [--baud N]) --unit N "
               "--address N --count N [--input]")
-    p.add_argument("probe_args", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=cmd_modbus_probe)
+    p.add_argument("tool_args", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_modbus_tool)
+    p = modbus.add_parser(
+        "scan", add_help=False,
+        help="find the unit ids that answer on a bus (and the baud rate and parity)",
+        usage="gateway modbus scan (--tcp HOST:PORT | --serial DEVICE [--baud N,N] "
+              "[--parity E,N,O]) [--units 1-247] [--address N] [--input]")
+    p.add_argument("tool_args", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_modbus_tool)
 
     p = sub.add_parser("monitor-events", parents=[common], help="print messages reaching the built-in endpoint")
     p.add_argument("--device", help="only this device's messages")
@@ -445,11 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["modbus", "probe"]:  # its own option grammar (argparse REMAINDER can't
-        setup_logging("warning")         # take a leading option like --tcp)
-        from hw.modbus.probe import main as probe_main
-
-        return probe_main(argv[2:])
+    if argv[:1] == ["modbus"] and argv[1:2] and argv[1] in MODBUS_TOOLS:
+        return modbus_tool(argv[1], argv[2:])
     parser = build_parser()
     args = parser.parse_args(argv)
     # `run` logs at --log-level (default info); every other command stays quiet unless asked.
