@@ -10,7 +10,13 @@ Direct methods (IoT Hub ref §5: JSON in, ``(status, JSON)`` out):
 * ``write_register`` ``{"bus": "rs485", "unit": 3, "address": 4096, "value": 3}``; ``value``
   may be a list of registers (FC 16). ``write_coil``: ``{"bus", "unit", "address",
   "value": true}`` (FC 5).
-* 200 written; 400 bad payload; 404 no such bus; 502 the unit answered with a Modbus
+* ``read_registers`` ``{"bus", "unit", "address", "count": 1, "table": "holding",
+  "interpret": false}``: a read on the live bus, with every type and byte/word-order reading
+  when ``interpret`` (what ``gateway modbus probe`` prints, without stopping the bridge).
+* ``scan`` ``{"bus", "units": "1-247", "address": 0, "table": "holding", "seconds": 240}``:
+  the unit ids that answer (``gateway modbus scan`` on the live bus; polling goes on between
+  its requests, which do not count in the circuit breakers).
+* 200 done; 400 bad payload; 404 no such bus; 502 the unit answered with a Modbus
   exception (``exception_code`` in the payload); 503 the bus is down or busy; 504 no answer.
 """
 
@@ -19,19 +25,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway.errors import ConfigError
 from hw.bridge import Emit, Method
 from hw.modbus.bus import Batch, BusBusy, BusRunner, TransportFactory
 from hw.modbus.client import ExceptionResponse, LinkError, NoResponse, Transport
 from hw.modbus.config import BusConfig, ModbusConfig, ProfileResolver, SerialLink, parse_config
+from hw.modbus.probe import interpret
 from hw.modbus.profiles import ProfileLibrary
-from hw.modbus.registers import MAX_WRITE_REGISTERS
+from hw.modbus.registers import MAX_READ_BITS, MAX_READ_REGISTERS, MAX_WRITE_REGISTERS, Table
+from hw.modbus.scan import parse_units, scan_units
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 UNSTABLE_PORT = re.compile(r"^/dev/tty(USB|ACM)\d+$")
 BY_ID = Path("/dev/serial/by-id")
@@ -66,7 +76,9 @@ class ModbusBridge:
         self._runners: dict[str, BusRunner] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._methods: dict[str, Method] = {"write_register": self._write_register,
-                                            "write_coil": self._write_coil}
+                                            "write_coil": self._write_coil,
+                                            "read_registers": self._read_registers,
+                                            "scan": self._scan}
 
     @property
     def config(self) -> ModbusConfig:
@@ -160,25 +172,32 @@ class ModbusBridge:
 
     # -- direct methods -----------------------------------------------------------------------
 
-    def _target(self, payload: Any) -> tuple[BusRunner, int, int, Any]:
+    def _target(self, payload: Any, *, extra: frozenset[str] = frozenset({"value"}),
+                value: bool = True) -> tuple[BusRunner, int, int, Any]:
+        """``bus``, ``unit`` and ``address`` of a method's payload (and ``value`` if needed);
+        ``extra`` are the other keys allowed."""
         if not isinstance(payload, Mapping):
             raise ConfigError("payload must be an object")
-        unknown = set(payload) - {"bus", "unit", "address", "value"}
+        unknown = set(payload) - {"bus", "unit", "address"} - extra
         if unknown:
             raise ConfigError("unknown key", path=min(unknown))
-        bus = payload.get("bus")
-        runner = self._runners.get(bus) if isinstance(bus, str) else None
-        if runner is None:
-            raise LookupError(f"no bus named {bus!r} (known: {', '.join(self._runners)})")
-        unit, address = payload.get("unit"), payload.get("address")
+        runner = self._runner(payload)
+        unit, address = payload.get("unit"), payload.get("address", None if value else 0)
         if isinstance(unit, bool) or not isinstance(unit, int) or not 0 <= unit <= 255:
             raise ConfigError("must be an integer 0..255", path="unit")
         if isinstance(address, bool) or not isinstance(address, int) \
                 or not 0 <= address <= 0xFFFF:
             raise ConfigError("must be an integer 0..65535", path="address")
-        if "value" not in payload:
+        if value and "value" not in payload:
             raise ConfigError("is required", path="value")
-        return runner, unit, address, payload["value"]
+        return runner, unit, address, payload.get("value")
+
+    def _runner(self, payload: Mapping[str, Any]) -> BusRunner:
+        bus = payload.get("bus")
+        runner = self._runners.get(bus) if isinstance(bus, str) else None
+        if runner is None:
+            raise LookupError(f"no bus named {bus!r} (known: {', '.join(self._runners)})")
+        return runner
 
     async def _write_register(self, payload: Any) -> tuple[int, Any]:
         try:
@@ -206,16 +225,98 @@ class ModbusBridge:
                          registers: list[int] | None = None,
                          coil: bool | None = None) -> tuple[int, Any]:
         where = {"bus": runner.config.name, "unit": unit, "address": address}
+        return await self._on_bus(where, runner.write(unit, address, registers=registers,
+                                                      coil=coil), lambda _: {"value": echo})
+
+    async def _on_bus(self, where: dict[str, Any], request: Awaitable[T],
+                      answer: Callable[[T], dict[str, Any]]) -> tuple[int, Any]:
+        """One direct request on the bus, its failures mapped to method statuses: 502 the
+        unit answered with an exception, 504 no answer, 503 the bus is down or busy."""
         try:
             async with asyncio.timeout(self._write_timeout):
-                await runner.write(unit, address, registers=registers, coil=coil)
+                result = await request
         except ExceptionResponse as exc:
             return 502, {**where, "error": str(exc), "exception_code": exc.exception_code}
         except (NoResponse, TimeoutError) as exc:
             return 504, {**where, "error": str(exc) or "no response"}
         except (BusBusy, LinkError) as exc:
             return 503, {**where, "error": str(exc)}
-        return 200, {**where, "value": echo}
+        return 200, {**where, **answer(result)}
+
+    async def _read_registers(self, payload: Any) -> tuple[int, Any]:
+        """Read a block on the live bus (a technician's probe without stopping the bridge):
+        ``{"bus", "unit", "address", "count": 1, "table": "holding", "interpret": false}``;
+        ``interpret`` adds every type and byte/word-order reading (gateway modbus probe)."""
+        try:
+            runner, unit, address, _ = self._target(
+                payload, extra=frozenset({"count", "table", "interpret"}), value=False)
+            table = _table(payload.get("table", "holding"))
+            count = payload.get("count", 1)
+            limit = MAX_READ_BITS if table.is_bits else MAX_READ_REGISTERS
+            if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= limit \
+                    or address + count > 0x10000:
+                raise ConfigError(f"must be 1..{limit} within the address space", path="count")
+        except (ConfigError, LookupError) as exc:
+            return _refused(exc)
+        where = {"bus": runner.config.name, "unit": unit, "address": address,
+                 "table": str(table)}
+
+        def answer(values: list[int] | list[bool]) -> dict[str, Any]:
+            out: dict[str, Any] = {"values": values}
+            if payload.get("interpret") and not table.is_bits:
+                out["interpretations"] = [
+                    {"type": row.type, "order": row.order, "values": list(row.values)}
+                    for row in interpret([int(v) for v in values])]
+            return out
+
+        return await self._on_bus(where, runner.read(unit, table, address, count), answer)
+
+    async def _scan(self, payload: Any) -> tuple[int, Any]:
+        """Find the unit ids answering on a live bus (gateway modbus scan, through the bus
+        scheduler so polling goes on in between): ``{"bus", "units": "1-247", "address": 0,
+        "table": "holding", "seconds": 240}``; stops at ``seconds`` with what it has."""
+        try:
+            if not isinstance(payload, Mapping):
+                raise ConfigError("payload must be an object")
+            unknown = set(payload) - {"bus", "units", "address", "table", "seconds"}
+            if unknown:
+                raise ConfigError("unknown key", path=min(unknown))
+            runner = self._runner(payload)
+            raw = payload.get("units", "1-247")
+            try:
+                units = parse_units(raw if isinstance(raw, str)
+                                    else ",".join(str(int(u)) for u in raw))
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(str(exc), path="units") from None
+            address = payload.get("address", 0)
+            if isinstance(address, bool) or not isinstance(address, int) \
+                    or not 0 <= address <= 0xFFFF:
+                raise ConfigError("must be an integer 0..65535", path="address")
+            table = _table(payload.get("table", "holding"))
+            seconds = payload.get("seconds", 240)
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float) \
+                    or not 0 < seconds <= 290:
+                raise ConfigError("must be 0..290 (a method answers within 300 s)",
+                                  path="seconds")
+        except (ConfigError, LookupError) as exc:
+            return _refused(exc)
+        where = {"bus": runner.config.name, "table": str(table), "address": address}
+        try:
+            answers, asked = await scan_units(
+                lambda unit: runner.read(unit, table, address, 1), units, table=table,
+                address=address, deadline=time.monotonic() + seconds)
+        except (BusBusy, LinkError) as exc:
+            return 503, {**where, "error": str(exc)}
+        return 200, {**where, "asked": asked, "complete": asked == len(units),
+                     "answered": [{"unit": a.unit, "kind": a.kind, "detail": a.detail}
+                                  for a in answers]}
+
+
+def _table(value: Any) -> Table:
+    try:
+        return Table(value)
+    except ValueError:
+        raise ConfigError("must be holding, input, coil or discrete", path="table") from None
 
 
 def _refused(exc: Exception) -> tuple[int, Any]:

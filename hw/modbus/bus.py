@@ -78,12 +78,22 @@ class DesiredWrite:
 
 
 @dataclass(slots=True)
-class _WriteRequest:
+class _Request:
+    """A direct request (a method's write, a technician's read), served ahead of polling.
+    ``track``: its outcome counts in the unit's circuit breaker."""
+
     unit: int
-    address: int
-    registers: Sequence[int] | None
-    coil: bool | None
-    future: asyncio.Future[None]
+    call: Callable[[TransportLike], Awaitable[Any]]
+    track: bool
+    future: asyncio.Future[Any]
+
+
+def _write_call(unit: int, address: int, registers: Sequence[int] | None,
+                coil: bool | None) -> Callable[[TransportLike], Awaitable[None]]:
+    if coil is not None:
+        return lambda t: t.write_coil(unit, address, coil)
+    assert registers is not None
+    return lambda t: t.write_registers(unit, address, registers)
 
 
 async def _read(transport: TransportLike, *, block: Block, unit: int) -> list[int] | list[bool]:
@@ -110,7 +120,7 @@ class BusRunner:
         self.devices: dict[str, DeviceConfig] = {}
         self.stats: dict[str, DeviceStats] = {}
         self.desired: dict[tuple[str, str], DesiredWrite] = {}
-        self._queue: asyncio.Queue[_WriteRequest] = asyncio.Queue(WRITE_QUEUE)
+        self._queue: asyncio.Queue[_Request] = asyncio.Queue(WRITE_QUEUE)
         self._wake = asyncio.Event()
         self._transport: TransportLike | None = None
         self._line_free_at = 0.0
@@ -218,7 +228,7 @@ class BusRunner:
         self._wake.clear()
         now = self._clock()
         if not self._queue.empty():
-            await self._direct_write(self._queue.get_nowait())
+            await self._direct(self._queue.get_nowait())
             return
         pending = self._due_desired_write(now)
         if pending is not None:
@@ -326,50 +336,66 @@ class BusRunner:
                     coil: bool | None = None) -> None:
         """A direct write (FC 5, 6 or 16), queued ahead of polling. Raises ``BusBusy``,
         ``LinkError``, ``NoResponse`` or ``ExceptionResponse``."""
+        await self._request(unit, _write_call(unit, address, registers, coil), track=True)
+
+    async def read(self, unit: int, table: Table, address: int,
+                   count: int) -> list[int] | list[bool]:
+        """An ad-hoc read (a technician probing or scanning the live bus), queued ahead of
+        polling like a write. It does not count in the unit's circuit breaker: asking an
+        absent unit id is what a scan does. Raises like :meth:`write`."""
+        result: list[int] | list[bool] = await self._request(
+            unit, lambda t: t.read(table, unit, address, count), track=False)
+        return result
+
+    async def _request(self, unit: int, call: Callable[[TransportLike], Awaitable[Any]], *,
+                       track: bool) -> Any:
         if self.state == "down":
             raise BusBusy(f"bus {self.config.name} is down: {self.last_error}")
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(_WriteRequest(unit, address, registers, coil, future))
+            self._queue.put_nowait(_Request(unit, call, track, future))
         except asyncio.QueueFull:
-            raise BusBusy(f"bus {self.config.name}: {WRITE_QUEUE} writes already queued") \
+            raise BusBusy(f"bus {self.config.name}: {WRITE_QUEUE} requests already queued") \
                 from None
         self._wake.set()
-        await future
+        return await future
 
-    async def _direct_write(self, request: _WriteRequest) -> None:
-        if request.future.done():  # the caller gave up waiting: do not write late
+    async def _direct(self, request: _Request) -> None:
+        if request.future.done():  # the caller gave up waiting: do not send late
             return
         try:
-            await self._write_to(request.unit, request.address, request.registers,
-                                 request.coil)
+            result = await self._run(request.unit, request.call, track=request.track)
         except DeviceError as exc:
             if not request.future.done():
                 request.future.set_exception(exc)
         else:
             if not request.future.done():
-                request.future.set_result(None)
+                request.future.set_result(result)
 
     async def _write_to(self, unit: int, address: int, registers: Sequence[int] | None,
                         coil: bool | None) -> None:
+        await self._run(unit, _write_call(unit, address, registers, coil), track=True)
+
+    async def _run(self, unit: int, call: Callable[[TransportLike], Awaitable[Any]], *,
+                   track: bool) -> Any:
         try:
-            if coil is not None:
-                await self._transact(lambda t: t.write_coil(unit, address, coil))
-            else:
-                assert registers is not None
-                await self._transact(lambda t: t.write_registers(unit, address, registers))
+            result = await self._transact(call)
         except NoResponse as exc:
-            self._transition(unit, self.schedule.record(unit, Outcome.TIMEOUT, self._clock()),
-                             str(exc))
+            if track:
+                self._transition(unit, self.schedule.record(unit, Outcome.TIMEOUT,
+                                                            self._clock()), str(exc))
             raise
         except ExceptionResponse:
-            self._transition(unit, self.schedule.record(unit, Outcome.EXCEPTION,
-                                                        self._clock()), None)
+            if track:
+                self._transition(unit, self.schedule.record(unit, Outcome.EXCEPTION,
+                                                            self._clock()), None)
             raise
         except LinkError as exc:
             self._link_failed(exc)
             raise
-        self._transition(unit, self.schedule.record(unit, Outcome.OK, self._clock()), None)
+        if track:
+            self._transition(unit, self.schedule.record(unit, Outcome.OK, self._clock()), None)
+        return result
 
     def _due_desired_write(self, now: float) -> DesiredWrite | None:
         for write in self.desired.values():

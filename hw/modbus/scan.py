@@ -17,12 +17,13 @@ import argparse
 import asyncio
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from itertools import product
 from typing import Literal
 
 from gateway.errors import DeviceError
+from hw.modbus.client import ExceptionResponse, NoResponse, Transport
 from hw.modbus.config import Link, SerialLink, TcpLink
 from hw.modbus.registers import Table
 
@@ -75,31 +76,48 @@ def describe_setting(link: Link) -> str:
     return link.describe()
 
 
+Read = Callable[[int], Awaitable[Sequence[int] | Sequence[bool]]]
+"""``await read(unit)``: one register (or bit) of that unit, raising the client's errors."""
+
+
+async def scan_units(read: Read, units: Sequence[int], *, table: Table, address: int,
+                     found: Callable[[Answer], None] | None = None,
+                     deadline: float | None = None) -> tuple[list[Answer], int]:
+    """Ask each unit in turn; returns the answers and how many units were asked (fewer than
+    ``len(units)`` when the monotonic ``deadline`` passed). Link failures propagate."""
+    answers: list[Answer] = []
+    asked = 0
+    for unit in units:
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        asked += 1
+        try:
+            values = await read(unit)
+            answer = Answer(unit, "value", f"{table} {address} = {int(values[0])} "
+                                           f"(0x{int(values[0]):04x})")
+        except ExceptionResponse as exc:
+            if exc.exception_code in (GATEWAY_NO_PATH, GATEWAY_NO_TARGET):
+                continue
+            answer = Answer(unit, "exception", str(exc))
+        except NoResponse as exc:
+            if str(exc).startswith("no response"):
+                continue
+            answer = Answer(unit, "garbled", str(exc))
+            await asyncio.sleep(0.05)  # let the rest of a stray frame pass
+        answers.append(answer)
+        if found is not None:
+            found(answer)
+    return answers, asked
+
+
 async def scan(link: Link, units: Sequence[int], *, address: int, table: Table,
                timeout: float, found: Callable[[Answer], None]) -> list[Answer]:
-    """Ask each unit for one register; ``found`` is called for each one that answered."""
-    from hw.modbus.client import ExceptionResponse, NoResponse, Transport
-
+    """Scan with a transport of its own (the bus must not be in use)."""
     transport = Transport(link, timeout=timeout, max_no_responses=1_000_000)
-    answers: list[Answer] = []
     await transport.connect()
     try:
-        for unit in units:
-            try:
-                values = await transport.read(table, unit, address, 1)
-                answer = Answer(unit, "value", f"{table} {address} = {int(values[0])} "
-                                               f"(0x{int(values[0]):04x})")
-            except ExceptionResponse as exc:
-                if exc.exception_code in (GATEWAY_NO_PATH, GATEWAY_NO_TARGET):
-                    continue
-                answer = Answer(unit, "exception", str(exc))
-            except NoResponse as exc:
-                if str(exc).startswith("no response"):
-                    continue
-                answer = Answer(unit, "garbled", str(exc))
-                await asyncio.sleep(0.05)  # let the rest of a stray frame pass
-            answers.append(answer)
-            found(answer)
+        answers, _ = await scan_units(lambda unit: transport.read(table, unit, address, 1),
+                                      units, table=table, address=address, found=found)
     finally:
         transport.close()
     return answers

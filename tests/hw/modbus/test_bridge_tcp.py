@@ -246,3 +246,41 @@ def test_unstable_serial_names_are_warned_about(caplog: pytest.LogCaptureFixture
     assert stable_name_for(str(target), tmp_path / "by-id") \
         == str(tmp_path / "by-id" / "usb-FTDI_FT232R_A1B2-if00-port0")
     assert stable_name_for("/dev/ttyUSB9", tmp_path / "none") is None
+
+
+async def test_reads_and_scans_on_the_live_bus_keep_polling_going() -> None:
+    """A technician probes and scans through the running bridge: the requests share the bus
+    with polling, and scanning absent units opens no circuit breaker."""
+    devices = {1: {"holding": {0: [0x4366, 0x6666]}, "input": {3: [7]}}, 2: PLAIN}
+    async with tcp_peer(devices, dead={4, 5}) as peer:
+        bridge = ModbusBridge()
+        bridge.apply({"buses": {"plc": tcp_bus(peer.port)},
+                      "devices": {"a": inline(1), "b": inline(2)}})
+        read, scan = bridge.methods["read_registers"], bridge.methods["scan"]
+        async with running(bridge) as got:
+            await until(lambda: bridge.status()["buses"].get("plc", {}).get("state") == "up")
+            status, body = await read({"bus": "plc", "unit": 1, "address": 0, "count": 2,
+                                       "interpret": True})
+            assert status == 200 and body["values"] == [0x4366, 0x6666]
+            (f32,) = [r for r in body["interpretations"]
+                      if r["type"] == "float32" and r["order"] == "ABCD"]
+            assert f32["values"][0] == "230.4"
+            assert await read({"bus": "plc", "unit": 1, "address": 3, "table": "input"}) == (
+                200, {"bus": "plc", "unit": 1, "address": 3, "table": "input", "values": [7]})
+            assert (await read({"bus": "plc", "unit": 4, "address": 0}))[0] == 504
+            assert (await read({"bus": "plc", "unit": 1, "address": 900}))[0] == 502
+            for bad in ({"bus": "plc", "unit": 1, "count": 126}, {"bus": "plc", "unit": 1,
+                        "table": "eeprom"}, {"bus": "plc", "unit": 1, "value": 1}):
+                assert (await read(bad))[0] == 400, bad
+            start = len(got)
+            status, body = await scan({"bus": "plc", "units": "1-2,4-5"})
+            polled = {s for s, _ in got[start:]}
+            states = (device_state(bridge, "a"), device_state(bridge, "b"))
+            assert (await scan({"bus": "plc", "units": "0-3"}))[0] == 400
+            late, partial = await scan({"bus": "plc", "units": [4, 5], "seconds": 0.001})
+        assert status == 200, body
+        assert [(a["unit"], a["kind"]) for a in body["answered"]] == [(1, "value"), (2, "value")]
+        assert body["asked"] == 4 and body["complete"] is True
+        assert polled == {"a", "b"}  # polling went on during the scan
+        assert states == ("up", "up")
+        assert late == 200 and partial["complete"] is False  # stopped at its time budget
