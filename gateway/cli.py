@@ -306,7 +306,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- parser ----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    help_dir = "the hub's data directory (default: %s)" % default_data_dir()
+    help_dir = f"the hub's data directory (default: {default_data_dir()})"
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data-dir", default=argparse.SUPPRESS, help=help_dir)
     parser = argparse.ArgumentParser(

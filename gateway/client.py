@@ -12,6 +12,7 @@ import time
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiomqtt
 
@@ -70,14 +71,14 @@ class ClientSettings:
     def mqtt_client(self, *, clean_session: bool = False) -> aiomqtt.Client:
         c = self.connection
         host = c.gateway_host_name or c.host_name
-        common = dict(
-            identifier=self.client_id, username=self.username(), password=self.password(),
-            protocol=aiomqtt.ProtocolVersion.V311, clean_session=clean_session,
-            keepalive=self.keepalive,
-        )
+        common: dict[str, Any] = {
+            "identifier": self.client_id, "username": self.username(),
+            "password": self.password(), "protocol": aiomqtt.ProtocolVersion.V311,
+            "clean_session": clean_session, "keepalive": self.keepalive,
+        }
         if self.unix_socket:
-            return aiomqtt.Client(self.unix_socket, transport="unix", **common)  # type: ignore[arg-type]
-        return aiomqtt.Client(host, self.port, tls_context=self.ssl_context(), **common)  # type: ignore[arg-type]
+            return aiomqtt.Client(self.unix_socket, transport="unix", **common)
+        return aiomqtt.Client(host, self.port, tls_context=self.ssl_context(), **common)
 
     def telemetry_topic(self, properties: Mapping[str, str] | None = None,
                         **system: str | None) -> str:

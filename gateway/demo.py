@@ -19,7 +19,7 @@ import tempfile
 import time
 import tty
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from gateway import app
 from gateway.api.events import entry_json
@@ -138,7 +138,7 @@ class SimulatedGps:
         self.path = os.ttyname(self.slave)
         self.lat, self.lon = 48.1173, 11.5167
 
-    def __enter__(self) -> SimulatedGps:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -33,7 +33,7 @@ class HubProcess:
         self.info: dict[str, Any] = {}
         self.log_path = data_dir.parent / f"{data_dir.name}.log"
 
-    def start(self, timeout: float = 30.0) -> "HubProcess":
+    def start(self, timeout: float = 30.0) -> HubProcess:
         runtime = self.data_dir / "hub.json"
         if runtime.exists():
             runtime.unlink()

@@ -12,6 +12,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping
+from typing import Self
 
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType as SimType
@@ -78,7 +79,7 @@ class SimulatedMeter:
         self.server: ModbusTcpServer | None = None
         self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> SimulatedMeter:
+    async def __aenter__(self) -> Self:
         if not self.port:
             import socket
 

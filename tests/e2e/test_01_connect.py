@@ -8,7 +8,7 @@ import time
 import pytest
 
 from gateway.hub.sas import generate_sas_token
-from gateway.mqtt.packets import Connack, Publish, Puback
+from gateway.mqtt.packets import Connack, Puback, Publish
 from tests.hubproc import HubProcess, create_device, device_token, username
 from tests.mqttraw import RawClient
 

@@ -12,7 +12,7 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 
-from gateway.mqtt.packets import Publish, Puback, Subscribe, Will, Connect
+from gateway.mqtt.packets import Connect, Puback, Publish, Subscribe, Will
 from tests.e2e.test_01_connect import assert_still_serving, tls, wait_for_log
 from tests.hubproc import HubProcess, create_device, device_token, username
 

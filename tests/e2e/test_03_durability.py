@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 from gateway.mqtt.codec import Decoder, encode
 from gateway.mqtt.packets import Connack, Connect, Puback, Publish

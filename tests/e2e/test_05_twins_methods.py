@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from gateway.hubclient import ApiError, HubClient
-from gateway.mqtt.packets import Publish, Puback, Suback, Subscribe
+from gateway.mqtt.packets import Puback, Publish, Suback, Subscribe
 from tests.e2e.test_01_connect import tls
 from tests.hubproc import HubProcess, create_device, device_token, username
 from tests.mqttraw import RawClient

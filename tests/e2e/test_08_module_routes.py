@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.mqtt.packets import Publish, Puback, Suback, Subscribe
+from gateway.mqtt.packets import Puback, Publish, Suback, Subscribe
 from tests.hubproc import HubProcess, create_device, device_token, username
 from tests.mqttraw import RawClient
 

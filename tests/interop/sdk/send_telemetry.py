@@ -8,7 +8,7 @@ Prints one JSON line {"sent": n} on success; exits non-zero with the SDK error o
 import json
 import sys
 
-from azure.iot.device import IoTHubDeviceClient, IoTHubModuleClient, Message, X509
+from azure.iot.device import X509, IoTHubDeviceClient, IoTHubModuleClient, Message
 
 args = json.loads(sys.argv[1])
 ca = open(args["ca_file"]).read()
