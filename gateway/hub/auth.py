@@ -18,7 +18,7 @@ from cryptography.x509.oid import NameOID
 
 from gateway.errors import AuthError, ForbiddenError
 from gateway.hub.messages import auth_method_json
-from gateway.hub.registry import Device, Module, Registry, Right
+from gateway.hub.registry import Device, Module, Policy, Registry, Right
 from gateway.hub.sas import SasToken, parse_sas_token, verify_sas_signature
 from gateway.hub.username import Username, parse_username
 from gateway.pki import thumbprints
@@ -26,6 +26,7 @@ from gateway.pki import thumbprints
 __all__ = ["Authenticator", "Principal", "ServicePrincipal"]
 
 SKEW_SECONDS = 300.0  # clock-skew allowance on SAS expiry (edgeHub: 5 min, ref §7.1)
+SERVICE_TOKEN_CACHE = 256  # verified service tokens remembered (distinct back-end tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +91,9 @@ class Authenticator:
         self._registry = registry
         self._hosts = frozenset(name.lower() for name in host_names)
         self._issuers = tuple(x509.load_pem_x509_certificate(pem.encode()) for pem in ca_pems)
+        # Authorization header -> (policy it was verified against, principal): a back end
+        # sends the same token with every call for up to an hour.
+        self._service_tokens: dict[str, tuple[Policy, ServicePrincipal]] = {}
 
     # --- MQTT -------------------------------------------------------------------------------
 
@@ -219,6 +223,13 @@ class Authenticator:
         shared access policies are accepted."""
         if not authorization:
             raise AuthError("missing Authorization header")
+        cached = self._service_tokens.get(authorization)
+        if cached is not None:
+            checked, principal = cached
+            # still valid, and the policy (its keys, its rights) unchanged since the check
+            if now <= principal.expires_at and self._registry.get_policy(checked.name) is checked:
+                return principal
+            del self._service_tokens[authorization]
         token = parse_sas_token(authorization)
         if token.policy is None:
             raise AuthError("service calls need a shared access policy token (skn)")
@@ -230,8 +241,12 @@ class Authenticator:
         host, _ = _split_resource(token.resource)
         if host.lower() not in self._hosts:
             raise AuthError("token audience names another hub")
-        return ServicePrincipal(policy=policy.name, rights=policy.rights,
-                                expires_at=token.expiry + SKEW_SECONDS)
+        principal = ServicePrincipal(policy=policy.name, rights=policy.rights,
+                                     expires_at=token.expiry + SKEW_SECONDS)
+        if len(self._service_tokens) >= SERVICE_TOKEN_CACHE:
+            del self._service_tokens[next(iter(self._service_tokens))]  # the oldest
+        self._service_tokens[authorization] = (policy, principal)
+        return principal
 
     @staticmethod
     def require(principal: ServicePrincipal, right: str) -> None:

@@ -9,7 +9,7 @@ import json
 import re
 import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import quote, quote_plus
@@ -398,6 +398,22 @@ async def test_service_refusals(world: World) -> None:
     for header, reason in cases:
         with pytest.raises(AuthError, match=reason):
             auth.authenticate_service(header, now=NOW)
+
+
+async def test_a_remembered_service_token_still_expires_and_follows_its_policy(
+        world: World) -> None:
+    auth = world.auth
+    header = service_sdk_header(HUB, "service", world.policy_key("service"))
+    first = auth.authenticate_service(header, now=NOW)
+    assert auth.authenticate_service(header, now=NOW + 10) is first  # checked once
+    with pytest.raises(AuthError, match="expired"):
+        auth.authenticate_service(header, now=NOW + 3600 + SKEW_SECONDS + 1)
+    auth.authenticate_service(header, now=NOW)
+    policy = world.registry.get_policy("service")
+    assert policy is not None  # its keys rotated: the remembered check no longer counts
+    world.registry._policies["service"] = replace(policy, primary_key=KEY_A, secondary_key=KEY_A)
+    with pytest.raises(AuthError, match="bad signature"):
+        auth.authenticate_service(header, now=NOW)
 
 
 def test_authenticator_needs_host_names() -> None:
