@@ -257,6 +257,14 @@ def cmd_c2d(args: argparse.Namespace) -> int:
 
 
 MODBUS_TOOLS = {"probe": "hw.modbus.probe", "scan": "hw.modbus.scan"}
+MODBUS_TOOL_HELP = (
+    ("probe", "read a register block and print every type and byte/word-order reading of it",
+     ("gateway modbus probe (--tcp HOST:PORT | --serial DEVICE [--baud N]) --unit N "
+      "--address N --count N [--input]")),
+    ("scan", "find the unit ids that answer on a bus (and the baud rate and parity)",
+     ("gateway modbus scan (--tcp HOST:PORT | --serial DEVICE [--baud N,N] [--parity E,N,O]) "
+      "[--units 1-247] [--address N] [--input]")),
+)
 
 
 def modbus_tool(name: str, argv: list[str]) -> int:
@@ -433,20 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     modbus = sub.add_parser("modbus", help="Modbus tools for technicians").add_subparsers(
         dest="action", required=True, metavar="ACTION")
-    p = modbus.add_parser(
-        "probe", add_help=False,
-        help="read a register block and print every type and byte/word-order reading of it",
-        usage="gateway modbus probe (--tcp HOST:PORT | --serial DEVICE [--baud N]) --unit N "
-              "--address N --count N [--input]")
-    p.add_argument("tool_args", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=cmd_modbus_tool)
-    p = modbus.add_parser(
-        "scan", add_help=False,
-        help="find the unit ids that answer on a bus (and the baud rate and parity)",
-        usage="gateway modbus scan (--tcp HOST:PORT | --serial DEVICE [--baud N,N] "
-              "[--parity E,N,O]) [--units 1-247] [--address N] [--input]")
-    p.add_argument("tool_args", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=cmd_modbus_tool)
+    for name, help_, usage in MODBUS_TOOL_HELP:
+        p = modbus.add_parser(name, add_help=False, help=help_, usage=usage)
+        p.add_argument("tool_args", nargs=argparse.REMAINDER)
+        p.set_defaults(fn=cmd_modbus_tool)
 
     p = sub.add_parser("monitor-events", parents=[common], help="print messages reaching the built-in endpoint")
     p.add_argument("--device", help="only this device's messages")

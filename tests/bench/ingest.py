@@ -21,13 +21,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tests.bench.peers import start_mosquitto, tls_files
+from tests.bench.peers import LOADGEN, loadgen_credentials, loadgen_path, start_mosquitto, tls_files
 from tests.hubproc import HubProcess
 
 
@@ -36,7 +35,7 @@ def run_loadgen(loadgen: Path, args: argparse.Namespace, port: int, pid: int, la
     cmd = [sys.executable, str(loadgen), "--port", str(port), "--conns", str(args.conns),
            "--window", str(args.window), "--msgs", str(args.msgs), "--qos", "1",
            "--payload-size", "200", "--broker-pid", str(pid), "--label", label, *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
     if not lines:
         raise SystemExit(f"loadgen failed for {label}:\n{out.stdout}\n{out.stderr}")
@@ -50,31 +49,16 @@ def main() -> None:
     ap.add_argument("--msgs", type=int, default=400_000)
     ap.add_argument("--tls", action="store_true", help="compare over TLS instead of plain TCP")
     ap.add_argument("--sync", choices=["full", "normal"], default="full")
-    ap.add_argument("--loadgen", default=str(REPO.parent / "shared" / "tools" / "loadgen.py"))
+    ap.add_argument("--loadgen", default=str(LOADGEN))
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
-    loadgen = Path(args.loadgen)
-    if not loadgen.exists():
-        raise SystemExit(f"loadgen not found at {loadgen} (give --loadgen PATH)")
+    loadgen = loadgen_path(args.loadgen)
     tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     try:
         hub = HubProcess(tmp / "hub", host_name="bench.local", extra_config=f"[store]\nsync = \"{args.sync}\"\n", log_level="info")
         hub.start()
-        # Register the devices through the service API, as an integrator would.
-        from gateway.hub.sas import generate_sas_token
-        from gateway.hubclient import HubClient
-
-        client = HubClient(hub.data_dir)
-        creds = []
-        for i in range(args.conns):
-            device_id = f"dev-{i}"
-            device = client.request("PUT", f"/devices/{device_id}",
-                                    {"deviceId": device_id, "authentication": {"type": "sas"}})
-            key = device["authentication"]["symmetricKey"]["primaryKey"]
-            token = generate_sas_token(f"bench.local/devices/{device_id}", key, int(time.time()) + 7200)
-            creds.append(f"{device_id}\tbench.local/{device_id}/?api-version=2021-04-12\t{token}")
-        cred_file = tmp / "creds.tsv"
-        cred_file.write_text("\n".join(creds) + "\n")
+        cred_file = loadgen_credentials(hub.data_dir, "bench.local", args.conns,
+                                        tmp / "creds.tsv")
 
         mosq_dir = Path(tempfile.mkdtemp(prefix="bench-ingest-mosquitto-"))  # not under tmp (0700)
         mosq, mport = start_mosquitto(mosq_dir, tls_files(hub.data_dir, mosq_dir) if args.tls else None)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 HOST = "127.0.0.1"
+LOADGEN = Path(__file__).resolve().parents[3] / "shared" / "tools" / "loadgen.py"
 
 
 def tls_files(data_dir: Path, directory: Path) -> tuple[str, str, str]:
@@ -62,3 +63,31 @@ def start_mosquitto(conf_dir: Path, tls: tuple[str, str, str] | None = None
             time.sleep(0.05)
     proc.kill()
     raise SystemExit(f"mosquitto did not start (try: {exe} -c {conf} -v)")
+
+
+def loadgen_credentials(data_dir: Path, host_name: str, count: int, path: Path) -> Path:
+    """Register ``dev-0`` .. ``dev-{count-1}`` through the service API, as an integrator
+    would, and write loadgen's ``--cred-file`` (client id, username, SAS token per line)."""
+    from gateway.hub.sas import generate_sas_token
+    from gateway.hubclient import HubClient
+
+    client = HubClient(data_dir)
+    lines = []
+    for i in range(count):
+        device_id = f"dev-{i}"
+        device = client.request("PUT", f"/devices/{device_id}",
+                                {"deviceId": device_id, "authentication": {"type": "sas"}})
+        key = device["authentication"]["symmetricKey"]["primaryKey"]
+        token = generate_sas_token(f"{host_name}/devices/{device_id}", key,
+                                   int(time.time()) + 7200)
+        lines.append(f"{device_id}\t{host_name}/{device_id}/?api-version=2021-04-12\t{token}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def loadgen_path(given: str) -> Path:
+    """The load generator (``--loadgen``, default ../shared/tools/loadgen.py), or exit."""
+    path = Path(given)
+    if not path.exists():
+        raise SystemExit(f"loadgen not found at {path} (give --loadgen PATH)")
+    return path

@@ -35,7 +35,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tests.bench.peers import start_mosquitto
+from tests.bench.peers import LOADGEN, loadgen_credentials, loadgen_path, start_mosquitto
 from tests.hubproc import HubProcess
 
 HOST = "bench.local"
@@ -90,12 +90,10 @@ def main() -> None:
     ap.add_argument("--conns", type=int, default=200, help="devices per round")
     ap.add_argument("--window", type=int, default=20)
     ap.add_argument("--idle-conns", type=int, default=1000)
-    ap.add_argument("--loadgen", default=str(REPO.parent / "shared" / "tools" / "loadgen.py"))
+    ap.add_argument("--loadgen", default=str(LOADGEN))
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
-    path = Path(args.loadgen)
-    if not path.exists():
-        raise SystemExit(f"loadgen not found at {path} (give --loadgen PATH)")
+    path = loadgen_path(args.loadgen)
     devices = max(args.conns, args.idle_conns)
     tmp = Path(tempfile.mkdtemp(prefix="bench-soak-"))
     mosq_dir = Path(tempfile.mkdtemp(prefix="bench-soak-mosquitto-"))
@@ -108,21 +106,7 @@ def main() -> None:
             mosq.wait()
         hub = HubProcess(tmp / "hub", host_name=HOST, log_level="warning").start()
         try:
-            from gateway.hub.sas import generate_sas_token
-            from gateway.hubclient import HubClient
-
-            client = HubClient(hub.data_dir)
-            lines = []
-            for i in range(devices):
-                device_id = f"dev-{i}"
-                device = client.request("PUT", f"/devices/{device_id}", {
-                    "deviceId": device_id, "authentication": {"type": "sas"}})
-                key = device["authentication"]["symmetricKey"]["primaryKey"]
-                token = generate_sas_token(f"{HOST}/devices/{device_id}", key,
-                                           int(time.time()) + 7200)
-                lines.append(f"{device_id}\t{HOST}/{device_id}/?api-version=2021-04-12\t{token}")
-            cred_file = tmp / "creds.tsv"
-            cred_file.write_text("\n".join(lines) + "\n")
+            cred_file = loadgen_credentials(hub.data_dir, HOST, devices, tmp / "creds.tsv")
             h = soak(path, hub.port("mqtt_local_port"), hub.pid, "hub", args,
                      ["--cred-file", str(cred_file)])
         finally:
