@@ -21,7 +21,7 @@ Only modules the hub supervises (``managedBy: gateway``) may have children.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -55,12 +55,22 @@ class Child:
         return f"{self.gateway_id}/{self.module_id}"
 
 
+ConnectionState = Callable[[str, str | None, bool], None]
+"""``state(device_id, module_id, connected)``: record a connection state change."""
+
+
 class ChildDirectory:
-    def __init__(self, registry: Registry, twin_store: TwinStore) -> None:
+    def __init__(self, registry: Registry, twin_store: TwinStore,
+                 connection_state: ConnectionState | None = None) -> None:
         self.registry = registry
         self.twin_store = twin_store
+        self._connection_state = connection_state
         self.broker: Broker | None = None  # set once the broker exists: documents are pushed
         self._children: dict[str, Child] = {}
+
+    def of_module(self, gateway_id: str, module_id: str) -> list[Child]:
+        return [c for c in self._children.values()
+                if (c.gateway_id, c.module_id) == (gateway_id, module_id)]
 
     def lookup(self, device_id: str) -> Child | None:
         return self._children.get(device_id)
@@ -87,10 +97,11 @@ class ChildDirectory:
         if gateway is None or not gateway.device_scope:
             log.warning("children need the gateway device %r to have a device scope", gateway_id)
             return
-        for old in [c for c in self._children.values()
-                    if (c.gateway_id, c.module_id) == (gateway_id, module_id)
-                    and wanted.get(c.sensor) != c.device_id]:
+        online = self._module_online(gateway_id, module_id)
+        for old in [c for c in self.of_module(gateway_id, module_id)
+                    if wanted.get(c.sensor) != c.device_id]:
             del self._children[old.device_id]
+            self._set_state(old.device_id, False, online)
         for sensor, device_id in wanted.items():
             existing = self.registry.get_device(device_id)
             if existing is None:
@@ -109,16 +120,26 @@ class ChildDirectory:
                 log.warning("device %r exists and is not a child of %r: not translated",
                             device_id, gateway_id)
                 continue
-            self._children[device_id] = Child(device_id, gateway_id, module_id, sensor)
+            child = Child(device_id, gateway_id, module_id, sensor)
+            if self._children.get(device_id) != child:
+                self._children[device_id] = child
+                self._set_state(device_id, True, online)
         self.push(gateway_id, module_id)
+
+    def _module_online(self, gateway_id: str, module_id: str) -> bool:
+        conn = self.broker.live.get(f"{gateway_id}/{module_id}") if self.broker else None
+        return conn is not None and not conn.closed
+
+    def _set_state(self, device_id: str, connected: bool, online: bool) -> None:
+        """A child joins or leaves a connected bridge: it connects or disconnects with it."""
+        if online and self._connection_state is not None:
+            self._connection_state(device_id, None, connected)
 
     # -- the children document -------------------------------------------------------------
 
     def document(self, gateway_id: str, module_id: str) -> list[ChildSpec]:
         out = []
-        for child in self._children.values():
-            if (child.gateway_id, child.module_id) != (gateway_id, module_id):
-                continue
+        for child in self.of_module(gateway_id, module_id):
             twin = self.twin_store.get(child.device_id)
             device = self.registry.get_device(child.device_id)
             out.append(ChildSpec(child.sensor, child.device_id,
@@ -155,7 +176,7 @@ class ChildDirectory:
         if child is None:
             return
         if event == "deleted":
-            del self._children[identity.device_id]
+            del self._children[identity.device_id]  # its twin and registry state go with it
             log.info("child device deleted device_id=%s sensor=%s/%s",
                      child.device_id, child.module_id, child.sensor)
         self.push(child.gateway_id, child.module_id)

@@ -101,7 +101,7 @@ class Hub:
         self.methods: MethodService
         self.twins: TwinService
         self.c2d: C2DService
-        self.children = ChildDirectory(registry, twin_store)
+        self.children = ChildDirectory(registry, twin_store, self.connection_state)
         registry.add_listener(self._on_registry_change)
 
     # -- connect -----------------------------------------------------------------------------
@@ -228,15 +228,22 @@ class Hub:
                       props_json(system, application), body)
 
     def connection_event(self, principal: Principal, connected: bool) -> None:
+        """A client connected or disconnected; a bridge module's child devices follow it
+        (identity translation: they are reachable exactly while their bridge is)."""
+        self.connection_state(principal.device_id, principal.module_id, connected)
+        if principal.module_id is not None:
+            for child in self.children.of_module(principal.device_id, principal.module_id):
+                self.connection_state(child.device_id, None, connected)
+
+    def connection_state(self, device_id: str, module_id: str | None, connected: bool) -> None:
+        """Record an identity's connection state and its ``deviceConnectionStateEvents``."""
         event = connection_state_event(
-            hub_name=self.host_name, device_id=principal.device_id,
-            module_id=principal.module_id, connected=connected,
-            sequence_number=self._next_sequence(), correlation_id=self._correlation_id(),
-            now=self.clock())
-        self.registry.set_connection_state(
-            principal.device_id, principal.module_id, connected, format_time(self.clock()))
-        self._append_event(self._record(CONNECTION_STATE, event, principal.device_id,
-                                        principal.module_id))
+            hub_name=self.host_name, device_id=device_id, module_id=module_id,
+            connected=connected, sequence_number=self._next_sequence(),
+            correlation_id=self._correlation_id(), now=self.clock())
+        self.registry.set_connection_state(device_id, module_id, connected,
+                                           format_time(self.clock()))
+        self._append_event(self._record(CONNECTION_STATE, event, device_id, module_id))
 
     def _on_registry_change(self, change: str, identity: Device | Module) -> None:
         module_id = identity.module_id if isinstance(identity, Module) else None

@@ -213,6 +213,19 @@ def test_sensor_as_child_device_of_the_gateway(bridge_hub: HubProcess, tmp_path:
             assert not any(r["name"] == "altitude" for e in child_events()[before:]
                            for r in e["payload"]["readings"])  # GGA is no longer decoded
             assert hub.log_text().count("module started module=serial") == 1
+
+            # the child is reachable exactly while its bridge is: connected with it, and
+            # disconnected when it leaves the bridge's map (with IoT Hub's state events)
+            assert api.request("GET", "/devices/plant7-gps")["connectionState"] == "Connected"
+            await asyncio.to_thread(api.request, "PATCH", f"/twins/{GW}/modules/serial", {
+                "properties": {"desired": {"children": None}}})
+            await wait_for(lambda: api.request("GET", "/devices/plant7-gps")["connectionState"]
+                           == "Disconnected", 20, "the child to disconnect")
+            states = [i["event"]["properties"]["application"]["opType"]
+                      for i in api.request("GET", "/messages/events", query={
+                          "start": "earliest", "deviceId": "plant7-gps",
+                          "kinds": "connectionState"})]
+            assert states == ["deviceConnected", "deviceDisconnected"]
         finally:
             socat.terminate()
             await socat.wait()
