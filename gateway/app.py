@@ -147,9 +147,11 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         write_private(data_dir / OWNER_FILE, str(ConnectionString(
             host_name=config.hub.host_name, shared_access_key_name=owner.name,
             shared_access_key=owner.primary_key)) + "\n")
+        gateway_id = config.hub.device_id or config.hub.host_name  # the bridges' device
         runtime: dict[str, object] = {
             "pid": os.getpid(),
             "host_name": config.hub.host_name,
+            "device_id": gateway_id,
             "api_port": api.port,
             "mqtt_tls_port": broker.ports.get("tls"),
             "mqtt_local_port": broker.ports.get("local"),
@@ -159,7 +161,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         write_private(data_dir / RUNTIME_FILE, json.dumps(runtime, indent=2) + "\n")
         supervisor = Supervisor(
             config.modules, registry=registry, host_name=config.hub.host_name,
-            device_id=config.hub.device_id or config.hub.host_name,
+            device_id=gateway_id,
             unix_socket=data_dir / "mqtt.sock" if config.mqtt.unix_socket else None,
             tls_port=int(broker.ports["tls"]), ca_file=certs.ca_cert)
         await supervisor.ensure_identities()

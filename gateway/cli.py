@@ -276,8 +276,21 @@ def modbus_tool(name: str, argv: list[str]) -> int:
     return int(importlib.import_module(MODBUS_TOOLS[name]).main(argv))
 
 
-def cmd_modbus_tool(args: argparse.Namespace) -> int:
+def cmd_modbus_tool(args: argparse.Namespace) -> int:  # reached only for --help listings
     return modbus_tool(args.action, args.tool_args)
+
+
+def _modbus_tool_argv(argv: list[str]) -> tuple[str, list[str]] | None:
+    """``[--data-dir D] [--log-level L] modbus TOOL ARGS`` -> (TOOL, ARGS with the data dir)."""
+    head: list[str] = []
+    i = 0
+    while i + 1 < len(argv) and argv[i] in ("--data-dir", "--log-level"):
+        if argv[i] == "--data-dir":
+            head = ["--data-dir", argv[i + 1]]
+        i += 2
+    if argv[i:i + 1] == ["modbus"] and argv[i + 1:i + 2] and argv[i + 1] in MODBUS_TOOLS:
+        return argv[i + 1], [*head, *argv[i + 2:]]
+    return None
 
 
 def cmd_monitor_events(args: argparse.Namespace) -> int:
@@ -460,8 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["modbus"] and argv[1:2] and argv[1] in MODBUS_TOOLS:
-        return modbus_tool(argv[1], argv[2:])
+    tool = _modbus_tool_argv(argv)
+    if tool is not None:
+        return modbus_tool(*tool)
     parser = build_parser()
     args = parser.parse_args(argv)
     # `run` logs at --log-level (default info); every other command stays quiet unless asked.

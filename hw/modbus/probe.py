@@ -5,8 +5,11 @@ one row per interpretation (type and byte/word order) and one column per startin
 what each choice would decode to; the row that shows plausible values is the register map.
 Orders use the ``ABCD`` notation of :mod:`hw.modbus.registers`.
 
-    gateway modbus probe (--tcp HOST:PORT | --serial DEVICE [--baud N]) --unit N
+    gateway modbus probe (--tcp HOST:PORT | --serial DEVICE [--baud N] | --bus NAME) --unit N
                          --address N --count N [--input]
+
+``--bus`` reads through the running gateway's Modbus bridge (:mod:`hw.modbus.live`) instead of
+opening the port.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gateway.errors import DeviceError
+from gateway.errors import DeviceError, GatewayError
+from hw.modbus import live
 from hw.modbus.config import Link, SerialLink, TcpLink
 from hw.modbus.registers import (
     MAX_READ_REGISTERS,
@@ -133,6 +137,9 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--tcp", metavar="HOST:PORT", help="Modbus TCP endpoint")
     where.add_argument("--serial", metavar="DEVICE",
                        help="serial port, e.g. /dev/serial/by-id/usb-FTDI_...")
+    where.add_argument("--bus", metavar="NAME",
+                       help="a bus of the running gateway's Modbus bridge (it keeps the port)")
+    live.add_arguments(p)
     p.add_argument("--baud", type=int, default=19200, help="serial baud rate (19200)")
     p.add_argument("--parity", choices=("N", "E", "O"), default="E", help="serial parity (E)")
     p.add_argument("--stopbits", type=int, choices=(1, 2), default=1)
@@ -156,6 +163,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--address must be 0..65535 and the block must end by 65535")
     if not 0 <= args.unit <= 255:
         parser.error("--unit must be 0..255")
+    table = Table.INPUT if args.input else Table.HOLDING
+    if args.bus:
+        try:
+            answer = live.invoke(args, "read_registers", {
+                "bus": args.bus, "unit": args.unit, "address": args.address,
+                "count": args.count, "table": str(table)}, timeout=30)
+        except GatewayError as exc:
+            print(f"gateway modbus probe: bus {args.bus} unit {args.unit}: {exc}",
+                  file=sys.stderr)
+            return 1
+        _print_table(f"bus {args.bus}", args, table, [int(v) for v in answer["values"]])
+        return 0
     link: TcpLink | SerialLink
     if args.tcp:
         host, sep, port = args.tcp.rpartition(":")
@@ -165,7 +184,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         link = SerialLink(port=args.serial, baud=args.baud, parity=args.parity,
                           stopbits=args.stopbits)
-    table = Table.INPUT if args.input else Table.HOLDING
     try:
         words = asyncio.run(read_block(link, unit=args.unit, address=args.address,
                                        count=args.count, table=table, timeout=args.timeout))
@@ -173,11 +191,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gateway modbus probe: {link.describe()} unit {args.unit}: {exc}",
               file=sys.stderr)
         return 1
-    fc = 4 if args.input else 3
-    print(f"{link.describe()} unit {args.unit}, {table} registers (FC {fc}) "
+    _print_table(link.describe(), args, table, words)
+    return 0
+
+
+def _print_table(where: str, args: argparse.Namespace, table: Table, words: list[int]) -> None:
+    fc = 4 if table is Table.INPUT else 3
+    print(f"{where} unit {args.unit}, {table} registers (FC {fc}) "
           f"{args.address}..{args.address + args.count - 1}")
     print(render(args.address, interpret(words, scale=args.scale), columns=args.columns))
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

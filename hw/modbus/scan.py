@@ -7,8 +7,11 @@ address still proves a live slave), except the two gateway exceptions 10 and 11,
 TCP-to-RTU gateway sends for a slave that is *not* there (Modbus Application Protocol V1.1b3
 §7). A garbled answer is reported apart: something is on the line at another setting.
 
-    gateway modbus scan (--tcp HOST:PORT | --serial DEVICE [--baud N,N...] [--parity E,N,O])
-                        [--units 1-247] [--address N] [--input] [--timeout S]
+    gateway modbus scan (--tcp HOST:PORT | --serial DEVICE [--baud N,N...] [--parity E,N,O]
+                         | --bus NAME) [--units 1-247] [--address N] [--input] [--timeout S]
+
+``--bus`` scans through the running gateway's Modbus bridge (:mod:`hw.modbus.live`): the bridge
+keeps the port, its polling goes on in between, and its own bus settings apply.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from dataclasses import dataclass
 from itertools import product
 from typing import Literal
 
-from gateway.errors import DeviceError
+from gateway.errors import DeviceError, GatewayError
+from hw.modbus import live
 from hw.modbus.client import ExceptionResponse, NoResponse, Transport
 from hw.modbus.config import Link, SerialLink, TcpLink
 from hw.modbus.registers import Table
@@ -132,6 +136,9 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--tcp", metavar="HOST:PORT", help="Modbus TCP endpoint or gateway")
     where.add_argument("--serial", metavar="DEVICE",
                        help="serial port, e.g. /dev/serial/by-id/usb-FTDI_...")
+    where.add_argument("--bus", metavar="NAME",
+                       help="a bus of the running gateway's Modbus bridge (it keeps the port)")
+    live.add_arguments(p)
     p.add_argument("--baud", default="19200,9600",
                    help="baud rates to try, comma-separated (19200,9600)")
     p.add_argument("--parity", default="E,N", help="parities to try: E, N, O (E,N)")
@@ -150,8 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         units = parse_units(args.units)
-        links: list[Link]
-        if args.tcp:
+        links: list[Link] = []
+        if args.bus:
+            pass
+        elif args.tcp:
             host, sep, port = args.tcp.rpartition(":")
             if not sep or not host or not port.isdigit():
                 raise ValueError("--tcp takes HOST:PORT")
@@ -166,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--address must be 0..65535")
     table = Table.INPUT if args.input else Table.HOLDING
     fc = 4 if args.input else 3
+    if args.bus:
+        return _through_bridge(args, units, table, fc)
     total: list[tuple[Link, Answer]] = []
     for link in links:
         print(f"scanning {describe_setting(link)}: {len(units)} unit ids, {table} register "
@@ -195,6 +206,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         for link, a in found:
             print(f"  {describe_setting(link)}  unit {a.unit}")
     return 0
+
+
+def _through_bridge(args: argparse.Namespace, units: list[int], table: Table, fc: int) -> int:
+    print(f"scanning bus {args.bus} through the bridge: {len(units)} unit ids, {table} register "
+          f"{args.address} (FC {fc})", flush=True)
+    try:
+        answer = live.invoke(args, "scan", {"bus": args.bus, "units": args.units,
+                                            "address": args.address, "table": str(table),
+                                            "seconds": 280}, timeout=300)
+    except GatewayError as exc:
+        print(f"gateway modbus scan: bus {args.bus}: {exc}", file=sys.stderr)
+        return 1
+    found = answer.get("answered", [])
+    for a in found:
+        print(f"  unit {a['unit']:>3}  {a['kind']:<9}  {a['detail']}")
+    alive = [str(a["unit"]) for a in found if a["kind"] != "garbled"]
+    print(f"  {len(alive)} unit(s) answered" + (f": {', '.join(alive)}" if alive else ""))
+    if not answer.get("complete", True):
+        print(f"  stopped at the time limit after {answer.get('asked')} of {len(units)} unit ids")
+    return 0 if alive else 3
 
 
 if __name__ == "__main__":  # pragma: no cover

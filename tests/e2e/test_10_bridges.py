@@ -291,3 +291,48 @@ def test_the_children_channel_is_confined_to_a_modules_own_children(hub: HubProc
         assert "hacked" not in twin["properties"]["reported"]
     finally:
         c.close()
+
+
+async def test_probe_and_scan_a_bus_the_bridge_owns(tmp_path: Path) -> None:
+    """``gateway modbus probe|scan --bus`` go through the running bridge's methods: the
+    bridge keeps its connection and its polling, the technician gets the same tables."""
+    from tests.hw.modbus.peers import tcp_peer
+
+    devices = {1: {"holding": {0: [0x4366, 0x6666]}}, 2: {"holding": {0: [5]}}}
+    async with tcp_peer(devices, dead={3}) as peer:
+        hub = HubProcess(tmp_path / "data", host_name=GW,
+                         extra_config='[modules.modbus]\nbridge = "modbus"\n'
+                                      'status_interval = 0.5\n')
+        await asyncio.to_thread(hub.start)
+        try:
+            api = HubClient(hub.data_dir)
+            await asyncio.to_thread(api.request, "PATCH", f"/twins/{GW}/modules/modbus", {
+                "properties": {"desired": {
+                    "buses": {"plc": {"tcp": {"host": "127.0.0.1", "port": peer.port},
+                                      "timeout": 0.3}},
+                    "devices": {"m1": {"bus": "plc", "unit": 1, "interval": 0.5,
+                                       "registers": {"r": {"address": 0}}}}}}})
+
+            def bus_up() -> bool:
+                reported = api.request("GET", f"/twins/{GW}/modules/modbus")["properties"][
+                    "reported"]
+                return bool(reported.get("status", {}).get("buses", {}).get("plc", {})
+                            .get("state") == "up")
+
+            await wait_for(bus_up, 30, "the bus to come up")
+            out = (await asyncio.to_thread(hub.cli, "modbus", "probe", "--bus", "plc", "--unit",
+                                           "1", "--address", "0", "--count", "2")).stdout
+            assert out.splitlines()[0] == "bus plc unit 1, holding registers (FC 3) 0..1"
+            (abcd,) = [line for line in out.splitlines()
+                       if line.startswith("float32") and " ABCD " in line]
+            assert abcd.split()[2] == "230.4"
+            out = (await asyncio.to_thread(hub.cli, "modbus", "scan", "--bus", "plc",
+                                           "--units", "1-3")).stdout
+            assert "2 unit(s) answered: 1, 2" in out, out
+            failed = await asyncio.to_thread(hub.cli, "modbus", "probe", "--bus", "nope",
+                                             "--unit", "1", "--address", "0", "--count", "1",
+                                             check=False)
+            assert failed.returncode == 1 and "404" in failed.stderr and "no bus" in failed.stderr
+            assert hub.log_text().count("module started module=modbus") == 1
+        finally:
+            await asyncio.to_thread(hub.stop)
