@@ -464,19 +464,13 @@ def _locked_row(conn: sqlite3.Connection, device_id: str, lock_token: str) -> _D
     return (row[0], row[1], row[2], row[3], row[4])
 
 
-def _complete_body(
-    conn: sqlite3.Connection, *, device_id: str, lock_token: str, outcome: _Outcome
+def _settle_body(
+    conn: sqlite3.Connection, *, device_id: str, lock_token: str, status: FeedbackStatus,
+    outcome: _Outcome,
 ) -> _After:
+    """Complete (``SUCCESS``) or reject (``REJECTED``) the message holding the lock."""
     row = _locked_row(conn, device_id, lock_token)
-    _remove(conn, [row], FeedbackStatus.SUCCESS, outcome)
-    return _after(conn, (device_id,))
-
-
-def _reject_body(
-    conn: sqlite3.Connection, *, device_id: str, lock_token: str, outcome: _Outcome
-) -> _After:
-    row = _locked_row(conn, device_id, lock_token)
-    _remove(conn, [row], FeedbackStatus.REJECTED, outcome)
+    _remove(conn, [row], status, outcome)
     return _after(conn, (device_id,))
 
 
@@ -857,12 +851,7 @@ class C2DQueues:
         """Remove the message (MQTT PUBACK, HTTP complete; ref §3.2); feedback Success if
         ``ack`` is positive or full. :class:`LockLostError` (a NotFoundError) if no message
         of the device holds ``lock_token`` (unknown, settled, or redelivered since)."""
-        now = self._clock()
-        after = await self._db.run(
-            partial(_complete_body, device_id=device_id, lock_token=lock_token,
-                    outcome=self._outcome(now))
-        )
-        self._apply(after)
+        await self._settle(device_id, lock_token, FeedbackStatus.SUCCESS)
 
     async def abandon(self, device_id: str, lock_token: str) -> None:
         """Put the message back (ref §3.2); its next delivery counts. If it has had
@@ -878,10 +867,12 @@ class C2DQueues:
     async def reject(self, device_id: str, lock_token: str) -> None:
         """Dead-letter the message (ref §3.2); feedback Rejected if ``ack`` is negative or
         full. :class:`LockLostError` as for :meth:`complete`."""
-        now = self._clock()
+        await self._settle(device_id, lock_token, FeedbackStatus.REJECTED)
+
+    async def _settle(self, device_id: str, lock_token: str, status: FeedbackStatus) -> None:
         after = await self._db.run(
-            partial(_reject_body, device_id=device_id, lock_token=lock_token,
-                    outcome=self._outcome(now))
+            partial(_settle_body, device_id=device_id, lock_token=lock_token, status=status,
+                    outcome=self._outcome(self._clock()))
         )
         self._apply(after)
 

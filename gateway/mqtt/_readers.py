@@ -228,6 +228,15 @@ def _ack_reader(cls: type[Puback | Pubrec | Pubrel | Pubcomp | Unsuback]) -> Rea
     return read_ack
 
 
+def _read_filter(data: bytes, pos: int, end: int) -> tuple[str, int]:
+    """One topic filter of a SUBSCRIBE or UNSUBSCRIBE, checked (MQTT 3.1.1 §4.7.1)."""
+    topic_filter, pos = read_utf8(data, pos, end, "topic filter")
+    problem = filter_problem(topic_filter)
+    if problem is not None:
+        raise malformed(problem)
+    return topic_filter, pos
+
+
 def _read_subscribe(data: bytes, pos: int, end: int, flags: int) -> Subscribe:
     """SUBSCRIBE (MQTT 3.1.1 §3.8)."""
     packet_id = read_packet_id(data, pos, end, "SUBSCRIBE")
@@ -236,10 +245,7 @@ def _read_subscribe(data: bytes, pos: int, end: int, flags: int) -> Subscribe:
         raise malformed("SUBSCRIBE has no topic filter (MQTT 3.1.1 §3.8.3)")
     topics = []
     while pos < end:
-        topic_filter, pos = read_utf8(data, pos, end, "topic filter")
-        problem = filter_problem(topic_filter)
-        if problem is not None:
-            raise malformed(problem)
+        topic_filter, pos = _read_filter(data, pos, end)
         if pos == end:
             raise malformed("SUBSCRIBE requested QoS is cut off (MQTT 3.1.1 §3.8.3)")
         options = data[pos]
@@ -272,10 +278,7 @@ def _read_unsubscribe(data: bytes, pos: int, end: int, flags: int) -> Unsubscrib
         raise malformed("UNSUBSCRIBE has no topic filter (MQTT 3.1.1 §3.10.3)")
     topics = []
     while pos < end:
-        topic_filter, pos = read_utf8(data, pos, end, "topic filter")
-        problem = filter_problem(topic_filter)
-        if problem is not None:
-            raise malformed(problem)
+        topic_filter, pos = _read_filter(data, pos, end)
         topics.append(topic_filter)
     return Unsubscribe(packet_id, tuple(topics))
 

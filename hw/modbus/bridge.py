@@ -122,8 +122,8 @@ class ModbusBridge:
         return {"buses": buses, "devices": devices, "writes": writes}
 
     def sensor_status(self, sensor: str) -> dict[str, Any] | None:
-        status: dict[str, Any] | None = self.status()["devices"].get(sensor)
-        return status
+        runner = next((r for r in self._runners.values() if sensor in r.devices), None)
+        return runner.device_status(sensor) if runner is not None else None
 
     def sensor_config_path(self, desired: Mapping[str, Any], sensor: str) -> tuple[str, ...] | None:
         devices = desired.get("devices")

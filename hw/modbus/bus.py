@@ -466,32 +466,38 @@ class BusRunner:
             if isinstance(link, SerialLink):
                 wire = (self.tx_bytes + self.rx_bytes) * BITS_PER_CHAR / link.baud
                 bus["utilisation"] = round(min(1.0, wire / elapsed), 4)
-        devices: dict[str, Any] = {}
-        for name, device in self.devices.items():
-            stats = self.stats.get(name, DeviceStats())
-            breaker = self.schedule.unit(device.unit)
-            jobs = [j for j in self.schedule.jobs.values() if j.spec.device == name]
-            entry: dict[str, Any] = {
-                "bus": self.config.name,
-                "unit": device.unit,
-                "source": device.source,
-                "state": breaker.state.value,
-                "interval": device.interval,
-                "polls": stats.polls,
-                "errors": stats.errors,
-                "exceptions": stats.exceptions,
-                "overruns": sum(j.overruns for j in jobs),
-                "last_read": iso(stats.last_read) if stats.last_read else None,
-                "latency_ms": round(stats.latency * 1000, 1) if stats.latency is not None
-                else None,
-                "last_error": stats.last_error,
-            }
-            if breaker.state is UnitState.DOWN:
-                entry["retry_at"] = iso(wall + max(0.0, breaker.retry_at - now))
-            devices[name] = entry
+        devices = {name: self.device_status(name, now, wall) for name in self.devices}
         writes: dict[str, Any] = {}
         for w in self.desired.values():
             writes.setdefault(w.device, {})[w.point] = {
                 "value": w.value, "state": w.state, "error": w.error,
                 "at": iso(w.at) if w.at else None}
         return bus, devices, writes
+
+    def device_status(self, name: str, now: float | None = None,
+                      wall: float | None = None) -> dict[str, Any]:
+        """One device's part of :meth:`status` (a child device's reported status)."""
+        now = self._clock() if now is None else now
+        wall = self._wall() if wall is None else wall
+        device = self.devices[name]
+        stats = self.stats.get(name, DeviceStats())
+        breaker = self.schedule.unit(device.unit)
+        jobs = [j for j in self.schedule.jobs.values() if j.spec.device == name]
+        entry: dict[str, Any] = {
+            "bus": self.config.name,
+            "unit": device.unit,
+            "source": device.source,
+            "state": breaker.state.value,
+            "interval": device.interval,
+            "polls": stats.polls,
+            "errors": stats.errors,
+            "exceptions": stats.exceptions,
+            "overruns": sum(j.overruns for j in jobs),
+            "last_read": iso(stats.last_read) if stats.last_read else None,
+            "latency_ms": round(stats.latency * 1000, 1) if stats.latency is not None
+            else None,
+            "last_error": stats.last_error,
+        }
+        if breaker.state is UnitState.DOWN:
+            entry["retry_at"] = iso(wall + max(0.0, breaker.retry_at - now))
+        return entry

@@ -1,6 +1,7 @@
-"""The Modbus tools on a bus the running gateway's bridge owns: ``gateway modbus probe|scan
---bus NAME`` go through the bridge's direct methods (``read_registers``, ``scan``), so the
-bridge keeps the port and polling goes on in between (see :mod:`hw.modbus.bridge`)."""
+"""Where the Modbus tools (``gateway modbus probe|scan``) reach a bus: ``--tcp``, ``--serial``,
+or ``--bus NAME``, a bus the running gateway's bridge owns. That one goes through the bridge's
+direct methods (``read_registers``, ``scan``), so the bridge keeps the port and polling goes
+on in between (see :mod:`hw.modbus.bridge`)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,18 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import DeviceError
+from hw.modbus.config import TcpLink
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--data-dir``, ``--module`` and ``--device``: where the running bridge is."""
+    """``--tcp | --serial | --bus`` (one required), and for ``--bus`` ``--data-dir``,
+    ``--module`` and ``--device``: where the running bridge is."""
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--tcp", metavar="HOST:PORT", help="Modbus TCP endpoint or gateway")
+    where.add_argument("--serial", metavar="DEVICE",
+                       help="serial port, e.g. /dev/serial/by-id/usb-FTDI_...")
+    where.add_argument("--bus", metavar="NAME",
+                       help="a bus of the running gateway's Modbus bridge (it keeps the port)")
     parser.add_argument("--data-dir", help="the running hub's data directory (with --bus)")
     parser.add_argument("--module", default="modbus", help="the bridge's module (modbus)")
     parser.add_argument("--device", help="the gateway device (default: the hub's own)")
@@ -35,3 +44,11 @@ def invoke(args: argparse.Namespace, method: str, payload: dict[str, Any],
         error = answer.get("error") if isinstance(answer, dict) else answer
         raise DeviceError(f"the bridge answered {status}: {error}")
     return answer
+
+
+def tcp_link(text: str) -> TcpLink:
+    """``HOST:PORT`` (IPv6 in brackets) -> TcpLink; ValueError otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError("--tcp takes HOST:PORT")
+    return TcpLink(host=host.strip("[]"), port=int(port))

@@ -133,12 +133,6 @@ def _parser() -> argparse.ArgumentParser:
                     "interpretation side by side (one row per interpretation, one column per "
                     "starting register). Addresses are 0-based protocol addresses: holding "
                     "register 40001 is --address 0.")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--tcp", metavar="HOST:PORT", help="Modbus TCP endpoint")
-    where.add_argument("--serial", metavar="DEVICE",
-                       help="serial port, e.g. /dev/serial/by-id/usb-FTDI_...")
-    where.add_argument("--bus", metavar="NAME",
-                       help="a bus of the running gateway's Modbus bridge (it keeps the port)")
     live.add_arguments(p)
     p.add_argument("--baud", type=int, default=19200, help="serial baud rate (19200)")
     p.add_argument("--parity", choices=("N", "E", "O"), default="E", help="serial parity (E)")
@@ -177,10 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     link: TcpLink | SerialLink
     if args.tcp:
-        host, sep, port = args.tcp.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            parser.error("--tcp takes HOST:PORT")
-        link = TcpLink(host=host.strip("[]"), port=int(port))
+        try:
+            link = live.tcp_link(args.tcp)
+        except ValueError as exc:
+            parser.error(str(exc))
     else:
         link = SerialLink(port=args.serial, baud=args.baud, parity=args.parity,
                           stopbits=args.stopbits)

@@ -23,12 +23,12 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from itertools import product
-from typing import Literal
+from typing import Literal, cast
 
 from gateway.errors import DeviceError, GatewayError
 from hw.modbus import live
 from hw.modbus.client import ExceptionResponse, NoResponse, Transport
-from hw.modbus.config import Link, SerialLink, TcpLink
+from hw.modbus.config import Link, SerialLink
 from hw.modbus.registers import Table
 
 GATEWAY_NO_PATH, GATEWAY_NO_TARGET = 10, 11
@@ -69,8 +69,8 @@ def parse_list(text: str, allowed: Callable[[str], bool], what: str) -> list[str
 def settings(port: str, bauds: Sequence[int], parities: Sequence[str],
              stopbits: int) -> list[SerialLink]:
     """Every serial setting to try, the most common first as given."""
-    parity: dict[str, Literal["N", "E", "O"]] = {"N": "N", "E": "E", "O": "O"}
-    return [SerialLink(port=port, baud=b, parity=parity[p], stopbits=stopbits)
+    return [SerialLink(port=port, baud=b, parity=cast(Literal["N", "E", "O"], p),
+                       stopbits=stopbits)
             for b, p in product(bauds, parities)]
 
 
@@ -132,12 +132,6 @@ def _parser() -> argparse.ArgumentParser:
         prog="gateway modbus scan",
         description="Ask every unit id in a range to read one register and list those that "
                     "answer; on a serial line, once per baud rate and parity given.")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--tcp", metavar="HOST:PORT", help="Modbus TCP endpoint or gateway")
-    where.add_argument("--serial", metavar="DEVICE",
-                       help="serial port, e.g. /dev/serial/by-id/usb-FTDI_...")
-    where.add_argument("--bus", metavar="NAME",
-                       help="a bus of the running gateway's Modbus bridge (it keeps the port)")
     live.add_arguments(p)
     p.add_argument("--baud", default="19200,9600",
                    help="baud rates to try, comma-separated (19200,9600)")
@@ -158,14 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         units = parse_units(args.units)
         links: list[Link] = []
-        if args.bus:
-            pass
-        elif args.tcp:
-            host, sep, port = args.tcp.rpartition(":")
-            if not sep or not host or not port.isdigit():
-                raise ValueError("--tcp takes HOST:PORT")
-            links = [TcpLink(host=host.strip("[]"), port=int(port))]
-        else:
+        if args.tcp:
+            links = [live.tcp_link(args.tcp)]
+        elif args.serial:
             bauds = [int(b) for b in parse_list(args.baud, str.isdigit, "baud rate")]
             parities = parse_list(args.parity, lambda x: x in ("E", "N", "O"), "parity")
             links = list(settings(args.serial, bauds, parities, args.stopbits))
