@@ -126,29 +126,39 @@ def test_garbage_bytes_close_only_that_connection(hub: HubProcess, device: tuple
     assert_still_serving(hub, device)
 
 
-def test_paho_publishes_qos1(hub: HubProcess, device: tuple[str, str]) -> None:
+def publish_with_paho(hub: HubProcess, device: tuple[str, str], count: int, *, port: int,
+                      timeout: float, websocket_path: str | None = None) -> None:
+    """``count`` QoS 1 messages ``n=0..`` as ``dev1`` with paho 2 (over TLS, or secure
+    WebSocket at ``websocket_path``); returns once every one is acknowledged."""
     done = threading.Event()
     acked: list[int] = []
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="dev1", clean_session=False,
-                         protocol=paho.MQTTv311)
+                         protocol=paho.MQTTv311,
+                         transport="websockets" if websocket_path else "tcp")
+    if websocket_path:
+        client.ws_set_options(path=websocket_path)
     client.username_pw_set(username(hub, "dev1"), device_token(hub, *device))
     client.tls_set(ca_certs=hub.ca_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
 
     def on_publish(c: Any, userdata: Any, mid: int, rc: Any, props: Any) -> None:
         acked.append(mid)
-        if len(acked) == 50:
+        if len(acked) == count:
             done.set()
 
     client.on_publish = on_publish
-    client.connect("localhost", hub.port("mqtt_tls_port"))
+    client.connect("localhost", port)
     client.loop_start()
     try:
-        for i in range(50):
+        for i in range(count):
             client.publish(f"devices/dev1/messages/events/n={i}", json.dumps({"i": i}), qos=1)
-        assert done.wait(15)
+        assert done.wait(timeout)
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def test_paho_publishes_qos1(hub: HubProcess, device: tuple[str, str]) -> None:
+    publish_with_paho(hub, device, 50, port=hub.port("mqtt_tls_port"), timeout=15)
     events = monitor(hub, "dev1")
     assert [e["properties"]["application"]["n"] for e in events] == [str(i) for i in range(50)]
 

@@ -9,14 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import paho.mqtt.client as paho
 import pytest
 
 from gateway.hub.sas import generate_sas_token
@@ -33,7 +31,7 @@ from gateway.mqtt.packets import (
     Will,
 )
 from tests.e2e.test_01_connect import tls, wait_for_log
-from tests.e2e.test_02_telemetry import monitor
+from tests.e2e.test_02_telemetry import monitor, publish_with_paho
 from tests.hubproc import HubProcess, create_device, device_token, username
 
 WS_PATH = "/$iothub/websocket"
@@ -107,29 +105,8 @@ async def open_ws(session: aiohttp.ClientSession, hub: HubProcess,
 
 def test_paho_over_websocket_publishes_qos1_in_order(hub: HubProcess,
                                                      device: tuple[str, str]) -> None:
-    done = threading.Event()
-    acked: list[int] = []
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="dev1", clean_session=False,
-                         protocol=paho.MQTTv311, transport="websockets")
-    client.ws_set_options(path=WS_PATH)
-    client.username_pw_set(username(hub, "dev1"), device_token(hub, *device))
-    client.tls_set(ca_certs=hub.ca_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
-
-    def on_publish(c: Any, userdata: Any, mid: int, rc: Any, props: Any) -> None:
-        acked.append(mid)
-        if len(acked) == 200:
-            done.set()
-
-    client.on_publish = on_publish
-    client.connect("localhost", hub.port("api_port"))
-    client.loop_start()
-    try:
-        for i in range(200):
-            client.publish(f"devices/dev1/messages/events/n={i}", json.dumps({"i": i}), qos=1)
-        assert done.wait(20)
-    finally:
-        client.disconnect()
-        client.loop_stop()
+    publish_with_paho(hub, device, 200, port=hub.port("api_port"), timeout=20,
+                      websocket_path=WS_PATH)
     wait_for_log(hub, "listener=websocket auth=sas")
     events = monitor(hub, "dev1")
     assert [e["properties"]["application"]["n"] for e in events] == [str(i) for i in range(200)]

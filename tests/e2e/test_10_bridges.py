@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,8 @@ from hw.modbus.registers import Table
 from hw.modbus.simulate import SimulatedMeter
 from hw.serial.nmea import with_checksum
 from tests.hubproc import HubProcess
+from tests.hw.modbus.peers import pty_pair, tcp_peer
+from tests.waiting import eventually
 
 GW = "testhub.local"
 MODULES = ('[modules.serial]\nbridge = "serial"\nstatus_interval = 1.0\n'
@@ -32,14 +34,9 @@ def readings(hub: HubProcess, module: str) -> list[dict[str, Any]]:
     return [item["event"] for item in batch if item["event"]["module"] == module]
 
 
-async def wait_for(predicate, timeout: float = 30.0, what: str = "") -> Any:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = await asyncio.to_thread(predicate)
-        if result:
-            return result
-        await asyncio.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+async def wait_for(predicate: Callable[[], Any], timeout: float = 30.0,
+                   what: str = "condition") -> Any:
+    return await eventually(predicate, timeout, what, interval=0.5, blocking=True)
 
 
 @pytest.fixture
@@ -56,17 +53,10 @@ def test_serial_and_modbus_bridges_end_to_end(bridge_hub: HubProcess, tmp_path: 
     api = HubClient(hub.data_dir)
 
     async def scenario() -> None:
-        a, b = tmp_path / "ttyA", tmp_path / "ttyB"
-        socat = await asyncio.create_subprocess_exec(
-            "socat", f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}",
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-        try:
-            await wait_for(lambda: a.exists() and b.exists(), 10, "the pty pair")
+        async with pty_pair(tmp_path) as ends:
+            a, b = map(Path, ends)
             async with SimulatedMeter("eastron-sdm120") as meter:
                 await run(meter, a, b)
-        finally:
-            socat.terminate()
-            await socat.wait()
 
     async def run(meter: SimulatedMeter, a: Path, b: Path) -> None:
         await asyncio.to_thread(api.request, "PATCH", f"/twins/{GW}/modules/serial", {
@@ -139,12 +129,8 @@ def test_sensor_as_child_device_of_the_gateway(bridge_hub: HubProcess, tmp_path:
     api = HubClient(hub.data_dir)
 
     async def scenario() -> None:
-        a, b = tmp_path / "ttyA", tmp_path / "ttyB"
-        socat = await asyncio.create_subprocess_exec(
-            "socat", f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}",
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-        try:
-            await wait_for(lambda: a.exists() and b.exists(), 10, "the pty pair")
+        async with pty_pair(tmp_path) as ends:
+            a, b = map(Path, ends)
             await asyncio.to_thread(api.request, "PATCH", f"/twins/{GW}/modules/serial", {
                 "properties": {"desired": {
                     "ports": {"gps": {"path": str(b), "sensor": "gps", "baud": 9600,
@@ -226,9 +212,6 @@ def test_sensor_as_child_device_of_the_gateway(bridge_hub: HubProcess, tmp_path:
                           "start": "earliest", "deviceId": "plant7-gps",
                           "kinds": "connectionState"})]
             assert states == ["deviceConnected", "deviceDisconnected"]
-        finally:
-            socat.terminate()
-            await socat.wait()
 
     asyncio.run(scenario())
 
@@ -296,8 +279,6 @@ def test_the_children_channel_is_confined_to_a_modules_own_children(hub: HubProc
 async def test_probe_and_scan_a_bus_the_bridge_owns(tmp_path: Path) -> None:
     """``gateway modbus probe|scan --bus`` go through the running bridge's methods: the
     bridge keeps its connection and its polling, the technician gets the same tables."""
-    from tests.hw.modbus.peers import tcp_peer
-
     devices = {1: {"holding": {0: [0x4366, 0x6666]}}, 2: {"holding": {0: [5]}}}
     async with tcp_peer(devices, dead={3}) as peer:
         hub = HubProcess(tmp_path / "data", host_name=GW,

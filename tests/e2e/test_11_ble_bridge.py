@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import pytest
 from gateway.hubclient import HubClient
 from hw.ble.decoders import BindKey, encode_bthome, mac_bytes
 from hw.ble.profiles import load_profile
+from tests import waiting
 from tests.hubproc import HubProcess
 from tests.hw.ble.fakebluez import FakeBluez, PrivateBus
 
@@ -26,13 +26,7 @@ RUUVI = {f.name: f for f in load_profile("ruuvitag").frames}
 
 
 async def eventually(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = await asyncio.to_thread(check)
-        if result:
-            return result
-        await asyncio.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
+    return await waiting.eventually(check, timeout, what, interval=0.3, blocking=True)
 
 
 async def test_ruuvi_advertisements_reach_the_built_in_endpoint(

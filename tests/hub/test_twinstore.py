@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,6 +20,7 @@ from gateway.errors import (
 from gateway.hub.twins import format_time
 from gateway.hub.twinstore import TwinStore
 from gateway.store.db import Database
+from tests.dbheld import held
 
 T0 = 1_717_243_200.0
 
@@ -53,24 +53,6 @@ async def opened(path: Path, clock: Callable[[], float] | None = None,
 async def store(tmp_path: Path) -> AsyncIterator[TwinStore]:
     async with opened(tmp_path / "hub.db") as (_, twin_store):
         yield twin_store
-
-
-@asynccontextmanager
-async def held(db: Database) -> AsyncIterator[None]:
-    """Keep the db thread busy inside one job: nothing submitted meanwhile commits."""
-    started, release = threading.Event(), threading.Event()
-
-    def block(conn: sqlite3.Connection) -> None:
-        started.set()
-        release.wait(10)
-
-    blocker = db.submit(block)
-    await asyncio.to_thread(started.wait, 10)
-    try:
-        yield
-    finally:
-        release.set()
-        await blocker
 
 
 def rows(path: Path) -> list[tuple[Any, ...]]:

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import threading
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
 from gateway.errors import StoreError
 from gateway.store.db import Database, split_statements
+from tests.dbheld import held
 
 SCHEMA = ("t", ["CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT NOT NULL UNIQUE)"])
 
@@ -24,25 +23,6 @@ async def db(tmp_path: Path) -> AsyncIterator[Database]:
     await database.open()
     yield database
     await database.close()
-
-
-@asynccontextmanager
-async def held(db: Database) -> AsyncIterator[None]:
-    """Keep the db thread busy inside one job, so everything submitted meanwhile lands in
-    the next batch (one transaction)."""
-    started, release = threading.Event(), threading.Event()
-
-    def block(conn: sqlite3.Connection) -> None:
-        started.set()
-        release.wait(10)
-
-    blocker = db.submit(block)
-    await asyncio.to_thread(started.wait, 10)
-    try:
-        yield
-    finally:
-        release.set()
-        await blocker
 
 
 def insert(value: str) -> Callable[[sqlite3.Connection], int]:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
-import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +11,8 @@ import pytest
 
 from gateway.errors import InvalidRequestError, StoreError, StoreFullError
 from gateway.store import Database, Entry, MessageLog, Record
+from tests.dbheld import held
+from tests.waiting import eventually as until
 
 
 class Clock:
@@ -69,24 +69,6 @@ async def store(tmp_path: Path, clock: Clock) -> AsyncIterator[Store]:
     await s.db.close()
 
 
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.005)
-
-
-async def hold_thread(db: Database) -> tuple[asyncio.Future[None], threading.Event]:
-    started, release = threading.Event(), threading.Event()
-
-    def block(conn: sqlite3.Connection) -> None:
-        started.set()
-        release.wait(10)
-
-    blocker = db.submit(block)
-    await asyncio.to_thread(started.wait, 10)
-    return blocker, release
-
-
 # -- append and read ---------------------------------------------------------------------------
 
 
@@ -121,12 +103,10 @@ async def test_read_filters_by_position_device_and_kind(store: Store) -> None:
 async def test_read_never_returns_rows_not_yet_committed(store: Store) -> None:
     log = store.log
     await log.append([record(i) for i in range(5)])
-    blocker, release = await hold_thread(store.db)
-    appended = log.append([record(9)])  # its writer runs before the read, same transaction
-    reading = asyncio.ensure_future(log.read(0))
-    await asyncio.sleep(0)
-    release.set()
-    await blocker
+    async with held(store.db):
+        appended = log.append([record(9)])  # its writer runs before the read, same transaction
+        reading = asyncio.ensure_future(log.read(0))
+        await asyncio.sleep(0)
     assert [e.seq for e in await reading] == [1, 2, 3, 4, 5]
     assert await appended == 6
 
@@ -146,10 +126,8 @@ async def test_concurrent_appenders_coalesce_into_few_commits(store: Store) -> N
 
 async def test_many_appends_in_one_tick_share_one_transaction(store: Store) -> None:
     log = store.log
-    blocker, release = await hold_thread(store.db)
-    futures = [log.append([record(i), record(i)]) for i in range(500)]
-    release.set()
-    await blocker
+    async with held(store.db):
+        futures = [log.append([record(i), record(i)]) for i in range(500)]
     assert await asyncio.gather(*futures) == list(range(2, 1001, 2))
     assert log.stats().commits == 1
 

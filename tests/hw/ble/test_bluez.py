@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
+from functools import partial
 from typing import Any
 
 import pytest
@@ -21,9 +22,11 @@ from hw.ble.decoders import BindKey, DecoderKind, encode_bthome, mac_bytes
 from hw.ble.profiles import load_profile
 from hw.bridge import Bridge
 from hw.readings import Reading
+from tests import waiting
 from tests.hw.ble.fakebluez import FakeBluez
 
 pytestmark = pytest.mark.timeout(60)
+eventually = partial(waiting.eventually, interval=0.02)
 
 XIAOMI = {f.name: f for f in load_profile("xiaomi-lywsd03mmc").frames}
 RUUVI = {f.name: f for f in load_profile("ruuvitag").frames}
@@ -46,12 +49,6 @@ class Collector:
 
     def values(self, sensor: str) -> list[dict[str, Any]]:
         return [{r.name: r.value for r in rs} for s, rs in self.batches if s == sensor]
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not check():
-            await asyncio.sleep(0.02)
 
 
 @asynccontextmanager

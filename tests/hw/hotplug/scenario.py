@@ -13,9 +13,8 @@ import asyncio
 import json
 import os
 import sys
-import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from hw.hotplug import MatchRule, UsbSerialDevice, UsbSerialWatcher
@@ -23,16 +22,9 @@ from hw.readings import Reading
 from hw.serial.bridge import SerialBridge
 from tests.hw.hotplug.devices import CH340, FTDI_A000, TTYS0, UBLOX7, parse
 from tests.hw.hotplug.testbed import Testbed
+from tests.waiting import eventually as until
 
 GGA = b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47\r\n"
-
-
-async def until(predicate: Callable[[], object], what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def tty_path(record: str) -> str:
@@ -56,21 +48,21 @@ async def watcher_scenario(bed: Testbed) -> dict[str, Any]:
         started=started, stopped=stopped,
     )
     task = asyncio.create_task(watcher.run())
-    await until(lambda: len(events) == 1, "coldplug")
+    await until(lambda: len(events) == 1, what="coldplug")
     out: dict[str, Any] = {"coldplug": list(events)}
 
     bed.add(UBLOX7)
-    await until(lambda: len(events) == 2, "gps add")
+    await until(lambda: len(events) == 2, what="gps add")
     bed.uevent(tty_path(UBLOX7), "add")  # a repeated add
     bed.add(CH340)  # no rule for it
-    await until(lambda: tty_path(CH340) in watcher.present, "ch340 seen")
+    await until(lambda: tty_path(CH340) in watcher.present, what="ch340 seen")
     out["present"] = sorted(d.dev_node for d in watcher.present.values())
     out["matched"] = {watcher.present[p].dev_node: r.name for p, r in watcher.matched.items()}
 
     bed.unplug(UBLOX7)
-    await until(lambda: len(events) == 3, "gps remove")
+    await until(lambda: len(events) == 3, what="gps remove")
     bed.replug(UBLOX7)
-    await until(lambda: len(events) == 4, "gps replug")
+    await until(lambda: len(events) == 4, what="gps replug")
 
     # New rules: the CH340 becomes the meter (by path, it has no serial), the FTDI nothing.
     watcher.set_rules([MatchRule(name="meter", vendor_id="1a86", model_id="7523"),
@@ -105,27 +97,27 @@ async def bridge_scenario(bed: Testbed) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     task = asyncio.create_task(bridge.run(emit))
-    await until(lambda: state("meter")["connected"], "meter open (coldplug)")
+    await until(lambda: state("meter")["connected"], what="meter open (coldplug)")
     out["meter_open"] = {k: state("meter")[k] for k in ("path", "device", "state")}
     out["gps_before"] = state("gps")["state"]
     os.write(bed.master_fd("/dev/ttyUSB0"), b'{"t": 21.5, "rh": 40}\n')
-    await until(lambda: len(batches) == 1, "meter reading")
+    await until(lambda: len(batches) == 1, what="meter reading")
 
     bed.add(UBLOX7)
-    await until(lambda: state("gps")["connected"], "gps open (hotplug)")
+    await until(lambda: state("gps")["connected"], what="gps open (hotplug)")
     out["gps_open"] = {k: state("gps")[k] for k in ("path", "device", "state")}
     os.write(bed.master_fd("/dev/ttyACM0"), GGA)
-    await until(lambda: len(batches) == 2, "gps reading")
+    await until(lambda: len(batches) == 2, what="gps reading")
 
     bed.unplug(UBLOX7)
-    await until(lambda: state("gps")["state"] == "waiting", "gps stopped")
+    await until(lambda: state("gps")["state"] == "waiting", what="gps stopped")
     out["gps_after_unplug"] = {k: state("gps")[k] for k in ("path", "connected", "state")}
     out["meter_during"] = state("meter")["connected"]
 
     bed.replug(UBLOX7)
-    await until(lambda: state("gps")["connected"], "gps reopened")
+    await until(lambda: state("gps")["connected"], what="gps reopened")
     os.write(bed.master_fd("/dev/ttyACM0"), GGA)
-    await until(lambda: len(batches) == 3, "gps reading after replug")
+    await until(lambda: len(batches) == 3, what="gps reading after replug")
     out["still_running"] = not task.done()
 
     task.cancel()

@@ -4,12 +4,16 @@ them dead; the others keep their rate, goldens decode, a direct write changes th
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from hw.modbus.bridge import ModbusBridge
 from hw.modbus.profiles import ProfileLibrary
-from tests.hw.modbus.peers import first_goldens, golden_tables, latest, rtu_peer, running, until
+from tests import waiting
+from tests.hw.modbus.peers import first_goldens, golden_tables, latest, rtu_peer, running
+
+until = partial(waiting.eventually, interval=0.02)
 
 LIB = ProfileLibrary()
 PLAIN = {"holding": {0: list(range(100, 120))}}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from gateway.errors import ConfigError
 from hw.modbus.bridge import ModbusBridge, stable_name_for
 from hw.modbus.profiles import ProfileLibrary
+from tests import waiting
 from tests.hw.modbus.peers import (
     first_goldens,
     free_port,
@@ -20,8 +22,9 @@ from tests.hw.modbus.peers import (
     latest,
     running,
     tcp_peer,
-    until,
 )
+
+until = partial(waiting.eventually, interval=0.02)
 
 LIB = ProfileLibrary()
 PLAIN = {"holding": {0: list(range(100, 120))}, "coil": {0: [False] * 8}}

@@ -8,11 +8,8 @@ modem lines (appliance.md §3.1).
 
 from __future__ import annotations
 
-import asyncio
 import os
-import time
 import tty
-from collections.abc import Callable
 from pathlib import Path
 
 
@@ -58,11 +55,3 @@ class PtyDevice:
             self.unplug()
 
 
-async def eventually(predicate: Callable[[], object], timeout: float = 5.0,
-                     what: str = "condition") -> None:
-    """Wait until ``predicate()`` is true (polling every 5 ms), or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)

@@ -18,7 +18,8 @@ from hw.readings import Reading
 from hw.serial.bridge import SerialBridge
 from hw.serial.nmea import with_checksum
 from hw.serial.port import LinkSettings, SerialPort
-from tests.hw.serial.ptys import PtyDevice, eventually
+from tests.hw.serial.ptys import PtyDevice
+from tests.waiting import eventually
 
 GGA = b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47\r\n"
 GGA_BAD = b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,546.4,M,46.9,M,,*47\r\n"
