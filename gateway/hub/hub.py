@@ -175,7 +175,8 @@ class Hub:
     def handle_publish(self, conn: MqttConnection, prepared: Any,
                        packet: Publish) -> Record | asyncio.Future[Any] | None:
         """Telemetry: the row to store (the caller batches and commits). A twin request: the
-        future of its handling (its PUBACK waits for it). A method response: None."""
+        future of its handling (its PUBACK waits for it). A method response, or a refused
+        report on a child's behalf: None."""
         if type(prepared) is PreparedTelemetry:
             return self.telemetry_record(prepared, packet.payload, retain=packet.retain)
         if isinstance(prepared, addresses.MethodResponse):

@@ -207,7 +207,8 @@ class TwinStore:
             head = self._heads.get(key)
             if head is None:
                 head = self._heads[key] = _Head(after[key], committed)
-            head.twin, head.last = after[key], committed
+            else:
+                head.twin, head.last = after[key], committed
             head.writes += 1
             heads.append((key, head))
         applied: list[T] = []

@@ -107,17 +107,15 @@ class TwinService:
         return self.tasks.spawn(run(), f"twin-patch {conn.client_id}")
 
     def handle_child_reported(self, conn: MqttConnection, address: ChildReportedPatch,
-                              body: bytes) -> asyncio.Future[None]:
+                              body: bytes) -> asyncio.Future[None] | None:
         """A bridge module's patch on behalf of its child (gateway.translation); there is no
-        answer topic, so a refusal is logged (the PUBACK still follows the attempt)."""
+        answer topic, so a refusal is logged. The PUBACK follows the write (None: at once)."""
         assert conn.principal is not None
         p = conn.principal
         if self.hub.children.owner_of(address.device_id, p.device_id, p.module_id) is None:
             log.warning("child reported patch refused client_id=%r device_id=%r: not its child",
                         conn.client_id, address.device_id)
-            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            done.set_result(None)
-            return done
+            return None
 
         async def run() -> None:
             await self._patch_reported(address.device_id, None, body, None, conn.client_id)
