@@ -15,7 +15,8 @@ from tests.hubproc import REPO, HubProcess
 
 AZURE_VENV = Path(os.environ.get("AZURE_VENV", REPO / ".venv-azure"))
 # azure-iot-hub 2.7.0 imports six without declaring it.
-AZURE_PACKAGES = ["azure-iot-device==2.14.0", "azure-iot-hub==2.7.0", "six"]
+AZURE_PACKAGES = ["azure-iot-device==2.14.0", "azure-iot-hub==2.7.0", "six",
+                  "azure-eventhub==5.15.1", "azure-storage-blob==12.31.1"]
 
 
 @pytest.fixture
