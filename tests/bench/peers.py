@@ -1,10 +1,14 @@
 """The comparison peer for the benchmarks: Debian's Mosquitto, started the same way for all.
 
-Like the hub (asyncio sets TCP_NODELAY) it sends without Nagle's delay (``set_tcp_nodelay``):
-its default would stall small answers for a delayed ACK (~40 ms) and flatter the ratio. Queue
-limits are off so it never drops what the generator sends. With TLS it serves the hub's own
-certificate, copied where the ``mosquitto`` user can read it (started as root, Mosquitto drops
-to that user before loading certificates, mosquitto.conf(5) ``user``).
+By default Mosquitto runs as users run it: its defaults, in particular without
+``set_tcp_nodelay``, so it coalesces small writes (Nagle). ``tuned=True`` adds
+``set_tcp_nodelay true`` (what the benches used to compare against; with it Mosquitto sends
+every PUBACK in a segment of its own; issue 16 measured its defaults 1.1-1.7x faster on the
+pipelined TLS shape). Either way queue limits are off (``max_inflight_messages 0``,
+``max_queued_messages 0``) so it never drops what the generator sends, and persistence is off
+(its default). With TLS it serves the hub's own certificate, copied where the ``mosquitto`` user
+can read it (started as root, Mosquitto drops to that user before loading certificates,
+mosquitto.conf(5) ``user``).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import time
 from pathlib import Path
 
 HOST = "127.0.0.1"
-LOADGEN = Path(__file__).resolve().parents[3] / "shared" / "tools" / "loadgen.py"
+LOADGEN = Path(__file__).resolve().with_name("loadgen.py")  # the project's own generator
 
 
 def tls_files(data_dir: Path, directory: Path) -> tuple[str, str, str]:
@@ -39,15 +43,17 @@ def tls_files(data_dir: Path, directory: Path) -> tuple[str, str, str]:
     return str(files[0]), str(files[1]), str(files[2])
 
 
-def start_mosquitto(conf_dir: Path, tls: tuple[str, str, str] | None = None
-                    ) -> tuple[subprocess.Popen[bytes], int]:
-    """Mosquitto on a free loopback port; returns (process, port)."""
+def start_mosquitto(conf_dir: Path, tls: tuple[str, str, str] | None = None, *,
+                    tuned: bool = False) -> tuple[subprocess.Popen[bytes], int]:
+    """Mosquitto on a free loopback port, with its defaults (``tuned``: plus
+    ``set_tcp_nodelay``); returns (process, port)."""
     with socket.socket() as s:
         s.bind((HOST, 0))
         port = int(s.getsockname()[1])
     lines = [f"listener {port} {HOST}", "allow_anonymous true", "persistence false",
-             "set_tcp_nodelay true", "max_inflight_messages 0", "max_queued_messages 0",
-             "log_type error"]
+             "max_inflight_messages 0", "max_queued_messages 0", "log_type error"]
+    if tuned:
+        lines.append("set_tcp_nodelay true")
     if tls is not None:
         lines += [f"cafile {tls[0]}", f"certfile {tls[1]}", f"keyfile {tls[2]}"]
     conf = conf_dir / "mosquitto.conf"
@@ -86,7 +92,7 @@ def loadgen_credentials(data_dir: Path, host_name: str, count: int, path: Path) 
 
 
 def loadgen_path(given: str) -> Path:
-    """The load generator (``--loadgen``, default ../shared/tools/loadgen.py), or exit."""
+    """The load generator (``--loadgen``, default tests/bench/loadgen.py), or exit."""
     path = Path(given)
     if not path.exists():
         raise SystemExit(f"loadgen not found at {path} (give --loadgen PATH)")

@@ -3,7 +3,7 @@
 
 Users of comparable gateways report memory that climbs until the box falls over (peers.md §3,
 theme 4). This runs the same workload against both brokers, same machine, same generator
-(../shared/tools/loadgen.py):
+(tests/bench/loadgen.py):
 
 1. **Idle connections**, on the fresh broker: ``--idle-conns`` connections held open for a
    few seconds; resident memory per connection.
