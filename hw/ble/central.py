@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -173,12 +174,13 @@ class BleakCentral:
             except DeviceError as e:
                 failures += 1
                 self._error = str(e)
+                missing = isinstance(e, ServiceMissing)  # no bus or no BlueZ: nothing to reset
                 if failures == 1:
-                    log.warning("scan on %s failed: %s; resetting the adapter",
-                                settings.adapter, e)
+                    log.warning("scan on %s failed: %s%s", settings.adapter, e,
+                                "" if missing else "; resetting the adapter")
                 # a powered-off or stuck controller: power-cycle it, then retry at once
-                if failures % 5 == 1 and await self._reset_adapter(settings,
-                                                                   quiet=failures > 1):
+                if not missing and failures % 5 == 1 \
+                        and await self._reset_adapter(settings, quiet=failures > 1):
                     continue
                 with suppress(TimeoutError):
                     async with asyncio.timeout(min(60.0, 2.0 ** min(failures, 6))):
@@ -206,14 +208,14 @@ class BleakCentral:
                 try:
                     await scanner.start()
                 except BleakError as e:
-                    if not any(w in str(e) for w in ("passive", "UnknownMethod", "NotSupported")):
-                        raise DeviceError(f"start passive scan: {e}",
-                                          device_id=settings.adapter) from e
+                    if not any(w in str(e) for w in ("passive", "UnknownMethod", "NotSupported")) \
+                            or _NO_BLUEZ in str(e):
+                        raise _device_error(settings.adapter, "start passive scan", e) from e
                     self._passive_unavailable = True
                     log.warning("passive scanning unavailable on %s (%s); falling back to "
                                 "active scanning", settings.adapter, e)
                 except Exception as e:
-                    raise DeviceError(f"start scan: {e!r}", device_id=settings.adapter) from e
+                    raise _device_error(settings.adapter, "start scan", e) from e
                 else:
                     return self._started(scanner, "passive")
         scanner = BleakScanner(self._on_advertisement, scanning_mode="active", bluez=bluez)
@@ -294,6 +296,9 @@ class BleakCentral:
                 body=["org.bluez.Adapter1", "Powered", Variant("b", on)]))
             if reply is None or reply.message_type == MessageType.ERROR:
                 detail = reply.error_name if reply is not None else "no reply"
+                if detail == _NO_BLUEZ:
+                    raise ServiceMissing(f"set Powered={on}: {_bluez_missing()}",
+                                         device_id=adapter)
                 raise DeviceError(f"set Powered={on}: {detail}", device_id=adapter)
         finally:
             bus.disconnect()
@@ -381,6 +386,34 @@ class BleakCentral:
         }
 
 
+class ServiceMissing(DeviceError):
+    """The system D-Bus or BlueZ itself is not there: resetting the adapter cannot help."""
+
+
+_NO_BLUEZ = "org.freedesktop.DBus.Error.ServiceUnknown"
+_SYSTEM_BUS = "unix:path=/var/run/dbus/system_bus_socket"  # dbus-fast's default
+
+
+def _bluez_missing() -> str:
+    return ("BlueZ is not running (no org.bluez on the system D-Bus): install it and start it "
+            "(Debian: apt install bluez; systemctl enable --now bluetooth)")
+
+
+def _device_error(device_id: str, what: str, e: BaseException) -> DeviceError:
+    """A bleak/D-Bus/OS failure as a :class:`DeviceError` with a readable cause: a missing
+    system bus or a missing BlueZ is said in words (a :class:`ServiceMissing`), not as a bare
+    ``FileNotFoundError``."""
+    if isinstance(e, FileNotFoundError | ConnectionRefusedError):
+        address = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or _SYSTEM_BUS
+        return ServiceMissing(
+            f"{what}: the system D-Bus is not reachable at {address} ({e.strerror or e}); "
+            "BlueZ needs it (Debian: apt install dbus bluez; systemctl start dbus bluetooth)",
+            device_id=device_id)
+    if _NO_BLUEZ in str(e) or "org.bluez was not provided" in str(e):
+        return ServiceMissing(f"{what}: {_bluez_missing()}", device_id=device_id)
+    return DeviceError(f"{what}: {type(e).__name__}: {e}", device_id=device_id)
+
+
 @contextmanager
 def _device_errors(device_id: str, what: str) -> Iterator[None]:
     """Translate bleak/D-Bus/OS failures into :class:`DeviceError` (aesthetics.md §4.5)."""
@@ -390,4 +423,4 @@ def _device_errors(device_id: str, what: str) -> Iterator[None]:
         raise
     except (BleakError, TimeoutError, EOFError, OSError, KeyError, ValueError,
             AttributeError) as e:
-        raise DeviceError(f"{what}: {type(e).__name__}: {e}", device_id=device_id) from e
+        raise _device_error(device_id, what, e) from e
