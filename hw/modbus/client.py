@@ -10,12 +10,15 @@ three :class:`gateway.errors.DeviceError` subclasses that the scheduler understa
 pymodbus retries are switched off (the breaker decides what a failure means), as is its own
 reconnect loop (the bus runner reconnects with its own back-off), and its per-request
 "No response received" error log is filtered: the bridge logs unit transitions once instead.
+Its "Failed to connect <reason>" warning is taken off the log too: the reason goes into the
+:class:`LinkError` of that connect, so the caller says why in one line.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
@@ -51,12 +54,22 @@ class ExceptionResponse(DeviceError):
         super().__init__(f"exception {code} ({self.meaning})", device_id=device_id)
 
 
+_CONNECT_FAILURES: ContextVar[list[str] | None] = ContextVar("modbus_connect_failures",
+                                                             default=None)
+_FAILED_TO_CONNECT = "Failed to connect"
+
+
 class _DropPerRequestErrors(logging.Filter):
     """pymodbus logs every unanswered request at ERROR with a frame dump; a dead unit would
-    flood the journal. The bridge reports "unit N down/recovered" once instead."""
+    flood the journal. The bridge reports "unit N down/recovered" once instead. A failed
+    connect's reason is handed to the :meth:`Transport.connect` of the same task."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = str(record.msg)
+        failures = _CONNECT_FAILURES.get()
+        if failures is not None and text.startswith(_FAILED_TO_CONNECT):
+            failures.append(text[len(_FAILED_TO_CONNECT):].strip())
+            return False
         return not text.startswith(("No response received", "ERROR: No resp",
                                     "Not connected, trying"))
 
@@ -110,12 +123,18 @@ class Transport:
         return bool(self._client.connected)
 
     async def connect(self) -> None:
+        failures: list[str] = []
+        token = _CONNECT_FAILURES.set(failures)
         try:
             ok = await self._client.connect()
         except Exception as exc:  # noqa: BLE001 - OSError, termios.error, SerialException...
             raise LinkError(f"{self.link.describe()}: cannot connect: {exc}") from None
+        finally:
+            _CONNECT_FAILURES.reset(token)
         if not ok:
-            raise LinkError(f"{self.link.describe()}: cannot connect")
+            reason = failures[-1] if failures else ""
+            raise LinkError(f"{self.link.describe()}: cannot connect: "
+                            f"{reason or f'no connection within {self.timeout:g} s'}")
 
     def close(self) -> None:
         self._client.close()

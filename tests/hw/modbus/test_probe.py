@@ -90,3 +90,21 @@ async def test_probe_errors_are_reported_not_raised() -> None:
         code, _, err = await probe("--tcp", f"127.0.0.1:{peer.port}", "--unit", "1",
                                    "--address", "50", "--count", "2")
     assert code == 1 and "illegal data address" in err
+
+
+async def test_probe_says_why_it_cannot_connect_in_one_line(tmp_path: Path) -> None:
+    """The reason (refused, no such port) is in the error itself, not in a pymodbus warning
+    beside a bare "cannot connect"."""
+    port = free_port()
+    code, _, err = await probe("--tcp", f"127.0.0.1:{port}", "--unit", "1",
+                               "--address", "0", "--count", "2", "--timeout", "0.5")
+    assert code == 1
+    [line] = err.strip().splitlines()
+    assert line.startswith("gateway modbus probe: ") and "cannot connect: " in line
+    assert "Connect call failed" in line and f"'127.0.0.1', {port}" in line, line
+    code, _, err = await probe("--serial", str(tmp_path / "ttyUSB9"), "--unit", "1",
+                               "--address", "0", "--count", "1")
+    assert code == 1
+    [line] = err.strip().splitlines()
+    assert "cannot connect: " in line and "could not open port" in line, line
+    assert "pymodbus" not in err
