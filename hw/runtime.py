@@ -4,14 +4,21 @@ The runtime connects to the local hub as the bridge's module identity (MQTT thro
 :mod:`gateway.client`, over the hub's unix socket or loopback listener), and:
 
 * reads the module twin (``$iothub/twin/GET``) on every connection and gives its desired
-  properties to :meth:`Bridge.apply`; later desired patches are merged into that document and
-  applied again (the bridge restarts only what changed); a refused configuration is reported in
-  the reported property ``config`` and the previous one stays in force;
+  properties to :meth:`Bridge.apply`; later desired patches are merged into that copy of the
+  twin's desired document (IoT Hub ref §4.3), whether the bridge accepted the previous one or
+  not, and the whole document is applied again (the bridge restarts only what changed). A patch
+  whose ``$version`` does not follow the copy's (a lost patch) makes it read the twin again.
+  A refused document is reported in the reported property ``config`` and the last accepted one
+  stays in force; ``config`` says exactly what runs: ``applied`` (the twin's document runs),
+  ``version`` (the ``$version`` of the desired document that runs), ``desiredVersion`` (the
+  twin's), ``error`` (why the twin's document was refused);
 * publishes what the bridge emits as module telemetry at QoS 1 (one message per sensor per
   poll), through a bounded queue: while the hub is unreachable the bridge keeps polling and up
   to ``queue_size`` messages wait; beyond that ``emit`` blocks (back-pressure, nothing dropped);
 * reports :meth:`Bridge.status` as the reported property ``status`` every ``status_interval``
-  seconds when it changed;
+  seconds when it changed, as a merge patch against what the twin holds (read with the twin on
+  every connection): what the bridge no longer has (a removed bus or device) is patched to
+  null, so it disappears from the twin instead of staying there as it was last seen;
 * answers direct methods from :attr:`Bridge.methods` (404 for unknown names, 500 with the
   error for a failing one);
 * reconnects with exponential backoff (1 s to 60 s, jittered); the bridge itself never stops;
@@ -27,6 +34,7 @@ The runtime connects to the local hub as the bridge's module identity (MQTT thro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -70,11 +78,15 @@ class ModuleRuntime:
         self.settings = settings
         self.status_interval = status_interval
         self.queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(queue_size)
-        self.desired: dict[str, Any] = {}
+        self.twin_desired: dict[str, Any] = {}  # the twin's desired document, as last heard
+        self.desired_version: int | None = None  # its $version
+        self.desired: dict[str, Any] = {}  # the document that runs (last accepted)
+        self.running_version: int | None = None  # its $version
+        self._reread = asyncio.Event()  # a desired patch was lost: read the twin again
         self.connected = asyncio.Event()
         self._rids = itertools.count(1)
         self._pending: dict[str, asyncio.Future[tuple[int, bytes]]] = {}
-        self._last_status: Any = None
+        self._last_status: dict[str, Any] = {}  # what the twin's reported properties hold
         self._config_error: str | None = None
         self._unsent: tuple[str, bytes] | None = None  # taken from the queue, not yet acked
         self._report_now = asyncio.Event()
@@ -119,18 +131,53 @@ class ModuleRuntime:
         log.debug("subscribed; reading the module twin")
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._incoming(client, tasks))
-            status, body = await self._twin_request(client, "$iothub/twin/GET/?$rid={rid}", b" ")
-            log.debug("module twin read status=%s", status)
-            if status != 200:
-                raise aiomqtt.MqttError(f"twin GET answered {status}")
-            self._twin_read = True
-            self._apply(strip_meta(json.loads(body).get("desired", {})), replace=True)
+            await self._read_twin(client, reported=True)
             self._last_child.clear()
-            await self._report(client, force=True)
+            await self._report(client)
             log.debug("configuration applied and status reported")
             self.connected.set()
             tasks.create_task(self._publisher(client))
             tasks.create_task(self._status_loop(client))
+            tasks.create_task(self._reread_loop(client))
+
+    async def _read_twin(self, client: aiomqtt.Client, *, reported: bool) -> None:
+        """GET the module twin and apply its desired document whole; ``reported``: also take
+        its reported properties as what the next status report is a patch against."""
+        self._reread.clear()
+        status, body = await self._twin_request(client, "$iothub/twin/GET/?$rid={rid}", b" ")
+        log.debug("module twin read status=%s", status)
+        if status != 200:
+            raise aiomqtt.MqttError(f"twin GET answered {status}")
+        twin = json.loads(body)
+        desired = twin.get("desired", {})
+        self.twin_desired = strip_meta(desired)
+        self.desired_version = _version(desired)
+        self._twin_read = True
+        if reported:
+            self._last_status = strip_meta(twin.get("reported", {}))
+        self._apply()
+
+    async def _reread_loop(self, client: aiomqtt.Client) -> None:
+        while True:
+            await self._reread.wait()
+            log.info("desired patch out of sequence bridge=%s; reading the twin again",
+                     self.bridge.name)
+            await self._read_twin(client, reported=False)
+            self._report_now.set()
+
+    def _desired_patch(self, patch: dict[str, Any]) -> None:
+        """A desired patch from the hub: merged into the twin's document, which is applied
+        whole. A gap in ``$version`` means a patch was lost (they are sent at QoS 0)."""
+        version = _version(patch)
+        if version is not None and self.desired_version is not None \
+                and version != self.desired_version + 1:
+            if version > self.desired_version:
+                self._reread.set()
+            return
+        self.twin_desired = merge_patch(self.twin_desired, strip_meta(patch))
+        self.desired_version = version
+        self._apply()
+        self._report_now.set()
 
     async def _twin_request(self, client: aiomqtt.Client, template: str,
                             payload: bytes) -> tuple[int, bytes]:
@@ -157,9 +204,7 @@ class ModuleRuntime:
                 if fut is not None and not fut.done():
                     fut.set_result((status, payload))
             elif topic.startswith(DESIRED):
-                patch = json.loads(payload or b"{}")
-                self._apply(strip_meta(patch), replace=False)
-                self._report_now.set()
+                self._desired_patch(json.loads(payload or b"{}"))
             elif topic == CHILDREN_DOCUMENT_TOPIC:
                 self._children_document(payload)
             elif topic.startswith(METHODS):
@@ -182,15 +227,15 @@ class ModuleRuntime:
         self.children = {s: c.device_id for s, c in specs.items()}
         self.bridge.set_secrets({s: c.sensor_key for s, c in specs.items() if c.sensor_key})
         if self._twin_read:  # before the first twin GET there is nothing to apply yet
-            self._apply(self.desired, replace=True)
+            self._apply()
             self._report_now.set()
 
-    def _apply(self, desired: dict[str, Any], *, replace: bool) -> None:
-        """Apply the module's desired properties with each child's desired properties merged
-        into its sensor's configuration. A child whose properties the bridge refuses (the
-        ConfigError names a key inside that sensor) is left out and reported; a refusal
-        anywhere else refuses the whole document and the previous one stays in force."""
-        candidate = desired if replace else merge_patch(self.desired, desired)
+    def _apply(self) -> None:
+        """Apply the twin's desired document whole, with each child's desired properties
+        merged into its sensor's configuration. A child whose properties the bridge refuses
+        (the ConfigError names a key inside that sensor) is left out and reported; a refusal
+        anywhere else refuses the whole document and the last accepted one stays in force."""
+        candidate = self.twin_desired
         try:
             parse_children(candidate)
         except ConfigError as exc:
@@ -224,6 +269,7 @@ class ModuleRuntime:
                 del paths[culprit]
                 log.warning("child desired properties refused sensor=%s reason=%s", culprit, exc)
         self.desired = candidate
+        self.running_version = self.desired_version
         self._child_errors = errors
         self._config_error = None
 
@@ -254,18 +300,26 @@ class ModuleRuntime:
             await client.publish(topic, body, qos=1)
             self._unsent = None
 
-    async def _report(self, client: aiomqtt.Client, *, force: bool = False) -> None:
-        status = self.bridge.status()
-        reported = {"status": status, "config": {"error": self._config_error,
-                                                 "applied": bool(self.desired),
-                                                 "children": self._child_errors or None}}
-        if force or reported != self._last_status:
-            self._last_status = reported
+    def reported(self) -> dict[str, Any]:
+        """The reported properties as they should be: the bridge's status and exactly which
+        configuration runs."""
+        return {"status": self.bridge.status(), "config": {
+            "applied": self._config_error is None and self.running_version is not None
+            and self.running_version == self.desired_version,
+            "version": self.running_version, "desiredVersion": self.desired_version,
+            "error": self._config_error, "children": self._child_errors or None}}
+
+    async def _report(self, client: aiomqtt.Client) -> None:
+        reported = json.loads(json.dumps(self.reported(), default=str))
+        patch = merge_diff(self._last_status, reported)
+        if patch:
             code, _ = await self._twin_request(
                 client, "$iothub/twin/PATCH/properties/reported/?$rid={rid}",
-                json.dumps(reported, default=str).encode())
+                json.dumps(patch).encode())
             if code >= 300:
                 log.warning("reported properties refused status=%s", code)
+            else:
+                self._last_status = merge_patch(self._last_status, patch)
         await self._report_children(client)
 
     async def _report_children(self, client: aiomqtt.Client) -> None:
@@ -286,10 +340,34 @@ class ModuleRuntime:
         """Report the status every ``status_interval`` when it changed, and at once after a
         configuration change."""
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._report_now.wait(), self.status_interval)
-                force = True
-            except TimeoutError:
-                force = False
             self._report_now.clear()
-            await self._report(client, force=force)
+            await self._report(client)
+
+
+def _version(doc: Mapping[str, Any]) -> int | None:
+    version = doc.get("$version")
+    return version if isinstance(version, int) and not isinstance(version, bool) else None
+
+
+def merge_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7396) that turns ``old`` into ``new``: keys ``new`` lacks
+    (or holds as null, which a twin cannot store) become null. Pure."""
+    patch: dict[str, Any] = {}
+    for key, before in old.items():
+        if before is not None and new.get(key) is None:
+            patch[key] = None
+    for key, value in new.items():
+        if value is None:
+            continue
+        before = old.get(key)
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
+            inner = merge_diff(before, value)
+            if inner:
+                patch[key] = inner
+        elif isinstance(value, Mapping):
+            patch[key] = merge_diff({}, value)
+        elif key not in old or before != value or type(before) is not type(value):
+            patch[key] = value
+    return patch
