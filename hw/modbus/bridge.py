@@ -9,14 +9,16 @@ Direct methods (IoT Hub ref §5: JSON in, ``(status, JSON)`` out):
 
 * ``write_register`` ``{"bus": "rs485", "unit": 3, "address": 4096, "value": 3}``; ``value``
   may be a list of registers (FC 16). ``write_coil``: ``{"bus", "unit", "address",
-  "value": true}`` (FC 5).
+  "value": true}`` (FC 5). Only registers and coils of a point marked ``"writable": true`` in
+  that unit's register map may be written: any other address is refused with 403, before
+  anything goes on the wire.
 * ``read_registers`` ``{"bus", "unit", "address", "count": 1, "table": "holding",
   "interpret": false}``: a read on the live bus, with every type and byte/word-order reading
   when ``interpret`` (what ``gateway modbus probe`` prints, without stopping the bridge).
 * ``scan`` ``{"bus", "units": "1-247", "address": 0, "table": "holding", "seconds": 240}``:
   the unit ids that answer (``gateway modbus scan`` on the live bus; polling goes on between
   its requests, which do not count in the circuit breakers).
-* 200 done; 400 bad payload; 404 no such bus; 502 the unit answered with a Modbus
+* 200 done; 400 bad payload; 403 not writable; 404 no such bus; 502 the unit answered with a Modbus
   exception (``exception_code`` in the payload); 503 the bus is down or busy; 504 no answer.
 """
 
@@ -208,7 +210,8 @@ class ModbusBridge:
                     for v in values):
                 raise ConfigError(f"must be a register 0..65535 or a list of 1.."
                                   f"{MAX_WRITE_REGISTERS} of them", path="value")
-        except (ConfigError, LookupError) as exc:
+            self._check_writable(runner, unit, Table.HOLDING, address, len(values))
+        except (ConfigError, LookupError, PermissionError) as exc:
             return _refused(exc)
         return await self._run_write(runner, unit, address, registers=values, echo=value)
 
@@ -217,9 +220,20 @@ class ModbusBridge:
             runner, unit, address, value = self._target(payload)
             if not isinstance(value, bool):
                 raise ConfigError("must be true or false", path="value")
-        except (ConfigError, LookupError) as exc:
+            self._check_writable(runner, unit, Table.COIL, address, 1)
+        except (ConfigError, LookupError, PermissionError) as exc:
             return _refused(exc)
         return await self._run_write(runner, unit, address, coil=value, echo=value)
+
+    def _check_writable(self, runner: BusRunner, unit: int, table: Table, address: int,
+                        count: int) -> None:
+        bus = runner.config.name
+        bad = self._config.unwritable(bus, unit, table, address, count)
+        if bad is not None:
+            kind = "coil" if table is Table.COIL else "holding register"
+            raise PermissionError(
+                f"{kind} {bad} of unit {unit} on bus {bus!r} is not writable: no point of that "
+                f"unit's register map covering it is marked \"writable\": true")
 
     async def _run_write(self, runner: BusRunner, unit: int, address: int, *, echo: Any,
                          registers: list[int] | None = None,
@@ -322,4 +336,6 @@ def _table(value: Any) -> Table:
 def _refused(exc: Exception) -> tuple[int, Any]:
     if isinstance(exc, LookupError):
         return 404, {"error": str(exc.args[0])}
+    if isinstance(exc, PermissionError):
+        return 403, {"error": str(exc)}
     return 400, {"error": str(exc)}

@@ -135,6 +135,18 @@ class ModbusConfig:
     def devices_on(self, bus: str) -> tuple[DeviceConfig, ...]:
         return tuple(d for d in self.devices.values() if d.bus == bus)
 
+    def unwritable(self, bus: str, unit: int, table: Table, address: int,
+                   count: int = 1) -> int | None:
+        """The first address of ``address .. address+count-1`` in ``table`` of ``unit`` on
+        ``bus`` that no configured point marked ``writable`` covers, or None when all are."""
+        covered: set[int] = set()
+        for device in self.devices_on(bus):
+            if device.unit == unit:
+                for p in device.points:
+                    if p.writable and p.table is table:
+                        covered.update(range(p.address, p.end))
+        return next((a for a in range(address, address + count) if a not in covered), None)
+
 
 ProfileResolver = Callable[[str], Profile]
 

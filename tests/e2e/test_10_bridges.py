@@ -66,7 +66,9 @@ def test_serial_and_modbus_bridges_end_to_end(bridge_hub: HubProcess, tmp_path: 
             "properties": {"desired": {
                 "buses": {"sim": {"tcp": {"host": "127.0.0.1", "port": meter.port}, "timeout": 1.0}},
                 "devices": {"meter1": {"bus": "sim", "unit": 1, "profile": "eastron-sdm120",
-                                       "interval": 1}}}}})
+                                       "interval": 1},
+                            "setpoint": {"bus": "sim", "unit": 1, "interval": 30, "registers": {
+                                "sp": {"address": 10, "writable": True}}}}}}})
         gga = with_checksum("GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,") + b"\r\n"
         bad = b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*00\r\n"
         with open(a, "wb", buffering=0) as tty:
@@ -104,7 +106,10 @@ def test_serial_and_modbus_bridges_end_to_end(bridge_hub: HubProcess, tmp_path: 
             finally:
                 stop.set()
                 await feeder
-        meter_events = await wait_for(lambda: readings(hub, "modbus"), 40, "meter readings")
+        meter_events = await wait_for(lambda: [
+            e for e in readings(hub, "modbus")
+            if (json.loads(e["payload"]) if isinstance(e["payload"], str) else e["payload"])[
+                "sensor"] == "meter1"], 40, "meter readings")
         body = meter_events[-1]["payload"]
         body = json.loads(body) if isinstance(body, str) else body
         values = {r["name"]: r for r in body["readings"]}
@@ -142,17 +147,27 @@ def test_sensor_as_child_device_of_the_gateway(bridge_hub: HubProcess, tmp_path:
             assert child["parentScopes"] == [gateway["deviceScope"]]
             assert child["authentication"]["type"] == "none"
             gga = with_checksum("GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,")
-            with open(a, "wb", buffering=0) as tty:
-                for _ in range(3):
-                    tty.write(gga + b"\r\n")
-                    await asyncio.sleep(0.2)
+
+            def child_reported() -> dict[str, Any]:
+                twin: dict[str, Any] = api.request("GET", "/twins/plant7-gps")
+                return twin["properties"]["reported"]
+
+            # ready when the bridge speaks for the child (it knows the children document) and
+            # has the port open: only then is a sentence read, and read as the child's
+            await wait_for(lambda: (child_reported().get("status") or {}).get("state") == "up",
+                           60, "the bridge to serve the child with its port open")
 
             def child_events() -> list[dict[str, Any]]:
                 batch = api.request("GET", "/messages/events", query={
                     "start": "earliest", "deviceId": "plant7-gps", "kinds": "telemetry"})
                 return [i["event"] for i in batch]
 
-            [event, *_] = await wait_for(child_events, 20, "the child's telemetry")
+            def gga_arrived() -> list[dict[str, Any]]:
+                with open(a, "wb", buffering=0) as tty:
+                    tty.write(gga + b"\r\n")
+                return child_events()
+
+            [event, *_] = await wait_for(gga_arrived, 30, "the child's telemetry")
             assert event["origin"] == "plant7-gps" and event["module"] == ""
             assert event["annotations"]["iothub-connection-device-id"] == "plant7-gps"
             assert "gateway-child" not in event["properties"]["application"]
@@ -162,10 +177,6 @@ def test_sensor_as_child_device_of_the_gateway(bridge_hub: HubProcess, tmp_path:
             assert result["status"] == 200, result
 
             # the child's own twin: its port's status is reported there ...
-            def child_reported() -> dict[str, Any]:
-                twin: dict[str, Any] = api.request("GET", "/twins/plant7-gps")
-                return twin["properties"]["reported"]
-
             reported = await wait_for(lambda: child_reported().get("status"), 20,
                                       "the child's status")
             assert reported["sensor"] == "gps" and reported["format"] == "nmea"
@@ -207,11 +218,15 @@ def test_sensor_as_child_device_of_the_gateway(bridge_hub: HubProcess, tmp_path:
                 "properties": {"desired": {"children": None}}})
             await wait_for(lambda: api.request("GET", "/devices/plant7-gps")["connectionState"]
                            == "Disconnected", 20, "the child to disconnect")
-            states = [i["event"]["properties"]["application"]["opType"]
-                      for i in api.request("GET", "/messages/events", query={
-                          "start": "earliest", "deviceId": "plant7-gps",
-                          "kinds": "connectionState"})]
-            assert states == ["deviceConnected", "deviceDisconnected"]
+
+            def states() -> list[str]:  # the events are written after the state changes
+                return [i["event"]["properties"]["application"]["opType"]
+                        for i in api.request("GET", "/messages/events", query={
+                            "start": "earliest", "deviceId": "plant7-gps",
+                            "kinds": "connectionState"})]
+
+            await wait_for(lambda: len(states()) >= 2, 20, "the disconnect event")
+            assert states() == ["deviceConnected", "deviceDisconnected"]
 
     asyncio.run(scenario())
 

@@ -67,7 +67,10 @@ async def test_rtu_writes_reach_the_right_unit_only(tmp_path: Path) -> None:
         bridge = ModbusBridge()
         bridge.apply({"buses": {"line": serial_bus(peer.device, 9600)},
                       "devices": {"a": {"bus": "line", "unit": 1, "interval": 0.5,
-                                        "registers": {"r": {"address": 0}}}}})
+                                        "registers": {"r": {"address": 0}}},
+                                  "b": {"bus": "line", "unit": 2, "interval": 5,
+                                        "registers": {"set": {"address": 1, "type": "uint32",
+                                                              "writable": True}}}}})
         async with running(bridge):
             await until(lambda: bridge.status()["buses"].get("line", {}).get("state") == "up")
             status, _ = await bridge.methods["write_register"](

@@ -109,7 +109,13 @@ async def test_a_dead_unit_does_not_slow_its_neighbours() -> None:
 async def test_direct_methods_write_the_servers_registers_and_coils() -> None:
     async with tcp_peer({1: PLAIN, 3: PLAIN}, dead={3}) as peer:
         bridge = ModbusBridge()
-        bridge.apply({"buses": {"plc": tcp_bus(peer.port)}, "devices": {"a": inline(1)}})
+        writable = {"address": 0, "type": "int16", "writable": True}
+        bridge.apply({"buses": {"plc": tcp_bus(peer.port)}, "devices": {
+            "a": inline(1, r0={"address": 0}, w5={**writable, "address": 5},
+                        w10={**writable, "address": 10, "type": "float32"},
+                        w12={**writable, "address": 12}, w500={**writable, "address": 500},
+                        c2={"table": "coil", "address": 2, "type": "bool", "writable": True}),
+            "dead": inline(3, interval=5, w0=writable)}})
         write_register, write_coil = (bridge.methods["write_register"],
                                       bridge.methods["write_coil"])
         async with running(bridge):
@@ -141,6 +147,21 @@ async def test_direct_methods_write_the_servers_registers_and_coils() -> None:
                 assert (await write_register(bad))[0] == 400, bad
             assert (await write_coil({"bus": "plc", "unit": 1, "address": 0, "value": 1}))[0] \
                 == 400
+            # registers and coils not marked writable are refused before the bus is touched
+            for payload, kind in (({"address": 0, "value": 1}, "holding register 0"),
+                                  ({"address": 12, "value": [1, 2]}, "holding register 13"),
+                                  ({"address": 6, "value": 1}, "holding register 6")):
+                status, body = await write_register({"bus": "plc", "unit": 1, **payload})
+                assert status == 403 and body["error"].startswith(kind), body
+                assert "not writable" in body["error"] and "bus 'plc'" in body["error"]
+            status, body = await write_register({"bus": "plc", "unit": 2, "address": 5,
+                                                 "value": 1})  # unit 2 has no map at all
+            assert status == 403, body
+            status, body = await write_coil({"bus": "plc", "unit": 1, "address": 3,
+                                             "value": True})
+            assert status == 403 and body["error"].startswith("coil 3 of unit 1"), body
+            assert await peer.get(1, "holding", 0) == [100] and await peer.get(1, "coil", 3) == [0]
+            assert peer.requests.get(2, 0) == 0  # nothing went on the wire for unit 2
 
 
 async def test_desired_writes_are_applied_once_and_reported() -> None:
@@ -220,7 +241,8 @@ async def test_a_refused_connection_is_a_bus_down_that_recovers(
     caplog.set_level(logging.INFO, logger="hw.modbus")
     port = free_port()
     bridge = ModbusBridge()
-    bridge.apply({"buses": {"plc": tcp_bus(port)}, "devices": {"a": inline(1)}})
+    bridge.apply({"buses": {"plc": tcp_bus(port)},
+                  "devices": {"a": inline(1, r0={"address": 0, "writable": True})}})
     async with running(bridge) as got:
         await until(lambda: bridge.status()["buses"].get("plc", {}).get("state") == "down")
         status, body = await bridge.methods["write_register"](
