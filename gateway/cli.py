@@ -86,6 +86,19 @@ def _auth_body(args: argparse.Namespace) -> dict[str, Any]:
     return {"type": "sas"}
 
 
+def _read_certificate(path: str) -> str:
+    """The PEM text of ``--x509-cert PATH``; a missing or unreadable file is one error line."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise GatewayError(f"--x509-cert {path}: cannot read it: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        text = ""
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise GatewayError(f"--x509-cert {path}: not a PEM certificate (-----BEGIN CERTIFICATE-----)")
+    return text
+
+
 def cmd_device(args: argparse.Namespace) -> int:
     client = _client(args)
     path = f"/devices/{args.device_id}" if getattr(args, "device_id", None) else "/devices"
@@ -93,7 +106,7 @@ def cmd_device(args: argparse.Namespace) -> int:
         body: dict[str, Any] = {"deviceId": args.device_id, "authentication": _auth_body(args),
                                 "status": "disabled" if args.disabled else "enabled"}
         if args.x509_cert:  # our extension: the certificate itself becomes a TLS trust anchor
-            body["x509Certificate"] = Path(args.x509_cert).read_text()
+            body["x509Certificate"] = _read_certificate(args.x509_cert)
         if args.edge:
             body["capabilities"] = {"iotEdge": True}
         if args.parent:
@@ -152,7 +165,7 @@ def cmd_module(args: argparse.Namespace) -> int:
         body = {"deviceId": args.device_id, "moduleId": args.module_id,
                 "authentication": _auth_body(args)}
         if args.x509_cert:
-            body["x509Certificate"] = Path(args.x509_cert).read_text()
+            body["x509Certificate"] = _read_certificate(args.x509_cert)
         _print_json(client.request("PUT", path, body))
     elif args.action == "show":
         _print_json(client.request("GET", path))
@@ -404,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--secondary", action="store_true")
     p.set_defaults(fn=cmd_policy)
 
+    from gateway.cli_token import add_token_parser, cmd_token
+
+    add_token_parser(sub, common, lambda args: cmd_token(args, _client(args)))
+
     twin = sub.add_parser("twin", help="device and module twins").add_subparsers(
         dest="action", required=True, metavar="ACTION")
     p = twin.add_parser("show", parents=[common], help="print a twin")
@@ -471,6 +488,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_ids(args: argparse.Namespace) -> None:
+    """Device and module ids are checked before any request: an id the hub's paths cannot
+    carry (``a/b``) would otherwise come back as the router's "404: Not Found"."""
+    from gateway.hub.registry import validate_id
+
+    for attr, what in (("device_id", "device id"), ("module_id", "module id"),
+                       ("module", "module id"), ("parent", "device id")):
+        value = getattr(args, attr, None)
+        if not isinstance(value, str):
+            continue
+        try:
+            validate_id(value, what)
+        except GatewayError as exc:
+            bad = sorted({c for c in value if not _legal_char(c)})
+            why = (f"{', '.join(repr(c) for c in bad)} not allowed" if bad
+                   else "empty" if not value else f"{len(value)} characters, at most 128")
+            raise GatewayError(f"invalid {what} {value!r}: {why}; {str(exc).split(': ', 1)[-1]}"
+                               ) from None
+
+
+def _legal_char(c: str) -> bool:
+    from gateway.hub.registry import validate_id
+
+    try:
+        validate_id(c)
+    except GatewayError:
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     tool = _modbus_tool_argv(argv)
@@ -482,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet = args.command != "run" and args.log_level == "info"
     setup_logging("warning" if quiet else args.log_level)
     try:
+        _check_ids(args)
         return int(args.fn(args))
     except GatewayError as exc:
         print(f"gateway: error: {exc}", file=sys.stderr)

@@ -43,13 +43,29 @@ SYSTEM_DATA_DIR = Path("/var/lib/gateway")
 
 
 def default_data_dir() -> Path:
-    """``$STATE_DIRECTORY`` under systemd, ``/var/lib/gateway`` when it exists and is ours,
-    otherwise a per-user directory (``$XDG_DATA_HOME/gateway``)."""
+    """``$STATE_DIRECTORY`` under systemd, ``/var/lib/gateway`` when it exists and is ours
+    (we own it, are root, or may read it: the hub systemd runs there is then found by every
+    ``gateway`` command without ``--data-dir``), otherwise a per-user directory
+    (``$XDG_DATA_HOME/gateway``)."""
     state = os.environ.get("STATE_DIRECTORY")
     if state:
         return Path(state.split(":")[0])
+    if is_ours(SYSTEM_DATA_DIR):
+        return SYSTEM_DATA_DIR
     xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(xdg) / "gateway"
+
+
+def is_ours(path: Path) -> bool:
+    """A directory we own, or may read (root may read them all)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    if not path.is_dir():
+        return False
+    euid = os.geteuid()
+    return euid in (0, st.st_uid) or os.access(path, os.R_OK | os.X_OK)
 
 
 def _default_host_name() -> str:

@@ -41,9 +41,14 @@ class HubClient:
             info = json.loads(runtime.read_text())
             owner = parse_connection_string((data_dir / "owner.connstr").read_text().strip())
         except FileNotFoundError:
+            from gateway import config
+
+            system = config.SYSTEM_DATA_DIR
+            hint = (f"; {system} exists but is not readable by you: run as the hub's user or "
+                    "root" if system.exists() and not config.is_ours(system) else "")
             raise HubNotRunning(
-                f"no running hub found in {data_dir} (start one with: gateway run --data-dir {data_dir})"
-            ) from None
+                f"no running hub found in {data_dir} (start one with: gateway run --data-dir "
+                f"{data_dir}){hint}") from None
         except PermissionError as exc:
             raise GatewayError(f"cannot read the hub's files in {data_dir}: {exc.strerror} "
                                "(run as the hub's user or root)") from None

@@ -61,3 +61,27 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(500, "ServerError", str(exc))
     except json.JSONDecodeError as exc:
         return error_response(400, "ArgumentInvalid", f"malformed JSON body: {exc}")
+    except web.HTTPException as exc:
+        if exc.status not in (404, 405) or request.match_info.http_exception is None:
+            raise
+        return no_route(request, exc)
+
+
+ID_RULE = "ids are 1-128 ASCII letters, digits or -.+%_#*?!(),:=@$' and cannot contain '/'"
+
+
+def no_route(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """The router's "404: Not Found" / "405: Method Not Allowed" in IoT Hub's error shape,
+    saying why: under ``/devices`` and ``/twins`` the usual cause is an invalid device id
+    (``a/b`` adds a path segment)."""
+    message = f"no route for {request.method} {request.path}"
+    if request.path.startswith(("/devices/", "/twins/")):
+        message = f"invalid device id or path: {message}; device and module {ID_RULE}"
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        message += f"; this path takes {', '.join(sorted(exc.allowed_methods))}"
+    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+    response = error_response(exc.status, "InvalidRoute" if exc.status == 404 else
+                              "MethodNotAllowed", message)
+    if headers:
+        response.headers.update(headers)
+    return response
