@@ -22,6 +22,7 @@ from pathlib import Path
 from gateway import pki
 from gateway.agent import Supervisor
 from gateway.api.server import ServiceApi
+from gateway.broker import tls
 from gateway.broker.broker import Broker
 from gateway.broker.sessions import SessionStore
 from gateway.config import Config
@@ -32,7 +33,7 @@ from gateway.hub.connstr import ConnectionString
 from gateway.hub.hub import Hub
 from gateway.hub.methods import MethodService
 from gateway.hub.modinputs import ModuleInputService
-from gateway.hub.registry import Device, Module, Registry
+from gateway.hub.registry import CaCertificate, Device, Module, Registry
 from gateway.hub.twinstore import TwinStore
 from gateway.hub.twinsvc import TwinService
 from gateway.notify import Notifier
@@ -131,17 +132,22 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         broker.puback_hooks.append(inputs.on_puback)
         broker.close_hooks.append(inputs.on_closed)
         registry.add_listener(inputs.identity_changed)
-        mqtt_tls = pki.server_ssl_context(certs, extra_trust_pems=registry.registered_certificates())
+        # MQTT port: any client certificate passes the handshake, auth.py decides (ref §8).
+        mqtt_tls = tls.server_context(certs.server_cert, certs.server_key)
+        # HTTPS port (aiohttp, Python's ssl): certificates must chain to a known anchor.
+        https_tls = pki.server_ssl_context(
+            certs, extra_trust_pems=[*registry.registered_certificates(),
+                                     *(c.pem for c in registry.certificates() if c.is_verified)])
         registry.add_listener(broker.identity_changed, updates=True)
-        registry.add_listener(partial(_trust_certificate, mqtt_tls), updates=True)
+        registry.add_listener(partial(_trust_certificate, https_tls), updates=True)
+        registry.add_certificate_listener(partial(_trust_ca_certificate, https_tls))
         await broker.start(
             tls_context=mqtt_tls,
             unix_path=data_dir / "mqtt.sock" if config.mqtt.unix_socket else None,
         )
         api = ServiceApi(host_name=config.hub.host_name, registry=registry,
                          authenticator=authenticator, log=message_log, hub=hub, broker=broker)
-        # The MQTT listener's context: X.509 devices (self-signed ones too) work over WSS.
-        await api.start(config.api.bind, config.api.port, mqtt_tls)
+        await api.start(config.api.bind, config.api.port, https_tls)
         owner = registry.get_policy("iothubowner")
         assert owner is not None
         write_private(data_dir / OWNER_FILE, str(ConnectionString(
@@ -201,12 +207,18 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
 
 
 def _trust_certificate(context: ssl.SSLContext, event: str, identity: Device | Module) -> None:
-    """A self-signed device certificate registered while the hub runs becomes a TLS trust
-    anchor for new handshakes at once. (OpenSSL cannot remove anchors from a live context: a
-    deleted device's certificate stays trusted at the TLS level until restart, but the
-    identity check in auth.py refuses it.)"""
+    """On the HTTPS port (Python's ssl needs anchors), a self-signed device certificate
+    registered while the hub runs becomes a TLS trust anchor for new handshakes at once.
+    (OpenSSL cannot remove anchors from a live context: a deleted device's certificate stays
+    trusted at the TLS level until restart, but the identity check in auth.py refuses it.)"""
     if event != "deleted" and identity.certificate_pem:
         context.load_verify_locations(cadata=identity.certificate_pem)
+
+
+def _trust_ca_certificate(context: ssl.SSLContext, event: str, cert: CaCertificate) -> None:
+    """The same for a CA certificate once it is verified."""
+    if event != "deleted" and cert.is_verified:
+        context.load_verify_locations(cadata=cert.pem)
 
 
 def _drop_c2d_queue(tasks: TaskSet, queues: C2DQueues, event: str,

@@ -2,7 +2,10 @@
 
 IoT Hub ref §1.2 (username, client id, password), §7.1-7.2 (SAS tokens and their audience),
 §8 (X.509), §14.1 (a gateway accepts the upstream hub's name in ``sr``). Pure apart from reading
-the in-memory registry; the TLS layer has already verified any client certificate chain.
+the in-memory registry. The TLS layer accepts any client certificate, as IoT Hub does; every
+X.509 decision is made here: a ``selfSigned`` identity by thumbprint, a ``certificateAuthority``
+one by ``CN`` and a chain (through the intermediates the device sent) to the hub CA or a
+verified CA certificate of the registry.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import NameOID
 
 from gateway.errors import AuthError, ForbiddenError
+from gateway.hub.cacerts import verify_client_chain
 from gateway.hub.messages import auth_method_json
 from gateway.hub.registry import Device, Module, Policy, Registry, Right
 from gateway.hub.sas import SasToken, parse_sas_token, verify_sas_signature
@@ -77,11 +80,10 @@ class Authenticator:
 
     ``host_names``: hub names accepted as the host of a token's ``sr`` (case-insensitive) --
     our own HostName and any alias, including the upstream IoT Hub's name that devices behind a
-    transparent gateway keep using (ref §7.1, §14.1). ``ca_pems``: the CA(s) allowed to issue
-    certificates for ``certificateAuthority`` identities. When given, the leaf must be directly
-    issued by one of them; this stops a registered self-signed device certificate that happens
-    to be a CA (``openssl req -x509`` makes those) -- trusted as a TLS anchor -- from vouching
-    for another identity.
+    transparent gateway keep using (ref §7.1, §14.1). ``ca_pems``: the hub's own CA(s), trusted
+    for ``certificateAuthority`` identities besides the registry's verified CA certificates
+    (:meth:`Registry.verified_ca_certificates`). Nothing else is: a registered self-signed
+    device certificate, even one made with CA:TRUE, vouches only for its own thumbprint.
     """
 
     def __init__(self, registry: Registry, *, host_names: Collection[str],
@@ -118,7 +120,7 @@ class Authenticator:
                 raise AuthError("password is not UTF-8", connack=4) from None
             return self._sas(user, parse_sas_token(token_text), now)
         if peer_cert_chain:
-            return self._x509(user, peer_cert_chain[0], now)
+            return self._x509(user, peer_cert_chain, now)
         raise AuthError("no password and no client certificate", connack=4)
 
     def _identity(self, user: Username) -> tuple[Device, Module | None]:
@@ -173,11 +175,12 @@ class Authenticator:
             policy=token.policy,
         )
 
-    def _x509(self, user: Username, leaf_der: bytes, now: float) -> Principal:
+    def _x509(self, user: Username, chain: Sequence[bytes], now: float) -> Principal:
         device, module = self._identity(user)
         identity: Device | Module = module or device
         if identity.auth_type not in ("selfSigned", "certificateAuthority"):
             raise AuthError("identity does not use X.509")
+        leaf_der = chain[0]
         try:
             leaf = x509.load_der_x509_certificate(leaf_der)
         except ValueError:
@@ -196,8 +199,12 @@ class Authenticator:
             names = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
             if len(names) != 1 or names[0].value != user.client_id:
                 raise AuthError("certificate common name mismatch")
-            if self._issuers and not any(self._issued_by(leaf, ca) for ca in self._issuers):
-                raise AuthError("certificate not issued by the hub CA")
+            try:
+                intermediates = [x509.load_der_x509_certificate(der) for der in chain[1:]]
+            except ValueError:
+                raise AuthError("client certificate chain unreadable") from None
+            anchors = [*self._issuers, *self._registry.verified_ca_certificates()]
+            verify_client_chain(leaf, intermediates, anchors, now=moment)
         return Principal(
             device_id=device.device_id,
             module_id=user.module_id,
@@ -206,14 +213,6 @@ class Authenticator:
             expires_at=None,
             model_id=user.model_id,
         )
-
-    @staticmethod
-    def _issued_by(leaf: x509.Certificate, ca: x509.Certificate) -> bool:
-        try:
-            leaf.verify_directly_issued_by(ca)
-        except (ValueError, TypeError, InvalidSignature):
-            return False
-        return True
 
     # --- service API ------------------------------------------------------------------------
 
