@@ -39,6 +39,7 @@ from gateway.hub.twinsvc import TwinService
 from gateway.notify import Notifier
 from gateway.routing.routes import RouteTable
 from gateway.store.db import Database
+from gateway.store.files import private_directory
 from gateway.store.log import MessageLog
 from gateway.tasks import TaskSet
 
@@ -83,7 +84,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
               stop: asyncio.Event | None = None) -> None:
     """Serve until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None)."""
     data_dir = config.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_directory(data_dir)  # 0700: an existing wider one is tightened, or we refuse
     notifier = Notifier()
     host_names = [config.hub.host_name, *config.hub.aliases]
     certs = await asyncio.to_thread(

@@ -100,11 +100,13 @@ class Broker:
     def authenticate(self, conn: MqttConnection, packet: Connect) -> Principal:
         chain = peer_certificate_chain(conn.transport)
         principal = self.hub.authenticate(packet.client_id, packet.username, packet.password, chain)
-        if packet.keepalive > self.config.max_keepalive:
-            log.info(
-                "keep-alive capped client_id=%r asked=%s cap=%s",
-                packet.client_id, packet.keepalive, self.config.max_keepalive,
-            )
+        cap = self.config.max_keepalive
+        if packet.keepalive == 0 or packet.keepalive > cap:
+            # IoT Hub closes a silent client after at most 1767 s, whatever it asked for
+            # (ref §1.3): a keep-alive of 0 ("never") gets the cap too.
+            log.info("keep-alive capped client_id=%r asked=%s cap=%s",
+                     packet.client_id, packet.keepalive, cap)
+            conn.session.keepalive = cap
         return principal
 
     def attach(self, conn: MqttConnection, clean_session: bool) -> bool:

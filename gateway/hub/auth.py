@@ -21,6 +21,7 @@ from cryptography.x509.oid import NameOID
 from gateway.errors import AuthError, ForbiddenError
 from gateway.hub.cacerts import verify_client_chain
 from gateway.hub.messages import auth_method_json
+from gateway.hub.policies import ALL_RIGHTS
 from gateway.hub.registry import Device, Module, Policy, Registry, Right
 from gateway.hub.sas import SasToken, parse_sas_token, verify_sas_signature
 from gateway.hub.username import Username, parse_username
@@ -67,6 +68,8 @@ class ServicePrincipal:
     policy: str
     rights: frozenset[str]
     expires_at: float
+    scope: tuple[str, ...] = ()
+    """The token's ``sr`` path below the host (``("devices", "dev1")``); empty: the hub."""
 
 
 def _split_resource(resource: str) -> tuple[str, list[str]]:
@@ -237,11 +240,12 @@ class Authenticator:
             raise AuthError("unknown policy")
         verify_sas_signature(token, (policy.primary_key, policy.secondary_key), now=now,
                              skew=SKEW_SECONDS)
-        host, _ = _split_resource(token.resource)
+        host, segments = _split_resource(token.resource)
         if host.lower() not in self._hosts:
             raise AuthError("token audience names another hub")
         principal = ServicePrincipal(policy=policy.name, rights=policy.rights,
-                                     expires_at=token.expiry + SKEW_SECONDS)
+                                     expires_at=token.expiry + SKEW_SECONDS,
+                                     scope=tuple(segments))
         if len(self._service_tokens) >= SERVICE_TOKEN_CACHE:
             del self._service_tokens[next(iter(self._service_tokens))]  # the oldest
         self._service_tokens[authorization] = (policy, principal)
@@ -249,6 +253,26 @@ class Authenticator:
 
     @staticmethod
     def require(principal: ServicePrincipal, right: str) -> None:
-        """Raise :class:`ForbiddenError` unless the principal's policy grants ``right``."""
-        if right not in principal.rights:
+        """Raise :class:`ForbiddenError` unless the principal's policy grants ``right``
+        (:data:`ALL_RIGHTS`: every right, as reading policy keys needs)."""
+        if right == ALL_RIGHTS:
+            if not principal.rights >= frozenset(Right):
+                raise ForbiddenError(f"policy {principal.policy!r} lacks some right: reading "
+                                     "shared access policy keys needs every right")
+        elif right not in principal.rights:
             raise ForbiddenError(f"policy {principal.policy!r} lacks {right}")
+
+    @staticmethod
+    def require_path(principal: ServicePrincipal, path: str) -> None:
+        """Raise :class:`ForbiddenError` unless the request ``path`` lies within the token's
+        ``sr`` (IoT Hub ref §7.1: segment prefix). A device's twin (``/twins/{d}``) counts as
+        its path (``/devices/{d}``); a token for one device reaches nothing hub-wide."""
+        if not principal.scope:
+            return
+        segments = [s for s in path.split("/") if s]
+        if segments[:1] == ["twins"]:
+            segments[0] = "devices"
+        scope = list(principal.scope)
+        if [s.lower() for s in segments[:1]] + segments[1:len(scope)] != (
+                [scope[0].lower()] + scope[1:]):
+            raise ForbiddenError(f"token is for {'/'.join(scope)}, not {path}")

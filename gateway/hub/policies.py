@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
-__all__ = ["DEFAULT_POLICIES", "Policy", "Right", "new_key"]
+__all__ = ["ALL_RIGHTS", "DEFAULT_POLICIES", "Policy", "Right", "new_key"]
 
 KEY_BYTES: Final = 32  # generated keys; accepted keys decode to 16..64 bytes
 
@@ -22,6 +22,9 @@ class Right(StrEnum):
     SERVICE_CONNECT = "ServiceConnect"
     DEVICE_CONNECT = "DeviceConnect"
 
+
+ALL_RIGHTS: Final = "+".join(Right)
+"""What a route needs when only a policy holding every right may call it (reading keys)."""
 
 DEFAULT_POLICIES: Final[Mapping[str, frozenset[str]]] = {
     "iothubowner": frozenset(Right),
@@ -42,11 +45,6 @@ class Policy:
     secondary_key: str
     rights: frozenset[str]
 
-
-    @property
-    def is_owner(self) -> bool:
-        """Holds every right (``iothubowner``-like): only such a policy may read keys."""
-        return self.rights >= frozenset(Right)
 
 
 def new_key() -> str:

@@ -28,7 +28,13 @@ from typing import Any, Literal, Self, TypeVar
 
 from cryptography import x509
 
-from gateway.errors import ConflictError, InvalidRequestError, NotFoundError, StoreError
+from gateway.errors import (
+    ConflictError,
+    GatewayError,
+    InvalidRequestError,
+    NotFoundError,
+    StoreError,
+)
 from gateway.hub import cacerts
 from gateway.hub.cacerts import CaCertificate
 from gateway.hub.identities import AUTH_TYPES, NEVER, Device, Module, validate_id
@@ -68,6 +74,15 @@ log = logging.getLogger(__name__)
 Listener = Callable[[str, Device | Module], None]
 CertificateListener = Callable[[str, CaCertificate], None]
 _Identity = TypeVar("_Identity", Device, Module)
+
+
+_E = TypeVar("_E", bound=GatewayError)
+
+
+def _coded(exc: _E, code: str) -> _E:
+    """``exc`` with IoT Hub's more precise error code (``iothub-errorcode``)."""
+    exc.code = code
+    return exc
 
 
 def _utcnow() -> datetime:
@@ -362,7 +377,7 @@ class Registry:
     def _existing_certificate(self, name: str, if_match: str | None) -> CaCertificate:
         cert = self._certificates.get(name)
         if cert is None:
-            raise NotFoundError(f"certificate {name!r} not found")
+            raise _coded(NotFoundError(f"certificate {name!r} not found"), "CertificateNotFound")
         check_precondition(cert.etag, if_match, f"certificate {name!r}")
         return cert
 
@@ -388,9 +403,11 @@ class Registry:
             existing = self._certificates.get(name)
             if existing is None:
                 if if_match is not None:
-                    raise NotFoundError(f"certificate {name!r} not found")
+                    raise _coded(NotFoundError(f"certificate {name!r} not found"),
+                                 "CertificateNotFound")
             elif if_match is None:
-                raise ConflictError(f"certificate {name!r} already exists")
+                raise _coded(ConflictError(f"certificate {name!r} already exists"),
+                             "CertificateAlreadyExists")
             else:
                 check_precondition(existing.etag, if_match, f"certificate {name!r}")
             pem = cacerts.load_ca_pem(props.get("certificate"), now=self._utcnow())

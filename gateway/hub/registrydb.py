@@ -1,14 +1,12 @@
 """The registry's SQLite file: schema, documents, one connection on one thread.
 
 WAL mode with ``synchronous=FULL``; each write is one transaction. The file holds keys, so it
-is created mode 0600, and so are its ``-wal`` and ``-shm`` files (SQLite would give them the
-main file's mode, but only if it creates them itself: they are made here first, to be sure).
+and its ``-wal`` and ``-shm`` files are mode 0600 (:mod:`gateway.store.files`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import asdict, fields
@@ -19,6 +17,7 @@ from gateway.errors import StoreError
 from gateway.hub.cacerts import CaCertificate
 from gateway.hub.identities import Device, Module
 from gateway.hub.policies import Policy
+from gateway.store.files import private_sqlite_files
 
 _Doc = TypeVar("_Doc", Device, Module, CaCertificate)
 
@@ -40,17 +39,6 @@ PUT_CERTIFICATE = "INSERT OR REPLACE INTO certificates (name, doc) VALUES (?, ?)
 
 Statement = tuple[str, tuple[str, ...]]
 _TABLES = ("devices", "modules", "policies", "certificates")
-
-
-def private_sqlite_files(path: Path) -> None:
-    """Make ``path`` and its ``-wal`` and ``-shm`` files exist with mode 0600 (tightening
-    existing ones), before SQLite opens them: they hold keys and messages."""
-    for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-        fd = os.open(name, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            os.fchmod(fd, 0o600)
-        finally:
-            os.close(fd)
 
 
 def dump(value: Device | Module | Policy | CaCertificate) -> str:
