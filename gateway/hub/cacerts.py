@@ -157,4 +157,6 @@ def verify_client_chain(leaf: x509.Certificate, intermediates: Sequence[x509.Cer
     try:
         verifier.verify(leaf, list(intermediates))
     except verification.VerificationError as exc:
-        raise AuthError(f"certificate chain not trusted: {exc}") from None
+        raise AuthError(f"certificate chain not trusted: no path to the hub CA or a verified "
+                        f"CA certificate through the {len(intermediates)} intermediate(s) the "
+                        f"device sent ({exc})") from None
