@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import socket
-import ssl
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -33,7 +32,7 @@ from gateway.hub.connstr import ConnectionString
 from gateway.hub.hub import Hub
 from gateway.hub.methods import MethodService
 from gateway.hub.modinputs import ModuleInputService
-from gateway.hub.registry import CaCertificate, Device, Module, Registry
+from gateway.hub.registry import Device, Module, Registry
 from gateway.hub.twinstore import TwinStore
 from gateway.hub.twinsvc import TwinService
 from gateway.notify import Notifier
@@ -133,22 +132,17 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         broker.puback_hooks.append(inputs.on_puback)
         broker.close_hooks.append(inputs.on_closed)
         registry.add_listener(inputs.identity_changed)
-        # MQTT port: any client certificate passes the handshake, auth.py decides (ref §8).
-        mqtt_tls = tls.server_context(certs.server_cert, certs.server_key)
-        # HTTPS port (aiohttp, Python's ssl): certificates must chain to a known anchor.
-        https_tls = pki.server_ssl_context(
-            certs, extra_trust_pems=[*registry.registered_certificates(),
-                                     *(c.pem for c in registry.certificates() if c.is_verified)])
+        # Any client certificate passes the handshake, on 8883 and 443 alike: auth.py decides
+        # (ref §8), and every refusal is logged with its reason.
+        device_tls = tls.server_context(certs.server_cert, certs.server_key)
         registry.add_listener(broker.identity_changed, updates=True)
-        registry.add_listener(partial(_trust_certificate, https_tls), updates=True)
-        registry.add_certificate_listener(partial(_trust_ca_certificate, https_tls))
         await broker.start(
-            tls_context=mqtt_tls,
+            tls_context=device_tls,
             unix_path=data_dir / "mqtt.sock" if config.mqtt.unix_socket else None,
         )
         api = ServiceApi(host_name=config.hub.host_name, registry=registry,
                          authenticator=authenticator, log=message_log, hub=hub, broker=broker)
-        await api.start(config.api.bind, config.api.port, https_tls)
+        await api.start(config.api.bind, config.api.port, device_tls)
         owner = registry.get_policy("iothubowner")
         assert owner is not None
         write_private(data_dir / OWNER_FILE, str(ConnectionString(
@@ -205,21 +199,6 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         await registry.close()
         await db.close()
         log.info("hub stopped")
-
-
-def _trust_certificate(context: ssl.SSLContext, event: str, identity: Device | Module) -> None:
-    """On the HTTPS port (Python's ssl needs anchors), a self-signed device certificate
-    registered while the hub runs becomes a TLS trust anchor for new handshakes at once.
-    (OpenSSL cannot remove anchors from a live context: a deleted device's certificate stays
-    trusted at the TLS level until restart, but the identity check in auth.py refuses it.)"""
-    if event != "deleted" and identity.certificate_pem:
-        context.load_verify_locations(cadata=identity.certificate_pem)
-
-
-def _trust_ca_certificate(context: ssl.SSLContext, event: str, cert: CaCertificate) -> None:
-    """The same for a CA certificate once it is verified."""
-    if event != "deleted" and cert.is_verified:
-        context.load_verify_locations(cadata=cert.pem)
 
 
 def _drop_c2d_queue(tasks: TaskSet, queues: C2DQueues, event: str,

@@ -92,7 +92,7 @@ def cmd_device(args: argparse.Namespace) -> int:
     if args.action == "create":
         body: dict[str, Any] = {"deviceId": args.device_id, "authentication": _auth_body(args),
                                 "status": "disabled" if args.disabled else "enabled"}
-        if args.x509_cert:  # our extension: the certificate itself becomes a TLS trust anchor
+        if args.x509_cert:  # our extension: the registry takes the thumbprint from it
             body["x509Certificate"] = Path(args.x509_cert).read_text()
         if args.edge:
             body["capabilities"] = {"iotEdge": True}

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from OpenSSL import SSL
 
 from gateway.api import openapi
 from gateway.api.certificates import CertificateRoutes
@@ -34,6 +35,7 @@ from gateway.api.device_http import add_device_routes
 from gateway.api.errors import error_middleware
 from gateway.api.events import entry_json
 from gateway.api.query import float_query, int_query
+from gateway.api.tls_site import TlsSite
 from gateway.api.ws import add_websocket_route
 from gateway.errors import InvalidRequestError, NotFoundError
 from gateway.hub.auth import Authenticator, ServicePrincipal
@@ -141,12 +143,20 @@ class ServiceApi:
         self.app.router.add_route(method, path, guarded)
         self._routes.append((method, path, right, handler))
 
-    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> None:
+    async def start(self, host: str, port: int,
+                    ssl_context: ssl.SSLContext | SSL.Context | None) -> None:
+        """Bind the listener; a pyOpenSSL context puts the hub's own TLS layer in front
+        (:mod:`gateway.api.tls_site`: X.509 clients judged by the identity check)."""
         # Open event streams end at once on shutdown instead of holding it for a minute.
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                      shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context, reuse_address=True)
+        site: web.BaseSite
+        if isinstance(ssl_context, SSL.Context):
+            site = TlsSite(self._runner, host, port, tls=ssl_context)
+        else:
+            site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context,
+                               reuse_address=True)
         await site.start()
         sockets = getattr(site._server, "sockets", None)  # aiohttp shows the port only here
         assert sockets

@@ -243,7 +243,7 @@ class TlsTransport(asyncio.Transport):
         if name == "tls_connection":
             return self._tls.tls
         if name == "sslcontext":  # aiohttp: the request came over TLS (request.secure)
-            return True
+            return self._tls.tls.get_context()
         if name == "cipher":
             tls = self._tls.tls
             return (tls.get_cipher_name(), tls.get_protocol_version_name(), tls.get_cipher_bits())

@@ -42,8 +42,8 @@ def _authentication_json(auth_type: str, primary_key: str | None, secondary_key:
 
 @dataclass(frozen=True, slots=True)
 class Device:
-    """A device identity. Two extensions: ``certificate_pem``, the registered certificate of a
-    ``selfSigned`` device, used as a TLS trust anchor; ``sensor_key`` (JSON ``sensorKey``,
+    """A device identity. Two extensions: ``certificate_pem``, the certificate a ``selfSigned``
+    device was registered with (its thumbprint is what counts); ``sensor_key`` (JSON ``sensorKey``,
     32 hex digits), the key of a child sensor's encrypted radio frames (a BTHome bindkey),
     handed only to the bridge module that owns the child (:mod:`gateway.translation`)."""
 

@@ -99,7 +99,7 @@ def _check_thumbprint(value: str | None, name: str) -> str | None:
 
 def _load_certificate(pem: str) -> tuple[str, tuple[str, str]]:
     """-> (the first certificate alone, re-encoded as PEM; its thumbprints). Anything after
-    the first certificate is dropped: it would otherwise become a TLS trust anchor too."""
+    the first certificate is dropped (one certificate, one thumbprint)."""
     try:
         cert = x509.load_pem_x509_certificate(pem.encode("ascii"))
     except (ValueError, UnicodeEncodeError):

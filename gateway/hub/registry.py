@@ -215,9 +215,9 @@ class Registry:
         return [c.certificate for c in self._certificates.values() if c.is_verified]
 
     def registered_certificates(self) -> list[str]:
-        """PEMs registered for ``selfSigned`` identities. The MQTT port accepts any client
-        certificate and leaves the decision to the thumbprint check; a TLS stack that needs
-        anchors (the HTTPS port's, when it is Python's ``ssl``) can trust these."""
+        """PEMs registered for ``selfSigned`` identities (the certificates their thumbprints
+        were taken from). Nothing trusts them as anchors: TLS accepts any client certificate
+        and the thumbprint decides (IoT Hub ref §8)."""
         pems = [d.certificate_pem for d in self._devices.values() if d.certificate_pem]
         pems += [m.certificate_pem for mods in self._modules.values()
                  for m in mods.values() if m.certificate_pem]
