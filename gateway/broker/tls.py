@@ -33,7 +33,8 @@ from OpenSSL import SSL, crypto
 
 log = logging.getLogger(__name__)
 
-READ_SIZE: Final = 256 * 1024
+READ_SIZE: Final = 64 * 1024  # ciphertext taken from the outgoing BIO per call
+RECORD_PLAINTEXT: Final = 16 * 1024  # a TLS record carries at most 2^14 bytes (RFC 8446 §5.1)
 # Python's ssl defaults for TLS 1.2 (forward secrecy, AEAD or CBC-SHA2, no SHA-1 MACs);
 # TLS 1.3 suites are OpenSSL's defaults.
 CIPHERS: Final = b"ECDHE+AESGCM:ECDHE+CHACHA20:ECDHE+AES:!aNULL:!eNULL:!SHA1:!AESCCM"
@@ -93,6 +94,12 @@ class TlsServerProtocol(asyncio.Protocol):
         self.peer = "?"
         self.closing = False
         self.peer_chain: list[bytes] = []
+        # TLS record framing of what the client sent, followed across reads, so each read
+        # makes one SSL_read per complete record and no failing one (an exception) at the end.
+        self._record_left = 0  # body bytes of the current record still to come
+        self._header = b""  # the start (< 5 bytes) of the next record's header
+        self._reading = False  # inside data_received: the inner protocol's writes are batched
+        self._unflushed = False  # written while reading, not yet flushed
 
     # -- raw side ------------------------------------------------------------------------------
 
@@ -105,28 +112,80 @@ class TlsServerProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        records = self._complete_records(data)
         self.tls.bio_write(data)
-        if self._inner is None and not self._handshake():
-            return
+        if self._inner is None:
+            if not self._handshake():
+                return
+            records = -1  # the handshake took some records: read until OpenSSL wants more
         chunks = []
         peer_closed = False
         recv = self.tls.recv
         try:
-            while True:
-                chunks.append(recv(READ_SIZE))
+            if records < 0:
+                while True:
+                    chunks.append(recv(RECORD_PLAINTEXT))
+            for _ in range(records):  # a record's plaintext fits RECORD_PLAINTEXT, always
+                chunks.append(recv(RECORD_PLAINTEXT))
         except SSL.WantReadError:
-            pass
+            pass  # a record that held no application data (an alert, a key update)
         except SSL.ZeroReturnError:  # close_notify: the client is done, end at once
             peer_closed = True
         except SSL.Error as exc:
             self._fail(f"tls error peer={self.peer} reason={_reason(exc)}")
             return
-        self.flush()
         if chunks and self._inner is not None:
-            self._inner.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            self._reading = True
+            try:
+                self._inner.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            finally:
+                self._reading = False
+        # One flush for the inner protocol's answers; and whatever OpenSSL made itself (session
+        # tickets after the handshake, an answer to a key update): it makes nothing when every
+        # record it read was application data.
+        if self._unflushed or len(chunks) != records:
+            self._unflushed = False
+            self.flush()
         if peer_closed:
             log.debug("tls close_notify from peer=%s", self.peer)
             self.close()
+
+    def _complete_records(self, data: bytes) -> int:
+        """How many TLS records ``data`` completes (5-byte headers: type, version, length)."""
+        count = 0
+        pos = 0
+        size = len(data)
+        left = self._record_left
+        if left:
+            if left > size:
+                self._record_left = left - size
+                return 0
+            pos = left
+            count = 1
+            self._record_left = 0
+        if self._header:
+            head = self._header + data[pos:pos + 5 - len(self._header)]
+            pos += 5 - len(self._header)
+            if len(head) < 5:
+                self._header = head
+                return count
+            self._header = b""
+            end = pos + ((head[3] << 8) | head[4])
+            if end > size:
+                self._record_left = end - size
+                return count
+            pos = end
+            count += 1
+        while pos + 5 <= size:
+            end = pos + 5 + ((data[pos + 3] << 8) | data[pos + 4])
+            if end > size:
+                self._record_left = end - size
+                return count
+            pos = end
+            count += 1
+        if pos < size:
+            self._header = data[pos:]
+        return count
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost tells the inner protocol
@@ -187,7 +246,10 @@ class TlsServerProtocol(asyncio.Protocol):
         except SSL.Error as exc:
             self._fail(f"tls error peer={self.peer} reason={_reason(exc)}")
             return
-        self.flush()
+        if self._reading:  # answers to a read go out together, after it
+            self._unflushed = True
+        else:
+            self.flush()
 
     def flush(self) -> None:
         out = []
