@@ -24,7 +24,8 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.errors import InvalidRequestError, NotFoundError
+from gateway.errors import InvalidRequestError
+from gateway.hub.cacerts import CaCertificate, certificate_not_found
 from gateway.hub.registry import Registry
 
 __all__ = ["CertificateRoutes"]
@@ -68,12 +69,10 @@ class CertificateRoutes:
             ("POST", one + "/verify", write, self.verify),
         ]
 
-    def _get(self, name: str) -> Any:
+    def _get(self, name: str) -> CaCertificate:
         cert = self.registry.certificate(name)
         if cert is None:
-            err = NotFoundError(f"certificate {name!r} not found")
-            err.code = "CertificateNotFound"
-            raise err
+            raise certificate_not_found(name)
         return cert
 
     async def list_certificates(self, request: web.Request) -> web.Response:

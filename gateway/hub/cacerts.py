@@ -27,11 +27,12 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import verification
 from cryptography.x509.oid import NameOID
 
-from gateway.errors import AuthError, InvalidRequestError
+from gateway.errors import AuthError, InvalidRequestError, NotFoundError
 from gateway.pki import thumbprints
 
 __all__ = [
     "CaCertificate",
+    "certificate_not_found",
     "check_proof",
     "load_ca_pem",
     "new_verification_code",
@@ -77,6 +78,13 @@ class CaCertificate:
         return {"properties": properties, "id": f"/certificates/{self.name}",
                 "name": self.name, "etag": self.etag,
                 "type": "Microsoft.Devices/IotHubs/Certificates"}
+
+
+def certificate_not_found(name: str) -> NotFoundError:
+    """The 404 for a missing CA certificate, with IoT Hub's error code."""
+    err = NotFoundError(f"certificate {name!r} not found")
+    err.code = "CertificateNotFound"
+    return err
 
 
 def validate_certificate_name(name: str) -> str:

@@ -30,7 +30,6 @@ from cryptography import x509
 
 from gateway.errors import (
     ConflictError,
-    GatewayError,
     InvalidRequestError,
     NotFoundError,
     StoreError,
@@ -74,15 +73,6 @@ log = logging.getLogger(__name__)
 Listener = Callable[[str, Device | Module], None]
 CertificateListener = Callable[[str, CaCertificate], None]
 _Identity = TypeVar("_Identity", Device, Module)
-
-
-_E = TypeVar("_E", bound=GatewayError)
-
-
-def _coded(exc: _E, code: str) -> _E:
-    """``exc`` with IoT Hub's more precise error code (``iothub-errorcode``)."""
-    exc.code = code
-    return exc
 
 
 def _utcnow() -> datetime:
@@ -377,7 +367,7 @@ class Registry:
     def _existing_certificate(self, name: str, if_match: str | None) -> CaCertificate:
         cert = self._certificates.get(name)
         if cert is None:
-            raise _coded(NotFoundError(f"certificate {name!r} not found"), "CertificateNotFound")
+            raise cacerts.certificate_not_found(name)
         check_precondition(cert.etag, if_match, f"certificate {name!r}")
         return cert
 
@@ -403,11 +393,11 @@ class Registry:
             existing = self._certificates.get(name)
             if existing is None:
                 if if_match is not None:
-                    raise _coded(NotFoundError(f"certificate {name!r} not found"),
-                                 "CertificateNotFound")
+                    raise cacerts.certificate_not_found(name)
             elif if_match is None:
-                raise _coded(ConflictError(f"certificate {name!r} already exists"),
-                             "CertificateAlreadyExists")
+                err = ConflictError(f"certificate {name!r} already exists")
+                err.code = "CertificateAlreadyExists"
+                raise err
             else:
                 check_precondition(existing.etag, if_match, f"certificate {name!r}")
             pem = cacerts.load_ca_pem(props.get("certificate"), now=self._utcnow())
