@@ -163,3 +163,22 @@ async def test_certificates_survive_a_reopen_and_the_files_stay_private(tmp_path
             "CN=Test Root CA"]
         for name in ("registry.db", "registry.db-wal", "registry.db-shm"):  # open: all there
             assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+
+
+async def test_a_registry_file_from_before_ca_certificates_is_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "registry.db"
+    async with await Registry.open(path) as reg:
+        await reg.put_device({}, device_id="old", if_match=None)
+    conn = sqlite3.connect(path)  # make it what the previous release left: schema 1, no table
+    conn.execute("DROP TABLE certificates")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    async with await Registry.open(path) as reg:
+        assert reg.get_device("old") is not None and reg.certificates() == []
+        await reg.put_certificate("ca", {"properties": {"certificate": three_levels("x").root.pem}},
+                                  if_match=None)
+    async with await Registry.open(path) as reg:
+        assert [c.name for c in reg.certificates()] == ["ca"]
