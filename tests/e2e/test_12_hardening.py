@@ -134,8 +134,7 @@ def test_connect_publish_disconnect_in_one_write(hub: HubProcess,
 
 @pytest.fixture
 def capped_hub(tmp_path: Path) -> Any:
-    proc = HubProcess(tmp_path / "data", extra_config="").start()
-    proc.stop()
+    proc = HubProcess(tmp_path / "data")  # writes its config file; start it with the cap
     proc.config_file.write_text(proc.config_file.read_text().replace(
         "[mqtt]\n", "[mqtt]\nmax_keepalive = 1\n"))
     yield proc.start()
