@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import socket
-import ssl
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 from gateway import pki
 from gateway.agent import Supervisor
 from gateway.api.server import ServiceApi
+from gateway.broker import tls
 from gateway.broker.broker import Broker
 from gateway.broker.sessions import SessionStore
 from gateway.config import Config
@@ -38,6 +38,7 @@ from gateway.hub.twinsvc import TwinService
 from gateway.notify import Notifier
 from gateway.routing.routes import RouteTable
 from gateway.store.db import Database
+from gateway.store.files import private_directory
 from gateway.store.log import MessageLog
 from gateway.tasks import TaskSet
 
@@ -82,7 +83,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
               stop: asyncio.Event | None = None) -> None:
     """Serve until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None)."""
     data_dir = config.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_directory(data_dir)  # 0700: an existing wider one is tightened, or we refuse
     notifier = Notifier()
     host_names = [config.hub.host_name, *config.hub.aliases]
     certs = await asyncio.to_thread(
@@ -131,17 +132,17 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         broker.puback_hooks.append(inputs.on_puback)
         broker.close_hooks.append(inputs.on_closed)
         registry.add_listener(inputs.identity_changed)
-        mqtt_tls = pki.server_ssl_context(certs, extra_trust_pems=registry.registered_certificates())
+        # Any client certificate passes the handshake, on 8883 and 443 alike: auth.py decides
+        # (ref §8), and every refusal is logged with its reason.
+        device_tls = tls.server_context(certs.server_cert, certs.server_key)
         registry.add_listener(broker.identity_changed, updates=True)
-        registry.add_listener(partial(_trust_certificate, mqtt_tls), updates=True)
         await broker.start(
-            tls_context=mqtt_tls,
+            tls_context=device_tls,
             unix_path=data_dir / "mqtt.sock" if config.mqtt.unix_socket else None,
         )
         api = ServiceApi(host_name=config.hub.host_name, registry=registry,
                          authenticator=authenticator, log=message_log, hub=hub, broker=broker)
-        # The MQTT listener's context: X.509 devices (self-signed ones too) work over WSS.
-        await api.start(config.api.bind, config.api.port, mqtt_tls)
+        await api.start(config.api.bind, config.api.port, device_tls)
         owner = registry.get_policy("iothubowner")
         assert owner is not None
         write_private(data_dir / OWNER_FILE, str(ConnectionString(
@@ -198,15 +199,6 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         await registry.close()
         await db.close()
         log.info("hub stopped")
-
-
-def _trust_certificate(context: ssl.SSLContext, event: str, identity: Device | Module) -> None:
-    """A self-signed device certificate registered while the hub runs becomes a TLS trust
-    anchor for new handshakes at once. (OpenSSL cannot remove anchors from a live context: a
-    deleted device's certificate stays trusted at the TLS level until restart, but the
-    identity check in auth.py refuses it.)"""
-    if event != "deleted" and identity.certificate_pem:
-        context.load_verify_locations(cadata=identity.certificate_pem)
 
 
 def _drop_c2d_queue(tasks: TaskSet, queues: C2DQueues, event: str,

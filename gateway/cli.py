@@ -105,7 +105,7 @@ def cmd_device(args: argparse.Namespace) -> int:
     if args.action == "create":
         body: dict[str, Any] = {"deviceId": args.device_id, "authentication": _auth_body(args),
                                 "status": "disabled" if args.disabled else "enabled"}
-        if args.x509_cert:  # our extension: the certificate itself becomes a TLS trust anchor
+        if args.x509_cert:  # our extension: the registry takes the thumbprint from it
             body["x509Certificate"] = _read_certificate(args.x509_cert)
         if args.edge:
             body["capabilities"] = {"iotEdge": True}
@@ -116,6 +116,8 @@ def cmd_device(args: argparse.Namespace) -> int:
             body["parentScopes"] = [parent["deviceScope"]]
             body["deviceScope"] = parent["deviceScope"]
         _print_json(client.request("PUT", path, body))
+        if args.x509_ca:
+            _issue_x509_ca(args, args.device_id)
     elif args.action == "update":
         device = client.request("GET", path)
         if args.status:
@@ -138,6 +140,24 @@ def cmd_device(args: argparse.Namespace) -> int:
         device = client.request("GET", path)
         print(_connection_string(client, device, args))
     return 0
+
+
+def _issue_x509_ca(args: argparse.Namespace, common_name: str) -> None:
+    """``--x509-ca``: issue the identity's certificate and key from the hub CA (CN = the id,
+    IoT Hub ref §8) into ``--out`` (default: the current directory), both mode 0600."""
+    import os
+
+    from gateway import pki
+
+    data_dir = _data_dir(args)
+    certs = pki.HubCertificates(data_dir / "ca.pem", data_dir / "ca.key",
+                                data_dir / "server.pem", data_dir / "server.key")
+    try:
+        cert, key = pki.issue_client_certificate(certs, common_name, Path(args.out))
+    except OSError as exc:
+        raise GatewayError(f"cannot write the certificate to {args.out}: {exc.strerror}") from None
+    os.chmod(cert, 0o600)
+    print(f"certificate: {cert}\nkey: {key}", file=sys.stderr)
 
 
 def _connection_string(client: Any, identity: dict[str, Any], args: argparse.Namespace) -> str:
@@ -167,6 +187,8 @@ def cmd_module(args: argparse.Namespace) -> int:
         if args.x509_cert:
             body["x509Certificate"] = _read_certificate(args.x509_cert)
         _print_json(client.request("PUT", path, body))
+        if args.x509_ca:
+            _issue_x509_ca(args, f"{args.device_id}/{args.module_id}")
     elif args.action == "show":
         _print_json(client.request("GET", path))
     elif args.action == "list":
@@ -366,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--x509-ca", action="store_true", help="X.509, signed by the hub CA (CN = id)")
         g.add_argument("--x509-thumbprint", metavar="HEX", help="X.509 self-signed, by thumbprint")
         g.add_argument("--x509-cert", metavar="PEM", help="X.509 self-signed, by certificate file")
+        p.add_argument("--out", default=".", metavar="DIR",
+                       help="with --x509-ca: where to write ID.cert.pem and ID.key.pem "
+                            "(default: the current directory)")
 
     def cs_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--gateway-host", help="add GatewayHostName= (a transparent-gateway name)")
@@ -475,6 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = modbus.add_parser(name, add_help=False, help=help_, usage=usage)
         p.add_argument("tool_args", nargs=argparse.REMAINDER)
         p.set_defaults(fn=cmd_modbus_tool)
+
+    from gateway import cli_cacert
+
+    cli_cacert.add_parser(sub, common, lambda a: cli_cacert.cmd_ca_cert(a, _client(a), _print_json))
 
     p = sub.add_parser("monitor-events", parents=[common], help="print messages reaching the built-in endpoint")
     p.add_argument("--device", help="only this device's messages")

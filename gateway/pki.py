@@ -318,14 +318,15 @@ def make_self_signed_certificate(common_name: str, out_dir: Path, *, days: int =
 
 def server_ssl_context(certs: HubCertificates, *,
                        extra_trust_pems: Sequence[str] = ()) -> ssl.SSLContext:
-    """TLS server context for the MQTT and HTTPS listeners (IoT Hub ref §1.1, §8).
+    """A Python ``ssl`` server context with the hub's certificate (IoT Hub ref §1.1), for a
+    listener that needs one. The hub's own device ports (MQTT 8883, HTTPS 443) use
+    :func:`gateway.broker.tls.server_context` instead, which accepts any client certificate
+    and leaves the decision to ``hub.auth`` (ref §8); Python's ``ssl`` cannot.
 
-    TLS 1.2 minimum (the Azure Python SDK speaks exactly 1.2). The client certificate is
-    *requested*, not required (``CERT_OPTIONAL``): SAS clients send none; a certificate that is
-    sent must chain to the hub CA or to one of ``extra_trust_pems`` (registered self-signed
-    device certificates), else the handshake fails. More anchors can be added to the live
-    context later with ``ctx.load_verify_locations(cadata=pem)``; new handshakes see them.
-    The identity decision (thumbprint, CN) is made after the handshake by ``hub.auth``.
+    TLS 1.2 minimum. The client certificate is *requested*, not required (``CERT_OPTIONAL``);
+    one that is sent must chain to the hub CA or to one of ``extra_trust_pems``, else the
+    handshake fails. More anchors can be added to the live context later with
+    ``ctx.load_verify_locations(cadata=pem)``; new handshakes see them.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2

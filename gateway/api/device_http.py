@@ -40,6 +40,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from gateway.api.errors import error_response
+from gateway.broker.tls import peer_certificate_chain
 from gateway.errors import AuthError, MessageTooLargeError
 from gateway.hub.addresses import Telemetry
 from gateway.hub.auth import Principal
@@ -166,12 +167,9 @@ class DeviceApi:
         authorization = request.headers.get("Authorization")
         chain: list[bytes] | None = None
         if not authorization:
-            transport = request.transport
-            ssl_object = transport.get_extra_info("ssl_object") if transport else None
-            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-            if not der:
+            chain = peer_certificate_chain(request.transport)
+            if not chain:
                 raise AuthError("missing Authorization header and no client certificate")
-            chain = [der]
         ids = device_id if module_id is None else f"{device_id}/{module_id}"
         return self.hub.authenticator.authenticate_mqtt(
             client_id=ids, username=f"{self.hub.host_name}/{ids}/?api-version={API_VERSION}",

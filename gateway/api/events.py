@@ -1,15 +1,15 @@
 """Reading the built-in endpoint: stored entries -> the JSON a back-end application sees.
 
 The store keeps per message only what the hub decided at ingress (property JSON, body, ids,
-enqueued time). Two things are derived here, the same on every read: the enqueued time, and
-for messages the device sent without one, a message id derived from the hub's host name and
-the sequence number (stable and unique per hub). The sequence number is shown as Event Hubs
-shows it, in the ``x-opt-sequence-number`` annotation.
+enqueued time). A message the device sent without a message id is shown without one: IoT Hub
+assigns none (``message-id`` is the sender's, ref §2.3), and a reader given an invented id on a
+message without a content type can mistake it for something else (the Azure SDK's own
+service-side helper loses such messages). The sequence number is shown as Event Hubs shows
+it, in the ``x-opt-sequence-number`` annotation.
 """
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from gateway.hub.messages import Message, message_from_stored, to_monitor_json
@@ -17,12 +17,8 @@ from gateway.store.log import Entry
 
 
 def entry_message(entry: Entry, host_name: str) -> Message:
-    message = message_from_stored(entry.props, entry.body)
-    if entry.kind == "telemetry" and "message-id" not in message.system:
-        system = dict(message.system)
-        system["message-id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{host_name}/{entry.seq}"))
-        message = Message(body=message.body, system=system, application=message.application)
-    return message
+    """The stored message as it was accepted (``host_name`` is kept for callers)."""
+    return message_from_stored(entry.props, entry.body)
 
 
 def entry_json(entry: Entry, host_name: str) -> dict[str, Any]:

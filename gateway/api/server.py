@@ -27,16 +27,21 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from OpenSSL import SSL
 
 from gateway.api import openapi
+from gateway.api.certificates import CertificateRoutes
 from gateway.api.device_http import add_device_routes
 from gateway.api.errors import error_middleware
 from gateway.api.events import entry_json
+from gateway.api.query import float_query, int_query
+from gateway.api.tls_site import TlsSite
 from gateway.api.ws import add_websocket_route
 from gateway.errors import InvalidRequestError, NotFoundError
 from gateway.hub.auth import Authenticator, ServicePrincipal
 from gateway.hub.hub import Hub
 from gateway.hub.messages import format_time as iso_time
+from gateway.hub.policies import ALL_RIGHTS
 from gateway.hub.registry import Registry
 from gateway.store.log import MessageLog
 
@@ -100,11 +105,13 @@ class ServiceApi:
         r("GET", "/devices/{device_id}/modules/{module_id}", READ, self.get_module)
         r("PUT", "/devices/{device_id}/modules/{module_id}", WRITE, self.put_module)
         r("DELETE", "/devices/{device_id}/modules/{module_id}", WRITE, self.delete_module)
-        r("GET", "/sharedAccessPolicies/{name}", WRITE, self.get_policy)
+        r("GET", "/sharedAccessPolicies/{name}", ALL_RIGHTS, self.get_policy)
         r("GET", "/messages/events", SERVICE, self.read_events)
         r("POST", "/messages/events/checkpoint", SERVICE, self.checkpoint)
         r("GET", "/statistics/devices", READ, self.device_statistics)
         r("GET", "/openapi.json", READ, self.openapi)
+        for method, path, right, handler in CertificateRoutes(registry).routes():
+            r(method, path, right, handler)
         r("POST", "/devices/{device_id}/messages/deviceBound", SERVICE, self.send_c2d)
         r("DELETE", "/devices/{device_id}/commands", SERVICE, self.purge_c2d)
         r("GET", "/messages/serviceBound/feedback", SERVICE, self.receive_feedback)
@@ -130,17 +137,26 @@ class ServiceApi:
                 request.headers.get("Authorization"), now=self.clock()
             )
             Authenticator.require(principal, right)
+            Authenticator.require_path(principal, request.path)
             return await handler(request)
 
         self.app.router.add_route(method, path, guarded)
         self._routes.append((method, path, right, handler))
 
-    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> None:
+    async def start(self, host: str, port: int,
+                    ssl_context: ssl.SSLContext | SSL.Context | None) -> None:
+        """Bind the listener; a pyOpenSSL context puts the hub's own TLS layer in front
+        (:mod:`gateway.api.tls_site`: X.509 clients judged by the identity check)."""
         # Open event streams end at once on shutdown instead of holding it for a minute.
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                      shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context, reuse_address=True)
+        site: web.BaseSite
+        if isinstance(ssl_context, SSL.Context):
+            site = TlsSite(self._runner, host, port, tls=ssl_context)
+        else:
+            site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context,
+                               reuse_address=True)
         await site.start()
         sockets = getattr(site._server, "sockets", None)  # aiohttp shows the port only here
         assert sockets
@@ -160,10 +176,10 @@ class ServiceApi:
 
     async def list_devices(self, request: web.Request) -> web.Response:
         """List device identities (top=N limits the count)."""
-        top = request.query.get("top")
+        top = int_query(request, "top", -1)
         devices = [self._device_json(d) for d in self.registry.devices()]
-        if top:
-            devices = devices[: max(int(top), 0)]
+        if top >= 0:
+            devices = devices[:top]
         return _json(devices)
 
     async def get_device(self, request: web.Request) -> web.Response:
@@ -343,7 +359,7 @@ class ServiceApi:
 
     async def receive_feedback(self, request: web.Request) -> web.Response:
         """Take a batch of C2D delivery feedback records (ETag is the lock)."""
-        wait = min(float(request.query.get("waitSeconds", "0")), 60.0)
+        wait = float_query(request, "waitSeconds", 0.0, maximum=60.0)
         deadline = time.monotonic() + wait
         while True:
             batch = await self.hub.c2d.queues.feedback_batch()
@@ -388,9 +404,9 @@ class ServiceApi:
         after = await self._start_seq(group, q.get("start", "latest"))
         device_id = q.get("deviceId") or None
         kinds = {k for k in q.get("kinds", "").split(",") if k} or None
-        limit = min(int(q.get("limit", "500")), 5000)
+        limit = int_query(request, "limit", 500, minimum=1, maximum=5000)
         if q.get("stream", "").lower() != "true":
-            wait = min(float(q.get("waitSeconds", "0")), 60.0)
+            wait = float_query(request, "waitSeconds", 0.0, maximum=60.0)
             if wait and self.log.last_seq <= after:
                 await self.log.wait_beyond(after, wait)
             entries = await self.log.read(after, limit, device_id=device_id, kinds=kinds)

@@ -12,20 +12,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.broker.connection import MqttConnection
 from gateway.broker.sessions import SessionStore
-from gateway.broker.tls import TlsServerProtocol
+from gateway.broker.tls import TlsServerProtocol, peer_certificate_chain
 from gateway.config import MqttConfig
 from gateway.hub import addresses
 from gateway.hub.auth import Principal
 from gateway.hub.hub import Hub
 from gateway.hub.registry import Device, Module
 from gateway.mqtt.packets import Connect, Subscribe, Unsubscribe
+
+if TYPE_CHECKING:
+    from OpenSSL import SSL
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ class Broker:
 
     # -- listeners ---------------------------------------------------------------------------
 
-    async def start(self, *, tls_context: ssl.SSLContext | None, unix_path: Path | None) -> None:
+    async def start(self, *, tls_context: SSL.Context | None, unix_path: Path | None) -> None:
         """Bind every configured listener. Port 0 binds an ephemeral port (tests); the bound
         ports are in :attr:`ports`."""
         loop = asyncio.get_running_loop()
@@ -96,19 +98,15 @@ class Broker:
         self.open_connections.add(conn)
 
     def authenticate(self, conn: MqttConnection, packet: Connect) -> Principal:
-        chain: list[bytes] | None = None
-        assert conn.transport is not None
-        ssl_object = conn.transport.get_extra_info("ssl_object")
-        if ssl_object is not None:
-            der = ssl_object.getpeercert(binary_form=True)
-            if der:
-                chain = [der]
+        chain = peer_certificate_chain(conn.transport)
         principal = self.hub.authenticate(packet.client_id, packet.username, packet.password, chain)
-        if packet.keepalive > self.config.max_keepalive:
-            log.info(
-                "keep-alive capped client_id=%r asked=%s cap=%s",
-                packet.client_id, packet.keepalive, self.config.max_keepalive,
-            )
+        cap = self.config.max_keepalive
+        if packet.keepalive == 0 or packet.keepalive > cap:
+            # IoT Hub closes a silent client after at most 1767 s, whatever it asked for
+            # (ref §1.3): a keep-alive of 0 ("never") gets the cap too.
+            log.info("keep-alive capped client_id=%r asked=%s cap=%s",
+                     packet.client_id, packet.keepalive, cap)
+            conn.session.keepalive = cap
         return principal
 
     def attach(self, conn: MqttConnection, clean_session: bool) -> bool:

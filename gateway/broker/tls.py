@@ -1,13 +1,22 @@
-"""TLS termination over ``ssl.MemoryBIO``, so every refused handshake is logged with its reason.
+"""TLS termination over memory BIOs (pyOpenSSL), so every refused handshake is logged with
+its reason and any client certificate is accepted for the identity check to judge.
 
 asyncio's ``create_server(ssl=...)`` drops a connection whose handshake fails without telling
-anyone (no exception handler call, no log line), so a device with an untrusted certificate, a
-TLS 1.1 client or plain MQTT on port 8883 would leave no trace. ``start_tls`` cannot be used
-either: uvloop starts reading only after ``connection_made`` returns, so the ClientHello can
-reach the raw protocol before the handshake task runs. Driving an ``SSLObject`` ourselves keeps
-TLS in one small, synchronous adapter: raw bytes in, plaintext to the inner protocol; the inner
-protocol's writes are encrypted and sent. (Python's own ``asyncio.sslproto`` is built the same
-way.) Cost: a few Python calls per socket read, not per message.
+anyone (no exception handler call, no log line), so a device with an old TLS stack or plain MQTT
+on port 8883 would leave no trace. ``start_tls`` cannot be used either: uvloop starts reading
+only after ``connection_made`` returns, so the ClientHello can reach the raw protocol before the
+handshake task runs. Driving the TLS engine ourselves keeps TLS in one small, synchronous
+adapter: raw bytes in, plaintext to the inner protocol; the inner protocol's writes are
+encrypted and sent (Python's own ``asyncio.sslproto`` is built the same way).
+
+Why pyOpenSSL and not ``ssl.MemoryBIO``: IoT Hub accepts any client certificate in the handshake
+and lets the identity check decide (ref §8): a self-signed device registered by thumbprint only
+must get through, and a CA-signed device sends its intermediates. Python's ``ssl`` has no
+verify callback (a certificate it cannot chain fails the handshake) and, before 3.13, no way to
+read the chain the client sent. Here the verify callback accepts every certificate (they are
+still *requested*, not required: SAS clients send none) and :func:`peer_certificate_chain`
+hands the whole chain the client sent to :mod:`gateway.hub.auth`. Cost: a few Python calls per
+socket read, not per message.
 """
 
 from __future__ import annotations
@@ -16,21 +25,67 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Final
+
+from cryptography.hazmat.primitives.serialization import Encoding
+from OpenSSL import SSL, crypto
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 256 * 1024
+READ_SIZE: Final = 64 * 1024  # ciphertext taken from the outgoing BIO per call
+RECORD_PLAINTEXT: Final = 16 * 1024  # a TLS record carries at most 2^14 bytes (RFC 8446 §5.1)
+# Python's ssl defaults for TLS 1.2 (forward secrecy, AEAD or CBC-SHA2, no SHA-1 MACs);
+# TLS 1.3 suites are OpenSSL's defaults.
+CIPHERS: Final = b"ECDHE+AESGCM:ECDHE+CHACHA20:ECDHE+AES:!aNULL:!eNULL:!SHA1:!AESCCM"
+PEER_CHAIN: Final = "peer_cert_chain"
+"""``get_extra_info`` name: the client's certificates as DER, leaf first (None: none sent)."""
+
+
+def _accept_any(_conn: SSL.Connection, _cert: crypto.X509, _errno: int, _depth: int,
+                _ok: int) -> bool:
+    return True  # the identity check decides (IoT Hub ref §8)
+
+
+def server_context(cert_file: Path, key_file: Path) -> SSL.Context:
+    """The MQTT port's TLS context: TLS 1.2 minimum (the Azure Python SDK speaks exactly 1.2),
+    no compression or renegotiation, the hub's server certificate; client certificates
+    requested, not required, and accepted whoever issued them."""
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION
+                    | SSL.OP_CIPHER_SERVER_PREFERENCE)
+    ctx.set_cipher_list(CIPHERS)
+    ctx.use_certificate_chain_file(str(cert_file))
+    ctx.use_privatekey_file(str(key_file))
+    ctx.check_privatekey()
+    ctx.set_verify(SSL.VERIFY_PEER, _accept_any)
+    ctx.set_session_id(b"edge-gateway-mqtt")
+    return ctx
+
+
+def peer_certificate_chain(transport: asyncio.BaseTransport | None) -> list[bytes] | None:
+    """The client certificates of a connection, DER, leaf first: the whole chain from our TLS
+    layer; from a Python ``ssl`` transport (aiohttp's), the leaf alone."""
+    if transport is None:
+        return None
+    chain = transport.get_extra_info(PEER_CHAIN)
+    if chain is not None:
+        return list(chain) or None
+    ssl_object = transport.get_extra_info("ssl_object")
+    if isinstance(ssl_object, (ssl.SSLObject, ssl.SSLSocket)):
+        der = ssl_object.getpeercert(binary_form=True)
+        return [der] if der else None
+    return None
 
 
 class TlsServerProtocol(asyncio.Protocol):
     """The raw TCP side of one TLS connection; the inner protocol sees a plaintext transport."""
 
-    def __init__(self, context: ssl.SSLContext, handshake_timeout: float,
+    def __init__(self, context: SSL.Context, handshake_timeout: float,
                  make_inner: Callable[[], asyncio.Protocol]) -> None:
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self.ssl_object = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self.tls = SSL.Connection(context, None)
+        self.tls.set_accept_state()
         self._timeout = handshake_timeout
         self._make_inner = make_inner
         self._inner: asyncio.Protocol | None = None
@@ -38,6 +93,13 @@ class TlsServerProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self.peer = "?"
         self.closing = False
+        self.peer_chain: list[bytes] = []
+        # TLS record framing of what the client sent, followed across reads, so each read
+        # makes one SSL_read per complete record and no failing one (an exception) at the end.
+        self._record_left = 0  # body bytes of the current record still to come
+        self._header = b""  # the start (< 5 bytes) of the next record's header
+        self._reading = False  # inside data_received: the inner protocol's writes are batched
+        self._unflushed = False  # written while reading, not yet flushed
 
     # -- raw side ------------------------------------------------------------------------------
 
@@ -48,24 +110,82 @@ class TlsServerProtocol(asyncio.Protocol):
         self._timer = asyncio.get_running_loop().call_later(self._timeout, self._handshake_expired)
 
     def data_received(self, data: bytes) -> None:
-        self._incoming.write(data)
-        if self._inner is None and not self._handshake():
+        if self.closing:
             return
+        records = self._complete_records(data)
+        self.tls.bio_write(data)
+        if self._inner is None:
+            if not self._handshake():
+                return
+            records = -1  # the handshake took some records: read until OpenSSL wants more
         chunks = []
+        peer_closed = False
+        recv = self.tls.recv
         try:
-            while True:
-                chunk = self.ssl_object.read(READ_SIZE)
-                if not chunk:  # close_notify from the peer
-                    break
-                chunks.append(chunk)
-        except ssl.SSLWantReadError:
-            pass
-        except ssl.SSLError as exc:
+            if records < 0:
+                while True:
+                    chunks.append(recv(RECORD_PLAINTEXT))
+            for _ in range(records):  # a record's plaintext fits RECORD_PLAINTEXT, always
+                chunks.append(recv(RECORD_PLAINTEXT))
+        except SSL.WantReadError:
+            pass  # a record that held no application data (an alert, a key update)
+        except SSL.ZeroReturnError:  # close_notify: the client is done, end at once
+            peer_closed = True
+        except SSL.Error as exc:
             self._fail(f"tls error peer={self.peer} reason={_reason(exc)}")
             return
-        self.flush()
         if chunks and self._inner is not None:
-            self._inner.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            self._reading = True
+            try:
+                self._inner.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            finally:
+                self._reading = False
+        # One flush for the inner protocol's answers; and whatever OpenSSL made itself (session
+        # tickets after the handshake, an answer to a key update): it makes nothing when every
+        # record it read was application data.
+        if self._unflushed or len(chunks) != records:
+            self._unflushed = False
+            self.flush()
+        if peer_closed:
+            log.debug("tls close_notify from peer=%s", self.peer)
+            self.close()
+
+    def _complete_records(self, data: bytes) -> int:
+        """How many TLS records ``data`` completes (5-byte headers: type, version, length)."""
+        count = 0
+        pos = 0
+        size = len(data)
+        left = self._record_left
+        if left:
+            if left > size:
+                self._record_left = left - size
+                return 0
+            pos = left
+            count = 1
+            self._record_left = 0
+        if self._header:
+            head = self._header + data[pos:pos + 5 - len(self._header)]
+            pos += 5 - len(self._header)
+            if len(head) < 5:
+                self._header = head
+                return count
+            self._header = b""
+            end = pos + ((head[3] << 8) | head[4])
+            if end > size:
+                self._record_left = end - size
+                return count
+            pos = end
+            count += 1
+        while pos + 5 <= size:
+            end = pos + 5 + ((data[pos + 3] << 8) | data[pos + 4])
+            if end > size:
+                self._record_left = end - size
+                return count
+            pos = end
+            count += 1
+        if pos < size:
+            self._header = data[pos:]
+        return count
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost tells the inner protocol
@@ -88,11 +208,11 @@ class TlsServerProtocol(asyncio.Protocol):
 
     def _handshake(self) -> bool:
         try:
-            self.ssl_object.do_handshake()
-        except ssl.SSLWantReadError:
+            self.tls.do_handshake()
+        except SSL.WantReadError:
             self.flush()
             return False
-        except ssl.SSLError as exc:
+        except SSL.Error as exc:
             self.flush()  # the alert, if OpenSSL made one
             self._fail(f"tls handshake failed peer={self.peer} reason={_reason(exc)}")
             return False
@@ -100,6 +220,7 @@ class TlsServerProtocol(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self.flush()
+        self.peer_chain = _chain_of(self.tls)
         self._inner = self._make_inner()
         self._inner.connection_made(TlsTransport(self))
         return True
@@ -119,24 +240,37 @@ class TlsServerProtocol(asyncio.Protocol):
         if self.closing or self.raw is None:
             return
         try:
-            self.ssl_object.write(data)
-        except ssl.SSLError as exc:
+            view = memoryview(data)
+            while view:
+                view = view[self.tls.send(view):]
+        except SSL.Error as exc:
             self._fail(f"tls error peer={self.peer} reason={_reason(exc)}")
             return
-        self.flush()
+        if self._reading:  # answers to a read go out together, after it
+            self._unflushed = True
+        else:
+            self.flush()
 
     def flush(self) -> None:
-        data = self._outgoing.read()
-        if data and self.raw is not None and not self.raw.is_closing():
-            self.raw.write(data)
+        out = []
+        try:
+            while True:
+                chunk = self.tls.bio_read(READ_SIZE)
+                out.append(chunk)
+                if len(chunk) < READ_SIZE:
+                    break
+        except SSL.WantReadError:
+            pass
+        if out and self.raw is not None and not self.raw.is_closing():
+            self.raw.write(out[0] if len(out) == 1 else b"".join(out))
 
     def close(self) -> None:
         if self.closing:
             return
         self.closing = True
         try:
-            self.ssl_object.unwrap()  # queue our close_notify; we do not wait for the peer's
-        except ssl.SSLError:
+            self.tls.shutdown()  # queue our close_notify; we do not wait for the peer's
+        except SSL.Error:
             pass
         self.flush()
         if self.raw is not None:
@@ -166,10 +300,15 @@ class TlsTransport(asyncio.Transport):
         return self._tls.closing or raw is None or raw.is_closing()
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name == "ssl_object":
-            return self._tls.ssl_object
-        if name in ("peercert", "cipher"):
-            return getattr(self._tls.ssl_object, "getpeercert" if name == "peercert" else name)()
+        if name == PEER_CHAIN:
+            return self._tls.peer_chain
+        if name == "tls_connection":
+            return self._tls.tls
+        if name == "sslcontext":  # aiohttp: the request came over TLS (request.secure)
+            return self._tls.tls.get_context()
+        if name == "cipher":
+            tls = self._tls.tls
+            return (tls.get_cipher_name(), tls.get_protocol_version_name(), tls.get_cipher_bits())
         raw = self._tls.raw
         return raw.get_extra_info(name, default) if raw is not None else default
 
@@ -190,7 +329,25 @@ class TlsTransport(asyncio.Transport):
         return raw.get_write_buffer_size() if raw is not None else 0
 
 
+def _chain_of(tls: SSL.Connection) -> list[bytes]:
+    """The certificates the client sent, DER, leaf first (OpenSSL's server-side peer chain
+    leaves the leaf out)."""
+    leaf = tls.get_peer_certificate(as_cryptography=True)
+    if leaf is None:
+        return []
+    ders = [leaf.public_bytes(Encoding.DER)]
+    for cert in tls.get_peer_cert_chain(as_cryptography=True) or ():
+        der = cert.public_bytes(Encoding.DER)
+        if der not in ders:
+            ders.append(der)
+    return ders
+
+
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLError):
-        return exc.reason or str(exc)
+    """OpenSSL's reason strings (``wrong version number``, ``unsupported protocol``...)."""
+    args = exc.args[0] if exc.args else None
+    if isinstance(args, list) and args:
+        reasons = [str(item[-1]) for item in args if isinstance(item, tuple) and item]
+        if reasons:
+            return "; ".join(reasons)
     return str(exc) or type(exc).__name__

@@ -2,7 +2,10 @@
 
 IoT Hub ref §1.2 (username, client id, password), §7.1-7.2 (SAS tokens and their audience),
 §8 (X.509), §14.1 (a gateway accepts the upstream hub's name in ``sr``). Pure apart from reading
-the in-memory registry; the TLS layer has already verified any client certificate chain.
+the in-memory registry. The TLS layer accepts any client certificate, as IoT Hub does; every
+X.509 decision is made here: a ``selfSigned`` identity by thumbprint, a ``certificateAuthority``
+one by ``CN`` and a chain (through the intermediates the device sent) to the hub CA or a
+verified CA certificate of the registry.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import NameOID
 
 from gateway.errors import AuthError, ForbiddenError
+from gateway.hub.cacerts import verify_client_chain
 from gateway.hub.messages import auth_method_json
+from gateway.hub.policies import ALL_RIGHTS
 from gateway.hub.registry import Device, Module, Policy, Registry, Right
 from gateway.hub.sas import SasToken, parse_sas_token, verify_sas_signature
 from gateway.hub.username import Username, parse_username
@@ -64,6 +68,8 @@ class ServicePrincipal:
     policy: str
     rights: frozenset[str]
     expires_at: float
+    scope: tuple[str, ...] = ()
+    """The token's ``sr`` path below the host (``("devices", "dev1")``); empty: the hub."""
 
 
 def _split_resource(resource: str) -> tuple[str, list[str]]:
@@ -77,11 +83,10 @@ class Authenticator:
 
     ``host_names``: hub names accepted as the host of a token's ``sr`` (case-insensitive) --
     our own HostName and any alias, including the upstream IoT Hub's name that devices behind a
-    transparent gateway keep using (ref §7.1, §14.1). ``ca_pems``: the CA(s) allowed to issue
-    certificates for ``certificateAuthority`` identities. When given, the leaf must be directly
-    issued by one of them; this stops a registered self-signed device certificate that happens
-    to be a CA (``openssl req -x509`` makes those) -- trusted as a TLS anchor -- from vouching
-    for another identity.
+    transparent gateway keep using (ref §7.1, §14.1). ``ca_pems``: the hub's own CA(s), trusted
+    for ``certificateAuthority`` identities besides the registry's verified CA certificates
+    (:meth:`Registry.verified_ca_certificates`). Nothing else is: a registered self-signed
+    device certificate, even one made with CA:TRUE, vouches only for its own thumbprint.
     """
 
     def __init__(self, registry: Registry, *, host_names: Collection[str],
@@ -118,7 +123,7 @@ class Authenticator:
                 raise AuthError("password is not UTF-8", connack=4) from None
             return self._sas(user, parse_sas_token(token_text), now)
         if peer_cert_chain:
-            return self._x509(user, peer_cert_chain[0], now)
+            return self._x509(user, peer_cert_chain, now)
         raise AuthError("no password and no client certificate", connack=4)
 
     def _identity(self, user: Username) -> tuple[Device, Module | None]:
@@ -173,11 +178,12 @@ class Authenticator:
             policy=token.policy,
         )
 
-    def _x509(self, user: Username, leaf_der: bytes, now: float) -> Principal:
+    def _x509(self, user: Username, chain: Sequence[bytes], now: float) -> Principal:
         device, module = self._identity(user)
         identity: Device | Module = module or device
         if identity.auth_type not in ("selfSigned", "certificateAuthority"):
             raise AuthError("identity does not use X.509")
+        leaf_der = chain[0]
         try:
             leaf = x509.load_der_x509_certificate(leaf_der)
         except ValueError:
@@ -196,8 +202,12 @@ class Authenticator:
             names = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
             if len(names) != 1 or names[0].value != user.client_id:
                 raise AuthError("certificate common name mismatch")
-            if self._issuers and not any(self._issued_by(leaf, ca) for ca in self._issuers):
-                raise AuthError("certificate not issued by the hub CA")
+            try:
+                intermediates = [x509.load_der_x509_certificate(der) for der in chain[1:]]
+            except ValueError:
+                raise AuthError("client certificate chain unreadable") from None
+            anchors = [*self._issuers, *self._registry.verified_ca_certificates()]
+            verify_client_chain(leaf, intermediates, anchors, now=moment)
         return Principal(
             device_id=device.device_id,
             module_id=user.module_id,
@@ -206,14 +216,6 @@ class Authenticator:
             expires_at=None,
             model_id=user.model_id,
         )
-
-    @staticmethod
-    def _issued_by(leaf: x509.Certificate, ca: x509.Certificate) -> bool:
-        try:
-            leaf.verify_directly_issued_by(ca)
-        except (ValueError, TypeError, InvalidSignature):
-            return False
-        return True
 
     # --- service API ------------------------------------------------------------------------
 
@@ -238,11 +240,12 @@ class Authenticator:
             raise AuthError("unknown policy")
         verify_sas_signature(token, (policy.primary_key, policy.secondary_key), now=now,
                              skew=SKEW_SECONDS)
-        host, _ = _split_resource(token.resource)
+        host, segments = _split_resource(token.resource)
         if host.lower() not in self._hosts:
             raise AuthError("token audience names another hub")
         principal = ServicePrincipal(policy=policy.name, rights=policy.rights,
-                                     expires_at=token.expiry + SKEW_SECONDS)
+                                     expires_at=token.expiry + SKEW_SECONDS,
+                                     scope=tuple(segments))
         if len(self._service_tokens) >= SERVICE_TOKEN_CACHE:
             del self._service_tokens[next(iter(self._service_tokens))]  # the oldest
         self._service_tokens[authorization] = (policy, principal)
@@ -250,6 +253,26 @@ class Authenticator:
 
     @staticmethod
     def require(principal: ServicePrincipal, right: str) -> None:
-        """Raise :class:`ForbiddenError` unless the principal's policy grants ``right``."""
-        if right not in principal.rights:
+        """Raise :class:`ForbiddenError` unless the principal's policy grants ``right``
+        (:data:`ALL_RIGHTS`: every right, as reading policy keys needs)."""
+        if right == ALL_RIGHTS:
+            if not principal.rights >= frozenset(Right):
+                raise ForbiddenError(f"policy {principal.policy!r} lacks some right: reading "
+                                     "shared access policy keys needs every right")
+        elif right not in principal.rights:
             raise ForbiddenError(f"policy {principal.policy!r} lacks {right}")
+
+    @staticmethod
+    def require_path(principal: ServicePrincipal, path: str) -> None:
+        """Raise :class:`ForbiddenError` unless the request ``path`` lies within the token's
+        ``sr`` (IoT Hub ref §7.1: segment prefix). A device's twin (``/twins/{d}``) counts as
+        its path (``/devices/{d}``); a token for one device reaches nothing hub-wide."""
+        if not principal.scope:
+            return
+        segments = [s for s in path.split("/") if s]
+        if segments[:1] == ["twins"]:
+            segments[0] = "devices"
+        scope = list(principal.scope)
+        if [s.lower() for s in segments[:1]] + segments[1:len(scope)] != (
+                [scope[0].lower()] + scope[1:]):
+            raise ForbiddenError(f"token is for {'/'.join(scope)}, not {path}")

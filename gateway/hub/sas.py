@@ -34,6 +34,7 @@ __all__ = [
 SAS_PREFIX = "SharedAccessSignature"
 _FIELDS = frozenset({"sr", "sig", "se", "skn"})
 _MAX_TOKEN_LENGTH = 4096  # real tokens are ~200 bytes; refuse to hash megabytes
+MAX_EXPIRY = 253402300799  # 9999-12-31T23:59:59Z: past it, se is no time (a float overflows)
 
 
 def sign(key_b64: str, message: str) -> bytes:
@@ -128,8 +129,12 @@ def verify_sas_signature(
     """Check expiry (with ``skew`` seconds of clock allowance) and that one of ``keys`` (base64)
     signed ``raw_sr + "\\n" + raw_se`` (IoT Hub ref §7.1). Keys that are not base64 never match.
 
-    Raises :class:`AuthError` ``"token expired"`` or ``"bad signature"`` (CONNACK 5).
+    Raises :class:`AuthError` ``"token expired"``, ``"token expiry out of range"`` (an ``se``
+    past year 9999: hundreds of digits would overflow a float) or ``"bad signature"``
+    (CONNACK 5).
     """
+    if token.expiry > MAX_EXPIRY:
+        raise AuthError("token expiry out of range")
     if token.expiry + skew < now:
         raise AuthError("token expired")
     message = f"{token.raw_sr}\n{token.raw_se}"

@@ -158,6 +158,7 @@ class ServerSession:
         "_connect_timeout",
         "_decoder",
         "_deferred_pingresps",
+        "_disconnected",
         "_inflight",
         "_last_received",
         "_max_inflight",
@@ -190,6 +191,7 @@ class ServerSession:
         self._outbox: list[bytes] = []
         self._deferred_pingresps = 0  # PINGREQs answered once the CONNACK is queued
         self._answered = False  # CONNACK queued
+        self._disconnected = False  # DISCONNECT received (perhaps before the CONNACK)
         self._protocol_level = 4
         self._inflight: dict[int, bytes] = {}  # our QoS 1 PUBLISH packets awaiting PUBACK
         self._next_packet_id = 1
@@ -289,6 +291,7 @@ class ServerSession:
 
     def _on_disconnect(self, packet: Packet) -> Event | None:
         self.state = _CLOSED
+        self._disconnected = True
         return DisconnectReceived()
 
     def _on_qos2(self, packet: Packet) -> Event | None:
@@ -311,6 +314,10 @@ class ServerSession:
         return True
 
     def _require_unanswered_connect(self, action: str) -> None:
+        # CONNECT, PUBLISH, DISCONNECT may arrive in one read, before the CONNACK (MQTT 3.1.1
+        # §3.1.4): the CONNECT is still answered, though the session is CLOSED by then.
+        if self.state is _CLOSED and self._disconnected and not self._answered:
+            return
         if self.state is not _CONNECTED or self._answered:
             raise LocalProtocolError(
                 f"cannot {action} in state {self.state.name}"

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, TypeAlias, TypeVar
 
 from gateway.errors import StoreError
+from gateway.store.files import private_sqlite_files
 
 __all__ = ["Database", "Migration", "split_statements", "store_error"]
 
@@ -249,6 +250,8 @@ class Database:
             _call_soon(loop, _settle_result, self._stopped, None)
 
     def _connect(self) -> sqlite3.Connection:
+        if self.path != ":memory:":
+            private_sqlite_files(Path(self.path))  # messages and sessions: 0600, WAL too
         conn = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=True, cached_statements=256
         )

@@ -130,15 +130,15 @@ def test_same_client_id_takes_over(hub: HubProcess, device: tuple[str, str]) -> 
     assert second.recv() == Puback(1)
 
 
-def test_untrusted_client_certificate_fails_handshake_with_log(hub: HubProcess, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_unknown_client_certificate_is_refused_at_connect_with_log(hub: HubProcess, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # As IoT Hub: any certificate passes the TLS handshake, the identity check refuses it.
     from gateway.pki import make_self_signed_certificate
-    from tests.mqttraw import Closed
 
     cert, key = make_self_signed_certificate("intruder", tmp_path)
-    with pytest.raises((Closed, OSError)):
-        c = RawClient(hub.port("mqtt_tls_port"), ca_file=hub.ca_file, cert=(str(cert), str(key)))
-        c.connect("intruder", username(hub, "intruder"), None)
-    wait_for_log(hub, "tls handshake failed")
+    c = RawClient(hub.port("mqtt_tls_port"), ca_file=hub.ca_file, cert=(str(cert), str(key)))
+    assert c.connect("intruder", username(hub, "intruder"), None).return_code == 5  # type: ignore[union-attr]
+    wait_for_log(hub, "client_id='intruder'")
+    assert "reason=unknown device" in hub.log_text()
 
 
 def test_plaintext_on_tls_port_is_logged(hub: HubProcess, device: tuple[str, str]) -> None:

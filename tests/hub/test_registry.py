@@ -306,7 +306,7 @@ async def test_self_signed_thumbprints_are_normalised_to_upper_case(registry: Re
     assert registry.registered_certificates() == []
 
 
-async def test_registered_certificate_supplies_the_thumbprint_and_is_a_trust_anchor(
+async def test_registered_certificate_supplies_the_thumbprint(
         registry: Registry, tmp_path: Path) -> None:
     cert_path, _ = make_self_signed_certificate("d1", tmp_path / "certs")
     pem = cert_path.read_text()

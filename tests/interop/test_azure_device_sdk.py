@@ -77,13 +77,8 @@ def test_module_client_sends_as_module(iot_hub: HubProcess, azure_python: Path) 
 
 
 def test_x509_ca_signed_device(iot_hub: HubProcess, azure_python: Path, tmp_path: Path) -> None:
-    from gateway.pki import HubCertificates, issue_client_certificate
-
-    device_id = new_device(iot_hub, "--x509-ca")
-    d = iot_hub.data_dir
-    certs = HubCertificates(ca_cert=d / "ca.pem", ca_key=d / "ca.key",
-                            server_cert=d / "server.pem", server_key=d / "server.key")
-    cert, key = issue_client_certificate(certs, device_id, tmp_path)
+    device_id = new_device(iot_hub, "--x509-ca", "--out", str(tmp_path))  # issues cert and key
+    cert, key = tmp_path / f"{device_id}.cert.pem", tmp_path / f"{device_id}.key.pem"
     run_sdk(azure_python, "send_telemetry.py",
             {"x509_cert": str(cert), "x509_key": str(key), "hostname": "localhost",
              "device_id": device_id, "gateway_hostname": "localhost",

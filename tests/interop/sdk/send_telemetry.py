@@ -1,7 +1,8 @@
 """Runs inside the Azure SDK venv: send telemetry with the unmodified azure-iot-device SDK.
 
 Usage: send_telemetry.py JSON  where JSON has: connection_string | (x509_cert, x509_key,
-hostname, device_id, gateway_hostname); ca_file; count; module (bool); prefix.
+hostname, device_id, gateway_hostname); ca_file; count; module (bool); prefix; websockets
+(bool: MQTT over WebSocket on 443).
 Prints one JSON line {"sent": n} on success; exits non-zero with the SDK error otherwise.
 """
 
@@ -23,6 +24,7 @@ else:
         x509=X509(args["x509_cert"], args["x509_key"]), hostname=args["hostname"],
         device_id=args["device_id"], gateway_hostname=args["gateway_hostname"],
         server_verification_cert=ca, connection_retry=False,
+        websockets=args.get("websockets", False),
     )
 client.connect()
 prefix = args.get("prefix", "m")

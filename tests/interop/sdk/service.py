@@ -5,7 +5,9 @@ Ops: {"op": "update_twin", "device": d, "module": m?, "patch": {...}},
 {"op": "get_twin", "device": d, "module": m?}, {"op": "invoke", "device": d, "module": m?,
 "method": name, "payload": ..., "timeout": s, "connect_timeout": s},
 {"op": "create_device", "device": d}, {"op": "get_device", "device": d},
-{"op": "delete_device", "device": d}, {"op": "create_module", "device": d, "module": m}.
+{"op": "delete_device", "device": d}, {"op": "create_module", "device": d, "module": m},
+{"op": "create_device_x509", "device": d, "primary": thumbprint, "secondary": thumbprint?},
+{"op": "create_device_ca", "device": d}.
 Prints one JSON line: {"results": [...]} where failed ops give {"error": ..., "status": ...}.
 """
 
@@ -46,6 +48,14 @@ for op in args["ops"]:
             out = rm.create_device_with_sas(op["device"], None, None, "enabled")
             results.append({"deviceId": out.device_id,
                             "primaryKey": out.authentication.symmetric_key.primary_key})
+        elif kind == "create_device_x509":
+            out = rm.create_device_with_x509(op["device"], op["primary"], op.get("secondary"),
+                                             "enabled")
+            results.append({"deviceId": out.device_id, "type": out.authentication.type,
+                            "primary": out.authentication.x509_thumbprint.primary_thumbprint})
+        elif kind == "create_device_ca":
+            out = rm.create_device_with_certificate_authority(op["device"], "enabled")
+            results.append({"deviceId": out.device_id, "type": out.authentication.type})
         elif kind == "create_module":
             out = rm.create_module_with_sas(op["device"], op["module"], None, None, None)
             results.append({"moduleId": out.module_id})
