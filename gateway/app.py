@@ -110,7 +110,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         hub = Hub(host_name=config.hub.host_name, registry=registry, authenticator=authenticator,
                   log=message_log, twin_store=twin_store,
                   max_message_bytes=config.mqtt.max_message_bytes)
-        broker = Broker(config.mqtt, hub, sessions)
+        broker = Broker(config.mqtt, hub, sessions,
+                        pending_bytes_total=config.limits.pending_bytes_total)
         hub.methods = MethodService(broker, hub.children)
         hub.children.broker = broker
         broker.ready_hooks.append(hub.children.on_ready)

@@ -33,8 +33,14 @@ SUBACK_FAILURE = 0x80
 
 
 class Broker:
-    def __init__(self, config: MqttConfig, hub: Hub, sessions: SessionStore) -> None:
+    def __init__(self, config: MqttConfig, hub: Hub, sessions: SessionStore, *,
+                 pending_bytes_total: int = 64 << 20) -> None:
         self.config = config
+        # Bytes of inbound messages not yet committed, over all connections; at the total,
+        # connections stop reading (they wait in ``blocked``) until commits bring it under half.
+        self.pending_bytes = 0
+        self.pending_bytes_total = pending_bytes_total
+        self.blocked: set[MqttConnection] = set()
         self.hub = hub
         self.sessions = sessions
         self.live: dict[str, MqttConnection] = {}
@@ -261,6 +267,15 @@ class Broker:
         if conn is not None:
             status = getattr(identity, "status", None)  # modules have no status of their own
             conn.fail(f"identity {event}" + (f", status {status}" if status and event != "deleted" else ""))
+
+    def release_pending(self, nbytes: int) -> None:
+        """Commits finished for ``nbytes`` of pending messages; under half the total, the
+        connections paused for the hub's bound read again."""
+        self.pending_bytes -= nbytes
+        if self.blocked and self.pending_bytes < self.pending_bytes_total // 2:
+            for conn in list(self.blocked):
+                self.blocked.discard(conn)
+                conn.maybe_resume()
 
     def puback_received(self, conn: MqttConnection, packet_id: int) -> None:
         """A client acknowledged one of our QoS 1 publishes (a C2D completion, a module input
