@@ -140,7 +140,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
             unix_path=data_dir / "mqtt.sock" if config.mqtt.unix_socket else None,
         )
         api = ServiceApi(host_name=config.hub.host_name, registry=registry,
-                         authenticator=authenticator, log=message_log, hub=hub, broker=broker)
+                         authenticator=authenticator, log=message_log, hub=hub, broker=broker,
+                         events_page_bytes=config.api.events_page_bytes)
         # The MQTT listener's context: X.509 devices (self-signed ones too) work over WSS.
         await api.start(config.api.bind, config.api.port, mqtt_tls)
         owner = registry.get_policy("iothubowner")

@@ -82,8 +82,10 @@ class ServiceApi:
         hub: Hub,
         broker: Broker | None = None,
         clock: Callable[[], float] = time.time,
+        events_page_bytes: int = 4 << 20,
     ) -> None:
         self.hub = hub
+        self.events_page_bytes = events_page_bytes
         self.host_name = host_name
         self.registry = registry
         self.authenticator = authenticator
@@ -393,7 +395,8 @@ class ServiceApi:
             wait = min(float(q.get("waitSeconds", "0")), 60.0)
             if wait and self.log.last_seq <= after:
                 await self.log.wait_beyond(after, wait)
-            entries = await self.log.read(after, limit, device_id=device_id, kinds=kinds)
+            entries = await self.log.read(after, limit, device_id=device_id, kinds=kinds,
+                                          max_bytes=self.events_page_bytes)
             return _json([entry_json(e, self.host_name) for e in entries])
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
@@ -408,11 +411,14 @@ class ServiceApi:
         """Write entries as they commit; a heartbeat line every 15 s of silence."""
         await response.write(b"")
         while True:
-            entries, after = await self.log.scan(after, limit, device_id=device_id, kinds=kinds)
+            entries, after = await self.log.scan(after, limit, device_id=device_id, kinds=kinds,
+                                                 max_bytes=self.events_page_bytes)
             if entries:
                 lines = "".join(json.dumps(entry_json(e, self.host_name)) + "\n" for e in entries)
+                del entries  # one page in memory at a time (api.events_page_bytes)
                 await response.write(lines.encode())
-            if len(entries) == limit:
+                del lines
+            if after < self.log.last_seq:  # a full page: more is there already
                 continue
             # Wait for a commit; send a heartbeat line now and then so a client notices a dead
             # hub and a proxy keeps the stream open.

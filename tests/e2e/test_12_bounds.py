@@ -173,3 +173,73 @@ def test_uncommitted_messages_are_bounded_in_bytes(tmp_path: Path) -> None:
         assert grown < 110 * MB, f"peak grew by {grown / MB:.0f} MB"
     finally:
         hub.stop()
+
+
+def test_every_stored_message_is_acknowledged_at_the_byte_cap(tmp_path: Path) -> None:
+    """Issue 8 item 4: under ``reject-new`` a refused commit closes the connection, but the
+    PUBACKs of the commits before it (stored) are still sent, so nothing stored is resent
+    as a duplicate."""
+    hub = start_hub(tmp_path, "cap", '[store]\nmax_bytes = 400000\noverflow = "reject-new"\n')
+    try:
+        key = create_device(hub, "capped")["authentication"]["symmetricKey"]["primaryKey"]
+        c = RawClient(hub.port("mqtt_local_port"), host="127.0.0.1", timeout=30)
+        assert c.connect("capped", username(hub, "capped"), device_token(hub, "capped", key)).return_code == 0  # type: ignore[union-attr]
+        body = b"y" * 20000
+        acked: set[int] = set()
+        for burst in range(6):  # bursts of 8 in one write each: several commits per drain
+            c.send_raw(b"".join(
+                encode(Publish(topic="devices/capped/messages/events/", payload=body, qos=1,
+                               packet_id=burst * 8 + i + 1)) for i in range(8)))
+        from tests.mqttraw import Closed
+
+        try:
+            while True:
+                packet = c.recv(10)
+                acked.add(packet.packet_id)  # type: ignore[attr-defined]
+        except (Closed, TimeoutError):
+            pass
+        c.close()
+        out = hub.cli("monitor-events", "--device", "capped", "--from-beginning", "--timeout",
+                      "1.5", "--json").stdout
+        stored = [json.loads(line) for line in out.splitlines() if line.strip()]
+        assert "store full" in hub.log_text()
+        assert 0 < len(stored) < 48
+        assert len(stored) == len(acked), f"{len(stored)} stored, {len(acked)} acknowledged"
+    finally:
+        hub.stop()
+
+
+@pytest.mark.slow
+def test_event_reads_are_bounded_in_bytes(tmp_path: Path) -> None:
+    """Reading 160 stored messages of 250 KB (40 MB) from the built-in endpoint, as one
+    batch of up to 500 and as a stream from the beginning: the hub holds a page of bounded
+    bytes (api.events_page_bytes, 4 MB) at a time, not the whole read."""
+    from gateway.hubclient import HubClient
+
+    hub = start_hub(tmp_path, "events", '[store]\nsync = "normal"\n')
+    try:
+        key = create_device(hub, "big")["authentication"]["symmetricKey"]["primaryKey"]
+        acked = [0]
+        _pipeline(hub, "big", key, 160, 250 * 1024, acked)
+        assert acked[0] == 160
+        client = HubClient(hub.data_dir)
+        time.sleep(0.5)
+        base = rss(hub.pid)
+        reset_peak(hub.pid)
+        batch = client.request("GET", "/messages/events",
+                               query={"start": "earliest", "limit": "500", "deviceId": "big",
+                                      "kinds": "telemetry"})
+        grown = peak_rss(hub.pid) - base
+        assert grown < 45 * MB, f"a batch read: peak grew by {grown / MB:.0f} MB"
+        assert 0 < len(batch) < 160  # one page: a few megabytes, not all 160
+        seen = 0
+        for event in client.stream("/messages/events", {"start": "earliest", "deviceId": "big",
+                                                        "kinds": "telemetry"}, idle_timeout=3):
+            seen += 1
+            if seen == 160:
+                break
+        assert seen == 160
+        grown = peak_rss(hub.pid) - base
+        assert grown < 45 * MB, f"a stream: peak grew by {grown / MB:.0f} MB"
+    finally:
+        hub.stop()
