@@ -32,7 +32,9 @@ from gateway.api import openapi
 from gateway.api.device_http import add_device_routes
 from gateway.api.errors import error_middleware
 from gateway.api.events import entry_json
+from gateway.api.limits import HttpDeadlines, deadline_middleware
 from gateway.api.ws import add_websocket_route
+from gateway.broker.listener import Admission, Listener, listening_socket
 from gateway.errors import InvalidRequestError, NotFoundError
 from gateway.hub.auth import Authenticator, ServicePrincipal
 from gateway.hub.hub import Hub
@@ -123,6 +125,7 @@ class ServiceApi:
         if broker is not None:
             add_websocket_route(self.app, broker)
         self._runner: web.AppRunner | None = None
+        self._listener: Listener | None = None
         self.port = 0
 
     def _route(self, method: str, path: str, right: str,
@@ -137,19 +140,30 @@ class ServiceApi:
         self.app.router.add_route(method, path, guarded)
         self._routes.append((method, path, right, handler))
 
-    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> None:
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None, *,
+                    admission: Admission | None = None, header_timeout: float = 10.0,
+                    body_timeout: float = 60.0) -> None:
+        """Serve on ``host:port`` through our own accept loop (gateway.broker.listener): the
+        connection caps of ``admission`` and the deadlines of gateway.api.limits apply."""
+        self.app.middlewares.insert(0, deadline_middleware(body_timeout))
         # Open event streams end at once on shutdown instead of holding it for a minute.
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                      shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context, reuse_address=True)
-        await site.start()
-        sockets = getattr(site._server, "sockets", None)  # aiohttp shows the port only here
-        assert sockets
-        self.port = int(sockets[0].getsockname()[1])
+        server = self._runner.server
+        assert server is not None
+        self._listener = Listener(
+            listening_socket(host, port), server, admission or Admission(1 << 30, 1 << 30),
+            name="https", ssl_context=ssl_context, handshake_timeout=header_timeout or 60.0,
+            wrap=lambda inner, adm, addr: HttpDeadlines(inner, adm, addr, header_timeout))
+        self._listener.start()
+        self.port = int(self._listener.port)
         log.info("https service api listening port=%s", self.port)
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
