@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 RETRY_SECONDS: Final = 0.05
 """How soon accepting is retried after running out of descriptors."""
 
+BURST_GAP_SECONDS: Final = 10.0
+"""Running out of descriptors again within this time is the same burst (not logged again)."""
+
 ACCEPTS_PER_WAKEUP: Final = 256
 """Connections accepted per readiness event before other work runs."""
 
@@ -177,7 +180,9 @@ class Listener:
         self._wrap = wrap or _Counted
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reading = False
-        self._starved_since: float | None = None
+        self._starved_since: float | None = None  # start of the current burst
+        self._last_starved = 0.0
+        self._starved_count = 0
         self._retry: asyncio.TimerHandle | None = None
         self._opening: set[asyncio.Task[Any]] = set()
         self._tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
@@ -223,10 +228,6 @@ class Listener:
                     continue  # the peer gave up while waiting in the backlog
                 log.error("accept failed listener=%s: %s", self.name, exc)
                 return
-            if self._starved_since is not None:
-                log.warning("accepting again listener=%s after %.2f s without descriptors",
-                            self.name, time.monotonic() - self._starved_since)
-                self._starved_since = None
             address = addr[0] if self._tcp and isinstance(addr, tuple) else None
             if not self._admission.admit(address):
                 conn.close()
@@ -237,10 +238,17 @@ class Listener:
         """Stop reading the listener (it would spin), log once for the burst, and come
         back when a connection closes or after :data:`RETRY_SECONDS`."""
         self._pause()
-        if self._starved_since is None:
-            self._starved_since = time.monotonic()
+        now = time.monotonic()
+        if self._starved_since is None or now - self._last_starved > BURST_GAP_SECONDS:
+            if self._starved_since is not None and self._starved_count > 1:
+                log.warning("listener=%s ran out of file descriptors %d times in the last burst",
+                            self.name, self._starved_count)
+            self._starved_since, self._starved_count = now, 0
             log.error("out of file descriptors listener=%s (%s; %d connections open): accepting "
-                      "paused until some close", self.name, exc.strerror, self._admission.total)
+                      "resumes as soon as one closes", self.name, exc.strerror,
+                      self._admission.total)
+        self._last_starved = now
+        self._starved_count += 1
         self._admission.wake_on_release(self)
         assert self._loop is not None
         self._retry = self._loop.call_later(RETRY_SECONDS, self.resume)

@@ -5,7 +5,11 @@ inbound messages are bounded in bytes per connection and for the whole hub."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
+import resource
+import ssl
 import socket
 import threading
 import time
@@ -242,4 +246,79 @@ def test_event_reads_are_bounded_in_bytes(tmp_path: Path) -> None:
         grown = peak_rss(hub.pid) - base
         assert grown < 45 * MB, f"a stream: peak grew by {grown / MB:.0f} MB"
     finally:
+        hub.stop()
+
+
+async def _slow_https_clients(port: int, ca_file: str, count: int) -> list[asyncio.StreamWriter]:
+    """``count`` HTTPS clients that finish the handshake, start a request and stall."""
+    ctx = ssl.create_default_context(cafile=ca_file)
+    gate = asyncio.Semaphore(50)
+    writers: list[asyncio.StreamWriter] = []
+
+    async def one(i: int) -> None:
+        async with gate:
+            _, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=ctx, server_hostname="localhost",
+                local_addr=(f"127.0.2.{30 + i % 10}", 0))
+            writer.write(b"GET /devices HTTP/1.1\r\nHost: localhost\r\n")  # never finished
+            await writer.drain()
+            writers.append(writer)
+
+    await asyncio.gather(*(one(i) for i in range(count)))
+    return writers
+
+
+@pytest.mark.slow
+def test_idle_and_slow_clients_do_not_lock_devices_out(tmp_path: Path) -> None:
+    """1,100 TCP connections that never start TLS on 8883 and 1,000 HTTPS clients stalled in
+    their headers, against a hub started with the usual soft limit of 1,024 descriptors: the
+    hub raises its limit, and a good device still connects within 1 s; the stalled HTTPS
+    clients are cut off at the header deadline."""
+    hub = HubProcess(tmp_path / "crowd", log_level="info")
+    # A header deadline long enough for this machine to open all 1,000 (TLS handshakes).
+    hub.config_file.write_text(hub.config_file.read_text().replace(
+        'bind = "127.0.0.1"\n', 'bind = "127.0.0.1"\nheader_timeout = 25\n'))
+    key_holder: list[str] = []
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # what systemd gives a service
+    try:
+        hub.start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    idle: list[socket.socket] = []
+    writers: list[asyncio.StreamWriter] = []
+    loop = asyncio.new_event_loop()
+    try:
+        key_holder.append(create_device(hub, "good")["authentication"]["symmetricKey"]["primaryKey"])
+        base_fds = fds(hub.pid)
+        for i in range(1100):
+            s = socket.socket()
+            s.bind((f"127.0.2.{10 + i % 11}", 0))
+            s.connect(("127.0.0.1", hub.port("mqtt_tls_port")))
+            idle.append(s)
+        started = time.monotonic()
+        writers = loop.run_until_complete(
+            _slow_https_clients(hub.port("api_port"), hub.ca_file, 1000))
+        setup = time.monotonic()
+        wait_until(lambda: fds(hub.pid) >= base_fds + 2000, 20, "the hub to accept them all")
+        connecting = time.monotonic()
+        c = RawClient(hub.port("mqtt_tls_port"), ca_file=hub.ca_file, timeout=5)
+        ack = c.connect("good", username(hub, "good"), device_token(hub, "good", key_holder[0]))
+        took = time.monotonic() - connecting
+        c.close()
+        assert isinstance(ack, Connack) and ack.return_code == 0
+        assert took < 1.0, f"a good device took {took:.2f} s to connect"
+        # The stalled HTTPS clients are cut off at api.header_timeout.
+        wait_until(lambda: fds(hub.pid) < base_fds + 1300, 40, "the stalled clients to be cut off")
+        assert "no request headers within 25 s" in hub.log_text()
+        print(f"setup {setup - started:.1f} s, good device connected in {took * 1000:.0f} ms")
+    finally:
+        for w in writers:
+            w.transport.abort()
+        loop.run_until_complete(asyncio.sleep(0.2))  # let every transport finish closing
+        loop.close()
+        writers.clear()
+        gc.collect()  # their finalizers run now, not inside some later compile()
+        for s in idle:
+            s.close()
         hub.stop()
