@@ -9,7 +9,9 @@ connection, a descriptor and a request slot for as long as they like.
 
 Idle kept-alive connections are aiohttp's own ``keepalive_timeout``. The connection side lives
 in :class:`HttpDeadlines` (a :class:`~gateway.broker.listener.Listener` wrapper, so it also
-gives the connection's admission slot back); the request side in :func:`deadline_middleware`.
+gives the connection's admission slot back), the request side in :meth:`Deadlines.middleware`;
+they meet through :class:`Deadlines`, keyed by the socket, so whatever TLS layer sits between
+them (asyncio's, or one of our own) does not matter.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ class HttpDeadlines(_Counted):
     FORWARDED = ("eof_received", "pause_writing", "resume_writing")
 
     def __init__(self, inner: asyncio.BaseProtocol, admission: Admission, address: str | None,
-                 header_timeout: float) -> None:
+                 header_timeout: float, table: dict[int, HttpDeadlines]) -> None:
         super().__init__(inner, admission, address)
+        self._table = table
+        self._key: int | None = None
         self._inner_data = getattr(inner, "data_received")
         self._header_timeout = header_timeout
         self._deadline: asyncio.TimerHandle | None = None
@@ -45,6 +49,10 @@ class HttpDeadlines(_Counted):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self._key = sock.fileno()
+            self._table[self._key] = self
         self._arm()
         super().connection_made(transport)
 
@@ -55,6 +63,8 @@ class HttpDeadlines(_Counted):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._key is not None and self._table.get(self._key) is self:
+            del self._table[self._key]
         super().connection_lost(exc)
 
     def request_started(self) -> None:
@@ -81,30 +91,46 @@ class HttpDeadlines(_Counted):
             self._transport.abort()  # type: ignore[attr-defined]
 
 
-def deadline_middleware(body_timeout: float) -> Any:
-    """The request side: stops the header deadline, and aborts a request whose body has not
-    arrived within ``body_timeout`` seconds."""
+class Deadlines:
+    """The header and body deadlines of one HTTPS listener: :meth:`wrap` for its
+    :class:`~gateway.broker.listener.Listener`, :attr:`middleware` for its aiohttp app."""
 
-    @web.middleware
-    async def deadlines(request: web.Request, handler: Handler) -> web.StreamResponse:
-        transport = request.transport
-        proto = transport.get_protocol() if transport is not None else None
-        conn = proto if isinstance(proto, HttpDeadlines) else None
-        if conn is not None:
-            conn.request_started()
-        timer = None
-        if body_timeout > 0 and request.body_exists and transport is not None:
-            timer = asyncio.get_running_loop().call_later(
-                body_timeout, _body_expired, request, transport, body_timeout)
-        try:
-            return await handler(request)
-        finally:
-            if timer is not None:
-                timer.cancel()
+    def __init__(self, header_timeout: float, body_timeout: float) -> None:
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self._conns: dict[int, HttpDeadlines] = {}  # socket descriptor -> its deadlines
+        self.middleware = self._middleware()
+
+    def wrap(self, inner: asyncio.BaseProtocol, admission: Admission,
+             address: str | None) -> HttpDeadlines:
+        return HttpDeadlines(inner, admission, address, self.header_timeout, self._conns)
+
+    def _middleware(self) -> Any:
+        body_timeout = self.body_timeout
+        conns = self._conns
+
+        @web.middleware
+        async def deadlines(request: web.Request, handler: Handler) -> web.StreamResponse:
+            """Stop the header deadline; abort a request whose body has not arrived within
+            ``body_timeout`` seconds."""
+            transport = request.transport
+            sock = transport.get_extra_info("socket") if transport is not None else None
+            conn = conns.get(sock.fileno()) if sock is not None else None
             if conn is not None:
-                conn.request_finished()
+                conn.request_started()
+            timer = None
+            if body_timeout > 0 and request.body_exists and transport is not None:
+                timer = asyncio.get_running_loop().call_later(
+                    body_timeout, _body_expired, request, transport, body_timeout)
+            try:
+                return await handler(request)
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                if conn is not None:
+                    conn.request_finished()
 
-    return deadlines
+        return deadlines
 
 
 def _body_expired(request: web.Request, transport: asyncio.BaseTransport,

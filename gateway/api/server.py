@@ -32,7 +32,7 @@ from gateway.api import openapi
 from gateway.api.device_http import add_device_routes
 from gateway.api.errors import error_middleware
 from gateway.api.events import entry_json
-from gateway.api.limits import HttpDeadlines, deadline_middleware
+from gateway.api.limits import Deadlines
 from gateway.api.ws import add_websocket_route
 from gateway.broker.listener import Admission, Listener, listening_socket
 from gateway.errors import InvalidRequestError, NotFoundError
@@ -145,7 +145,8 @@ class ServiceApi:
                     body_timeout: float = 60.0) -> None:
         """Serve on ``host:port`` through our own accept loop (gateway.broker.listener): the
         connection caps of ``admission`` and the deadlines of gateway.api.limits apply."""
-        self.app.middlewares.insert(0, deadline_middleware(body_timeout))
+        deadlines = Deadlines(header_timeout, body_timeout)
+        self.app.middlewares.insert(0, deadlines.middleware)
         # Open event streams end at once on shutdown instead of holding it for a minute.
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                      shutdown_timeout=1.0)
@@ -155,7 +156,7 @@ class ServiceApi:
         self._listener = Listener(
             listening_socket(host, port), server, admission or Admission(1 << 30, 1 << 30),
             name="https", ssl_context=ssl_context, handshake_timeout=header_timeout or 60.0,
-            wrap=lambda inner, adm, addr: HttpDeadlines(inner, adm, addr, header_timeout))
+            wrap=deadlines.wrap)
         self._listener.start()
         self.port = int(self._listener.port)
         log.info("https service api listening port=%s", self.port)

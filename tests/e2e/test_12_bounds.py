@@ -322,3 +322,64 @@ def test_idle_and_slow_clients_do_not_lock_devices_out(tmp_path: Path) -> None:
         for s in idle:
             s.close()
         hub.stop()
+
+
+def _https(hub: HubProcess) -> ssl.SSLSocket:
+    ctx = ssl.create_default_context(cafile=hub.ca_file)
+    raw = socket.create_connection(("127.0.0.1", hub.port("api_port")), timeout=10)
+    return ctx.wrap_socket(raw, server_hostname="localhost")
+
+
+def _closed_within(sock: ssl.SSLSocket, seconds: float) -> bool:
+    sock.settimeout(seconds)
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return True
+    except (ConnectionResetError, ssl.SSLError, OSError) as exc:
+        return not isinstance(exc, TimeoutError)
+
+
+def test_https_header_and_body_deadlines(tmp_path: Path) -> None:
+    """api.header_timeout and api.body_timeout cut off stalled clients, and only them: a
+    request whose answer takes longer than the header deadline, and a kept-alive
+    connection idle for longer, are served."""
+    from gateway.hubclient import HubClient
+
+    hub = HubProcess(tmp_path / "deadlines", log_level="info")
+    hub.config_file.write_text(hub.config_file.read_text().replace(
+        'bind = "127.0.0.1"\n', 'bind = "127.0.0.1"\nheader_timeout = 1\nbody_timeout = 1\n'))
+    hub.start()
+    try:
+        token = HubClient(hub.data_dir)._token()
+        get = (f"GET /messages/events?api-version=2020-03-13&waitSeconds=2 HTTP/1.1\r\n"
+               f"Host: localhost\r\nAuthorization: {token}\r\n\r\n").encode()
+        s = _https(hub)
+        started = time.monotonic()
+        s.sendall(get)  # answered after 2 s: past the header deadline, still served
+        s.settimeout(10)
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        assert time.monotonic() - started >= 1.9
+        time.sleep(1.5)  # kept alive and idle past the header deadline: still open
+        s.sendall(get.replace(b"waitSeconds=2", b"waitSeconds=0"))
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        s.close()
+
+        slow = _https(hub)
+        slow.sendall(b"GET /devices HTTP/1.1\r\nHost: localhost\r\n")  # headers never end
+        assert _closed_within(slow, 5)
+        slow.close()
+
+        body = _https(hub)
+        body.sendall((f"PUT /devices/late?api-version=2020-03-13 HTTP/1.1\r\nHost: localhost\r\n"
+                      f"Authorization: {token}\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: 100\r\n\r\n{{\"deviceId\"").encode())  # 12 of 100 bytes
+        assert _closed_within(body, 5)
+        body.close()
+        log_text = hub.log_text()
+        assert "reason=no request headers within 1 s" in log_text
+        assert "reason=request body not received within 1 s" in log_text
+        assert log_text.count("https client cut off") == 2
+    finally:
+        hub.stop()
