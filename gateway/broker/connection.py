@@ -7,8 +7,8 @@ persistence) returns a future whose callback sends the acknowledgement, so PUBAC
 after the message is durable (DESIGN "One telemetry message", step 6) and in the order the
 PUBLISH packets arrived (MQTT 3.1.1 §4.6: the store resolves commits in submission order).
 
-Bounds: at most ``max_pending_acks`` QoS1 messages and ``max_pending_bytes`` bytes of messages
-per connection wait for their commit, and at most ``limits.pending_bytes_total`` for the whole
+Bounds: at most ``max_pending_acks`` QoS1 messages (or QoS 0 batches and requests) and
+``max_pending_bytes`` bytes of messages per connection wait for their commit or answer, and at most ``limits.pending_bytes_total`` for the whole
 hub (reading pauses at either bound until commits catch up); at most ``outbox_bytes`` may sit
 unsent in the transport (a slower consumer is disconnected: its durable messages stay in the
 store). A connection the hub closes while its peer is not reading (unsent bytes in the
@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 ROW_OVERHEAD = 128
 """Bytes counted per pending message beyond its body (the row tuple, the record)."""
 
+OP_OVERHEAD = 2048
+"""Bytes counted per pending twin or method request (its task, frame and answer)."""
+
 
 class MqttConnection(asyncio.Protocol):
     """asyncio protocol for one client connection (TCP, TLS or unix socket)."""
@@ -73,8 +76,9 @@ class MqttConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._pending_acks = 0
         self._pending_bytes = 0  # message bytes waiting in _acks for their commit
-        # (packet ids to PUBACK, the future they wait for, bytes held until it is done)
-        self._acks: deque[tuple[list[int], asyncio.Future[Any] | None, int]] = deque()
+        # (packet ids to PUBACK, the future they wait for, bytes held until it is done,
+        # what it counts against max_pending_acks: its packet ids, or 1 for QoS 0 work)
+        self._acks: deque[tuple[list[int], asyncio.Future[Any] | None, int, int]] = deque()
         self._paused = False
         self._timer: asyncio.TimerHandle | None = None
         self._expiry: asyncio.TimerHandle | None = None
@@ -196,9 +200,9 @@ class MqttConnection(asyncio.Protocol):
             ack_ids.clear()
         if packet.qos == 1:
             assert packet.packet_id is not None
-            self._queue_ack([packet.packet_id], result, len(packet.payload))
+            self._queue_ack([packet.packet_id], result, len(packet.payload) + OP_OVERHEAD)
         elif result is not None:  # QoS 0: no PUBACK, but it counts until it is done
-            self._queue_ack([], result, len(packet.payload))
+            self._queue_ack([], result, len(packet.payload) + OP_OVERHEAD)
 
     def _on_subscribe(self, packet: Subscribe) -> None:
         assert self.principal is not None
@@ -243,8 +247,9 @@ class MqttConnection(asyncio.Protocol):
         acknowledgements queued earlier. A failed future means "not durable": no PUBACK, the
         connection closes and the client resends (at-least-once). ``nbytes`` counts against
         the connection's and the hub's pending-bytes bounds until then."""
-        self._acks.append((packet_ids, future, nbytes))
-        self._pending_acks += len(packet_ids)
+        count = len(packet_ids) or 1
+        self._acks.append((packet_ids, future, nbytes, count))
+        self._pending_acks += count
         if nbytes:
             self._pending_bytes += nbytes
             self.broker.pending_bytes += nbytes
@@ -268,7 +273,7 @@ class MqttConnection(asyncio.Protocol):
         released = 0
         failure: BaseException | str | None = None
         while acks:
-            packet_ids, future, nbytes = acks[0]
+            packet_ids, future, nbytes, count = acks[0]
             if future is not None:
                 if not future.done():
                     break
@@ -280,7 +285,7 @@ class MqttConnection(asyncio.Protocol):
                     else:
                         log.error("background step failed: %s", error)
             acks.popleft()
-            self._pending_acks -= len(packet_ids)
+            self._pending_acks -= count
             released += nbytes
             if failure is None:
                 ready += packet_ids
