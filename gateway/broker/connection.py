@@ -8,8 +8,9 @@ after the message is durable (DESIGN "One telemetry message", step 6) and in the
 PUBLISH packets arrived (MQTT 3.1.1 §4.6: the store resolves commits in submission order).
 
 Bounds: at most ``max_pending_acks`` QoS1 messages (or QoS 0 batches and requests) and
-``max_pending_bytes`` bytes of messages per connection wait for their commit or answer, and at most ``limits.pending_bytes_total`` for the whole
-hub (reading pauses at either bound until commits catch up); at most ``outbox_bytes`` may sit
+``max_pending_bytes`` bytes of messages per connection wait for their commit or answer, and at
+most ``limits.pending_bytes_total`` bytes for the whole hub (reading pauses at either bound
+until commits catch up); at most ``outbox_bytes`` may sit
 unsent in the transport (a slower consumer is disconnected: its durable messages stay in the
 store). A connection the hub closes while its peer is not reading (unsent bytes in the
 transport) is aborted, so its buffers are freed at once and its identity stops counting as
