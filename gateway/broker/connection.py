@@ -77,6 +77,8 @@ class MqttConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._pending_acks = 0
         self._pending_bytes = 0  # message bytes waiting in _acks for their commit
+        self._max_acks = cfg.max_pending_acks
+        self._max_bytes = cfg.max_pending_bytes
         # (packet ids to PUBACK, the future they wait for, bytes held until it is done,
         # what it counts against max_pending_acks: its packet ids, or 1 for QoS 0 work)
         self._acks: deque[tuple[list[int], asyncio.Future[Any] | None, int, int]] = deque()
@@ -239,7 +241,10 @@ class MqttConnection(asyncio.Protocol):
         """Append one batch; its rows (their bodies) count as pending until it commits, QoS 0
         ones too (they are in memory just the same)."""
         future = self.broker.hub.append(rows)
-        nbytes = sum([len(r.body) for r in rows]) + ROW_OVERHEAD * len(rows)
+        if len(rows) == 1:
+            nbytes = len(rows[0].body) + ROW_OVERHEAD
+        else:
+            nbytes = sum([len(r.body) for r in rows]) + ROW_OVERHEAD * len(rows)
         self._queue_ack(ack_ids, future, nbytes)
 
     def _queue_ack(self, packet_ids: list[int], future: asyncio.Future[Any] | None,
@@ -251,13 +256,14 @@ class MqttConnection(asyncio.Protocol):
         count = len(packet_ids) or 1
         self._acks.append((packet_ids, future, nbytes, count))
         self._pending_acks += count
+        broker = self.broker
         if nbytes:
             self._pending_bytes += nbytes
-            self.broker.pending_bytes += nbytes
+            broker.pending_bytes += nbytes
         if not self._paused and (
-            self._pending_acks >= self.broker.config.max_pending_acks
-            or self._pending_bytes >= self.broker.config.max_pending_bytes
-            or self.broker.pending_bytes >= self.broker.pending_bytes_total
+            self._pending_acks >= self._max_acks
+            or self._pending_bytes >= self._max_bytes
+            or broker.pending_bytes >= broker.pending_bytes_total
         ):
             self._pause()
         if future is None:
