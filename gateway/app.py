@@ -23,6 +23,7 @@ from gateway.agent import Supervisor
 from gateway.api.server import ServiceApi
 from gateway.broker import tls
 from gateway.broker.broker import Broker
+from gateway.broker.listener import Admission, raise_fd_limit
 from gateway.broker.sessions import SessionStore
 from gateway.config import Config
 from gateway.hub.auth import Authenticator
@@ -85,6 +86,9 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
     data_dir = config.data_dir
     private_directory(data_dir)  # 0700: an existing wider one is tightened, or we refuse
     notifier = Notifier()
+    admission = Admission.within_fd_limit(
+        config.limits.max_connections, config.limits.max_connections_per_address,
+        raise_fd_limit())
     host_names = [config.hub.host_name, *config.hub.aliases]
     certs = await asyncio.to_thread(
         pki.ensure_certificates, data_dir, host_names=host_names,
@@ -111,7 +115,9 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         hub = Hub(host_name=config.hub.host_name, registry=registry, authenticator=authenticator,
                   log=message_log, twin_store=twin_store,
                   max_message_bytes=config.mqtt.max_message_bytes)
-        broker = Broker(config.mqtt, hub, sessions)
+        broker = Broker(config.mqtt, hub, sessions,
+                        pending_bytes_total=config.limits.pending_bytes_total,
+                        admission=admission)
         hub.methods = MethodService(broker, hub.children)
         hub.children.broker = broker
         broker.ready_hooks.append(hub.children.on_ready)
@@ -141,8 +147,11 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
             unix_path=data_dir / "mqtt.sock" if config.mqtt.unix_socket else None,
         )
         api = ServiceApi(host_name=config.hub.host_name, registry=registry,
-                         authenticator=authenticator, log=message_log, hub=hub, broker=broker)
-        await api.start(config.api.bind, config.api.port, device_tls)
+                         authenticator=authenticator, log=message_log, hub=hub, broker=broker,
+                         events_page_bytes=config.api.events_page_bytes)
+        await api.start(config.api.bind, config.api.port, device_tls, admission=admission,
+                        header_timeout=config.api.header_timeout,
+                        body_timeout=config.api.body_timeout)
         owner = registry.get_policy("iothubowner")
         assert owner is not None
         write_private(data_dir / OWNER_FILE, str(ConnectionString(

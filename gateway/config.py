@@ -105,6 +105,7 @@ class MqttConfig:
     max_inflight: int = 100  # outbound QoS1 window per connection
     outbox_bytes: int = 4 * 1024 * 1024  # slow-consumer bound: beyond this the client is dropped
     max_pending_acks: int = 2000  # inbound QoS1 not yet committed, per connection
+    max_pending_bytes: int = 8 * 1024 * 1024  # inbound message bytes not yet committed, per connection
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -113,6 +114,9 @@ class ApiConfig:
 
     bind: str = "0.0.0.0"
     port: int = field(default_factory=_default_api_port)
+    header_timeout: float = 10.0  # TLS handshake + request line and headers, seconds
+    body_timeout: float = 60.0  # a request's body, from its headers, seconds
+    events_page_bytes: int = 4 * 1024 * 1024  # message bytes per page of /messages/events
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -127,6 +131,18 @@ class StoreConfig:
     retention_days: float = 7.0
     max_bytes: int = 1 << 30
     overflow: Literal["drop-oldest", "reject-new"] = "drop-oldest"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LimitsConfig:
+    """What all clients together may hold. Connections count over every listener (MQTT,
+    HTTPS and MQTT over WebSocket); ``max_connections`` is lowered at start to what the
+    process's file descriptor limit allows. ``pending_bytes_total``: inbound message bytes
+    read but not yet committed, over all connections (reading pauses at the bound)."""
+
+    max_connections: int = 16384
+    max_connections_per_address: int = 1024
+    pending_bytes_total: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -146,11 +162,13 @@ class Config:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     routes: tuple[tuple[str, str], ...] = ()  # (name, route) in file order, checked on load
     modules: tuple[ModuleSpec, ...] = ()
 
 
-_SECTIONS = {"hub": HubConfig, "mqtt": MqttConfig, "api": ApiConfig, "store": StoreConfig}
+_SECTIONS = {"hub": HubConfig, "mqtt": MqttConfig, "api": ApiConfig, "store": StoreConfig,
+             "limits": LimitsConfig}
 
 
 def _coerce(value: Any, hint: Any, path: str) -> Any:

@@ -34,9 +34,11 @@ from gateway.api.certificates import CertificateRoutes
 from gateway.api.device_http import add_device_routes
 from gateway.api.errors import error_middleware
 from gateway.api.events import entry_json
+from gateway.api.limits import Deadlines
 from gateway.api.query import float_query, int_query
-from gateway.api.tls_site import TlsSite
 from gateway.api.ws import add_websocket_route
+from gateway.broker.listener import Admission, Listener, listening_socket
+from gateway.broker.tls import TlsServerProtocol
 from gateway.errors import InvalidRequestError, NotFoundError
 from gateway.hub.auth import Authenticator, ServicePrincipal
 from gateway.hub.hub import Hub
@@ -87,8 +89,10 @@ class ServiceApi:
         hub: Hub,
         broker: Broker | None = None,
         clock: Callable[[], float] = time.time,
+        events_page_bytes: int = 4 << 20,
     ) -> None:
         self.hub = hub
+        self.events_page_bytes = events_page_bytes
         self.host_name = host_name
         self.registry = registry
         self.authenticator = authenticator
@@ -128,6 +132,7 @@ class ServiceApi:
         if broker is not None:
             add_websocket_route(self.app, broker)
         self._runner: web.AppRunner | None = None
+        self._listener: Listener | None = None
         self.port = 0
 
     def _route(self, method: str, path: str, right: str,
@@ -144,26 +149,41 @@ class ServiceApi:
         self._routes.append((method, path, right, handler))
 
     async def start(self, host: str, port: int,
-                    ssl_context: ssl.SSLContext | SSL.Context | None) -> None:
-        """Bind the listener; a pyOpenSSL context puts the hub's own TLS layer in front
-        (:mod:`gateway.api.tls_site`: X.509 clients judged by the identity check)."""
+                    ssl_context: ssl.SSLContext | SSL.Context | None, *,
+                    admission: Admission | None = None, header_timeout: float = 10.0,
+                    body_timeout: float = 60.0) -> None:
+        """Serve on ``host:port`` through our own accept loop (gateway.broker.listener): the
+        connection caps of ``admission`` and the deadlines of gateway.api.limits apply. A
+        pyOpenSSL context puts the hub's own TLS layer in front (gateway.broker.tls: X.509
+        clients judged by the identity check, every refused handshake logged)."""
+        deadlines = Deadlines(header_timeout, body_timeout)
+        self.app.middlewares.insert(0, deadlines.middleware)
         # Open event streams end at once on shutdown instead of holding it for a minute.
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                      shutdown_timeout=1.0)
         await self._runner.setup()
-        site: web.BaseSite
+        server = self._runner.server
+        assert server is not None
+        timeout = header_timeout or 60.0
+        factory: Callable[[], asyncio.BaseProtocol] = server
+        plain_tls = None
         if isinstance(ssl_context, SSL.Context):
-            site = TlsSite(self._runner, host, port, tls=ssl_context)
+            tls = ssl_context
+            factory = lambda: TlsServerProtocol(tls, timeout, server)  # noqa: E731
         else:
-            site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context,
-                               reuse_address=True)
-        await site.start()
-        sockets = getattr(site._server, "sockets", None)  # aiohttp shows the port only here
-        assert sockets
-        self.port = int(sockets[0].getsockname()[1])
+            plain_tls = ssl_context
+        self._listener = Listener(
+            listening_socket(host, port), factory, admission or Admission(1 << 30, 1 << 30),
+            name="https", ssl_context=plain_tls, handshake_timeout=timeout,
+            wrap=deadlines.wrap)
+        self._listener.start()
+        self.port = int(self._listener.port)
         log.info("https service api listening port=%s", self.port)
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -409,7 +429,8 @@ class ServiceApi:
             wait = float_query(request, "waitSeconds", 0.0, maximum=60.0)
             if wait and self.log.last_seq <= after:
                 await self.log.wait_beyond(after, wait)
-            entries = await self.log.read(after, limit, device_id=device_id, kinds=kinds)
+            entries = await self.log.read(after, limit, device_id=device_id, kinds=kinds,
+                                          max_bytes=self.events_page_bytes)
             return _json([entry_json(e, self.host_name) for e in entries])
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
@@ -424,11 +445,14 @@ class ServiceApi:
         """Write entries as they commit; a heartbeat line every 15 s of silence."""
         await response.write(b"")
         while True:
-            entries, after = await self.log.scan(after, limit, device_id=device_id, kinds=kinds)
+            entries, after = await self.log.scan(after, limit, device_id=device_id, kinds=kinds,
+                                                 max_bytes=self.events_page_bytes)
             if entries:
                 lines = "".join(json.dumps(entry_json(e, self.host_name)) + "\n" for e in entries)
+                del entries  # one page in memory at a time (api.events_page_bytes)
                 await response.write(lines.encode())
-            if len(entries) == limit:
+                del lines
+            if after < self.log.last_seq:  # a full page: more is there already
                 continue
             # Wait for a commit; send a heartbeat line now and then so a client notices a dead
             # hub and a proxy keeps the stream open.

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.broker.connection import MqttConnection
+from gateway.broker.listener import Admission, Listener, listening_socket, unix_listening_socket
 from gateway.broker.sessions import SessionStore
 from gateway.broker.tls import TlsServerProtocol, peer_certificate_chain
 from gateway.config import MqttConfig
@@ -35,8 +36,15 @@ SUBACK_FAILURE = 0x80
 
 
 class Broker:
-    def __init__(self, config: MqttConfig, hub: Hub, sessions: SessionStore) -> None:
+    def __init__(self, config: MqttConfig, hub: Hub, sessions: SessionStore, *,
+                 pending_bytes_total: int = 64 << 20, admission: Admission | None = None) -> None:
         self.config = config
+        self.admission = admission or Admission(1 << 30, 1 << 30)
+        # Bytes of inbound messages not yet committed, over all connections; at the total,
+        # connections stop reading (they wait in ``blocked``) until commits bring it under half.
+        self.pending_bytes = 0
+        self.pending_bytes_total = pending_bytes_total
+        self.blocked: set[MqttConnection] = set()
         self.hub = hub
         self.sessions = sessions
         self.live: dict[str, MqttConnection] = {}
@@ -48,49 +56,44 @@ class Broker:
         self.ready_hooks: list[Callable[[MqttConnection, set[type]], None]] = []
         self.puback_hooks: list[Callable[[MqttConnection, int], None]] = []
         self.close_hooks: list[Callable[[MqttConnection], None]] = []
-        self._servers: list[asyncio.base_events.Server] = []
+        self._listeners: list[Listener] = []
 
     # -- listeners ---------------------------------------------------------------------------
 
     async def start(self, *, tls_context: SSL.Context | None, unix_path: Path | None) -> None:
         """Bind every configured listener. Port 0 binds an ephemeral port (tests); the bound
         ports are in :attr:`ports`."""
-        loop = asyncio.get_running_loop()
         cfg = self.config
 
         def factory(name: str) -> Callable[[], MqttConnection]:
             return lambda: MqttConnection(self, name)
 
+        def listen(name: str, sock: Any, make: Callable[[], Any]) -> None:
+            listener = Listener(sock, make, self.admission, name=f"mqtt-{name}")
+            listener.start()
+            self._listeners.append(listener)
+            self.ports[name] = listener.port
+
         if tls_context is not None:
             tls = factory("tls")
-            server = await loop.create_server(
-                lambda: TlsServerProtocol(tls_context, cfg.connect_timeout, tls),
-                cfg.bind, cfg.tls_port, reuse_address=True,
-            )
-            self._servers.append(server)
-            self.ports["tls"] = server.sockets[0].getsockname()[1]
-        server = await loop.create_server(
-            factory("local"), cfg.local_bind, cfg.local_port, reuse_address=True
-        )
-        self._servers.append(server)
-        self.ports["local"] = server.sockets[0].getsockname()[1]
+            listen("tls", listening_socket(cfg.bind, cfg.tls_port),
+                   lambda: TlsServerProtocol(tls_context, cfg.connect_timeout, tls))
+        listen("local", listening_socket(cfg.local_bind, cfg.local_port), factory("local"))
         if unix_path is not None:
             if unix_path.exists():
                 unix_path.unlink()
-            server = await loop.create_unix_server(factory("unix"), str(unix_path))
+            sock = unix_listening_socket(str(unix_path))
             os.chmod(unix_path, 0o660)
-            self._servers.append(server)
-            self.ports["unix"] = str(unix_path)
+            listen("unix", sock, factory("unix"))
         log.info("mqtt listening %s", " ".join(f"{k}={v}" for k, v in self.ports.items()))
 
     async def stop(self) -> None:
-        for server in self._servers:
-            server.close()
+        for listener in self._listeners:
+            listener.close()
+        self._listeners.clear()
         for conn in list(self.open_connections):
             conn.close()
-        for server in self._servers:
-            await server.wait_closed()
-        self._servers.clear()
+        await asyncio.sleep(0)  # let the transports tell their protocols
 
     # -- connection lifecycle ----------------------------------------------------------------
 
@@ -259,6 +262,15 @@ class Broker:
         if conn is not None:
             status = getattr(identity, "status", None)  # modules have no status of their own
             conn.fail(f"identity {event}" + (f", status {status}" if status and event != "deleted" else ""))
+
+    def release_pending(self, nbytes: int) -> None:
+        """Commits finished for ``nbytes`` of pending messages; under half the total, the
+        connections paused for the hub's bound read again."""
+        self.pending_bytes -= nbytes
+        if self.blocked and self.pending_bytes < self.pending_bytes_total // 2:
+            for conn in list(self.blocked):
+                self.blocked.discard(conn)
+                conn.maybe_resume()
 
     def puback_received(self, conn: MqttConnection, packet_id: int) -> None:
         """A client acknowledged one of our QoS 1 publishes (a C2D completion, a module input

@@ -7,9 +7,14 @@ persistence) returns a future whose callback sends the acknowledgement, so PUBAC
 after the message is durable (DESIGN "One telemetry message", step 6) and in the order the
 PUBLISH packets arrived (MQTT 3.1.1 §4.6: the store resolves commits in submission order).
 
-Bounds: at most ``max_pending_acks`` QoS1 messages per connection wait for their commit (reading
-pauses beyond that), and at most ``outbox_bytes`` may sit unsent in the transport (a slower
-consumer is disconnected: its durable messages stay in the store).
+Bounds: at most ``max_pending_acks`` QoS1 messages (or QoS 0 batches and requests) and
+``max_pending_bytes`` bytes of messages per connection wait for their commit or answer, and at
+most ``limits.pending_bytes_total`` bytes for the whole hub (reading pauses at either bound
+until commits catch up); at most ``outbox_bytes`` may sit
+unsent in the transport (a slower consumer is disconnected: its durable messages stay in the
+store). A connection the hub closes while its peer is not reading (unsent bytes in the
+transport) is aborted, so its buffers are freed at once and its identity stops counting as
+connected, instead of lingering until the peer goes away.
 """
 
 from __future__ import annotations
@@ -43,6 +48,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+ROW_OVERHEAD = 128
+"""Bytes counted per pending message beyond its body (the row tuple, the record)."""
+
+OP_OVERHEAD = 2048
+"""Bytes counted per pending twin or method request (its task, frame and answer)."""
+
 
 class MqttConnection(asyncio.Protocol):
     """asyncio protocol for one client connection (TCP, TLS or unix socket)."""
@@ -65,7 +76,12 @@ class MqttConnection(asyncio.Protocol):
         self.clean_disconnect = False
         self.transport: asyncio.Transport | None = None
         self._pending_acks = 0
-        self._acks: deque[tuple[list[int], asyncio.Future[Any] | None]] = deque()
+        self._pending_bytes = 0  # message bytes waiting in _acks for their commit
+        self._max_acks = cfg.max_pending_acks
+        self._max_bytes = cfg.max_pending_bytes
+        # (packet ids to PUBACK, the future they wait for, bytes held until it is done,
+        # what it counts against max_pending_acks: its packet ids, or 1 for QoS 0 work)
+        self._acks: deque[tuple[list[int], asyncio.Future[Any] | None, int, int]] = deque()
         self._paused = False
         self._timer: asyncio.TimerHandle | None = None
         self._expiry: asyncio.TimerHandle | None = None
@@ -129,6 +145,7 @@ class MqttConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.broker.blocked.discard(self)
         for handle in (self._timer, self._expiry):
             if handle is not None:
                 handle.cancel()
@@ -186,9 +203,9 @@ class MqttConnection(asyncio.Protocol):
             ack_ids.clear()
         if packet.qos == 1:
             assert packet.packet_id is not None
-            self._queue_ack([packet.packet_id], result)
-        elif result is not None:
-            result.add_done_callback(_log_failure)
+            self._queue_ack([packet.packet_id], result, len(packet.payload) + OP_OVERHEAD)
+        elif result is not None:  # QoS 0: no PUBACK, but it counts until it is done
+            self._queue_ack([], result, len(packet.payload) + OP_OVERHEAD)
 
     def _on_subscribe(self, packet: Subscribe) -> None:
         assert self.principal is not None
@@ -221,49 +238,102 @@ class MqttConnection(asyncio.Protocol):
     # -- commits and acknowledgements ------------------------------------------------------
 
     def _commit(self, rows: list[Any], ack_ids: list[int]) -> None:
+        """Append one batch; its rows (their bodies) count as pending until it commits, QoS 0
+        ones too (they are in memory just the same)."""
         future = self.broker.hub.append(rows)
-        if ack_ids:
-            self._queue_ack(ack_ids, future)
+        if len(rows) == 1:
+            nbytes = len(rows[0].body) + ROW_OVERHEAD
         else:
-            future.add_done_callback(_log_failure)
+            nbytes = sum([len(r.body) for r in rows]) + ROW_OVERHEAD * len(rows)
+        self._queue_ack(ack_ids, future, nbytes)
 
-    def _queue_ack(self, packet_ids: list[int], future: asyncio.Future[Any] | None) -> None:
+    def _queue_ack(self, packet_ids: list[int], future: asyncio.Future[Any] | None,
+                   nbytes: int = 0) -> None:
         """PUBACK ``packet_ids`` once ``future`` is done (None: at once), never before the
         acknowledgements queued earlier. A failed future means "not durable": no PUBACK, the
-        connection closes and the client resends (at-least-once)."""
-        self._acks.append((packet_ids, future))
-        self._pending_acks += len(packet_ids)
-        if self._pending_acks >= self.broker.config.max_pending_acks and not self._paused:
-            self._paused = True
-            assert self.transport is not None
-            self.transport.pause_reading()
+        connection closes and the client resends (at-least-once). ``nbytes`` counts against
+        the connection's and the hub's pending-bytes bounds until then."""
+        count = len(packet_ids) or 1
+        self._acks.append((packet_ids, future, nbytes, count))
+        self._pending_acks += count
+        broker = self.broker
+        if nbytes:
+            self._pending_bytes += nbytes
+            broker.pending_bytes += nbytes
+        if not self._paused and (
+            self._pending_acks >= self._max_acks
+            or self._pending_bytes >= self._max_bytes
+            or broker.pending_bytes >= broker.pending_bytes_total
+        ):
+            self._pause()
         if future is None:
             self._drain_acks()
         else:
             future.add_done_callback(self._drain_acks)
 
     def _drain_acks(self, _: object = None) -> None:
+        """Send the PUBACKs whose commits are done, in order. When one failed, the ones
+        earned before it are still sent (those messages are stored), then the connection
+        closes; later ones are never acknowledged (the client resends them)."""
         acks = self._acks
         ready: list[int] = []
+        released = 0
+        failure: BaseException | str | None = None
         while acks:
-            packet_ids, future = acks[0]
+            packet_ids, future, nbytes, count = acks[0]
             if future is not None:
                 if not future.done():
                     break
-                if future.cancelled() or future.exception() is not None:
-                    acks.clear()
-                    self.fail(f"not acknowledged: {future.exception() or 'cancelled'}")
-                    return
+                error = "cancelled" if future.cancelled() else future.exception()
+                if error is not None:
+                    if packet_ids:
+                        if failure is None and not self.closed:
+                            failure = error
+                    else:
+                        log.error("background step failed: %s", error)
             acks.popleft()
-            self._pending_acks -= len(packet_ids)
-            ready += packet_ids
-        if ready and not self.closed:
+            self._pending_acks -= count
+            released += nbytes
+            if failure is None:
+                ready += packet_ids
+        if released:
+            self._pending_bytes -= released
+            self.broker.release_pending(released)
+        if self.closed:
+            return
+        if ready:
             self.session.ack_many(ready)
             self.flush()
-            if self._paused and self._pending_acks < self.broker.config.max_pending_acks // 2:
-                self._paused = False
-                assert self.transport is not None
-                self.transport.resume_reading()
+        if failure is not None:
+            self.fail(f"not acknowledged: {failure}")
+            return
+        if self._paused:
+            self.maybe_resume()
+
+    def _pause(self) -> None:
+        self._paused = True
+        assert self.transport is not None
+        self.transport.pause_reading()
+        if self.broker.pending_bytes >= self.broker.pending_bytes_total:
+            self.broker.blocked.add(self)
+
+    def maybe_resume(self) -> None:
+        """Read again once this connection is under half of its own bounds and the hub is
+        under its total (the broker calls this when the total falls)."""
+        cfg = self.broker.config
+        if (
+            not self._paused or self.closed
+            or self._pending_acks >= cfg.max_pending_acks // 2
+            or self._pending_bytes >= cfg.max_pending_bytes // 2
+        ):
+            return
+        if self.broker.pending_bytes >= self.broker.pending_bytes_total:
+            self.broker.blocked.add(self)
+            return
+        self.broker.blocked.discard(self)
+        self._paused = False
+        assert self.transport is not None
+        self.transport.resume_reading()
 
     # -- output ------------------------------------------------------------------------------
 
@@ -316,12 +386,21 @@ class MqttConnection(asyncio.Protocol):
         self.close()
 
     def close(self) -> None:
+        """Close gracefully when everything written has left; abort when the peer has not
+        taken what we sent (a slow consumer, a client that never reads): waiting for it
+        would keep the buffers and the identity's "connected" state for as long as the peer
+        likes."""
         if self._flush_soon and not self.closed:
             self.flush()  # what was published before the close still goes out first
         self.closed = True
         self.session.close()
-        if self.transport is not None:
-            self.transport.close()
+        self.broker.blocked.discard(self)
+        transport = self.transport
+        if transport is not None:
+            if transport.get_write_buffer_size() > 0:
+                transport.abort()
+            else:
+                transport.close()
 
     def _arm_timer(self) -> None:
         if self._timer is not None:
@@ -355,9 +434,3 @@ class MqttConnection(asyncio.Protocol):
         stated = expires_at - SKEW_SECONDS
         delay = (stated if stated > now else expires_at) - now
         self._expiry = loop.call_later(max(delay, 1.0), self.fail, "SAS token expired")
-
-
-
-def _log_failure(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled() and fut.exception() is not None:
-        log.error("background step failed: %s", fut.exception())

@@ -45,27 +45,39 @@ change committed (:meth:`gateway.store.db.Database.run`). Transaction bodies are
 functions of their arguments (tokens, ids and ``now`` are made before they are submitted), so
 they may run twice; in-memory state (per-device counts, the next wake-up) is set from the
 absolute values a body returns, after the commit.
+
+Layout: this module is the queues' asyncio side (:class:`C2DQueues`); the message and feedback
+values, vocabularies and errors are :mod:`gateway.hub.c2dmodel`, what a send means is
+:mod:`gateway.hub.c2dsend`, and the schema and transaction bodies :mod:`gateway.hub._c2d_sql`.
+The names importers used are still importable from here.
 """
+
 
 from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from enum import StrEnum
+from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any, Final, TypeAlias
+from typing import Final
 
-from gateway.errors import InvalidRequestError, MessageTooLargeError, NotFoundError
-from gateway.hub.addresses import c2d_topic
-from gateway.hub.messages import SYSTEM_TO_WIRE, format_time, message_size
-from gateway.hub.propbag import encode_bag
-from gateway.store.db import Database, Migration
+from gateway.errors import InvalidRequestError
+from gateway.hub import _c2d_sql as sql
+from gateway.hub.c2dmodel import (
+    Ack,
+    C2DMessage,
+    C2DMessageTooLargeError,
+    Feedback,
+    FeedbackStatus,
+    LockLostError,
+    QueueFullError,
+)
+from gateway.hub.c2dsend import parse_send
+from gateway.store.db import Database
+
+MIGRATION = sql.MIGRATION
 
 __all__ = [
     "MIGRATION",
@@ -81,585 +93,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-
-class QueueFullError(InvalidRequestError):
-    """The device queue already holds ``max_pending`` messages (ref §3.2: 403002)."""
-
-    status = 403
-    code = "DeviceMaximumQueueDepthExceeded"
-
-
-class C2DMessageTooLargeError(MessageTooLargeError):
-    """A C2D message is over 64 KB (IoT Hub answers 413, error ``MessageTooLarge``)."""
-
-    status = 413
-    code = "MessageTooLarge"
-
-
-class LockLostError(NotFoundError):
-    """The lock token is unknown: never issued, already settled, or replaced by a later
-    delivery. IoT Hub's device HTTP API answers 412 ``DeviceMessageLockLost``."""
-
-    status = 412
-    code = "DeviceMessageLockLost"
-
-
-class Ack(StrEnum):
-    """``iothub-ack``: which outcomes produce feedback (ref §3.3)."""
-
-    NONE = "none"
-    POSITIVE = "positive"
-    NEGATIVE = "negative"
-    FULL = "full"
-
-
-class FeedbackStatus(StrEnum):
-    """``statusCode`` of a feedback record (ref §3.3)."""
-
-    SUCCESS = "Success"
-    EXPIRED = "Expired"
-    DELIVERY_COUNT_EXCEEDED = "DeliveryCountExceeded"
-    REJECTED = "Rejected"
-    PURGED = "Purged"
-
-
-# Only "Success" -> "Success" is documented (ref §3.3); the other texts are ours.
-_DESCRIPTION: Final[Mapping[str, str]] = {
-    FeedbackStatus.SUCCESS: "Success",
-    FeedbackStatus.EXPIRED: "Message expired",
-    FeedbackStatus.DELIVERY_COUNT_EXCEEDED: "Delivery count exceeded",
-    FeedbackStatus.REJECTED: "Message rejected",
-    FeedbackStatus.PURGED: "Message purged",
-}
-
-# Bag order of the system properties written to the device (ref §3.1); iothub-ack follows.
-_BAG_ORDER: Final = (
-    "message-id",
-    "to",
-    "correlation-id",
-    "user-id",
-    "content-type",
-    "content-encoding",
-    "absolute-expiry-time",
-)
-
-# Service-side property names (ref §9.4) -> system property names (gateway.hub.messages).
-_SERVICE_SYSTEM: Final[Mapping[str, str]] = {
-    "messageId": "message-id",
-    "correlationId": "correlation-id",
-    "userId": "user-id",
-    "contentType": "content-type",
-    "contentEncoding": "content-encoding",
-}
-_ACK_KEYS: Final = ("ack", "iothub-ack")
-_ACK_VALUES: Final = frozenset(ack.value for ack in Ack)
-MAX_MESSAGE_ID: Final = 128
 SWEEP_CHUNK: Final = 1000  # rows per sweep transaction (about 6 ms of the writer thread)
-
-
-def _to(device_id: str) -> str:
-    return f"/devices/{device_id}/messages/devicebound"
-
-
-@dataclass(frozen=True, slots=True)
-class C2DMessage:
-    """One queued cloud-to-device message (ref §3.1, §3.2).
-
-    ``system`` uses the names of :mod:`gateway.hub.messages` (``message-id``, ``to``,
-    ``correlation-id``, ``user-id``, ``content-type``, ``content-encoding``, and
-    ``absolute-expiry-time`` only when the sender set an expiry). Times are clock seconds.
-    ``lock_token``/``locked_until`` are those of the latest delivery (None before the
-    first). Treat the mappings as read-only."""
-
-    message_id: str
-    device_id: str
-    body: bytes
-    system: Mapping[str, str]
-    application: Mapping[str, str | None]
-    enqueued: float
-    expiry: float
-    delivery_count: int
-    ack: str
-    lock_token: str | None
-    locked_until: float | None
-
-    def topic_bag(self) -> str:
-        """The property bag the SDKs parse (ref §3.1): ``%24.mid``, ``%24.to``, ``%24.cid``,
-        ``%24.uid``, ``%24.ct``, ``%24.ce``, ``%24.exp``, ``iothub-ack``, then application
-        properties, all percent-encoded (so the bag is one topic level)."""
-        pairs: list[tuple[str, str | None]] = [
-            (SYSTEM_TO_WIRE[name], self.system[name]) for name in _BAG_ORDER if name in self.system
-        ]
-        pairs.append(("iothub-ack", self.ack))
-        pairs.extend(self.application.items())
-        return encode_bag(pairs)
-
-    def topic(self) -> str:
-        """``devices/{id}/messages/devicebound/{bag}`` (ref §3.1)."""
-        return c2d_topic(self.device_id, self.topic_bag())
-
-
-@dataclass(frozen=True, slots=True)
-class Feedback:
-    """One feedback record (ref §3.3); :meth:`to_json` gives the wire shape."""
-
-    original_message_id: str
-    device_id: str
-    device_generation_id: str
-    status_code: str
-    description: str
-    enqueued_time_utc: str
-
-    def to_json(self) -> dict[str, str]:
-        return {
-            "originalMessageId": self.original_message_id,
-            "enqueuedTimeUtc": self.enqueued_time_utc,
-            "statusCode": self.status_code,
-            "description": self.description,
-            "deviceId": self.device_id,
-            "deviceGenerationId": self.device_generation_id,
-        }
-
-
-MIGRATION: Final[Migration] = (
-    "c2d",
-    (
-        """
-        CREATE TABLE c2d_messages(
-            seq INTEGER PRIMARY KEY,
-            device_id TEXT NOT NULL,
-            message_id TEXT NOT NULL,
-            generation_id TEXT NOT NULL,
-            body BLOB NOT NULL,
-            props TEXT NOT NULL,
-            ack TEXT NOT NULL,
-            enqueued REAL NOT NULL,
-            expiry REAL NOT NULL,
-            delivery_count INTEGER NOT NULL DEFAULT 0,
-            counts_next INTEGER NOT NULL DEFAULT 1,
-            lock_token TEXT,
-            locked_until REAL);
-        CREATE INDEX c2d_messages_device ON c2d_messages(device_id, seq);
-        CREATE INDEX c2d_messages_expiry ON c2d_messages(expiry);
-        CREATE INDEX c2d_messages_lock ON c2d_messages(locked_until);
-        CREATE TABLE c2d_feedback(
-            seq INTEGER PRIMARY KEY,
-            device_id TEXT NOT NULL,
-            original_message_id TEXT NOT NULL,
-            generation_id TEXT NOT NULL,
-            status_code TEXT NOT NULL,
-            description TEXT NOT NULL,
-            enqueued_time_utc TEXT NOT NULL,
-            expiry REAL NOT NULL,
-            abandons INTEGER NOT NULL DEFAULT 0,
-            lock_token TEXT,
-            locked_until REAL);
-        CREATE INDEX c2d_feedback_expiry ON c2d_feedback(expiry);
-        CREATE INDEX c2d_feedback_lock ON c2d_feedback(lock_token);
-        CREATE INDEX c2d_feedback_device ON c2d_feedback(device_id);
-        """,
-    ),
-)
-
-
-# -- transaction bodies (run on the db thread; pure functions of their arguments) -------------
-
-_MESSAGE_COLUMNS: Final = (
-    "seq, device_id, message_id, body, props, ack, enqueued, expiry, delivery_count,"
-    " counts_next, lock_token, locked_until"
-)
-_DEAD_COLUMNS: Final = "seq, device_id, message_id, generation_id, ack"
-_FEEDBACK_COLUMNS: Final = (
-    "seq, original_message_id, device_id, generation_id, status_code, description,"
-    " enqueued_time_utc"
-)
-
-_Dead: TypeAlias = tuple[int, str, str, str, str]
-"""seq, device_id, message_id, generation_id, ack: what dead-lettering needs."""
-
-
-@dataclass(frozen=True, slots=True)
-class _After:
-    """Absolute state after a transaction: queue lengths of the devices it touched and the
-    earliest message expiry, message lock deadline and feedback expiry (None: nothing)."""
-
-    counts: Mapping[str, int]
-    message_due: float | None
-    lock_due: float | None
-    feedback_due: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class _Outcome:
-    """Where dead-lettered messages' feedback goes: its creation time and expiry."""
-
-    now: float
-    feedback_expiry: float
-
-
-def _after(conn: sqlite3.Connection, devices: Iterable[str]) -> _After:
-    counts = {
-        device: int(
-            conn.execute(
-                "SELECT count(*) FROM c2d_messages WHERE device_id = ?", (device,)
-            ).fetchone()[0]
-        )
-        for device in set(devices)
-    }
-    message_due, lock_due, feedback_due = conn.execute(
-        "SELECT (SELECT min(expiry) FROM c2d_messages),"
-        " (SELECT min(locked_until) FROM c2d_messages),"
-        " (SELECT min(expiry) FROM c2d_feedback)"
-    ).fetchone()
-    return _After(counts, message_due, lock_due, feedback_due)
-
-
-def _wants(ack: str, status: FeedbackStatus) -> bool:
-    """Does ``iothub-ack`` ``ack`` ask for feedback with ``status`` (ref §3.3)?"""
-    if ack == Ack.FULL:
-        return True
-    if status is FeedbackStatus.SUCCESS:
-        return ack == Ack.POSITIVE
-    return ack == Ack.NEGATIVE
-
-
-def _remove(
-    conn: sqlite3.Connection, rows: Sequence[_Dead], status: FeedbackStatus, outcome: _Outcome
-) -> None:
-    """Delete ``rows`` and write the feedback their ``iothub-ack`` asks for, together."""
-    if not rows:
-        return
-    conn.executemany("DELETE FROM c2d_messages WHERE seq = ?", [(row[0],) for row in rows])
-    when = format_time(outcome.now)
-    conn.executemany(
-        "INSERT INTO c2d_feedback(device_id, original_message_id, generation_id, status_code,"
-        " description, enqueued_time_utc, expiry) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [
-            (device, message_id, generation, status.value, _DESCRIPTION[status], when,
-             outcome.feedback_expiry)
-            for _, device, message_id, generation, ack in rows
-            if _wants(ack, status)
-        ],
-    )
-
-
-def _expire_messages(
-    conn: sqlite3.Connection, outcome: _Outcome, device_id: str | None, limit: int = -1
-) -> list[str]:
-    """Dead-letter messages whose expiry passed (feedback Expired), of one device or (at
-    most ``limit``, earliest first) of all; return their device ids."""
-    if device_id is None:
-        rows = conn.execute(
-            f"SELECT {_DEAD_COLUMNS} FROM c2d_messages WHERE expiry <= ? ORDER BY expiry LIMIT ?",
-            (outcome.now, limit),
-        ).fetchall()
-    else:
-        rows = conn.execute(
-            f"SELECT {_DEAD_COLUMNS} FROM c2d_messages WHERE device_id = ? AND expiry <= ?",
-            (device_id, outcome.now),
-        ).fetchall()
-    _remove(conn, rows, FeedbackStatus.EXPIRED, outcome)
-    return [row[1] for row in rows]
-
-
-def _recover_body(conn: sqlite3.Connection) -> tuple[dict[str, int], _After]:
-    """At open: every connection died with the previous process, so every lock is released
-    (tokens are kept, so a late completion still counts); load the queue lengths."""
-    conn.execute("UPDATE c2d_messages SET locked_until = NULL WHERE locked_until IS NOT NULL")
-    counts = dict(
-        conn.execute("SELECT device_id, count(*) FROM c2d_messages GROUP BY device_id").fetchall()
-    )
-    return counts, _after(conn, ())
-
-
-def _send_body(
-    conn: sqlite3.Connection,
-    *,
-    row: tuple[Any, ...],
-    max_pending: int,
-    outcome: _Outcome,
-) -> _After:
-    device_id = row[0]
-    _expire_messages(conn, outcome, device_id)
-    pending = conn.execute(
-        "SELECT count(*) FROM c2d_messages WHERE device_id = ?", (device_id,)
-    ).fetchone()[0]
-    if pending >= max_pending:
-        raise QueueFullError(
-            f"the queue of device {device_id!r} already holds {pending} messages"
-            f" (at most {max_pending})"
-        )
-    conn.execute(
-        "INSERT INTO c2d_messages(device_id, message_id, generation_id, body, props, ack,"
-        " enqueued, expiry) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        row,
-    )
-    return _after(conn, (device_id,))
-
-
-def _message_of(
-    row: Sequence[Any], *, delivery_count: int, lock_token: str | None, locked_until: float | None
-) -> C2DMessage:
-    props = json.loads(row[4])
-    return C2DMessage(
-        message_id=row[2],
-        device_id=row[1],
-        body=row[3],
-        system=props["system"],
-        application=props["application"],
-        enqueued=row[6],
-        expiry=row[7],
-        delivery_count=delivery_count,
-        ack=row[5],
-        lock_token=lock_token,
-        locked_until=locked_until,
-    )
-
-
-def _deliver_body(
-    conn: sqlite3.Connection,
-    *,
-    device_id: str,
-    tokens: Sequence[str],
-    locked_until: float,
-    max_delivery_count: int,
-    outcome: _Outcome,
-) -> tuple[list[C2DMessage], _After]:
-    """Lock up to ``len(tokens)`` deliverable messages of the device, oldest first."""
-    _expire_messages(conn, outcome, device_id)
-    rows = conn.execute(
-        f"SELECT {_MESSAGE_COLUMNS}, generation_id FROM c2d_messages"
-        " WHERE device_id = ? AND (locked_until IS NULL OR locked_until <= ?) ORDER BY seq",
-        (device_id, outcome.now),
-    ).fetchall()
-    out: list[C2DMessage] = []
-    exceeded: list[_Dead] = []
-    for row in rows:
-        if len(out) == len(tokens):
-            break
-        count = row[8] + row[9]
-        if count > max_delivery_count:
-            exceeded.append((row[0], row[1], row[2], row[12], row[5]))
-            continue
-        token = tokens[len(out)]
-        conn.execute(
-            "UPDATE c2d_messages SET delivery_count = ?, counts_next = 0, lock_token = ?,"
-            " locked_until = ? WHERE seq = ?",
-            (count, token, locked_until, row[0]),
-        )
-        out.append(
-            _message_of(row, delivery_count=count, lock_token=token, locked_until=locked_until)
-        )
-    _remove(conn, exceeded, FeedbackStatus.DELIVERY_COUNT_EXCEEDED, outcome)
-    return out, _after(conn, (device_id,))
-
-
-def _locked_row(conn: sqlite3.Connection, device_id: str, lock_token: str) -> _Dead:
-    row = conn.execute(
-        f"SELECT {_DEAD_COLUMNS} FROM c2d_messages WHERE device_id = ? AND lock_token = ?",
-        (device_id, lock_token),
-    ).fetchone()
-    if row is None:
-        raise LockLostError(f"no message of device {device_id!r} holds lock {lock_token!r}")
-    return (row[0], row[1], row[2], row[3], row[4])
-
-
-def _settle_body(
-    conn: sqlite3.Connection, *, device_id: str, lock_token: str, status: FeedbackStatus,
-    outcome: _Outcome,
-) -> _After:
-    """Complete (``SUCCESS``) or reject (``REJECTED``) the message holding the lock."""
-    row = _locked_row(conn, device_id, lock_token)
-    _remove(conn, [row], status, outcome)
-    return _after(conn, (device_id,))
-
-
-def _abandon_body(
-    conn: sqlite3.Connection,
-    *,
-    device_id: str,
-    lock_token: str,
-    max_delivery_count: int,
-    outcome: _Outcome,
-) -> _After:
-    row = _locked_row(conn, device_id, lock_token)
-    count = conn.execute(
-        "SELECT delivery_count FROM c2d_messages WHERE seq = ?", (row[0],)
-    ).fetchone()[0]
-    if count >= max_delivery_count:
-        _remove(conn, [row], FeedbackStatus.DELIVERY_COUNT_EXCEEDED, outcome)
-    else:
-        conn.execute(
-            "UPDATE c2d_messages SET counts_next = 1, lock_token = NULL, locked_until = NULL"
-            " WHERE seq = ?",
-            (row[0],),
-        )
-    return _after(conn, (device_id,))
-
-
-def _release_body(conn: sqlite3.Connection, *, device_id: str) -> tuple[int, _After]:
-    released = conn.execute(
-        "UPDATE c2d_messages SET locked_until = NULL"
-        " WHERE device_id = ? AND locked_until IS NOT NULL",
-        (device_id,),
-    ).rowcount
-    return released, _after(conn, (device_id,))
-
-
-def _purge_body(
-    conn: sqlite3.Connection, *, device_id: str, outcome: _Outcome
-) -> tuple[int, _After]:
-    rows = conn.execute(
-        f"SELECT {_DEAD_COLUMNS} FROM c2d_messages WHERE device_id = ?", (device_id,)
-    ).fetchall()
-    _remove(conn, rows, FeedbackStatus.PURGED, outcome)
-    return len(rows), _after(conn, (device_id,))
-
-
-def _drop_body(conn: sqlite3.Connection, *, device_id: str) -> tuple[int, _After]:
-    dropped = conn.execute("DELETE FROM c2d_messages WHERE device_id = ?", (device_id,)).rowcount
-    conn.execute("DELETE FROM c2d_feedback WHERE device_id = ?", (device_id,))
-    return dropped, _after(conn, (device_id,))
-
-
-def _sweep_body(
-    conn: sqlite3.Connection, *, outcome: _Outcome, limit: int
-) -> tuple[int, bool, _After]:
-    """One chunk of the sweep: dead-letter expired messages, end lapsed locks, delete
-    expired feedback, at most ``limit`` rows of each; also says whether any hit the limit."""
-    devices = _expire_messages(conn, outcome, None, limit)
-    unlocked = conn.execute(
-        "UPDATE c2d_messages SET locked_until = NULL WHERE seq IN (SELECT seq FROM c2d_messages"
-        " WHERE locked_until <= ? LIMIT ?)",
-        (outcome.now, limit),
-    ).rowcount
-    dropped = conn.execute(
-        "DELETE FROM c2d_feedback WHERE seq IN (SELECT seq FROM c2d_feedback"
-        " WHERE expiry <= ? LIMIT ?)",
-        (outcome.now, limit),
-    ).rowcount
-    more = limit in (len(devices), unlocked, dropped)
-    return len(devices), more, _after(conn, devices)
-
-
-def _feedback_batch_body(
-    conn: sqlite3.Connection, *, now: float, token: str, locked_until: float, limit: int
-) -> tuple[list[Feedback], _After]:
-    rows = conn.execute(
-        f"SELECT {_FEEDBACK_COLUMNS} FROM c2d_feedback"
-        " WHERE expiry > ? AND (locked_until IS NULL OR locked_until <= ?) ORDER BY seq LIMIT ?",
-        (now, now, limit),
-    ).fetchall()
-    conn.executemany(
-        "UPDATE c2d_feedback SET lock_token = ?, locked_until = ? WHERE seq = ?",
-        [(token, locked_until, row[0]) for row in rows],
-    )
-    records = [Feedback(*row[1:]) for row in rows]
-    return records, _after(conn, ())
-
-
-def _complete_feedback_body(conn: sqlite3.Connection, *, token: str) -> _After:
-    if conn.execute("DELETE FROM c2d_feedback WHERE lock_token = ?", (token,)).rowcount == 0:
-        raise LockLostError(f"no feedback batch holds lock {token!r}")
-    return _after(conn, ())
-
-
-def _abandon_feedback_body(
-    conn: sqlite3.Connection, *, token: str, max_delivery_count: int
-) -> _After:
-    changed = conn.execute(
-        "UPDATE c2d_feedback SET abandons = abandons + 1, lock_token = NULL, locked_until = NULL"
-        " WHERE lock_token = ?",
-        (token,),
-    ).rowcount
-    if changed == 0:
-        raise LockLostError(f"no feedback batch holds lock {token!r}")
-    conn.execute("DELETE FROM c2d_feedback WHERE abandons >= ?", (max_delivery_count,))
-    return _after(conn, ())
-
-
-# -- the service's view of a send ----------------------------------------------------------------
-
-
-def _parse_expiry(text: str) -> float:
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise InvalidRequestError(f"expiryTimeUtc is not an ISO 8601 time: {text!r}") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
-
-
-@dataclass(frozen=True, slots=True)
-class _Parsed:
-    message_id: str
-    system: dict[str, str]
-    application: dict[str, str | None]
-    ack: str
-    expiry: float
-
-
-def _parse_send(
-    device_id: str,
-    body: bytes,
-    properties: Mapping[str, object],
-    *,
-    now: float,
-    default_ttl: float,
-    max_ttl: float,
-    max_bytes: int,
-) -> _Parsed:
-    """Validate a send as the service gives it (ref §3.2, §9.4); pure."""
-    sent: dict[str, str] = {}  # every system value the sender gave, by its name here
-    application: dict[str, str | None] = {}
-    for key, value in properties.items():
-        if not isinstance(key, str) or not key:
-            raise InvalidRequestError(f"property names must be non-empty strings: {key!r}")
-        if key in _SERVICE_SYSTEM or key in _ACK_KEYS or key == "expiryTimeUtc":
-            if value is None:
-                continue
-            if not isinstance(value, str):
-                raise InvalidRequestError(f"{key} must be a string, not {type(value).__name__}")
-            if key in _ACK_KEYS and value not in _ACK_VALUES:
-                raise InvalidRequestError(
-                    f"{key} must be one of none, positive, negative, full: {value!r}"
-                )
-            sent[_SERVICE_SYSTEM.get(key, key)] = value
-        elif key == "to":
-            continue  # the hub sets it (ref §3.1)
-        elif key.startswith("$."):
-            raise InvalidRequestError(f"application property {key!r} would read as a system key")
-        elif value is not None and not isinstance(value, str):
-            raise InvalidRequestError(
-                f"application property {key!r} must be a string, not {type(value).__name__}"
-            )
-        else:
-            application[key] = value
-    size = message_size(body, sent, application)
-    if size > max_bytes:
-        raise C2DMessageTooLargeError(
-            f"C2D message for {device_id!r} is {size} bytes, over the limit of {max_bytes}"
-        )
-    wire_ack, plain_ack = sent.pop("iothub-ack", None), sent.pop("ack", None)
-    ack: str = wire_ack or plain_ack or Ack.NONE
-    expiry_text = sent.pop("expiryTimeUtc", None)
-    message_id = sent.pop("message-id", None) or str(uuid.uuid4())
-    if len(message_id) > MAX_MESSAGE_ID or not message_id.isascii():
-        raise InvalidRequestError(f"messageId must be at most {MAX_MESSAGE_ID} ASCII characters")
-    system = {"message-id": message_id, "to": _to(device_id), **sent}
-    if expiry_text is None:
-        expiry = now + default_ttl
-    else:
-        expiry = _parse_expiry(expiry_text)
-        if expiry <= now:
-            raise InvalidRequestError(f"expiryTimeUtc {expiry_text!r} is in the past")
-        if expiry - now > max_ttl:
-            raise InvalidRequestError(
-                f"expiryTimeUtc {expiry_text!r} is more than {max_ttl:g} s away"
-            )
-        system["absolute-expiry-time"] = format_time(expiry)
-    return _Parsed(message_id, system, application, ack, expiry)
 
 
 def _min(*values: float | None) -> float | None:
@@ -714,7 +148,7 @@ class C2DQueues:
 
     # -- state kept in memory ------------------------------------------------------------------
 
-    def _apply(self, after: _After) -> None:
+    def _apply(self, after: sql.After) -> None:
         for device, count in after.counts.items():
             if count:
                 self._counts[device] = count
@@ -724,8 +158,8 @@ class C2DQueues:
         self._lock_due = after.lock_due
         self._feedback_due = after.feedback_due
 
-    def _outcome(self, now: float) -> _Outcome:
-        return _Outcome(now, now + self.feedback_ttl)
+    def _outcome(self, now: float) -> sql.Outcome:
+        return sql.Outcome(now, now + self.feedback_ttl)
 
     def pending(self, device_id: str) -> int:
         """Messages in the device's queue, locked or not (those that expired since the last
@@ -744,7 +178,7 @@ class C2DQueues:
         """Migrate the tables, release every lock (all connections ended with the previous
         process; the delivery counts stay), load the queue lengths."""
         await self._db.migrate(MIGRATION)
-        counts, after = await self._db.run(_recover_body)
+        counts, after = await self._db.run(sql.recover_body)
         self._counts = counts
         self._apply(after)
 
@@ -768,7 +202,7 @@ class C2DQueues:
         :class:`C2DMessageTooLargeError`, or :class:`InvalidRequestError` (expiry in the past
         or more than ``max_ttl`` away, bad ``ack``, non-string values, ``$.`` names)."""
         now = self._clock()
-        parsed = _parse_send(
+        parsed = parse_send(
             device_id, body, properties, now=now, default_ttl=self.default_ttl,
             max_ttl=self.max_ttl, max_bytes=self.max_bytes,
         )
@@ -779,7 +213,7 @@ class C2DQueues:
         row = (device_id, parsed.message_id, generation_id, body, props, parsed.ack, now,
                parsed.expiry)
         after = await self._db.run(
-            partial(_send_body, row=row, max_pending=self.max_pending, outcome=self._outcome(now))
+            partial(sql.send_body, row=row, max_pending=self.max_pending, outcome=self._outcome(now))
         )
         self._apply(after)
         return C2DMessage(
@@ -803,7 +237,7 @@ class C2DQueues:
             return 0
         now = self._clock()
         purged, after = await self._db.run(
-            partial(_purge_body, device_id=device_id, outcome=self._outcome(now))
+            partial(sql.purge_body, device_id=device_id, outcome=self._outcome(now))
         )
         self._apply(after)
         return purged
@@ -811,7 +245,7 @@ class C2DQueues:
     async def drop_device(self, device_id: str) -> int:
         """The device was deleted: remove its queue and its pending feedback, writing none
         (ref §3.3). Returns how many messages were removed."""
-        dropped, after = await self._db.run(partial(_drop_body, device_id=device_id))
+        dropped, after = await self._db.run(partial(sql.drop_body, device_id=device_id))
         self._apply(after)
         return dropped
 
@@ -829,7 +263,7 @@ class C2DQueues:
         tokens = [str(uuid.uuid4()) for _ in range(want)]
         messages, after = await self._db.run(
             partial(
-                _deliver_body,
+                sql.deliver_body,
                 device_id=device_id,
                 tokens=tokens,
                 locked_until=now + self.lock_seconds,
@@ -859,7 +293,7 @@ class C2DQueues:
         DeliveryCountExceeded). :class:`LockLostError` as for :meth:`complete`."""
         now = self._clock()
         after = await self._db.run(
-            partial(_abandon_body, device_id=device_id, lock_token=lock_token,
+            partial(sql.abandon_body, device_id=device_id, lock_token=lock_token,
                     max_delivery_count=self.max_delivery_count, outcome=self._outcome(now))
         )
         self._apply(after)
@@ -871,7 +305,7 @@ class C2DQueues:
 
     async def _settle(self, device_id: str, lock_token: str, status: FeedbackStatus) -> None:
         after = await self._db.run(
-            partial(_settle_body, device_id=device_id, lock_token=lock_token, status=status,
+            partial(sql.settle_body, device_id=device_id, lock_token=lock_token, status=status,
                     outcome=self._outcome(self._clock()))
         )
         self._apply(after)
@@ -883,7 +317,7 @@ class C2DQueues:
         how many locks ended."""
         if not self.pending(device_id):
             return 0
-        released, after = await self._db.run(partial(_release_body, device_id=device_id))
+        released, after = await self._db.run(partial(sql.release_body, device_id=device_id))
         self._apply(after)
         return released
 
@@ -897,7 +331,7 @@ class C2DQueues:
         total, more = 0, True
         while more:
             expired, more, after = await self._db.run(
-                partial(_sweep_body, outcome=self._outcome(now), limit=SWEEP_CHUNK)
+                partial(sql.sweep_body, outcome=self._outcome(now), limit=SWEEP_CHUNK)
             )
             self._apply(after)
             total += expired
@@ -916,7 +350,7 @@ class C2DQueues:
         now = self._clock()
         token = str(uuid.uuid4())
         records, after = await self._db.run(
-            partial(_feedback_batch_body, now=now, token=token,
+            partial(sql.feedback_batch_body, now=now, token=token,
                     locked_until=now + self.feedback_lock_seconds, limit=max_records)
         )
         self._apply(after)
@@ -925,14 +359,15 @@ class C2DQueues:
     async def complete_feedback(self, lock_token: str) -> None:
         """Delete the batch's records (``DELETE .../feedback/{lockToken}``, ref §3.3);
         :class:`LockLostError` if no record holds the token."""
-        after = await self._db.run(partial(_complete_feedback_body, token=lock_token))
+        after = await self._db.run(partial(sql.complete_feedback_body, token=lock_token))
         self._apply(after)
 
     async def abandon_feedback(self, lock_token: str) -> None:
         """Make the batch's records available again (``POST .../{lockToken}/abandon``);
         records abandoned ``feedback_max_delivery_count`` times are dropped."""
         after = await self._db.run(
-            partial(_abandon_feedback_body, token=lock_token,
+            partial(sql.abandon_feedback_body, token=lock_token,
                     max_delivery_count=self.feedback_max_delivery_count)
         )
         self._apply(after)
+

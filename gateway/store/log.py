@@ -280,14 +280,29 @@ class MessageLog:
         *,
         device_id: str | None = None,
         kinds: Collection[str] | None = None,
+        max_bytes: int | None = None,
     ) -> list[Entry]:
-        """Committed entries with ``seq > after_seq``, ascending, at most ``limit``.
+        """Committed entries with ``seq > after_seq``, ascending, at most ``limit``, and no
+        more than ``max_bytes`` of bodies and properties (but always at least one entry).
         Filters scan in seq order (no secondary index, to keep appends cheap)."""
+        entries, _full = await self._read(after_seq, limit, device_id, kinds, max_bytes)
+        return entries
+
+    async def _read(
+        self,
+        after_seq: int,
+        limit: int,
+        device_id: str | None,
+        kinds: Collection[str] | None,
+        max_bytes: int | None,
+    ) -> tuple[list[Entry], bool]:
+        """:meth:`read`, and whether it stopped at ``limit`` or ``max_bytes`` (True) rather
+        than at the end of what was committed (False)."""
         if limit <= 0:
             raise InvalidRequestError(f"limit must be positive, not {limit}")
         upto = self.last_seq
         if after_seq >= upto or (kinds is not None and not kinds):
-            return []
+            return [], False
         sql = f"SELECT {COLUMNS} FROM log_messages WHERE seq > ? AND seq <= ?"
         args: list[Any] = [after_seq, upto]
         if device_id is not None:
@@ -300,8 +315,18 @@ class MessageLog:
         sql += " ORDER BY seq LIMIT ?"
         args.append(limit)
 
-        def query(conn: sqlite3.Connection) -> list[Entry]:
-            return [Entry(*row) for row in conn.execute(sql, args)]
+        def query(conn: sqlite3.Connection) -> tuple[list[Entry], bool]:
+            cursor = conn.execute(sql, args)
+            if max_bytes is None:
+                out = [Entry(*row) for row in cursor]
+                return out, len(out) == limit
+            out, total = [], 0
+            for row in cursor:  # rows come one by one: stop reading at the byte bound
+                out.append(Entry(*row))
+                total += len(row[6]) + len(row[5])
+                if total >= max_bytes:
+                    return out, True
+            return out, len(out) == limit
 
         return await self._db.run(query)
 
@@ -312,14 +337,16 @@ class MessageLog:
         *,
         device_id: str | None = None,
         kinds: Collection[str] | None = None,
+        max_bytes: int | None = None,
     ) -> tuple[list[Entry], int]:
         """:meth:`read`, plus the position a filtering reader may move to: when the read
         comes back short, every entry committed before it started was examined, matching or
         not, so the reader can skip past those its filters hid (and wait for commits beyond
-        that position, not beyond its last match)."""
+        that position, not beyond its last match). A read cut short by ``limit`` or
+        ``max_bytes`` moves only to its last entry."""
         examined = self.last_seq  # everything up to here is visible to the read below
-        entries = await self.read(after_seq, limit, device_id=device_id, kinds=kinds)
-        if len(entries) == limit:
+        entries, full = await self._read(after_seq, limit, device_id, kinds, max_bytes)
+        if full:
             return entries, entries[-1].seq
         return entries, max(examined, after_seq, entries[-1].seq if entries else 0)
 

@@ -364,3 +364,33 @@ async def test_reject_new_refuses_appends_over_the_cap_until_space_is_freed(
     assert (await log.prune()).expired == 5
     assert await log.append([thousand(7, clock)]) == 6
     await s.db.close()
+
+
+# -- reads bounded by bytes (issue 8) ------------------------------------------------------------
+
+
+async def test_reads_stop_at_max_bytes_but_return_at_least_one(store: Store) -> None:
+    log = store.log
+    await log.append([record(i, size=1000) for i in range(1, 21)])  # 20 x (1000 + props)
+    page = await log.read(0, 500, max_bytes=4500)
+    assert [e.seq for e in page] == [1, 2, 3, 4, 5]  # the 5th crosses 4,500 bytes
+    assert [e.seq for e in await log.read(0, 500, max_bytes=1)] == [1]
+    assert len(await log.read(0, 500)) == 20
+    assert len(await log.read(0, 3, max_bytes=10**9)) == 3
+
+
+async def test_a_scan_cut_by_bytes_moves_only_to_its_last_entry(store: Store) -> None:
+    """A filtered scan that came back short because of its byte bound must not skip the
+    matching entries it did not read yet."""
+    log = store.log
+    await log.append([record(i, size=1000) for i in range(1, 31)])  # dev0, dev1, dev2, ...
+    seen: list[int] = []
+    after = 0
+    while True:
+        entries, after = await log.scan(after, 500, device_id="dev1", max_bytes=2500)
+        assert len(entries) <= 3
+        seen += [e.seq for e in entries]
+        if not entries:
+            break
+    assert seen == [i for i in range(1, 31) if i % 3 == 1]
+    assert after == log.last_seq
