@@ -35,8 +35,9 @@ from gateway.hub.modinputs import ModuleInputService
 from gateway.hub.registry import Device, Module, Registry
 from gateway.hub.twinstore import TwinStore
 from gateway.hub.twinsvc import TwinService
+from gateway.endpoints.manager import EndpointManager
 from gateway.notify import Notifier
-from gateway.routing.routes import RouteTable
+from gateway.routingsvc import RoutingService
 from gateway.store.db import Database
 from gateway.store.log import MessageLog
 from gateway.tasks import TaskSet
@@ -76,6 +77,7 @@ class Gateway:
     log: MessageLog
     certs: pki.HubCertificates
     runtime: dict[str, object] = field(default_factory=dict)
+    routing: RoutingService | None = None
 
 
 async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
@@ -124,9 +126,11 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         broker.puback_hooks.append(hub.c2d.on_puback)
         broker.close_hooks.append(hub.c2d.on_closed)
         registry.add_listener(partial(_drop_c2d_queue, tasks_, c2d_queues))
-        inputs = ModuleInputService(message_log, RouteTable.parse(dict(config.routes)),
+        inputs = ModuleInputService(message_log, hub.router,
                                     broker=broker, registry=registry, tasks=tasks_)
-        await inputs.open()
+        endpoints = EndpointManager(message_log, hub_name=config.hub.host_name, data_dir=data_dir)
+        routing = RoutingService(db, hub=hub, inputs=inputs, endpoints=endpoints)
+        await routing.open(config)  # the router, module inputs and endpoints, live from here
         broker.ready_hooks.append(inputs.on_ready)
         broker.puback_hooks.append(inputs.on_puback)
         broker.close_hooks.append(inputs.on_closed)
@@ -139,7 +143,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
             unix_path=data_dir / "mqtt.sock" if config.mqtt.unix_socket else None,
         )
         api = ServiceApi(host_name=config.hub.host_name, registry=registry,
-                         authenticator=authenticator, log=message_log, hub=hub, broker=broker)
+                         authenticator=authenticator, log=message_log, hub=hub, broker=broker,
+                         routing=routing)
         # The MQTT listener's context: X.509 devices (self-signed ones too) work over WSS.
         await api.start(config.api.bind, config.api.port, mqtt_tls)
         owner = registry.get_policy("iothubowner")
@@ -170,11 +175,12 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
             if twin is not None:
                 await hub.children.module_desired(supervisor.device_id, spec.name, twin.desired)
         gateway = Gateway(config=config, registry=registry, hub=hub, broker=broker, api=api,
-                          log=message_log, certs=certs, runtime=runtime)
+                          log=message_log, certs=certs, runtime=runtime, routing=routing)
         stop_event = stop or _signal_stop()
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(message_log.run_retention(), name="retention")
             tasks.create_task(hub.c2d.run(), name="c2d-timers")
+            tasks.create_task(endpoints.run(), name="endpoints")
             tasks.create_task(supervisor.run(), name="modules")
             if notifier.watchdog_interval:
                 tasks.create_task(_watchdog(notifier), name="watchdog")

@@ -38,6 +38,7 @@ from gateway.store._log_sql import (
     evict,
     insert,
     load_state,
+    routes_of,
 )
 from gateway.store.db import Database
 
@@ -56,6 +57,7 @@ class Record:
     enqueued_ms: int  # epoch milliseconds
     props: str
     body: bytes
+    routes: tuple[str, ...] = ()  # names of the routes it matched (the router's decision)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +71,11 @@ class Entry:
     enqueued_ms: int
     props: str
     body: bytes
+    routes: tuple[str, ...] = ()
+
+    @classmethod
+    def of_row(cls, row: tuple[Any, ...]) -> Entry:
+        return cls(*row[:7], routes_of(row[7]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,9 +287,25 @@ class MessageLog:
         *,
         device_id: str | None = None,
         kinds: Collection[str] | None = None,
+        where: Callable[[Entry], bool] | None = None,
     ) -> list[Entry]:
         """Committed entries with ``seq > after_seq``, ascending, at most ``limit``.
-        Filters scan in seq order (no secondary index, to keep appends cheap)."""
+        Filters scan in seq order (no secondary index, to keep appends cheap); ``where``
+        (e.g. "went to this endpoint") is applied here, reading on until ``limit`` entries
+        pass it or the log ends."""
+        if where is not None:
+            out: list[Entry] = []
+            while len(out) < limit:
+                batch = await self.read(after_seq, limit, device_id=device_id, kinds=kinds)
+                for entry in batch:
+                    if where(entry):
+                        out.append(entry)
+                        if len(out) == limit:
+                            break
+                if len(batch) < limit or len(out) == limit:
+                    break
+                after_seq = batch[-1].seq
+            return out
         if limit <= 0:
             raise InvalidRequestError(f"limit must be positive, not {limit}")
         upto = self.last_seq
@@ -301,7 +324,7 @@ class MessageLog:
         args.append(limit)
 
         def query(conn: sqlite3.Connection) -> list[Entry]:
-            return [Entry(*row) for row in conn.execute(sql, args)]
+            return [Entry.of_row(row) for row in conn.execute(sql, args)]
 
         return await self._db.run(query)
 
@@ -312,13 +335,14 @@ class MessageLog:
         *,
         device_id: str | None = None,
         kinds: Collection[str] | None = None,
+        where: Callable[[Entry], bool] | None = None,
     ) -> tuple[list[Entry], int]:
         """:meth:`read`, plus the position a filtering reader may move to: when the read
         comes back short, every entry committed before it started was examined, matching or
         not, so the reader can skip past those its filters hid (and wait for commits beyond
         that position, not beyond its last match)."""
         examined = self.last_seq  # everything up to here is visible to the read below
-        entries = await self.read(after_seq, limit, device_id=device_id, kinds=kinds)
+        entries = await self.read(after_seq, limit, device_id=device_id, kinds=kinds, where=where)
         if len(entries) == limit:
             return entries, entries[-1].seq
         return entries, max(examined, after_seq, entries[-1].seq if entries else 0)
