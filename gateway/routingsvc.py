@@ -101,19 +101,25 @@ def _strip(doc: Mapping[str, Any], *keys: str) -> dict[str, Any]:
 
 def config_state(config: Config) -> RoutingState:
     """The routing state ``gateway.toml`` describes; ConfigError naming the key if it is bad."""
-    def where(path: str, fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except InvalidRequestError as exc:
-            raise ConfigError(str(exc), path=path) from None
-
-    routes = tuple(where(f"routes.{n}", lambda n=n, d=d: parse_route(n, d)) for n, d in config.routes)
-    endpoints = {n: where(f"endpoints.{n}", lambda n=n, d=d: parse_endpoint(n, d))
-                 for n, d in config.endpoints}
-    enrichments = tuple(where(f"enrichments.{k}", lambda k=k, d=d: parse_enrichment(k, d))
-                        for k, d in config.enrichments)
-    state = RoutingState(routes, endpoints, enrichments, config.routing.fallback)
-    where("routes", lambda: check_state(state))
+    path = "routes"
+    try:
+        routes = []
+        for name, doc in config.routes:
+            path = f"routes.{name}"
+            routes.append(parse_route(name, doc))
+        endpoints = {}
+        for name, doc in config.endpoints:
+            path = f"endpoints.{name}"
+            endpoints[name] = parse_endpoint(name, doc)
+        enrichments = []
+        for key, doc in config.enrichments:
+            path = f"enrichments.{key}"
+            enrichments.append(parse_enrichment(key, doc))
+        path = "routes"
+        state = RoutingState(tuple(routes), endpoints, tuple(enrichments), config.routing.fallback)
+        check_state(state)
+    except InvalidRequestError as exc:
+        raise ConfigError(str(exc), path=path) from None
     return state
 
 

@@ -26,9 +26,12 @@ except ImportError:  # pragma: no cover - orjson is a dependency
 
 
 class TwinLike(Protocol):
-    tags: Mapping[str, Any]
-    desired: Mapping[str, Any]
-    reported: Mapping[str, Any]
+    @property
+    def tags(self) -> Mapping[str, Any]: ...
+    @property
+    def desired(self) -> Mapping[str, Any]: ...
+    @property
+    def reported(self) -> Mapping[str, Any]: ...
 
 
 TwinLookup = Callable[[str, "str | None"], "TwinLike | None"]
@@ -84,13 +87,13 @@ def decode_body(body: bytes, system: Mapping[str, str]) -> Value:
         return UNDEFINED
     if codec == "utf-8-sig" and not body.startswith(b"\xef\xbb\xbf"):
         try:
-            return _loads_utf8(body)  # type: ignore[no-any-return]
+            return _loads_utf8(body)
         except _DecodeError:
             pass  # e.g. integers beyond 64 bits: the stdlib decoder below takes those
         except ValueError:
             return UNDEFINED
     try:
-        return json.loads(body.decode(codec), parse_constant=_reject_constant)  # type: ignore[no-any-return]
+        return json.loads(body.decode(codec), parse_constant=_reject_constant)
     except (ValueError, RecursionError):
         return UNDEFINED
 

@@ -399,7 +399,7 @@ class _Parser:
                 if index.kind != "num" or type(index.value) is not int:
                     raise self.error("expected an array index")
                 self.take()
-                steps.append(int(index.value))  # type: ignore[call-overload]
+                steps.append(int(index.value))
                 self.expect("]")
         return tuple(steps)
 

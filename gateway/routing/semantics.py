@@ -96,7 +96,7 @@ def _power(x: Value, y: Value) -> Value:
         return UNDEFINED
     if type(out) is not float or not math.isfinite(out):
         return UNDEFINED  # a complex result (negative base, fractional power)
-    return int(out) if type(x) is int and type(y) is int and y >= 0 and out.is_integer() else out  # type: ignore[operator]
+    return int(out) if type(x) is int and type(y) is int and y >= 0 and out.is_integer() else out
 
 
 def _sign(x: Any) -> Value:
@@ -108,7 +108,7 @@ def _as_number(x: Value) -> Value:
         return x
     if type(x) is not str:
         return UNDEFINED
-    text = x.strip()  # type: ignore[attr-defined]
+    text = x.strip()
     try:
         if text.isdigit() or (text[:1] == "-" and text[1:].isdigit()):
             return int(text)
@@ -136,8 +136,8 @@ def _substring(s: Value, start: Value, length: Value = None) -> Value:
         return UNDEFINED
     begin = max(int(start), 0)  # type: ignore[call-overload]
     if length is None:
-        return s[begin:]  # type: ignore[index]
-    return s[begin:begin + max(int(length), 0)]  # type: ignore[call-overload, index]
+        return s[begin:]
+    return s[begin:begin + max(int(length), 0)]  # type: ignore[call-overload]
 
 
 def _is_primitive(x: Value) -> bool:
@@ -243,7 +243,7 @@ def _arith(op: str, a: Value, b: Value) -> Value:
         return UNDEFINED
     if type(out) is float and not math.isfinite(out):
         return UNDEFINED
-    return out  # type: ignore[no-any-return]
+    return out
 
 
 def evaluate(node: Node, m: Message) -> Value:
@@ -280,7 +280,7 @@ def evaluate(node: Node, m: Message) -> Value:
         if op == "??":
             return right if left is UNDEFINED else left
         if op == "||":
-            return left + right if type(left) is str and type(right) is str else UNDEFINED  # type: ignore[operator]
+            return left + right if type(left) is str and type(right) is str else UNDEFINED
         if op in ("=", "!=", "<>", "<", ">", "<=", ">="):
             return _compare(op, left, right)
         return _arith(op, left, right)

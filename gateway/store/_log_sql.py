@@ -56,7 +56,7 @@ _FIELDS = attrgetter("kind", "device_id", "module_id", "enqueued_ms", "props", "
 
 def ROW_OF(record: Any) -> Row:  # noqa: N802 - it stands in for an attrgetter
     """The row of one Record: its fields, then its route names joined by commas."""
-    return (*_FIELDS(record), ",".join(record.routes))  # type: ignore[no-any-return]
+    return (*_FIELDS(record), ",".join(record.routes))
 
 
 def routes_of(text: str) -> tuple[str, ...]:

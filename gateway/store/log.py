@@ -75,7 +75,8 @@ class Entry:
 
     @classmethod
     def of_row(cls, row: tuple[Any, ...]) -> Entry:
-        return cls(*row[:7], routes_of(row[7]))
+        seq, kind, device_id, module_id, enqueued_ms, props, body, routes = row
+        return cls(seq, kind, device_id, module_id, enqueued_ms, props, body, routes_of(routes))
 
 
 @dataclass(frozen=True, slots=True)
