@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.routing import semantics
-from gateway.routing.message import ENQUEUED_TIME, MessageView, iso_ms, system_key
+from gateway.routing.message import ENQUEUED_TIME, MessageView, decode_body, iso_ms, system_key
 from gateway.routing.query import (
     UNDEFINED,
     AppProp,
@@ -146,9 +146,24 @@ _NAMESPACE: dict[str, Any] = {
 
 
 class _Gen:
-    def __init__(self) -> None:
+    """Code for one condition over a :class:`MessageView` ``m`` (``raw=False``), or for a whole
+    table over the raw parts (``raw=True``: locals ``S`` ``A`` ``body`` ``dev`` ``mod`` ``enq``
+    ``twins``, with the decoded body ``B`` and the twin ``T`` computed on first use)."""
+
+    def __init__(self, raw: bool = False) -> None:
         self.consts: dict[str, Any] = {}
         self.temps = 0
+        self.raw = raw
+
+    def body(self) -> str:
+        return "(B if B is not _N else (B := _decode(body, S)))" if self.raw else "m.body_json()"
+
+    def twin(self, section: str) -> str:
+        if not self.raw:
+            return f"m.twin_section({section!r})"
+        t = self.temp()
+        return (f"(U if ({t} := (T if T is not _N else (T := (twins(dev, mod) if twins is not None"
+                f" else None)))) is None else {t}.{section})")
 
     def const(self, value: Any) -> str:
         name = f"_c{len(self.consts)}"
@@ -170,14 +185,14 @@ class _Gen:
             return f"A.get({self.const(node.name)}, U)"
         if isinstance(node, SysProp):
             if node.name.lower() == ENQUEUED_TIME:
-                return "_iso(m.enqueued_ms)"
+                return "_iso(enq)" if self.raw else "_iso(m.enqueued_ms)"
             t = self.temp()
             key, fallback = self.const(system_key(node.name)), self.const("$" + node.name)
             return f"({t} if ({t} := S.get({key}, U)) is not U else A.get({fallback}, U))"
         if isinstance(node, BodyPath):
-            return self._path("m.body_json()", node.path)
+            return self._path(self.body(), node.path)
         if isinstance(node, TwinPath):
-            return self._path(f"m.twin_section({node.section!r})", node.path)
+            return self._path(self.twin(node.section), node.path)
         if isinstance(node, Unary):
             t = self.temp()
             inner = self.expr(node.operand)
@@ -189,15 +204,23 @@ class _Gen:
             return self._binary(node)
         if isinstance(node, Call):
             if node.name == "TWIN_CHANGE_INCLUDES":
-                return f"_tci(m.body_json(), {self.const(node.args[0].value)})"  # type: ignore[union-attr]
+                return f"_tci({self.body()}, {self.const(node.args[0].value)})"  # type: ignore[union-attr]
             return f"_f_{node.name}({', '.join(self.expr(a) for a in node.args)})"
         raise TypeError(node)  # pragma: no cover
 
     def _path(self, base: str, path: tuple[Any, ...]) -> str:
-        if len(path) == 1 and type(path[0]) is str:
+        """Inline steps: ``x.get(k, U)`` behind a dict test, ``x[i]`` behind a list test."""
+        if len(path) > 4:
+            return f"_walk({base}, {self.const(path)})"
+        code = base
+        for step in path:
             t = self.temp()
-            return f"({t}.get({self.const(path[0])}, U) if ({t} := {base}).__class__ is dict else U)"
-        return f"_walk({base}, {self.const(path)})"
+            if type(step) is str:
+                code = f"({t}.get({self.const(step)}, U) if ({t} := {code}).__class__ is dict else U)"
+            else:
+                code = (f"({t}[{step}] if ({t} := {code}).__class__ is list and len({t}) > {step}"
+                        " else U)")
+        return code
 
     def _binary(self, node: Binary) -> str:
         op = node.op
@@ -276,6 +299,28 @@ def compile_tree(tree: Node, text: str = "") -> Compiled:
     exec(code, namespace)  # noqa: S102 - our own generated code
     return Compiled(text=text, tree=tree, predicate=namespace["_condition"], deps=deps(tree),
                     source=source)
+
+
+_NOT_YET = object()
+
+
+def compile_table(trees: list[Node], names: list[str]) -> Callable[..., list[str]]:
+    """One function for several conditions: ``fn(S, A, body, dev, mod, enq, twins)`` gives
+    the names of those that are true, in order. The body is decoded at most once and the twin
+    looked up at most once, and only if a condition reaches them; no view object is built."""
+    gen = _Gen(raw=True)
+    lines = ["def _table(S, A, body, dev, mod, enq, twins):",
+             "    B = T = _N",
+             "    out = []"]
+    for tree, name in zip(trees, names, strict=True):
+        lines.append(f"    if {gen.expr(tree)} is True:")
+        lines.append(f"        out.append({gen.const(name)})")
+    lines.append("    return out")
+    namespace = dict(_NAMESPACE)
+    namespace.update(gen.consts)
+    namespace.update(_N=_NOT_YET, _decode=decode_body)
+    exec(compile("\n".join(lines) + "\n", "<route table>", "exec"), namespace)  # noqa: S102
+    return namespace["_table"]  # type: ignore[no-any-return]
 
 
 def compile_condition(text: str) -> Compiled:

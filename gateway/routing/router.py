@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from gateway.routing.compiler import Compiled
+from gateway.routing.compiler import Compiled, compile_table
 from gateway.routing.message import MessageView, TwinLookup
 from gateway.routing.model import (
     EVENTS,
@@ -72,8 +72,12 @@ def source_path(kind: str, module_id: str | None, system: Mapping[str, str]) -> 
     return None
 
 
+Table = Callable[..., list[str]]
+
+
 @dataclass(frozen=True, slots=True)
 class _Route:
+    index: int
     spec: RouteSpec
     compiled: Compiled
     kinds: frozenset[str]
@@ -86,7 +90,7 @@ class _Route:
         return self.prefix is None or (path is not None and (path.lower() + "/").startswith(self.prefix))
 
 
-def _compile(spec: RouteSpec) -> _Route:
+def _compile(index: int, spec: RouteSpec) -> _Route:
     compiled = compile_route(spec)
     if spec.source.startswith("/"):
         prefix = spec.source.rstrip("*").rstrip("/").lower() + "/"
@@ -94,7 +98,17 @@ def _compile(spec: RouteSpec) -> _Route:
     else:
         prefix = None
         kinds = frozenset({SOURCES[spec.source]})
-    return _Route(spec, compiled, kinds, prefix, compiled.deps <= {"props"})
+    return _Route(index, spec, compiled, kinds, prefix, compiled.deps <= {"props"})
+
+
+def _slow_table(routes: list[_Route]) -> Table:
+    def table(system: Mapping[str, str], application: Mapping[str, str | None], body: bytes,
+              device_id: str, module_id: str | None, enqueued_ms: int,
+              twins: TwinLookup | None) -> list[str]:
+        view = MessageView(system, application, body, device_id=device_id, module_id=module_id,
+                           enqueued_ms=enqueued_ms, twins=twins)
+        return [r.spec.name for r in routes if r.compiled.predicate(view)]
+    return table
 
 
 class Router:
@@ -105,7 +119,7 @@ class Router:
         self.state = state or RoutingState()
         self.hub_name = hub_name
         self.twins = twins
-        routes = [_compile(r) for r in self.state.routes]
+        routes = [_compile(i, r) for i, r in enumerate(self.state.routes)]
         self._routes = routes
         enabled = [r for r in routes if r.spec.enabled]
         self._by_kind = {kind: [r for r in enabled if kind in r.kinds] for kind in ALL_KINDS}
@@ -113,7 +127,8 @@ class Router:
         self.fallback = self.state.fallback
         self.trivial = self.empty  # everything goes to events (or nowhere): no evaluation
         self.default = FALLBACK_ONLY if self.fallback else NOWHERE  # what route() gives then
-        self._cache: dict[str, tuple[tuple[str, ...], tuple[_Route, ...]]] = {}
+        self._cache: dict[str, tuple[tuple[str, ...], Table | None]] = {}
+        self._tables: dict[tuple[int, ...], Table] = {}
         self._endpoint_routes: dict[str, frozenset[str]] = {}
         for r in routes:
             self._endpoint_routes[r.spec.endpoint] = self._endpoint_routes.get(
@@ -140,46 +155,53 @@ class Router:
         caller has it: property-only conditions are cached by it."""
         if self.empty:
             return self.default
-        candidates = self._by_kind[kind]
         names: tuple[str, ...] = ()
-        if candidates:
-            view: MessageView | None = None
+        if self._by_kind[kind]:
             hit = self._cache.get(key) if key is not None else None
             if hit is None:
-                view = MessageView(system, application, body, device_id=device_id,
-                                   module_id=module_id, enqueued_ms=enqueued_ms, twins=self.twins)
-                hit = self._split(kind, view, candidates)
+                hit = self._split(kind, system, application, device_id, module_id)
                 if key is not None:
                     if len(self._cache) >= CACHE_LIMIT:
                         self._cache.clear()
                     self._cache[key] = hit
-            names, dynamic = hit
-            if dynamic:
-                if view is None:
-                    view = MessageView(system, application, body, device_id=device_id,
-                                       module_id=module_id, enqueued_ms=enqueued_ms,
-                                       twins=self.twins)
-                more = tuple(r.spec.name for r in dynamic if r.compiled.predicate(view))
+            names, table = hit
+            if table is not None:
+                more = table(system, application, body, device_id, module_id, enqueued_ms,
+                             self.twins)
                 if more:
-                    names = names + more
+                    names = names + tuple(more)
         if not names and kind == TELEMETRY and self.fallback:
             return FALLBACK_ONLY
         return names
 
-    def _split(self, kind: str, view: MessageView,
-               candidates: list[_Route]) -> tuple[tuple[str, ...], tuple[_Route, ...]]:
-        """(static routes matched, routes left to evaluate per message) for one property set."""
-        path = source_path(kind, view.module_id, view.system)
+    def _split(self, kind: str, system: Mapping[str, str], application: Mapping[str, str | None],
+               device_id: str, module_id: str | None) -> tuple[tuple[str, ...], Table | None]:
+        """(static routes matched, the compiled table of the routes left to evaluate per
+        message) for one property set."""
+        path = source_path(kind, module_id, system)
+        view = MessageView(system, application, b"", device_id=device_id, module_id=module_id,
+                           enqueued_ms=0)
         matched: list[str] = []
-        dynamic: list[_Route] = []
-        for r in candidates:
+        dynamic: list[int] = []
+        for r in self._by_kind[kind]:
             if not r.source_matches(kind, path):
                 continue
             if not r.static:
-                dynamic.append(r)
+                dynamic.append(r.index)
             elif r.compiled.predicate(view):
                 matched.append(r.spec.name)
-        return tuple(matched), tuple(dynamic)
+        return tuple(matched), self._table(tuple(dynamic)) if dynamic else None
+
+    def _table(self, indexes: tuple[int, ...]) -> Table:
+        table = self._tables.get(indexes)
+        if table is None:
+            routes = [self._routes[i] for i in indexes]
+            try:
+                table = compile_table([r.compiled.tree for r in routes], [r.spec.name for r in routes])
+            except (SyntaxError, RecursionError, MemoryError):  # past CPython's nesting limits
+                table = _slow_table(routes)
+            self._tables[indexes] = table
+        return table
 
     # -- readers -------------------------------------------------------------------------------
 

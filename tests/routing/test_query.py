@@ -268,3 +268,15 @@ def test_deeply_chained_conditions_still_work() -> None:
     compiled = compile_condition(text)
     assert compiled.predicate(view({}, {f"a{i}": "1" for i in range(120)}))
     assert not compiled.predicate(view({}, {f"a{i}": "1" for i in range(119)}))
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(TREES, min_size=1, max_size=4), messages())
+def test_compiled_table_agrees_with_the_reference_evaluator(trees: list[Node], m: MessageView) -> None:
+    """The hub's form: several conditions in one function over the raw message parts."""
+    from gateway.routing.compiler import compile_table
+
+    names = [f"r{i}" for i in range(len(trees))]
+    table = compile_table(trees, names)
+    got = table(m.system, m.application, m.body, m.device_id, m.module_id, m.enqueued_ms, m.twins)
+    assert got == [n for n, t in zip(names, trees) if evaluate(t, m) is True]
