@@ -66,6 +66,7 @@ class HttpSink:
 
 class _HttpSession:
     recovered = 0
+    reachable = False
 
     def __init__(self, spec: HttpEndpointSpec, client: aiohttp.ClientSession) -> None:
         self.spec = spec

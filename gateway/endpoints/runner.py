@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway.endpoints.envelope import Delivery, delivery_of
-from gateway.errors import EndpointError, GatewayError
+from gateway.errors import EndpointError, GatewayError, StoreError
 from gateway.store.log import Entry, MessageLog
 
 __all__ = ["Health", "Progress", "Runner", "Session", "Sink", "Tuning", "cursor_name"]
@@ -122,6 +122,10 @@ class Session(Protocol):
     recovered: int
     """Highest seq the far side already holds (the file endpoint after a crash), else 0."""
 
+    reachable: bool
+    """Opening the session proved the far side works (an MQTT CONNACK), so health may say
+    healthy before the first delivery; False when only a delivery can tell (HTTP)."""
+
     async def deliver(self, batch: Sequence[Delivery], progress: Progress) -> None:
         """Send ``batch`` in order, reporting each acknowledgement to ``progress``; raise
         :class:`EndpointError` if the far side failed (what ``progress`` holds is kept)."""
@@ -154,7 +158,6 @@ class Health:
         self.last_error_time: float | None = None
         self.last_delivered_time: float | None = None
         self.position = 0
-        self.running = False
 
     def succeeded(self) -> None:
         self.ok = True
@@ -231,37 +234,34 @@ class Runner:
         return seq
 
     async def run(self) -> None:
-        self.health.running = True
         started = False
-        try:
-            while True:
-                error = "the session ended"
-                try:
-                    if not started:
-                        await self.ensure_cursor()
-                        started = True
-                    async with self.sink.session() as session:
+        while True:
+            error = "the session ended"
+            try:
+                if not started:
+                    await self.ensure_cursor()
+                    started = True
+                async with self.sink.session() as session:
+                    if session.reachable:
                         self.health.succeeded()
-                        if session.recovered > self.health.position:
-                            await self._store(session.recovered, force=True)
-                        await self._drain(session)
-                except* EndpointError as group:
-                    error = str(group.exceptions[0])
-                except* (OSError, GatewayError) as group:  # the disk, the store: retry too
-                    error = f"{type(group.exceptions[0]).__name__}: {group.exceptions[0]}"
-                except* Exception as group:  # a bug: logged, and retried like a failure
-                    log.error("endpoint %s failed", self.name, exc_info=group.exceptions[0])
-                    error = f"internal error: {group.exceptions[0]!r}"
-                if started:
-                    with contextlib.suppress(GatewayError):
-                        await self._store(self.health.position, force=True)
-                self.health.failed(error)
-                delay = self._backoff.next()
-                log.warning("endpoint %s unavailable (%s); retrying in %.1f s", self.name,
-                            error, delay)
-                await asyncio.sleep(delay)
-        finally:
-            self.health.running = False
+                    if session.recovered > self.health.position:
+                        await self._store(session.recovered, force=True)
+                    await self._drain(session)
+            except* EndpointError as group:
+                error = str(group.exceptions[0])
+            except* (OSError, GatewayError) as group:  # the disk, the store: retry too
+                error = f"{type(group.exceptions[0]).__name__}: {group.exceptions[0]}"
+            except* Exception as group:  # a bug: logged, and retried like a failure
+                log.error("endpoint %s failed", self.name, exc_info=group.exceptions[0])
+                error = f"internal error: {group.exceptions[0]!r}"
+            if started:
+                with contextlib.suppress(GatewayError):
+                    await self._store(self.health.position, force=True)
+            self.health.failed(error)
+            delay = self._backoff.next()
+            log.warning("endpoint %s unavailable (%s); retrying in %.1f s", self.name,
+                        error, delay)
+            await asyncio.sleep(delay)
 
     async def _drain(self, session: Session) -> None:
         while True:
@@ -269,7 +269,16 @@ class Runner:
             entries, upto = await self.log.scan(position, self._tuning.read_batch)
             select = self._select()
             enrich = self._enrich()
-            batch = [delivery_of(e, enrich(e), self._host_name) for e in entries if select(e)]
+            batch = []
+            for entry in entries:
+                if select(entry):
+                    try:
+                        batch.append(delivery_of(entry, enrich(entry), self._host_name))
+                    except StoreError as exc:  # a corrupt row: never deliverable
+                        log.error("endpoint %s: dead-lettered seq=%d: %s", self.name,
+                                  entry.seq, exc)
+                        self.health.dead_lettered += 1
+                        self.health.last_error = f"dead-lettered seq {entry.seq}: {exc}"
             if batch:
                 progress = Progress(batch)
                 try:
