@@ -44,7 +44,7 @@ def _describe(exc: BaseException) -> str:
 
 class MqttSink:
     def __init__(self, spec: MqttEndpointSpec, *, client_id: str,
-                 connect_timeout: float = 30.0) -> None:
+                 connect_timeout: float = 10.0) -> None:
         self.spec = spec
         self.client_id = client_id
         self.connect_timeout = connect_timeout

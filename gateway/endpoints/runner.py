@@ -50,7 +50,7 @@ class Tuning:
     backoff_max: float = 60.0  # cap
     dead_after: float = 3600.0  # failing this long continuously -> "dead"
     read_batch: int = 500  # log entries read at a time
-    skip_cursor_interval: float = 1.0  # how often a cursor that only skipped is stored
+    cursor_interval: float = 0.25  # while behind, the cursor is stored at most this often
 
 
 class Backoff:
@@ -157,6 +157,7 @@ class Health:
         self.last_error: str | None = None
         self.last_error_time: float | None = None
         self.last_delivered_time: float | None = None
+        self.last_attempt_time: float | None = None
         self.position = 0
 
     def succeeded(self) -> None:
@@ -168,8 +169,8 @@ class Health:
         if self.failing_since is None:
             self.failing_since = time.monotonic()
         self.retries += 1
+        self.last_attempt_time = self.last_error_time = time.time()
         self.last_error = error
-        self.last_error_time = time.time()
 
     @property
     def status(self) -> str:
@@ -196,9 +197,10 @@ class Health:
             "deadLettered": self.dead_lettered,
             "backlog": max(0, last_seq - self.position),
             "cursor": self.position,
-            "lastError": self.last_error,
-            "lastErrorTime": stamp(self.last_error_time),
-            "lastDeliveredTime": stamp(self.last_delivered_time),
+            "lastKnownError": self.last_error,
+            "lastKnownErrorTime": stamp(self.last_error_time),
+            "lastSuccessfulSendAttemptTime": stamp(self.last_delivered_time),
+            "lastSendAttemptTime": stamp(self.last_attempt_time),
         }
 
 
@@ -279,15 +281,18 @@ class Runner:
                                   entry.seq, exc)
                         self.health.dead_lettered += 1
                         self.health.last_error = f"dead-lettered seq {entry.seq}: {exc}"
+                        self.health.last_error_time = time.time()
             if batch:
                 progress = Progress(batch)
+                self.health.last_attempt_time = time.time()
                 try:
                     await session.deliver(batch, progress)
                 finally:
                     self._account(progress, upto)
                 self._backoff.reset()
                 self.health.succeeded()
-                await self._store(self.health.position, force=True)
+                caught_up = self.health.position >= self.log.last_seq
+                await self._store(self.health.position, force=caught_up)
             else:
                 self.health.position = upto
                 await self._store(upto, force=False)
@@ -314,8 +319,8 @@ class Runner:
     async def _wait(self, session: Session) -> None:
         while True:
             timeout = session.idle_timeout()
-            wait = self._tuning.skip_cursor_interval if timeout is None else min(
-                timeout, self._tuning.skip_cursor_interval)
+            wait = self._tuning.cursor_interval if timeout is None else min(
+                timeout, self._tuning.cursor_interval)
             if await self.log.wait_beyond(self.health.position, max(0.0, wait)):
                 return
             if timeout is not None and timeout <= wait:
@@ -323,15 +328,16 @@ class Runner:
             await self._store(self.health.position, force=False)
 
     async def _store(self, seq: int, *, force: bool) -> None:
-        """Write the cursor if it moved (at most every ``skip_cursor_interval`` unless
-        ``force``: a cursor that only skipped unselected entries can lag; re-reading them
-        after a crash costs a scan, never a message)."""
+        """Write the cursor if it moved: at once if ``force`` (caught up, or failing), else
+        at most every ``cursor_interval`` (while working through a backlog, or skipping
+        entries not selected). A cursor that lags costs messages sent again after a crash,
+        never a message lost."""
         self.health.position = max(self.health.position, seq)
         seq = self.health.position
         if seq == self._stored:
             return
         now = time.monotonic()
-        if not force and now - self._stored_at < self._tuning.skip_cursor_interval:
+        if not force and now - self._stored_at < self._tuning.cursor_interval:
             return
         await self.log.set_cursor(self.cursor, seq, pin=True)
         self._stored = seq
