@@ -197,9 +197,9 @@ class Health:
             "deadLettered": self.dead_lettered,
             "backlog": max(0, last_seq - self.position),
             "cursor": self.position,
-            "lastKnownError": self.last_error,
-            "lastKnownErrorTime": stamp(self.last_error_time),
-            "lastSuccessfulSendAttemptTime": stamp(self.last_delivered_time),
+            "lastError": self.last_error,
+            "lastErrorTime": stamp(self.last_error_time),
+            "lastDeliveredTime": stamp(self.last_delivered_time),
             "lastSendAttemptTime": stamp(self.last_attempt_time),
         }
 

@@ -120,7 +120,7 @@ async def test_5xx_and_429_are_retried_in_order(tmp_path: Path, log: MessageLog)
         assert first_four == [[0, 1, 2, 3]] * 4  # the same batch again, nothing skipped
         assert [m["body"]["i"] for m in collector.messages()] == list(range(6))
         assert health["retries"] == 3 and health["deadLettered"] == 0
-        assert "HTTP 500" in health["lastKnownError"] and health["healthStatus"] == "healthy"
+        assert "HTTP 500" in health["lastError"] and health["healthStatus"] == "healthy"
     finally:
         await server.cleanup()
 
@@ -138,7 +138,7 @@ async def test_other_4xx_is_dead_lettered_and_counted(tmp_path: Path, log: Messa
             health = manager.health("c")[0]
         assert [m["body"]["i"] for m in collector.messages()] == [1, 2, 4, 5, 7, 8]
         assert health["deadLettered"] == 3 and health["delivered"] == 6
-        assert health["retries"] == 0 and "HTTP 400" in health["lastKnownError"]
+        assert health["retries"] == 0 and "HTTP 400" in health["lastError"]
         assert len(collector.requests) == 9  # each refused message posted once
     finally:
         await server.cleanup()
@@ -193,6 +193,6 @@ async def test_a_refused_batch_is_split_so_only_the_bad_message_is_lost(
         assert [m["body"]["i"] for m in collector.messages()] == [0, 1, 2, 4, 5, 6, 7]
         assert [len(b) for _s, b, _h in collector.requests] == [5, 1, 1, 1, 1, 1, 3]
         assert health["deadLettered"] == 1 and health["delivered"] == 7
-        assert "HTTP 422" in health["lastKnownError"]
+        assert "HTTP 422" in health["lastError"]
     finally:
         await server.cleanup()

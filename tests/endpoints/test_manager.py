@@ -110,5 +110,5 @@ async def test_health_goes_unhealthy_then_dead_and_keeps_everything(tmp_path: Pa
         health = await eventually(
             lambda: [h for h in manager.health("m") if h["healthStatus"] == "dead"], 10, "dead")
     assert health[0]["backlog"] == 4 and health[0]["retries"] >= 2
-    assert health[0]["lastKnownError"] and health[0]["lastKnownErrorTime"].endswith("Z")
+    assert health[0]["lastError"] and health[0]["lastErrorTime"].endswith("Z")
     assert await log.get_cursor("endpoint/m") == 0  # nothing given up while dead

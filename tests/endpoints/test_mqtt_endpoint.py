@@ -129,8 +129,8 @@ async def test_tls_with_ca_file_and_password(tmp_path: Path, log: MessageLog) ->
             health = await eventually(
                 lambda: [h for h in manager.health("tls") if h["healthStatus"] == "unhealthy"],
                 10, "unhealthy with a wrong password")
-            assert "refused" in health[0]["lastKnownError"].lower() or "not authori" in \
-                health[0]["lastKnownError"].lower(), health[0]["lastKnownError"]
+            assert "refused" in health[0]["lastError"].lower() or "not authori" in \
+                health[0]["lastError"].lower(), health[0]["lastError"]
             assert health[0]["backlog"] == 5 and sub.messages == []
             await manager.apply([parse_endpoint("tls", {**doc, "passwordFile": str(good)})],
                                 by_device("d1"), no_enrich)
@@ -193,7 +193,7 @@ async def test_broker_restart_loses_nothing_and_keeps_order(tmp_path: Path,
             assert order[device] == list(range(k, total, 3)), device
         assert health["healthStatus"] == "healthy" and health["retries"] >= 1
         assert health["delivered"] >= total and health["backlog"] == 0
-        assert health["lastKnownError"]
+        assert health["lastError"]
     finally:
         sub.stop()
         broker.stop()
