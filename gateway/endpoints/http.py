@@ -5,7 +5,8 @@ up to N envelopes (in log order). The answer decides:
 
 - 2xx: delivered (the cursor moves over the request's messages);
 - 408, 429 and 5xx, a refused connection, a timeout: retry later, the same messages in the
-  same order (so per-device order holds);
+  same order (so per-device order holds); a 3xx too (redirects are not followed: the
+  messages and credentials go only where the endpoint says);
 - 401, 403 and 407 also retry later: they say the endpoint's credentials are wrong, not the
   messages, so dead-lettering would throw away everything until someone fixes a header;
 - any other 4xx: the messages are dead-lettered (counted in ``deadLettered``, logged with the
@@ -32,6 +33,7 @@ from gateway.errors import EndpointError
 __all__ = ["HttpSink"]
 
 _RETRY_4XX = frozenset({401, 403, 407, 408, 429})
+_ANSWER_BYTES = 4096
 _COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
@@ -105,15 +107,22 @@ class _HttpSession:
         envelopes = [json_envelope(d) for d in chunk]
         body = _COMPACT.encode(envelopes if array else envelopes[0]).encode("utf-8")
         try:
-            async with self.client.post(self.spec.url, data=body) as response:
+            async with self.client.post(self.spec.url, data=body,
+                                        allow_redirects=False) as response:
                 status = response.status
+                # Only the start of the answer is read: a collector cannot make us buffer
+                # more (the connection is closed instead of drained).
+                head = await response.content.read(_ANSWER_BYTES)
                 if 200 <= status < 300:
-                    await response.read()
                     return None
-                answer = (await response.text(errors="replace"))[:200].strip()
+                location = response.headers.get("Location", "")
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise EndpointError(f"POST {self.spec.url}: {exc or type(exc).__name__}") from None
+        answer = head.decode("utf-8", "replace")[:200].strip()
         reason = f"HTTP {status}" + (f": {answer}" if answer else "")
+        if 300 <= status < 400:  # not followed: the URL is wrong, not the messages
+            raise EndpointError(f"POST {self.spec.url}: {reason} (redirect to {location!r}"
+                                " not followed; fix the endpoint's url)")
         if retry_later(status):
             raise EndpointError(f"POST {self.spec.url}: {reason}")
         return reason
