@@ -187,6 +187,8 @@ class FileSink:
 
 
 class _FileSession:
+    reachable = True
+
     def __init__(self, sink: FileSink, recovered: int) -> None:
         self.sink = sink
         self.spec = sink.spec

@@ -5,11 +5,13 @@ up to N envelopes (in log order). The answer decides:
 
 - 2xx: delivered (the cursor moves over the request's messages);
 - 408, 429 and 5xx, a refused connection, a timeout: retry later, the same messages in the
-  same order (so per-device order holds);
+  same order (so per-device order holds); a 3xx too (redirects are not followed: the
+  messages and credentials go only where the endpoint says);
 - 401, 403 and 407 also retry later: they say the endpoint's credentials are wrong, not the
   messages, so dead-lettering would throw away everything until someone fixes a header;
 - any other 4xx: the messages are dead-lettered (counted in ``deadLettered``, logged with the
-  status and the start of the answer) and the endpoint goes on.
+  status and the start of the answer) and the endpoint goes on. A refused batch is posted
+  again one message at a time first, so only the messages refused alone are dead-lettered.
 
 HTTPS verifies the server against ``caFile`` (or the system's CAs), TLS 1.2+.
 """
@@ -31,6 +33,7 @@ from gateway.errors import EndpointError
 __all__ = ["HttpSink"]
 
 _RETRY_4XX = frozenset({401, 403, 407, 408, 429})
+_ANSWER_BYTES = 4096
 _COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
@@ -66,6 +69,7 @@ class HttpSink:
 
 class _HttpSession:
     recovered = 0
+    reachable = False
 
     def __init__(self, spec: HttpEndpointSpec, client: aiohttp.ClientSession) -> None:
         self.spec = spec
@@ -81,21 +85,44 @@ class _HttpSession:
         size = self.spec.batch
         for start in range(0, len(batch), size):
             chunk = batch[start:start + size]
-            envelopes = [json_envelope(d) for d in chunk]
-            body = _COMPACT.encode(envelopes if size > 1 else envelopes[0]).encode("utf-8")
-            try:
-                async with self.client.post(self.spec.url, data=body) as response:
-                    status = response.status
-                    if 200 <= status < 300:
-                        await response.read()
-                        progress.ack_through(start + len(chunk))
-                        continue
-                    answer = (await response.text(errors="replace"))[:200].strip()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise EndpointError(f"POST {self.spec.url}: {exc or type(exc).__name__}"
-                                    ) from None
-            reason = f"HTTP {status}" + (f": {answer}" if answer else "")
-            if retry_later(status):
-                raise EndpointError(f"POST {self.spec.url}: {reason}")
-            for index in range(start, start + len(chunk)):
-                progress.dead_letter(index, reason)
+            refused = await self._post(chunk, array=size > 1)
+            if refused is None:
+                progress.ack_through(start + len(chunk))
+                continue
+            if len(chunk) == 1:
+                progress.dead_letter(start, refused)
+                continue
+            # One refused message must not take its neighbours along: post them one by one
+            # (still as arrays, so the collector sees the same shape) and settle each.
+            for offset, d in enumerate(chunk):
+                alone = await self._post([d], array=True)
+                if alone is None:
+                    progress.ack(start + offset)
+                else:
+                    progress.dead_letter(start + offset, alone)
+
+    async def _post(self, chunk: Sequence[Delivery], *, array: bool) -> str | None:
+        """POST ``chunk``: None when delivered, the reason when the collector refused it
+        for good; raises EndpointError when it should be tried again later."""
+        envelopes = [json_envelope(d) for d in chunk]
+        body = _COMPACT.encode(envelopes if array else envelopes[0]).encode("utf-8")
+        try:
+            async with self.client.post(self.spec.url, data=body,
+                                        allow_redirects=False) as response:
+                status = response.status
+                # Only the start of the answer is read: a collector cannot make us buffer
+                # more (the connection is closed instead of drained).
+                head = await response.content.read(_ANSWER_BYTES)
+                if 200 <= status < 300:
+                    return None
+                location = response.headers.get("Location", "")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise EndpointError(f"POST {self.spec.url}: {exc or type(exc).__name__}") from None
+        answer = head.decode("utf-8", "replace")[:200].strip()
+        reason = f"HTTP {status}" + (f": {answer}" if answer else "")
+        if 300 <= status < 400:  # not followed: the URL is wrong, not the messages
+            raise EndpointError(f"POST {self.spec.url}: {reason} (redirect to {location!r}"
+                                " not followed; fix the endpoint's url)")
+        if retry_later(status):
+            raise EndpointError(f"POST {self.spec.url}: {reason}")
+        return reason

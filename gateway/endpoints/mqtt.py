@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -43,7 +44,7 @@ def _describe(exc: BaseException) -> str:
 
 class MqttSink:
     def __init__(self, spec: MqttEndpointSpec, *, client_id: str,
-                 connect_timeout: float = 30.0) -> None:
+                 connect_timeout: float = 10.0) -> None:
         self.spec = spec
         self.client_id = client_id
         self.connect_timeout = connect_timeout
@@ -74,8 +75,10 @@ class MqttSink:
             spec.host, spec.port, username=spec.username, password=self._password(),
             identifier=self.client_id, clean_session=True, tls_context=self._tls(),
             timeout=self.connect_timeout, max_inflight_messages=spec.max_inflight,
+            keepalive=30,
             max_queued_outgoing_messages=0,
         )
+        client.pending_calls_threshold = spec.max_inflight + 16  # a full window is normal
         try:
             async with client, asyncio.TaskGroup() as tasks:
                 tasks.create_task(_watch(client))
@@ -92,6 +95,7 @@ async def _watch(client: aiomqtt.Client) -> None:
 
 class _MqttSession:
     recovered = 0
+    reachable = True
 
     def __init__(self, spec: MqttEndpointSpec, client: aiomqtt.Client,
                  tasks: asyncio.TaskGroup) -> None:
@@ -135,7 +139,9 @@ class _MqttSession:
 async def _publish(client: aiomqtt.Client, topic: str, payload: bytes, index: int,
                    progress: Progress, window: asyncio.Semaphore) -> None:
     try:
-        await client.publish(topic, payload, qos=1)
+        # No per-message timer (it would cost a task each): a broker that stops answering is
+        # caught by the keepalive, which ends the connection and so the session.
+        await client.publish(topic, payload, qos=1, timeout=math.inf)
     finally:
         window.release()
     progress.ack(index)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway.endpoints.envelope import Delivery, delivery_of
-from gateway.errors import EndpointError, GatewayError
+from gateway.errors import EndpointError, GatewayError, StoreError
 from gateway.store.log import Entry, MessageLog
 
 __all__ = ["Health", "Progress", "Runner", "Session", "Sink", "Tuning", "cursor_name"]
@@ -50,7 +50,7 @@ class Tuning:
     backoff_max: float = 60.0  # cap
     dead_after: float = 3600.0  # failing this long continuously -> "dead"
     read_batch: int = 500  # log entries read at a time
-    skip_cursor_interval: float = 1.0  # how often a cursor that only skipped is stored
+    cursor_interval: float = 0.25  # while behind, the cursor is stored at most this often
 
 
 class Backoff:
@@ -122,6 +122,10 @@ class Session(Protocol):
     recovered: int
     """Highest seq the far side already holds (the file endpoint after a crash), else 0."""
 
+    reachable: bool
+    """Opening the session proved the far side works (an MQTT CONNACK), so health may say
+    healthy before the first delivery; False when only a delivery can tell (HTTP)."""
+
     async def deliver(self, batch: Sequence[Delivery], progress: Progress) -> None:
         """Send ``batch`` in order, reporting each acknowledgement to ``progress``; raise
         :class:`EndpointError` if the far side failed (what ``progress`` holds is kept)."""
@@ -153,8 +157,8 @@ class Health:
         self.last_error: str | None = None
         self.last_error_time: float | None = None
         self.last_delivered_time: float | None = None
+        self.last_attempt_time: float | None = None
         self.position = 0
-        self.running = False
 
     def succeeded(self) -> None:
         self.ok = True
@@ -165,8 +169,8 @@ class Health:
         if self.failing_since is None:
             self.failing_since = time.monotonic()
         self.retries += 1
+        self.last_attempt_time = self.last_error_time = time.time()
         self.last_error = error
-        self.last_error_time = time.time()
 
     @property
     def status(self) -> str:
@@ -196,6 +200,7 @@ class Health:
             "lastError": self.last_error,
             "lastErrorTime": stamp(self.last_error_time),
             "lastDeliveredTime": stamp(self.last_delivered_time),
+            "lastSendAttemptTime": stamp(self.last_attempt_time),
         }
 
 
@@ -231,37 +236,34 @@ class Runner:
         return seq
 
     async def run(self) -> None:
-        self.health.running = True
         started = False
-        try:
-            while True:
-                error = "the session ended"
-                try:
-                    if not started:
-                        await self.ensure_cursor()
-                        started = True
-                    async with self.sink.session() as session:
+        while True:
+            error = "the session ended"
+            try:
+                if not started:
+                    await self.ensure_cursor()
+                    started = True
+                async with self.sink.session() as session:
+                    if session.reachable:
                         self.health.succeeded()
-                        if session.recovered > self.health.position:
-                            await self._store(session.recovered, force=True)
-                        await self._drain(session)
-                except* EndpointError as group:
-                    error = str(group.exceptions[0])
-                except* (OSError, GatewayError) as group:  # the disk, the store: retry too
-                    error = f"{type(group.exceptions[0]).__name__}: {group.exceptions[0]}"
-                except* Exception as group:  # a bug: logged, and retried like a failure
-                    log.error("endpoint %s failed", self.name, exc_info=group.exceptions[0])
-                    error = f"internal error: {group.exceptions[0]!r}"
-                if started:
-                    with contextlib.suppress(GatewayError):
-                        await self._store(self.health.position, force=True)
-                self.health.failed(error)
-                delay = self._backoff.next()
-                log.warning("endpoint %s unavailable (%s); retrying in %.1f s", self.name,
-                            error, delay)
-                await asyncio.sleep(delay)
-        finally:
-            self.health.running = False
+                    if session.recovered > self.health.position:
+                        await self._store(session.recovered, force=True)
+                    await self._drain(session)
+            except* EndpointError as group:
+                error = str(group.exceptions[0])
+            except* (OSError, GatewayError) as group:  # the disk, the store: retry too
+                error = f"{type(group.exceptions[0]).__name__}: {group.exceptions[0]}"
+            except* Exception as group:  # a bug: logged, and retried like a failure
+                log.error("endpoint %s failed", self.name, exc_info=group.exceptions[0])
+                error = f"internal error: {group.exceptions[0]!r}"
+            if started:
+                with contextlib.suppress(GatewayError):
+                    await self._store(self.health.position, force=True)
+            self.health.failed(error)
+            delay = self._backoff.next()
+            log.warning("endpoint %s unavailable (%s); retrying in %.1f s", self.name,
+                        error, delay)
+            await asyncio.sleep(delay)
 
     async def _drain(self, session: Session) -> None:
         while True:
@@ -269,16 +271,28 @@ class Runner:
             entries, upto = await self.log.scan(position, self._tuning.read_batch)
             select = self._select()
             enrich = self._enrich()
-            batch = [delivery_of(e, enrich(e), self._host_name) for e in entries if select(e)]
+            batch = []
+            for entry in entries:
+                if select(entry):
+                    try:
+                        batch.append(delivery_of(entry, enrich(entry), self._host_name))
+                    except StoreError as exc:  # a corrupt row: never deliverable
+                        log.error("endpoint %s: dead-lettered seq=%d: %s", self.name,
+                                  entry.seq, exc)
+                        self.health.dead_lettered += 1
+                        self.health.last_error = f"dead-lettered seq {entry.seq}: {exc}"
+                        self.health.last_error_time = time.time()
             if batch:
                 progress = Progress(batch)
+                self.health.last_attempt_time = time.time()
                 try:
                     await session.deliver(batch, progress)
                 finally:
                     self._account(progress, upto)
                 self._backoff.reset()
                 self.health.succeeded()
-                await self._store(self.health.position, force=True)
+                caught_up = self.health.position >= self.log.last_seq
+                await self._store(self.health.position, force=caught_up)
             else:
                 self.health.position = upto
                 await self._store(upto, force=False)
@@ -305,8 +319,8 @@ class Runner:
     async def _wait(self, session: Session) -> None:
         while True:
             timeout = session.idle_timeout()
-            wait = self._tuning.skip_cursor_interval if timeout is None else min(
-                timeout, self._tuning.skip_cursor_interval)
+            wait = self._tuning.cursor_interval if timeout is None else min(
+                timeout, self._tuning.cursor_interval)
             if await self.log.wait_beyond(self.health.position, max(0.0, wait)):
                 return
             if timeout is not None and timeout <= wait:
@@ -314,15 +328,16 @@ class Runner:
             await self._store(self.health.position, force=False)
 
     async def _store(self, seq: int, *, force: bool) -> None:
-        """Write the cursor if it moved (at most every ``skip_cursor_interval`` unless
-        ``force``: a cursor that only skipped unselected entries can lag; re-reading them
-        after a crash costs a scan, never a message)."""
+        """Write the cursor if it moved: at once if ``force`` (caught up, or failing), else
+        at most every ``cursor_interval`` (while working through a backlog, or skipping
+        entries not selected). A cursor that lags costs messages sent again after a crash,
+        never a message lost."""
         self.health.position = max(self.health.position, seq)
         seq = self.health.position
         if seq == self._stored:
             return
         now = time.monotonic()
-        if not force and now - self._stored_at < self._tuning.skip_cursor_interval:
+        if not force and now - self._stored_at < self._tuning.cursor_interval:
             return
         await self.log.set_cursor(self.cursor, seq, pin=True)
         self._stored = seq
