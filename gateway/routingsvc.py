@@ -313,8 +313,11 @@ class RoutingService:
         for endpoint in sorted(used):
             target = parse_module_input(endpoint)
             if target is not None:
+                live = self.inputs is not None and self.inputs.delivering(target[0])
                 builtin.append({"endpointId": endpoint, "type": "moduleInput",
-                                "healthStatus": "healthy", "lastError": None,
+                                "healthStatus": "healthy" if live else "unknown",
+                                "lastError": None if live else "module not connected (its "
+                                "messages wait in the log)",
                                 "module": target[0], "input": target[1]})
         if name is not None:
             for row in builtin:

@@ -52,6 +52,10 @@ class ModuleInputService:
         self._pumps: dict[str, _Pump] = {}
         self._subscribed: dict[str, MqttConnection] = {}  # module connections with inputs/#
 
+    def delivering(self, module_id: str) -> bool:
+        """Whether a connection of ``module_id`` is subscribed to its inputs and being fed."""
+        return any(p.module_id == module_id for p in self._pumps.values())
+
     async def set_router(self, router: Router) -> None:
         """Routes changed (live): newly targeted modules get a cursor (from now on) and, if
         connected and subscribed, their delivery starts."""
