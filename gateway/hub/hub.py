@@ -22,6 +22,7 @@ from gateway.errors import ForbiddenError, MessageTooLargeError
 from gateway.hub import addresses
 from gateway.hub.auth import Authenticator, Principal
 from gateway.hub.children import ChildDirectory
+from gateway.hub.connections import Connection
 from gateway.hub.messages import (
     Event,
     connection_state_event,
@@ -42,7 +43,6 @@ from gateway.store.log import MessageLog, Record
 from gateway.translation import CHILD_PROPERTY
 
 if TYPE_CHECKING:
-    from gateway.broker.connection import MqttConnection
     from gateway.hub.c2dsvc import C2DService
     from gateway.hub.methods import MethodService
     from gateway.hub.twinsvc import TwinService
@@ -181,7 +181,7 @@ class Hub:
             retained_application=retained,
         )
 
-    def handle_publish(self, conn: MqttConnection, prepared: Any,
+    def handle_publish(self, conn: Connection, prepared: Any,
                        packet: Publish) -> Record | asyncio.Future[Any] | None:
         """Telemetry: the row to store (the caller batches and commits). A twin request: the
         future of its handling (its PUBACK waits for it). A method response, or a refused

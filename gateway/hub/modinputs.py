@@ -21,6 +21,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from gateway.hub.addresses import ModuleInputsFilter, module_input_topic
+from gateway.hub.connections import Connection, Connections
 from gateway.hub.messages import message_from_stored, wire_pairs
 from gateway.hub.propbag import encode_bag
 from gateway.routing.model import module_input_endpoint
@@ -29,8 +30,6 @@ from gateway.store.log import Entry, MessageLog
 from gateway.tasks import TaskSet
 
 if TYPE_CHECKING:
-    from gateway.broker.broker import Broker
-    from gateway.broker.connection import MqttConnection
     from gateway.hub.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -41,7 +40,7 @@ def cursor_name(device_id: str, module_id: str) -> str:
 
 
 class ModuleInputService:
-    def __init__(self, message_log: MessageLog, router: Router, *, broker: Broker,
+    def __init__(self, message_log: MessageLog, router: Router, *, broker: Connections,
                  registry: Registry, tasks: TaskSet, window: int = 50) -> None:
         self.log = message_log
         self.router = router
@@ -50,7 +49,7 @@ class ModuleInputService:
         self.tasks = tasks
         self.window = window
         self._pumps: dict[str, _Pump] = {}
-        self._subscribed: dict[str, MqttConnection] = {}  # module connections with inputs/#
+        self._subscribed: dict[str, Connection] = {}  # module connections with inputs/#
 
     def delivering(self, module_id: str) -> bool:
         """Whether a connection of ``module_id`` is subscribed to its inputs and being fed."""
@@ -90,14 +89,14 @@ class ModuleInputService:
 
     # -- broker hooks ------------------------------------------------------------------------
 
-    def on_ready(self, conn: MqttConnection, kinds: set[type]) -> None:
+    def on_ready(self, conn: Connection, kinds: set[type]) -> None:
         p = conn.principal
         if ModuleInputsFilter not in kinds or p is None or p.module_id is None:
             return
         self._subscribed[conn.client_id] = conn
         self._start(conn)
 
-    def _start(self, conn: MqttConnection) -> None:
+    def _start(self, conn: Connection) -> None:
         p = conn.principal
         assert p is not None and p.module_id is not None
         if conn.closed or not self.router.targets_module(p.module_id) \
@@ -110,12 +109,12 @@ class ModuleInputService:
                                if self._pumps.get(conn.client_id) is pump else None)
         pump.task = task
 
-    def on_puback(self, conn: MqttConnection, packet_id: int) -> None:
+    def on_puback(self, conn: Connection, packet_id: int) -> None:
         pump = self._pumps.get(conn.client_id)
         if pump is not None and pump.conn is conn:
             pump.acked(packet_id)
 
-    def on_closed(self, conn: MqttConnection) -> None:
+    def on_closed(self, conn: Connection) -> None:
         if self._subscribed.get(conn.client_id) is conn:
             del self._subscribed[conn.client_id]
         pump = self._pumps.get(conn.client_id)
@@ -126,7 +125,7 @@ class ModuleInputService:
 class _Pump:
     """Delivery to one connected module, from its cursor."""
 
-    def __init__(self, service: ModuleInputService, conn: MqttConnection, device_id: str,
+    def __init__(self, service: ModuleInputService, conn: Connection, device_id: str,
                  module_id: str) -> None:
         self.s = service
         self.conn = conn
