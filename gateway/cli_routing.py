@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import urllib.parse
 from typing import Any
 
@@ -81,24 +82,40 @@ def _route_line(route: dict[str, Any]) -> str:
     return f"{route['name']}\t{state}\t{route['route']}"
 
 
+UPSTREAM_NOTE = ("note: $upstream has no forwarder yet (it comes with store-and-forward); "
+                 "messages routed to it are only kept for the store's retention")
+
+
+def _note_upstream(routes: list[dict[str, Any]]) -> None:
+    if any("$upstream" in r.get("endpointNames", []) for r in routes):
+        print(UPSTREAM_NOTE, file=sys.stderr)
+
+
 def cmd_route(args: argparse.Namespace) -> int:
     client = _client(args)
     path = f"/routing/routes/{args.name}" if getattr(args, "name", None) else "/routing/routes"
     if args.action == "create":
-        _print(client.request("PUT", path, _route_body(args, partial=False),
-                              headers={"If-None-Match": "*"}))
+        route = client.request("PUT", path, _route_body(args, partial=False),
+                               headers={"If-None-Match": "*"})
+        _print(route)
+        _note_upstream([route])
     elif args.action == "update":
         body = _route_body(args, partial=True)
         if not body:
             raise GatewayError("nothing to update: give --condition, --endpoint, --source, "
                                "--route, --priority, --ttl, --enabled or --disabled")
-        _print(client.request("PATCH", path, body))
+        route = client.request("PATCH", path, body)
+        _print(route)
+        _note_upstream([route])
     elif args.action == "show":
-        _print(client.request("GET", path))
+        route = client.request("GET", path)
+        _print(route)
+        _note_upstream([route])
     elif args.action == "list":
         state = client.request("GET", "/routing")
         for route in state["routes"]:
             print(_route_line(route))
+        _note_upstream(state["routes"])
         fallback = state["fallbackRoute"]
         print(f"$fallback\t{'enabled' if fallback['isEnabled'] else 'disabled'}\t"
               "FROM DeviceMessages (matching no route) INTO events")

@@ -145,7 +145,8 @@ def test_limits_and_upstream_health(tmp_path: Path) -> None:
                            {"value": "v", "endpointNames": ["events"]})
         assert "at most 10 enrichments" in error_line(
             hub, "enrichment", "create", "k10", "--value", "v", "--endpoint", "events")
-        hub.cli("route", "create", "up", "--route", "FROM /messages/* INTO $upstream")
+        created = hub.cli("route", "create", "up", "--route", "FROM /messages/* INTO $upstream")
+        assert "no forwarder yet" in created.stderr
         health = json.loads(hub.cli("endpoint", "health", "$upstream", "--json").stdout)
         assert health["healthStatus"] == "unknown" and health["lastError"] == "no upstream forwarder"
     finally:
