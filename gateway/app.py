@@ -36,8 +36,9 @@ from gateway.hub.modinputs import ModuleInputService
 from gateway.hub.registry import Device, Module, Registry
 from gateway.hub.twinstore import TwinStore
 from gateway.hub.twinsvc import TwinService
+from gateway.endpoints.manager import EndpointManager
 from gateway.notify import Notifier
-from gateway.routing.routes import RouteTable
+from gateway.routingsvc import RoutingService
 from gateway.store.db import Database
 from gateway.store.files import private_directory
 from gateway.store.log import MessageLog
@@ -78,6 +79,7 @@ class Gateway:
     log: MessageLog
     certs: pki.HubCertificates
     runtime: dict[str, object] = field(default_factory=dict)
+    routing: RoutingService | None = None
 
 
 async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
@@ -131,9 +133,11 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         broker.puback_hooks.append(hub.c2d.on_puback)
         broker.close_hooks.append(hub.c2d.on_closed)
         registry.add_listener(partial(_drop_c2d_queue, tasks_, c2d_queues))
-        inputs = ModuleInputService(message_log, RouteTable.parse(dict(config.routes)),
+        inputs = ModuleInputService(message_log, hub.router,
                                     broker=broker, registry=registry, tasks=tasks_)
-        await inputs.open()
+        endpoints = EndpointManager(message_log, hub_name=config.hub.host_name, data_dir=data_dir)
+        routing = RoutingService(db, hub=hub, inputs=inputs, endpoints=endpoints)
+        await routing.open(config)  # the router, module inputs and endpoints, live from here
         broker.ready_hooks.append(inputs.on_ready)
         broker.puback_hooks.append(inputs.on_puback)
         broker.close_hooks.append(inputs.on_closed)
@@ -148,7 +152,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         )
         api = ServiceApi(host_name=config.hub.host_name, registry=registry,
                          authenticator=authenticator, log=message_log, hub=hub, broker=broker,
-                         events_page_bytes=config.api.events_page_bytes)
+                         events_page_bytes=config.api.events_page_bytes, routing=routing)
         await api.start(config.api.bind, config.api.port, device_tls, admission=admission,
                         header_timeout=config.api.header_timeout,
                         body_timeout=config.api.body_timeout)
@@ -180,11 +184,12 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
             if twin is not None:
                 await hub.children.module_desired(supervisor.device_id, spec.name, twin.desired)
         gateway = Gateway(config=config, registry=registry, hub=hub, broker=broker, api=api,
-                          log=message_log, certs=certs, runtime=runtime)
+                          log=message_log, certs=certs, runtime=runtime, routing=routing)
         stop_event = stop or _signal_stop()
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(message_log.run_retention(), name="retention")
             tasks.create_task(hub.c2d.run(), name="c2d-timers")
+            tasks.create_task(endpoints.run(), name="endpoints")
             tasks.create_task(supervisor.run(), name="modules")
             if notifier.watchdog_interval:
                 tasks.create_task(_watchdog(notifier), name="watchdog")

@@ -505,7 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_cacert.add_parser(sub, common, lambda a: cli_cacert.cmd_ca_cert(a, _client(a), _print_json))
 
-    p = sub.add_parser("monitor-events", parents=[common], help="print messages reaching the built-in endpoint")
+    p = sub.add_parser("monitor-events", parents=[common],
+                       help="print messages routed to the built-in endpoint events")
     p.add_argument("--device", help="only this device's messages")
     p.add_argument("--consumer-group", default="$Default")
     p.add_argument("--from-beginning", action="store_true", help="start at the oldest retained message")
@@ -514,6 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-kinds", action="store_true",
                    help="also connection-state and lifecycle events")
     p.set_defaults(fn=cmd_monitor_events)
+
+    from gateway.cli_routing import add_parsers as add_routing_parsers
+
+    add_routing_parsers(sub, common)  # route, endpoint, enrichment
     return parser
 
 

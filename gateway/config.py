@@ -25,6 +25,19 @@ falls back to a default. Example::
 
     [routes]
     sensorToFilter = 'FROM /messages/modules/sensor/outputs/raw INTO BrokeredEndpoint("/modules/filter/inputs/in1")'
+    hot = { source = "DeviceMessages", condition = "$body.temp > 30", endpoint = "alarms" }
+
+    [endpoints.alarms]
+    type = "mqtt"
+    url = "mqtt://10.0.0.5:1883"
+    topic = "plant/{deviceId}/alarms"
+
+    [enrichments.site]
+    value = "$twin.tags.site"
+    endpointNames = ["alarms"]
+
+    [routing]
+    fallback = true
 """
 
 from __future__ import annotations
@@ -156,6 +169,14 @@ class ModuleSpec:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RoutingConfig:
+    """``[routing]``: the fallback route sends device messages that match no route to the
+    built-in endpoint ``events`` (IoT Hub's default)."""
+
+    fallback: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     data_dir: Path
     hub: HubConfig = field(default_factory=HubConfig)
@@ -163,12 +184,15 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
-    routes: tuple[tuple[str, str], ...] = ()  # (name, route) in file order, checked on load
+    routes: tuple[tuple[str, Any], ...] = ()  # (name, "FROM ..." or a route table), file order
     modules: tuple[ModuleSpec, ...] = ()
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    endpoints: tuple[tuple[str, dict[str, Any]], ...] = ()  # [endpoints.NAME], checked on load
+    enrichments: tuple[tuple[str, dict[str, Any]], ...] = ()  # [enrichments.KEY]
 
 
 _SECTIONS = {"hub": HubConfig, "mqtt": MqttConfig, "api": ApiConfig, "store": StoreConfig,
-             "limits": LimitsConfig}
+             "limits": LimitsConfig, "routing": RoutingConfig}
 
 
 def _coerce(value: Any, hint: Any, path: str) -> Any:
@@ -218,19 +242,30 @@ def _section(cls: type, raw: Any, name: str) -> Any:
     return cls(**kwargs)
 
 
-def _routes(raw: Any) -> tuple[tuple[str, str], ...]:
-    """``[routes]`` maps route names to routes in edgeHub's syntax (IoT Hub ref §6.2)."""
-    from gateway.routing.routes import parse_route
+def _routes(raw: Any) -> tuple[tuple[str, Any], ...]:
+    """``[routes]`` maps route names to routes in edgeHub's syntax (IoT Hub ref §6.2) or to
+    tables of the route model (``source``, ``condition``, ``endpoint``, ...)."""
+    from gateway.errors import InvalidRequestError
+    from gateway.routing.model import parse_route
 
     if not isinstance(raw, dict):
         raise ConfigError("must be a table of name = \"FROM ... INTO ...\"", path="routes")
     out = []
-    for name, text in raw.items():
-        if not isinstance(text, str):
-            raise ConfigError("must be a string", path=f"routes.{name}")
-        parse_route(name, text)  # raises RouteError (a ConfigError) with the position
-        out.append((name, text))
+    for name, doc in raw.items():
+        try:
+            parse_route(name, doc)
+        except InvalidRequestError as exc:
+            raise ConfigError(str(exc), path=f"routes.{name}") from None
+        out.append((name, doc))
     return tuple(out)
+
+
+def _named_tables(raw: Any, section: str) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """``[endpoints.NAME]`` / ``[enrichments.KEY]``: checked when the routing state is built
+    (:func:`gateway.routingsvc.config_state`)."""
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        raise ConfigError(f"must be [{section}.NAME] tables", path=section)
+    return tuple((name, dict(doc)) for name, doc in raw.items())
 
 
 def load_config(data_dir: Path, file: Path | None = None, **overrides: Any) -> Config:
@@ -250,6 +285,9 @@ def load_config(data_dir: Path, file: Path | None = None, **overrides: Any) -> C
         if name == "routes":
             sections["routes"] = _routes(value)
             continue
+        if name in ("endpoints", "enrichments"):
+            sections[name] = _named_tables(value, name)
+            continue
         if name == "modules":
             if not isinstance(value, dict):
                 raise ConfigError("must be a table of [modules.NAME] tables", path="modules")
@@ -262,8 +300,12 @@ def load_config(data_dir: Path, file: Path | None = None, **overrides: Any) -> C
             sections["modules"] = tuple(specs)
             continue
         if name not in _SECTIONS:
-            raise ConfigError(f"unknown section (known: {', '.join(_SECTIONS)}, routes, modules)",
-                              path=name)
+            raise ConfigError(f"unknown section (known: {', '.join(_SECTIONS)}, routes, "
+                              "endpoints, enrichments, modules)", path=name)
         sections[name] = _section(_SECTIONS[name], value, name)
     sections.update(overrides)
-    return Config(data_dir=data_dir, **sections)
+    config = Config(data_dir=data_dir, **sections)
+    from gateway.routingsvc import config_state
+
+    config_state(config)  # refuse bad endpoints, enrichments, limits and references now
+    return config

@@ -263,7 +263,9 @@ def _short(value: object) -> str:
 
 async def _printer(gw: app.Gateway, after: int) -> None:
     while True:
-        entries, after = await gw.log.scan(after, 100, kinds={"telemetry"})
+        entries, after = await gw.log.scan(  # what went to the built-in endpoint `events`
+            after, 100, kinds={"telemetry"},
+            where=gw.routing.select("events") if gw.routing is not None else None)
         for entry in entries:
             print(render(entry_json(entry, gw.config.hub.host_name)), flush=True)
         if len(entries) < 100:

@@ -101,6 +101,10 @@ class UpstreamError(GatewayError):
     """The link to the parent hub failed."""
 
 
+class EndpointError(GatewayError):
+    """A custom endpoint's far side failed or refused; the endpoint retries later."""
+
+
 class DeviceError(GatewayError):
     """A southbound device failed. ``device_id`` names it."""
 

@@ -49,6 +49,7 @@ from gateway.store.log import MessageLog
 
 if TYPE_CHECKING:
     from gateway.broker.broker import Broker
+    from gateway.routingsvc import RoutingService
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +89,13 @@ class ServiceApi:
         log: MessageLog,
         hub: Hub,
         broker: Broker | None = None,
+        routing: RoutingService | None = None,
         clock: Callable[[], float] = time.time,
         events_page_bytes: int = 4 << 20,
     ) -> None:
         self.hub = hub
         self.events_page_bytes = events_page_bytes
+        self.routing = routing
         self.host_name = host_name
         self.registry = registry
         self.authenticator = authenticator
@@ -126,6 +129,10 @@ class ServiceApi:
             r("PATCH", base, SERVICE, self.patch_twin)
             r("PUT", base, SERVICE, self.replace_twin)
             r("POST", base + "/methods", SERVICE, self.invoke_method)
+        if routing is not None:
+            from gateway.api.routing_api import add_routing_routes
+
+            add_routing_routes(self, routing)
         # Device-facing routes authenticate devices themselves (not _route's policy token):
         # the device HTTP API, and MQTT over WebSocket (its CONNECT authenticates).
         add_device_routes(self.app, hub, clock=clock)
@@ -430,8 +437,9 @@ class ServiceApi:
             if wait and self.log.last_seq <= after:
                 await self.log.wait_beyond(after, wait)
             entries = await self.log.read(after, limit, device_id=device_id, kinds=kinds,
+                                          where=self._to_events(),
                                           max_bytes=self.events_page_bytes)
-            return _json([entry_json(e, self.host_name) for e in entries])
+            return _json([self._event_json(e) for e in entries])
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
         try:
@@ -446,9 +454,10 @@ class ServiceApi:
         await response.write(b"")
         while True:
             entries, after = await self.log.scan(after, limit, device_id=device_id, kinds=kinds,
+                                                 where=self._to_events(),
                                                  max_bytes=self.events_page_bytes)
             if entries:
-                lines = "".join(json.dumps(entry_json(e, self.host_name)) + "\n" for e in entries)
+                lines = "".join(json.dumps(self._event_json(e)) + "\n" for e in entries)
                 del entries  # one page in memory at a time (api.events_page_bytes)
                 await response.write(lines.encode())
                 del lines
@@ -458,6 +467,14 @@ class ServiceApi:
             # hub and a proxy keeps the stream open.
             if not await self.log.wait_beyond(after, 15.0):
                 await response.write(b"\n")
+
+    def _to_events(self) -> Callable[[Any], bool] | None:
+        """Only what went to the built-in endpoint (by a route or the fallback route)."""
+        return self.routing.select("events") if self.routing is not None else None
+
+    def _event_json(self, entry: Any) -> dict[str, Any]:
+        extra = self.routing.enrich("events", entry) if self.routing is not None else None
+        return entry_json(entry, self.host_name, extra)
 
     async def checkpoint(self, request: web.Request) -> web.Response:
         """Record a consumer group's position in the built-in endpoint."""

@@ -23,10 +23,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gateway.errors import ConfigError, GatewayError
 from gateway.hub.addresses import ChildrenFilter
+from gateway.hub.connections import Connection, Connections
 from gateway.hub.registry import Device, Module, Registry
 from gateway.hub.twinstore import TwinStore
 from gateway.translation import (
@@ -35,10 +36,6 @@ from gateway.translation import (
     encode_document,
     parse_children,
 )
-
-if TYPE_CHECKING:
-    from gateway.broker.broker import Broker
-    from gateway.broker.connection import MqttConnection
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +62,7 @@ class ChildDirectory:
         self.registry = registry
         self.twin_store = twin_store
         self._connection_state = connection_state
-        self.broker: Broker | None = None  # set once the broker exists: documents are pushed
+        self.broker: Connections | None = None  # set once the broker exists: documents are pushed
         self._children: dict[str, Child] = {}
 
     def of_module(self, gateway_id: str, module_id: str) -> list[Child]:
@@ -156,7 +153,7 @@ class ChildDirectory:
             conn.publish(CHILDREN_DOCUMENT_TOPIC,
                          encode_document(self.document(gateway_id, module_id)), 0)
 
-    def on_ready(self, conn: MqttConnection, kinds: set[type]) -> None:
+    def on_ready(self, conn: Connection, kinds: set[type]) -> None:
         """Broker hook: a module (re)subscribed to ``$gateway/children/#``."""
         p = conn.principal
         if ChildrenFilter in kinds and p is not None and p.module_id is not None:

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ from gateway.errors import ForbiddenError, MessageTooLargeError
 from gateway.hub import addresses
 from gateway.hub.auth import Authenticator, Principal
 from gateway.hub.children import ChildDirectory
+from gateway.hub.connections import Connection
 from gateway.hub.messages import (
     Event,
     connection_state_event,
@@ -37,11 +38,11 @@ from gateway.hub.registry import Device, Module, Registry
 from gateway.hub.twins import new_twin
 from gateway.hub.twinstore import TwinStore
 from gateway.mqtt.packets import Publish, Will
+from gateway.routing.router import Router
 from gateway.store.log import MessageLog, Record
 from gateway.translation import CHILD_PROPERTY
 
 if TYPE_CHECKING:
-    from gateway.broker.connection import MqttConnection
     from gateway.hub.c2dsvc import C2DService
     from gateway.hub.methods import MethodService
     from gateway.hub.twinsvc import TwinService
@@ -63,6 +64,9 @@ class PreparedTelemetry:
     props: str  # stored JSON of system + application properties
     props_size: int  # bytes counted against the 256 KB limit
     retained_props: str  # the same with application property mqtt-retain=true
+    system: Mapping[str, str]  # what ``props`` holds, for route conditions (read-only)
+    application: Mapping[str, str | None]
+    retained_application: Mapping[str, str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +106,8 @@ class Hub:
         self.twins: TwinService
         self.c2d: C2DService
         self.children = ChildDirectory(registry, twin_store, self.connection_state)
+        # The route table (DESIGN step 4); the routing service swaps in a new one on change.
+        self.router = Router(hub_name=host_name, twins=twin_store.get)
         registry.add_listener(self._on_registry_change)
 
     # -- connect -----------------------------------------------------------------------------
@@ -170,9 +176,12 @@ class Hub:
             props=props_json(system, application),
             props_size=size,
             retained_props=props_json(system, retained),
+            system=system,
+            application=application,
+            retained_application=retained,
         )
 
-    def handle_publish(self, conn: MqttConnection, prepared: Any,
+    def handle_publish(self, conn: Connection, prepared: Any,
                        packet: Publish) -> Record | asyncio.Future[Any] | None:
         """Telemetry: the row to store (the caller batches and commits). A twin request: the
         future of its handling (its PUBACK waits for it). A method response, or a refused
@@ -193,14 +202,25 @@ class Hub:
     def telemetry_record(self, prepared: PreparedTelemetry, body: bytes, *,
                          retain: bool = False) -> Record:
         """The stored row of one telemetry message, whatever transport brought it (MQTT,
-        WebSocket, HTTP): the 256 KB limit (ref §2.4) and the enqueued time."""
+        WebSocket, HTTP): the 256 KB limit (ref §2.4), the enqueued time, and the routes it
+        matches (conditions on properties are cached per topic by the router)."""
         if len(body) + prepared.props_size > self.max_message_bytes:
             raise MessageTooLargeError(
                 f"message of {len(body) + prepared.props_size} bytes is over the "
                 f"{self.max_message_bytes}-byte limit"
             )
-        return Record(TELEMETRY, prepared.device_id, prepared.module_id, int(self.clock() * 1000),
-                      prepared.retained_props if retain else prepared.props, body)
+        enqueued = int(self.clock() * 1000)
+        props = prepared.retained_props if retain else prepared.props
+        router = self.router
+        if router.trivial:
+            routes = router.default
+        else:
+            routes = router.route(
+                TELEMETRY, prepared.system,
+                prepared.retained_application if retain else prepared.application,
+                body, prepared.device_id, prepared.module_id, enqueued, props)
+        return Record(TELEMETRY, prepared.device_id, prepared.module_id, enqueued, props, body,
+                      routes)
 
     def append(self, rows: Sequence[Record]) -> asyncio.Future[int]:
         return self.log.append(rows)
@@ -225,8 +245,11 @@ class Hub:
         as a stored row; the enqueued time lives in its own column, as for telemetry."""
         system, application, body = event
         system.pop("iothub-enqueuedtime", None)
-        return Record(kind, device_id, module_id, int(self.clock() * 1000),
-                      props_json(system, application), body)
+        enqueued = int(self.clock() * 1000)
+        routes = self.router.route(kind, system, application, body, device_id, module_id,
+                                   enqueued)
+        return Record(kind, device_id, module_id, enqueued, props_json(system, application),
+                      body, routes)
 
     def connection_event(self, principal: Principal, connected: bool) -> None:
         """A client connected or disconnected; a bridge module's child devices follow it

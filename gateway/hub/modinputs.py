@@ -1,5 +1,8 @@
 """Module inputs: routed messages delivered to modules (IoT Hub ref §6.1, §6.3).
 
+A module input is an endpoint like any other: a route names it as
+``BrokeredEndpoint("/modules/{m}/inputs/{i}")``, the router stores the matching route names
+with each message, and this reader selects the messages whose routes send them to the module.
 Each target module input reads the durable message log from its own pinned cursor
 (``inputs/{device}/{module}``), so a routed message is stored once, survives restarts and
 waits for a module that is offline; retention keeps it until the cursor has passed. A module
@@ -13,21 +16,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from gateway.hub.addresses import ModuleInputsFilter, module_input_topic
+from gateway.hub.connections import Connection, Connections
 from gateway.hub.messages import message_from_stored, wire_pairs
 from gateway.hub.propbag import encode_bag
-from gateway.routing.routes import RouteTable, message_source
+from gateway.routing.model import module_input_endpoint
+from gateway.routing.router import Router
 from gateway.store.log import Entry, MessageLog
 from gateway.tasks import TaskSet
 
 if TYPE_CHECKING:
-    from gateway.broker.broker import Broker
-    from gateway.broker.connection import MqttConnection
     from gateway.hub.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -38,15 +40,28 @@ def cursor_name(device_id: str, module_id: str) -> str:
 
 
 class ModuleInputService:
-    def __init__(self, message_log: MessageLog, table: RouteTable, *, broker: Broker,
+    def __init__(self, message_log: MessageLog, router: Router, *, broker: Connections,
                  registry: Registry, tasks: TaskSet, window: int = 50) -> None:
         self.log = message_log
-        self.table = table
+        self.router = router
         self.broker = broker
         self.registry = registry
         self.tasks = tasks
         self.window = window
         self._pumps: dict[str, _Pump] = {}
+        self._subscribed: dict[str, Connection] = {}  # module connections with inputs/#
+
+    def delivering(self, module_id: str) -> bool:
+        """Whether a connection of ``module_id`` is subscribed to its inputs and being fed."""
+        return any(p.module_id == module_id for p in self._pumps.values())
+
+    async def set_router(self, router: Router) -> None:
+        """Routes changed (live): newly targeted modules get a cursor (from now on) and, if
+        connected and subscribed, their delivery starts."""
+        self.router = router
+        await self.open()
+        for conn in list(self._subscribed.values()):
+            self._start(conn)
 
     async def open(self) -> None:
         """Give every existing target module a cursor, so messages routed to it while it is
@@ -56,7 +71,7 @@ class ModuleInputService:
                 await self._ensure_cursor(module.device_id, module.module_id)
 
     async def _ensure_cursor(self, device_id: str, module_id: str) -> None:
-        if not self.table.targets_module(module_id):
+        if not self.router.targets_module(module_id):
             return
         name = cursor_name(device_id, module_id)
         if await self.log.get_cursor(name) is None:
@@ -74,11 +89,18 @@ class ModuleInputService:
 
     # -- broker hooks ------------------------------------------------------------------------
 
-    def on_ready(self, conn: MqttConnection, kinds: set[type]) -> None:
+    def on_ready(self, conn: Connection, kinds: set[type]) -> None:
         p = conn.principal
         if ModuleInputsFilter not in kinds or p is None or p.module_id is None:
             return
-        if not self.table.targets_module(p.module_id) or conn.client_id in self._pumps:
+        self._subscribed[conn.client_id] = conn
+        self._start(conn)
+
+    def _start(self, conn: Connection) -> None:
+        p = conn.principal
+        assert p is not None and p.module_id is not None
+        if conn.closed or not self.router.targets_module(p.module_id) \
+                or conn.client_id in self._pumps:
             return
         pump = _Pump(self, conn, p.device_id, p.module_id)
         self._pumps[conn.client_id] = pump
@@ -87,12 +109,14 @@ class ModuleInputService:
                                if self._pumps.get(conn.client_id) is pump else None)
         pump.task = task
 
-    def on_puback(self, conn: MqttConnection, packet_id: int) -> None:
+    def on_puback(self, conn: Connection, packet_id: int) -> None:
         pump = self._pumps.get(conn.client_id)
         if pump is not None and pump.conn is conn:
             pump.acked(packet_id)
 
-    def on_closed(self, conn: MqttConnection) -> None:
+    def on_closed(self, conn: Connection) -> None:
+        if self._subscribed.get(conn.client_id) is conn:
+            del self._subscribed[conn.client_id]
         pump = self._pumps.get(conn.client_id)
         if pump is not None and pump.conn is conn and pump.task is not None:
             pump.task.cancel()
@@ -101,7 +125,7 @@ class ModuleInputService:
 class _Pump:
     """Delivery to one connected module, from its cursor."""
 
-    def __init__(self, service: ModuleInputService, conn: MqttConnection, device_id: str,
+    def __init__(self, service: ModuleInputService, conn: Connection, device_id: str,
                  module_id: str) -> None:
         self.s = service
         self.conn = conn
@@ -149,15 +173,16 @@ class _Pump:
                 return
 
     def _deliver(self, entry: Entry) -> None:
-        props = json.loads(entry.props)
-        source = message_source(entry.module_id, props["system"].get("output-name"))
-        inputs = [i for i in self.s.table.module_inputs(source) if i.module_id == self.module_id]
+        inputs = self.s.router.module_inputs(entry.routes, self.module_id)
         if not inputs:
             return
         message = message_from_stored(entry.props, entry.body)
-        bag = encode_bag(wire_pairs(message.system, message.application))
-        for target in inputs:
-            topic = module_input_topic(self.device_id, self.module_id, target.input_name, bag)
+        router = self.s.router
+        for input_name in inputs:
+            extra = router.enrich(module_input_endpoint(self.module_id, input_name), entry)
+            application = {**message.application, **extra} if extra else message.application
+            bag = encode_bag(wire_pairs(message.system, application))
+            topic = module_input_topic(self.device_id, self.module_id, input_name, bag)
             pid = self.conn.publish(topic, entry.body, 1)
             assert pid is not None
             self.inflight.append((entry.seq, pid))

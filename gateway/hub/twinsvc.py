@@ -27,13 +27,12 @@ from gateway.hub.addresses import (
     TwinReportedPatch,
     TwinResponsesFilter,
 )
+from gateway.hub.connections import Connection, Connections
 from gateway.hub.twins import Twin
 from gateway.hub.twinstore import TwinStore
 from gateway.tasks import TaskSet
 
 if TYPE_CHECKING:
-    from gateway.broker.broker import Broker
-    from gateway.broker.connection import MqttConnection
     from gateway.hub.hub import Hub
 
 log = logging.getLogger(__name__)
@@ -44,7 +43,7 @@ def _client_id(device_id: str, module_id: str | None) -> str:
 
 
 class TwinService:
-    def __init__(self, store: TwinStore, *, hub: Hub, broker: Broker, tasks: TaskSet) -> None:
+    def __init__(self, store: TwinStore, *, hub: Hub, broker: Connections, tasks: TaskSet) -> None:
         self.store = store
         self.hub = hub
         self.broker = broker
@@ -75,7 +74,7 @@ class TwinService:
 
     # -- MQTT ------------------------------------------------------------------------------------
 
-    def _respond(self, conn: MqttConnection, status: int, rid: str, body: Any = None,
+    def _respond(self, conn: Connection, status: int, rid: str, body: Any = None,
                  version: int | None = None) -> None:
         if self.broker.target(conn.client_id, TwinResponsesFilter) is not conn:
             log.info("twin response dropped: no $iothub/twin/res/# subscription client_id=%r",
@@ -84,7 +83,7 @@ class TwinService:
         payload = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
         conn.publish(addresses.twin_response_topic(status, rid, version), payload, 0)
 
-    def handle_get(self, conn: MqttConnection, address: TwinGet) -> asyncio.Future[None]:
+    def handle_get(self, conn: Connection, address: TwinGet) -> asyncio.Future[None]:
         assert conn.principal is not None
         p = conn.principal
 
@@ -94,7 +93,7 @@ class TwinService:
 
         return self.tasks.spawn(run(), f"twin-get {conn.client_id}")
 
-    def handle_reported(self, conn: MqttConnection, address: TwinReportedPatch,
+    def handle_reported(self, conn: Connection, address: TwinReportedPatch,
                         body: bytes) -> asyncio.Future[None]:
         assert conn.principal is not None
         p = conn.principal
@@ -106,7 +105,7 @@ class TwinService:
 
         return self.tasks.spawn(run(), f"twin-patch {conn.client_id}")
 
-    def handle_child_reported(self, conn: MqttConnection, address: ChildReportedPatch,
+    def handle_child_reported(self, conn: Connection, address: ChildReportedPatch,
                               body: bytes) -> asyncio.Future[None] | None:
         """A bridge module's patch on behalf of its child (gateway.translation); there is no
         answer topic, so a refusal is logged. The PUBACK follows the write (None: at once)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 from operator import attrgetter
-from typing import Final, TypeAlias
+from typing import Any, Final, TypeAlias
 
 from gateway.store.db import Migration
 
@@ -31,6 +31,9 @@ MIGRATION: Final[Migration] = (
             pinned INTEGER NOT NULL) WITHOUT ROWID;
         CREATE TABLE log_meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
         """,
+        # The names of the routes each message matched, comma-separated (route names have
+        # no commas); '' for none. Endpoint readers select by them.
+        "ALTER TABLE log_messages ADD COLUMN routes TEXT NOT NULL DEFAULT '';",
     ),
 )
 
@@ -38,21 +41,28 @@ DROP_BYTE_CAP: Final = "byte-cap"
 CHUNK_ROWS: Final = 5000  # rows deleted per prune transaction, so appends interleave
 
 _INSERT: Final = (
-    "INSERT INTO log_messages(kind, device_id, module_id, enqueued_ms, props, body)"
-    " VALUES (?, ?, ?, ?, ?, ?)"
-)
-_INSERT_AT: Final = (
-    "INSERT INTO log_messages(seq, kind, device_id, module_id, enqueued_ms, props, body)"
+    "INSERT INTO log_messages(kind, device_id, module_id, enqueued_ms, props, body, routes)"
     " VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
-COLUMNS: Final = "seq, kind, device_id, module_id, enqueued_ms, props, body"
+_INSERT_AT: Final = (
+    "INSERT INTO log_messages(seq, kind, device_id, module_id, enqueued_ms, props, body, routes)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+COLUMNS: Final = "seq, kind, device_id, module_id, enqueued_ms, props, body, routes"
 _SIZE: Final = "length(body) + length(props)"
 
-ROW_OF = attrgetter("kind", "device_id", "module_id", "enqueued_ms", "props", "body")
+def ROW_OF(r: Any) -> Row:  # noqa: N802 - it stands in for an attrgetter
+    """The row of one Record: its fields, then its route names joined by commas."""
+    return (r.kind, r.device_id, r.module_id, r.enqueued_ms, r.props, r.body, ",".join(r.routes))
+
+
+def routes_of(text: str) -> tuple[str, ...]:
+    return tuple(text.split(",")) if text else ()
+
 BODY_OF = attrgetter("body")
 PROPS_OF = attrgetter("props")
 
-Row: TypeAlias = tuple[str, str, str | None, int, str, bytes]
+Row: TypeAlias = tuple[str, str, str | None, int, str, bytes, str]
 
 CursorMap: TypeAlias = dict[str, tuple[int, bool]]
 State: TypeAlias = tuple[int, int, int, int | None, int | None, CursorMap, dict[str, int]]

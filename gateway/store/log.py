@@ -38,6 +38,7 @@ from gateway.store._log_sql import (
     evict,
     insert,
     load_state,
+    routes_of,
 )
 from gateway.store.db import Database
 
@@ -56,6 +57,7 @@ class Record:
     enqueued_ms: int  # epoch milliseconds
     props: str
     body: bytes
+    routes: tuple[str, ...] = ()  # names of the routes it matched (the router's decision)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +71,12 @@ class Entry:
     enqueued_ms: int
     props: str
     body: bytes
+    routes: tuple[str, ...] = ()
+
+    @classmethod
+    def of_row(cls, row: tuple[Any, ...]) -> Entry:
+        seq, kind, device_id, module_id, enqueued_ms, props, body, routes = row
+        return cls(seq, kind, device_id, module_id, enqueued_ms, props, body, routes_of(routes))
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,12 +288,15 @@ class MessageLog:
         *,
         device_id: str | None = None,
         kinds: Collection[str] | None = None,
+        where: Callable[[Entry], bool] | None = None,
         max_bytes: int | None = None,
     ) -> list[Entry]:
         """Committed entries with ``seq > after_seq``, ascending, at most ``limit``, and no
         more than ``max_bytes`` of bodies and properties (but always at least one entry).
-        Filters scan in seq order (no secondary index, to keep appends cheap)."""
-        entries, _full = await self._read(after_seq, limit, device_id, kinds, max_bytes)
+        Filters scan in seq order (no secondary index, to keep appends cheap); ``where``
+        (e.g. "went to this endpoint") is applied here, reading on until ``limit`` entries
+        pass it, ``max_bytes`` of them are read, or the log ends."""
+        entries, _full = await self._read(after_seq, limit, device_id, kinds, max_bytes, where)
         return entries
 
     async def _read(
@@ -295,9 +306,34 @@ class MessageLog:
         device_id: str | None,
         kinds: Collection[str] | None,
         max_bytes: int | None,
+        where: Callable[[Entry], bool] | None = None,
     ) -> tuple[list[Entry], bool]:
         """:meth:`read`, and whether it stopped at ``limit`` or ``max_bytes`` (True) rather
         than at the end of what was committed (False)."""
+        if where is None:
+            return await self._read_rows(after_seq, limit, device_id, kinds, max_bytes)
+        out: list[Entry] = []
+        total = 0
+        while True:  # batches bounded like any read, filtered here
+            batch, full = await self._read_rows(after_seq, limit, device_id, kinds, max_bytes)
+            for entry in batch:
+                if where(entry):
+                    out.append(entry)
+                    total += len(entry.body) + len(entry.props)
+                    if len(out) == limit or (max_bytes is not None and total >= max_bytes):
+                        return out, True
+            if not full:
+                return out, False
+            after_seq = batch[-1].seq
+
+    async def _read_rows(
+        self,
+        after_seq: int,
+        limit: int,
+        device_id: str | None,
+        kinds: Collection[str] | None,
+        max_bytes: int | None,
+    ) -> tuple[list[Entry], bool]:
         if limit <= 0:
             raise InvalidRequestError(f"limit must be positive, not {limit}")
         upto = self.last_seq
@@ -318,11 +354,11 @@ class MessageLog:
         def query(conn: sqlite3.Connection) -> tuple[list[Entry], bool]:
             cursor = conn.execute(sql, args)
             if max_bytes is None:
-                out = [Entry(*row) for row in cursor]
+                out = [Entry.of_row(row) for row in cursor]
                 return out, len(out) == limit
             out, total = [], 0
             for row in cursor:  # rows come one by one: stop reading at the byte bound
-                out.append(Entry(*row))
+                out.append(Entry.of_row(row))
                 total += len(row[6]) + len(row[5])
                 if total >= max_bytes:
                     return out, True
@@ -337,6 +373,7 @@ class MessageLog:
         *,
         device_id: str | None = None,
         kinds: Collection[str] | None = None,
+        where: Callable[[Entry], bool] | None = None,
         max_bytes: int | None = None,
     ) -> tuple[list[Entry], int]:
         """:meth:`read`, plus the position a filtering reader may move to: when the read
@@ -345,7 +382,7 @@ class MessageLog:
         that position, not beyond its last match). A read cut short by ``limit`` or
         ``max_bytes`` moves only to its last entry."""
         examined = self.last_seq  # everything up to here is visible to the read below
-        entries, full = await self._read(after_seq, limit, device_id, kinds, max_bytes)
+        entries, full = await self._read(after_seq, limit, device_id, kinds, max_bytes, where)
         if full:
             return entries, entries[-1].seq
         return entries, max(examined, after_seq, entries[-1].seq if entries else 0)

@@ -80,8 +80,13 @@ def test_module_output_reaches_other_module_input(routed_hub: HubProcess) -> Non
         f2.recv(timeout=1.5)
 
 
-def test_bad_route_is_a_clear_config_error(tmp_path: Path) -> None:
-    hub = HubProcess(tmp_path / "data", extra_config="[routes]\nbad = 'FROM /messages INTO nowhere'\n")
+@pytest.mark.parametrize("route,fragment", [
+    ("FROM /messages INTO nowhere", "endpoint 'nowhere' does not exist"),
+    ("FROM /messages WHERE a = = 1 INTO $upstream", "unexpected '=' at column 26 of the route"),
+])
+def test_bad_route_is_a_clear_config_error(tmp_path: Path, route: str, fragment: str) -> None:
+    hub = HubProcess(tmp_path / "data", extra_config=f"[routes]\nbad = '{route}'\n")
     with pytest.raises(RuntimeError) as err:
         hub.start(timeout=15)
-    assert "routes.bad" in str(err.value) and "sink" in str(err.value)
+    assert "route 'bad'" in str(err.value) and fragment in str(err.value)
+    assert len(str(err.value).strip().splitlines()) == 2  # "hub exited" + one error line

@@ -16,7 +16,9 @@ def test_openapi_lists_every_route(hub: HubProcess) -> None:
     for path, method in [("/devices/{device_id}", "put"), ("/twins/{device_id}", "patch"),
                          ("/twins/{device_id}/methods", "post"),
                          ("/devices/{device_id}/messages/deviceBound", "post"),
-                         ("/messages/events", "get")]:
+                         ("/messages/events", "get"), ("/routing/routes/{name}", "put"),
+                         ("/routing/endpoints/{name}", "put"), ("/routing/health", "get"),
+                         ("/routing/enrichments/{key}", "put"), ("/routing/test", "post")]:
         op = doc["paths"][path][method]
         assert op["summary"] and "right" in op["description"]
     validate(doc)  # raises on any schema violation

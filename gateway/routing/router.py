@@ -1,0 +1,291 @@
+"""The compiled route table: which routes a message matches, which endpoint gets what, and the
+enrichments stamped on the way (IoT Hub ref §6.2, §10.1, §10.4). Pure.
+
+:meth:`Router.route` runs on the hub's publish path before the store append (DESIGN step 4);
+the names it returns are stored with the message, and every endpoint reader selects from the
+log by them (:meth:`Router.select`). Semantics as IoT Hub: a message goes to the endpoint of
+every matching route; ``events`` gets what a route sends it, plus, while the fallback route is
+enabled, device messages that match no route (stored as :data:`FALLBACK`); with no routes at
+all everything goes to ``events``.
+
+Cost: conditions that read only properties and identities give the same answer for every
+message with the same stored properties (one topic of one connection), so their outcome is
+cached per properties text; only conditions on the body, the twin or the enqueued time run
+per message, on one shared :class:`MessageView` (body decoded at most once).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+from gateway.routing.compiler import Compiled, compile_table
+from gateway.routing.message import MessageView, TwinLookup
+from gateway.routing.model import (
+    EVENTS,
+    FALLBACK,
+    SOURCES,
+    TWIN_VALUE,
+    RouteSpec,
+    RoutingState,
+    compile_route,
+    parse_module_input,
+)
+from gateway.routing.query import UNDEFINED, clauses, unparse
+from gateway.routing.semantics import describe, evaluate, walk
+
+TELEMETRY: Final = "telemetry"
+TWIN_CHANGE: Final = "twinChange"
+ALL_KINDS: Final = frozenset(SOURCES.values())
+FALLBACK_ONLY: Final = (FALLBACK,)
+NOWHERE: Final[tuple[str, ...]] = ()
+CACHE_LIMIT: Final = 4096
+
+
+class Routed(Protocol):
+    """A stored message as readers see it (:class:`gateway.store.log.Entry`)."""
+
+    @property
+    def routes(self) -> tuple[str, ...]: ...
+    @property
+    def device_id(self) -> str: ...
+    @property
+    def module_id(self) -> str | None: ...
+
+
+def message_source(module_id: str | None, output_name: str | None) -> str:
+    """The edgeHub source path of a telemetry message (ref §6.2 table)."""
+    if module_id is None:
+        return "/messages"
+    if output_name:
+        return f"/messages/modules/{module_id}/outputs/{output_name}"
+    return f"/messages/modules/{module_id}"
+
+
+def source_path(kind: str, module_id: str | None, system: Mapping[str, str]) -> str | None:
+    if kind == TELEMETRY:
+        return message_source(module_id, system.get("output-name"))
+    if kind == TWIN_CHANGE:
+        return "/twinChangeNotifications"
+    return None
+
+
+Table = Callable[..., list[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    index: int
+    spec: RouteSpec
+    compiled: Compiled
+    kinds: frozenset[str]
+    prefix: str | None  # edgeHub source: lower-case path prefix ending in "/"
+    static: bool  # the condition reads only properties and ids
+
+    def source_matches(self, kind: str, path: str | None) -> bool:
+        if kind not in self.kinds:
+            return False
+        return self.prefix is None or (path is not None and (path.lower() + "/").startswith(self.prefix))
+
+
+def _compile(index: int, spec: RouteSpec) -> _Route:
+    compiled = compile_route(spec)
+    if spec.source.startswith("/"):
+        prefix = spec.source.rstrip("*").rstrip("/").lower() + "/"
+        kinds = frozenset({TELEMETRY, TWIN_CHANGE})
+    else:
+        prefix = None
+        kinds = frozenset({SOURCES[spec.source]})
+    return _Route(index, spec, compiled, kinds, prefix, compiled.deps <= {"props"})
+
+
+def _slow_table(routes: list[_Route]) -> Table:
+    def table(system: Mapping[str, str], application: Mapping[str, str | None], body: bytes,
+              device_id: str, module_id: str | None, enqueued_ms: int,
+              twins: TwinLookup | None) -> list[str]:
+        view = MessageView(system, application, body, device_id=device_id, module_id=module_id,
+                           enqueued_ms=enqueued_ms, twins=twins)
+        return [r.spec.name for r in routes if r.compiled.predicate(view)]
+    return table
+
+
+class Router:
+    """One immutable, compiled routing state. Build a new one to change routing."""
+
+    def __init__(self, state: RoutingState | None = None, *, hub_name: str = "",
+                 twins: TwinLookup | None = None) -> None:
+        self.state = state or RoutingState()
+        self.hub_name = hub_name
+        self.twins = twins
+        routes = [_compile(i, r) for i, r in enumerate(self.state.routes)]
+        self._routes = routes
+        enabled = [r for r in routes if r.spec.enabled]
+        self._by_kind = {kind: [r for r in enabled if kind in r.kinds] for kind in ALL_KINDS}
+        self.empty = not routes
+        self.fallback = self.state.fallback
+        self.trivial = self.empty  # everything goes to events (or nowhere): no evaluation
+        self.default = FALLBACK_ONLY if self.fallback else NOWHERE  # what route() gives then
+        self._cache: dict[str, tuple[tuple[str, ...], Table | None]] = {}
+        self._tables: dict[tuple[int, ...], Table] = {}
+        self._endpoint_routes: dict[str, frozenset[str]] = {}
+        for r in routes:
+            self._endpoint_routes[r.spec.endpoint] = self._endpoint_routes.get(
+                r.spec.endpoint, frozenset()) | {r.spec.name}
+        self._endpoint_routes[EVENTS] = self._endpoint_routes.get(EVENTS, frozenset()) | {FALLBACK}
+        self._enrich: dict[str, list[tuple[str, str, tuple[str, ...] | None, str | None]]] = {}
+        for e in self.state.enrichments:
+            twin = TWIN_VALUE.match(e.value)
+            section = path = None
+            if twin:
+                section = {"tags": "tags", "properties.desired": "desired",
+                           "properties.reported": "reported"}[twin.group(1)]
+                path = tuple(twin.group(2)[1:].split("."))
+            for endpoint in e.endpoints:
+                self._enrich.setdefault(endpoint, []).append((e.key, e.value, path, section))
+
+    # -- the publish path ----------------------------------------------------------------------
+
+    def route(self, kind: str, system: Mapping[str, str], application: Mapping[str, str | None],
+              body: bytes, device_id: str, module_id: str | None, enqueued_ms: int,
+              key: str | None = None) -> tuple[str, ...]:
+        """The names of the routes a message matches (``($fallback,)`` when it goes to
+        ``events`` by the fallback route). ``key`` is the stored properties text when the
+        caller has it: property-only conditions are cached by it."""
+        if self.empty:
+            return self.default
+        names: tuple[str, ...] = ()
+        if self._by_kind[kind]:
+            hit = self._cache.get(key) if key is not None else None
+            if hit is None:
+                hit = self._split(kind, system, application, device_id, module_id)
+                if key is not None:
+                    if len(self._cache) >= CACHE_LIMIT:
+                        self._cache.clear()
+                    self._cache[key] = hit
+            names, table = hit
+            if table is not None:
+                more = table(system, application, body, device_id, module_id, enqueued_ms,
+                             self.twins)
+                if more:
+                    names = names + tuple(more)
+        if not names and kind == TELEMETRY and self.fallback:
+            return FALLBACK_ONLY
+        return names
+
+    def _split(self, kind: str, system: Mapping[str, str], application: Mapping[str, str | None],
+               device_id: str, module_id: str | None) -> tuple[tuple[str, ...], Table | None]:
+        """(static routes matched, the compiled table of the routes left to evaluate per
+        message) for one property set."""
+        path = source_path(kind, module_id, system)
+        view = MessageView(system, application, b"", device_id=device_id, module_id=module_id,
+                           enqueued_ms=0)
+        matched: list[str] = []
+        dynamic: list[int] = []
+        for r in self._by_kind[kind]:
+            if not r.source_matches(kind, path):
+                continue
+            if not r.static:
+                dynamic.append(r.index)
+            elif r.compiled.predicate(view):
+                matched.append(r.spec.name)
+        return tuple(matched), self._table(tuple(dynamic)) if dynamic else None
+
+    def _table(self, indexes: tuple[int, ...]) -> Table:
+        table = self._tables.get(indexes)
+        if table is None:
+            routes = [self._routes[i] for i in indexes]
+            try:
+                table = compile_table([r.compiled.tree for r in routes], [r.spec.name for r in routes])
+            except (SyntaxError, RecursionError, MemoryError):  # past CPython's nesting limits
+                table = _slow_table(routes)
+            self._tables[indexes] = table
+        return table
+
+    # -- readers -------------------------------------------------------------------------------
+
+    def endpoint_routes(self, endpoint: str) -> frozenset[str]:
+        """The stored route names that send messages to ``endpoint``."""
+        return self._endpoint_routes.get(endpoint, frozenset())
+
+    def select(self, endpoint: str) -> Callable[[Routed], bool]:
+        """A predicate on stored messages: did it go to ``endpoint``?"""
+        names = self.endpoint_routes(endpoint)
+        if not names:
+            return lambda entry: False
+        if len(names) == 1:
+            (only,) = names
+            return lambda entry: only in entry.routes
+        return lambda entry: not names.isdisjoint(entry.routes)
+
+    def targets_module(self, module_id: str) -> bool:
+        return any(m == module_id for m, _ in self.state.module_inputs())
+
+    def module_inputs(self, routes: Iterable[str], module_id: str) -> list[str]:
+        """The input names of ``module_id`` a message with these stored routes goes to."""
+        out: list[str] = []
+        for name in routes:
+            spec = self.state.route(name)
+            target = parse_module_input(spec.endpoint) if spec is not None else None
+            if target is not None and target[0] == module_id and target[1] not in out:
+                out.append(target[1])
+        return out
+
+    def enrich(self, endpoint: str, entry: Routed) -> dict[str, str]:
+        """The enrichment properties for a message on its way to ``endpoint``: a twin path
+        that does not exist stamps its own text, as IoT Hub does."""
+        items = self._enrich.get(endpoint)
+        if not items:
+            return {}
+        out: dict[str, str] = {}
+        twin: Any = None
+        looked = False
+        for key, value, path, section in items:
+            if value == "$iothubname":
+                out[key] = self.hub_name
+            elif path is not None and section is not None:
+                if not looked:
+                    twin = self.twins(entry.device_id, entry.module_id) if self.twins else None
+                    looked = True
+                found = walk(getattr(twin, section), path) if twin is not None else UNDEFINED
+                if found is UNDEFINED:
+                    out[key] = value
+                else:
+                    out[key] = found if isinstance(found, str) else json.dumps(found)
+            else:
+                out[key] = value
+        return out
+
+    # -- explaining ----------------------------------------------------------------------------
+
+    def test(self, kind: str, view: MessageView) -> dict[str, Any]:
+        """Every route with whether it matched and, if not, why (the first false or
+        undefined clause); and whether the message would reach ``events`` by the fallback."""
+        path = source_path(kind, view.module_id, view.system)
+        results: list[dict[str, Any]] = []
+        for r in self._routes:
+            row: dict[str, Any] = {"name": r.spec.name, "endpoint": r.spec.endpoint}
+            if not r.spec.enabled:
+                row.update(matched=False, reason="the route is disabled")
+            elif not r.source_matches(kind, path):
+                row.update(matched=False, reason=f"source {r.spec.source} does not match "
+                           f"{path or kind}")
+            else:
+                row["matched"] = r.compiled.predicate(view)
+                if not row["matched"]:
+                    row["reason"] = _first_failing(r.compiled, view)
+            results.append(row)
+        routed = self.route(kind, view.system, view.application, view.body, view.device_id,
+                            view.module_id, view.enqueued_ms)
+        return {"routes": results, "fallback": routed == FALLBACK_ONLY,
+                "endpoints": sorted({r.spec.endpoint for r in self._routes
+                                     if r.spec.name in routed} | ({EVENTS} if routed == FALLBACK_ONLY else set()))}
+
+
+def _first_failing(compiled: Compiled, view: MessageView) -> str:
+    for clause in clauses(compiled.tree):
+        value = evaluate(clause, view)
+        if value is not True:
+            return f"{unparse(clause)} was {describe(value)}"
+    return "the condition was not true"  # pragma: no cover - the predicate said so
