@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -56,6 +57,23 @@ def write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def dial_address(bind: str) -> str:
+    """Where a local client reaches a listener bound to ``bind``: the wildcard means loopback."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(bind, bind)
+
+
+def bind_addresses(config: Config) -> list[str]:
+    """The specific addresses the listeners are bound to (several hubs on one machine, each on
+    its own loopback address): the server certificate must name them."""
+    found = set()
+    for bind in (config.mqtt.bind, config.mqtt.local_bind, config.api.bind):
+        with contextlib.suppress(ValueError):  # a host name: its addresses are not ours to pin
+            address = ipaddress.ip_address(bind)
+            if not address.is_unspecified:
+                found.add(str(address))
+    return sorted(found)
+
+
 def local_addresses() -> list[str]:
     found = {"127.0.0.1", "::1"}
     with contextlib.suppress(OSError):
@@ -87,7 +105,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
     host_names = [config.hub.host_name, *config.hub.aliases]
     certs = await asyncio.to_thread(
         pki.ensure_certificates, data_dir, host_names=host_names,
-        addresses=[*local_addresses(), *config.hub.addresses],
+        addresses=[*local_addresses(), *config.hub.addresses, *bind_addresses(config)],
     )
     db = Database(data_dir / "hub.db", synchronous=config.store.sync)
     await db.open()
@@ -152,7 +170,10 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
             "pid": os.getpid(),
             "host_name": config.hub.host_name,
             "device_id": gateway_id,
+            "api_host": dial_address(config.api.bind),
             "api_port": api.port,
+            "mqtt_host": dial_address(config.mqtt.bind),
+            "mqtt_local_host": dial_address(config.mqtt.local_bind),
             "mqtt_tls_port": broker.ports.get("tls"),
             "mqtt_local_port": broker.ports.get("local"),
             "mqtt_unix_socket": broker.ports.get("unix"),
