@@ -33,6 +33,7 @@ from gateway.hub.connstr import ConnectionString
 from gateway.hub.hub import Hub
 from gateway.hub.methods import MethodService
 from gateway.hub.modinputs import ModuleInputService
+from gateway.hub.onbehalf import OnBehalf
 from gateway.hub.registry import Device, Module, Registry
 from gateway.hub.twinstore import TwinStore
 from gateway.hub.twinsvc import TwinService
@@ -130,6 +131,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
                   max_message_bytes=config.mqtt.max_message_bytes)
         broker = Broker(config.mqtt, hub, sessions)
         hub.methods = MethodService(broker, hub.children)
+        if config.hub.on_behalf:
+            hub.on_behalf = OnBehalf(registry, tasks_)
         hub.children.broker = broker
         broker.ready_hooks.append(hub.children.on_ready)
         registry.add_listener(hub.children.identity_changed, updates=True)

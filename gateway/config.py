@@ -71,6 +71,7 @@ class HubConfig:
     device_id: str = ""  # the gateway's own device identity (its modules hang off it); "" = host_name
     aliases: tuple[str, ...] = ()
     addresses: tuple[str, ...] = ()
+    on_behalf: bool = True  # edge devices (--edge) may send for the identities in their scope
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

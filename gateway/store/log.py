@@ -39,6 +39,7 @@ from gateway.store._log_sql import (
     insert,
     load_state,
 )
+from gateway.store import dedupe
 from gateway.store.db import Database
 
 __all__ = ["MIGRATION", "Entry", "LogStats", "MessageLog", "PruneResult", "Record"]
@@ -56,6 +57,7 @@ class Record:
     enqueued_ms: int  # epoch milliseconds
     props: str
     body: bytes
+    once: tuple[str, str, int] | None = None  # (dedupe key, epoch, seq): see store/dedupe.py
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +165,7 @@ class MessageLog:
         self._cursors: dict[str, tuple[int, bool]] = {}
         self._dropped: dict[str, int] = {}
         self._rejected = 0
+        self.deduplicated = 0  # on-behalf-of resends dropped by append_once since open
         self._appended = 0
         self._commits = 0
         # The append buffer, shared with the db thread (guarded by _lock).
@@ -177,6 +180,7 @@ class MessageLog:
     async def open(self) -> None:
         """Create or migrate the schema, then load last_seq, counts, bytes and cursors."""
         await self._db.migrate(MIGRATION)
+        await self._db.migrate(dedupe.MIGRATION)
         state = await self._db.run(load_state)
         (
             self.last_seq,
@@ -225,6 +229,54 @@ class MessageLog:
                 writer = self._writer = _WriteBody(self)
         if writer is not None:
             self._db.submit(writer).add_done_callback(writer.settle)
+        return future
+
+    def append_once(self, records: Sequence[Record]) -> asyncio.Future[int]:
+        """:meth:`append` for records that may carry a dedupe stamp (``Record.once``): those at
+        or below their key's durable high-water mark are dropped, in the same transaction that
+        stores the rest and raises the marks (:mod:`gateway.store.dedupe`). Runs as its own
+        body in the next group commit; the future resolves with the last seq stored."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if not self._opened:
+            future.set_exception(StoreError("message log is not open"))
+            return future
+        nbytes = sum(len(r.body) + len(r.props) for r in records)
+        if self._reject_new and self._bytes + self._pending_bytes + nbytes > self._max_bytes:
+            self._rejected += len(records)
+            future.set_exception(
+                StoreFullError(f"store full: {self._bytes} of {self._max_bytes} bytes used"))
+            return future
+        self._pending_bytes += nbytes
+        batch = list(records)
+
+        def settle(done: asyncio.Future[tuple[int, list[Row], int]]) -> None:
+            self._pending_bytes -= nbytes
+            exc = done.exception() if not done.cancelled() else StoreError("append cancelled")
+            if exc is not None:
+                if not future.done():
+                    future.set_exception(exc)
+                return
+            last, rows, dropped = done.result()
+            self.deduplicated += dropped
+            if rows:
+                stored = sum(len(row[5]) + len(row[4]) for row in rows)
+                if self._count == 0:
+                    self._first_seq = last - len(rows) + 1
+                    self._oldest_ms = rows[0][3]
+                self._count += len(rows)
+                self._bytes += stored
+                self._appended += len(rows)
+                self.last_seq = max(self.last_seq, last)
+                if self._advanced is not None:
+                    self._advanced.set()
+                    self._advanced = None
+                if not self._reject_new and self._bytes > self._max_bytes:
+                    self._over_cap.set()
+            self._commits += 1
+            if not future.done():
+                future.set_result(self.last_seq)
+
+        self._db.submit(partial(dedupe.insert_once, records=batch)).add_done_callback(settle)
         return future
 
     def _take_buffer(
