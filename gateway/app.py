@@ -42,6 +42,8 @@ from gateway.routing.routes import RouteTable
 from gateway.store.db import Database
 from gateway.store.log import MessageLog
 from gateway.tasks import TaskSet
+from gateway.upstream.api import add_upstream_routes
+from gateway.upstream.service import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,7 @@ class Gateway:
     log: MessageLog
     certs: pki.HubCertificates
     runtime: dict[str, object] = field(default_factory=dict)
+    upstream: Upstream | None = None
 
 
 async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
@@ -161,6 +164,10 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         )
         api = ServiceApi(host_name=config.hub.host_name, registry=registry,
                          authenticator=authenticator, log=message_log, hub=hub, broker=broker)
+        gateway_id = config.hub.device_id or config.hub.host_name  # the bridges' device
+        upstream = Upstream(data_dir=data_dir, cfg=config.upstream, log_=message_log, db=db,
+                            local_gateway=gateway_id)
+        add_upstream_routes(api, upstream)
         # The MQTT listener's context: X.509 devices (self-signed ones too) work over WSS.
         await api.start(config.api.bind, config.api.port, mqtt_tls)
         owner = registry.get_policy("iothubowner")
@@ -168,7 +175,6 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         write_private(data_dir / OWNER_FILE, str(ConnectionString(
             host_name=config.hub.host_name, shared_access_key_name=owner.name,
             shared_access_key=owner.primary_key)) + "\n")
-        gateway_id = config.hub.device_id or config.hub.host_name  # the bridges' device
         runtime: dict[str, object] = {
             "pid": os.getpid(),
             "host_name": config.hub.host_name,
@@ -194,12 +200,13 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
             if twin is not None:
                 await hub.children.module_desired(supervisor.device_id, spec.name, twin.desired)
         gateway = Gateway(config=config, registry=registry, hub=hub, broker=broker, api=api,
-                          log=message_log, certs=certs, runtime=runtime)
+                          log=message_log, certs=certs, runtime=runtime, upstream=upstream)
         stop_event = stop or _signal_stop()
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(message_log.run_retention(), name="retention")
             tasks.create_task(hub.c2d.run(), name="c2d-timers")
             tasks.create_task(supervisor.run(), name="modules")
+            tasks.create_task(upstream.run(), name="upstream")
             if notifier.watchdog_interval:
                 tasks.create_task(_watchdog(notifier), name="watchdog")
             notifier.ready(f"serving: mqtt {broker.ports}, https {api.port}")

@@ -459,6 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("tool_args", nargs=argparse.REMAINDER)
         p.set_defaults(fn=cmd_modbus_tool)
 
+    from gateway import cli_upstream
+
+    cli_upstream.add_parser(sub, common)
+
     p = sub.add_parser("monitor-events", parents=[common], help="print messages reaching the built-in endpoint")
     p.add_argument("--device", help="only this device's messages")
     p.add_argument("--consumer-group", default="$Default")

@@ -135,6 +135,11 @@ class ServiceApi:
         self.app.router.add_route(method, path, guarded)
         self._routes.append((method, path, right, handler))
 
+    def add_route(self, method: str, path: str, right: str,
+                  handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> None:
+        """Register a policy-guarded route from another component (before :meth:`start`)."""
+        self._route(method, path, right, handler)
+
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> None:
         # Open event streams end at once on shutdown instead of holding it for a minute.
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,

@@ -172,8 +172,10 @@ class Hub:
         if gateway is not None:  # on-behalf-of: the child's stamp becomes the dedupe key
             path = application.pop(onbehalf.PATH_KEY, None)
             epoch, seq = application.pop(onbehalf.EPOCH_KEY, None), application.pop(onbehalf.SEQ_KEY, None)
+            route = application.pop(onbehalf.ROUTE_KEY, None)
             if epoch and seq and seq.isdigit():
-                once = (f"{gateway}/{principal.client_id}", epoch, int(seq))
+                key = f"{gateway}/{principal.client_id}" + (f"#{route}" if route else "")
+                once = (key, epoch, int(seq))
             system[onbehalf.GATEWAY_PATH] = f"{path};{gateway}" if path else gateway
         system.pop("to", None)  # C2D-only; never accepted from devices (ref §2.3)
         device_id, module_id = principal.device_id, principal.module_id

@@ -10,8 +10,9 @@ holds its ``deviceScope``) and its own modules. Over its single authenticated MQ
   be reached through the gateway), so registering is idempotent and costs one round trip;
 * publishes the origin's telemetry on the origin's own topic, ``devices/{d}[/modules/{m}]/
   messages/events/{bag}``, the bag carrying the child's stamp: ``$.gwe`` (the child's store
-  epoch), ``$.gws`` (the child's log sequence, increasing per origin) and ``$.gwp`` (gateways
-  the message already passed, nearest the origin first).
+  epoch), ``$.gws`` (the child's log sequence, increasing per origin), ``$.gwr`` (the child's
+  upstream route, when not the default one: each route has its own cursor and order) and
+  ``$.gwp`` (gateways the message already passed, nearest the origin first).
 
 This hub stamps the **origin** as ``iothub-connection-device-id``/``-module-id`` and records the
 path in ``iothub-gateway-path`` (``gwA;gwB``: every gateway from the origin up). The stamp
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 EPOCH_KEY: Final = "$.gwe"
 SEQ_KEY: Final = "$.gws"
 PATH_KEY: Final = "$.gwp"
+ROUTE_KEY: Final = "$.gwr"  # the child's upstream route, when not the default one
 GATEWAY_PATH: Final = "iothub-gateway-path"
 """System property: the gateways a message came through, nearest the origin first."""
 REGISTER_PREFIX: Final = "$iothub/gateway/register/"

@@ -1,0 +1,67 @@
+"""Durable forwarder state in ``hub.db``: a cursor per (route, origin) and the store epoch.
+
+The cursors are written lazily (a few times a second, in one statement per batch of changed
+queues): a cursor behind the truth only means a resend after a crash, and the parent drops
+resends by its high-water mark. The floor below which every queue is done is the log's pinned
+``$upstream`` cursor, so retention never removes what is still to go up.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import time
+from typing import Final
+
+from gateway.store.db import Database, Migration
+from gateway.upstream.wire import Origin
+
+MIGRATION: Final[Migration] = (
+    "upstream",
+    (
+        """
+        CREATE TABLE upstream_cursors(
+            route TEXT NOT NULL,
+            device_id TEXT NOT NULL,
+            module_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            PRIMARY KEY(route, device_id, module_id)) WITHOUT ROWID;
+        CREATE TABLE upstream_meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+        """,
+    ),
+)
+FLOOR_CURSOR: Final = "$upstream"
+
+
+class CursorStore:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def open(self) -> tuple[str, dict[tuple[str, Origin], int]]:
+        """(epoch, cursors). The epoch is made once per store: a recreated ``hub.db`` restarts
+        the log's sequence, and the new epoch tells the parent so."""
+        await self._db.migrate(MIGRATION)
+
+        def load(conn: sqlite3.Connection) -> tuple[str, dict[tuple[str, Origin], int]]:
+            row = conn.execute("SELECT value FROM upstream_meta WHERE key = 'epoch'").fetchone()
+            if row is None:
+                epoch = f"{int(time.time()):x}{secrets.token_hex(4)}"
+                conn.execute("INSERT INTO upstream_meta(key, value) VALUES ('epoch', ?)", (epoch,))
+            else:
+                epoch = str(row[0])
+            cursors = {
+                (str(route), Origin(str(device), str(module) or None)): int(seq)
+                for route, device, module, seq in conn.execute(
+                    "SELECT route, device_id, module_id, seq FROM upstream_cursors")
+            }
+            return epoch, cursors
+
+        return await self._db.run(load)
+
+    async def save(self, changed: list[tuple[str, Origin, int]]) -> None:
+        if not changed:
+            return
+        rows = [(route, o.device_id, o.module_id or "", seq) for route, o, seq in changed]
+        await self._db.run(lambda conn: conn.executemany(
+            "INSERT INTO upstream_cursors(route, device_id, module_id, seq) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT(route, device_id, module_id) DO UPDATE SET seq = excluded.seq", rows))

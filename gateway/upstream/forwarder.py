@@ -1,0 +1,304 @@
+"""The forwarder: the ``$upstream`` endpoint's reader of the log, and the pump to the parent.
+
+One scanner reads the log in order from the floor cursor and offers every entry that
+``select`` puts on an upstream route to the :class:`~gateway.upstream.backlog.Backlog` (a
+queue per (route, origin)); the pump keeps up to ``window`` QoS 1 publishes in flight on the
+link and moves a queue's cursor only on the parent's PUBACK; a flusher persists the cursors
+and the floor a few times a second. Towards a parent that is this software (mode
+``gateway``), one connection carries every origin on our behalf and each message carries the
+dedupe stamp (:mod:`gateway.hub.onbehalf`), so the parent stores each exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.config import UpstreamConfig
+from gateway.errors import StoreError, UpstreamError
+from gateway.hub.onbehalf import register_topic
+from gateway.store.db import Database
+from gateway.store.log import Entry, MessageLog
+from gateway.upstream import wire
+from gateway.upstream.backlog import Backlog, Item, OriginQueue
+from gateway.upstream.cursors import FLOOR_CURSOR, CursorStore
+from gateway.upstream.link import Backoff, Session, open_session
+from gateway.upstream.policy import RoutePolicy
+from gateway.upstream.settings import LinkSettings
+
+log = logging.getLogger(__name__)
+
+SCAN_CHUNK = 2000
+FLUSH_INTERVAL = 0.25
+
+
+def _iso(moment: float) -> str:
+    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@dataclass
+class RouteCounters:
+    sent: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class LinkState:
+    state: str = "disconnected"  # connected|connecting|disconnected|throttled|paused
+    since: float = field(default_factory=time.time)
+    last_error: str = ""
+    sent: int = 0
+    connects: int = 0
+    routes: dict[str, RouteCounters] = field(default_factory=dict)
+
+    def set(self, state: str, error: str | None = None) -> None:
+        if state != self.state:
+            self.state = state
+            self.since = time.time()
+        if error is not None:
+            self.last_error = error
+
+
+class Forwarder:
+    """Store-and-forward to one parent. ``run`` until cancelled; ``status`` at any time."""
+
+    def __init__(self, log_: MessageLog, db: Database, settings: LinkSettings,
+                 cfg: UpstreamConfig, *, local_gateway: str,
+                 select: Callable[[Entry], str | None],
+                 policy_of: Callable[[str], RoutePolicy],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.log = log_
+        self.cursors = CursorStore(db)
+        self.settings = settings
+        self.cfg = cfg
+        self.local_gateway = local_gateway
+        self.select = select
+        self.policy_of = policy_of
+        self.clock = clock
+        self.window = cfg.gateway_inflight if cfg.mode == "gateway" else cfg.max_inflight
+        self.backlog = Backlog(max_buffer=max(4 * self.window, 20_000))
+        self.link = LinkState()
+        self.epoch = ""
+        self._wake = asyncio.Event()
+        self._space = asyncio.Event()
+        self._floor_saved = -1
+        self._policies: dict[str, RoutePolicy] = {}
+        self.ready = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.epoch, cursors = await self.cursors.open()
+        start = await self.log.get_cursor(FLOOR_CURSOR)
+        if start is None:  # a new upstream: what arrives from now on (routes apply to new messages)
+            start = self.log.last_seq
+        self.backlog = Backlog(cursors, scan_pos=start, max_buffer=self.backlog.max_buffer)
+        await self.log.set_cursor(FLOOR_CURSOR, min(start, self.log.last_seq), pin=True)
+        self.ready.set()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._scan(), name="upstream-scan")
+                tasks.create_task(self._flush_loop(), name="upstream-flush")
+                tasks.create_task(self._connect_loop(), name="upstream-link")
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._flush())
+
+    def policy(self, route: str) -> RoutePolicy:
+        p = self._policies.get(route)
+        if p is None:
+            p = self._policies[route] = self.policy_of(route)
+        return p
+
+    # -- the scanner -------------------------------------------------------------------------
+
+    async def _scan(self) -> None:
+        backlog = self.backlog
+        while True:
+            while backlog.full():
+                self._space.clear()
+                await self._space.wait()
+            entries, pos = await self.log.scan(backlog.scan_pos, SCAN_CHUNK)
+            for entry in entries:
+                route = self.select(entry)
+                if route is None:
+                    continue
+                origin = wire.origin_of(entry, self.local_gateway, self.settings.device_id)
+                backlog.offer(route, origin, entry, len(entry.body) + len(entry.props),
+                              self.policy(route).priority)
+            backlog.scan_pos = pos
+            if entries:
+                self._wake.set()
+            if len(entries) < SCAN_CHUNK:
+                await self.log.wait_beyond(pos, timeout=1.0)
+
+    # -- persistence -------------------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL)
+            try:
+                await self._flush()
+            except StoreError as exc:
+                log.error("upstream cursors not saved: %s", exc)
+
+    async def _flush(self) -> None:
+        await self.cursors.save(self.backlog.dirty())
+        floor = min(self.backlog.floor(), self.log.last_seq)
+        if floor != self._floor_saved:
+            await self.log.set_cursor(FLOOR_CURSOR, floor, pin=True)
+            self._floor_saved = floor
+
+    # -- the link ----------------------------------------------------------------------------
+
+    async def _connect_loop(self) -> None:
+        backoff = Backoff(self.cfg.reconnect_min, self.cfg.reconnect_max)
+        while True:
+            self.link.set("connecting")
+            try:
+                session = await open_session(
+                    self.settings, window=self.window, keepalive=self.cfg.keepalive,
+                    token_ttl=self.cfg.token_ttl, ack_timeout=self.cfg.ack_timeout)
+            except UpstreamError as exc:
+                self.link.set("disconnected", str(exc))
+                delay = backoff.next()
+                log.warning("upstream connect failed: %s (retry in %.1f s)", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            self.link.connects += 1
+            self.link.set("connected")
+            log.info("upstream connected host=%s port=%d as=%s", self.settings.host,
+                     self.settings.port, self.settings.device_id)
+            reason = await self._pump(session)
+            if session.acked:
+                backoff.reset()
+            if reason == "renew":
+                continue
+            self.link.set("disconnected", reason)
+            delay = backoff.next()
+            log.warning("upstream link down: %s (retry in %.1f s)", reason, delay)
+            await asyncio.sleep(delay)
+
+    async def _pump(self, session: Session) -> str:
+        """Send over ``session`` until it is lost (or due for a token renewal); returns why."""
+        backlog = self.backlog
+        registered: set[wire.Origin] = set()
+        registering: dict[wire.Origin, asyncio.Task[None]] = {}
+        inflight: dict[asyncio.Task[None], Item] = {}
+        loop = asyncio.get_running_loop()
+        stamp = self.cfg.mode == "gateway"
+
+        def done(task: asyncio.Task[None]) -> None:
+            item = inflight.pop(task, None)
+            if item is None or session.ended or task.cancelled() or task.exception() is not None:
+                return
+            route = item.route
+            backlog.acked(item)
+            self.link.sent += 1
+            self.link.routes.setdefault(route, RouteCounters()).sent += 1
+            self._wake.set()
+            if not backlog.full():
+                self._space.set()
+
+        def registered_cb(origin: wire.Origin, task: asyncio.Task[None]) -> None:
+            registering.pop(origin, None)
+            if not session.ended and not task.cancelled() and task.exception() is None:
+                registered.add(origin)
+                self._wake.set()
+
+        renewing = False
+        try:
+            while not session.lost.done():
+                now = self.clock()
+                if not renewing and now >= session.renew_at:
+                    renewing = True
+                if not renewing:
+                    while len(inflight) < self.window:
+                        item = backlog.take(now, registered if stamp else None)
+                        if item is None:
+                            break
+                        topic, payload = wire.encode(item.entry, item.origin, epoch=self.epoch,
+                                                     stamp=stamp, route=item.route)
+                        task = loop.create_task(session.publish(topic, payload))
+                        inflight[task] = item
+                        task.add_done_callback(done)
+                    if stamp and len(registering) < 64:
+                        for q in backlog.waiting(now):
+                            o = q.origin
+                            if o not in registered and o not in registering:
+                                t = loop.create_task(session.publish(
+                                    register_topic(o.device_id, o.module_id), b""))
+                                registering[o] = t
+                                t.add_done_callback(partial(registered_cb, o))
+                                if len(registering) >= 64:
+                                    break
+                elif not inflight:
+                    return "renew"
+                self._wake.clear()
+                wake: asyncio.Future[Any] = loop.create_task(self._wake.wait())
+                await asyncio.wait({wake, session.lost}, timeout=1.0,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                wake.cancel()
+            return session.lost.result()
+        finally:
+            session.ended = True
+            for task in [*inflight, *registering.values()]:
+                task.cancel()
+            parked = backlog.link_lost(self.clock())
+            if parked is not None:
+                log.warning("upstream: origin %s keeps failing; set aside for %.0f s",
+                            parked.origin.client_id, parked.hold)
+            inflight.clear()
+            await session.close()
+
+    # -- status ------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        backlog = self.backlog
+        stats = self.log.stats()
+        unscanned = max(0, stats.last_seq - backlog.scan_pos)  # not yet read: an estimate
+        avg = (stats.bytes / stats.count) if stats.count else 0
+        per_route: dict[str, dict[str, Any]] = {}
+        now_ms = time.time() * 1000
+        queues: dict[str, list[OriginQueue]] = {}
+        for q in backlog.queues.values():
+            queues.setdefault(q.route, []).append(q)
+        for route in sorted(set(queues) | set(self.link.routes)):
+            qs = queues.get(route, [])
+            count = sum(len(q.pending) + len(q.inflight) for q in qs)
+            nbytes = sum(i.size for q in qs for i in (*q.pending, *q.inflight))
+            heads = [(q.inflight[0] if q.inflight else q.pending[0]).entry.enqueued_ms
+                     for q in qs if q.inflight or q.pending]
+            counters = self.link.routes.get(route, RouteCounters())
+            per_route[route] = {
+                "backlog": count, "backlogBytes": nbytes,
+                "oldestAgeSeconds": round((now_ms - min(heads)) / 1000, 3) if heads else 0,
+                "sent": counters.sent, "dropped": dict(counters.dropped),
+                "origins": len(qs),
+            }
+        dropped: dict[str, int] = {"ttl": 0, "full": 0}
+        for counters in self.link.routes.values():
+            for reason, n in counters.dropped.items():
+                dropped[reason] = dropped.get(reason, 0) + n
+        byte_cap = stats.dropped_total.get("byte-cap", 0)
+        if byte_cap:
+            dropped["store-cap"] = byte_cap
+        oldest = backlog.oldest_ms()
+        return {
+            "state": self.link.state,
+            "backlog": backlog.buffered + unscanned,
+            "backlogBytes": backlog.buffered_bytes + int(unscanned * avg),
+            "oldestAgeSeconds": round((now_ms - oldest) / 1000, 3) if oldest else 0,
+            "sent": self.link.sent,
+            "dropped": dropped,
+            "lastError": self.link.last_error,
+            "since": _iso(self.link.since),
+            "routes": per_route,
+        }

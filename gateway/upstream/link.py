@@ -1,0 +1,147 @@
+"""One MQTT connection to the parent, through aiomqtt (IoT Hub ref §1.2: client id, username,
+SAS password or client certificate; TLS 1.2+ verified against the parent's CA).
+
+A :class:`Session` is one connected client: QoS 1 publishes resolve on PUBACK; ``lost``
+resolves when the connection goes (RST, FIN, keep-alive expiry, the parent closing it), which
+the forwarder races against its in-flight publishes. SAS tokens are renewed *between* windows:
+past :attr:`Session.renew_at` the forwarder stops sending, lets the in-flight PUBACKs come back
+and reconnects with a fresh token (federation.md §3.3: MQTT 3.1.1 cannot re-authenticate, and
+dropping a connection with publishes in flight is edgeHub's duplicate, Azure/iotedge#1538).
+:class:`Backoff` is the jittered exponential delay between attempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import time
+import urllib.parse
+from typing import Any
+
+import aiomqtt
+
+from gateway.errors import UpstreamError
+from gateway.hub.sas import generate_sas_token
+from gateway.upstream.settings import LinkSettings
+from gateway.upstream.wire import Origin
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "2021-04-12"
+USER_AGENT = urllib.parse.quote("edge-gateway-upstream/0.1", safe="")
+
+
+class Backoff:
+    """``min * 2**n`` capped at ``max``, each delay drawn in [50 %, 100 %] of it (jitter keeps
+    many gateways from reconnecting in step after a parent restarts)."""
+
+    def __init__(self, minimum: float, maximum: float, rng: random.Random | None = None) -> None:
+        self.minimum = max(0.01, minimum)
+        self.maximum = max(self.minimum, maximum)
+        self.failures = 0
+        self._rng = rng or random.Random()
+
+    def next(self) -> float:
+        base = min(self.maximum, self.minimum * (2 ** min(self.failures, 30)))
+        self.failures += 1
+        return float(base * self._rng.uniform(0.5, 1.0))
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+def ssl_context(settings: LinkSettings) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=settings.ca_file)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if settings.cert_file and settings.key_file:
+        ctx.load_cert_chain(settings.cert_file, settings.key_file)
+    return ctx
+
+
+class Session:
+    """One connected client. Use :func:`open_session`; :meth:`close` when done."""
+
+    def __init__(self, client: aiomqtt.Client, *, renew_at: float, ack_timeout: float) -> None:
+        self.client = client
+        self.renew_at = renew_at  # monotonic; inf for X.509
+        self.ack_timeout = ack_timeout
+        self.lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.ended = False
+        self.acked = 0
+        self._watch = asyncio.get_running_loop().create_task(self._watch_messages())
+
+    async def _watch_messages(self) -> None:
+        try:
+            async for _message in self.client.messages:
+                pass  # nothing is subscribed yet; the iterator is the disconnect signal
+        except aiomqtt.MqttError as exc:
+            self._lose(f"connection lost: {exc}")
+        except asyncio.CancelledError:
+            raise
+        else:
+            self._lose("connection closed")
+
+    def _lose(self, reason: str) -> None:
+        if not self.lost.done():
+            self.lost.set_result(reason)
+
+    async def publish(self, topic: str, payload: bytes) -> None:
+        """QoS 1; returns on PUBACK. Raises UpstreamError if the link fails first."""
+        try:
+            await self.client.publish(topic, payload, qos=1, timeout=self.ack_timeout)
+        except aiomqtt.MqttError as exc:
+            self._lose(f"publish failed: {exc}")
+            raise UpstreamError(str(exc)) from None
+        self.acked += 1
+
+    async def close(self) -> None:
+        self.ended = True
+        self._watch.cancel()
+        with contextlib.suppress(BaseException):
+            await self._watch
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5):
+                await self.client.__aexit__(None, None, None)
+        self._lose("closed")
+
+
+async def open_session(settings: LinkSettings, *, origin: Origin | None = None,
+                       key: str | None = None, window: int, keepalive: int,
+                       token_ttl: int, ack_timeout: float,
+                       ssl_ctx: ssl.SSLContext | None = None) -> Session:
+    """Connect as our own gateway identity, or (identity mode) as ``origin`` with its own
+    ``key``. Raises UpstreamError with the reason (CONNACK code, TLS, refused, timeout)."""
+    device_id = origin.device_id if origin is not None else settings.device_id
+    module_id = origin.module_id if origin is not None else None
+    client_id = device_id if module_id is None else f"{device_id}/{module_id}"
+    username = (f"{settings.hub}/{client_id}/?api-version={API_VERSION}"
+                f"&DeviceClientType={USER_AGENT}")
+    sas_key = key if origin is not None else settings.shared_access_key
+    password = None
+    renew_at = float("inf")
+    if sas_key:
+        resource = f"{settings.hub}/devices/{device_id}"
+        if module_id:
+            resource += f"/modules/{module_id}"
+        password = generate_sas_token(resource, sas_key, int(time.time()) + token_ttl)
+        renew_at = time.monotonic() + token_ttl * 0.8
+    kwargs: dict[str, Any] = {
+        "identifier": client_id, "username": username, "password": password,
+        "protocol": aiomqtt.ProtocolVersion.V311, "clean_session": True,
+        "keepalive": keepalive, "max_inflight_messages": window, "timeout": ack_timeout,
+    }
+    client = aiomqtt.Client(settings.host or settings.hub, settings.port,
+                            tls_context=ssl_ctx or ssl_context(settings), **kwargs)
+    client.pending_calls_threshold = 1 << 30  # the window bounds them, not a warning
+    try:
+        async with asyncio.timeout(ack_timeout + 5):
+            await client.__aenter__()
+    except aiomqtt.MqttCodeError as exc:
+        raise UpstreamError(f"parent refused the connection: {exc}") from None
+    except (aiomqtt.MqttError, OSError, ssl.SSLError, TimeoutError) as exc:
+        raise UpstreamError(f"cannot connect to {settings.host}:{settings.port}: "
+                            f"{exc or type(exc).__name__}") from None
+    return Session(client, renew_at=renew_at, ack_timeout=ack_timeout)
