@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -123,8 +124,17 @@ class Forwarder:
         backlog = self.backlog
         while True:
             while backlog.full():
+                for q in backlog.park(self.clock()):  # a long-refused origin leaves memory
+                    log.warning("upstream: origin %s parked (re-read from its cursor later)",
+                                q.origin.client_id)
+                if not backlog.full():
+                    break
                 self._space.clear()
-                await self._space.wait()
+                try:
+                    async with asyncio.timeout(1.0):
+                        await self._space.wait()
+                except TimeoutError:
+                    pass
             entries, pos = await self.log.scan(backlog.scan_pos, SCAN_CHUNK)
             for entry in entries:
                 route = self.select(entry)
@@ -146,8 +156,33 @@ class Forwarder:
             await asyncio.sleep(FLUSH_INTERVAL)
             try:
                 await self._flush()
+                now = self.clock()
+                for q in [q for q in self.backlog.queues.values()
+                          if q.parked and q.hold_until <= now]:
+                    await self._reread(q)
             except StoreError as exc:
                 log.error("upstream cursors not saved: %s", exc)
+
+    async def _reread(self, q: OriginQueue) -> None:
+        """A parked queue's messages, read again from its own cursor up to the scanner."""
+        pos = q.acked
+        while True:
+            entries, pos = await self.log.scan(pos, SCAN_CHUNK, device_id=q.origin.device_id
+                                               if q.origin.device_id != self.settings.device_id
+                                               else self.local_gateway)
+            items = []
+            for entry in entries:
+                if self.select(entry) != q.route:
+                    continue
+                origin = wire.origin_of(entry, self.local_gateway, self.settings.device_id)
+                if origin == q.origin:
+                    items.append(Item(q.route, origin, entry, len(entry.body) + len(entry.props)))
+            caught_up = pos >= self.backlog.scan_pos
+            self.backlog.unpark(q, items, caught_up)
+            if caught_up:
+                log.info("upstream: origin %s back from parking", q.origin.client_id)
+                self._wake.set()
+                return
 
     async def _flush(self) -> None:
         await self.cursors.save(self.backlog.dirty())
@@ -214,6 +249,7 @@ class Forwarder:
                 self._wake.set()
 
         renewing = False
+        report = loop.create_task(self._report(session), name="upstream-report")
         try:
             while not session.lost.done():
                 now = self.clock()
@@ -249,7 +285,7 @@ class Forwarder:
             return session.lost.result()
         finally:
             session.ended = True
-            for task in [*inflight, *registering.values()]:
+            for task in [*inflight, *registering.values(), report]:
                 task.cancel()
             parked = backlog.link_lost(self.clock())
             if parked is not None:
@@ -257,6 +293,22 @@ class Forwarder:
                             parked.origin.client_id, parked.hold)
             inflight.clear()
             await session.close()
+
+    async def _report(self, session: Session) -> None:
+        """The status, as the gateway's reported property ``upstream`` at the parent, at most
+        every ``status_interval`` seconds (and at once on connecting)."""
+        rid = 0
+        while not session.ended:
+            rid += 1
+            status = self.status()
+            status["routes"] = {name.lstrip("$") or name: r  # twin keys cannot start with $
+                                for name, r in status["routes"].items()}
+            body = json.dumps({"upstream": status}).encode()
+            try:
+                await session.publish(f"$iothub/twin/PATCH/properties/reported/?$rid=up{rid}", body)
+            except UpstreamError:
+                return
+            await asyncio.sleep(max(1.0, self.cfg.status_interval))
 
     # -- status ------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ def parent_hub(tmp: Path, extra_config: str = "", **kw: Any) -> HubProcess:
 
 def child_hub(tmp: Path, extra_config: str = "", **kw: Any) -> HubProcess:
     upstream = ("[upstream]\nreconnect_min = 0.05\nreconnect_max = 0.5\nkeepalive = 5\n"
-                "ack_timeout = 5.0\n")
+                "ack_timeout = 5.0\nstatus_interval = 1.0\n")
     return HubProcess(tmp / "child", host_name="child.local", address=CHILD_ADDRESS,
                       log_level="info", extra_config=upstream + extra_config, **kw)
 

@@ -86,6 +86,15 @@ def test_forward_devices_and_modules_with_origin(tmp_path) -> None:  # type: ign
         assert set(s) >= {"state", "backlog", "backlogBytes", "oldestAgeSeconds", "sent",
                           "dropped", "lastError", "since", "routes"}
         assert s["routes"]["$upstream"]["sent"] == 800
+        # the same figures in the gateway's reported properties at the parent
+        def reported() -> dict | None:  # type: ignore[type-arg]
+            twin = json.loads(parent.cli("twin", "show", "child-gw").stdout)
+            up = twin["properties"]["reported"].get("upstream")
+            return up if up and up["sent"] == 800 else None
+
+        up = asyncio.run(eventually(reported, 20, "status in the parent's twin", interval=0.5,
+                                    blocking=True))
+        assert up["state"] == "connected" and up["routes"]["upstream"]["sent"] == 800
         child.cli("upstream", "clear")
         assert json.loads(child.cli("upstream", "show").stdout) is None
         assert status(child)["state"] == "disconnected"
