@@ -29,6 +29,7 @@ from gateway.store.db import Database
 from gateway.store.log import Entry, MessageLog
 from gateway.upstream import wire
 from gateway.upstream.backlog import Backlog, Item, OriginQueue
+from gateway.upstream.clock import AgeClock, boot_id
 from gateway.upstream.cursors import FLOOR_CURSOR, CursorStore
 from gateway.upstream.link import Backoff, Session, open_session
 from gateway.upstream.policy import RoutePolicy
@@ -74,7 +75,7 @@ class Forwarder:
                  cfg: UpstreamConfig, *, local_gateway: str,
                  select: Callable[[Entry], str | None],
                  policy_of: Callable[[str], RoutePolicy],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, boot: str | None = None) -> None:
         self.log = log_
         self.cursors = CursorStore(db)
         self.settings = settings
@@ -83,6 +84,9 @@ class Forwarder:
         self.select = select
         self.policy_of = policy_of
         self.clock = clock
+        self.boot = boot or boot_id()
+        self.ages = AgeClock(self.boot, [], [])
+        self._dropped_saved: dict[str, dict[str, int]] = {}
         self.window = cfg.gateway_inflight if cfg.mode == "gateway" else cfg.max_inflight
         self.backlog = Backlog(max_buffer=max(4 * self.window, 20_000))
         self.link = LinkState()
@@ -101,6 +105,12 @@ class Forwarder:
         if start is None:  # a new upstream: what arrives from now on (routes apply to new messages)
             start = self.log.last_seq
         self.backlog = Backlog(cursors, scan_pos=start, max_buffer=self.backlog.max_buffer)
+        checkpoints, boots, dropped = await self.cursors.load_clock()
+        for route, counts in dropped.items():
+            self.link.routes.setdefault(route, RouteCounters()).dropped.update(counts)
+        self._dropped_saved = {r: dict(c) for r, c in dropped.items()}
+        self.ages = AgeClock(self.boot, checkpoints, boots)
+        await self.cursors.save_clock(self.ages.start(self.log.last_seq, self.clock()), None)
         await self.log.set_cursor(FLOOR_CURSOR, min(start, self.log.last_seq), pin=True)
         self.ready.set()
         try:
@@ -163,6 +173,29 @@ class Forwarder:
             except StoreError as exc:
                 log.error("upstream cursors not saved: %s", exc)
 
+    def _drop(self, route: str, reason: str, count: int) -> None:
+        if count:
+            counters = self.link.routes.setdefault(route, RouteCounters())
+            counters.dropped[reason] = counters.dropped.get(reason, 0) + count
+
+    def _expire(self, now: float) -> None:
+        """TTL by monotonic age (:mod:`gateway.upstream.clock`): the expired leave the queue
+        at once and are counted as ``dropped.ttl``."""
+        for q in self.backlog.queues.values():
+            ttl = self.policy(q.route).ttl
+            if ttl <= 0 or not q.pending:
+                continue
+            n = 0
+            for item in q.pending:
+                if self.ages.age(item.seq, now) <= ttl:
+                    break
+                n += 1
+            if n:
+                self.backlog.drop_pending(q, n)
+                self._drop(q.route, "ttl", n)
+        if not self.backlog.full():
+            self._space.set()
+
     async def _reread(self, q: OriginQueue) -> None:
         """A parked queue's messages, read again from its own cursor up to the scanner."""
         pos = q.acked
@@ -185,6 +218,16 @@ class Forwarder:
                 return
 
     async def _flush(self) -> None:
+        now = self.clock()
+        self._expire(now)
+        row, boot = self.ages.checkpoint(self.log.last_seq, now)
+        dropped = {r: dict(c.dropped) for r, c in self.link.routes.items() if c.dropped}
+        changed = dropped != self._dropped_saved
+        await self.cursors.save_clock([row] if row else [], boot,
+                                      prune_below=self.ages.prune(self.backlog.floor()),
+                                      dropped=dropped if changed else None)
+        if changed:
+            self._dropped_saved = dropped
         await self.cursors.save(self.backlog.dirty())
         floor = min(self.backlog.floor(), self.log.last_seq)
         if floor != self._floor_saved:
@@ -200,7 +243,8 @@ class Forwarder:
             try:
                 session = await open_session(
                     self.settings, window=self.window, keepalive=self.cfg.keepalive,
-                    token_ttl=self.cfg.token_ttl, ack_timeout=self.cfg.ack_timeout)
+                    token_ttl=self.cfg.token_ttl, ack_timeout=self.cfg.ack_timeout,
+                    clock=self.clock)
             except UpstreamError as exc:
                 self.link.set("disconnected", str(exc))
                 delay = backoff.next()
@@ -317,23 +361,23 @@ class Forwarder:
         stats = self.log.stats()
         unscanned = max(0, stats.last_seq - backlog.scan_pos)  # not yet read: an estimate
         avg = (stats.bytes / stats.count) if stats.count else 0
+        now = self.clock()
         per_route: dict[str, dict[str, Any]] = {}
-        now_ms = time.time() * 1000
         queues: dict[str, list[OriginQueue]] = {}
         for q in backlog.queues.values():
             queues.setdefault(q.route, []).append(q)
+        oldest_all = 0.0
         for route in sorted(set(queues) | set(self.link.routes)):
             qs = queues.get(route, [])
             count = sum(len(q.pending) + len(q.inflight) for q in qs)
             nbytes = sum(i.size for q in qs for i in (*q.pending, *q.inflight))
-            heads = [(q.inflight[0] if q.inflight else q.pending[0]).entry.enqueued_ms
-                     for q in qs if q.inflight or q.pending]
+            heads = [q.head_seq() for q in qs]
+            oldest = max((self.ages.age(h, now) for h in heads if h is not None), default=0.0)
+            oldest_all = max(oldest_all, oldest)
             counters = self.link.routes.get(route, RouteCounters())
             per_route[route] = {
-                "backlog": count, "backlogBytes": nbytes,
-                "oldestAgeSeconds": round((now_ms - min(heads)) / 1000, 3) if heads else 0,
-                "sent": counters.sent, "dropped": dict(counters.dropped),
-                "origins": len(qs),
+                "backlog": count, "backlogBytes": nbytes, "oldestAgeSeconds": round(oldest, 3),
+                "sent": counters.sent, "dropped": dict(counters.dropped), "origins": len(qs),
             }
         dropped: dict[str, int] = {"ttl": 0, "full": 0}
         for counters in self.link.routes.values():
@@ -342,12 +386,13 @@ class Forwarder:
         byte_cap = stats.dropped_total.get("byte-cap", 0)
         if byte_cap:
             dropped["store-cap"] = byte_cap
-        oldest = backlog.oldest_ms()
+        if unscanned:
+            oldest_all = max(oldest_all, self.ages.age(backlog.scan_pos + 1, now))
         return {
             "state": self.link.state,
             "backlog": backlog.buffered + unscanned,
             "backlogBytes": backlog.buffered_bytes + int(unscanned * avg),
-            "oldestAgeSeconds": round((now_ms - oldest) / 1000, 3) if oldest else 0,
+            "oldestAgeSeconds": round(oldest_all, 3),
             "sent": self.link.sent,
             "dropped": dropped,
             "lastError": self.link.last_error,

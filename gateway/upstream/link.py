@@ -19,6 +19,7 @@ import random
 import ssl
 import time
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
@@ -111,7 +112,8 @@ class Session:
 async def open_session(settings: LinkSettings, *, origin: Origin | None = None,
                        key: str | None = None, window: int, keepalive: int,
                        token_ttl: int, ack_timeout: float,
-                       ssl_ctx: ssl.SSLContext | None = None) -> Session:
+                       ssl_ctx: ssl.SSLContext | None = None,
+                       clock: Callable[[], float] = time.monotonic) -> Session:
     """Connect as our own gateway identity, or (identity mode) as ``origin`` with its own
     ``key``. Raises UpstreamError with the reason (CONNACK code, TLS, refused, timeout)."""
     device_id = origin.device_id if origin is not None else settings.device_id
@@ -127,7 +129,7 @@ async def open_session(settings: LinkSettings, *, origin: Origin | None = None,
         if module_id:
             resource += f"/modules/{module_id}"
         password = generate_sas_token(resource, sas_key, int(time.time()) + token_ttl)
-        renew_at = time.monotonic() + token_ttl * 0.8
+        renew_at = clock() + token_ttl * 0.8  # on the caller's clock
     kwargs: dict[str, Any] = {
         "identifier": client_id, "username": username, "password": password,
         "protocol": aiomqtt.ProtocolVersion.V311, "clean_session": True,
