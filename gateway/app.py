@@ -166,7 +166,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
                          authenticator=authenticator, log=message_log, hub=hub, broker=broker)
         gateway_id = config.hub.device_id or config.hub.host_name  # the bridges' device
         upstream = Upstream(data_dir=data_dir, cfg=config.upstream, log_=message_log, db=db,
-                            local_gateway=gateway_id)
+                            local_gateway=gateway_id, refuse=hub.refuse_telemetry)
         add_upstream_routes(api, upstream)
         # The MQTT listener's context: X.509 devices (self-signed ones too) work over WSS.
         await api.start(config.api.bind, config.api.port, mqtt_tls)

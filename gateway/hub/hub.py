@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gateway.errors import ForbiddenError, MessageTooLargeError
+from gateway.errors import ForbiddenError, MessageTooLargeError, StoreFullError
 from gateway.hub import addresses
 from gateway.hub.auth import Authenticator, Principal
 from gateway.hub.children import ChildDirectory
@@ -106,6 +106,7 @@ class Hub:
         self.c2d: C2DService
         self.children = ChildDirectory(registry, twin_store, self.connection_state)
         self.on_behalf: onbehalf.OnBehalf | None = None  # edge devices acting for others
+        self.refusing: str | None = None  # why new telemetry is refused (a full upstream queue)
         registry.add_listener(self._on_registry_change)
 
     # -- connect -----------------------------------------------------------------------------
@@ -241,7 +242,21 @@ class Hub:
                       prepared.retained_props if retain else prepared.props, body,
                       once=prepared.once)
 
+    def refuse_telemetry(self, reason: str | None) -> None:
+        """While ``reason`` is set, telemetry is refused: no PUBACK, the publisher keeps it
+        (an upstream route full under ``reject-new``); None accepts again."""
+        if reason != self.refusing:
+            if reason:
+                log.warning("refusing telemetry: %s", reason)
+            else:
+                log.info("accepting telemetry again")
+        self.refusing = reason
+
     def append(self, rows: Sequence[Record]) -> asyncio.Future[int]:
+        if self.refusing is not None:
+            refused: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            refused.set_exception(StoreFullError(self.refusing))
+            return refused
         if self.on_behalf is not None and any(map(_ONCE_OF, rows)):
             return self.log.append_once(rows)  # a child's resends: dropped, not stored twice
         return self.log.append(rows)

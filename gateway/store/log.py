@@ -465,6 +465,35 @@ class MessageLog:
             )
         return PruneResult(expired=expired, evicted=evicted, dropped=dropped, bytes_freed=freed)
 
+    async def reusable_bytes(self) -> int:
+        """Bytes of the database file SQLite keeps free for reuse (deleted rows' pages)."""
+        def free(conn: sqlite3.Connection) -> int:
+            pages = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            return int(pages) * int(conn.execute("PRAGMA page_size").fetchone()[0])
+
+        return await self._db.run(free)
+
+    async def evict_oldest(self, nbytes: int) -> tuple[int, int]:
+        """Delete the oldest messages until ``nbytes`` are freed (a full disk: the upstream's
+        ``drop-oldest``), unread ones counted as dropped ``byte-cap``. Returns (rows, highest
+        seq deleted)."""
+        freed = rows = upto = 0
+        while freed < nbytes:
+            first = self._first_seq
+            deleted, size, lost, new_first = await self._db.run(
+                partial(evict, need=nbytes - freed, upto=self.last_seq, pin_floor=self._pin_floor()))
+            if not deleted:
+                break
+            self._removed(deleted, size, new_first)
+            if lost:
+                self._dropped[DROP_BYTE_CAP] = self._dropped.get(DROP_BYTE_CAP, 0) + lost
+            freed += size
+            rows += deleted
+            upto = (new_first[0] - 1) if new_first else self.last_seq
+            if first is None:
+                break
+        return rows, upto
+
     def _pin_floor(self) -> int:
         """The highest seq every pinning cursor has consumed (last_seq when none pins)."""
         return min((seq for seq, pin in self._cursors.values() if pin), default=self.last_seq)

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import json
+import os
 import logging
 import time
 from collections.abc import Callable
+from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
 from datetime import UTC, datetime
@@ -75,7 +78,9 @@ class Forwarder:
                  cfg: UpstreamConfig, *, local_gateway: str,
                  select: Callable[[Entry], str | None],
                  policy_of: Callable[[str], RoutePolicy],
-                 clock: Callable[[], float] = time.monotonic, boot: str | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, boot: str | None = None,
+                 refuse: Callable[[str | None], None] | None = None,
+                 data_dir: str | None = None) -> None:
         self.log = log_
         self.cursors = CursorStore(db)
         self.settings = settings
@@ -85,6 +90,10 @@ class Forwarder:
         self.policy_of = policy_of
         self.clock = clock
         self.boot = boot or boot_id()
+        self.refuse = refuse or (lambda reason: None)
+        self.data_dir = data_dir
+        self._flushes = 0
+        self._disk_over = 0  # bytes above the disk high-water mark at the last check
         self.ages = AgeClock(self.boot, [], [])
         self._dropped_saved: dict[str, dict[str, int]] = {}
         self.window = cfg.gateway_inflight if cfg.mode == "gateway" else cfg.max_inflight
@@ -145,7 +154,12 @@ class Forwarder:
                         await self._space.wait()
                 except TimeoutError:
                     pass
-            entries, pos = await self.log.scan(backlog.scan_pos, SCAN_CHUNK)
+            try:
+                entries, pos = await self.log.scan(backlog.scan_pos, SCAN_CHUNK)
+            except StoreError as exc:  # a full disk fails reads in a failed group commit too
+                log.error("upstream: reading the store failed: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
             for entry in entries:
                 route = self.select(entry)
                 if route is None:
@@ -196,6 +210,109 @@ class Forwarder:
         if not self.backlog.full():
             self._space.set()
 
+    async def _disk_full(self) -> str | None:
+        """Above the disk high-water mark? Space SQLite holds free for reuse counts as free."""
+        if not self.data_dir or self.cfg.disk_high_water >= 1.0:
+            return None
+        try:
+            st = await asyncio.to_thread(os.statvfs, self.data_dir)
+        except OSError:
+            return None
+        total = st.f_blocks * st.f_frsize
+        if not total:
+            return None
+        free = st.f_bavail * st.f_frsize + await self.log.reusable_bytes()
+        used = 1 - free / total
+        self._disk_over = max(0, int((used - self.cfg.disk_high_water) * total))
+        if used > self.cfg.disk_high_water:
+            return f"disk {used:.0%} full (high-water mark {self.cfg.disk_high_water:.0%})"
+        return None
+
+    async def _enforce_caps(self) -> None:
+        """Byte cap per route and the disk high-water mark, by each route's ``when_full``:
+        ``reject-new`` refuses new telemetry (no PUBACK), ``drop-oldest`` drops the oldest,
+        ``thin`` keeps one message per origin per ``thin_interval`` first. Counted by reason."""
+        disk = await self._disk_full()
+        stats = self.log.stats()
+        unscanned = max(0, stats.last_seq - self.backlog.scan_pos)
+        avg = stats.bytes / stats.count if stats.count else 0
+        by_route: dict[str, list[OriginQueue]] = {}
+        for q in self.backlog.queues.values():
+            by_route.setdefault(q.route, []).append(q)
+        mem = {r: sum(i.size for q in qs for i in (*q.pending, *q.inflight))
+               for r, qs in by_route.items()}
+        total_mem = sum(mem.values()) or 1
+        refusing: str | None = None
+        evict_disk = False
+        for route, qs in by_route.items():
+            policy = self.policy(route)
+            size = mem[route] + int(unscanned * avg * mem[route] / total_mem)
+            over_cap = policy.max_bytes and size > policy.max_bytes
+            if not over_cap and not disk:
+                continue
+            reason = disk or f"upstream route {route} over its byte cap ({size} > {policy.max_bytes})"
+            if policy.when_full == "reject-new":
+                refusing = reason
+                continue
+            if policy.when_full == "thin":
+                size -= self._thin(route, qs, policy.thin_interval)
+            if over_cap and size > policy.max_bytes:
+                self._drop_oldest(route, qs, size - policy.max_bytes * 9 // 10)
+            if disk:
+                evict_disk = True
+        if evict_disk:  # free room on the disk itself: the store's oldest go
+            # down to 5 % of the disk below the mark, at least a tenth of what is stored
+            st = await asyncio.to_thread(os.statvfs, self.data_dir or ".")
+            need = self._disk_over + int(0.05 * st.f_blocks * st.f_frsize)
+            rows, upto = await self.log.evict_oldest(max(need, stats.bytes // 10))
+            if rows:
+                log.warning("upstream: %s; %d oldest messages deleted", disk, rows)
+                for q in self.backlog.queues.values():
+                    n = sum(1 for i in q.pending if i.seq <= upto)
+                    if n:
+                        self.backlog.drop_pending(q, n)
+                        self._drop(q.route, "full", n)
+                if self.backlog.scan_pos < upto:
+                    self.backlog.scan_pos = upto  # unread ones were counted by the store
+        self.refuse(refusing)
+
+    def _thin(self, route: str, qs: list[OriginQueue], interval: float) -> int:
+        """Keep one pending message per origin per ``interval`` seconds; returns bytes freed."""
+        freed = 0
+        step = interval * 1000
+        for q in qs:
+            kept: deque[Item] = deque()
+            last = None
+            dropped = 0
+            for item in q.pending:
+                t = item.entry.enqueued_ms  # spacing only: a wall-clock jump thins less, never more
+                if last is None or abs(t - last) >= step:
+                    kept.append(item)
+                    last = t
+                else:
+                    dropped += 1
+                    freed += item.size
+            if dropped:
+                self.backlog.buffered -= dropped
+                self.backlog.buffered_bytes -= sum(i.size for i in q.pending) - sum(
+                    i.size for i in kept)
+                q.pending = kept
+                self._drop(route, "thinned", dropped)
+        return freed
+
+    def _drop_oldest(self, route: str, qs: list[OriginQueue], need: int) -> None:
+        heads = [(q.pending[0].seq, id(q), q) for q in qs if q.pending]
+        heapq.heapify(heads)
+        freed = dropped = 0
+        while heads and freed < need:
+            _, _, q = heapq.heappop(heads)
+            item = self.backlog.drop_pending(q, 1)[0]
+            freed += item.size
+            dropped += 1
+            if q.pending:
+                heapq.heappush(heads, (q.pending[0].seq, id(q), q))
+        self._drop(route, "full", dropped)
+
     async def _reread(self, q: OriginQueue) -> None:
         """A parked queue's messages, read again from its own cursor up to the scanner."""
         pos = q.acked
@@ -220,6 +337,9 @@ class Forwarder:
     async def _flush(self) -> None:
         now = self.clock()
         self._expire(now)
+        self._flushes += 1
+        if self._flushes % 4 == 0 or self._disk_over:  # about once a second; always when full
+            await self._enforce_caps()
         row, boot = self.ages.checkpoint(self.log.last_seq, now)
         dropped = {r: dict(c.dropped) for r, c in self.link.routes.items() if c.dropped}
         changed = dropped != self._dropped_saved

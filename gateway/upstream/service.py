@@ -29,13 +29,15 @@ def _default_select(entry: Entry) -> str | None:
 class Upstream:
     def __init__(self, *, data_dir: Path, cfg: UpstreamConfig, log_: MessageLog, db: Database,
                  local_gateway: str, select: Callable[[Entry], str | None] | None = None,
-                 policy_of: Callable[[str], RoutePolicy] | None = None) -> None:
+                 policy_of: Callable[[str], RoutePolicy] | None = None,
+                 refuse: Callable[[str | None], None] | None = None) -> None:
         self.data_dir = data_dir
         self.cfg = cfg
         self.log = log_
         self.db = db
         self.local_gateway = local_gateway
         self.select = select or _default_select
+        self.refuse = refuse
         default = from_config(cfg)
         self.policy_of = policy_of or (lambda route: default)
         self.settings: LinkSettings | None = link_settings.load(data_dir, cfg)
@@ -47,18 +49,30 @@ class Upstream:
         while True:
             self._changed.clear()
             task = None
+            if self.refuse is not None:
+                self.refuse(None)
             if self.settings is not None:
                 self.forwarder = Forwarder(
                     self.log, self.db, self.settings, self.cfg, local_gateway=self.local_gateway,
-                    select=self.select, policy_of=self.policy_of)
+                    select=self.select, policy_of=self.policy_of, refuse=self.refuse,
+                    data_dir=str(self.data_dir))
                 task = asyncio.get_running_loop().create_task(self.forwarder.run(),
                                                               name="upstream")
             try:
-                await self._changed.wait()
+                changed = asyncio.get_running_loop().create_task(self._changed.wait())
+                waits: set[asyncio.Future[Any]] = {changed} | ({task} if task else set())
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
+                if task is not None and task.done() and not self._changed.is_set():
+                    exc = task.exception() if not task.cancelled() else None
+                    log.error("upstream forwarder failed: %r; restarting in 5 s", exc,
+                              exc_info=exc)
+                    await asyncio.sleep(5)
+                    self._changed.set()
             finally:
                 if task is not None:
                     task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
+                    with contextlib.suppress(BaseException):
                         await task
 
     async def set(self, settings: LinkSettings | None) -> None:
