@@ -37,6 +37,7 @@ from gateway.hub.onbehalf import OnBehalf
 from gateway.hub.registry import Device, Module, Registry
 from gateway.hub.twinstore import TwinStore
 from gateway.hub.twinsvc import TwinService
+from gateway.metrics import Metrics
 from gateway.notify import Notifier
 from gateway.routing.routes import RouteTable
 from gateway.store.db import Database
@@ -168,6 +169,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         upstream = Upstream(data_dir=data_dir, cfg=config.upstream, log_=message_log, db=db,
                             local_gateway=gateway_id, refuse=hub.refuse_telemetry)
         add_upstream_routes(api, upstream)
+        Metrics(db, broker, message_log,
+                lambda: upstream.status() if upstream.settings else None).add_route(api)
         # The MQTT listener's context: X.509 devices (self-signed ones too) work over WSS.
         await api.start(config.api.bind, config.api.port, mqtt_tls)
         owner = registry.get_policy("iothubowner")
