@@ -167,7 +167,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
                          authenticator=authenticator, log=message_log, hub=hub, broker=broker)
         gateway_id = config.hub.device_id or config.hub.host_name  # the bridges' device
         upstream = Upstream(data_dir=data_dir, cfg=config.upstream, log_=message_log, db=db,
-                            local_gateway=gateway_id, refuse=hub.refuse_telemetry)
+                            local_gateway=gateway_id, refuse=hub.refuse_telemetry,
+                            credentials=partial(_sas_key, registry))
         add_upstream_routes(api, upstream)
         Metrics(db, broker, message_log,
                 lambda: upstream.status() if upstream.settings else None).add_route(api)
@@ -248,6 +249,15 @@ def _drop_c2d_queue(tasks: TaskSet, queues: C2DQueues, event: str,
     """A deleted device's C2D queue goes with it, without feedback (ref §3.3)."""
     if event == "deleted" and isinstance(identity, Device):
         tasks.spawn(queues.drop_device(identity.device_id), "c2d-drop")
+
+
+def _sas_key(registry: Registry, device_id: str, module_id: str | None) -> str | None:
+    """An identity's own SAS key (the upstream link's identity mode connects with it)."""
+    identity = (registry.get_module(device_id, module_id) if module_id
+                else registry.get_device(device_id))
+    if identity is None or identity.auth_type != "sas":
+        return None
+    return identity.primary_key
 
 
 class _Stop(Exception):

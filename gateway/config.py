@@ -139,6 +139,8 @@ class UpstreamConfig:
     reconnect_min: float = 1.0  # jittered exponential backoff
     reconnect_max: float = 60.0
     connect_rate: float = 100.0  # identity mode: new connections per second (S1: 100/s)
+    policy_name: str = ""  # identity mode: a DeviceConnect policy of the parent, instead of
+    policy_key: str = ""  # ... each device's own key from our registry
     idle_close: float = 3600.0  # identity mode: close a connection idle this long
     status_interval: float = 30.0  # seconds between status reports to the parent's twin
     ttl: float = 0.0  # seconds; 0 = keep until sent (monotonic age, see README)

@@ -220,6 +220,27 @@ class Backlog:
         oldest.strikes = 0
         return oldest
 
+    def origin_lost(self, origin: Origin, now: float, *, strike: bool = True) -> bool:
+        """One origin's own connection dropped (identity mode): its in-flight messages go back
+        to the front of its queues; a strike when it had any. True if that set it aside."""
+        held = False
+        for q in self.queues.values():
+            if q.origin != origin or not q.inflight:
+                continue
+            self.inflight -= len(q.inflight)
+            q.pending.extendleft(reversed(q.inflight))
+            q.inflight.clear()
+            q.done.clear()
+            self._ready(q)
+            if strike:
+                q.strikes += 1
+                if q.strikes >= STRIKES:
+                    q.hold = min(HOLD_MAX, max(HOLD_MIN, q.hold * 2))
+                    q.hold_until = now + q.hold
+                    q.strikes = 0
+                    held = True
+        return held
+
     # -- parking (a long-refused origin leaves memory) -----------------------------------------
 
     def park(self, now: float) -> list[OriginQueue]:

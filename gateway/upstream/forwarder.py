@@ -33,6 +33,7 @@ from gateway.store.log import Entry, MessageLog
 from gateway.upstream import wire
 from gateway.upstream.backlog import Backlog, Item, OriginQueue
 from gateway.upstream.clock import AgeClock, boot_id
+from gateway.upstream.identity import Credentials, IdentityPump
 from gateway.upstream.cursors import FLOOR_CURSOR, CursorStore
 from gateway.upstream.link import Backoff, Session, open_session
 from gateway.upstream.policy import RoutePolicy
@@ -80,7 +81,8 @@ class Forwarder:
                  policy_of: Callable[[str], RoutePolicy],
                  clock: Callable[[], float] = time.monotonic, boot: str | None = None,
                  refuse: Callable[[str | None], None] | None = None,
-                 data_dir: str | None = None) -> None:
+                 data_dir: str | None = None,
+                 credentials: Credentials | None = None) -> None:
         self.log = log_
         self.cursors = CursorStore(db)
         self.settings = settings
@@ -91,6 +93,8 @@ class Forwarder:
         self.clock = clock
         self.boot = boot or boot_id()
         self.refuse = refuse or (lambda reason: None)
+        self.credentials: Credentials = credentials or (lambda origin: (None, None))
+        self.identity: IdentityPump | None = None
         self.data_dir = data_dir
         self._flushes = 0
         self._disk_over = 0  # bytes above the disk high-water mark at the last check
@@ -126,7 +130,11 @@ class Forwarder:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._scan(), name="upstream-scan")
                 tasks.create_task(self._flush_loop(), name="upstream-flush")
-                tasks.create_task(self._connect_loop(), name="upstream-link")
+                if self.cfg.mode == "identity":
+                    self.identity = IdentityPump(self, self.credentials)
+                    tasks.create_task(self.identity.run(), name="upstream-identities")
+                else:
+                    tasks.create_task(self._connect_loop(), name="upstream-link")
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._flush())
@@ -186,6 +194,11 @@ class Forwarder:
                     await self._reread(q)
             except StoreError as exc:
                 log.error("upstream cursors not saved: %s", exc)
+
+    def _count_sent(self, route: str) -> None:
+        self.link.routes.setdefault(route, RouteCounters()).sent += 1
+        if not self.backlog.full():
+            self._space.set()
 
     def _drop(self, route: str, reason: str, count: int) -> None:
         if count:
@@ -398,10 +411,9 @@ class Forwarder:
             item = inflight.pop(task, None)
             if item is None or session.ended or task.cancelled() or task.exception() is not None:
                 return
-            route = item.route
             backlog.acked(item)
             self.link.sent += 1
-            self.link.routes.setdefault(route, RouteCounters()).sent += 1
+            self._count_sent(item.route)
             self._wake.set()
             if not backlog.full():
                 self._space.set()

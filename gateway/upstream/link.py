@@ -110,12 +110,14 @@ class Session:
 
 
 async def open_session(settings: LinkSettings, *, origin: Origin | None = None,
-                       key: str | None = None, window: int, keepalive: int,
+                       key: str | None = None, policy: str | None = None, window: int,
+                       keepalive: int,
                        token_ttl: int, ack_timeout: float,
                        ssl_ctx: ssl.SSLContext | None = None,
                        clock: Callable[[], float] = time.monotonic) -> Session:
     """Connect as our own gateway identity, or (identity mode) as ``origin`` with its own
-    ``key``. Raises UpstreamError with the reason (CONNACK code, TLS, refused, timeout)."""
+    ``key`` (or a token of the parent's DeviceConnect ``policy`` signed with ``key``). Raises
+    UpstreamError with the reason (CONNACK code, TLS, refused, timeout)."""
     device_id = origin.device_id if origin is not None else settings.device_id
     module_id = origin.module_id if origin is not None else None
     client_id = device_id if module_id is None else f"{device_id}/{module_id}"
@@ -128,7 +130,8 @@ async def open_session(settings: LinkSettings, *, origin: Origin | None = None,
         resource = f"{settings.hub}/devices/{device_id}"
         if module_id:
             resource += f"/modules/{module_id}"
-        password = generate_sas_token(resource, sas_key, int(time.time()) + token_ttl)
+        password = generate_sas_token(resource, sas_key, int(time.time()) + token_ttl,
+                                      policy if origin is not None else None)
         renew_at = clock() + token_ttl * 0.8  # on the caller's clock
     kwargs: dict[str, Any] = {
         "identifier": client_id, "username": username, "password": password,

@@ -18,6 +18,7 @@ from gateway.upstream.cursors import FLOOR_CURSOR
 from gateway.upstream.forwarder import Forwarder
 from gateway.upstream.policy import RoutePolicy, default_select, from_config
 from gateway.upstream.settings import LinkSettings
+from gateway.upstream.wire import Origin
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,8 @@ class Upstream:
     def __init__(self, *, data_dir: Path, cfg: UpstreamConfig, log_: MessageLog, db: Database,
                  local_gateway: str, select: Callable[[Entry], str | None] | None = None,
                  policy_of: Callable[[str], RoutePolicy] | None = None,
-                 refuse: Callable[[str | None], None] | None = None) -> None:
+                 refuse: Callable[[str | None], None] | None = None,
+                 credentials: Callable[[str, str | None], str | None] | None = None) -> None:
         self.data_dir = data_dir
         self.cfg = cfg
         self.log = log_
@@ -38,6 +40,7 @@ class Upstream:
         self.local_gateway = local_gateway
         self.select = select or _default_select
         self.refuse = refuse
+        self.local_key = credentials  # (device, module) -> the identity's SAS key here
         default = from_config(cfg)
         self.policy_of = policy_of or (lambda route: default)
         self.settings: LinkSettings | None = link_settings.load(data_dir, cfg)
@@ -55,7 +58,7 @@ class Upstream:
                 self.forwarder = Forwarder(
                     self.log, self.db, self.settings, self.cfg, local_gateway=self.local_gateway,
                     select=self.select, policy_of=self.policy_of, refuse=self.refuse,
-                    data_dir=str(self.data_dir))
+                    data_dir=str(self.data_dir), credentials=self._credentials)
                 task = asyncio.get_running_loop().create_task(self.forwarder.run(),
                                                               name="upstream")
             try:
@@ -74,6 +77,18 @@ class Upstream:
                     task.cancel()
                     with contextlib.suppress(BaseException):
                         await task
+
+    def _credentials(self, origin: Origin) -> tuple[str | None, str | None]:
+        """Identity mode: a DeviceConnect policy of the parent if configured, else the origin's
+        own key in our registry (the gateway's own modules: under our device id here)."""
+        if self.cfg.policy_name and self.cfg.policy_key:
+            return self.cfg.policy_key, self.cfg.policy_name
+        if self.local_key is None:
+            return None, None
+        device = origin.device_id
+        if self.settings is not None and device == self.settings.device_id:
+            device = self.local_gateway
+        return self.local_key(device, origin.module_id), None
 
     async def set(self, settings: LinkSettings | None) -> None:
         """Persist and apply at once; None clears the upstream (its cursors are dropped, so the
