@@ -320,7 +320,8 @@ def cmd_monitor_events(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
-    _run_loop(run_demo(Path(args.data_dir) if args.data_dir else None, duration=args.duration))
+    _run_loop(run_demo(Path(args.data_dir) if args.data_dir else None, duration=args.duration,
+                       cut_every=args.cut_every, cut_for=args.cut_for))
     return 0
 
 
@@ -343,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[common], help="run a hub with simulated devices, live")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--cut-every", type=float, default=60.0, help="cut the upstream link every S s")
+    p.add_argument("--cut-for", type=float, default=15.0, help="... for S s")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("ca", parents=[common], help="print the hub's root CA certificate (PEM)")
