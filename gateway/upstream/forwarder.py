@@ -402,12 +402,12 @@ class Forwarder:
         """Send over ``session`` until it is lost (or due for a token renewal); returns why."""
         backlog = self.backlog
         registered: set[wire.Origin] = set()
-        registering: dict[wire.Origin, asyncio.Task[None]] = {}
-        inflight: dict[asyncio.Task[None], Item] = {}
+        registering: dict[wire.Origin, asyncio.Future[None]] = {}
+        inflight: dict[asyncio.Future[None], Item] = {}
         loop = asyncio.get_running_loop()
         stamp = self.cfg.mode == "gateway"
 
-        def done(task: asyncio.Task[None]) -> None:
+        def done(task: asyncio.Future[None]) -> None:
             item = inflight.pop(task, None)
             if item is None or session.ended or task.cancelled() or task.exception() is not None:
                 return
@@ -418,7 +418,7 @@ class Forwarder:
             if not backlog.full():
                 self._space.set()
 
-        def registered_cb(origin: wire.Origin, task: asyncio.Task[None]) -> None:
+        def registered_cb(origin: wire.Origin, task: asyncio.Future[None]) -> None:
             registering.pop(origin, None)
             if not session.ended and not task.cancelled() and task.exception() is None:
                 registered.add(origin)
@@ -438,15 +438,15 @@ class Forwarder:
                             break
                         topic, payload = wire.encode(item.entry, item.origin, epoch=self.epoch,
                                                      stamp=stamp, route=item.route)
-                        task = loop.create_task(session.publish(topic, payload))
-                        inflight[task] = item
-                        task.add_done_callback(done)
+                        sent = session.send(topic, payload)
+                        inflight[sent] = item
+                        sent.add_done_callback(done)
                     if stamp and len(registering) < 64:
                         for q in backlog.waiting(now):
                             o = q.origin
                             if o not in registered and o not in registering:
-                                t = loop.create_task(session.publish(
-                                    register_topic(o.device_id, o.module_id), b""))
+                                t = session.send(register_topic(o.device_id, o.module_id),
+                                                 b"")
                                 registering[o] = t
                                 t.add_done_callback(partial(registered_cb, o))
                                 if len(registering) >= 64:
@@ -461,8 +461,8 @@ class Forwarder:
             return session.lost.result()
         finally:
             session.ended = True
-            for task in [*inflight, *registering.values(), report]:
-                task.cancel()
+            for fut in [*inflight, *registering.values(), report]:
+                fut.cancel()
             parked = backlog.link_lost(self.clock())
             if parked is not None:
                 log.warning("upstream: origin %s keeps failing; set aside for %.0f s",

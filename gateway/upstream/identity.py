@@ -58,7 +58,7 @@ class _Conn:
     backoff: Backoff
     session: Session | None = None
     connecting: asyncio.Task[None] | None = None
-    inflight: dict[asyncio.Task[None], Item] = field(default_factory=dict)
+    inflight: dict[asyncio.Future[None], Item] = field(default_factory=dict)
     last_used: float = 0.0
     retry_at: float = 0.0
 
@@ -90,7 +90,7 @@ class IdentityPump:
                     assert c.session is not None
                     topic, payload = wire.encode(item.entry, item.origin, epoch=fw.epoch,
                                                  stamp=False, route=item.route)
-                    task = loop.create_task(c.session.publish(topic, payload))
+                    task = c.session.send(topic, payload)
                     c.inflight[task] = item
                     c.last_used = now
                     task.add_done_callback(partial(self._done, c, c.session))
@@ -116,7 +116,7 @@ class IdentityPump:
                 if c.session is not None:
                     await self._drop(c, strike=False)
 
-    def _done(self, c: _Conn, session: Session, task: asyncio.Task[None]) -> None:
+    def _done(self, c: _Conn, session: Session, task: asyncio.Future[None]) -> None:
         item = c.inflight.pop(task, None)
         if item is None or session.ended or task.cancelled() or task.exception() is not None:
             return

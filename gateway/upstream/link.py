@@ -1,4 +1,4 @@
-"""One MQTT connection to the parent, through aiomqtt (IoT Hub ref §1.2: client id, username,
+"""One MQTT connection to the parent (IoT Hub ref §1.2: client id, username,
 SAS password or client certificate; TLS 1.2+ verified against the parent's CA).
 
 A :class:`Session` is one connected client: QoS 1 publishes resolve on PUBACK; ``lost``
@@ -13,18 +13,14 @@ dropping a connection with publishes in flight is edgeHub's duplicate, Azure/iot
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import ssl
 import time
 import urllib.parse
 from collections.abc import Callable
-from typing import Any
 
-import aiomqtt
-
-from gateway.errors import UpstreamError
+from gateway.upstream.mqttlink import MqttLink, connect
 from gateway.hub.sas import generate_sas_token
 from gateway.upstream.settings import LinkSettings
 from gateway.upstream.wire import Origin
@@ -63,50 +59,31 @@ def ssl_context(settings: LinkSettings) -> ssl.SSLContext:
 
 
 class Session:
-    """One connected client. Use :func:`open_session`; :meth:`close` when done."""
+    """One connected client (:mod:`gateway.upstream.mqttlink`). Use :func:`open_session`."""
 
-    def __init__(self, client: aiomqtt.Client, *, renew_at: float, ack_timeout: float) -> None:
-        self.client = client
-        self.renew_at = renew_at  # monotonic; inf for X.509
-        self.ack_timeout = ack_timeout
-        self.lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    def __init__(self, link: MqttLink, *, renew_at: float) -> None:
+        self.link = link
+        self.renew_at = renew_at  # on the caller's clock; inf for X.509
+        self.lost: asyncio.Future[str] = link.lost
         self.ended = False
         self.acked = 0
-        self._watch = asyncio.get_running_loop().create_task(self._watch_messages())
 
-    async def _watch_messages(self) -> None:
-        try:
-            async for _message in self.client.messages:
-                pass  # nothing is subscribed yet; the iterator is the disconnect signal
-        except aiomqtt.MqttError as exc:
-            self._lose(f"connection lost: {exc}")
-        except asyncio.CancelledError:
-            raise
-        else:
-            self._lose("connection closed")
+    def send(self, topic: str, payload: bytes) -> asyncio.Future[None]:
+        """QoS 1: the future resolves on PUBACK, fails with UpstreamError if the link goes."""
+        future = self.link.send(topic, payload)
+        future.add_done_callback(self._count)
+        return future
 
-    def _lose(self, reason: str) -> None:
-        if not self.lost.done():
-            self.lost.set_result(reason)
+    def _count(self, future: asyncio.Future[None]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.acked += 1
 
     async def publish(self, topic: str, payload: bytes) -> None:
-        """QoS 1; returns on PUBACK. Raises UpstreamError if the link fails first."""
-        try:
-            await self.client.publish(topic, payload, qos=1, timeout=self.ack_timeout)
-        except aiomqtt.MqttError as exc:
-            self._lose(f"publish failed: {exc}")
-            raise UpstreamError(str(exc)) from None
-        self.acked += 1
+        await self.send(topic, payload)
 
     async def close(self) -> None:
         self.ended = True
-        self._watch.cancel()
-        with contextlib.suppress(BaseException):
-            await self._watch
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(5):
-                await self.client.__aexit__(None, None, None)
-        self._lose("closed")
+        await self.link.close()
 
 
 async def open_session(settings: LinkSettings, *, origin: Origin | None = None,
@@ -133,20 +110,8 @@ async def open_session(settings: LinkSettings, *, origin: Origin | None = None,
         password = generate_sas_token(resource, sas_key, int(time.time()) + token_ttl,
                                       policy if origin is not None else None)
         renew_at = clock() + token_ttl * 0.8  # on the caller's clock
-    kwargs: dict[str, Any] = {
-        "identifier": client_id, "username": username, "password": password,
-        "protocol": aiomqtt.ProtocolVersion.V311, "clean_session": True,
-        "keepalive": keepalive, "max_inflight_messages": window, "timeout": ack_timeout,
-    }
-    client = aiomqtt.Client(settings.host or settings.hub, settings.port,
-                            tls_context=ssl_ctx or ssl_context(settings), **kwargs)
-    client.pending_calls_threshold = 1 << 30  # the window bounds them, not a warning
-    try:
-        async with asyncio.timeout(ack_timeout + 5):
-            await client.__aenter__()
-    except aiomqtt.MqttCodeError as exc:
-        raise UpstreamError(f"parent refused the connection: {exc}") from None
-    except (aiomqtt.MqttError, OSError, ssl.SSLError, TimeoutError) as exc:
-        raise UpstreamError(f"cannot connect to {settings.host}:{settings.port}: "
-                            f"{exc or type(exc).__name__}") from None
-    return Session(client, renew_at=renew_at, ack_timeout=ack_timeout)
+    link = await connect(settings.host or settings.hub, settings.port,
+                         ssl_ctx or ssl_context(settings), client_id=client_id,
+                         username=username, password=password, keepalive=keepalive,
+                         ack_timeout=ack_timeout)
+    return Session(link, renew_at=renew_at)

@@ -74,7 +74,7 @@ async def run_device(dev: Device, host_name: str, address: str, port_of: "PortSo
                     pid = pid % 65535 + 1
                     inflight[pid] = n
                     writer.write(encode(Publish(topic=topic, qos=1, packet_id=pid, payload=json.dumps(
-                        {"d": dev.client_id, "n": n, "pad": pad}).encode())))
+                        {"d": dev.client_id, "n": n, "t": time.time(), "pad": pad}).encode())))
                     last_send = time.monotonic()
                 try:
                     data = await asyncio.wait_for(reader.read(65536), 0.05 if rate else 5)

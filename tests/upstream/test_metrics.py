@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -32,12 +33,21 @@ def test_metrics(tmp_path) -> None:  # type: ignore[no-untyped-def]
 
         asyncio.run(load())
         client = HubClient(hub.data_dir)
-        with client._open("GET", "/metrics") as response:
-            assert response.headers["Content-Type"].startswith("text/plain")
-            text = response.read().decode()
-        families = {f.name: f for f in text_string_to_metric_families(text)}
-        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for f in families.values() for s in f.samples}
+
+        def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+            with client._open("GET", "/metrics") as response:
+                assert response.headers["Content-Type"].startswith("text/plain")
+                text = response.read().decode()
+            return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                    for f in text_string_to_metric_families(text) for s in f.samples}
+
+        deadline = time.monotonic() + 10  # the forwarder reads the log asynchronously
+        while True:
+            samples = scrape()
+            key = ("gateway_upstream_backlog_messages", (("route", "$upstream"),))
+            if samples.get(key) == 50 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert samples[("gateway_messages_in_total", ())] >= 50
         assert samples[("gateway_store_commit_seconds_count", ())] > 0
         assert samples[("gateway_upstream_backlog_messages", (("route", "$upstream"),))] == 50
