@@ -84,11 +84,19 @@ class MqttLink:
         self.last_rx = self.last_tx = time.monotonic()
         self._pending: OrderedDict[int, tuple[asyncio.Future[None], float]] = OrderedDict()
         self._next_id = 0
+        self._out: list[bytes] = []
         self._timer: asyncio.Task[None] | None = None
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        """Queue ``data``; everything written in one loop turn goes out in one TLS write."""
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(data)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(out))
             self.last_tx = time.monotonic()
 
     def send(self, topic: str, payload: bytes) -> asyncio.Future[None]:
@@ -148,6 +156,7 @@ class MqttLink:
     async def close(self) -> None:
         if not self.lost.done():
             self.write(encode(Disconnect()))
+            self._flush()
             if self.transport is not None:
                 self.transport.close()
             self.lose("closed")
