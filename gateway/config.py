@@ -149,9 +149,7 @@ class UpstreamConfig:
     thin_interval: float = 60.0  # "thin": keep one message per origin per this many seconds
     disk_high_water: float = 0.95  # fraction of the data directory's disk: full above it
     priority: int = 0  # 0 (highest) .. 9, served by weighted fairness
-    live_first: bool = False
-    bandwidth: int = 0  # bytes/s; 0 = unlimited
-    pack: bool = False  # pack small backlog readings into messages of up to 4 KB
+    bandwidth: int = 0  # bytes/s over the link for the route; 0 = unlimited
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -145,9 +145,11 @@ class Backlog:
 
     # -- sending -----------------------------------------------------------------------------
 
-    def take(self, now: float, allowed: set[Origin] | None = None) -> Item | None:
+    def take(self, now: float, allowed: set[Origin] | None = None,
+             paced: set[str] | None = None) -> Item | None:
         """The next message to send, or None. ``allowed``: when given, only these origins
-        (those registered on this connection so far)."""
+        (those registered on this connection so far); ``paced``: routes over their bandwidth
+        cap just now."""
         classes = sorted((c for c in self._classes.values() if c.ready), key=lambda c: c.pass_)
         for cls in classes:
             ring = cls.ready
@@ -158,7 +160,8 @@ class Backlog:
                     self._queued.discard(q.key)
                     continue
                 ring.rotate(-1)
-                if q.hold_until > now or (allowed is not None and q.origin not in allowed):
+                if q.hold_until > now or (allowed is not None and q.origin not in allowed) or (
+                        paced and q.route in paced):
                     continue
                 item = q.pending.popleft()
                 q.inflight.append(item)
@@ -166,6 +169,15 @@ class Backlog:
                 cls.pass_ += cls.stride
                 return item
         return None
+
+    def untake(self, item: Item) -> None:
+        """Put back the message :meth:`take` just returned (it was not sent after all)."""
+        q = self.queues[(item.route, item.origin)]
+        if q.inflight and q.inflight[-1] is item:
+            q.inflight.pop()
+            q.pending.appendleft(item)
+            self.inflight -= 1
+            self._ready(q)
 
     def waiting(self, now: float) -> Iterator[OriginQueue]:
         """Queues with something to send that are not on hold."""

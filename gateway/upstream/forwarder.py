@@ -49,6 +49,26 @@ def _iso(moment: float) -> str:
     return datetime.fromtimestamp(moment, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+class ByteBucket:
+    """Bytes per second with a burst of one second's worth (at least one 4 KB message)."""
+
+    def __init__(self, rate: int, clock: Callable[[], float]) -> None:
+        self.rate = rate
+        self.burst = max(rate, 4096)
+        self.tokens = float(self.burst)
+        self.clock = clock
+        self.stamp = clock()
+
+    def take(self, size: int) -> bool:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= min(size, self.burst):
+            self.tokens -= size
+            return True
+        return False
+
+
 @dataclass
 class RouteCounters:
     sent: int = 0
@@ -425,6 +445,8 @@ class Forwarder:
                 self._wake.set()
 
         renewing = False
+        buckets: dict[str, ByteBucket] = {}
+        paced: set[str] = set()
         report = loop.create_task(self._report(session), name="upstream-report")
         try:
             while not session.lost.done():
@@ -432,10 +454,20 @@ class Forwarder:
                 if not renewing and now >= session.renew_at:
                     renewing = True
                 if not renewing:
+                    paced.clear()
                     while len(inflight) < self.window:
-                        item = backlog.take(now, registered if stamp else None)
+                        item = backlog.take(now, registered if stamp else None, paced)
                         if item is None:
                             break
+                        rate = self.policy(item.route).bandwidth
+                        if rate:  # a metered link: the route waits for its bytes/s
+                            bucket = buckets.get(item.route)
+                            if bucket is None:
+                                bucket = buckets[item.route] = ByteBucket(rate, self.clock)
+                            if not bucket.take(item.size):
+                                backlog.untake(item)
+                                paced.add(item.route)
+                                continue
                         topic, payload = wire.encode(item.entry, item.origin, epoch=self.epoch,
                                                      stamp=stamp, route=item.route)
                         sent = session.send(topic, payload)
@@ -455,7 +487,7 @@ class Forwarder:
                     return "renew"
                 self._wake.clear()
                 wake: asyncio.Future[Any] = loop.create_task(self._wake.wait())
-                await asyncio.wait({wake, session.lost}, timeout=1.0,
+                await asyncio.wait({wake, session.lost}, timeout=0.05 if paced else 1.0,
                                    return_when=asyncio.FIRST_COMPLETED)
                 wake.cancel()
             return session.lost.result()

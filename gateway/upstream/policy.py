@@ -1,6 +1,6 @@
 """Queue policy of one upstream route (edgeHub's ``priority`` and ``timeToLiveSecs`` of the
-route model, plus a byte cap, a policy when full, a live-first lane, a bandwidth cap and
-packing; federation.md §0.1 facts 5-9). Pure.
+route model, plus a byte cap, a policy when full and a bandwidth cap; federation.md §0.1
+facts 6-9). Pure.
 
 The forwarder takes ``policy_of(route) -> RoutePolicy``; until the route table carries these
 per route, every route gets the one built from ``[upstream]`` (:func:`from_config`).
@@ -26,9 +26,7 @@ class RoutePolicy:
     max_bytes: int = 0  # backlog byte cap of the route; 0 = none beyond the store's own
     when_full: WhenFull = "drop-oldest"
     thin_interval: float = 60.0  # "thin": keep one message per origin per this many seconds
-    live_first: bool = False  # new messages go ahead of the backlog
     bandwidth: int = 0  # bytes/s over the link for this route; 0 = unlimited
-    pack: bool = False  # backlog readings of one origin packed into <= 4 KB messages
 
     def __post_init__(self) -> None:
         if not 0 <= self.priority <= 9:
@@ -43,7 +41,7 @@ class RoutePolicy:
 def from_config(cfg: UpstreamConfig) -> RoutePolicy:
     return RoutePolicy(priority=cfg.priority, ttl=cfg.ttl, max_bytes=cfg.max_bytes,
                        when_full=cfg.when_full, thin_interval=cfg.thin_interval,
-                       live_first=cfg.live_first, bandwidth=cfg.bandwidth, pack=cfg.pack)
+                       bandwidth=cfg.bandwidth)
 
 
 def default_select(kind: str) -> str | None:

@@ -133,3 +133,32 @@ def test_backlog_built_offline_drains_and_survives_child_restart(tmp_path) -> No
     finally:
         child.stop()
         parent.stop()
+
+
+def test_bandwidth_cap_paces_the_drain(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    parent = parent_hub(tmp_path).start()
+    child = child_hub(tmp_path, "bandwidth = 50000\n").start()
+    try:
+        link(parent, child)
+        port = parent.port("mqtt_tls_port")
+        parent.stop()
+        devices = _devices(child, 3)
+        _load(child, devices, 100, body_bytes=1000)
+        backlog_bytes = status(child)["backlogBytes"]
+        assert backlog_bytes > 300_000
+        parent.config_file.write_text(parent.config_file.read_text().replace(
+            "tls_port = 0", f"tls_port = {port}"))
+        parent.start()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 60 and status(child)["backlog"]:
+            time.sleep(0.2)
+        took = time.monotonic() - t0
+        assert status(child)["backlog"] == 0
+        # 50 KB/s after a one-second burst: at least (bytes - 50 KB) / 50 KB/s
+        assert took >= (backlog_bytes - 50_000) / 50_000 * 0.9, took
+        got = _telemetry_by_origin(parent)
+        assert {k: sorted(v) for k, v in got.items()} == {
+            d.device_id: list(range(1, 101)) for d in devices}
+    finally:
+        child.stop()
+        parent.stop()
