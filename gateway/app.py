@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -33,16 +34,20 @@ from gateway.hub.connstr import ConnectionString
 from gateway.hub.hub import Hub
 from gateway.hub.methods import MethodService
 from gateway.hub.modinputs import ModuleInputService
+from gateway.hub.onbehalf import OnBehalf
 from gateway.hub.registry import Device, Module, Registry
 from gateway.hub.twinstore import TwinStore
 from gateway.hub.twinsvc import TwinService
 from gateway.endpoints.manager import EndpointManager
+from gateway.metrics import Metrics
 from gateway.notify import Notifier
 from gateway.routingsvc import RoutingService
 from gateway.store.db import Database
 from gateway.store.files import private_directory
 from gateway.store.log import MessageLog
 from gateway.tasks import TaskSet
+from gateway.upstream.api import add_upstream_routes
+from gateway.upstream.service import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,23 @@ def write_private(path: Path, text: str) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
     os.replace(tmp, path)
+
+
+def dial_address(bind: str) -> str:
+    """Where a local client reaches a listener bound to ``bind``: the wildcard means loopback."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(bind, bind)
+
+
+def bind_addresses(config: Config) -> list[str]:
+    """The specific addresses the listeners are bound to (several hubs on one machine, each on
+    its own loopback address): the server certificate must name them."""
+    found = set()
+    for bind in (config.mqtt.bind, config.mqtt.local_bind, config.api.bind):
+        with contextlib.suppress(ValueError):  # a host name: its addresses are not ours to pin
+            address = ipaddress.ip_address(bind)
+            if not address.is_unspecified:
+                found.add(str(address))
+    return sorted(found)
 
 
 def local_addresses() -> list[str]:
@@ -80,6 +102,7 @@ class Gateway:
     certs: pki.HubCertificates
     runtime: dict[str, object] = field(default_factory=dict)
     routing: RoutingService | None = None
+    upstream: Upstream | None = None
 
 
 async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
@@ -94,7 +117,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
     host_names = [config.hub.host_name, *config.hub.aliases]
     certs = await asyncio.to_thread(
         pki.ensure_certificates, data_dir, host_names=host_names,
-        addresses=[*local_addresses(), *config.hub.addresses],
+        addresses=[*local_addresses(), *config.hub.addresses, *bind_addresses(config)],
     )
     db = Database(data_dir / "hub.db", synchronous=config.store.sync)
     await db.open()
@@ -121,6 +144,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
                         pending_bytes_total=config.limits.pending_bytes_total,
                         admission=admission)
         hub.methods = MethodService(broker, hub.children)
+        if config.hub.on_behalf:
+            hub.on_behalf = OnBehalf(registry, tasks_)
         hub.children.broker = broker
         broker.ready_hooks.append(hub.children.on_ready)
         registry.add_listener(hub.children.identity_changed, updates=True)
@@ -153,6 +178,13 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         api = ServiceApi(host_name=config.hub.host_name, registry=registry,
                          authenticator=authenticator, log=message_log, hub=hub, broker=broker,
                          events_page_bytes=config.api.events_page_bytes, routing=routing)
+        gateway_id = config.hub.device_id or config.hub.host_name  # the bridges' device
+        upstream = Upstream(data_dir=data_dir, cfg=config.upstream, log_=message_log, db=db,
+                            local_gateway=gateway_id, refuse=hub.refuse_telemetry,
+                            credentials=partial(_sas_key, registry))
+        add_upstream_routes(api, upstream)
+        Metrics(db, broker, message_log,
+                lambda: upstream.status() if upstream.settings else None).add_route(api)
         await api.start(config.api.bind, config.api.port, device_tls, admission=admission,
                         header_timeout=config.api.header_timeout,
                         body_timeout=config.api.body_timeout)
@@ -161,12 +193,14 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         write_private(data_dir / OWNER_FILE, str(ConnectionString(
             host_name=config.hub.host_name, shared_access_key_name=owner.name,
             shared_access_key=owner.primary_key)) + "\n")
-        gateway_id = config.hub.device_id or config.hub.host_name  # the bridges' device
         runtime: dict[str, object] = {
             "pid": os.getpid(),
             "host_name": config.hub.host_name,
             "device_id": gateway_id,
+            "api_host": dial_address(config.api.bind),
             "api_port": api.port,
+            "mqtt_host": dial_address(config.mqtt.bind),
+            "mqtt_local_host": dial_address(config.mqtt.local_bind),
             "mqtt_tls_port": broker.ports.get("tls"),
             "mqtt_local_port": broker.ports.get("local"),
             "mqtt_unix_socket": broker.ports.get("unix"),
@@ -184,13 +218,15 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
             if twin is not None:
                 await hub.children.module_desired(supervisor.device_id, spec.name, twin.desired)
         gateway = Gateway(config=config, registry=registry, hub=hub, broker=broker, api=api,
-                          log=message_log, certs=certs, runtime=runtime, routing=routing)
+                          log=message_log, certs=certs, runtime=runtime, routing=routing,
+                          upstream=upstream)
         stop_event = stop or _signal_stop()
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(message_log.run_retention(), name="retention")
             tasks.create_task(hub.c2d.run(), name="c2d-timers")
             tasks.create_task(endpoints.run(), name="endpoints")
             tasks.create_task(supervisor.run(), name="modules")
+            tasks.create_task(upstream.run(), name="upstream")
             if notifier.watchdog_interval:
                 tasks.create_task(_watchdog(notifier), name="watchdog")
             notifier.ready(f"serving: mqtt {broker.ports}, https {api.port}")
@@ -220,6 +256,15 @@ def _drop_c2d_queue(tasks: TaskSet, queues: C2DQueues, event: str,
     """A deleted device's C2D queue goes with it, without feedback (ref §3.3)."""
     if event == "deleted" and isinstance(identity, Device):
         tasks.spawn(queues.drop_device(identity.device_id), "c2d-drop")
+
+
+def _sas_key(registry: Registry, device_id: str, module_id: str | None) -> str | None:
+    """An identity's own SAS key (the upstream link's identity mode connects with it)."""
+    identity = (registry.get_module(device_id, module_id) if module_id
+                else registry.get_device(device_id))
+    if identity is None or identity.auth_type != "sas":
+        return None
+    return identity.primary_key
 
 
 class _Stop(Exception):

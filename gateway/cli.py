@@ -355,7 +355,8 @@ def cmd_monitor_events(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
-    _run_loop(run_demo(Path(args.data_dir) if args.data_dir else None, duration=args.duration))
+    _run_loop(run_demo(Path(args.data_dir) if args.data_dir else None, duration=args.duration,
+                       cut_every=args.cut_every, cut_for=args.cut_for))
     return 0
 
 
@@ -378,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[common], help="run a hub with simulated devices, live")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--cut-every", type=float, default=60.0, help="cut the upstream link every S s")
+    p.add_argument("--cut-for", type=float, default=15.0, help="... for S s")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("ca", parents=[common], help="print the hub's root CA certificate (PEM)")
@@ -501,9 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("tool_args", nargs=argparse.REMAINDER)
         p.set_defaults(fn=cmd_modbus_tool)
 
-    from gateway import cli_cacert
+    from gateway import cli_cacert, cli_upstream
 
     cli_cacert.add_parser(sub, common, lambda a: cli_cacert.cmd_ca_cert(a, _client(a), _print_json))
+    cli_upstream.add_parser(sub, common)
 
     p = sub.add_parser("monitor-events", parents=[common],
                        help="print messages routed to the built-in endpoint events")

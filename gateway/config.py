@@ -100,6 +100,7 @@ class HubConfig:
     device_id: str = ""  # the gateway's own device identity (its modules hang off it); "" = host_name
     aliases: tuple[str, ...] = ()
     addresses: tuple[str, ...] = ()
+    on_behalf: bool = True  # edge devices (--edge) may send for the identities in their scope
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -156,6 +157,41 @@ class LimitsConfig:
     max_connections: int = 16384
     max_connections_per_address: int = 1024
     pending_bytes_total: int = 64 * 1024 * 1024
+class UpstreamConfig:
+    """The link to a parent hub (``[upstream]``; README "Connect to a parent hub"). The
+    identity is a device connection string, or an X.509 certificate and key with ``hub`` and
+    ``device``; ``gateway upstream set`` overrides this section at run time (persisted in
+    ``DATA_DIR/upstream.json``). The queue policy keys are the default route's
+    (``FROM /messages/* INTO $upstream``)."""
+
+    connection_string: str = ""
+    x509_cert: str = ""
+    x509_key: str = ""
+    hub: str = ""  # the parent's HostName (X.509)
+    device: str = ""  # our device id at the parent (X.509)
+    ca_file: str = ""  # the parent's CA; "" = the system's trust store
+    host: str = ""  # where to dial; "" = GatewayHostName, else HostName
+    port: int = 8883
+    mode: Literal["gateway", "identity"] = "gateway"  # identity: one connection per origin (Azure)
+    max_inflight: int = 16  # QoS 1 window per connection (IoT Hub's Receive Maximum)
+    gateway_inflight: int = 512  # the window of the one on-behalf-of connection to our own parent
+    keepalive: int = 60
+    ack_timeout: float = 30.0  # no PUBACK for this long: the link is dead, reconnect
+    token_ttl: int = 3600  # SAS tokens, renewed at 80 % of their life (reconnect between windows)
+    reconnect_min: float = 1.0  # jittered exponential backoff
+    reconnect_max: float = 60.0
+    connect_rate: float = 100.0  # identity mode: new connections per second (S1: 100/s)
+    policy_name: str = ""  # identity mode: a DeviceConnect policy of the parent, instead of
+    policy_key: str = ""  # ... each device's own key from our registry
+    idle_close: float = 3600.0  # identity mode: close a connection idle this long
+    status_interval: float = 30.0  # seconds between status reports to the parent's twin
+    ttl: float = 0.0  # seconds; 0 = keep until sent (monotonic age, see README)
+    max_bytes: int = 0  # byte cap of the route's backlog; 0 = only the store's cap
+    when_full: Literal["reject-new", "drop-oldest", "thin"] = "drop-oldest"
+    thin_interval: float = 60.0  # "thin": keep one message per origin per this many seconds
+    disk_high_water: float = 0.95  # fraction of the data directory's disk: full above it
+    priority: int = 0  # 0 (highest) .. 9, served by weighted fairness
+    bandwidth: int = 0  # bytes/s over the link for the route; 0 = unlimited
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -189,10 +225,11 @@ class Config:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     endpoints: tuple[tuple[str, dict[str, Any]], ...] = ()  # [endpoints.NAME], checked on load
     enrichments: tuple[tuple[str, dict[str, Any]], ...] = ()  # [enrichments.KEY]
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
 
 
 _SECTIONS = {"hub": HubConfig, "mqtt": MqttConfig, "api": ApiConfig, "store": StoreConfig,
-             "limits": LimitsConfig, "routing": RoutingConfig}
+             "limits": LimitsConfig, "routing": RoutingConfig, "upstream": UpstreamConfig}
 
 
 def _coerce(value: Any, hint: Any, path: str) -> Any:

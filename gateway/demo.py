@@ -25,6 +25,7 @@ from gateway import app
 from gateway.api.events import entry_json
 from gateway.client import ClientSettings
 from gateway.config import ApiConfig, HubConfig, ModuleSpec, MqttConfig, load_config
+from gateway.demo_upstream import run_parent
 from gateway.hub.connstr import ConnectionString
 from hw.modbus.simulate import SimulatedMeter
 
@@ -177,7 +178,7 @@ def render(event: dict[str, Any]) -> str:
 
 
 async def run_demo(data_dir: Path | None, *, duration: float | None = None,
-                   interval: float = 1.0) -> None:
+                   interval: float = 1.0, cut_every: float = 60.0, cut_for: float = 15.0) -> None:
     temp = None
     if data_dir is None:
         temp = Path(tempfile.mkdtemp(prefix="gateway-demo-"))
@@ -225,6 +226,9 @@ async def run_demo(data_dir: Path | None, *, duration: float | None = None,
                   f"NMEA GPS on {gps_port.path}")
             print("  messages at the built-in endpoint (Ctrl-C to stop):", flush=True)
             tasks.create_task(_printer(gw, start_seq))
+            tasks.create_task(run_parent(data_dir.with_name(data_dir.name + "-parent"), gw,
+                                         cut_every=cut_every,
+                                         cut_for=cut_for))
             tasks.create_task(_show_method(gw))
             if duration is not None:
                 await asyncio.sleep(duration)

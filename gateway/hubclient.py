@@ -54,7 +54,8 @@ class HubClient:
                                "(run as the hub's user or root)") from None
         self.info = info
         self.host_name: str = info["host_name"]
-        self.base = f"https://localhost:{info['api_port']}"
+        host = str(info.get("api_host") or "localhost")  # hubs side by side: each its address
+        self.base = f"https://{f'[{host}]' if ':' in host else host}:{info['api_port']}"
         self.ssl = ssl.create_default_context(cafile=info["ca_file"])
         assert owner.shared_access_key and owner.shared_access_key_name
         self._key = owner.shared_access_key

@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 class HubProcess:
     def __init__(self, data_dir: Path, *, host_name: str = "testhub.local", tls_port: int = 0,
-                 api_port: int = 0, extra_config: str = "", log_level: str = "debug") -> None:
+                 api_port: int = 0, extra_config: str = "", log_level: str = "debug",
+                 address: str = "127.0.0.1") -> None:
         self.log_level = log_level
         self.data_dir = data_dir
         self.host_name = host_name
@@ -27,7 +28,8 @@ class HubProcess:
         self.config_file.write_text(
             f'[hub]\nhost_name = "{host_name}"\n'
             f"[mqtt]\ntls_port = {tls_port}\nlocal_port = 0\n"
-            f'[api]\nport = {api_port}\nbind = "127.0.0.1"\n' + extra_config
+            + (f'bind = "{address}"\nlocal_bind = "{address}"\n' if address != "127.0.0.1" else "")
+            + f'[api]\nport = {api_port}\nbind = "{address}"\n' + extra_config
         )
         self.proc: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}

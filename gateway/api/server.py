@@ -155,6 +155,11 @@ class ServiceApi:
         self.app.router.add_route(method, path, guarded)
         self._routes.append((method, path, right, handler))
 
+    def add_route(self, method: str, path: str, right: str,
+                  handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> None:
+        """Register a policy-guarded route from another component (before :meth:`start`)."""
+        self._route(method, path, right, handler)
+
     async def start(self, host: str, port: int,
                     ssl_context: ssl.SSLContext | SSL.Context | None, *,
                     admission: Admission | None = None, header_timeout: float = 10.0,

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gateway.errors import ForbiddenError, MessageTooLargeError
+from gateway.errors import ForbiddenError, MessageTooLargeError, StoreFullError
 from gateway.hub import addresses
 from gateway.hub.auth import Authenticator, Principal
 from gateway.hub.children import ChildDirectory
+from gateway.hub import onbehalf
 from gateway.hub.connections import Connection
 from gateway.hub.messages import (
     Event,
@@ -67,6 +69,7 @@ class PreparedTelemetry:
     system: Mapping[str, str]  # what ``props`` holds, for route conditions (read-only)
     application: Mapping[str, str | None]
     retained_application: Mapping[str, str | None]
+    once: tuple[str, str, int] | None = None  # on-behalf-of: (dedupe key, epoch, seq)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +111,8 @@ class Hub:
         self.children = ChildDirectory(registry, twin_store, self.connection_state)
         # The route table (DESIGN step 4); the routing service swaps in a new one on change.
         self.router = Router(hub_name=host_name, twins=twin_store.get)
+        self.on_behalf: onbehalf.OnBehalf | None = None  # edge devices acting for others
+        self.refusing: str | None = None  # why new telemetry is refused (a full upstream queue)
         registry.add_listener(self._on_registry_change)
 
     # -- connect -----------------------------------------------------------------------------
@@ -137,6 +142,9 @@ class Hub:
 
     def prepare_publish(self, principal: Principal, topic: str) -> Any:
         """Parse ``topic`` for ``principal``; raise ForbiddenError for anything not allowed."""
+        if self.on_behalf is not None and not onbehalf.is_own_topic(
+                topic, principal.device_id, principal.module_id):
+            return self._prepare_on_behalf(principal, topic)
         address = addresses.parse_publish_topic(
             topic, device_id=principal.device_id, module_id=principal.module_id
         )
@@ -144,11 +152,38 @@ class Hub:
             return self._prepare_telemetry(principal, address)
         return address  # a twin request or a method response: dispatched per packet
 
+    def _prepare_on_behalf(self, principal: Principal, topic: str) -> Any:
+        """An edge device registering or sending for an identity in its scope (on-behalf-of,
+        :mod:`gateway.hub.onbehalf`): the origin is stamped, the gateway path recorded."""
+        assert self.on_behalf is not None
+        gateway = self.on_behalf.gateway(principal.device_id, principal.module_id)
+        if topic.startswith(onbehalf.REGISTER_PREFIX):
+            return self.on_behalf.prepare_register(gateway, topic)
+        device_id, module_id = onbehalf.origin_of(topic)
+        generation_id = self.on_behalf.check(gateway, device_id, module_id)
+        address = addresses.parse_publish_topic(topic, device_id=device_id, module_id=module_id)
+        if not isinstance(address, addresses.Telemetry):
+            raise ForbiddenError(f"only telemetry may be sent on another's behalf: {topic!r}")
+        origin = Principal(device_id=device_id, module_id=module_id,
+                           auth_type=principal.auth_type, generation_id=generation_id,
+                           expires_at=None, model_id=None, policy=principal.policy)
+        return self._prepare_telemetry(origin, address, gateway=principal.device_id)
+
     def _prepare_telemetry(self, principal: Principal, address: addresses.Telemetry,
-                           extra: dict[str, str | None] | None = None) -> PreparedTelemetry:
+                           extra: dict[str, str | None] | None = None,
+                           gateway: str | None = None) -> PreparedTelemetry:
         system, application = split_properties(decode_bag(address.bag))
         if extra:
             application.update(extra)
+        once = None
+        if gateway is not None:  # on-behalf-of: the child's stamp becomes the dedupe key
+            path = application.pop(onbehalf.PATH_KEY, None)
+            epoch, seq = application.pop(onbehalf.EPOCH_KEY, None), application.pop(onbehalf.SEQ_KEY, None)
+            route = application.pop(onbehalf.ROUTE_KEY, None)
+            if epoch and seq and seq.isdigit():
+                key = f"{gateway}/{principal.client_id}" + (f"#{route}" if route else "")
+                once = (key, epoch, int(seq))
+            system[onbehalf.GATEWAY_PATH] = f"{path};{gateway}" if path else gateway
         system.pop("to", None)  # C2D-only; never accepted from devices (ref §2.3)
         device_id, module_id = principal.device_id, principal.module_id
         generation_id = principal.generation_id
@@ -179,6 +214,7 @@ class Hub:
             system=system,
             application=application,
             retained_application=retained,
+            once=once,
         )
 
     def handle_publish(self, conn: Connection, prepared: Any,
@@ -188,6 +224,9 @@ class Hub:
         report on a child's behalf: None."""
         if type(prepared) is PreparedTelemetry:
             return self.telemetry_record(prepared, packet.payload, retain=packet.retain)
+        if isinstance(prepared, onbehalf.RegisterOrigin):
+            assert self.on_behalf is not None
+            return self.on_behalf.register(prepared)
         if isinstance(prepared, addresses.MethodResponse):
             self.methods.handle_response(conn.client_id, prepared, packet.payload)
             return None
@@ -220,9 +259,25 @@ class Hub:
                 prepared.retained_application if retain else prepared.application,
                 body, prepared.device_id, prepared.module_id, enqueued, props)
         return Record(TELEMETRY, prepared.device_id, prepared.module_id, enqueued, props, body,
-                      routes)
+                      routes, once=prepared.once)
+
+    def refuse_telemetry(self, reason: str | None) -> None:
+        """While ``reason`` is set, telemetry is refused: no PUBACK, the publisher keeps it
+        (an upstream route full under ``reject-new``); None accepts again."""
+        if reason != self.refusing:
+            if reason:
+                log.warning("refusing telemetry: %s", reason)
+            else:
+                log.info("accepting telemetry again")
+        self.refusing = reason
 
     def append(self, rows: Sequence[Record]) -> asyncio.Future[int]:
+        if self.refusing is not None:
+            refused: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            refused.set_exception(StoreFullError(self.refusing))
+            return refused
+        if self.on_behalf is not None and any(map(_ONCE_OF, rows)):
+            return self.log.append_once(rows)  # a child's resends: dropped, not stored twice
         return self.log.append(rows)
 
     # -- non-telemetry events (ref §10.5) -----------------------------------------------------
@@ -290,6 +345,9 @@ class Hub:
 
     def _append_event(self, record: Record) -> None:
         self.log.append([record]).add_done_callback(_log_failure)
+
+
+_ONCE_OF = operator.attrgetter("once")
 
 
 def _log_failure(fut: asyncio.Future[Any]) -> None:

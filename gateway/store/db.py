@@ -25,6 +25,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -137,6 +138,7 @@ class Database:
         self._stopped: asyncio.Future[None] | None = None
         self.commits = 0
         self.jobs = 0
+        self.on_commit: Callable[[float], None] | None = None  # seconds per COMMIT (metrics)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -301,6 +303,7 @@ class Database:
                 except queue.Empty:
                     break
             if batch:
+                started = time.perf_counter()
                 try:
                     outcomes = self._transact(batch)
                 except BaseException as exc:  # a bug here must not hang every caller
@@ -309,6 +312,9 @@ class Database:
                         _rollback(self._conn)
                     err = StoreError(f"internal store error: {exc!r}")
                     outcomes = [(job.future, False, err) for job in batch]
+                hook = self.on_commit
+                if hook is not None:
+                    hook(time.perf_counter() - started)
                 _call_soon(loop, _deliver, outcomes)
 
     def _transact(self, batch: list[_Job]) -> list[_Outcome]:

@@ -40,6 +40,7 @@ from gateway.store._log_sql import (
     load_state,
     routes_of,
 )
+from gateway.store import dedupe
 from gateway.store.db import Database
 
 __all__ = ["MIGRATION", "Entry", "LogStats", "MessageLog", "PruneResult", "Record"]
@@ -58,6 +59,7 @@ class Record:
     props: str
     body: bytes
     routes: tuple[str, ...] = ()  # names of the routes it matched (the router's decision)
+    once: tuple[str, str, int] | None = None  # (dedupe key, epoch, seq): see store/dedupe.py
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +173,7 @@ class MessageLog:
         self._cursors: dict[str, tuple[int, bool]] = {}
         self._dropped: dict[str, int] = {}
         self._rejected = 0
+        self.deduplicated = 0  # on-behalf-of resends dropped by append_once since open
         self._appended = 0
         self._commits = 0
         # The append buffer, shared with the db thread (guarded by _lock).
@@ -185,6 +188,7 @@ class MessageLog:
     async def open(self) -> None:
         """Create or migrate the schema, then load last_seq, counts, bytes and cursors."""
         await self._db.migrate(MIGRATION)
+        await self._db.migrate(dedupe.MIGRATION)
         state = await self._db.run(load_state)
         (
             self.last_seq,
@@ -233,6 +237,54 @@ class MessageLog:
                 writer = self._writer = _WriteBody(self)
         if writer is not None:
             self._db.submit(writer).add_done_callback(writer.settle)
+        return future
+
+    def append_once(self, records: Sequence[Record]) -> asyncio.Future[int]:
+        """:meth:`append` for records that may carry a dedupe stamp (``Record.once``): those at
+        or below their key's durable high-water mark are dropped, in the same transaction that
+        stores the rest and raises the marks (:mod:`gateway.store.dedupe`). Runs as its own
+        body in the next group commit; the future resolves with the last seq stored."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if not self._opened:
+            future.set_exception(StoreError("message log is not open"))
+            return future
+        nbytes = sum(len(r.body) + len(r.props) for r in records)
+        if self._reject_new and self._bytes + self._pending_bytes + nbytes > self._max_bytes:
+            self._rejected += len(records)
+            future.set_exception(
+                StoreFullError(f"store full: {self._bytes} of {self._max_bytes} bytes used"))
+            return future
+        self._pending_bytes += nbytes
+        batch = list(records)
+
+        def settle(done: asyncio.Future[tuple[int, list[Row], int]]) -> None:
+            self._pending_bytes -= nbytes
+            exc = done.exception() if not done.cancelled() else StoreError("append cancelled")
+            if exc is not None:
+                if not future.done():
+                    future.set_exception(exc)
+                return
+            last, rows, dropped = done.result()
+            self.deduplicated += dropped
+            if rows:
+                stored = sum(len(row[5]) + len(row[4]) for row in rows)
+                if self._count == 0:
+                    self._first_seq = last - len(rows) + 1
+                    self._oldest_ms = rows[0][3]
+                self._count += len(rows)
+                self._bytes += stored
+                self._appended += len(rows)
+                self.last_seq = max(self.last_seq, last)
+                if self._advanced is not None:
+                    self._advanced.set()
+                    self._advanced = None
+                if not self._reject_new and self._bytes > self._max_bytes:
+                    self._over_cap.set()
+            self._commits += 1
+            if not future.done():
+                future.set_result(self.last_seq)
+
+        self._db.submit(partial(dedupe.insert_once, records=batch)).add_done_callback(settle)
         return future
 
     def _take_buffer(
@@ -476,6 +528,35 @@ class MessageLog:
                 self._max_bytes,
             )
         return PruneResult(expired=expired, evicted=evicted, dropped=dropped, bytes_freed=freed)
+
+    async def reusable_bytes(self) -> int:
+        """Bytes of the database file SQLite keeps free for reuse (deleted rows' pages)."""
+        def free(conn: sqlite3.Connection) -> int:
+            pages = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            return int(pages) * int(conn.execute("PRAGMA page_size").fetchone()[0])
+
+        return await self._db.run(free)
+
+    async def evict_oldest(self, nbytes: int) -> tuple[int, int]:
+        """Delete the oldest messages until ``nbytes`` are freed (a full disk: the upstream's
+        ``drop-oldest``), unread ones counted as dropped ``byte-cap``. Returns (rows, highest
+        seq deleted)."""
+        freed = rows = upto = 0
+        while freed < nbytes:
+            first = self._first_seq
+            deleted, size, lost, new_first = await self._db.run(
+                partial(evict, need=nbytes - freed, upto=self.last_seq, pin_floor=self._pin_floor()))
+            if not deleted:
+                break
+            self._removed(deleted, size, new_first)
+            if lost:
+                self._dropped[DROP_BYTE_CAP] = self._dropped.get(DROP_BYTE_CAP, 0) + lost
+            freed += size
+            rows += deleted
+            upto = (new_first[0] - 1) if new_first else self.last_seq
+            if first is None:
+                break
+        return rows, upto
 
     def _pin_floor(self) -> int:
         """The highest seq every pinning cursor has consumed (last_seq when none pins)."""

@@ -28,3 +28,6 @@ def test_demo_shows_messages_from_every_simulated_device() -> None:
     # ... and the GPS is a child device of the gateway: its readings are filed as its own
     assert any("site-gps (child)" in l and "latitude=" in l for l in out), result.stdout
     assert '"firmware": "3.2.1"' in result.stdout
+    # the upstream: a parent hub shows the telemetry arriving with its origin identities
+    assert any("parent plant-hub: +" in l and "boiler-room-thermostat" in l for l in out), \
+        result.stdout

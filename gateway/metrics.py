@@ -1,0 +1,106 @@
+"""``GET /metrics``: the whole hub in Prometheus text format (prometheus-client).
+
+One registry per hub (no process-global state): a collector reads the components' own counters
+at scrape time, plus a histogram of group-commit latency fed by the store's thread.
+Exported: live connections; messages in (stored) and out per endpoint; commit latency; the
+upstream link's state, backlog (messages, bytes, oldest age) and drops by reason (the store's
+byte-cap evictions among them) -- federation.md §1.6: the figures edgeHub does not export.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway.store.db import Database
+from gateway.store.log import MessageLog
+
+if TYPE_CHECKING:
+    from gateway.api.server import ServiceApi
+    from gateway.broker.broker import Broker
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+STATES = ("connected", "connecting", "disconnected", "throttled", "paused")
+
+
+class _HubCollector(Collector):
+    def __init__(self, broker: Broker, log: MessageLog,
+                 upstream: Callable[[], dict[str, Any] | None]) -> None:
+        self.broker = broker
+        self.log = log
+        self.upstream = upstream
+
+    def collect(self) -> Iterator[Metric]:
+        conns = GaugeMetricFamily("gateway_connections", "Open MQTT connections",
+                                  labels=["state"])
+        conns.add_metric(["open"], len(self.broker.open_connections))
+        conns.add_metric(["authenticated"], len(self.broker.live))
+        yield conns
+        stats = self.log.stats()
+        yield CounterMetricFamily("gateway_messages_in", "Messages stored in the log (all kinds)",
+                                  value=stats.appended)
+        stored = GaugeMetricFamily("gateway_store_messages", "Messages held in the store")
+        stored.add_metric([], stats.count)
+        yield stored
+        nbytes = GaugeMetricFamily("gateway_store_bytes", "Bytes held in the store")
+        nbytes.add_metric([], stats.bytes)
+        yield nbytes
+        rejected = CounterMetricFamily("gateway_messages_rejected",
+                                       "Messages refused (store full)", value=stats.rejected)
+        yield rejected
+        out = CounterMetricFamily("gateway_messages_out", "Messages delivered, per endpoint",
+                                  labels=["endpoint"])
+        dropped = CounterMetricFamily("gateway_messages_dropped", "Messages dropped, by reason",
+                                      labels=["endpoint", "reason"])
+        for reason, n in stats.dropped_total.items():
+            dropped.add_metric(["store", reason], n)
+        up = self.upstream()
+        if up is not None:
+            out.add_metric(["$upstream"], up["sent"])
+            for reason, n in up["dropped"].items():
+                if reason != "store-cap":
+                    dropped.add_metric(["$upstream", reason], n)
+            state = GaugeMetricFamily("gateway_upstream_state", "1 for the link's current state",
+                                      labels=["state"])
+            for name in STATES:
+                state.add_metric([name], 1 if up["state"] == name else 0)
+            yield state
+            for name, key, help_ in (
+                    ("gateway_upstream_backlog_messages", "backlog", "Messages not yet upstream"),
+                    ("gateway_upstream_backlog_bytes", "backlogBytes", "Bytes not yet upstream"),
+                    ("gateway_upstream_oldest_age_seconds", "oldestAgeSeconds",
+                     "Running age of the oldest message not yet upstream")):
+                g = GaugeMetricFamily(name, help_, labels=["route"])
+                g.add_metric(["*"], up[key])
+                for route, r in up["routes"].items():
+                    g.add_metric([route], r[key])
+                yield g
+        yield out
+        yield dropped
+
+
+class Metrics:
+    def __init__(self, db: Database, broker: Broker, log: MessageLog,
+                 upstream: Callable[[], dict[str, Any] | None]) -> None:
+        self.registry = CollectorRegistry()
+        self.commit_seconds = Histogram(
+            "gateway_store_commit_seconds", "Group-commit transaction latency",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.registry)
+        db.on_commit = self.commit_seconds.observe  # called on the store's thread: thread-safe
+        self.registry.register(_HubCollector(broker, log, upstream))
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def add_route(self, api: ServiceApi) -> None:
+        async def metrics(request: web.Request) -> web.Response:
+            """The hub's metrics in Prometheus text format."""
+            return web.Response(body=self.text(), headers={"Content-Type": CONTENT_TYPE})
+
+        api.add_route("GET", "/metrics", "ServiceConnect", metrics)

@@ -1,0 +1,565 @@
+"""The forwarder: the ``$upstream`` endpoint's reader of the log, and the pump to the parent.
+
+One scanner reads the log in order from the floor cursor and offers every entry that
+``select`` puts on an upstream route to the :class:`~gateway.upstream.backlog.Backlog` (a
+queue per (route, origin)); the pump keeps up to ``window`` QoS 1 publishes in flight on the
+link and moves a queue's cursor only on the parent's PUBACK; a flusher persists the cursors
+and the floor a few times a second. Towards a parent that is this software (mode
+``gateway``), one connection carries every origin on our behalf and each message carries the
+dedupe stamp (:mod:`gateway.hub.onbehalf`), so the parent stores each exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import json
+import os
+import logging
+import time
+from collections.abc import Callable
+from collections import deque
+from dataclasses import dataclass, field
+from functools import partial
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.config import UpstreamConfig
+from gateway.errors import StoreError, UpstreamError
+from gateway.hub.onbehalf import register_topic
+from gateway.store.db import Database
+from gateway.store.log import Entry, MessageLog
+from gateway.upstream import wire
+from gateway.upstream.backlog import Backlog, Item, OriginQueue
+from gateway.upstream.clock import AgeClock, boot_id
+from gateway.upstream.identity import Credentials, IdentityPump
+from gateway.upstream.cursors import FLOOR_CURSOR, CursorStore
+from gateway.upstream.link import Backoff, Session, open_session
+from gateway.upstream.policy import RoutePolicy
+from gateway.upstream.settings import LinkSettings
+
+log = logging.getLogger(__name__)
+
+SCAN_CHUNK = 2000
+FLUSH_INTERVAL = 0.25
+
+
+def _iso(moment: float) -> str:
+    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class ByteBucket:
+    """Bytes per second with a burst of one second's worth (at least one 4 KB message)."""
+
+    def __init__(self, rate: int, clock: Callable[[], float]) -> None:
+        self.rate = rate
+        self.burst = max(rate, 4096)
+        self.tokens = float(self.burst)
+        self.clock = clock
+        self.stamp = clock()
+
+    def take(self, size: int) -> bool:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= min(size, self.burst):
+            self.tokens -= size
+            return True
+        return False
+
+
+@dataclass
+class RouteCounters:
+    sent: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class LinkState:
+    state: str = "disconnected"  # connected|connecting|disconnected|throttled|paused
+    since: float = field(default_factory=time.time)
+    last_error: str = ""
+    sent: int = 0
+    connects: int = 0
+    routes: dict[str, RouteCounters] = field(default_factory=dict)
+
+    def set(self, state: str, error: str | None = None) -> None:
+        if state != self.state:
+            self.state = state
+            self.since = time.time()
+        if error is not None:
+            self.last_error = error
+
+
+class Forwarder:
+    """Store-and-forward to one parent. ``run`` until cancelled; ``status`` at any time."""
+
+    def __init__(self, log_: MessageLog, db: Database, settings: LinkSettings,
+                 cfg: UpstreamConfig, *, local_gateway: str,
+                 select: Callable[[Entry], str | None],
+                 policy_of: Callable[[str], RoutePolicy],
+                 clock: Callable[[], float] = time.monotonic, boot: str | None = None,
+                 refuse: Callable[[str | None], None] | None = None,
+                 data_dir: str | None = None,
+                 credentials: Credentials | None = None) -> None:
+        self.log = log_
+        self.cursors = CursorStore(db)
+        self.settings = settings
+        self.cfg = cfg
+        self.local_gateway = local_gateway
+        self.select = select
+        self.policy_of = policy_of
+        self.clock = clock
+        self.boot = boot or boot_id()
+        self.refuse = refuse or (lambda reason: None)
+        self.credentials: Credentials = credentials or (lambda origin: (None, None))
+        self.identity: IdentityPump | None = None
+        self.data_dir = data_dir
+        self._flushes = 0
+        self._disk_over = 0  # bytes above the disk high-water mark at the last check
+        self.ages = AgeClock(self.boot, [], [])
+        self._dropped_saved: dict[str, dict[str, int]] = {}
+        self.window = cfg.gateway_inflight if cfg.mode == "gateway" else cfg.max_inflight
+        self.backlog = Backlog(max_buffer=max(4 * self.window, 20_000))
+        self.link = LinkState()
+        self.epoch = ""
+        self._wake = asyncio.Event()
+        self._space = asyncio.Event()
+        self._floor_saved = -1
+        self._policies: dict[str, RoutePolicy] = {}
+        self.ready = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.epoch, cursors = await self.cursors.open()
+        start = await self.log.get_cursor(FLOOR_CURSOR)
+        if start is None:  # a new upstream: what arrives from now on (routes apply to new messages)
+            start = self.log.last_seq
+        self.backlog = Backlog(cursors, scan_pos=start, max_buffer=self.backlog.max_buffer)
+        checkpoints, boots, dropped = await self.cursors.load_clock()
+        for route, counts in dropped.items():
+            self.link.routes.setdefault(route, RouteCounters()).dropped.update(counts)
+        self._dropped_saved = {r: dict(c) for r, c in dropped.items()}
+        self.ages = AgeClock(self.boot, checkpoints, boots)
+        await self.cursors.save_clock(self.ages.start(self.log.last_seq, self.clock()), None)
+        await self.log.set_cursor(FLOOR_CURSOR, min(start, self.log.last_seq), pin=True)
+        self.ready.set()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._scan(), name="upstream-scan")
+                tasks.create_task(self._flush_loop(), name="upstream-flush")
+                if self.cfg.mode == "identity":
+                    self.identity = IdentityPump(self, self.credentials)
+                    tasks.create_task(self.identity.run(), name="upstream-identities")
+                else:
+                    tasks.create_task(self._connect_loop(), name="upstream-link")
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._flush())
+
+    def policy(self, route: str) -> RoutePolicy:
+        p = self._policies.get(route)
+        if p is None:
+            p = self._policies[route] = self.policy_of(route)
+        return p
+
+    # -- the scanner -------------------------------------------------------------------------
+
+    async def _scan(self) -> None:
+        backlog = self.backlog
+        while True:
+            while backlog.full():
+                for q in backlog.park(self.clock()):  # a long-refused origin leaves memory
+                    log.warning("upstream: origin %s parked (re-read from its cursor later)",
+                                q.origin.client_id)
+                if not backlog.full():
+                    break
+                self._space.clear()
+                try:
+                    async with asyncio.timeout(1.0):
+                        await self._space.wait()
+                except TimeoutError:
+                    pass
+            try:
+                entries, pos = await self.log.scan(backlog.scan_pos, SCAN_CHUNK)
+            except StoreError as exc:  # a full disk fails reads in a failed group commit too
+                log.error("upstream: reading the store failed: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            for entry in entries:
+                route = self.select(entry)
+                if route is None:
+                    continue
+                origin = wire.origin_of(entry, self.local_gateway, self.settings.device_id)
+                backlog.offer(route, origin, entry, len(entry.body) + len(entry.props),
+                              self.policy(route).priority)
+            backlog.scan_pos = pos
+            if entries:
+                self._wake.set()
+            if len(entries) < SCAN_CHUNK:
+                await self.log.wait_beyond(pos, timeout=1.0)
+
+    # -- persistence -------------------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL)
+            try:
+                await self._flush()
+                now = self.clock()
+                for q in [q for q in self.backlog.queues.values()
+                          if q.parked and q.hold_until <= now]:
+                    await self._reread(q)
+            except StoreError as exc:
+                log.error("upstream cursors not saved: %s", exc)
+
+    def _count_sent(self, route: str) -> None:
+        self.link.routes.setdefault(route, RouteCounters()).sent += 1
+        if not self.backlog.full():
+            self._space.set()
+
+    def _drop(self, route: str, reason: str, count: int) -> None:
+        if count:
+            counters = self.link.routes.setdefault(route, RouteCounters())
+            counters.dropped[reason] = counters.dropped.get(reason, 0) + count
+
+    def _expire(self, now: float) -> None:
+        """TTL by monotonic age (:mod:`gateway.upstream.clock`): the expired leave the queue
+        at once and are counted as ``dropped.ttl``."""
+        for q in self.backlog.queues.values():
+            ttl = self.policy(q.route).ttl
+            if ttl <= 0 or not q.pending:
+                continue
+            n = 0
+            for item in q.pending:
+                if self.ages.age(item.seq, now) <= ttl:
+                    break
+                n += 1
+            if n:
+                self.backlog.drop_pending(q, n)
+                self._drop(q.route, "ttl", n)
+        if not self.backlog.full():
+            self._space.set()
+
+    async def _disk_full(self) -> str | None:
+        """Above the disk high-water mark? Space SQLite holds free for reuse counts as free."""
+        if not self.data_dir or self.cfg.disk_high_water >= 1.0:
+            return None
+        try:
+            st = await asyncio.to_thread(os.statvfs, self.data_dir)
+        except OSError:
+            return None
+        total = st.f_blocks * st.f_frsize
+        if not total:
+            return None
+        free = st.f_bavail * st.f_frsize + await self.log.reusable_bytes()
+        used = 1 - free / total
+        self._disk_over = max(0, int((used - self.cfg.disk_high_water) * total))
+        if used > self.cfg.disk_high_water:
+            return f"disk {used:.0%} full (high-water mark {self.cfg.disk_high_water:.0%})"
+        return None
+
+    async def _enforce_caps(self) -> None:
+        """Byte cap per route and the disk high-water mark, by each route's ``when_full``:
+        ``reject-new`` refuses new telemetry (no PUBACK), ``drop-oldest`` drops the oldest,
+        ``thin`` keeps one message per origin per ``thin_interval`` first. Counted by reason."""
+        disk = await self._disk_full()
+        stats = self.log.stats()
+        unscanned = max(0, stats.last_seq - self.backlog.scan_pos)
+        avg = stats.bytes / stats.count if stats.count else 0
+        by_route: dict[str, list[OriginQueue]] = {}
+        for q in self.backlog.queues.values():
+            by_route.setdefault(q.route, []).append(q)
+        mem = {r: sum(i.size for q in qs for i in (*q.pending, *q.inflight))
+               for r, qs in by_route.items()}
+        total_mem = sum(mem.values()) or 1
+        refusing: str | None = None
+        evict_disk = False
+        for route, qs in by_route.items():
+            policy = self.policy(route)
+            size = mem[route] + int(unscanned * avg * mem[route] / total_mem)
+            over_cap = policy.max_bytes and size > policy.max_bytes
+            if not over_cap and not disk:
+                continue
+            reason = disk or f"upstream route {route} over its byte cap ({size} > {policy.max_bytes})"
+            if policy.when_full == "reject-new":
+                refusing = reason
+                continue
+            if policy.when_full == "thin":
+                size -= self._thin(route, qs, policy.thin_interval)
+            if over_cap and size > policy.max_bytes:
+                self._drop_oldest(route, qs, size - policy.max_bytes * 9 // 10)
+            if disk:
+                evict_disk = True
+        if evict_disk:  # free room on the disk itself: the store's oldest go
+            # down to 5 % of the disk below the mark, at least a tenth of what is stored
+            st = await asyncio.to_thread(os.statvfs, self.data_dir or ".")
+            need = self._disk_over + int(0.05 * st.f_blocks * st.f_frsize)
+            rows, upto = await self.log.evict_oldest(max(need, stats.bytes // 10))
+            if rows:
+                log.warning("upstream: %s; %d oldest messages deleted", disk, rows)
+                for q in self.backlog.queues.values():
+                    n = sum(1 for i in q.pending if i.seq <= upto)
+                    if n:
+                        self.backlog.drop_pending(q, n)
+                        self._drop(q.route, "full", n)
+                if self.backlog.scan_pos < upto:
+                    self.backlog.scan_pos = upto  # unread ones were counted by the store
+        self.refuse(refusing)
+
+    def _thin(self, route: str, qs: list[OriginQueue], interval: float) -> int:
+        """Keep one pending message per origin per ``interval`` seconds; returns bytes freed."""
+        freed = 0
+        step = interval * 1000
+        for q in qs:
+            kept: deque[Item] = deque()
+            last = None
+            dropped = 0
+            for item in q.pending:
+                t = item.entry.enqueued_ms  # spacing only: a wall-clock jump thins less, never more
+                if last is None or abs(t - last) >= step:
+                    kept.append(item)
+                    last = t
+                else:
+                    dropped += 1
+                    freed += item.size
+            if dropped:
+                self.backlog.buffered -= dropped
+                self.backlog.buffered_bytes -= sum(i.size for i in q.pending) - sum(
+                    i.size for i in kept)
+                q.pending = kept
+                self._drop(route, "thinned", dropped)
+        return freed
+
+    def _drop_oldest(self, route: str, qs: list[OriginQueue], need: int) -> None:
+        heads = [(q.pending[0].seq, id(q), q) for q in qs if q.pending]
+        heapq.heapify(heads)
+        freed = dropped = 0
+        while heads and freed < need:
+            _, _, q = heapq.heappop(heads)
+            item = self.backlog.drop_pending(q, 1)[0]
+            freed += item.size
+            dropped += 1
+            if q.pending:
+                heapq.heappush(heads, (q.pending[0].seq, id(q), q))
+        self._drop(route, "full", dropped)
+
+    async def _reread(self, q: OriginQueue) -> None:
+        """A parked queue's messages, read again from its own cursor up to the scanner."""
+        pos = q.acked
+        while True:
+            entries, pos = await self.log.scan(pos, SCAN_CHUNK, device_id=q.origin.device_id
+                                               if q.origin.device_id != self.settings.device_id
+                                               else self.local_gateway)
+            items = []
+            for entry in entries:
+                if self.select(entry) != q.route:
+                    continue
+                origin = wire.origin_of(entry, self.local_gateway, self.settings.device_id)
+                if origin == q.origin:
+                    items.append(Item(q.route, origin, entry, len(entry.body) + len(entry.props)))
+            caught_up = pos >= self.backlog.scan_pos
+            self.backlog.unpark(q, items, caught_up)
+            if caught_up:
+                log.info("upstream: origin %s back from parking", q.origin.client_id)
+                self._wake.set()
+                return
+
+    async def _flush(self) -> None:
+        now = self.clock()
+        self._expire(now)
+        self._flushes += 1
+        if self._flushes % 4 == 0 or self._disk_over:  # about once a second; always when full
+            await self._enforce_caps()
+        row, boot = self.ages.checkpoint(self.log.last_seq, now)
+        dropped = {r: dict(c.dropped) for r, c in self.link.routes.items() if c.dropped}
+        changed = dropped != self._dropped_saved
+        await self.cursors.save_clock([row] if row else [], boot,
+                                      prune_below=self.ages.prune(self.backlog.floor()),
+                                      dropped=dropped if changed else None)
+        if changed:
+            self._dropped_saved = dropped
+        await self.cursors.save(self.backlog.dirty())
+        floor = min(self.backlog.floor(), self.log.last_seq)
+        if floor != self._floor_saved:
+            await self.log.set_cursor(FLOOR_CURSOR, floor, pin=True)
+            self._floor_saved = floor
+
+    # -- the link ----------------------------------------------------------------------------
+
+    async def _connect_loop(self) -> None:
+        backoff = Backoff(self.cfg.reconnect_min, self.cfg.reconnect_max)
+        while True:
+            self.link.set("connecting")
+            try:
+                session = await open_session(
+                    self.settings, window=self.window, keepalive=self.cfg.keepalive,
+                    token_ttl=self.cfg.token_ttl, ack_timeout=self.cfg.ack_timeout,
+                    clock=self.clock)
+            except UpstreamError as exc:
+                self.link.set("disconnected", str(exc))
+                delay = backoff.next()
+                log.warning("upstream connect failed: %s (retry in %.1f s)", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            self.link.connects += 1
+            self.link.set("connected")
+            log.info("upstream connected host=%s port=%d as=%s", self.settings.host,
+                     self.settings.port, self.settings.device_id)
+            reason = await self._pump(session)
+            if session.acked:
+                backoff.reset()
+            if reason == "renew":
+                continue
+            self.link.set("disconnected", reason)
+            delay = backoff.next()
+            log.warning("upstream link down: %s (retry in %.1f s)", reason, delay)
+            await asyncio.sleep(delay)
+
+    async def _pump(self, session: Session) -> str:
+        """Send over ``session`` until it is lost (or due for a token renewal); returns why."""
+        backlog = self.backlog
+        registered: set[wire.Origin] = set()
+        registering: dict[wire.Origin, asyncio.Future[None]] = {}
+        inflight: dict[asyncio.Future[None], Item] = {}
+        loop = asyncio.get_running_loop()
+        stamp = self.cfg.mode == "gateway"
+
+        def done(task: asyncio.Future[None]) -> None:
+            item = inflight.pop(task, None)
+            if item is None or session.ended or task.cancelled() or task.exception() is not None:
+                return
+            backlog.acked(item)
+            self.link.sent += 1
+            self._count_sent(item.route)
+            self._wake.set()
+            if not backlog.full():
+                self._space.set()
+
+        def registered_cb(origin: wire.Origin, task: asyncio.Future[None]) -> None:
+            registering.pop(origin, None)
+            if not session.ended and not task.cancelled() and task.exception() is None:
+                registered.add(origin)
+                self._wake.set()
+
+        renewing = False
+        buckets: dict[str, ByteBucket] = {}
+        paced: set[str] = set()
+        report = loop.create_task(self._report(session), name="upstream-report")
+        try:
+            while not session.lost.done():
+                now = self.clock()
+                if not renewing and now >= session.renew_at:
+                    renewing = True
+                if not renewing:
+                    paced.clear()
+                    while len(inflight) < self.window:
+                        item = backlog.take(now, registered if stamp else None, paced)
+                        if item is None:
+                            break
+                        rate = self.policy(item.route).bandwidth
+                        if rate:  # a metered link: the route waits for its bytes/s
+                            bucket = buckets.get(item.route)
+                            if bucket is None:
+                                bucket = buckets[item.route] = ByteBucket(rate, self.clock)
+                            if not bucket.take(item.size):
+                                backlog.untake(item)
+                                paced.add(item.route)
+                                continue
+                        topic, payload = wire.encode(item.entry, item.origin, epoch=self.epoch,
+                                                     stamp=stamp, route=item.route)
+                        sent = session.send(topic, payload)
+                        inflight[sent] = item
+                        sent.add_done_callback(done)
+                    if stamp and len(registering) < 64:
+                        for q in backlog.waiting(now):
+                            o = q.origin
+                            if o not in registered and o not in registering:
+                                t = session.send(register_topic(o.device_id, o.module_id),
+                                                 b"")
+                                registering[o] = t
+                                t.add_done_callback(partial(registered_cb, o))
+                                if len(registering) >= 64:
+                                    break
+                elif not inflight:
+                    return "renew"
+                self._wake.clear()
+                wake: asyncio.Future[Any] = loop.create_task(self._wake.wait())
+                await asyncio.wait({wake, session.lost}, timeout=0.05 if paced else 1.0,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                wake.cancel()
+            return session.lost.result()
+        finally:
+            session.ended = True
+            for fut in [*inflight, *registering.values(), report]:
+                fut.cancel()
+            parked = backlog.link_lost(self.clock())
+            if parked is not None:
+                log.warning("upstream: origin %s keeps failing; set aside for %.0f s",
+                            parked.origin.client_id, parked.hold)
+            inflight.clear()
+            await session.close()
+
+    async def _report(self, session: Session) -> None:
+        """The status, as the gateway's reported property ``upstream`` at the parent, at most
+        every ``status_interval`` seconds (and at once on connecting)."""
+        rid = 0
+        while not session.ended:
+            rid += 1
+            status = self.status()
+            status["routes"] = {name.lstrip("$") or name: r  # twin keys cannot start with $
+                                for name, r in status["routes"].items()}
+            body = json.dumps({"upstream": status}).encode()
+            try:
+                await session.publish(f"$iothub/twin/PATCH/properties/reported/?$rid=up{rid}", body)
+            except UpstreamError:
+                return
+            await asyncio.sleep(max(1.0, self.cfg.status_interval))
+
+    # -- status ------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        backlog = self.backlog
+        stats = self.log.stats()
+        unscanned = max(0, stats.last_seq - backlog.scan_pos)  # not yet read: an estimate
+        avg = (stats.bytes / stats.count) if stats.count else 0
+        now = self.clock()
+        per_route: dict[str, dict[str, Any]] = {}
+        queues: dict[str, list[OriginQueue]] = {}
+        for q in backlog.queues.values():
+            queues.setdefault(q.route, []).append(q)
+        oldest_all = 0.0
+        for route in sorted(set(queues) | set(self.link.routes)):
+            qs = queues.get(route, [])
+            count = sum(len(q.pending) + len(q.inflight) for q in qs)
+            nbytes = sum(i.size for q in qs for i in (*q.pending, *q.inflight))
+            heads = [q.head_seq() for q in qs]
+            oldest = max((self.ages.age(h, now) for h in heads if h is not None), default=0.0)
+            oldest_all = max(oldest_all, oldest)
+            counters = self.link.routes.get(route, RouteCounters())
+            per_route[route] = {
+                "backlog": count, "backlogBytes": nbytes, "oldestAgeSeconds": round(oldest, 3),
+                "sent": counters.sent, "dropped": dict(counters.dropped), "origins": len(qs),
+            }
+        dropped: dict[str, int] = {"ttl": 0, "full": 0}
+        for counters in self.link.routes.values():
+            for reason, n in counters.dropped.items():
+                dropped[reason] = dropped.get(reason, 0) + n
+        byte_cap = stats.dropped_total.get("byte-cap", 0)
+        if byte_cap:
+            dropped["store-cap"] = byte_cap
+        if unscanned:
+            oldest_all = max(oldest_all, self.ages.age(backlog.scan_pos + 1, now))
+        return {
+            "state": self.link.state,
+            "backlog": backlog.buffered + unscanned,
+            "backlogBytes": backlog.buffered_bytes + int(unscanned * avg),
+            "oldestAgeSeconds": round(oldest_all, 3),
+            "sent": self.link.sent,
+            "dropped": dropped,
+            "lastError": self.link.last_error,
+            "since": _iso(self.link.since),
+            "routes": per_route,
+        }

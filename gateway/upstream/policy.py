@@ -1,0 +1,49 @@
+"""Queue policy of one upstream route (edgeHub's ``priority`` and ``timeToLiveSecs`` of the
+route model, plus a byte cap, a policy when full and a bandwidth cap; federation.md §0.1
+facts 6-9). Pure.
+
+The forwarder takes ``policy_of(route) -> RoutePolicy``; until the route table carries these
+per route, every route gets the one built from ``[upstream]`` (:func:`from_config`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from gateway.config import UpstreamConfig
+
+DEFAULT_ROUTE = "$upstream"
+"""The route name of IoT Edge's default ``FROM /messages/* INTO $upstream``."""
+
+WhenFull = Literal["reject-new", "drop-oldest", "thin"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoutePolicy:
+    priority: int = 0  # 0 is the highest class; classes share the link by weight
+    ttl: float = 0.0  # seconds of monotonic age after which a message is dropped; 0 = never
+    max_bytes: int = 0  # backlog byte cap of the route; 0 = none beyond the store's own
+    when_full: WhenFull = "drop-oldest"
+    thin_interval: float = 60.0  # "thin": keep one message per origin per this many seconds
+    bandwidth: int = 0  # bytes/s over the link for this route; 0 = unlimited
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.priority <= 9:
+            raise ValueError(f"priority must be 0..9, not {self.priority}")
+
+    @property
+    def weight(self) -> int:
+        """Share of the link: each class gets twice the next lower one (never zero)."""
+        return 1 << (9 - self.priority)
+
+
+def from_config(cfg: UpstreamConfig) -> RoutePolicy:
+    return RoutePolicy(priority=cfg.priority, ttl=cfg.ttl, max_bytes=cfg.max_bytes,
+                       when_full=cfg.when_full, thin_interval=cfg.thin_interval,
+                       bandwidth=cfg.bandwidth)
+
+
+def default_select(kind: str) -> str | None:
+    """``FROM /messages/* INTO $upstream``: device and module telemetry, nothing else."""
+    return DEFAULT_ROUTE if kind == "telemetry" else None

@@ -1,0 +1,164 @@
+"""Store-and-forward end to end: a child hub forwards its devices' and modules' telemetry to a
+parent hub over one on-behalf-of connection; the parent stamps the origins; the link is set,
+shown, cleared live; a backlog built while the parent is down drains when it comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+
+from tests.hubproc import HubProcess, create_device
+from tests.upstream.federation import (
+    CHILD_ADDRESS,
+    child_hub,
+    link,
+    parent_events,
+    parent_hub,
+    status,
+)
+from tests.upstream.load import Device, run_device
+from tests.waiting import eventually
+
+
+def _devices(child: HubProcess, n: int, prefix: str = "dev") -> list[Device]:
+    out = []
+    for i in range(n):
+        info = create_device(child, f"{prefix}{i}")
+        out.append(Device(info["deviceId"], info["authentication"]["symmetricKey"]["primaryKey"]))
+    return out
+
+
+def _load(child: HubProcess, devices: list[Device], count: int, **kw: object) -> None:
+    async def go() -> None:
+        stop = asyncio.Event()
+        await asyncio.wait_for(asyncio.gather(*(
+            run_device(d, child.host_name, CHILD_ADDRESS, lambda: child.port("mqtt_local_port"),
+                       stop, count=count, **kw)  # type: ignore[arg-type]
+            for d in devices)), 120)
+    asyncio.run(go())
+
+
+def _telemetry_by_origin(parent: HubProcess) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for e in parent_events(parent):
+        if e["annotations"].get("iothub-message-source") != "Telemetry":
+            continue
+        origin = e["origin"] + (f"/{e['module']}" if e["module"] else "")
+        out.setdefault(origin, []).append(e["payload"]["n"])
+    return out
+
+
+def test_forward_devices_and_modules_with_origin(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    parent, child = parent_hub(tmp_path).start(), child_hub(tmp_path).start()
+    try:
+        shown = link(parent, child)
+        assert shown["device_id"] == "child-gw" and shown["shared_access_key"] == "<hidden>"
+        devices = _devices(child, 3)
+        create_device(child, "child.local")
+        module = json.loads(child.cli("module", "create", "child.local", "sensor").stdout)
+        devices.append(Device("child.local", module["authentication"]["symmetricKey"]["primaryKey"],
+                              module_id="sensor"))
+        _load(child, devices, 200)
+        expected = {d.client_id.replace("child.local", "child-gw"): list(range(1, 201))
+                    for d in devices}
+
+        def arrived() -> bool:
+            got = _telemetry_by_origin(parent)
+            return all(len(got.get(k, [])) >= 200 for k in expected)
+
+        asyncio.run(eventually(arrived, 60, "all messages at the parent", interval=0.5,
+                               blocking=True))
+        got = _telemetry_by_origin(parent)
+        assert got == expected  # each exactly once, in per-device order
+        events = [e for e in parent_events(parent)
+                  if e["annotations"].get("iothub-message-source") == "Telemetry"]
+        sample = next(e for e in events if e["origin"] == "dev0")
+        assert sample["annotations"]["iothub-connection-device-id"] == "dev0"
+        assert sample["annotations"]["iothub-gateway-path"] == "child-gw"
+        assert sample["properties"]["system"]["message_id"]  # a stable id is always set
+        leaf = json.loads(parent.cli("device", "show", "dev0").stdout)
+        gw = json.loads(parent.cli("device", "show", "child-gw").stdout)
+        assert leaf["parentScopes"] == [gw["deviceScope"]]  # registered as the gateway's child
+        s = status(child)
+        assert s["state"] == "connected" and s["sent"] == 800 and s["backlog"] == 0
+        assert set(s) >= {"state", "backlog", "backlogBytes", "oldestAgeSeconds", "sent",
+                          "dropped", "lastError", "since", "routes"}
+        assert s["routes"]["$upstream"]["sent"] == 800
+        # the same figures in the gateway's reported properties at the parent
+        def reported() -> dict | None:  # type: ignore[type-arg]
+            twin = json.loads(parent.cli("twin", "show", "child-gw").stdout)
+            up = twin["properties"]["reported"].get("upstream")
+            return up if up and up["sent"] == 800 else None
+
+        up = asyncio.run(eventually(reported, 20, "status in the parent's twin", interval=0.5,
+                                    blocking=True))
+        assert up["state"] == "connected" and up["routes"]["upstream"]["sent"] == 800
+        child.cli("upstream", "clear")
+        assert json.loads(child.cli("upstream", "show").stdout) is None
+        assert status(child)["state"] == "disconnected"
+    finally:
+        child.stop()
+        parent.stop()
+
+
+def test_backlog_built_offline_drains_and_survives_child_restart(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    parent, child = parent_hub(tmp_path).start(), child_hub(tmp_path).start()
+    try:
+        link(parent, child)
+        port = parent.port("mqtt_tls_port")
+        parent.stop()  # link down
+        devices = _devices(child, 4)
+        _load(child, devices, 300)
+        s = status(child)
+        assert s["backlog"] == 1200 and s["state"] in ("connecting", "disconnected")
+        assert s["lastError"]
+        child.kill()  # the backlog is on disk; cursors too
+        child.start()
+        # the parent comes back on the same port (the child keeps dialling it)
+        parent.config_file.write_text(parent.config_file.read_text().replace(
+            "tls_port = 0", f"tls_port = {port}"))
+        parent.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and status(child)["backlog"]:
+            time.sleep(0.3)
+        assert status(child)["backlog"] == 0
+        got = _telemetry_by_origin(parent)
+        assert {k: Counter(v) for k, v in got.items()} == {
+            d.device_id: Counter(range(1, 301)) for d in devices}
+        assert all(v == sorted(v) for v in got.values())
+        # the settings survived the restart
+        assert json.loads(child.cli("upstream", "show").stdout)["device_id"] == "child-gw"
+    finally:
+        child.stop()
+        parent.stop()
+
+
+def test_bandwidth_cap_paces_the_drain(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    parent = parent_hub(tmp_path).start()
+    child = child_hub(tmp_path, "bandwidth = 50000\n").start()
+    try:
+        link(parent, child)
+        port = parent.port("mqtt_tls_port")
+        parent.stop()
+        devices = _devices(child, 3)
+        _load(child, devices, 100, body_bytes=1000)
+        backlog_bytes = status(child)["backlogBytes"]
+        assert backlog_bytes > 300_000
+        parent.config_file.write_text(parent.config_file.read_text().replace(
+            "tls_port = 0", f"tls_port = {port}"))
+        parent.start()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 60 and status(child)["backlog"]:
+            time.sleep(0.2)
+        took = time.monotonic() - t0
+        assert status(child)["backlog"] == 0
+        # 50 KB/s after a one-second burst: at least (bytes - 50 KB) / 50 KB/s
+        assert took >= (backlog_bytes - 50_000) / 50_000 * 0.9, took
+        got = _telemetry_by_origin(parent)
+        assert {k: sorted(v) for k, v in got.items()} == {
+            d.device_id: list(range(1, 101)) for d in devices}
+    finally:
+        child.stop()
+        parent.stop()
