@@ -48,8 +48,9 @@ setup_python() {
 
 setup_test() {
     # Real peers for the tests: Debian's mosquitto broker and clients, socat for serial pairs,
-    # a D-Bus daemon for the fake BlueZ that bleak talks to, umockdev for recorded udev devices.
-    apt_install mosquitto mosquitto-clients socat ca-certificates dbus-daemon umockdev
+    # a D-Bus daemon for the fake BlueZ that bleak talks to, umockdev for recorded udev devices,
+    # curl and openssl for the README's command blocks (tests/e2e/test_14_readme.py).
+    apt_install mosquitto mosquitto-clients socat ca-certificates dbus-daemon umockdev curl openssl
     setup_python
 }
 

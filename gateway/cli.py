@@ -95,7 +95,8 @@ def _read_certificate(path: str) -> str:
     except UnicodeDecodeError:
         text = ""
     if "-----BEGIN CERTIFICATE-----" not in text:
-        raise GatewayError(f"--x509-cert {path}: not a PEM certificate (-----BEGIN CERTIFICATE-----)")
+        raise GatewayError(f"--x509-cert {path}: not a PEM certificate "
+                           "(-----BEGIN CERTIFICATE-----)")
     return text
 
 

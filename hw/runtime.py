@@ -34,7 +34,6 @@ The runtime connects to the local hub as the bridge's module identity (MQTT thro
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import logging
@@ -65,6 +64,7 @@ log = logging.getLogger(__name__)
 METHODS = "$iothub/methods/POST/"
 DESIRED = "$iothub/twin/PATCH/properties/desired/"
 RESPONSES = "$iothub/twin/res/"
+FOLLOW_UP_S = 1.0  # a second status report this long after a configuration change
 
 
 def strip_meta(doc: Mapping[str, Any]) -> dict[str, Any]:
@@ -337,11 +337,18 @@ class ModuleRuntime:
             self._last_child[spec.device_id] = patch
 
     async def _status_loop(self, client: aiomqtt.Client) -> None:
-        """Report the status every ``status_interval`` when it changed, and at once after a
-        configuration change."""
+        """Report the status every ``status_interval`` when it changed, at once after a
+        configuration change, and again ``FOLLOW_UP_S`` later (what the change started by
+        then: a new bus connected, a port opened) rather than a whole interval later."""
+        follow_up = False
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._report_now.wait(), self.status_interval)
+            timeout = min(FOLLOW_UP_S, self.status_interval) if follow_up \
+                else self.status_interval
+            try:
+                await asyncio.wait_for(self._report_now.wait(), timeout)
+                follow_up = True
+            except TimeoutError:
+                follow_up = False
             self._report_now.clear()
             await self._report(client)
 

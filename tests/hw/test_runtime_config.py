@@ -49,3 +49,31 @@ def test_a_lost_patch_asks_for_the_twin_and_an_old_one_is_ignored() -> None:
     assert not rt._reread.is_set() and bridge.config.devices["m1"].interval == 10
     rt._desired_patch({"devices": {"m1": {"interval": 5}}, "$version": 2})
     assert bridge.config.devices["m1"].interval == 5 and rt.desired_version == 2
+
+
+async def test_a_configuration_change_is_reported_at_once_and_again_a_second_later() -> None:
+    """With a 30 s status interval, a change is reported at once and followed up after
+    FOLLOW_UP_S (a bus it added has connected by then), then the interval applies again."""
+    import asyncio
+    import time
+
+    from hw import runtime as rt_module
+
+    rt, _ = runtime()
+    rt.status_interval = 30.0
+    times: list[float] = []
+
+    async def report(client: object) -> None:
+        times.append(time.monotonic())
+
+    rt._report = report  # type: ignore[method-assign]
+    loop = asyncio.create_task(rt._status_loop(None))  # type: ignore[arg-type]
+    try:
+        start = time.monotonic()
+        rt._report_now.set()
+        await asyncio.sleep(rt_module.FOLLOW_UP_S + 1.0)
+    finally:
+        loop.cancel()
+    assert len(times) == 2, times
+    assert times[0] - start < 0.5
+    assert rt_module.FOLLOW_UP_S - 0.1 <= times[1] - times[0] < rt_module.FOLLOW_UP_S + 0.9
