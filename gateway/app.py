@@ -15,11 +15,13 @@ import os
 import signal
 import socket
 import ssl
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 from gateway import pki
+from gateway.api.enrollments import add_enrollment_routes
 from gateway.agent import Supervisor
 from gateway.api.server import ServiceApi
 from gateway.broker.broker import Broker
@@ -28,6 +30,8 @@ from gateway.config import Config
 from gateway.hub.auth import Authenticator
 from gateway.hub.c2d import C2DQueues
 from gateway.hub.c2dsvc import C2DService
+from gateway.hub.enrollments import EnrollmentGroup, EnrollmentStore
+from gateway.hub.provisioning import ProvisioningService
 from gateway.hub.connstr import ConnectionString
 from gateway.hub.hub import Hub
 from gateway.hub.methods import MethodService
@@ -131,6 +135,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         broker.puback_hooks.append(inputs.on_puback)
         broker.close_hooks.append(inputs.on_closed)
         registry.add_listener(inputs.identity_changed)
+        provisioning = await _provisioning(config, db, registry, hub, certs, tasks_)
         mqtt_tls = pki.server_ssl_context(certs, extra_trust_pems=registry.registered_certificates())
         registry.add_listener(broker.identity_changed, updates=True)
         registry.add_listener(partial(_trust_certificate, mqtt_tls), updates=True)
@@ -140,6 +145,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         )
         api = ServiceApi(host_name=config.hub.host_name, registry=registry,
                          authenticator=authenticator, log=message_log, hub=hub, broker=broker)
+        if provisioning is not None:
+            add_enrollment_routes(api, provisioning)
         # The MQTT listener's context: X.509 devices (self-signed ones too) work over WSS.
         await api.start(config.api.bind, config.api.port, mqtt_tls)
         owner = registry.get_policy("iothubowner")
@@ -198,6 +205,30 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         await registry.close()
         await db.close()
         log.info("hub stopped")
+
+
+async def _provisioning(config: Config, db: Database, registry: Registry, hub: Hub,
+                        certs: pki.HubCertificates, tasks: TaskSet) -> ProvisioningService | None:
+    """The DPS for downstream devices, on the hub's own MQTT port (ref §12)."""
+    if not config.provisioning.enabled:
+        return None
+    store = EnrollmentStore(db)
+    await store.open()
+
+    async def initial_twin(device_id: str, group: EnrollmentGroup) -> None:
+        if group.initial_tags or group.initial_desired:
+            await hub.twins.service_update(
+                device_id, None, {"tags": dict(group.initial_tags),
+                                  "properties": {"desired": dict(group.initial_desired)}},
+                if_match=None, replace=False)
+
+    service = ProvisioningService(
+        store, registry, assigned_hub=config.provisioning.assigned_hub or config.hub.host_name,
+        ca_pems=[certs.ca_cert.read_text()], initial_twin=initial_twin, tasks=tasks,
+        clock=time.time)
+    hub.authenticator.provisioning = service
+    hub.provisioning = service
+    return service
 
 
 def _trust_certificate(context: ssl.SSLContext, event: str, identity: Device | Module) -> None:

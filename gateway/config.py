@@ -114,6 +114,16 @@ class StoreConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ProvisioningConfig:
+    """The hub's Device Provisioning Service for the devices below it (``gateway enrollment``).
+    ``assigned_hub``: the host name provisioned devices are told to connect to (default: the
+    hub's ``host_name``; set it when devices reach the hub by another name)."""
+
+    enabled: bool = True
+    assigned_hub: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ModuleSpec:
     """A southbound bridge the hub runs as one of its modules (``[modules.NAME]``)."""
 
@@ -130,11 +140,13 @@ class Config:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    provisioning: ProvisioningConfig = field(default_factory=ProvisioningConfig)
     routes: tuple[tuple[str, str], ...] = ()  # (name, route) in file order, checked on load
     modules: tuple[ModuleSpec, ...] = ()
 
 
-_SECTIONS = {"hub": HubConfig, "mqtt": MqttConfig, "api": ApiConfig, "store": StoreConfig}
+_SECTIONS = {"hub": HubConfig, "mqtt": MqttConfig, "api": ApiConfig, "store": StoreConfig,
+             "provisioning": ProvisioningConfig}
 
 
 def _coerce(value: Any, hint: Any, path: str) -> Any:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gateway.errors import ForbiddenError, MessageTooLargeError
-from gateway.hub import addresses
+from gateway.hub import addresses, dps
 from gateway.hub.auth import Authenticator, Principal
 from gateway.hub.children import ChildDirectory
 from gateway.hub.messages import (
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from gateway.broker.connection import MqttConnection
     from gateway.hub.c2dsvc import C2DService
     from gateway.hub.methods import MethodService
+    from gateway.hub.provisioning import ProvisioningService
     from gateway.hub.twinsvc import TwinService
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class Hub:
         self.methods: MethodService
         self.twins: TwinService
         self.c2d: C2DService
+        self.provisioning: ProvisioningService | None = None
         self.children = ChildDirectory(registry, twin_store, self.connection_state)
         registry.add_listener(self._on_registry_change)
 
@@ -119,6 +121,8 @@ class Hub:
         """A Will must be the identity's own telemetry topic (ref §1.2 "Will"); it is sent as
         telemetry with ``iothub-MessageType=Will`` if the link drops without DISCONNECT. It is
         prepared (and size-checked) now, at CONNECT."""
+        if principal.provisioning is not None:
+            raise ForbiddenError("a provisioning client has no telemetry topic for a Will")
         address = addresses.parse_publish_topic(
             will.topic, device_id=principal.device_id, module_id=principal.module_id)
         if not isinstance(address, addresses.Telemetry):
@@ -131,6 +135,8 @@ class Hub:
 
     def prepare_publish(self, principal: Principal, topic: str) -> Any:
         """Parse ``topic`` for ``principal``; raise ForbiddenError for anything not allowed."""
+        if principal.provisioning is not None:
+            return dps.parse_publish(topic)
         address = addresses.parse_publish_topic(
             topic, device_id=principal.device_id, module_id=principal.module_id
         )
@@ -188,6 +194,10 @@ class Hub:
             return self.twins.handle_reported(conn, prepared, packet.payload)
         if isinstance(prepared, addresses.ChildReportedPatch):
             return self.twins.handle_child_reported(conn, prepared, packet.payload)
+        if isinstance(prepared, dps.DpsRegister | dps.DpsPoll):
+            assert self.provisioning is not None and conn.principal is not None
+            self.provisioning.handle(conn, conn.principal, prepared, packet.payload)
+            return None
         raise ForbiddenError(f"unsupported publish on {packet.topic!r}")  # pragma: no cover
 
     def telemetry_record(self, prepared: PreparedTelemetry, body: bytes, *,
@@ -230,7 +240,10 @@ class Hub:
 
     def connection_event(self, principal: Principal, connected: bool) -> None:
         """A client connected or disconnected; a bridge module's child devices follow it
-        (identity translation: they are reachable exactly while their bridge is)."""
+        (identity translation: they are reachable exactly while their bridge is). A
+        provisioning client is no identity yet: it has no connection state."""
+        if principal.provisioning is not None:
+            return
         self.connection_state(principal.device_id, principal.module_id, connected)
         if principal.module_id is not None:
             for child in self.children.of_module(principal.device_id, principal.module_id):
