@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import secrets
 import socket
 import ssl
 import time
@@ -22,6 +23,8 @@ from pathlib import Path
 
 from gateway import pki
 from gateway.api.enrollments import add_enrollment_routes
+from gateway.api.files import FileApi, add_file_routes
+from gateway.files.store import FileStore
 from gateway.agent import Supervisor
 from gateway.api.server import ServiceApi
 from gateway.broker.broker import Broker
@@ -147,8 +150,12 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
                          authenticator=authenticator, log=message_log, hub=hub, broker=broker)
         if provisioning is not None:
             add_enrollment_routes(api, provisioning)
+        files = await _files(config, db, message_log, hub, api)
         # The MQTT listener's context: X.509 devices (self-signed ones too) work over WSS.
         await api.start(config.api.bind, config.api.port, mqtt_tls)
+        if files is not None:  # devices upload to the port the API listens on
+            files.blob_host = config.files.blob_host or (
+                config.hub.host_name if api.port == 443 else f"{config.hub.host_name}:{api.port}")
         owner = registry.get_policy("iothubowner")
         assert owner is not None
         write_private(data_dir / OWNER_FILE, str(ConnectionString(
@@ -182,6 +189,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(message_log.run_retention(), name="retention")
             tasks.create_task(hub.c2d.run(), name="c2d-timers")
+            if files is not None:
+                tasks.create_task(files.store.run(), name="file-expiry")
             tasks.create_task(supervisor.run(), name="modules")
             if notifier.watchdog_interval:
                 tasks.create_task(_watchdog(notifier), name="watchdog")
@@ -229,6 +238,23 @@ async def _provisioning(config: Config, db: Database, registry: Registry, hub: H
     hub.authenticator.provisioning = service
     hub.provisioning = service
     return service
+
+
+async def _files(config: Config, db: Database, message_log: MessageLog, hub: Hub,
+                 api: ServiceApi) -> FileApi | None:
+    """File upload (ref §11): files under DATA_DIR/files, counted in the store's byte cap."""
+    if not config.files.enabled:
+        return None
+    store = FileStore(db, config.data_dir / "files", config.files,
+                      store_cap=config.store.max_bytes,
+                      used_by_log=lambda: message_log.stats().bytes,
+                      drop_oldest=config.store.overflow == "drop-oldest")
+    await store.open()
+    key_file = config.data_dir / "files.key"
+    if not key_file.exists():
+        write_private(key_file, secrets.token_hex(32) + "\n")
+    key = bytes.fromhex(key_file.read_text().strip())
+    return add_file_routes(api, hub, store, key=key, blob_host="")
 
 
 def _trust_certificate(context: ssl.SSLContext, event: str, identity: Device | Module) -> None:

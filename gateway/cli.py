@@ -465,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.cli_enrollment import add_parsers as add_enrollment_parsers
 
     add_enrollment_parsers(sub, common)
+    from gateway.cli_files import add_parsers as add_files_parsers
+
+    add_files_parsers(sub, common)
     p = sub.add_parser("monitor-events", parents=[common], help="print messages reaching the built-in endpoint")
     p.add_argument("--device", help="only this device's messages")
     p.add_argument("--consumer-group", default="$Default")

@@ -124,6 +124,24 @@ class ProvisioningConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class FilesConfig:
+    """File upload from devices (IoT Hub ref §11). Files live under ``DATA_DIR/files`` and
+    count against ``store.max_bytes`` with the message log. ``blob_host``: the host (and
+    port) devices are told to upload to, default the hub's host name and HTTPS port."""
+
+    enabled: bool = True
+    container: str = "fileupload"
+    blob_host: str = ""
+    sas_ttl_seconds: int = 3600  # IoT Hub's default; 1 h
+    max_file_bytes: int = 256 << 20
+    device_quota_bytes: int = 1 << 30
+    max_concurrent_uploads: int = 10  # per device, as IoT Hub
+    notification_ttl_seconds: int = 3600
+    notification_lock_seconds: int = 60
+    notification_max_deliveries: int = 100
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ModuleSpec:
     """A southbound bridge the hub runs as one of its modules (``[modules.NAME]``)."""
 
@@ -141,12 +159,13 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     provisioning: ProvisioningConfig = field(default_factory=ProvisioningConfig)
+    files: FilesConfig = field(default_factory=FilesConfig)
     routes: tuple[tuple[str, str], ...] = ()  # (name, route) in file order, checked on load
     modules: tuple[ModuleSpec, ...] = ()
 
 
 _SECTIONS = {"hub": HubConfig, "mqtt": MqttConfig, "api": ApiConfig, "store": StoreConfig,
-             "provisioning": ProvisioningConfig}
+             "provisioning": ProvisioningConfig, "files": FilesConfig}
 
 
 def _coerce(value: Any, hint: Any, path: str) -> Any:

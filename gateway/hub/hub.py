@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,7 @@ from gateway.hub.children import ChildDirectory
 from gateway.hub.messages import (
     Event,
     connection_state_event,
+    file_upload_event,
     format_time,
     lifecycle_event,
     message_size,
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 TELEMETRY = "telemetry"
 CONNECTION_STATE = "connectionState"
+FILE_NOTIFICATION = "fileNotification"
 LIFECYCLE = "deviceLifecycle"
 TWIN_CHANGE = "twinChange"
 
@@ -268,6 +270,13 @@ class Hub:
             created=change == "created", twin=twin, correlation_id=self._correlation_id(),
             now=self.clock())
         self._append_event(self._record(LIFECYCLE, event, identity.device_id, module_id))
+
+    def file_uploaded(self, device_id: str, notification: Mapping[str, Any]) -> None:
+        """Record a completed file upload (ref §11) in the log, as ``fileNotification``."""
+        event = file_upload_event(hub_name=self.host_name, device_id=device_id,
+                                  notification=notification,
+                                  correlation_id=self._correlation_id(), now=self.clock())
+        self._append_event(self._record(FILE_NOTIFICATION, event, device_id, None))
 
     def twin_change_event(self, device_id: str, module_id: str | None, op: str,
                           body: dict[str, Any]) -> None:
