@@ -9,7 +9,7 @@ naming the blocks in order). Errors are Azure Storage's: an XML ``<Error><Code>.
 <Message>..</Message></Error>`` body and an ``x-ms-error-code`` header.
 
 SAS tokens are the hub's own (shaped like Storage's: ``sv``, ``sr=b``, ``sp``, ``se``,
-``sig``): ``sig`` is an HMAC-SHA256, under a key only the hub holds, of the permissions, the
+``scid``, ``sig``): ``sig`` is an HMAC-SHA256, under a key only the hub holds, of the permissions, the
 expiry, the blob's path and the upload's correlation id, so a token opens exactly one upload
 of one blob until it expires.
 """
@@ -74,7 +74,7 @@ def make_sas(key: bytes, *, container: str, blob: str, correlation_id: str, expi
     se = _iso(expiry)
     sig = _signed(key, permissions, se, f"/{container}/{blob}", correlation_id)
     return (f"?sv={SAS_VERSION}&sr=b&sp={permissions}&se={quote(se, safe='')}"
-            f"&cid={quote(correlation_id, safe='')}&sig={quote(sig, safe='')}")
+            f"&scid={quote(correlation_id, safe='')}&sig={quote(sig, safe='')}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +88,7 @@ def verify_sas(key: bytes, query: str, *, container: str, blob: str, now: float)
     """Check a request's SAS for ``/{container}/{blob}``; BlobError 403 otherwise."""
     params = dict(parse_qsl(query, keep_blank_values=True))
     try:
-        sp, se, sig, cid = params["sp"], params["se"], params["sig"], params["cid"]
+        sp, se, sig, cid = params["sp"], params["se"], params["sig"], params["scid"]
     except KeyError as exc:
         raise BlobError(403, "AuthenticationFailed",
                         f"the SAS token lacks {exc.args[0]!r}") from None
