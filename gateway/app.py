@@ -14,12 +14,17 @@ import json
 import logging
 import os
 import signal
+import secrets
 import socket
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 from gateway import pki
+from gateway.api.enrollments import add_enrollment_routes
+from gateway.api.files import FileApi, add_file_routes
+from gateway.files.store import FileStore
 from gateway.agent import Supervisor
 from gateway.api.server import ServiceApi
 from gateway.broker import tls
@@ -30,6 +35,8 @@ from gateway.config import Config
 from gateway.hub.auth import Authenticator
 from gateway.hub.c2d import C2DQueues
 from gateway.hub.c2dsvc import C2DService
+from gateway.hub.enrollments import EnrollmentGroup, EnrollmentStore
+from gateway.hub.provisioning import ProvisioningService
 from gateway.hub.connstr import ConnectionString
 from gateway.hub.hub import Hub
 from gateway.hub.methods import MethodService
@@ -170,6 +177,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         # Any client certificate passes the handshake, on 8883 and 443 alike: auth.py decides
         # (ref §8), and every refusal is logged with its reason.
         device_tls = tls.server_context(certs.server_cert, certs.server_key)
+        provisioning = await _provisioning(config, db, registry, hub, certs, tasks_)
         registry.add_listener(broker.identity_changed, updates=True)
         await broker.start(
             tls_context=device_tls,
@@ -185,9 +193,15 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         add_upstream_routes(api, upstream)
         Metrics(db, broker, message_log,
                 lambda: upstream.status() if upstream.settings else None).add_route(api)
+        if provisioning is not None:
+            add_enrollment_routes(api, provisioning)
+        files = await _files(config, db, message_log, hub, api)
         await api.start(config.api.bind, config.api.port, device_tls, admission=admission,
                         header_timeout=config.api.header_timeout,
                         body_timeout=config.api.body_timeout)
+        if files is not None:  # devices upload to the port the API listens on
+            files.blob_host = config.files.blob_host or (
+                config.hub.host_name if api.port == 443 else f"{config.hub.host_name}:{api.port}")
         owner = registry.get_policy("iothubowner")
         assert owner is not None
         write_private(data_dir / OWNER_FILE, str(ConnectionString(
@@ -225,6 +239,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
             tasks.create_task(message_log.run_retention(), name="retention")
             tasks.create_task(hub.c2d.run(), name="c2d-timers")
             tasks.create_task(endpoints.run(), name="endpoints")
+            if files is not None:
+                tasks.create_task(files.store.run(), name="file-expiry")
             tasks.create_task(supervisor.run(), name="modules")
             tasks.create_task(upstream.run(), name="upstream")
             if notifier.watchdog_interval:
@@ -249,6 +265,47 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         await registry.close()
         await db.close()
         log.info("hub stopped")
+
+
+async def _provisioning(config: Config, db: Database, registry: Registry, hub: Hub,
+                        certs: pki.HubCertificates, tasks: TaskSet) -> ProvisioningService | None:
+    """The DPS for downstream devices, on the hub's own MQTT port (ref §12)."""
+    if not config.provisioning.enabled:
+        return None
+    store = EnrollmentStore(db)
+    await store.open()
+
+    async def initial_twin(device_id: str, group: EnrollmentGroup) -> None:
+        if group.initial_tags or group.initial_desired:
+            await hub.twins.service_update(
+                device_id, None, {"tags": dict(group.initial_tags),
+                                  "properties": {"desired": dict(group.initial_desired)}},
+                if_match=None, replace=False)
+
+    service = ProvisioningService(
+        store, registry, assigned_hub=config.provisioning.assigned_hub or config.hub.host_name,
+        ca_pems=[certs.ca_cert.read_text()], initial_twin=initial_twin, tasks=tasks,
+        clock=time.time)
+    hub.authenticator.provisioning = service
+    hub.provisioning = service
+    return service
+
+
+async def _files(config: Config, db: Database, message_log: MessageLog, hub: Hub,
+                 api: ServiceApi) -> FileApi | None:
+    """File upload (ref §11): files under DATA_DIR/files, counted in the store's byte cap."""
+    if not config.files.enabled:
+        return None
+    store = FileStore(db, config.data_dir / "files", config.files,
+                      store_cap=config.store.max_bytes,
+                      used_by_log=lambda: message_log.stats().bytes,
+                      drop_oldest=config.store.overflow == "drop-oldest")
+    await store.open()
+    key_file = config.data_dir / "files.key"
+    if not key_file.exists():
+        write_private(key_file, secrets.token_hex(32) + "\n")
+    key = bytes.fromhex(key_file.read_text().strip())
+    return add_file_routes(api, hub, store, key=key, blob_host="")
 
 
 def _drop_c2d_queue(tasks: TaskSet, queues: C2DQueues, event: str,

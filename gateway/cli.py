@@ -506,9 +506,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=cmd_modbus_tool)
 
     from gateway import cli_cacert, cli_upstream
+    from gateway.cli_doctor import add_parsers as add_doctor_parsers
+    from gateway.cli_enrollment import add_parsers as add_enrollment_parsers
+    from gateway.cli_files import add_parsers as add_files_parsers
 
     cli_cacert.add_parser(sub, common, lambda a: cli_cacert.cmd_ca_cert(a, _client(a), _print_json))
     cli_upstream.add_parser(sub, common)
+    add_doctor_parsers(sub, common)
+    add_enrollment_parsers(sub, common)
+    add_files_parsers(sub, common)
 
     p = sub.add_parser("monitor-events", parents=[common],
                        help="print messages routed to the built-in endpoint events")

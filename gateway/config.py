@@ -157,6 +157,9 @@ class LimitsConfig:
     max_connections: int = 16384
     max_connections_per_address: int = 1024
     pending_bytes_total: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class UpstreamConfig:
     """The link to a parent hub (``[upstream]``; README "Connect to a parent hub"). The
     identity is a device connection string, or an X.509 certificate and key with ``hub`` and
@@ -195,6 +198,34 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ProvisioningConfig:
+    """The hub's Device Provisioning Service for the devices below it (``gateway enrollment``).
+    ``assigned_hub``: the host name provisioned devices are told to connect to (default: the
+    hub's ``host_name``; set it when devices reach the hub by another name)."""
+
+    enabled: bool = True
+    assigned_hub: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FilesConfig:
+    """File upload from devices (IoT Hub ref §11). Files live under ``DATA_DIR/files`` and
+    count against ``store.max_bytes`` with the message log. ``blob_host``: the host (and
+    port) devices are told to upload to, default the hub's host name and HTTPS port."""
+
+    enabled: bool = True
+    container: str = "fileupload"
+    blob_host: str = ""
+    sas_ttl_seconds: int = 3600  # IoT Hub's default; 1 h
+    max_file_bytes: int = 256 << 20
+    device_quota_bytes: int = 1 << 30
+    max_concurrent_uploads: int = 10  # per device, as IoT Hub
+    notification_ttl_seconds: int = 3600
+    notification_lock_seconds: int = 60
+    notification_max_deliveries: int = 100
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ModuleSpec:
     """A southbound bridge the hub runs as one of its modules (``[modules.NAME]``)."""
 
@@ -220,6 +251,8 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    provisioning: ProvisioningConfig = field(default_factory=ProvisioningConfig)
+    files: FilesConfig = field(default_factory=FilesConfig)
     routes: tuple[tuple[str, Any], ...] = ()  # (name, "FROM ..." or a route table), file order
     modules: tuple[ModuleSpec, ...] = ()
     routing: RoutingConfig = field(default_factory=RoutingConfig)
@@ -229,7 +262,8 @@ class Config:
 
 
 _SECTIONS = {"hub": HubConfig, "mqtt": MqttConfig, "api": ApiConfig, "store": StoreConfig,
-             "limits": LimitsConfig, "routing": RoutingConfig, "upstream": UpstreamConfig}
+             "limits": LimitsConfig, "routing": RoutingConfig, "upstream": UpstreamConfig,
+             "provisioning": ProvisioningConfig, "files": FilesConfig}
 
 
 def _coerce(value: Any, hint: Any, path: str) -> Any:

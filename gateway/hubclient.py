@@ -100,6 +100,15 @@ class HubClient:
             raw = response.read()
         return json.loads(raw) if raw else None
 
+    def download(self, path: str, out: Any, query: dict[str, str] | None = None) -> int:
+        """Copy a route's raw body to the binary file ``out``; returns the byte count."""
+        n = 0
+        with self._open("GET", path, query=query, timeout=300) as response:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                n += len(chunk)
+        return n
+
     def stream(self, path: str, query: dict[str, str],
                idle_timeout: float | None = None) -> Iterator[dict[str, Any]]:
         """Newline-delimited JSON from a streaming route. Blank heartbeat lines are skipped;

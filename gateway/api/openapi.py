@@ -23,7 +23,8 @@ _ERRORS = {
 def document(routes: Iterable[RouteInfo]) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     seen: set[str] = set()
-    for method, path, right, handler in routes:
+    for method, route_path, right, handler in routes:
+        path = re.sub(r"{(\w+):[^}]+}", r"{\1}", route_path)  # aiohttp's {name:regex}
         operation_id = handler.__name__
         if operation_id in seen:  # the same handler on a device path and a module path
             operation_id += "_" + "_".join(p for p in re.split(r"[/{}]+", path) if p

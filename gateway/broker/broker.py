@@ -21,7 +21,7 @@ from gateway.broker.listener import Admission, Listener, listening_socket, unix_
 from gateway.broker.sessions import SessionStore
 from gateway.broker.tls import TlsServerProtocol, peer_certificate_chain
 from gateway.config import MqttConfig
-from gateway.hub import addresses
+from gateway.hub import addresses, dps
 from gateway.hub.auth import Principal
 from gateway.hub.hub import Hub
 from gateway.hub.registry import Device, Module
@@ -103,6 +103,13 @@ class Broker:
     def authenticate(self, conn: MqttConnection, packet: Connect) -> Principal:
         chain = peer_certificate_chain(conn.transport)
         principal = self.hub.authenticate(packet.client_id, packet.username, packet.password, chain)
+        if principal.provisioning is not None:  # never takes over the device's own session
+            conn.client_id = f"$dps/{principal.device_id}"
+        if packet.keepalive > self.config.max_keepalive:
+            log.info(
+                "keep-alive capped client_id=%r asked=%s cap=%s",
+                packet.client_id, packet.keepalive, self.config.max_keepalive,
+            )
         cap = self.config.max_keepalive
         if packet.keepalive == 0 or packet.keepalive > cap:
             # IoT Hub closes a silent client after at most 1767 s, whatever it asked for
@@ -124,8 +131,9 @@ class Broker:
             self._publish_will(old)
             old.close()
         self.live[client_id] = conn
-        present = self.sessions.start(client_id, clean=clean_session)
         assert conn.principal is not None
+        provisioning = conn.principal.provisioning is not None  # always clean (ref §12.1)
+        present = self.sessions.start(client_id, clean=clean_session or provisioning)
         self._features[client_id] = {
             type(self._address(conn.principal, f)) for f in self.sessions.subscriptions(client_id)
         }
@@ -186,6 +194,8 @@ class Broker:
 
     @staticmethod
     def _address(principal: Principal, topic_filter: str) -> object:
+        if principal.provisioning is not None:
+            return dps.parse_filter(topic_filter)
         return addresses.parse_subscribe_filter(
             topic_filter, device_id=principal.device_id, module_id=principal.module_id)
 
@@ -204,6 +214,8 @@ class Broker:
                     log.exception("close hook failed client_id=%r", conn.client_id)
         if live:
             assert conn.principal is not None
+            if conn.principal.provisioning is not None:
+                self.sessions.discard(conn.client_id)
             self.hub.connection_event(conn.principal, connected=False)
             log.info("disconnected client_id=%r peer=%s reason=%s", conn.client_id, conn.peer, reason)
 

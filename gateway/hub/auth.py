@@ -13,19 +13,23 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from gateway.errors import AuthError, ForbiddenError
 from gateway.hub.cacerts import verify_client_chain
+from gateway.hub import dps
 from gateway.hub.messages import auth_method_json
 from gateway.hub.policies import ALL_RIGHTS
 from gateway.hub.registry import Device, Module, Policy, Registry, Right
 from gateway.hub.sas import SasToken, parse_sas_token, verify_sas_signature
 from gateway.hub.username import Username, parse_username
 from gateway.pki import thumbprints
+
+if TYPE_CHECKING:
+    from gateway.hub.provisioning import ProvisioningService
 
 __all__ = ["Authenticator", "Principal", "ServicePrincipal"]
 
@@ -46,6 +50,8 @@ class Principal:
     expires_at: float | None
     model_id: str | None
     policy: str | None = None
+    provisioning: str | None = None  # a DPS registration: the enrollment group it proved
+
 
     @property
     def client_id(self) -> str:
@@ -99,6 +105,7 @@ class Authenticator:
         # Authorization header -> (policy it was verified against, principal): a back end
         # sends the same token with every call for up to an hour.
         self._service_tokens: dict[str, tuple[Policy, ServicePrincipal]] = {}
+        self.provisioning: ProvisioningService | None = None  # DPS registrations (ref §12)
 
     # --- MQTT -------------------------------------------------------------------------------
 
@@ -113,6 +120,10 @@ class Authenticator:
         """
         if username is None:
             raise AuthError("missing username", connack=4)
+        if self.provisioning is not None and dps.is_dps_username(username):
+            return self.provisioning.authenticate(
+                client_id=client_id, username=username, password=password,
+                peer_cert_chain=peer_cert_chain, now=now)
         user = parse_username(username)
         if client_id != user.client_id:
             raise AuthError("client id mismatch")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gateway.errors import ForbiddenError, MessageTooLargeError, StoreFullError
-from gateway.hub import addresses
+from gateway.hub import addresses, dps
 from gateway.hub.auth import Authenticator, Principal
 from gateway.hub.children import ChildDirectory
 from gateway.hub import onbehalf
@@ -28,6 +28,7 @@ from gateway.hub.connections import Connection
 from gateway.hub.messages import (
     Event,
     connection_state_event,
+    file_upload_event,
     format_time,
     lifecycle_event,
     message_size,
@@ -47,12 +48,14 @@ from gateway.translation import CHILD_PROPERTY
 if TYPE_CHECKING:
     from gateway.hub.c2dsvc import C2DService
     from gateway.hub.methods import MethodService
+    from gateway.hub.provisioning import ProvisioningService
     from gateway.hub.twinsvc import TwinService
 
 log = logging.getLogger(__name__)
 
 TELEMETRY = "telemetry"
 CONNECTION_STATE = "connectionState"
+FILE_NOTIFICATION = "fileNotification"
 LIFECYCLE = "deviceLifecycle"
 TWIN_CHANGE = "twinChange"
 
@@ -108,6 +111,7 @@ class Hub:
         self.methods: MethodService
         self.twins: TwinService
         self.c2d: C2DService
+        self.provisioning: ProvisioningService | None = None
         self.children = ChildDirectory(registry, twin_store, self.connection_state)
         # The route table (DESIGN step 4); the routing service swaps in a new one on change.
         self.router = Router(hub_name=host_name, twins=twin_store.get)
@@ -130,6 +134,8 @@ class Hub:
         """A Will must be the identity's own telemetry topic (ref §1.2 "Will"); it is sent as
         telemetry with ``iothub-MessageType=Will`` if the link drops without DISCONNECT. It is
         prepared (and size-checked) now, at CONNECT."""
+        if principal.provisioning is not None:
+            raise ForbiddenError("a provisioning client has no telemetry topic for a Will")
         address = addresses.parse_publish_topic(
             will.topic, device_id=principal.device_id, module_id=principal.module_id)
         if not isinstance(address, addresses.Telemetry):
@@ -142,6 +148,8 @@ class Hub:
 
     def prepare_publish(self, principal: Principal, topic: str) -> Any:
         """Parse ``topic`` for ``principal``; raise ForbiddenError for anything not allowed."""
+        if principal.provisioning is not None:
+            return dps.parse_publish(topic)
         if self.on_behalf is not None and not onbehalf.is_own_topic(
                 topic, principal.device_id, principal.module_id):
             return self._prepare_on_behalf(principal, topic)
@@ -236,6 +244,10 @@ class Hub:
             return self.twins.handle_reported(conn, prepared, packet.payload)
         if isinstance(prepared, addresses.ChildReportedPatch):
             return self.twins.handle_child_reported(conn, prepared, packet.payload)
+        if isinstance(prepared, dps.DpsRegister | dps.DpsPoll):
+            assert self.provisioning is not None and conn.principal is not None
+            self.provisioning.handle(conn, conn.principal, prepared, packet.payload)
+            return None
         raise ForbiddenError(f"unsupported publish on {packet.topic!r}")  # pragma: no cover
 
     def telemetry_record(self, prepared: PreparedTelemetry, body: bytes, *,
@@ -308,7 +320,10 @@ class Hub:
 
     def connection_event(self, principal: Principal, connected: bool) -> None:
         """A client connected or disconnected; a bridge module's child devices follow it
-        (identity translation: they are reachable exactly while their bridge is)."""
+        (identity translation: they are reachable exactly while their bridge is). A
+        provisioning client is no identity yet: it has no connection state."""
+        if principal.provisioning is not None:
+            return
         self.connection_state(principal.device_id, principal.module_id, connected)
         if principal.module_id is not None:
             for child in self.children.of_module(principal.device_id, principal.module_id):
@@ -333,6 +348,13 @@ class Hub:
             created=change == "created", twin=twin, correlation_id=self._correlation_id(),
             now=self.clock())
         self._append_event(self._record(LIFECYCLE, event, identity.device_id, module_id))
+
+    def file_uploaded(self, device_id: str, notification: Mapping[str, Any]) -> None:
+        """Record a completed file upload (ref §11) in the log, as ``fileNotification``."""
+        event = file_upload_event(hub_name=self.host_name, device_id=device_id,
+                                  notification=notification,
+                                  correlation_id=self._correlation_id(), now=self.clock())
+        self._append_event(self._record(FILE_NOTIFICATION, event, device_id, None))
 
     def twin_change_event(self, device_id: str, module_id: str | None, op: str,
                           body: dict[str, Any]) -> None:

@@ -410,6 +410,16 @@ def _notification(
     return system, application, body
 
 
+def file_upload_event(*, hub_name: str, device_id: str, notification: Mapping[str, object],
+                      correlation_id: str, now: float) -> Event:
+    """A stored file's notification as a message of its own kind (``fileUploadNotifications``),
+    the body as IoT Hub's service-bound notification (ref §11), so routes and readers see it."""
+    return _notification(
+        source="fileUploadNotifications", schema="fileUploadNotification",
+        op_type="fileUploaded", hub_name=hub_name, device_id=device_id, module_id=None,
+        correlation_id=correlation_id, now=now, body=_json_body(notification))
+
+
 def _json_body(document: Mapping[str, object]) -> bytes:
     return _COMPACT.encode(document).encode("utf-8")
 
