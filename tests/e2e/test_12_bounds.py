@@ -314,6 +314,7 @@ def test_idle_and_slow_clients_do_not_lock_devices_out(tmp_path: Path) -> None:
         # The stalled HTTPS clients are cut off at api.header_timeout.
         wait_until(lambda: fds(hub.pid) < base_fds + 1300, 40, "the stalled clients to be cut off")
         assert "no request headers within 25 s" in hub.log_text()
+        assert "file descriptor limit raised from 1024" in hub.log_text()
         print(f"setup {setup - started:.1f} s, good device connected in {took * 1000:.0f} ms")
     finally:
         for w in writers:
