@@ -54,6 +54,8 @@ from gateway.store.files import private_directory
 from gateway.store.log import MessageLog
 from gateway.tasks import TaskSet
 from gateway.upstream.api import add_upstream_routes
+from gateway.upstream.policy import from_config
+from gateway.upstream.routes import routed_policy, routed_select
 from gateway.upstream.service import Upstream
 
 log = logging.getLogger(__name__)
@@ -187,9 +189,12 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
                          authenticator=authenticator, log=message_log, hub=hub, broker=broker,
                          events_page_bytes=config.api.events_page_bytes, routing=routing)
         gateway_id = config.hub.device_id or config.hub.host_name  # the bridges' device
+        current_router = lambda: hub.router  # noqa: E731 - swapped live by the routing service
         upstream = Upstream(data_dir=data_dir, cfg=config.upstream, log_=message_log, db=db,
                             local_gateway=gateway_id, refuse=hub.refuse_telemetry,
-                            credentials=partial(_sas_key, registry))
+                            credentials=partial(_sas_key, registry),
+                            select=routed_select(current_router),
+                            policy_of=routed_policy(current_router, from_config(config.upstream)))
         add_upstream_routes(api, upstream)
         Metrics(db, broker, message_log,
                 lambda: upstream.status() if upstream.settings else None).add_route(api)
