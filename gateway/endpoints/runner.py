@@ -49,7 +49,8 @@ class Tuning:
     backoff_initial: float = 1.0  # first retry delay, seconds
     backoff_max: float = 60.0  # cap
     dead_after: float = 3600.0  # failing this long continuously -> "dead"
-    read_batch: int = 500  # log entries read at a time
+    read_batch: int = 500  # log entries read at a time, at most
+    batch_bytes: int = 4 << 20  # ... and about this many bytes (bodies + properties)
     cursor_interval: float = 0.25  # while behind, the cursor is stored at most this often
 
 
@@ -266,9 +267,16 @@ class Runner:
             await asyncio.sleep(delay)
 
     async def _drain(self, session: Session) -> None:
+        limit = self._tuning.read_batch
         while True:
             position = self.health.position
-            entries, upto = await self.log.scan(position, self._tuning.read_batch)
+            entries, upto = await self.log.scan(position, limit)
+            # Keep a batch near batch_bytes: big messages make the next read shorter.
+            size = sum(len(e.body) + len(e.props) for e in entries)
+            if entries:
+                per_entry = max(1, size // len(entries))
+                limit = max(1, min(self._tuning.read_batch,
+                                   self._tuning.batch_bytes // per_entry))
             select = self._select()
             enrich = self._enrich()
             batch = []
