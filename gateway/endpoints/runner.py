@@ -75,40 +75,48 @@ class Backoff:
 
 class Progress:
     """Acknowledgements of one batch, in any order; ``prefix`` is how many leading messages
-    are settled (delivered or dead-lettered), i.e. how far the cursor may move."""
+    are settled (delivered or dead-lettered), i.e. how far the cursor may move. ``delivered``
+    and ``dead`` count within the prefix only: a message acknowledged after one that failed
+    is sent again, and counted once."""
 
     __slots__ = ("_settled", "batch", "dead", "dead_reason", "delivered", "prefix")
 
+    _ACK = 1
+    _DEAD = 2
+
     def __init__(self, batch: Sequence[Delivery]) -> None:
         self.batch = batch
-        self._settled = [False] * len(batch)
+        self._settled = [0] * len(batch)
         self.prefix = 0
         self.delivered = 0
         self.dead = 0
         self.dead_reason = ""
 
     def ack(self, index: int) -> None:
-        self._settle(index)
-        self.delivered += 1
+        self._settle(index, self._ACK)
 
     def ack_through(self, end: int) -> None:
         """Messages ``[0, end)`` are delivered (those not settled yet)."""
         for i in range(self.prefix, end):
             if not self._settled[i]:
-                self.ack(i)
+                self._settle(i, self._ACK)
 
     def dead_letter(self, index: int, reason: str) -> None:
         d = self.batch[index]
         log.warning("endpoint message dead-lettered seq=%d device=%s: %s", d.seq, d.device_id,
                     reason)
-        self._settle(index)
-        self.dead += 1
         self.dead_reason = reason
+        self._settle(index, self._DEAD)
 
-    def _settle(self, index: int) -> None:
-        self._settled[index] = True
-        settled, n, i = self._settled, len(self._settled), self.prefix
+    def _settle(self, index: int, how: int) -> None:
+        settled = self._settled
+        settled[index] = how
+        i, n = self.prefix, len(settled)
         while i < n and settled[i]:
+            if settled[i] == self._ACK:
+                self.delivered += 1
+            else:
+                self.dead += 1
             i += 1
         self.prefix = i
 
@@ -222,7 +230,7 @@ class Runner:
         self._host_name = host_name
         self._tuning = tuning
         self._backoff = Backoff(tuning.backoff_initial, tuning.backoff_max)
-        self._stored = -1  # the position last written to the cursor
+        self._stored = -1  # the position last written to the cursor (-1: none read yet)
         self._stored_at = 0.0
 
     async def ensure_cursor(self) -> int:
@@ -237,6 +245,15 @@ class Runner:
         return seq
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        except asyncio.CancelledError:  # stopped: keep what was delivered for the next start
+            if self._stored >= 0:
+                with contextlib.suppress(GatewayError):
+                    await self._store(self.health.position, force=True)
+            raise
+
+    async def _run(self) -> None:
         started = False
         while True:
             error = "the session ended"
