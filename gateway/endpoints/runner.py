@@ -233,16 +233,17 @@ class Runner:
         self._stored = -1  # the position last written to the cursor (-1: none read yet)
         self._stored_at = 0.0
 
-    async def ensure_cursor(self) -> int:
-        """The endpoint's position; a new endpoint starts at the log's end (it gets what is
-        appended from now on)."""
+    async def ensure_cursor(self) -> bool:
+        """Load the endpoint's position; a new endpoint starts at the log's end (it gets
+        what is appended from now on). True if the cursor was created here."""
         seq = await self.log.get_cursor(self.cursor)
+        created = seq is None
         if seq is None:
             seq = self.log.last_seq
             await self.log.set_cursor(self.cursor, seq, pin=True)
         self._stored = seq
         self.health.position = seq
-        return seq
+        return created
 
     async def run(self) -> None:
         try:
@@ -264,7 +265,11 @@ class Runner:
                 async with self.sink.session() as session:
                     if session.reachable:
                         self.health.succeeded()
-                    if session.recovered > self.health.position:
+                    if session.recovered > self.log.last_seq:
+                        log.warning("endpoint %s: the far side claims seq %d, beyond the log's"
+                                    " %d (another database?): ignored", self.name,
+                                    session.recovered, self.log.last_seq)
+                    elif session.recovered > self.health.position:
                         await self._store(session.recovered, force=True)
                     await self._drain(session)
             except* EndpointError as group:
