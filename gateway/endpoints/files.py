@@ -15,7 +15,10 @@ current file is read back, anything after its last whole line (or Avro block) is
 and the cursor moves past what the file holds, so no message is lost and none appears twice.
 (Messages written but not yet fsynced when the power went may be gone from the file; they
 were not delivered, so they are written again.) The current file's name is kept in
-``{path}/.{endpoint}.current``, replaced atomically when a file is opened.
+``{path}/.{endpoint}.current``, replaced atomically when a file is opened (after the file is
+created, before anything is written to it: an empty file it does not name yet is taken over
+on restart). A new endpoint forgets that state; a name that is taken by a non-empty file is
+never overwritten (``-1``, ``-2``, ... are appended).
 """
 
 from __future__ import annotations
