@@ -55,6 +55,7 @@ from gateway.store.log import MessageLog
 from gateway.tasks import TaskSet
 from gateway.upstream.api import add_upstream_routes
 from gateway.upstream.policy import from_config
+from gateway.upstream.provision import provision_until_done
 from gateway.upstream.routes import routed_policy, routed_select
 from gateway.upstream.service import Upstream
 
@@ -248,6 +249,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
                 tasks.create_task(files.store.run(), name="file-expiry")
             tasks.create_task(supervisor.run(), name="modules")
             tasks.create_task(upstream.run(), name="upstream")
+            tasks.create_task(provision_until_done(data_dir, config.upstream),
+                              name="upstream-provisioning")
             if notifier.watchdog_interval:
                 tasks.create_task(_watchdog(notifier), name="watchdog")
             notifier.ready(f"serving: mqtt {broker.ports}, https {api.port}")
