@@ -159,7 +159,7 @@ def main() -> None:
         ratios.append(routed["msgs_per_s"] / plain["msgs_per_s"])  # type: ignore[operator]
     cpu = [r["broker_cpu_us_per_msg"] / p["broker_cpu_us_per_msg"] for p, r in rounds]  # type: ignore[operator]
     print("ratio 10 routes / none: " + ", ".join(f"{x:.2f}x" for x in ratios)
-          + f" (goal >= 0.9x); cpu per message " + ", ".join(f"{x:.2f}x" for x in cpu))
+          + " (goal >= 0.9x); cpu per message " + ", ".join(f"{x:.2f}x" for x in cpu))
 
 
 if __name__ == "__main__":
