@@ -197,6 +197,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
                             select=routed_select(current_router),
                             policy_of=routed_policy(current_router, from_config(config.upstream)))
         add_upstream_routes(api, upstream)
+        routing.upstream_status = upstream.status
         Metrics(db, broker, message_log,
                 lambda: upstream.status() if upstream.settings else None).add_route(api)
         if provisioning is not None:
