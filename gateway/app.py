@@ -136,6 +136,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         # (ref §8), and every refusal is logged with its reason.
         device_tls = tls.server_context(certs.server_cert, certs.server_key)
         registry.add_listener(broker.identity_changed, updates=True)
+        registry.add_certificate_listener(broker.ca_certificate_changed)
         await broker.start(
             tls_context=device_tls,
             unix_path=data_dir / "mqtt.sock" if config.mqtt.unix_socket else None,
