@@ -182,6 +182,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         device_tls = tls.server_context(certs.server_cert, certs.server_key)
         provisioning = await _provisioning(config, db, registry, hub, certs, tasks_)
         registry.add_listener(broker.identity_changed, updates=True)
+        registry.add_certificate_listener(broker.ca_certificate_changed)
         await broker.start(
             tls_context=device_tls,
             unix_path=data_dir / "mqtt.sock" if config.mqtt.unix_socket else None,
