@@ -21,6 +21,8 @@ from pathlib import Path
 
 from gateway import pki
 from gateway.agent import Supervisor
+from gateway.amqp import make_services
+from gateway.amqp.server import AmqpServer, amqp_ssl_context
 from gateway.api.server import ServiceApi
 from gateway.broker.broker import Broker
 from gateway.broker.sessions import SessionStore
@@ -94,6 +96,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
     registry = await Registry.open(data_dir / "registry.db")
     broker: Broker | None = None
     api: ServiceApi | None = None
+    amqp: AmqpServer | None = None
     tasks_ = TaskSet()
     try:
         message_log = MessageLog(
@@ -140,6 +143,13 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         )
         api = ServiceApi(host_name=config.hub.host_name, registry=registry,
                          authenticator=authenticator, log=message_log, hub=hub, broker=broker)
+        if config.amqp.enabled:  # back ends over AMQP: Event Hubs reads, C2D (gateway/amqp)
+            amqp = AmqpServer(make_services(config.amqp, host_name=config.hub.host_name,
+                                            log=message_log, authenticator=authenticator,
+                                            c2d=hub.c2d),
+                              amqp_ssl_context(certs.server_cert, certs.server_key))
+            amqp.add_websocket_route(api.app)
+            await amqp.start()
         # The MQTT listener's context: X.509 devices (self-signed ones too) work over WSS.
         await api.start(config.api.bind, config.api.port, mqtt_tls)
         owner = registry.get_policy("iothubowner")
@@ -156,6 +166,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
             "mqtt_tls_port": broker.ports.get("tls"),
             "mqtt_local_port": broker.ports.get("local"),
             "mqtt_unix_socket": broker.ports.get("unix"),
+            "amqp_port": amqp.port if amqp is not None else None,
+            "event_hub_name": amqp.services.event_hub if amqp is not None else None,
             "ca_file": str(certs.ca_cert),
         }
         write_private(data_dir / RUNTIME_FILE, json.dumps(runtime, indent=2) + "\n")
@@ -176,6 +188,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
             tasks.create_task(message_log.run_retention(), name="retention")
             tasks.create_task(hub.c2d.run(), name="c2d-timers")
             tasks.create_task(supervisor.run(), name="modules")
+            if amqp is not None:
+                tasks.create_task(amqp.serve(), name="amqp")
             if notifier.watchdog_interval:
                 tasks.create_task(_watchdog(notifier), name="watchdog")
             notifier.ready(f"serving: mqtt {broker.ports}, https {api.port}")
@@ -194,6 +208,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
             await broker.stop()
         if api is not None:
             await api.stop()
+        if amqp is not None:
+            await amqp.stop()
         await tasks_.close()
         await registry.close()
         await db.close()

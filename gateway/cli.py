@@ -468,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-kinds", action="store_true",
                    help="also connection-state and lifecycle events")
     p.set_defaults(fn=cmd_monitor_events)
+    from gateway.cli_events import add_events_parser
+
+    add_events_parser(sub, common, _client)
     return parser
 
 

@@ -1,0 +1,165 @@
+"""Messages between the hub's shapes and AMQP 1.0 messages. Pure (Proton's codec only).
+
+* An event read from the built-in endpoint becomes the AMQP message IoT Hub's Event
+  Hubs-compatible endpoint delivers (IoT Hub ref §2.5, §10.1): the body as one data section;
+  ``message-id``, ``correlation-id``, ``user-id``, ``to``, ``content-type``,
+  ``content-encoding``, ``absolute-expiry-time``, ``creation-time`` as AMQP properties; every
+  other system property (``iothub-connection-device-id``, ``iothub-connection-auth-method``,
+  ``iothub-message-source``...) as a message annotation, ``iothub-enqueuedtime`` as a
+  timestamp; plus Event Hubs' own ``x-opt-sequence-number`` (long), ``x-opt-offset``
+  (string) and ``x-opt-enqueued-time`` (timestamp); application properties as sent.
+* A message on ``/messages/devicebound`` becomes the property map the C2D service takes from
+  REST as well (ref §9.4): ``messageId``, ``correlationId``, ``userId``, ``contentType``,
+  ``contentEncoding``, ``expiryTimeUtc``; application properties (``iothub-ack``...) as they are.
+* A feedback batch becomes one message whose body is the JSON array (ref §3.3).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from proton import Message, symbol, timestamp
+
+from gateway.errors import InvalidRequestError
+from gateway.hub.c2d import Feedback
+from gateway.hub.messages import Message as HubMessage
+
+__all__ = ["FEEDBACK_CONTENT_TYPE", "c2d_properties", "event_message", "feedback_message"]
+
+FEEDBACK_CONTENT_TYPE: Final = "application/vnd.microsoft.iothub.feedback.json"
+
+_TIME_ANNOTATIONS: Final = frozenset({"iothub-enqueuedtime"})
+
+
+def _epoch_ms(text: str) -> int | None:
+    try:
+        moment = datetime.fromisoformat(_trim_fraction(text))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def _trim_fraction(text: str) -> str:
+    """``...T10:00:00.1234567Z`` -> ``...T10:00:00.123456+00:00`` (fromisoformat takes 6)."""
+    text = text.strip()
+    if text.endswith("Z"):
+        text = text[:-1] + "+00:00"
+    head, dot, rest = text.partition(".")
+    if not dot:
+        return text
+    digits = ""
+    while rest and rest[0].isdigit():
+        digits, rest = digits + rest[0], rest[1:]
+    return f"{head}.{(digits + '000000')[:6]}{rest}"
+
+
+def event_message(message: HubMessage, *, seq: int, enqueued_ms: int) -> Message:
+    """The AMQP message for one built-in endpoint entry (``message`` as
+    :func:`gateway.api.events.entry_message` gives it)."""
+    out = Message(body=bytes(message.body), inferred=True)
+    annotations: dict[symbol, Any] = {}
+    for name, value in message.system.items():
+        if name == "message-id":
+            out.id = value
+        elif name == "correlation-id":
+            out.correlation_id = value
+        elif name == "user-id":
+            out.user_id = value.encode()
+        elif name == "to":
+            out.address = value
+        elif name == "content-type":
+            out.content_type = symbol(value)
+        elif name == "content-encoding":
+            out.content_encoding = symbol(value)
+        elif name in ("absolute-expiry-time", "creation-time"):
+            millis = _epoch_ms(value)
+            if millis is not None:
+                if name == "creation-time":
+                    out.creation_time = millis / 1000
+                else:
+                    out.expiry_time = millis / 1000
+        elif name in _TIME_ANNOTATIONS:
+            millis = _epoch_ms(value)
+            annotations[symbol(name)] = timestamp(millis if millis is not None else enqueued_ms)
+        else:
+            annotations[symbol(name)] = value
+    annotations.setdefault(symbol("iothub-enqueuedtime"), timestamp(enqueued_ms))
+    annotations[symbol("x-opt-sequence-number")] = seq
+    annotations[symbol("x-opt-offset")] = str(seq)
+    annotations[symbol("x-opt-enqueued-time")] = timestamp(enqueued_ms)
+    out.annotations = annotations
+    if message.application:
+        out.properties = dict(message.application)
+    return out
+
+
+def _text(value: Any, what: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidRequestError(f"{what} is not UTF-8") from None
+    if isinstance(value, uuid.UUID | int | float | bool):
+        return str(value).lower() if isinstance(value, bool) else str(value)
+    raise InvalidRequestError(f"{what} has an unsupported type {type(value).__name__}")
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+
+
+def c2d_properties(message: Message) -> tuple[str, bytes, dict[str, str | None]]:
+    """(device id, body, the C2D service's property map) of a ``/messages/devicebound``
+    message; :class:`InvalidRequestError` when it cannot be one."""
+    from gateway.amqp.addresses import device_of_to
+
+    device_id = device_of_to(message.address)
+    body = message.body
+    if body is None:
+        data = b""
+    elif isinstance(body, bytes | bytearray | memoryview):
+        data = bytes(body)
+    elif isinstance(body, str):
+        data = body.encode("utf-8")
+    else:
+        raise InvalidRequestError("the body must be binary data or a string")
+    props: dict[str, str | None] = {}
+    if message.id is not None:
+        props["messageId"] = _text(message.id, "message-id")
+    if message.correlation_id is not None:
+        props["correlationId"] = _text(message.correlation_id, "correlation-id")
+    if message.user_id:
+        props["userId"] = _text(message.user_id, "user-id")
+    if message.content_type:
+        props["contentType"] = str(message.content_type)
+    if message.content_encoding:
+        props["contentEncoding"] = str(message.content_encoding)
+    if message.expiry_time:
+        props["expiryTimeUtc"] = _iso(float(message.expiry_time))
+    for key, value in (message.properties or {}).items():
+        name = _text(key, "an application property name")
+        if name in ("messageId", "correlationId", "userId", "contentType", "contentEncoding",
+                    "expiryTimeUtc", "to"):
+            raise InvalidRequestError(f"application property {name!r} is reserved")
+        props[name] = None if value is None else _text(value, f"application property {name!r}")
+    return device_id, data, props
+
+
+def feedback_message(records: Sequence[Feedback], *, host_name: str, lock: str) -> Message:
+    """One feedback batch as IoT Hub sends it on ``/messages/servicebound/feedback``."""
+    body = json.dumps([record.to_json() for record in records]).encode()
+    out = Message(body=body, inferred=True)
+    out.id = lock
+    out.content_type = symbol(FEEDBACK_CONTENT_TYPE)
+    out.content_encoding = symbol("utf-8")
+    out.user_id = host_name.split(".", 1)[0].encode()
+    return out
+
