@@ -188,7 +188,9 @@ def _selector(link: Link) -> addr.StartPosition | None:
     source = link.remote_source
     if source is None or source.filter is None:
         return None
-    filters = source.filter.get_object() if hasattr(source.filter, "get_object") else None
+    data = source.filter
+    data.rewind()
+    filters = data.get_object() if data.next() is not None else None
     if not isinstance(filters, dict):
         return None
     for key, value in filters.items():
