@@ -6,9 +6,9 @@ bytes a :class:`Stream` reads, hands the bytes it produces back to the stream, a
 events into calls of the link handlers in :mod:`gateway.amqp.links`. Everything runs on the
 event loop; the engine is touched only between awaits.
 
-Security (docs "Back ends over AMQP"): SASL is required and only ``ANONYMOUS`` is offered, as
-the Azure clients use it (azure-eventhub's pure-Python transport and uamqp both authenticate
-with claims-based security afterwards); until a ``$cbs`` put-token has been accepted, only
+Security (docs "Back ends over AMQP"): SASL is required, with the mechanisms the Azure
+clients use before claims-based security (``MSSBCBS``, ``ANONYMOUS``: :mod:`gateway.amqp.sasl`,
+done ahead of the engine); until a ``$cbs`` put-token has been accepted, only
 the ``$cbs`` node can be attached, and a connection that presents no valid token within
 ``amqp.auth_timeout`` seconds, or whose tokens have all expired, is closed with
 ``amqp:unauthorized-access``.
@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from proton import Collector, Condition, Connection, Event, Transport
 
 from gateway.amqp.pad import FramePadder
+from gateway.amqp.sasl import SaslServer
 from gateway.hub.auth import ServicePrincipal
 
 if TYPE_CHECKING:
@@ -69,10 +70,10 @@ class AmqpConnection:
         self.transport = Transport(Transport.SERVER)
         self.transport.max_frame_size = config.max_frame_size
         self.transport.idle_timeout = config.idle_timeout
-        self.transport.require_auth(True)
-        sasl = self.transport.sasl()
-        sasl.allowed_mechs("ANONYMOUS")
         self.transport.bind(self.connection)
+        self._sasl: SaslServer | None = SaslServer()  # until the SASL exchange is over
+        self._raw: list[bytes] = []  # SASL bytes to send ahead of the engine's
+        self._refused = False
         self.links: dict[Any, LinkHandler] = {}
         self.tokens: dict[str, ServicePrincipal] = {}  # $cbs audience -> principal
         self._wake_writer = asyncio.Event()
@@ -132,9 +133,25 @@ class AmqpConnection:
                 await self._drained.wait()  # a slow reader: stop taking its input meanwhile
             data = await stream.read()
             if not data:
+                if self._sasl is not None:
+                    self._refuse("closed during SASL")
+                    return
                 transport.close_tail()
                 self.process()
                 return
+            if self._sasl is not None:
+                out, result = self._sasl.feed(data)
+                if out:
+                    self._raw.append(out)
+                    self._wake_writer.set()
+                if result is None:
+                    continue
+                if not result.ok:
+                    self._refuse(result.error)
+                    return
+                self._sasl = None
+                data = result.rest
+                self._opened = time.monotonic()
             view = memoryview(data)
             while view:
                 room = transport.capacity()
@@ -155,6 +172,12 @@ class AmqpConnection:
         while True:
             await self._wake_writer.wait()
             self._wake_writer.clear()
+            while self._raw:
+                await stream.write(self._raw.pop(0))
+            if self._refused:
+                raise _Closed
+            if self._sasl is not None:
+                continue  # the engine speaks once SASL is over
             while True:
                 pending = transport.pending()
                 if pending < 0:
@@ -167,6 +190,12 @@ class AmqpConnection:
                 if out:
                     await stream.write(out)
             self._drained.set()
+
+    def _refuse(self, reason: str) -> None:
+        """End the connection during SASL (what was queued, the outcome, is sent first)."""
+        log.info("amqp connection refused peer=%s: %s", self.peer, reason)
+        self._refused = True
+        self._wake_writer.set()
 
     async def drained(self) -> None:
         """Return once the encoded output is below the outbox bound."""
@@ -184,7 +213,10 @@ class AmqpConnection:
             for audience, principal in list(self.tokens.items()):
                 if principal.expires_at < wall:
                     del self.tokens[audience]
-            if not self.tokens:
+            if self._sasl is not None:
+                if now - self._opened > timeout:
+                    self._refuse(f"SASL not completed within {timeout:g} s")
+            elif not self.tokens:
                 if self._ever_authorized:
                     self.fail("amqp:unauthorized-access", "the $cbs token expired")
                 elif now - self._opened > timeout:

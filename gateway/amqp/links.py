@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from proton import Condition, Delivery, Described, Link, Message, symbol, timestamp
+from proton import Condition, Delivery, Described, Link, Message, int32, symbol, timestamp
 
 from gateway.amqp import addresses as addr
 from gateway.amqp.convert import c2d_properties, event_message, feedback_message
@@ -317,7 +317,10 @@ class RequestReceiver(LinkHandler):
                body: Any = None, condition: str | None = None) -> None:
         reply = Message(body=body)
         reply.correlation_id = request.id
-        props: dict[str, Any] = {"status-code": status, "status-description": description}
+        # an AMQP int, as uamqp insists (Proton would write a Python int as a long)
+        props: dict[str, Any] = {"status-code": int32(status), "status-description": description}
+        if self.node == addr.MANAGEMENT:  # azure-eventhub 5.15's pure-Python client reads this
+            props["statusDescription"] = description
         if condition:
             props["error-condition"] = symbol(condition)
         reply.properties = props
@@ -378,7 +381,7 @@ class RequestReceiver(LinkHandler):
                 "name": services.event_hub,
                 "type": kind,
                 "created_at": timestamp(services.created_ms),
-                "partition_count": 1,
+                "partition_count": int32(1),
                 "partition_ids": ["0"],
             })
             return

@@ -161,4 +161,6 @@ class AmqpServer:
         return ws
 
     def add_websocket_route(self, app: web.Application) -> None:
+        """Both spellings: azure-eventhub asks for the path, uamqp for it with a ``/``."""
         app.router.add_get(WEBSOCKET_PATH, self.serve_websocket, allow_head=False)
+        app.router.add_get(WEBSOCKET_PATH + "/", self.serve_websocket, allow_head=False)

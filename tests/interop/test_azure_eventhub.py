@@ -122,6 +122,9 @@ class Consumer:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def endpoint(hub: HubProcess, *, websocket: bool = False) -> str:
@@ -264,11 +267,19 @@ def test_refusals(eh_hub: HubProcess, azure_python: Path) -> None:
     read_only = good.replace("iothubowner", "registryRead").replace(
         _policy_key(eh_hub, "iothubowner"), _policy_key(eh_hub, "registryRead"))
     error = _refusal(azure_python, eh_hub, connection_string=read_only)
-    assert "amqp:unauthorized-access" in error["message"], error
+    # the client's $management request comes first and is refused (the client reports
+    # amqp:unauthorized-access as ErrorCondition.UnauthorizedAccess); a link attach is refused
+    # the same way (tests/amqp/test_engine.py attaches one directly)
+    assert "UnauthorizedAccess" in error["message"], error
     assert "ServiceConnect" in error["message"], error
 
     error = _refusal(azure_python, eh_hub, consumer_group="nosuchgroup")
     assert "amqp:not-found" in error["message"] and "nosuchgroup" in error["message"], error
 
+    # the client checks a receiver's partition against $management's list itself...
     error = _refusal(azure_python, eh_hub, partition="3")
-    assert "com.microsoft:argument-out-of-range" in error["message"], error
+    assert "Wrong partition id:3" in error["message"], error
+    # ...and $management refuses to describe one that does not exist
+    error = _refusal(azure_python, eh_hub, properties=True, properties_partition="3")
+    assert "Status code: 400" in error["message"], error
+    assert "The specified partition is invalid" in error["message"], error

@@ -6,7 +6,8 @@ endpoint address, ``sb://127.0.8.1:PORT`` -- the real clients dial 5671/443 on t
 connection string's host); ca_file; websocket (bool); uamqp (bool: the uamqp transport
 instead of the pure-Python one); consumer_group; partition; start: "@latest" | "-1" |
 {"sequence": n} | {"time_ms": ms} | {"offset": "n"}; inclusive; count (events to wait for);
-timeout; properties (bool: print the event hub's and partition 0's properties first).
+timeout; properties (bool: print the event hub's and partition 0's properties first;
+properties_partition names another partition).
 
 Prints JSON lines: {"properties": ...}, {"event": ...} per event, {"error": {"type", "message"}}
 when the client reports one (then exits), and {"done": n} at the end.
@@ -44,7 +45,7 @@ client = EventHubConsumerClient.from_connection_string(args["connection_string"]
 if args.get("properties"):
     try:
         hub = client.get_eventhub_properties()
-        part = client.get_partition_properties("0")
+        part = client.get_partition_properties(args.get("properties_partition", "0"))
         out({"properties": {"eventhub": hub, "partition": part}})
     except Exception as exc:  # the refusal tests look at this
         out({"error": {"type": type(exc).__name__, "message": str(exc)}})
