@@ -87,7 +87,8 @@ class Consumer:
         args = {"connection_string": options.pop("connection_string", None)
                 or hub.cli("events", "connection-string").stdout.strip(),
                 "ca_file": hub.ca_file, **options}
-        args.setdefault("endpoint", endpoint(hub, websocket=bool(options.get("websocket"))))
+        if "endpoint" not in args:
+            args["endpoint"] = endpoint(hub, websocket=bool(options.get("websocket")))
         self.proc = subprocess.Popen([str(python), str(SDK_DIR / "eventhub_session.py"),
                                       json.dumps(args)], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)

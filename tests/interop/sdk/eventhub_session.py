@@ -34,10 +34,11 @@ def text(value):
 kwargs = dict(
     consumer_group=args.get("consumer_group", "$Default"),
     connection_verify=args["ca_file"],
-    custom_endpoint_address=args["endpoint"],
     transport_type=TransportType.AmqpOverWebsocket if args.get("websocket") else TransportType.Amqp,
     retry_total=0,
 )
+if args.get("endpoint"):
+    kwargs["custom_endpoint_address"] = args["endpoint"]
 if args.get("uamqp"):
     kwargs["uamqp_transport"] = True
 client = EventHubConsumerClient.from_connection_string(args["connection_string"], **kwargs)
