@@ -20,7 +20,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from proton import Message, symbol, timestamp
 
@@ -63,7 +63,7 @@ def event_message(message: HubMessage, *, seq: int, enqueued_ms: int) -> Message
     """The AMQP message for one built-in endpoint entry (``message`` as
     :func:`gateway.api.events.entry_message` gives it)."""
     out = Message(body=bytes(message.body), inferred=True)
-    annotations: dict[symbol, Any] = {}
+    annotations: dict[Any, Any] = {}
     for name, value in message.system.items():
         if name == "message-id":
             out.id = value
@@ -95,7 +95,7 @@ def event_message(message: HubMessage, *, seq: int, enqueued_ms: int) -> Message
     annotations[symbol("x-opt-enqueued-time")] = timestamp(enqueued_ms)
     out.annotations = annotations
     if message.application:
-        out.properties = dict(message.application)
+        out.properties = cast(Any, dict(message.application))
     return out
 
 
@@ -144,7 +144,8 @@ def c2d_properties(message: Message) -> tuple[str, bytes, dict[str, str | None]]
         props["contentEncoding"] = str(message.content_encoding)
     if message.expiry_time:
         props["expiryTimeUtc"] = _iso(float(message.expiry_time))
-    for key, value in (message.properties or {}).items():
+    application: dict[Any, Any] = dict(message.properties or {})
+    for key, value in application.items():
         name = _text(key, "an application property name")
         if name in ("messageId", "correlationId", "userId", "contentType", "contentEncoding",
                     "expiryTimeUtc", "to"):

@@ -184,7 +184,7 @@ class AmqpConnection:
                     raise _Closed
                 if pending == 0:
                     break
-                data = transport.peek(pending)
+                data = transport.peek(pending) or b""
                 transport.pop(pending)
                 out = padder.feed(bytes(data))
                 if out:
@@ -266,6 +266,8 @@ class AmqpConnection:
             if event is None:
                 break
             kind = event.type
+            link: Any = event.link
+            session: Any = event.session
             try:
                 if kind == Event.CONNECTION_REMOTE_OPEN:
                     conn = self.connection
@@ -273,36 +275,32 @@ class AmqpConnection:
                     if conn.state & conn.LOCAL_UNINIT:
                         conn.open()
                 elif kind == Event.SESSION_REMOTE_OPEN:
-                    session = event.session
                     if session.state & session.LOCAL_UNINIT:
                         session.open()
                 elif kind == Event.LINK_REMOTE_OPEN:
-                    link = event.link
                     if link.state & link.LOCAL_UNINIT:
                         attach(self, link)
                 elif kind == Event.LINK_FLOW:
-                    handler = self.links.get(event.link)
+                    handler = self.links.get(link)
                     if handler is not None:
                         handler.flow()
                 elif kind == Event.DELIVERY:
-                    handler = self.links.get(event.link)
-                    if handler is not None:
+                    handler = self.links.get(link)
+                    if handler is not None and event.delivery is not None:
                         handler.delivery(event.delivery)
                 elif kind in (Event.LINK_REMOTE_CLOSE, Event.LINK_REMOTE_DETACH):
-                    link = event.link
                     handler = self.links.pop(link, None)
                     if handler is not None:
                         handler.closed()
                     if not link.state & link.LOCAL_CLOSED:
                         link.close()
                 elif kind == Event.LINK_FINAL:
-                    self.links.pop(event.link, None)
+                    self.links.pop(link, None)
                 elif kind == Event.SESSION_REMOTE_CLOSE:
-                    session = event.session
-                    for link, handler in list(self.links.items()):
-                        if link.session == session:
+                    for other, handler in list(self.links.items()):
+                        if other.session == session:
                             handler.closed()
-                            del self.links[link]
+                            del self.links[other]
                     if not session.state & session.LOCAL_CLOSED:
                         session.close()
                 elif kind == Event.CONNECTION_REMOTE_CLOSE:

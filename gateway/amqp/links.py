@@ -22,7 +22,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from proton import Condition, Delivery, Described, Link, Message, int32, symbol, timestamp
 
@@ -256,7 +256,7 @@ class ReplySender(LinkHandler):
         link = self.link
         while self.queue and link.credit > 0:
             message = self.queue.popleft()
-            delivery = link.delivery(uuid.uuid4().bytes)
+            delivery = link.delivery(uuid.uuid4().hex)
             link.send(message.encode())
             link.advance()
             delivery.settle()
@@ -315,7 +315,7 @@ class RequestReceiver(LinkHandler):
 
     def _reply(self, request: Message, status: int, description: str,
                body: Any = None, condition: str | None = None) -> None:
-        reply = Message(body=body)
+        reply = Message(body=cast(Any, body))
         reply.correlation_id = request.id
         # an AMQP int, as uamqp insists (Proton would write a Python int as a long)
         props: dict[str, Any] = {"status-code": int32(status), "status-description": description}
@@ -323,7 +323,7 @@ class RequestReceiver(LinkHandler):
             props["statusDescription"] = description
         if condition:
             props["error-condition"] = symbol(condition)
-        reply.properties = props
+        reply.properties = cast(Any, props)
         target = _reply_link(self.conn, self.node, _text(request.reply_to))
         if target is None:
             log.info("amqp %s reply dropped peer=%s: no response link", self.node,
@@ -333,7 +333,7 @@ class RequestReceiver(LinkHandler):
         self.conn.process()
 
     def _put_token(self, request: Message) -> tuple[int, str]:
-        props = request.properties or {}
+        props: dict[Any, Any] = dict(request.properties or {})
         operation = _text(props.get("operation"))
         if operation != "put-token":
             return 400, f"unsupported operation {operation!r} on $cbs"
@@ -353,7 +353,7 @@ class RequestReceiver(LinkHandler):
 
     async def _manage(self, request: Message) -> None:
         services = self.conn.services
-        props = request.properties or {}
+        props: dict[Any, Any] = dict(request.properties or {})
         token = _text(props.get("security_token"))
         if token:  # Event Hubs' clients send the token along; it must be good too
             try:
@@ -469,7 +469,7 @@ class PartitionSender(LinkHandler):
                     break
                 message = event_message(entry_message(entry, host), seq=entry.seq,
                                         enqueued_ms=entry.enqueued_ms)
-                delivery = link.delivery(str(entry.seq).encode())
+                delivery = link.delivery(str(entry.seq))
                 link.send(message.encode())
                 link.advance()
                 if link.snd_settle_mode == Link.SND_SETTLED:
@@ -568,7 +568,7 @@ class FeedbackSender(LinkHandler):
                 continue
             lock, records = batch
             message = feedback_message(records, host_name=services.host_name, lock=lock)
-            delivery = link.delivery(lock.encode())
+            delivery = link.delivery(lock)
             link.send(message.encode())
             link.advance()
             self.locks[delivery] = lock
