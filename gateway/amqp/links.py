@@ -576,7 +576,7 @@ class FeedbackSender(LinkHandler):
 
     def delivery(self, delivery: Delivery) -> None:
         state = delivery.remote_state
-        if not state and not delivery.remote_settled:
+        if not state and not delivery.settled:
             return
         lock = self.locks.pop(delivery, None)
         delivery.settle()
