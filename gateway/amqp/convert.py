@@ -138,10 +138,11 @@ def c2d_properties(message: Message) -> tuple[str, bytes, dict[str, str | None]]
         props["correlationId"] = _text(message.correlation_id, "correlation-id")
     if message.user_id:
         props["userId"] = _text(message.user_id, "user-id")
-    if message.content_type:
-        props["contentType"] = str(message.content_type)
-    if message.content_encoding:
-        props["contentEncoding"] = str(message.content_encoding)
+    for name, value in (("contentType", message.content_type),
+                        ("contentEncoding", message.content_encoding)):
+        # Proton reads an absent symbol property back as the text "None"
+        if value is not None and str(value) not in ("", "None"):
+            props[name] = str(value)
     if message.expiry_time:
         props["expiryTimeUtc"] = _iso(float(message.expiry_time))
     application: dict[Any, Any] = dict(message.properties or {})
