@@ -6,11 +6,14 @@ local listener), then reads all of them from the start twice, one reader at a ti
 
 * REST: ``GET /messages/events?start=earliest&stream=true`` (newline-delimited JSON),
   read by this process (urllib, like ``gateway monitor-events``);
-* AMQP: the unmodified azure-eventhub ``EventHubConsumerClient`` (its pure-Python transport,
-  ``receive_batch``, prefetch 300) in the Azure venv, over TLS to the AMQP listener.
+* AMQP: the unmodified azure-eventhub ``EventHubConsumerClient`` (``receive_batch``,
+  prefetch 300) in the Azure venv, over TLS to the AMQP listener: once with its default
+  pure-Python transport, once with its uamqp (C) transport.
 
-Prints events/s for both (wall time from the request to the last event, connection set-up
-included) and the ratio. The machine is shared: compare the ratio, not the absolute rates.
+Prints events/s for each (wall time from the request to the last event, connection set-up
+included), the ratios, and the hub's CPU time per event for each reader (so a reader-bound
+rate can be told from a hub-bound one). The machine is shared: compare the ratio, not the
+absolute rates.
 
     python tests/bench/amqp_events.py                 # 20000 events of 200 bytes
     python tests/bench/amqp_events.py --events 50000 --payload 1000
@@ -70,6 +73,12 @@ def fill(hub: HubProcess, count: int, payload: int) -> None:
     client.loop_stop()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def read_rest(hub: HubProcess, count: int) -> float:
     api = HubClient(hub.data_dir)
     start = time.monotonic()
@@ -84,9 +93,9 @@ def read_rest(hub: HubProcess, count: int) -> float:
     return time.monotonic() - start
 
 
-def read_amqp(hub: HubProcess, count: int) -> dict[str, float]:
+def read_amqp(hub: HubProcess, count: int, *, uamqp: bool = False) -> dict[str, float]:
     cs = hub.cli("events", "connection-string").stdout.strip()
-    args = {"connection_string": cs, "ca_file": hub.ca_file, "count": count,
+    args = {"connection_string": cs, "ca_file": hub.ca_file, "count": count, "uamqp": uamqp,
             "endpoint": f"sb://{ADDRESS}:{hub.port('amqp_port')}"}
     out = subprocess.run([str(AZURE_VENV / "bin" / "python"),
                           str(Path(__file__).with_name("eventhub_read.py")), json.dumps(args)],
@@ -115,8 +124,13 @@ def main() -> None:
         try:
             fill(hub, args.events, args.payload)
             total = args.events + 2  # the device's lifecycle and connection events
+            cpu = [cpu_seconds(hub.pid)]
             rest_s = read_rest(hub, total)
+            cpu.append(cpu_seconds(hub.pid))
             amqp = read_amqp(hub, total)
+            cpu.append(cpu_seconds(hub.pid))
+            amqp_c = read_amqp(hub, total, uamqp=True)
+            cpu.append(cpu_seconds(hub.pid))
         finally:
             hub.stop()
     rest_rate = total / rest_s
@@ -127,6 +141,11 @@ def main() -> None:
         "amqp_first_to_last_events_per_s": round(total / amqp["first_to_last"])
         if amqp["first_to_last"] else None,
         "amqp_over_rest": round(amqp_rate / rest_rate, 2),
+        "amqp_uamqp_events_per_s": round(total / amqp_c["seconds"]),
+        "amqp_uamqp_over_rest": round(total / amqp_c["seconds"] / rest_rate, 2),
+        "hub_cpu_us_per_event": {"rest": round((cpu[1] - cpu[0]) / total * 1e6),
+                                 "amqp": round((cpu[2] - cpu[1]) / total * 1e6),
+                                 "amqp_uamqp": round((cpu[3] - cpu[2]) / total * 1e6)},
     }))
 
 

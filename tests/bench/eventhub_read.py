@@ -1,6 +1,7 @@
 """Runs inside the Azure SDK venv (tests/bench/amqp_events.py starts it): read ``count`` events
 from the start of partition 0 with the unmodified azure-eventhub EventHubConsumerClient
-(pure-Python transport, receive_batch) and print one JSON line with the timings."""
+(pure-Python transport, or uamqp with "uamqp": true; receive_batch) and print one JSON line
+with the timings."""
 
 import json
 import sys
@@ -13,7 +14,7 @@ args = json.loads(sys.argv[1])
 client = EventHubConsumerClient.from_connection_string(
     args["connection_string"], consumer_group="$Default", connection_verify=args["ca_file"],
     custom_endpoint_address=args["endpoint"], transport_type=TransportType.Amqp,
-    prefetch=args.get("prefetch", 300))
+    prefetch=args.get("prefetch", 300), uamqp_transport=bool(args.get("uamqp")))
 count = args["count"]
 seen = [0]
 first = [0.0]
