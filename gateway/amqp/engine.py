@@ -43,6 +43,7 @@ __all__ = ["AmqpConnection", "Stream"]
 log = logging.getLogger(__name__)
 
 READ_BYTES = 64 * 1024
+SESSION_CAPACITY = 1024 * 1024  # bytes of incoming transfers buffered per session
 
 
 class Stream(Protocol):
@@ -276,6 +277,8 @@ class AmqpConnection:
                         conn.open()
                 elif kind == Event.SESSION_REMOTE_OPEN:
                     if session.state & session.LOCAL_UNINIT:
+                        # the session window: how much a peer may send before we read it
+                        session.incoming_capacity = SESSION_CAPACITY
                         session.open()
                 elif kind == Event.LINK_REMOTE_OPEN:
                     if link.state & link.LOCAL_UNINIT:

@@ -49,6 +49,7 @@ SERVICE_CONNECT: Final = "ServiceConnect"
 TOKEN_TYPES: Final = frozenset({"servicebus.windows.net:sastoken", "azure-devices.net:sastoken"})
 REQUEST_CREDIT: Final = 16  # requests in flight on $cbs / $management
 C2D_CREDIT: Final = 10  # C2D sends in flight per link
+MAX_INCOMING: Final = 256 * 1024  # largest message taken (C2D's limit is 64 KB; $cbs ~1 KB)
 READ_BATCH: Final = 300  # entries per log read (azure-eventhub's default prefetch)
 FEEDBACK_POLL: Final = 0.5  # seconds between feedback queue polls while the link has credit
 
@@ -112,6 +113,21 @@ class LinkHandler:
 # -- attaching -------------------------------------------------------------------------------
 
 
+def _too_large(handler: LinkHandler, delivery: Delivery) -> bool:
+    """Close the link of a peer sending a message over :data:`MAX_INCOMING` (also while
+    its transfer is still arriving, so it is never buffered whole)."""
+    if delivery.pending <= MAX_INCOMING:
+        return False
+    link = handler.link
+    log.info("amqp link closed name=%s: a message over %d bytes", link.name, MAX_INCOMING)
+    handler.closed()
+    handler.conn.links.pop(link, None)
+    link.condition = Condition("amqp:link:message-size-exceeded",
+                               f"messages are limited to {MAX_INCOMING} bytes")
+    link.close()
+    return True
+
+
 def _open(link: Link, snd_settle_mode: int | None = None) -> None:
     if link.remote_source is not None:
         link.source.copy(link.remote_source)
@@ -120,6 +136,8 @@ def _open(link: Link, snd_settle_mode: int | None = None) -> None:
     link.snd_settle_mode = (link.remote_snd_settle_mode if snd_settle_mode is None
                             else snd_settle_mode)
     link.rcv_settle_mode = link.remote_rcv_settle_mode
+    if not link.is_sender:
+        link.max_message_size = MAX_INCOMING
     link.open()
 
 
@@ -298,7 +316,7 @@ class RequestReceiver(LinkHandler):
         self.node = node
 
     def delivery(self, delivery: Delivery) -> None:
-        if not delivery.readable or delivery.partial:
+        if not delivery.readable or _too_large(self, delivery) or delivery.partial:
             return
         link = self.link
         data = link.recv(delivery.pending)
@@ -513,7 +531,7 @@ class DeviceboundReceiver(LinkHandler):
         self.running = False
 
     def delivery(self, delivery: Delivery) -> None:
-        if not delivery.readable or delivery.partial:
+        if not delivery.readable or _too_large(self, delivery) or delivery.partial:
             return
         data = self.link.recv(delivery.pending)
         self.link.advance()

@@ -205,3 +205,18 @@ def test_reads_match_the_rest_stream(amqp_hub: HubProcess, authed: ProtonClient)
     assert dict(reply.properties or {})["status-code"] == 200
     body = reply.body
     assert body["last_enqueued_sequence_number"] >= seq and body["partition"] == "0"
+
+
+def test_an_oversized_message_closes_its_link(amqp_hub: HubProcess, authed: ProtonClient) -> None:
+    link = authed.sender("/messages/devicebound")
+    message = c2d("/devices/x/messages/devicebound", b"x" * (300 * 1024))
+    delivery = link.delivery("big")
+    link.send(message.encode())
+    link.advance()
+    authed.until(lambda: bool(link.state & link.REMOTE_CLOSED))
+    assert link.remote_condition is not None
+    assert link.remote_condition.name == "amqp:link:message-size-exceeded"
+    del delivery
+    # the connection and its other links go on
+    other = authed.sender("/messages/devicebound")
+    assert authed.refused(other) is None
