@@ -21,7 +21,8 @@ class HubProcess:
     def __init__(self, data_dir: Path, *, host_name: str = "testhub.local", tls_port: int = 0,
                  api_port: int = 0, extra_config: str = "", log_level: str = "debug",
                  hub_config: str = "",
-                 amqp_config: str = 'port = 0\nbind = "127.0.0.1"\n') -> None:
+                 amqp_config: str = 'port = 0\nbind = "127.0.0.1"\n',
+                 mqtt_bind: str | None = None) -> None:
         self.log_level = log_level
         self.data_dir = data_dir
         self.host_name = host_name
@@ -29,6 +30,7 @@ class HubProcess:
         self.config_file.write_text(
             f'[hub]\nhost_name = "{host_name}"\n{hub_config}'
             f"[mqtt]\ntls_port = {tls_port}\nlocal_port = 0\n"
+            + (f'bind = "{mqtt_bind}"\n' if mqtt_bind else "") +
             f'[api]\nport = {api_port}\nbind = "127.0.0.1"\n'
             f"[amqp]\n{amqp_config}" + extra_config
         )

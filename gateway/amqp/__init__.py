@@ -22,6 +22,7 @@ mapping); :mod:`.engine` drives one connection; :mod:`.links` holds what each no
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Callable
 
@@ -37,7 +38,13 @@ __all__ = ["event_hub_name", "make_services"]
 def event_hub_name(config: AmqpConfig, host_name: str) -> str:
     """The Event Hubs-compatible name: ``amqp.event_hub_name``, else the host name's first
     label (IoT Hub shows the hub's name)."""
-    return config.event_hub_name or host_name.split(".", 1)[0]
+    if config.event_hub_name:
+        return config.event_hub_name
+    try:
+        ipaddress.ip_address(host_name)
+        return host_name  # a hub named by its address: no label to take
+    except ValueError:
+        return host_name.split(".", 1)[0]
 
 
 def make_services(config: AmqpConfig, *, host_name: str, log: MessageLog,

@@ -325,6 +325,10 @@ class RequestReceiver(LinkHandler):
         delivery.settle()
         if link.credit < REQUEST_CREDIT // 2:
             link.flow(REQUEST_CREDIT - link.credit)
+        # Have the engine encode that disposition now, ahead of the reply: uamqp drops a
+        # reply that arrives before its request's disposition ("Did not receive send
+        # confirmation for pending operation") and fails the put-token.
+        self.conn.transport.pending()
         request = Message()
         try:
             request.decode(data)

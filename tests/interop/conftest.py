@@ -1,9 +1,8 @@
 """Interop fixtures: one hub on the SDKs' fixed ports, shared by the interop tests of a session.
 
 The Azure device SDK dials 8883 (MQTT) and 443 (WebSocket); the service SDK calls
-``https://{HostName}`` on 443 and sends C2D over AMQP to 5671 (IoT Hub ref §15.3 pitfall 1,
-§9.4). None can be told another port, so this hub binds 8883, 443 and 5671 and calls itself
-``localhost``.
+``https://{HostName}`` on 443 (IoT Hub ref §15.3 pitfall 1). Neither can be told another port,
+so this hub binds 8883 and 443 and calls itself ``localhost``.
 """
 
 from __future__ import annotations
@@ -30,8 +29,7 @@ def iot_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
     routes = ("[routes]\nsenderToReceiver = 'FROM /messages/modules/sender/outputs/out1 "
               "INTO BrokeredEndpoint(\"/modules/receiver/inputs/in1\")'\n")
     proc = HubProcess(tmp_path_factory.mktemp("interop") / "data", host_name="localhost",
-                      tls_port=8883, api_port=443, extra_config=routes,
-                      amqp_config='port = 5671\nbind = "localhost"\n').start()
+                      tls_port=8883, api_port=443, extra_config=routes).start()
     yield proc
     proc.stop()
 

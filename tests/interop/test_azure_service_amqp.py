@@ -1,12 +1,17 @@
-"""Back ends over AMQP on the SDKs' fixed ports (the session hub of conftest.py, so run under
-``flock /tmp/gw-ports.lock``): telemetry from the unmodified azure-iot-device SDK read with
-EventHubConsumerClient on 5671; C2D sent with IoTHubRegistryManager.send_c2d_message
-(uamqp, 5671) delivered to the device SDK; its feedback read over AMQP."""
+"""Back ends over AMQP on the SDKs' fixed ports: telemetry from the unmodified
+azure-iot-device SDK (MQTT 8883) read with EventHubConsumerClient on 5671; C2D sent with
+IoTHubRegistryManager.send_c2d_message (uamqp, 5671) delivered to the device SDK; its feedback
+read over AMQP.
+
+Neither SDK can be given a port, so this hub listens on 8883 and 5671 -- on 127.0.8.4 only,
+this suite's own loopback address, and calls itself that (its certificate has the address as
+a SAN), so it needs no share of localhost's fixed ports (or their lock)."""
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +21,18 @@ from tests.interop.conftest import DeviceSession, run_sdk
 from tests.interop.test_azure_eventhub import Consumer
 
 pytestmark = pytest.mark.interop
+
+ADDRESS = "127.0.8.4"
+
+
+@pytest.fixture(scope="module")
+def iot_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
+    proc = HubProcess(tmp_path_factory.mktemp("service-amqp") / "data", host_name=ADDRESS,
+                      tls_port=8883, mqtt_bind=ADDRESS,
+                      hub_config=f'addresses = ["{ADDRESS}"]\n',
+                      amqp_config=f'port = 5671\nbind = "{ADDRESS}"\n').start()
+    yield proc
+    proc.stop()
 
 
 def _partition_last(python: Path, hub: HubProcess) -> int:
@@ -33,10 +50,10 @@ def test_device_sdk_telemetry_read_as_an_event_hub(iot_hub: HubProcess,
     device_id = f"ehsdk-{uuid.uuid4().hex[:8]}"
     iot_hub.cli("device", "create", device_id)
     before = _partition_last(azure_python, iot_hub)
-    cs = iot_hub.connection_string(device_id, gateway_host="localhost")
+    cs = iot_hub.connection_string(device_id)
     run_sdk(azure_python, "send_telemetry.py",
             {"connection_string": cs, "ca_file": iot_hub.ca_file, "count": 2, "prefix": "sdk"})
-    # the real client on the real port: Endpoint=sb://localhost/ -> localhost:5671
+    # the real client on the real port: Endpoint=sb://127.0.8.4/ -> 127.0.8.4:5671
     consumer = Consumer(azure_python, iot_hub, endpoint=None, start={"sequence": before},
                         count=6)
     try:
@@ -65,7 +82,7 @@ def test_registry_manager_c2d_and_feedback_over_amqp(iot_hub: HubProcess,
                                                      azure_python: Path) -> None:
     device_id = f"c2damqp-{uuid.uuid4().hex[:8]}"
     iot_hub.cli("device", "create", device_id)
-    session = DeviceSession(azure_python, iot_hub.connection_string(device_id, gateway_host="localhost"),
+    session = DeviceSession(azure_python, iot_hub.connection_string(device_id),
                             iot_hub.ca_file)
     owner = iot_hub.cli("policy", "connection-string", "service").stdout.strip()
     try:
