@@ -35,6 +35,8 @@ setup_python() {
     if ! python_bin >/dev/null; then
         apt_install python3 python3-venv python3-dev
     fi
+    # python-qpid-proton (AMQP) builds from its source on PyPI: a C compiler and Python headers
+    apt_install gcc python3-dev
     local py; py=$(python_bin)
     if [ ! -x "$VENV/bin/python" ]; then
         "$py" -m venv "$VENV"
@@ -61,7 +63,8 @@ case "$cmd" in
     test)  setup_test; exec "$VENV/bin/python" -m pytest "$@" ;;
     bench) setup_test
            for b in tests/bench/ingest.py tests/bench/methods.py tests/bench/modbus_bus.py \
-                    tests/bench/ble_decode.py tests/bench/serial_decode.py; do
+                    tests/bench/ble_decode.py tests/bench/serial_decode.py \
+                    tests/bench/amqp_events.py; do
                echo "== $b"; "$VENV/bin/python" "$b" "$@"
            done ;;
     setup) setup_test ;;

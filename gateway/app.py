@@ -13,10 +13,11 @@ import ipaddress
 import json
 import logging
 import os
-import signal
 import secrets
+import signal
 import socket
 import time
+from typing import TYPE_CHECKING
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -58,6 +59,9 @@ from gateway.upstream.policy import from_config
 from gateway.upstream.provision import provision_until_done
 from gateway.upstream.routes import routed_policy, routed_select
 from gateway.upstream.service import Upstream
+
+if TYPE_CHECKING:
+    from gateway.amqp.server import AmqpServer
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +138,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
     registry = await Registry.open(data_dir / "registry.db")
     broker: Broker | None = None
     api: ServiceApi | None = None
+    amqp: AmqpServer | None = None
     tasks_ = TaskSet()
     try:
         message_log = MessageLog(
@@ -204,6 +209,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         if provisioning is not None:
             add_enrollment_routes(api, provisioning)
         files = await _files(config, db, message_log, hub, api)
+        if config.amqp.enabled:  # back ends over AMQP: Event Hubs reads, C2D (gateway/amqp)
+            amqp = await _amqp(config, message_log, authenticator, hub, certs, api)
         await api.start(config.api.bind, config.api.port, device_tls, admission=admission,
                         header_timeout=config.api.header_timeout,
                         body_timeout=config.api.body_timeout)
@@ -226,6 +233,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
             "mqtt_tls_port": broker.ports.get("tls"),
             "mqtt_local_port": broker.ports.get("local"),
             "mqtt_unix_socket": broker.ports.get("unix"),
+            "amqp_port": amqp.port if amqp is not None else None,
+            "event_hub_name": amqp.services.event_hub if amqp is not None else None,
             "ca_file": str(certs.ca_cert),
         }
         write_private(data_dir / RUNTIME_FILE, json.dumps(runtime, indent=2) + "\n")
@@ -253,6 +262,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
             tasks.create_task(upstream.run(), name="upstream")
             tasks.create_task(provision_until_done(data_dir, config.upstream),
                               name="upstream-provisioning")
+            if amqp is not None:
+                tasks.create_task(amqp.serve(), name="amqp")
             if notifier.watchdog_interval:
                 tasks.create_task(_watchdog(notifier), name="watchdog")
             notifier.ready(f"serving: mqtt {broker.ports}, https {api.port}")
@@ -271,10 +282,30 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
             await broker.stop()
         if api is not None:
             await api.stop()
+        if amqp is not None:
+            await amqp.stop()
         await tasks_.close()
         await registry.close()
         await db.close()
         log.info("hub stopped")
+
+
+async def _amqp(config: Config, message_log: MessageLog, authenticator: Authenticator,
+                hub: Hub, certs: pki.HubCertificates, api: ServiceApi) -> AmqpServer | None:
+    """The AMQP listener, when Apache Qpid Proton is installed (the ``amqp`` extra; it has no
+    wheels on PyPI, so the appliance image leaves it out)."""
+    try:
+        from gateway.amqp import make_services
+        from gateway.amqp.server import AmqpServer, amqp_ssl_context
+    except ImportError as exc:
+        log.warning("amqp listener off: %s (pip install 'edge-gateway[amqp]')", exc)
+        return None
+    server = AmqpServer(make_services(config.amqp, host_name=config.hub.host_name,
+                                      log=message_log, authenticator=authenticator, c2d=hub.c2d),
+                        amqp_ssl_context(certs.server_cert, certs.server_key))
+    server.add_websocket_route(api.app)
+    await server.start()
+    return server
 
 
 async def _provisioning(config: Config, db: Database, registry: Registry, hub: Hub,

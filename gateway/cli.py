@@ -533,6 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.cli_routing import add_parsers as add_routing_parsers
 
     add_routing_parsers(sub, common)  # route, endpoint, enrichment
+    from gateway.cli_events import add_events_parser
+
+    add_events_parser(sub, common, _client)
     return parser
 
 

@@ -134,6 +134,28 @@ class ApiConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AmqpConfig:
+    """The AMQP 1.0 listener for back ends (docs: "Back ends over AMQP"): the built-in
+    endpoint as an Event Hub and service-side C2D. ``port`` takes TLS (IoT Hub and Event Hubs
+    use 5671); AMQP over WebSocket is served on the HTTPS port at ``/$servicebus/websocket``.
+    ``event_hub_name`` is the Event Hubs-compatible name (``""``: the first label of the hub's
+    host name). ``consumer_groups`` lists groups besides ``$Default``, which always exists.
+    ``auth_timeout``: seconds a connection may stay without a valid ``$cbs`` token."""
+
+    enabled: bool = True
+    bind: str = "0.0.0.0"
+    port: int = 5671
+    event_hub_name: str = ""
+    consumer_groups: tuple[str, ...] = ()
+    auth_timeout: float = 60.0
+    idle_timeout: float = 240.0  # AMQP idle-time-out we announce (Event Hubs: 240 s)
+    max_connections: int = 100
+    max_links: int = 64  # per connection
+    max_frame_size: int = 65536
+    outbox_bytes: int = 4 * 1024 * 1024  # encoded bytes waiting for the socket, per connection
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StoreConfig:
     """The durable message store. ``sync = "full"`` fsyncs every group commit (survives power
     loss); ``"normal"`` survives a killed process but may lose the last commits on power loss.
@@ -253,6 +275,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     provisioning: ProvisioningConfig = field(default_factory=ProvisioningConfig)
     files: FilesConfig = field(default_factory=FilesConfig)
+    amqp: AmqpConfig = field(default_factory=AmqpConfig)
     routes: tuple[tuple[str, Any], ...] = ()  # (name, "FROM ..." or a route table), file order
     modules: tuple[ModuleSpec, ...] = ()
     routing: RoutingConfig = field(default_factory=RoutingConfig)
@@ -263,7 +286,7 @@ class Config:
 
 _SECTIONS = {"hub": HubConfig, "mqtt": MqttConfig, "api": ApiConfig, "store": StoreConfig,
              "limits": LimitsConfig, "routing": RoutingConfig, "upstream": UpstreamConfig,
-             "provisioning": ProvisioningConfig, "files": FilesConfig}
+             "provisioning": ProvisioningConfig, "files": FilesConfig, "amqp": AmqpConfig}
 
 
 def _coerce(value: Any, hint: Any, path: str) -> Any:

@@ -24,7 +24,7 @@ from typing import Any, Self
 from gateway import app
 from gateway.api.events import entry_json
 from gateway.client import ClientSettings
-from gateway.config import ApiConfig, HubConfig, ModuleSpec, MqttConfig, load_config
+from gateway.config import AmqpConfig, ApiConfig, HubConfig, ModuleSpec, MqttConfig, load_config
 from gateway.demo_upstream import run_parent
 from gateway.hub.connstr import ConnectionString
 from hw.modbus.simulate import SimulatedMeter
@@ -188,6 +188,7 @@ async def run_demo(data_dir: Path | None, *, duration: float | None = None,
         hub=HubConfig(host_name="localhost", device_id="demo-gateway"),
         mqtt=MqttConfig(tls_port=0, local_port=0),
         api=ApiConfig(bind="127.0.0.1", port=0),
+        amqp=AmqpConfig(bind="127.0.0.1", port=0),
         modules=(ModuleSpec(name="modbus", bridge="modbus", status_interval=5.0),
                  ModuleSpec(name="serial", bridge="serial", status_interval=5.0)),
     )

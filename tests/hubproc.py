@@ -20,16 +20,20 @@ REPO = Path(__file__).resolve().parents[1]
 class HubProcess:
     def __init__(self, data_dir: Path, *, host_name: str = "testhub.local", tls_port: int = 0,
                  api_port: int = 0, extra_config: str = "", log_level: str = "debug",
-                 address: str = "127.0.0.1") -> None:
+                 address: str = "127.0.0.1", hub_config: str = "",
+                 amqp_config: str = 'port = 0\nbind = "127.0.0.1"\n',
+                 mqtt_bind: str | None = None) -> None:
         self.log_level = log_level
         self.data_dir = data_dir
         self.host_name = host_name
         self.config_file = data_dir.parent / f"{data_dir.name}.toml"
         self.config_file.write_text(
-            f'[hub]\nhost_name = "{host_name}"\n'
+            f'[hub]\nhost_name = "{host_name}"\n{hub_config}'
             f"[mqtt]\ntls_port = {tls_port}\nlocal_port = 0\n"
-            + (f'bind = "{address}"\nlocal_bind = "{address}"\n' if address != "127.0.0.1" else "")
-            + f'[api]\nport = {api_port}\nbind = "{address}"\n' + extra_config
+            + (f'bind = "{mqtt_bind or address}"\n' if mqtt_bind or address != "127.0.0.1" else "")
+            + (f'local_bind = "{address}"\n' if address != "127.0.0.1" else "")
+            + f'[api]\nport = {api_port}\nbind = "{address}"\n'
+            + f"[amqp]\n{amqp_config}" + extra_config
         )
         self.proc: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}

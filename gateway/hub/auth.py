@@ -230,13 +230,15 @@ class Authenticator:
 
     # --- service API ------------------------------------------------------------------------
 
-    def authenticate_service(self, authorization: str | None, *, now: float) -> ServicePrincipal:
+    def authenticate_service(self, authorization: str | None, *, now: float,
+                             key_text: bool = False) -> ServicePrincipal:
         """Authenticate an ``Authorization: SharedAccessSignature ...&skn=policy`` header
-        (ref §9). ``sr`` must name one of our hosts (optionally followed by a path); only
-        shared access policies are accepted."""
+        (ref §9). ``sr`` must name one of our hosts (optionally followed by a path, and after
+        a URL scheme such as ``sb://``); only shared access policies are accepted.
+        ``key_text``: also accept Event Hubs' signing scheme (AMQP ``$cbs`` tokens)."""
         if not authorization:
             raise AuthError("missing Authorization header")
-        cached = self._service_tokens.get(authorization)
+        cached = None if key_text else self._service_tokens.get(authorization)
         if cached is not None:
             checked, principal = cached
             # still valid, and the policy (its keys, its rights) unchanged since the check
@@ -250,13 +252,16 @@ class Authenticator:
         if policy is None:
             raise AuthError("unknown policy")
         verify_sas_signature(token, (policy.primary_key, policy.secondary_key), now=now,
-                             skew=SKEW_SECONDS)
-        host, segments = _split_resource(token.resource)
+                             skew=SKEW_SECONDS, key_text=key_text)
+        # AMQP clients sign a URL (``sb://host/entity``, ``amqps://host``): drop the scheme
+        host, segments = _split_resource(token.resource.split("://", 1)[-1])
         if host.lower() not in self._hosts:
             raise AuthError("token audience names another hub")
         principal = ServicePrincipal(policy=policy.name, rights=policy.rights,
                                      expires_at=token.expiry + SKEW_SECONDS,
                                      scope=tuple(segments))
+        if key_text:  # not cached: a REST call must not pass on an Event Hubs signature
+            return principal
         if len(self._service_tokens) >= SERVICE_TOKEN_CACHE:
             del self._service_tokens[next(iter(self._service_tokens))]  # the oldest
         self._service_tokens[authorization] = (policy, principal)

@@ -124,10 +124,14 @@ def parse_sas_token(token: str) -> SasToken:
 
 
 def verify_sas_signature(
-    token: SasToken, keys: Iterable[str], *, now: float, skew: float = 300
+    token: SasToken, keys: Iterable[str], *, now: float, skew: float = 300,
+    key_text: bool = False,
 ) -> None:
     """Check expiry (with ``skew`` seconds of clock allowance) and that one of ``keys`` (base64)
     signed ``raw_sr + "\\n" + raw_se`` (IoT Hub ref §7.1). Keys that are not base64 never match.
+
+    ``key_text``: also accept the Event Hubs/Service Bus scheme, where the HMAC key is the
+    key's base64 *text* (azure-eventhub signs so; its AMQP ``$cbs`` tokens need it).
 
     Raises :class:`AuthError` ``"token expired"``, ``"token expiry out of range"`` (an ``se``
     past year 9999: hundreds of digits would overflow a float) or ``"bad signature"``
@@ -145,4 +149,8 @@ def verify_sas_signature(
             continue
         if hmac.compare_digest(expected, token.signature):
             return
+        if key_text:  # Event Hubs / Service Bus sign with the key's text itself
+            expected = hmac.new(key.encode(), message.encode(), hashlib.sha256).digest()
+            if hmac.compare_digest(expected, token.signature):
+                return
     raise AuthError("bad signature")

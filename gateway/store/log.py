@@ -439,6 +439,21 @@ class MessageLog:
             return entries, entries[-1].seq
         return entries, max(examined, after_seq, entries[-1].seq if entries else 0)
 
+    async def seq_before_time(self, enqueued_ms: int, *, inclusive: bool = False) -> int:
+        """The position a reader starts after to see the messages enqueued after
+        ``enqueued_ms`` (at or after it with ``inclusive``): one less than the first such seq,
+        or ``last_seq`` when there is none. (Event Hubs' enqueued-time filter.)"""
+        upto = self.last_seq
+        op = ">=" if inclusive else ">"
+
+        def query(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                f"SELECT seq FROM log_messages WHERE enqueued_ms {op} ? AND seq <= ?"
+                " ORDER BY seq LIMIT 1", (enqueued_ms, upto)).fetchone()
+            return upto if row is None else int(row[0]) - 1
+
+        return await self._db.run(query)
+
     async def wait_beyond(self, seq: int, timeout: float | None = None) -> bool:
         """Return True as soon as ``last_seq > seq`` (woken by commits), False on timeout."""
         try:
