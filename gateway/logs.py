@@ -92,15 +92,19 @@ class JournalHandler(logging.Handler):
         self._send = send
         self.identifier = identifier
 
+    def fields(self, record: logging.LogRecord) -> dict[str, Any]:
+        """The journal fields besides MESSAGE (CODE_LINE an int: journal.send formats it)."""
+        return {"PRIORITY": str(_PRIORITY.get(record.levelno, 6)), "LOGGER": record.name,
+                "SYSLOG_IDENTIFIER": self.identifier, "CODE_FILE": record.pathname,
+                "CODE_LINE": record.lineno, "CODE_FUNC": record.funcName,
+                **context_fields(record.getMessage())}
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
             message = record.getMessage()
             if record.exc_info:
                 message += "\n" + logging.Formatter().formatException(record.exc_info)
-            self._send(message, PRIORITY=str(_PRIORITY.get(record.levelno, 6)),
-                       LOGGER=record.name, SYSLOG_IDENTIFIER=self.identifier,
-                       CODE_FILE=record.pathname, CODE_LINE=str(record.lineno),
-                       CODE_FUNC=record.funcName, **context_fields(record.getMessage()))
+            self._send(message, **self.fields(record))
         except Exception:  # pragma: no cover - logging must never raise
             self.handleError(record)
 

@@ -77,3 +77,19 @@ def test_cli_logs_to_stderr_with_key_values_outside_systemd(tmp_path: Path) -> N
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True)
     assert out.stderr.rstrip().endswith("INFO gateway.x: hub ready host_name=gw")
+
+
+def test_real_journal_send_accepts_the_fields() -> None:
+    journal = pytest.importorskip("systemd.journal")
+    errors: list[logging.LogRecord] = []
+
+    class Checked(JournalHandler):
+        def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802
+            errors.append(record)
+
+    handler = Checked(journal.send, "gateway-test")
+    record = logging.LogRecord("gateway.x", logging.INFO, __file__, 7,
+                               "hub ready host_name=%s count=%d", ("gw", 3), None)
+    journal.send(record.getMessage(), **handler.fields(record))  # raises on a bad field
+    handler.emit(record)
+    assert errors == []

@@ -147,3 +147,17 @@ def test_gateway_toml_upstream_section() -> None:
     parsed = tomllib.loads(gateway_toml(setup, ca_file="/var/lib/gateway/upstream-ca.pem"))
     assert parsed["upstream"] == {"connection_string": CS, "port": 8883,
                                   "ca_file": "/var/lib/gateway/upstream-ca.pem"}
+
+
+def test_the_readme_hash_one_liner_makes_a_hash_we_accept() -> None:
+    import subprocess
+    import sys
+
+    from tests.hubproc import REPO
+    line = next(line for line in (REPO / "README.md").read_text().splitlines()
+                if line.startswith("python3 -c 'import base64,getpass"))
+    code = line.removeprefix("python3 -c '").removesuffix("'")
+    out = subprocess.run([sys.executable, "-c", code], input="technician pass\n",
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert verify_admin("technician pass", out) and not verify_admin("technician", out)
+    assert parse(f'hostname = "g"\n[admin]\npassword_hash = "{out}"\n').admin_password_hash == out
