@@ -13,7 +13,8 @@ Runs as root at every boot, before ``gateway.service``, in two steps:
 2. **Activate** what the data partition holds, because the root file system is read-only and
    an A/B update replaces it: set the host name, hand timesyncd its servers through a
    ``/run`` drop-in, make SSH host keys on first use. ``ssh.service`` runs only if
-   ``DATA/ssh/authorized_keys`` exists (a drop-in condition in the image).
+   ``DATA/ssh/authorized_keys`` exists (a drop-in condition in the image). With ``--grow``
+   (as the image runs it), the data partition grows to the end of the disk.
 """
 
 from __future__ import annotations
@@ -220,9 +221,31 @@ def activate(paths: Paths) -> None:
         keys = paths.ssh / "etc" / "ssh"
         if not (keys / "ssh_host_ed25519_key").exists():
             keys.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["ssh-keygen", "-A", "-f", str(paths.ssh)], check=True,
+            # Ed25519 only: made in milliseconds (an RSA key takes minutes on a slow board)
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "",
+                            "-f", str(keys / "ssh_host_ed25519_key")], check=True,
                            stdout=subprocess.DEVNULL)
             log.info("ssh host keys made dir=%s", keys)
+
+
+def grow_data(mount_point: Path) -> None:
+    """Grow the data partition (the last one) and its ext4 file system to the end of the
+    disk: the image is small, the card or disk it is written to is not. A no-op once done."""
+    source = subprocess.run(["findmnt", "-nvo", "SOURCE", str(mount_point)],
+                            capture_output=True, text=True).stdout.strip()
+    name = Path(source).name
+    number = Path(f"/sys/class/block/{name}/partition")
+    if not source.startswith("/dev/") or not number.exists():
+        return
+    disk = Path(f"/sys/class/block/{name}").resolve().parent.name
+    grow = subprocess.run(["growpart", f"/dev/{disk}", number.read_text().strip()],
+                          capture_output=True, text=True)
+    if grow.returncode == 0:  # 1 with NOCHANGE: already at the end of the disk
+        subprocess.run(["resize2fs", source], check=True, capture_output=True)
+        log.info("data partition grown device=%s %s", source, grow.stdout.strip())
+    elif "NOCHANGE" not in grow.stdout:
+        log.warning("data partition not grown device=%s reason=%s", source,
+                    (grow.stdout + grow.stderr).strip().splitlines()[-1:])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--boot", action="append", help="boot partition directory (repeatable)")
     parser.add_argument("--data", default="/data", help="the data partition's mount point")
     parser.add_argument("--check", metavar="FILE", help="only validate a setup file and exit")
+    parser.add_argument("--grow", action="store_true",
+                        help="grow the data partition to the end of its disk (the image does)")
     args = parser.parse_args(argv)
     from gateway import logs
 
@@ -255,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
             log.error("setup refused file=%s reason=%s", source, exc)
             status = 1
     activate(paths)
+    if args.grow:
+        try:
+            grow_data(paths.data)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            log.warning("data partition not grown reason=%s", exc)
     return status
 
 

@@ -37,6 +37,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
     work = tmp_path_factory.mktemp("guest")
     disk = work / "disk.img"
     subprocess.run(["cp", "--sparse=always", IMAGE, str(disk)], check=True)
+    subprocess.run(["truncate", "-s", "+768M", str(disk)], check=True)  # a bigger disk
     g = Guest(image=disk, workdir=work)
     pubkey = g.ssh_keypair()
     setup = work / "gateway-setup.toml"
@@ -73,6 +74,11 @@ def test_gateway_active_and_first_boot_applied(guest: Guest) -> None:
     assert "NTP=10.0.2.2" in guest.ssh("cat /run/systemd/timesyncd.conf.d/gateway.conf").stdout
     toml = guest.ssh("cat /var/lib/gateway/gateway.toml").stdout
     assert f'host_name = "{HOSTNAME}"' in toml and "port = 443" in toml
+
+
+def test_data_partition_grew_to_the_end_of_the_disk(guest: Guest) -> None:
+    size_mib = int(guest.ssh("df -BM --output=size /data | tail -1").stdout.strip().rstrip("M"))
+    assert size_mib > 900, size_mib  # 256 MiB in the image, +768 MiB of disk
 
 
 def test_no_password_and_read_only_root(guest: Guest) -> None:
