@@ -250,11 +250,22 @@ def redacted(text: str) -> str:
             line = f'{key.group(1)} = "{REDACTED}"'
         out.append(line)
     result = "\n".join(out) + "\n"
-    # A multi-line secret would survive line-wise redaction: refuse to keep such a copy.
-    leftovers = [k for s, k in _SECRET_KEYS if re.search(rf"^\s*{k}\s*=\s*('''|\"\"\")",
-                                                        text, re.M)]
-    if leftovers:
-        return f"# {FILE_NAME} applied; copy withheld (multi-line {', '.join(leftovers)})\n"
+    # Secrets written another way (multi-line strings, inline tables, dotted or quoted keys)
+    # survive line-wise redaction: then keep no copy at all.
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        raw = {}
+    try:
+        copy = tomllib.loads(result)
+    except tomllib.TOMLDecodeError:
+        copy = {}
+    values = [raw[s].get(k) for s, k in _SECRET_KEYS if isinstance(raw.get(s), dict)]
+    leaked = [v for v in values if isinstance(v, str) and v.strip() and v.strip() in result]
+    kept = [(s, k) for s, k in _SECRET_KEYS if k in raw.get(s, {})
+            and copy.get(s, {}).get(k) != REDACTED]
+    if leaked or kept or not raw:
+        return f"# {FILE_NAME} applied; no copy kept (its secrets were not on lines of their own)\n"
     return result
 
 

@@ -130,7 +130,13 @@ def test_redacted_copy_has_no_secrets() -> None:
     enrollment = f'hostname = "g"\n[upstream]\nhost = "h"\nid_scope = "s"\ngroup_key = "{GROUP_KEY}"\n'
     assert GROUP_KEY not in redacted(enrollment)
     multiline = 'hostname = "g"\n[upstream]\nconnection_string = """HostName=h;\nDeviceId=x"""\n'
-    assert "HostName" not in redacted(multiline)
+    assert "HostName" not in redacted(multiline) and "DeviceId" not in redacted(multiline)
+    for sneaky in (f'hostname = "g"\nupstream = {{ connection_string = "{CS}" }}\n',
+                   f'hostname = "g"\nupstream.connection_string = "{CS}"\n',
+                   f'hostname = "g"\n[admin]\n  "password_hash" = "{HASH}"\n'):
+        assert parse(sneaky)  # valid files...
+        copy = redacted(sneaky)
+        assert "SharedAccessKey" not in copy and HASH not in copy  # ...whose copy keeps nothing
 
 
 def test_gateway_toml_is_accepted_by_the_hub_config(tmp_path) -> None:  # type: ignore[no-untyped-def]
