@@ -257,9 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grow", action="store_true",
                         help="grow the data partition to the end of its disk (the image does)")
     args = parser.parse_args(argv)
-    from gateway import logs
-
-    logs.setup("info", identifier="gateway-firstboot")
+    # Plain lines on stderr: the unit sends them to the journal and the console alike.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.check:
         try:
             setupfile.parse(Path(args.check).read_text(encoding="utf-8"))
