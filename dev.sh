@@ -77,7 +77,7 @@ image_test() {
     setup_test; setup_image
     for arch in "${archs[@]}"; do
         local t=$(date +%s)
-        as_root env GATEWAY_BUILD_PYTHON="$PWD/$VENV/bin/python" image/build --arch "$arch" --out "$dir/gateway-$arch.img"
+        as_root env GATEWAY_BUILD_PYTHON="$(cd "$VENV" && pwd)/bin/python" image/build --arch "$arch" --out "$dir/gateway-$arch.img"
         echo "dev.sh: image $arch built in $(( $(date +%s) - t )) s" >&2
     done
     local env_=(); for arch in "${archs[@]}"; do env_+=("GATEWAY_IMAGE_${arch^^}=$dir/gateway-$arch.img"); done

@@ -232,14 +232,14 @@ def grow_data(mount_point: Path) -> None:
     """Grow the data partition (the last one) and its ext4 file system to the end of the
     disk: the image is small, the card or disk it is written to is not. A no-op once done."""
     source = subprocess.run(["findmnt", "-nvo", "SOURCE", str(mount_point)],
-                            capture_output=True, text=True).stdout.strip()
+                            check=False, capture_output=True, text=True).stdout.strip()
     name = Path(source).name
     number = Path(f"/sys/class/block/{name}/partition")
     if not source.startswith("/dev/") or not number.exists():
         return
     disk = Path(f"/sys/class/block/{name}").resolve().parent.name
     grow = subprocess.run(["growpart", f"/dev/{disk}", number.read_text().strip()],
-                          capture_output=True, text=True)
+                          check=False, capture_output=True, text=True)
     if grow.returncode == 0:  # 1 with NOCHANGE: already at the end of the disk
         subprocess.run(["resize2fs", source], check=True, capture_output=True)
         log.info("data partition grown device=%s %s", source, grow.stdout.strip())

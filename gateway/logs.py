@@ -105,7 +105,7 @@ class JournalHandler(logging.Handler):
             if record.exc_info:
                 message += "\n" + logging.Formatter().formatException(record.exc_info)
             self._send(message, **self.fields(record))
-        except Exception:  # pragma: no cover - logging must never raise
+        except Exception:  # noqa: BLE001  # pragma: no cover - logging must never raise
             self.handleError(record)
 
 

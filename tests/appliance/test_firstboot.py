@@ -19,7 +19,6 @@ from gateway.errors import ConfigError
 from gateway.setupfile import admin_hash, derive_device_key
 from tests.appliance.test_setupfile import CS, FULL, GROUP_KEY, HASH, PUBKEY
 
-
 # The [upstream] section of gateway.toml comes with the upstream link (issue 9's branch): until
 # the hub's config knows it, firstboot refuses a setup file with [upstream] (the hub would).
 needs_upstream = pytest.mark.skipif("upstream" not in gateway_config._SECTIONS,

@@ -15,8 +15,8 @@ from gateway.logs import JournalHandler, context_fields, journal_send
 
 
 @pytest.mark.parametrize(("line", "fields"), [
-    ("connection refused client_id='boiler-1' peer=10.0.0.9:5123 listener=tls "
-     "reason=bad signature",
+    ("connection refused client_id='boiler-1' peer=10.0.0.9:5123 listener=tls reason=bad "
+     + "signature",
      {"CLIENT_ID": "boiler-1", "PEER": "10.0.0.9:5123", "LISTENER": "tls",
       "REASON": "bad signature", "DEVICE_ID": "boiler-1"}),
     ("closing connection client_id='gw/modbus' peer=x reason=topic not allowed for gw: a=b",
@@ -84,7 +84,7 @@ def test_real_journal_send_accepts_the_fields() -> None:
     errors: list[logging.LogRecord] = []
 
     class Checked(JournalHandler):
-        def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802
+        def handleError(self, record: logging.LogRecord) -> None:
             errors.append(record)
 
     handler = Checked(journal.send, "gateway-test")

@@ -11,8 +11,15 @@ import pytest
 
 from gateway.config import load_config
 from gateway.errors import ConfigError
-from gateway.setupfile import (REDACTED, admin_hash, derive_device_key, gateway_toml, parse,
-                               redacted, verify_admin)
+from gateway.setupfile import (
+    REDACTED,
+    admin_hash,
+    derive_device_key,
+    gateway_toml,
+    parse,
+    redacted,
+    verify_admin,
+)
 
 GROUP_KEY = base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 PUBKEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOq1 tech@laptop"

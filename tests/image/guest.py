@@ -76,9 +76,9 @@ class Guest:
             cmd = ["qemu-system-aarch64", "-machine", "virt", "-cpu", "cortex-a72", *common,
                    "-kernel", str(self.kernel[0]), "-initrd", str(self.kernel[1]),
                    "-append", "root=LABEL=gwroot-a ro rootwait console=ttyAMA0"]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
-                                     stdout=open(self.workdir / "qemu.log", "wb"),
-                                     stderr=subprocess.STDOUT)
+        with open(self.workdir / "qemu.log", "wb") as log:  # the child keeps its own copy
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT)
 
     def monitor(self, command: str) -> str:
         """One command on qemu's human monitor (``hostfwd_add``, ...); its reply."""
@@ -112,7 +112,7 @@ class Guest:
                "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
                "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
                f"root@{self.address}", command]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+        result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout,
                                 input=input)
         if check and result.returncode != 0:
             raise AssertionError(f"guest: {command!r} exited {result.returncode}:\n"
