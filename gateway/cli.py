@@ -40,11 +40,9 @@ def _print_json(data: Any) -> None:
 
 
 def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from gateway import logs
+
+    logs.setup(level)  # the journal, with key=value context as fields, when run by systemd
 
 
 # -- run, ca ---------------------------------------------------------------------------------

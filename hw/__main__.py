@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import logging
 import os
 import sys
 
+from gateway import logs
 from gateway.client import ClientSettings
 from gateway.errors import GatewayError
 from hw.bridge import Bridge
@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                         default=float(env.get("GATEWAY_STATUS_INTERVAL", "30")))
     parser.add_argument("--log-level", default=env.get("GATEWAY_LOG_LEVEL", "info"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level, identifier=f"hw-{args.bridge}")
     try:
         if not args.connection_string:
             raise GatewayError("no module connection string (--connection-string or "
