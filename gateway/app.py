@@ -210,7 +210,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
             add_enrollment_routes(api, provisioning)
         files = await _files(config, db, message_log, hub, api)
         if config.amqp.enabled:  # back ends over AMQP: Event Hubs reads, C2D (gateway/amqp)
-            amqp = await _amqp(config, message_log, authenticator, hub, certs, api)
+            amqp = await _amqp(config, message_log, authenticator, hub, certs, api,
+                               files.store if files is not None else None)
         await api.start(config.api.bind, config.api.port, device_tls, admission=admission,
                         header_timeout=config.api.header_timeout,
                         body_timeout=config.api.body_timeout)
@@ -291,7 +292,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
 
 
 async def _amqp(config: Config, message_log: MessageLog, authenticator: Authenticator,
-                hub: Hub, certs: pki.HubCertificates, api: ServiceApi) -> AmqpServer | None:
+                hub: Hub, certs: pki.HubCertificates, api: ServiceApi,
+                files: FileStore | None) -> AmqpServer | None:
     """The AMQP listener, when Apache Qpid Proton is installed (the ``amqp`` extra; it has no
     wheels on PyPI, so the appliance image leaves it out)."""
     try:
@@ -301,7 +303,8 @@ async def _amqp(config: Config, message_log: MessageLog, authenticator: Authenti
         log.warning("amqp listener off: %s (pip install 'edge-gateway[amqp]')", exc)
         return None
     server = AmqpServer(make_services(config.amqp, host_name=config.hub.host_name,
-                                      log=message_log, authenticator=authenticator, c2d=hub.c2d),
+                                      log=message_log, authenticator=authenticator, c2d=hub.c2d,
+                                      files=files),
                         amqp_ssl_context(certs.server_cert, certs.server_key))
     server.add_websocket_route(api.app)
     await server.start()

@@ -26,7 +26,7 @@ import ipaddress
 import time
 from collections.abc import Callable
 
-from gateway.amqp.links import Services
+from gateway.amqp.links import FileNotifications, Services
 from gateway.config import AmqpConfig
 from gateway.hub.auth import Authenticator
 from gateway.hub.c2dsvc import C2DService
@@ -49,9 +49,10 @@ def event_hub_name(config: AmqpConfig, host_name: str) -> str:
 
 def make_services(config: AmqpConfig, *, host_name: str, log: MessageLog,
                   authenticator: Authenticator, c2d: C2DService,
+                  files: FileNotifications | None = None,
                   clock: Callable[[], float] = time.time) -> Services:
     """The AMQP nodes' view of the hub; consumer groups compare case-insensitively."""
     groups = frozenset({"$default", *(g.lower() for g in config.consumer_groups)})
     return Services(host_name=host_name, event_hub=event_hub_name(config, host_name),
                     consumer_groups=groups, log=log, authenticator=authenticator, c2d=c2d,
-                    config=config, created_ms=int(clock() * 1000), clock=clock)
+                    config=config, created_ms=int(clock() * 1000), clock=clock, files=files)

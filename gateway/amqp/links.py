@@ -16,13 +16,14 @@ store's), :class:`~gateway.hub.c2dsvc.C2DService` for sending C2D and its queues
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 import cproton  # type: ignore[import-untyped]  # Proton's own C binding (no stubs)
 from proton import Condition, Delivery, Described, Link, Message, int32, symbol, timestamp
@@ -62,6 +63,13 @@ INVALID_FIELD: Final = "amqp:invalid-field"
 LIMIT: Final = "amqp:resource-limit-exceeded"
 
 
+class FileNotifications(Protocol):
+    """The file upload notification queue (gateway.files.store.FileStore)."""
+
+    async def receive_notification(self) -> tuple[dict[str, Any], str] | None: ...
+    async def settle_notification(self, lock: str, *, complete: bool) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Services:
     """What the AMQP nodes need from the hub (handed over by the composition root)."""
@@ -75,6 +83,7 @@ class Services:
     config: AmqpConfig
     created_ms: int
     clock: Callable[[], float] = time.time
+    files: FileNotifications | None = None  # the file upload notification queue, if enabled
 
     @property
     def namespace(self) -> str:
@@ -197,8 +206,16 @@ def attach(conn: AmqpConnection, link: Link) -> None:
         _open(link)
         conn.spawn(handler.pump(), "amqp-feedback")
     elif lowered in (addr.FILE_NOTIFICATIONS, "/messages/servicebound/fileuploadnotifications"):
-        refuse(link, NOT_IMPLEMENTED,
-               "file upload notifications: this hub has no file upload yet")
+        if services.files is None:
+            refuse(link, NOT_IMPLEMENTED, "file upload notifications: file upload is off")
+            return
+        if not link.is_sender:
+            refuse(link, NOT_ALLOWED, f"{addr.FILE_NOTIFICATIONS} is read-only")
+            return
+        notes = FileNotificationSender(conn, link)
+        conn.links[link] = notes
+        _open(link)
+        conn.spawn(notes.pump(), "amqp-file-notifications")
     else:
         refuse(link, NOT_FOUND, f"The messaging entity '{services.namespace}{node.lstrip('/')}'"
                                 " could not be found.")
@@ -633,6 +650,70 @@ class FeedbackSender(LinkHandler):
                 self.conn.spawn(_settle_feedback(queues.abandon_feedback, lock),
                                 "amqp-feedback-back")
             self.locks.clear()
+
+
+class FileNotificationSender(LinkHandler):
+    """``/messages/servicebound/filenotifications``: one message per stored file, IoT Hub's
+    notification JSON as the body (ref §11); accept completes it, release or modify returns
+    it to the queue (the same queue as ``GET /messages/serviceBound/filenotifications``)."""
+
+    def __init__(self, conn: AmqpConnection, link: Link) -> None:
+        super().__init__(conn, link)
+        self.locks: dict[Delivery, str] = {}
+
+    async def pump(self) -> None:
+        files = self.conn.services.files
+        assert files is not None
+        link = self.link
+        while not self.is_closed:
+            if link.credit <= 0 or len(self.locks) >= 8:
+                await self.wait(5.0)
+                continue
+            got = await files.receive_notification()
+            if self.is_closed:
+                if got is not None:
+                    await files.settle_notification(got[1], complete=False)
+                return
+            if got is None:
+                await self.wait(FEEDBACK_POLL)
+                continue
+            body, lock = got
+            message = Message(body=json.dumps(body).encode(), inferred=True)  # one data section
+            message.content_type = "application/json"
+            message.user_id = self.conn.services.host_name.split(".", 1)[0].encode()
+            delivery = link.delivery(lock)
+            link.send(message.encode())
+            link.advance()
+            self.locks[delivery] = lock
+            self.conn.process()
+
+    def delivery(self, delivery: Delivery) -> None:
+        state = delivery.remote_state
+        if not state and not delivery.settled:
+            return
+        lock = self.locks.pop(delivery, None)
+        delivery.settle()
+        files = self.conn.services.files
+        if lock is None or files is None:
+            return
+        complete = state in (Delivery.ACCEPTED, Delivery.REJECTED)
+        self.conn.spawn(_settle_note(files, lock, complete), "amqp-file-notification-settle")
+        self.wake.set()
+
+    def closed(self) -> None:
+        super().closed()
+        files = self.conn.services.files
+        if self.locks and files is not None:
+            for lock in self.locks.values():
+                self.conn.spawn(_settle_note(files, lock, False), "amqp-file-notification-back")
+            self.locks.clear()
+
+
+async def _settle_note(files: FileNotifications, lock: str, complete: bool) -> None:
+    try:
+        await files.settle_notification(lock, complete=complete)
+    except GatewayError:
+        pass  # the lock lapsed: the notification is delivered again
 
 
 async def _settle_feedback(action: Callable[[str], Any], lock: str) -> None:

@@ -100,7 +100,6 @@ def test_address_refusals(amqp_hub: HubProcess, authed: ProtonClient) -> None:
         "testhub/ConsumerGroups/nosuch/Partitions/0": "amqp:not-found",
         "othername/ConsumerGroups/$Default/Partitions/0": "amqp:not-found",
         "testhub/ConsumerGroups/$Default/Partitions/1": "com.microsoft:argument-out-of-range",
-        "/messages/servicebound/filenotifications": "amqp:not-implemented",
         "/messages/devicebound": "amqp:not-allowed",  # the hub receives there, never sends
         "/no/such/node": "amqp:not-found",
     }
@@ -220,3 +219,38 @@ def test_an_oversized_message_closes_its_link(amqp_hub: HubProcess, authed: Prot
     # the connection and its other links go on
     other = authed.sender("/messages/devicebound")
     assert authed.refused(other) is None
+
+
+def test_file_notifications_over_amqp(amqp_hub: HubProcess, authed: ProtonClient) -> None:
+    """A stored file's notification reaches the AMQP receiver (ref §11), the same queue as
+    REST; accepting it completes it there."""
+    import json as _json
+    import ssl as _ssl
+    import urllib.request
+
+    from tests.hubproc import create_device, device_token
+
+    key = create_device(amqp_hub, "cam-amqp")["authentication"]["symmetricKey"]["primaryKey"]
+    base = f"https://127.0.0.1:{amqp_hub.port('api_port')}"
+    ctx = _ssl.create_default_context(cafile=amqp_hub.ca_file)
+    ctx.check_hostname = False
+
+    def call(method: str, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+        req = urllib.request.Request(base + path, data=body, method=method, headers=headers)
+        with urllib.request.urlopen(req, context=ctx, timeout=30) as r:
+            return bytes(r.read())
+
+    auth = {"Authorization": device_token(amqp_hub, "cam-amqp", key),
+            "Content-Type": "application/json"}
+    info = _json.loads(call("POST", "/devices/cam-amqp/files",
+                            _json.dumps({"blobName": "a.jpg"}).encode(), auth))
+    call("PUT", f"/{info['containerName']}/{info['blobName']}{info['sasToken']}", b"jpeg",
+         {"x-ms-blob-type": "BlockBlob"})
+    call("POST", "/devices/cam-amqp/files/notifications", _json.dumps(
+        {"correlationId": info["correlationId"], "isSuccess": True, "statusCode": 200,
+         "statusDescription": "ok"}).encode(), auth)
+    receiver = authed.receiver("/messages/servicebound/filenotifications")
+    message = authed.receive(receiver, timeout=30)
+    note = _json.loads(bytes(message.body))
+    assert note["blobName"] == "cam-amqp/a.jpg" and note["blobSizeInBytes"] == 4
+    assert str(message.content_type) == "application/json"
