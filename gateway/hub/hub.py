@@ -172,7 +172,8 @@ class Hub:
         once = None
         if gateway is not None:  # on-behalf-of: the child's stamp becomes the dedupe key
             path = application.pop(onbehalf.PATH_KEY, None)
-            epoch, seq = application.pop(onbehalf.EPOCH_KEY, None), application.pop(onbehalf.SEQ_KEY, None)
+            epoch = application.pop(onbehalf.EPOCH_KEY, None)
+            seq = application.pop(onbehalf.SEQ_KEY, None)
             route = application.pop(onbehalf.ROUTE_KEY, None)
             if epoch and seq and seq.isdigit():
                 key = f"{gateway}/{principal.client_id}" + (f"#{route}" if route else "")

@@ -140,7 +140,8 @@ class OnBehalf:
             raise ForbiddenError(f"malformed registration topic {topic!r}")
         ids = [decode_component(p) for p in parts]
         if self.in_scope(gateway, ids[0]) is False:
-            raise ForbiddenError(f"{gateway.device_id} may not act for {ids[0]!r} (not in its scope)")
+            raise ForbiddenError(
+                f"{gateway.device_id} may not act for {ids[0]!r} (not in its scope)")
         return RegisterOrigin(gateway, ids[0], ids[1] if len(ids) == 2 else None)
 
     def register(self, request: RegisterOrigin) -> asyncio.Future[None]:
@@ -162,7 +163,8 @@ class OnBehalf:
                  "parentScopes": [scope], "deviceScope": scope, "status": "enabled"},
                 device_id=request.device_id, if_match=None))
             if not self.in_scope(gateway, request.device_id):
-                raise GatewayError(f"{request.device_id!r} exists outside {gateway.device_id}'s scope")
+                raise GatewayError(
+                    f"{request.device_id!r} exists outside {gateway.device_id}'s scope")
         module_id = request.module_id
         if module_id is not None:
             await _ignore_conflict(lambda: self.registry.put_module(
