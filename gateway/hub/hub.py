@@ -137,7 +137,8 @@ class Hub:
     def prepare_publish(self, principal: Principal, topic: str) -> Any:
         """Parse ``topic`` for ``principal``; raise ForbiddenError for anything not allowed."""
         if self.on_behalf is not None and not onbehalf.is_own_topic(
-                topic, principal.device_id, principal.module_id):
+                topic, principal.device_id, principal.module_id) and self.on_behalf.is_gateway(
+                principal.device_id, principal.module_id):
             return self._prepare_on_behalf(principal, topic)
         address = addresses.parse_publish_topic(
             topic, device_id=principal.device_id, module_id=principal.module_id

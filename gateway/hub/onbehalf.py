@@ -99,6 +99,12 @@ class OnBehalf:
         self.enabled = enabled
         self.registered = 0
 
+    def is_gateway(self, device_id: str, module_id: str | None) -> bool:
+        """May this identity act for others at all? (Everyone else gets the usual refusal.)"""
+        device = self.registry.get_device(device_id)
+        return (self.enabled and module_id is None and device is not None and device.iot_edge
+                and bool(device.device_scope))
+
     def gateway(self, device_id: str, module_id: str | None) -> Device:
         """The connected identity as a gateway that may act for others, or ForbiddenError."""
         device = self.registry.get_device(device_id)
