@@ -140,6 +140,9 @@ class Hub:
                 topic, principal.device_id, principal.module_id) and self.on_behalf.is_gateway(
                 principal.device_id, principal.module_id):
             return self._prepare_on_behalf(principal, topic)
+        return self._prepare_own(principal, topic)
+
+    def _prepare_own(self, principal: Principal, topic: str) -> Any:
         address = addresses.parse_publish_topic(
             topic, device_id=principal.device_id, module_id=principal.module_id
         )
@@ -155,6 +158,8 @@ class Hub:
         if topic.startswith(onbehalf.REGISTER_PREFIX):
             return self.on_behalf.prepare_register(gateway, topic)
         device_id, module_id = onbehalf.origin_of(topic)
+        if (device_id, module_id) == (principal.device_id, principal.module_id):
+            return self._prepare_own(principal, topic)  # its own, with a percent-encoded id
         generation_id = self.on_behalf.check(gateway, device_id, module_id)
         address = addresses.parse_publish_topic(topic, device_id=device_id, module_id=module_id)
         if not isinstance(address, addresses.Telemetry):
