@@ -151,8 +151,12 @@ class Hub:
         if principal.provisioning is not None:
             return dps.parse_publish(topic)
         if self.on_behalf is not None and not onbehalf.is_own_topic(
-                topic, principal.device_id, principal.module_id):
+                topic, principal.device_id, principal.module_id) and self.on_behalf.is_gateway(
+                principal.device_id, principal.module_id):
             return self._prepare_on_behalf(principal, topic)
+        return self._prepare_own(principal, topic)
+
+    def _prepare_own(self, principal: Principal, topic: str) -> Any:
         address = addresses.parse_publish_topic(
             topic, device_id=principal.device_id, module_id=principal.module_id
         )
@@ -168,6 +172,8 @@ class Hub:
         if topic.startswith(onbehalf.REGISTER_PREFIX):
             return self.on_behalf.prepare_register(gateway, topic)
         device_id, module_id = onbehalf.origin_of(topic)
+        if (device_id, module_id) == (principal.device_id, principal.module_id):
+            return self._prepare_own(principal, topic)  # its own, with a percent-encoded id
         generation_id = self.on_behalf.check(gateway, device_id, module_id)
         address = addresses.parse_publish_topic(topic, device_id=device_id, module_id=module_id)
         if not isinstance(address, addresses.Telemetry):
@@ -186,7 +192,8 @@ class Hub:
         once = None
         if gateway is not None:  # on-behalf-of: the child's stamp becomes the dedupe key
             path = application.pop(onbehalf.PATH_KEY, None)
-            epoch, seq = application.pop(onbehalf.EPOCH_KEY, None), application.pop(onbehalf.SEQ_KEY, None)
+            epoch = application.pop(onbehalf.EPOCH_KEY, None)
+            seq = application.pop(onbehalf.SEQ_KEY, None)
             route = application.pop(onbehalf.ROUTE_KEY, None)
             if epoch and seq and seq.isdigit():
                 key = f"{gateway}/{principal.client_id}" + (f"#{route}" if route else "")

@@ -99,6 +99,12 @@ class OnBehalf:
         self.enabled = enabled
         self.registered = 0
 
+    def is_gateway(self, device_id: str, module_id: str | None) -> bool:
+        """May this identity act for others at all? (Everyone else gets the usual refusal.)"""
+        device = self.registry.get_device(device_id)
+        return (self.enabled and module_id is None and device is not None and device.iot_edge
+                and bool(device.device_scope))
+
     def gateway(self, device_id: str, module_id: str | None) -> Device:
         """The connected identity as a gateway that may act for others, or ForbiddenError."""
         device = self.registry.get_device(device_id)
@@ -140,7 +146,8 @@ class OnBehalf:
             raise ForbiddenError(f"malformed registration topic {topic!r}")
         ids = [decode_component(p) for p in parts]
         if self.in_scope(gateway, ids[0]) is False:
-            raise ForbiddenError(f"{gateway.device_id} may not act for {ids[0]!r} (not in its scope)")
+            raise ForbiddenError(
+                f"{gateway.device_id} may not act for {ids[0]!r} (not in its scope)")
         return RegisterOrigin(gateway, ids[0], ids[1] if len(ids) == 2 else None)
 
     def register(self, request: RegisterOrigin) -> asyncio.Future[None]:
@@ -162,7 +169,8 @@ class OnBehalf:
                  "parentScopes": [scope], "deviceScope": scope, "status": "enabled"},
                 device_id=request.device_id, if_match=None))
             if not self.in_scope(gateway, request.device_id):
-                raise GatewayError(f"{request.device_id!r} exists outside {gateway.device_id}'s scope")
+                raise GatewayError(
+                    f"{request.device_id!r} exists outside {gateway.device_id}'s scope")
         module_id = request.module_id
         if module_id is not None:
             await _ignore_conflict(lambda: self.registry.put_module(

@@ -560,7 +560,8 @@ class MessageLog:
         while freed < nbytes:
             first = self._first_seq
             deleted, size, lost, new_first = await self._db.run(
-                partial(evict, need=nbytes - freed, upto=self.last_seq, pin_floor=self._pin_floor()))
+                partial(evict, need=nbytes - freed, upto=self.last_seq,
+                        pin_floor=self._pin_floor()))
             if not deleted:
                 break
             self._removed(deleted, size, new_first)

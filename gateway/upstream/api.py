@@ -1,7 +1,7 @@
 """Service API routes of the upstream link (what ``gateway upstream`` calls)::
 
     GET    /upstream          the settings in force, key redacted (null: none)
-    PUT    /upstream          set them (body: connectionString | x509+hub+device, caFile, host, port)
+    PUT    /upstream          set them (connectionString | x509+hub+device; caFile, host, port)
     DELETE /upstream          clear them
     GET    /upstream/status   the status object (README "Connect to a parent hub")
 """

@@ -283,7 +283,8 @@ class Forwarder:
             over_cap = policy.max_bytes and size > policy.max_bytes
             if not over_cap and not disk:
                 continue
-            reason = disk or f"upstream route {route} over its byte cap ({size} > {policy.max_bytes})"
+            reason = disk or (f"upstream route {route} over its byte cap "
+                              f"({size} > {policy.max_bytes})")
             if policy.when_full == "reject-new":
                 refusing = reason
                 continue
