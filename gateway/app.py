@@ -55,6 +55,8 @@ from gateway.store.log import MessageLog
 from gateway.tasks import TaskSet
 from gateway.upstream.api import add_upstream_routes
 from gateway.upstream.service import Upstream
+from gateway.ui.logbuf import RingHandler
+from gateway.ui.server import UiServer, reexec
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +134,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
     broker: Broker | None = None
     api: ServiceApi | None = None
     tasks_ = TaskSet()
+    ring = RingHandler()  # the UI's live log tail
+    logging.getLogger().addHandler(ring)
     try:
         message_log = MessageLog(
             db, retention_s=config.store.retention_days * 86400,
@@ -196,6 +200,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         if provisioning is not None:
             add_enrollment_routes(api, provisioning)
         files = await _files(config, db, message_log, hub, api)
+        UiServer(config=config, api=api, upstream=upstream, ring=ring, broker=broker,
+                 restart=reexec).add_routes()
         await api.start(config.api.bind, config.api.port, device_tls, admission=admission,
                         header_timeout=config.api.header_timeout,
                         body_timeout=config.api.body_timeout)
@@ -265,6 +271,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         await registry.close()
         await db.close()
         log.info("hub stopped")
+        logging.getLogger().removeHandler(ring)
 
 
 async def _provisioning(config: Config, db: Database, registry: Registry, hub: Hub,
