@@ -93,8 +93,8 @@
       return st.backlog / rate;
     };
   }
-  function upstreamText(st) {
-    if (!st) return "not set";
+  function upstreamText(st, isSet) {
+    if (!st || !isSet) return "not set";
     return st.state + (st.lastError ? " (" + st.lastError + ")" : "");
   }
 
@@ -118,7 +118,7 @@
       last = o;
       $("store").textContent = o.stored + " messages, " + bytes(o.storeBytes) + " of " + bytes(o.storeMax);
       const up = o.upstream;
-      $("upstream-state").textContent = upstreamText(up);
+      $("upstream-state").textContent = upstreamText(up, o.upstreamSet);
       $("backlog").textContent = up ? up.backlog + " messages (" + bytes(up.backlogBytes) + ")" : "–";
       $("oldest").textContent = up ? duration(up.oldestAgeSeconds) : "–";
       $("drain").textContent = up ? (function (t) { return t === Infinity ? "not draining" : duration(t); })(drain(up)) : "–";
@@ -193,8 +193,10 @@
       let payload;
       try { payload = JSON.parse($("method-payload").value || "null"); } catch (e) { throw new Error("payload: not JSON"); }
       $("method-result").textContent = "invoking…";
-      const r = await call("POST", base + "/methods", { methodName: $("method-name").value, payload: payload, responseTimeoutInSeconds: 30, connectTimeoutInSeconds: 5 });
-      $("method-result").textContent = JSON.stringify(r, null, 2);
+      try {
+        const r = await call("POST", base + "/methods", { methodName: $("method-name").value, payload: payload, responseTimeoutInSeconds: 30, connectTimeoutInSeconds: 5 });
+        $("method-result").textContent = JSON.stringify(r, null, 2);
+      } catch (e) { $("method-result").textContent = e.message; }
     }));
     $("c2d").addEventListener("submit", guard(async () => {
       const r = await call("POST", "/devices/" + encodeURIComponent(id) + "/messages/deviceBound", { body: $("c2d-body").value });
@@ -473,7 +475,7 @@
     const drain = drainer();
     live("overview", {}, (o) => {
       const st = o.upstream;
-      $("up-state").textContent = upstreamText(st);
+      $("up-state").textContent = upstreamText(st, o.upstreamSet);
       $("up-backlog").textContent = st ? st.backlog + " messages (" + bytes(st.backlogBytes) + ")" : "–";
       $("up-oldest").textContent = st ? duration(st.oldestAgeSeconds) : "–";
       $("up-sent").textContent = st ? st.sent : "–";
