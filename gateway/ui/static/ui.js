@@ -287,15 +287,18 @@
       for (let i = 0; i < units.length; i += 4) {
         const chunk = units.slice(i, i + 4);
         $("scan-text").textContent = "asking units " + chunk[0] + "–" + chunk[chunk.length - 1] + " (" + i + " of " + units.length + " done, " + answered + " found)";
+        // A bus saved a moment ago may not be running yet (404) or connected (503): wait a bit.
         let r;
         for (let attempt = 0; ; attempt++) {
-          try { r = await method("scan", { bus: bus, units: chunk.join(","), table: $("scan-table").value, seconds: 60 }); break; }
-          catch (e) { if (attempt >= 5 || !/^50[34]/.test(e.message)) throw e; await new Promise((ok) => setTimeout(ok, 1000)); }
+          r = await method("scan", { bus: bus, units: chunk.join(","), table: $("scan-table").value, seconds: 60 });
+          if (r.status === 200 || attempt >= 15 || (r.status !== 404 && r.status !== 503)) break;
+          $("scan-text").textContent = "waiting for the bridge to open bus " + bus + "…";
+          await new Promise((ok) => setTimeout(ok, 1000));
         }
-        if (r.status !== 200) throw new Error("scan: " + JSON.stringify(r.payload));
+        if (r.status !== 200) throw new Error("scan: " + ((r.payload && r.payload.error) || JSON.stringify(r.payload)));
         r.payload.answered.forEach((a) => {
           answered++;
-          const b = el("button", "unit " + a.unit + (a.kind !== "values" && a.kind ? " (" + a.kind + ")" : ""), { type: "button", "data-unit": a.unit });
+          const b = el("button", "unit " + a.unit + (a.kind && a.kind !== "value" ? " (" + a.kind + ")" : ""), { type: "button", "data-unit": a.unit });
           b.addEventListener("click", () => openUnit(a.unit));
           const li = el("li"); li.appendChild(b); found.appendChild(li);
         });
@@ -347,10 +350,10 @@
       const cell = (node) => { const td = el("td"); td.appendChild(node); tr.appendChild(td); return node; };
       const name = cell(el("input", null, { "aria-label": "name of register " + n, value: "value" + n, class: "m-name" }));
       const table = cell(el("select", null, { "aria-label": "table of register " + n, class: "m-table" }));
-      ["input", "holding"].forEach((x) => table.appendChild(el("option", x)));
+      ["input", "holding"].forEach((x) => table.appendChild(el("option", x, { value: x })));
       const addr = cell(el("input", null, { "aria-label": "address of register " + n, type: "number", value: "0", class: "m-address" }));
       const type = cell(el("select", null, { "aria-label": "type of register " + n, class: "m-type" }));
-      TYPES.forEach((x) => type.appendChild(el("option", x)));
+      TYPES.forEach((x) => type.appendChild(el("option", x, { value: x })));
       const scale = cell(el("input", null, { "aria-label": "scale of register " + n, type: "number", step: "any", value: "1", class: "m-scale" }));
       const unitIn = cell(el("input", null, { "aria-label": "unit of register " + n, value: "", class: "m-unit" }));
       const td = el("td"); const test = el("button", "Test", { type: "button" }); const out = el("output");
