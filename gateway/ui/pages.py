@@ -235,6 +235,7 @@ def _upstream(ctx: dict[str, Any]) -> str:
         "SharedAccessKey=...)</label><textarea id=\"up-connstr\" rows=\"3\" required "
         "autocomplete=\"off\" spellcheck=\"false\"></textarea>"
         + _field("up-host", "Address to dial (optional)")
+        + _field("up-port", "Port (optional, 8883)", kind="number")
         + _field("up-ca", "CA file on the gateway (optional)")
         + "<button type=\"submit\">Save</button></form></section>"
         "<section><h2>Test the link</h2><button type=\"button\" id=\"up-test\">Test step by step"

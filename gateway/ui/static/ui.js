@@ -95,7 +95,7 @@
   }
   function upstreamText(st, isSet) {
     if (!st || !isSet) return "not set";
-    return st.state + (st.lastError ? " (" + st.lastError + ")" : "");
+    return st.state + (st.lastError && st.state !== "connected" ? " (" + st.lastError + ")" : "");
   }
 
   // -- Overview -------------------------------------------------------------------------
@@ -404,7 +404,7 @@
           let tr = liveRows[key];
           if (!tr) { tr = row([p.sensor, r.name, "", ""]); tr.dataset.key = key; liveRows[key] = tr; document.querySelector("#live tbody").appendChild(tr); }
           tr.children[2].textContent = (typeof r.value === "number" ? Math.round(r.value * 1000) / 1000 : r.value) + (r.unit ? " " + r.unit : "");
-          tr.children[3].textContent = (p.time || m.event.enqueuedTime || "").toString().replace(/\.\d+/, "");
+          tr.children[3].textContent = (p.time || (m.event.annotations || {})["iothub-enqueuedtime"] || "").toString().replace(/\.\d+/, "");
         });
       });
     });
@@ -495,6 +495,7 @@
       const req = { connectionString: $("up-connstr").value.trim() };
       if ($("up-host").value.trim()) req.host = $("up-host").value.trim();
       if ($("up-ca").value.trim()) req.caFile = $("up-ca").value.trim();
+      if ($("up-port").value) req.port = parseInt($("up-port").value, 10);
       await call("PUT", "/upstream", req);
       $("up-connstr").value = "";
       say("upstream saved"); await show();
