@@ -9,8 +9,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-_DEVICE = re.compile(r"\bdevice(?:_id)?=([^\s,]+)")
-_MODULE = re.compile(r"\bmodule(?:_id)?=([^\s,]+)")
+_DEVICE = re.compile(r"\b(?:device(?:_id)?=|client_id=')([^\s,'/]+)")
+_MODULE = re.compile(r"\b(?:module(?:_id)?=|client_id='[^\s,'/]+/)([^\s,']+)")
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
+import hypothesis  # noqa: F401  (imported here, before any test thread: its plugin imports it
+import pytest       # at the end of the run, where CPython 3.11.7 then fails its AST check)
 
 from tests.hubproc import REPO, HubProcess
 

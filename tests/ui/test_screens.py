@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from selenium.webdriver.support.ui import Select
 
 from tests.hubproc import HubProcess
 from tests.ui.conftest import ADDRESS, base_url, start_hub
@@ -71,8 +73,6 @@ def _connects(hub: HubProcess, connection_string: str) -> bool:
 
     cs = parse_connection_string(connection_string)
     assert cs.device_id is not None and cs.shared_access_key is not None
-    import time
-
     token = generate_sas_token(f"{cs.host_name}/devices/{cs.device_id}", cs.shared_access_key,
                                int(time.time()) + 600)
     result: dict[str, int] = {}
@@ -143,5 +143,40 @@ def test_create_device_copy_connection_string(tmp_path: Path, browser: Any,
         browser.get_log("browser")  # the method's 404 above was expected
         assert "ui action user=admin" in hub.log_text()
         assert "POST /devices/pump-7/messages/deviceBound" in hub.log_text()
+    finally:
+        hub.stop()
+
+
+def test_logs_live_tail_filtered(tmp_path: Path, browser: Any, artifacts: Path) -> None:
+    hub = start_hub(tmp_path)
+    try:
+        url = base_url(hub)
+        login(browser, url)
+        until(lambda: by_id(browser, "uptime").text not in ("", "…"), what="overview")
+        dev = json.loads(hub.cli("device", "create", "tank-3").stdout)
+        browser.get(url + "/ui/logs")
+        by_id(browser, "log-device").send_keys("tank-3")
+        by_id(browser, "log-filter").submit()
+        time.sleep(1)
+        assert not browser.find_elements("css selector", "#logs tbody tr")
+        key = dev["authentication"]["symmetricKey"]["primaryKey"]
+        assert _connects(hub, f"HostName=testhub.local;DeviceId=tank-3;SharedAccessKey={key}")
+        lines = until(lambda: [r.text for r in browser.find_elements(
+            "css selector", "#logs tbody tr")], what="the device's log lines, live")
+        assert all("tank-3" in line for line in lines) and any("connected" in x for x in lines)
+        # WARNING and up: a failed login from elsewhere shows up live, INFO lines do not.
+        by_id(browser, "log-device").clear()
+        Select(by_id(browser, "log-level")).select_by_visible_text("WARNING")
+        by_id(browser, "log-filter").submit()
+        from tests.ui.test_login import _http
+
+        _http(url + "/ui/login", method="POST", data=b"password=nope",
+              headers={"Content-Type": "application/x-www-form-urlencoded"})
+        lines = until(lambda: [r.text for r in browser.find_elements(
+            "css selector", "#logs tbody tr")], what="the warning, live")
+        assert any("ui login failed" in x for x in lines)
+        assert all(" INFO " not in f" {x} " for x in lines)
+        shots(browser, artifacts, "logs-filtered")
+        assert console_errors(browser) == []
     finally:
         hub.stop()
