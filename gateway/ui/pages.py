@@ -182,11 +182,11 @@ def _sensors(ctx: dict[str, Any]) -> str:
         "<form id=\"save-form\" class=\"row\">"
         + _field("device-name", "Sensor name", value="meter1", extra=" required")
         + _field("device-interval", "Interval (s)", value="5", kind="number")
-        + "<button type=\"submit\">Save</button></form></div>"
-        "<div id=\"live-box\" hidden><h3>Live values</h3><div class=\"scroll\">"
+        + "<button type=\"submit\">Save</button></form></div></section>"
+        "<section id=\"live-box\" hidden><h2>Live values</h2><div class=\"scroll\">"
         "<table id=\"live\"><thead><tr><th scope=\"col\">Sensor</th><th scope=\"col\">Reading"
         "</th><th scope=\"col\">Value</th><th scope=\"col\">Time</th></tr></thead><tbody>"
-        "</tbody></table></div></div></section>"
+        "</tbody></table></div></section>"
         "<section id=\"ble\"><h2>BLE</h2><p>Advertising sensors near the gateway:</p>"
         "<div class=\"scroll\"><table id=\"ble-list\"><thead><tr><th scope=\"col\">Address</th>"
         "<th scope=\"col\">Name</th><th scope=\"col\">Signal</th><th scope=\"col\">Values</th>"

@@ -213,7 +213,7 @@
     let profileList = [];
 
     const loadBuses = guard(async () => {
-      if (!mod) { say("no Modbus bridge configured: add [modules.modbus] bridge = \"modbus\" to gateway.toml", true); return; }
+      if (!mod) { $("modbus").hidden = true; if (!body.dataset.moduleBle) say("no sensor bridge is configured: add [modules.modbus] bridge = \"modbus\" (or serial, ble) to gateway.toml", true); return; }
       const t = await call("GET", modTwin);
       const buses = (t.properties.desired || {}).buses || {};
       const status = (((t.properties.reported || {}).status || {}).buses) || {};
@@ -393,7 +393,8 @@
 
     // Live values of every Modbus sensor, as the bridge sends them.
     const liveRows = {};
-    if (mod) live("telemetry", { device: gw, module: mod }, (rows) => {
+    // (every sensor's telemetry: Modbus and BLE bridges, and the child devices they speak for)
+    live("telemetry", {}, (rows) => {
       rows.forEach((m) => {
         let p = m.event.payload;
         if (typeof p === "string") { try { p = JSON.parse(p); } catch (e) { return; } }
@@ -404,7 +405,8 @@
           let tr = liveRows[key];
           if (!tr) { tr = row([p.sensor, r.name, "", ""]); tr.dataset.key = key; liveRows[key] = tr; document.querySelector("#live tbody").appendChild(tr); }
           tr.children[2].textContent = (typeof r.value === "number" ? Math.round(r.value * 1000) / 1000 : r.value) + (r.unit ? " " + r.unit : "");
-          tr.children[3].textContent = (p.time || (m.event.annotations || {})["iothub-enqueuedtime"] || "").toString().replace(/\.\d+/, "");
+          const t = p.time !== undefined ? p.time : (m.event.annotations || {})["iothub-enqueuedtime"];
+          tr.children[3].textContent = typeof t === "number" ? new Date(t > 1e12 ? t : t * 1000).toLocaleTimeString() : String(t || "").replace(/\.\d+/, "");
         });
       });
     });
@@ -412,7 +414,7 @@
     // -- BLE
     const ble = body.dataset.moduleBle;
     const bleTwin = "/twins/" + encodeURIComponent(gw) + "/modules/" + encodeURIComponent(ble || "ble");
-    let bleAddress = null;
+    let bleAddress = null, bleFormats = [];
     const nearby = guard(async () => {
       if (!ble) { $("ble").hidden = true; return; }
       const r = await call("POST", bleTwin + "/methods", { methodName: "nearby", payload: {}, responseTimeoutInSeconds: 10, connectTimeoutInSeconds: 5 });
@@ -420,8 +422,10 @@
       ((r.payload || {}).devices || []).forEach((d) => {
         const add = el("button", d.sensor ? "added as " + d.sensor : "Add", { type: "button" });
         add.disabled = !!d.sensor;
-        add.addEventListener("click", () => { bleAddress = d.address; $("ble-address").textContent = d.address; $("ble-form").hidden = false; $("ble-name").value = (d.name || "sensor").replace(/[^A-Za-z0-9_-]/g, "_"); $("ble-name").focus(); });
-        const vals = d.values ? Object.keys(d.values).map((k) => k + " " + d.values[k]).join(", ") : (d.formats || []).join(", ");
+        add.setAttribute("data-address", d.address);
+        add.addEventListener("click", () => { bleAddress = d.address; bleFormats = (d.formats || []).filter((f) => f !== "bthome" || !(d.values || {}).encrypted); $("ble-address").textContent = d.address; $("ble-form").hidden = false; $("ble-name").value = (d.name || "sensor").replace(/[^A-Za-z0-9_-]/g, "_"); $("ble-name").focus(); });
+        const v = d.values || {};
+        const vals = v.encrypted ? "encrypted BTHome: add it with its bindkey" : Object.keys(v).map((k) => k + " " + v[k]).join(", ") || (d.formats || []).join(", ");
         tb.appendChild(row([d.address, d.name || "", d.rssi + " dBm", vals, add]));
       });
     });
@@ -429,13 +433,24 @@
     if (ble) setInterval(nearby, 5000);
     $("ble-refresh").addEventListener("click", nearby);
     $("ble-form").addEventListener("submit", guard(async () => {
-      const spec = { address: bleAddress, decoder: ["bthome", "ruuvi", "atc"] };
+      const name = $("ble-name").value.trim();
       const key = $("ble-bindkey").value.trim();
-      if (key) { spec.bindkey = key; spec.decoder = "bthome"; }
-      const s = {}; s[$("ble-name").value.trim()] = spec;
-      await call("PATCH", bleTwin, { properties: { desired: { sensors: s } } });
+      const desired = { sensors: {} };
+      if (key) {
+        // Encrypted BTHome: the sensor speaks as a child device whose registry entry holds
+        // the bindkey (never a twin), as `gateway device update --sensor-key` sets it.
+        const g = await call("GET", "/devices/" + encodeURIComponent(gw));
+        const child = gw.split(".")[0] + "-" + name;
+        await call("PUT", "/devices/" + encodeURIComponent(child), { deviceId: child, authentication: { type: "none" }, deviceScope: g.deviceScope, parentScopes: [g.deviceScope], sensorKey: key });
+        desired.sensors[name] = { address: bleAddress, decoder: "bthome" };
+        desired.children = {}; desired.children[name] = { deviceId: child };
+      } else {
+        desired.sensors[name] = { address: bleAddress, decoder: bleFormats.length ? bleFormats : ["bthome", "ruuvi", "atc"] };
+      }
+      await call("PATCH", bleTwin, { properties: { desired: desired } });
       $("ble-form").hidden = true;
-      say("sensor " + $("ble-name").value + " added");
+      $("ble-bindkey").value = "";
+      say("sensor " + name + " added");
       await nearby();
     }));
   }
