@@ -180,3 +180,38 @@ def test_logs_live_tail_filtered(tmp_path: Path, browser: Any, artifacts: Path) 
         assert console_errors(browser) == []
     finally:
         hub.stop()
+
+
+def test_route_condition_editor_and_create(tmp_path: Path, browser: Any, artifacts: Path) -> None:
+    hub = start_hub(tmp_path)
+    try:
+        url = base_url(hub)
+        login(browser, url)
+        until(lambda: by_id(browser, "uptime").text not in ("", "…"), what="overview")
+        browser.get(url + "/ui/routes")
+        until(lambda: browser.find_elements("css selector", "#endpoints tbody tr"),
+              what="endpoints")
+        by_id(browser, "route-name").send_keys("hot")
+        cond = by_id(browser, "route-condition")
+        cond.clear()
+        cond.send_keys("$body.temperature > 50")
+        by_id(browser, "route-test").click()
+        result = until(lambda: by_id(browser, "route-test-result").text, what="test result")
+        assert result.startswith("does not match") and "temperature" in result, result
+        sample = by_id(browser, "route-sample")
+        sample.clear()
+        sample.send_keys('{"temperature": 71}')
+        by_id(browser, "route-test").click()
+        until(lambda: by_id(browser, "route-test-result").text.startswith("matches"),
+              what="match")
+        shots(browser, artifacts, "routes-test")
+        by_id(browser, "route-form").submit()
+        until(lambda: "created" in by_id(browser, "status").text, what="created")
+        rows = until(lambda: [r.text for r in browser.find_elements("css selector",
+                                                                    "#routes tbody tr")], what="row")
+        assert "hot" in rows[0] and "$body.temperature > 50" in rows[0]
+        assert json.loads(hub.cli("route", "show", "hot").stdout)["condition"] == \
+            "$body.temperature > 50"
+        assert console_errors(browser) == []
+    finally:
+        hub.stop()

@@ -477,9 +477,11 @@
       return { body: b };
     };
     $("route-test").addEventListener("click", guard(async () => {
-      const cond = $("route-condition").value;
-      const r = await call("POST", "/routing/test", Object.assign(sample(), { route: { name: "test", source: $("route-source").value, condition: cond, endpointNames: [$("route-endpoint").value] } }));
-      $("route-test-result").textContent = JSON.stringify(r);
+      const name = $("route-name").value.trim() || "new-route";
+      const r = await call("POST", "/routing/test", Object.assign(sample(), { route: { name: name, source: $("route-source").value, condition: $("route-condition").value, endpointNames: [$("route-endpoint").value], isEnabled: true } }));
+      const mine = (r.routes || []).find((x) => x.name === name) || {};
+      $("route-test-result").textContent = (mine.matched ? "matches: the sample goes to " + mine.endpoint : "does not match: " + (mine.reason || "?")) + ". Endpoints reached: " + (r.endpoints || []).join(", ") + (r.fallback ? " (by the fallback route)" : "");
+      $("route-test-result").className = mine.matched ? "" : "error";
     }));
     $("route-form").addEventListener("submit", guard(async () => {
       const name = $("route-name").value.trim();
