@@ -187,6 +187,19 @@ def _sensors(ctx: dict[str, Any]) -> str:
         "<table id=\"live\"><thead><tr><th scope=\"col\">Sensor</th><th scope=\"col\">Reading"
         "</th><th scope=\"col\">Value</th><th scope=\"col\">Time</th></tr></thead><tbody>"
         "</tbody></table></div></section>"
+        "<section id=\"serial\"><h2>Serial</h2><form id=\"serial-form\" class=\"stack\">"
+        "<label for=\"serial-port\">Port</label><select id=\"serial-port\"></select>"
+        + _field("serial-path", "or a device path", extra=" autocomplete=\"off\"")
+        + _field("serial-baud", "Baud rate", value="9600", kind="number")
+        + "<label for=\"serial-format\">Format</label><select id=\"serial-format\">"
+        "<option value=\"nmea\">NMEA 0183 (GPS)</option><option value=\"jsonl\">JSON lines"
+        "</option><option value=\"regex\">text matched by a pattern</option>"
+        "<option value=\"delimited\">delimited columns</option></select>"
+        + _field("serial-pattern", "Pattern (regex with named groups, e.g. W:(?P<weight>[-0-9.]+))")
+        + _field("serial-columns", "Columns (names separated by commas; delimited format)")
+        + _field("serial-separator", "Separator (delimited format)", value=";")
+        + _field("serial-sensor", "Sensor name", value="serial1", extra=" required")
+        + "<button type=\"submit\">Save port</button></form></section>"
         "<section id=\"ble\"><h2>BLE</h2><p>Advertising sensors near the gateway:</p>"
         "<div class=\"scroll\"><table id=\"ble-list\"><thead><tr><th scope=\"col\">Address</th>"
         "<th scope=\"col\">Name</th><th scope=\"col\">Signal</th><th scope=\"col\">Values</th>"

@@ -213,7 +213,7 @@
     let profileList = [];
 
     const loadBuses = guard(async () => {
-      if (!mod) { $("modbus").hidden = true; if (!body.dataset.moduleBle) say("no sensor bridge is configured: add [modules.modbus] bridge = \"modbus\" (or serial, ble) to gateway.toml", true); return; }
+      if (!mod) { $("modbus").hidden = true; if (!body.dataset.moduleBle && !body.dataset.moduleSerial) say("no sensor bridge is configured: add [modules.modbus] bridge = \"modbus\" (or serial, ble) to gateway.toml", true); return; }
       const t = await call("GET", modTwin);
       const buses = (t.properties.desired || {}).buses || {};
       const status = (((t.properties.reported || {}).status || {}).buses) || {};
@@ -410,6 +410,29 @@
         });
       });
     });
+
+    // -- Serial
+    const ser = body.dataset.moduleSerial;
+    const serTwin = "/twins/" + encodeURIComponent(gw) + "/modules/" + encodeURIComponent(ser || "serial");
+    if (!ser) $("serial").hidden = true;
+    else guard(async () => {
+      const ports = await call("GET", "/ui/info/serial-ports");
+      const sel = $("serial-port"); sel.textContent = "";
+      sel.appendChild(el("option", ports.length ? "(choose a port)" : "(no serial adapter plugged in: give a path)", { value: "" }));
+      ports.forEach((p) => sel.appendChild(el("option", p.replace("/dev/serial/by-id/", ""), { value: p })));
+    })();
+    $("serial-form").addEventListener("submit", guard(async () => {
+      const path = $("serial-path").value.trim() || $("serial-port").value;
+      if (!path) throw new Error("choose a port or give its path");
+      const sensor = $("serial-sensor").value.trim();
+      const fmt = $("serial-format").value;
+      const spec = { path: path, sensor: sensor, baud: parseInt($("serial-baud").value, 10) || 9600, format: fmt };
+      if (fmt === "regex") spec.decoder = { pattern: $("serial-pattern").value };
+      if (fmt === "delimited") spec.decoder = { separator: $("serial-separator").value || ";", columns: $("serial-columns").value.split(",").map((c) => c.trim() || null) };
+      const ports = {}; ports[sensor] = spec;
+      await call("PATCH", serTwin, { properties: { desired: { ports: ports } } });
+      say("serial port " + path + " saved: decoded lines appear under Live values");
+    }));
 
     // -- BLE
     const ble = body.dataset.moduleBle;
