@@ -135,6 +135,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
     api: ServiceApi | None = None
     tasks_ = TaskSet()
     ring = RingHandler()  # the UI's live log tail
+    restart = asyncio.Event()
     logging.getLogger().addHandler(ring)
     try:
         message_log = MessageLog(
@@ -200,8 +201,9 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         if provisioning is not None:
             add_enrollment_routes(api, provisioning)
         files = await _files(config, db, message_log, hub, api)
+        # The web page's restart: a clean stop, then the same command again (gateway run only).
         UiServer(config=config, api=api, upstream=upstream, ring=ring, broker=broker,
-                 restart=reexec).add_routes()
+                 restart=restart.set if stop is None else None).add_routes()
         await api.start(config.api.bind, config.api.port, device_tls, admission=admission,
                         header_timeout=config.api.header_timeout,
                         body_timeout=config.api.body_timeout)
@@ -249,6 +251,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
                 tasks.create_task(files.store.run(), name="file-expiry")
             tasks.create_task(supervisor.run(), name="modules")
             tasks.create_task(upstream.run(), name="upstream")
+            tasks.create_task(_relay(restart, stop_event), name="ui-restart")
             if notifier.watchdog_interval:
                 tasks.create_task(_watchdog(notifier), name="watchdog")
             notifier.ready(f"serving: mqtt {broker.ports}, https {api.port}")
@@ -272,6 +275,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         await db.close()
         log.info("hub stopped")
         logging.getLogger().removeHandler(ring)
+        if restart.is_set():
+            reexec()
 
 
 async def _provisioning(config: Config, db: Database, registry: Registry, hub: Hub,
@@ -329,6 +334,11 @@ def _sas_key(registry: Registry, device_id: str, module_id: str | None) -> str |
     if identity is None or identity.auth_type != "sas":
         return None
     return identity.primary_key
+
+
+async def _relay(event: asyncio.Event, stop: asyncio.Event) -> None:
+    await event.wait()
+    stop.set()
 
 
 class _Stop(Exception):

@@ -480,13 +480,13 @@ class UiServer:
         if self.restart is None:
             raise InvalidRequestError("this hub cannot restart itself (no service manager)")
         self.action(request, session, "restart")
-        asyncio.get_running_loop().call_later(0.5, self.restart)
+        asyncio.get_running_loop().call_later(0.5, self.restart)  # after this answer went out
         return web.json_response({"restarting": True}, headers=HEADERS)
 
 
 def reexec() -> None:
-    """Restart the hub in place: the same process id, the same arguments (what it committed is
-    in the store; what it did not acknowledge, devices send again)."""
+    """Run the same command again in this process (the hub has stopped cleanly: its modules,
+    listeners and store are closed; the process id stays, so a service manager sees no exit)."""
     import sys
 
     log.warning("ui restart: the hub restarts now")

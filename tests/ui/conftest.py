@@ -68,12 +68,12 @@ def browser(tmp_path: Path) -> Iterator[Any]:
 
 
 def start_hub(tmp_path: Path, extra_config: str = "", *, password: str | None = PASSWORD,
-              env: dict[str, str] | None = None) -> HubProcess:
+              env: dict[str, str] | None = None, **kw: Any) -> HubProcess:
     data_dir = tmp_path / "data"
     if password is not None:
         result = set_password(data_dir, password)
         assert result.returncode == 0, result.stderr
-    hub = HubProcess(data_dir, address=ADDRESS, extra_config=extra_config, log_level="info")
+    hub = HubProcess(data_dir, address=ADDRESS, extra_config=extra_config, log_level="info", **kw)
     if env:
         os.environ.update(env)
     return hub.start()

@@ -215,3 +215,52 @@ def test_route_condition_editor_and_create(tmp_path: Path, browser: Any, artifac
         assert console_errors(browser) == []
     finally:
         hub.stop()
+
+
+def test_system_support_bundle_and_restart(tmp_path: Path, browser: Any) -> None:
+    import io
+    import socket
+    import tarfile
+
+    with socket.socket() as s:
+        s.bind((ADDRESS, 0))
+        port = s.getsockname()[1]
+    hub = start_hub(tmp_path, '[modules.serial]\nbridge = "serial"\n', api_port=port)
+    try:
+        url = base_url(hub)
+        login(browser, url)
+        until(lambda: by_id(browser, "uptime").text not in ("", "…"), what="overview")
+        browser.get(url + "/ui/system")
+        until(lambda: by_id(browser, "sys-disk").text != "…", what="system info")
+        assert by_id(browser, "sys-version").text and "free of" in by_id(browser, "sys-disk").text
+        from tests.ui.test_login import _http
+
+        jar = "gw_session=" + browser.get_cookie("gw_session")["value"]
+        status, _, _ = _http(url + "/ui/bundle")
+        assert status == 401  # not without the session
+        import ssl
+        import urllib.request
+
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        with urllib.request.urlopen(urllib.request.Request(
+                url + "/ui/bundle", headers={"Cookie": jar}), context=ctx, timeout=60) as r:
+            assert "attachment" in r.headers["Content-Disposition"]
+            raw = r.read()
+        names = tarfile.open(fileobj=io.BytesIO(raw)).getnames()
+        assert names and not any("admin.json" in n or n.endswith(".key") for n in names), names
+        pid = hub.pid
+        by_id(browser, "restart").click()
+        browser.switch_to.alert.accept()
+        until(lambda: "restarting" in by_id(browser, "status").text, what="restarting")
+        until(lambda: hub.log_text().count("hub ready") == 2, 60, "the hub back")
+        assert hub.log_text().count("hub stopped") == 1 and hub.pid == pid
+        assert "ui action user=admin address=" in hub.log_text() and "action=restart" in \
+            hub.log_text()
+        browser.get(url + "/")  # sessions lived in the old run: log in again
+        until(lambda: "/ui/login" in browser.current_url, what="login again")
+        login(browser, url)
+        until(lambda: by_id(browser, "uptime").text not in ("", "…"), what="overview again")
+        assert console_errors(browser) == []
+    finally:
+        hub.stop()
