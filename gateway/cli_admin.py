@@ -1,8 +1,9 @@
 """``gateway admin set-password``: the technician web page's admin password.
 
 Reads the new password from standard input when that is not a terminal (one line), or prompts
-twice; writes ``DATA_DIR/admin.json`` (0600, the scrypt hash only). Sessions of a running hub
-end at its next login check only if it restarts; the new password is used at once.
+twice; writes ``DATA_DIR/admin.json`` (0600, the scrypt hash only). A running hub checks the
+next login against it at once; sessions already open last until they expire or the hub
+restarts.
 """
 
 from __future__ import annotations

@@ -200,11 +200,10 @@ def _sensors(ctx: dict[str, Any]) -> str:
         + _field("serial-separator", "Separator (delimited format)", value=";")
         + _field("serial-sensor", "Sensor name", value="serial1", extra=" required")
         + "<button type=\"submit\">Save port</button></form></section>"
-        "<section id=\"ble\"><h2>BLE</h2><p>Advertising sensors near the gateway:</p>"
+        "<section id=\"ble\"><h2>BLE</h2><p>Advertising sensors near the gateway (live):</p>"
         "<div class=\"scroll\"><table id=\"ble-list\"><thead><tr><th scope=\"col\">Address</th>"
         "<th scope=\"col\">Name</th><th scope=\"col\">Signal</th><th scope=\"col\">Values</th>"
         "<th scope=\"col\">Add</th></tr></thead><tbody></tbody></table></div>"
-        "<button type=\"button\" id=\"ble-refresh\">Look again</button>"
         "<form id=\"ble-form\" class=\"stack\" hidden><h3>Add <span id=\"ble-address\"></span></h3>"
         + _field("ble-name", "Sensor name", extra=" required")
         + _field("ble-bindkey", "Bindkey (encrypted BTHome only, 32 hex digits)",

@@ -354,7 +354,7 @@ class UiServer:
     async def stream(self, request: web.Request) -> web.StreamResponse:
         self.guard(request)
         what = request.match_info["what"]
-        if what not in ("overview", "logs", "telemetry", "devices"):
+        if what not in ("overview", "logs", "telemetry", "devices", "ble"):
             raise NotFoundError(f"no stream {what!r}")
         response = web.StreamResponse(headers={
             **HEADERS, "Content-Type": "text/event-stream", "X-Accel-Buffering": "no"})
@@ -366,6 +366,8 @@ class UiServer:
                 await self._stream_logs(request, response)
             elif what == "devices":
                 await self._stream_devices(response)
+            elif what == "ble":
+                await self._stream_ble(response)
             else:
                 await self._stream_telemetry(request, response)
         except (ConnectionResetError, asyncio.CancelledError):
@@ -393,6 +395,24 @@ class UiServer:
             else:
                 await response.write(b": keep-alive\n\n")
             await asyncio.sleep(1.0)
+
+    async def _stream_ble(self, response: web.StreamResponse) -> None:
+        """What the BLE bridge hears (its ``nearby`` method, asked every 2 s inside the hub)."""
+        module = next((m.name for m in self.config.modules if m.bridge == "ble"), None)
+        if module is None:
+            raise NotFoundError("no BLE bridge is configured")
+        from gateway.errors import GatewayError
+
+        while True:
+            try:
+                status, payload = await self.api.hub.methods.invoke(
+                    self.gateway_id, module, {"methodName": "nearby", "payload": {},
+                                              "responseTimeoutInSeconds": 10,
+                                              "connectTimeoutInSeconds": 5})
+            except GatewayError as exc:
+                status, payload = 503, {"error": str(exc)}
+            await self._send(response, {"status": status, "payload": payload})
+            await asyncio.sleep(2.0)
 
     async def _stream_logs(self, request: web.Request, response: web.StreamResponse) -> None:
         q = request.query

@@ -42,6 +42,12 @@ def test_every_screen_loads_clean(tmp_path: Path, browser: Any, artifacts: Path)
                       what="log lines")
             if path == "/ui/upstream":
                 until(lambda: by_id(browser, "up-state").text == "not set", what="upstream")
+            unlabelled = browser.execute_script(
+                "return [...document.querySelectorAll('input:not([type=hidden]), select, "
+                "textarea')].filter((e) => !e.getAttribute('aria-label') && !(e.id && "
+                "document.querySelector('label[for=\"' + e.id + '\"]'))).map((e) => "
+                "e.outerHTML)")
+            assert unlabelled == [], f"{path}: fields without a label: {unlabelled}"
             name = path.strip("/").replace("ui/", "") or "overview"
             shots(browser, artifacts, name)
             assert console_errors(browser) == [], path

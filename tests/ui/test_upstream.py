@@ -79,6 +79,7 @@ def number(text: str) -> int:
     return int(text.split()[0]) if text and text[0].isdigit() else -1
 
 
+@pytest.mark.slow
 def test_upstream_set_test_and_backlog_while_cut(tmp_path: Path, browser: Any, artifacts: Path,
                                                  loop: Loop) -> None:
     parent = HubProcess(tmp_path / "parent", host_name="parent.local", address=PARENT,

@@ -438,10 +438,12 @@
     const ble = body.dataset.moduleBle;
     const bleTwin = "/twins/" + encodeURIComponent(gw) + "/modules/" + encodeURIComponent(ble || "ble");
     let bleAddress = null, bleFormats = [];
-    const nearby = guard(async () => {
-      if (!ble) { $("ble").hidden = true; return; }
-      const r = await call("POST", bleTwin + "/methods", { methodName: "nearby", payload: {}, responseTimeoutInSeconds: 10, connectTimeoutInSeconds: 5 });
-      const tb = document.querySelector("#ble-list tbody"); tb.textContent = "";
+    let lastNearby = null;
+    const showNearby = (r) => {
+      lastNearby = r;
+      const tb = document.querySelector("#ble-list tbody");
+      if (r.status !== 200) { say("BLE bridge: " + ((r.payload && (r.payload.error || r.payload.Message)) || r.status), true); return; }
+      tb.textContent = "";
       ((r.payload || {}).devices || []).forEach((d) => {
         const add = el("button", d.sensor ? "added as " + d.sensor : "Add", { type: "button" });
         add.disabled = !!d.sensor;
@@ -451,10 +453,10 @@
         const vals = v.encrypted ? "encrypted BTHome: add it with its bindkey" : Object.keys(v).map((k) => k + " " + v[k]).join(", ") || (d.formats || []).join(", ");
         tb.appendChild(row([d.address, d.name || "", d.rssi + " dBm", vals, add]));
       });
-    });
-    nearby();
-    if (ble) setInterval(nearby, 5000);
-    $("ble-refresh").addEventListener("click", nearby);
+    };
+    if (!ble) $("ble").hidden = true;
+    else live("ble", {}, showNearby);
+    const nearby = async () => { if (lastNearby) showNearby(lastNearby); };
     $("ble-form").addEventListener("submit", guard(async () => {
       const name = $("ble-name").value.trim();
       const key = $("ble-bindkey").value.trim();
