@@ -54,6 +54,9 @@ from gateway.store.files import private_directory
 from gateway.store.log import MessageLog
 from gateway.tasks import TaskSet
 from gateway.upstream.api import add_upstream_routes
+from gateway.upstream.policy import from_config
+from gateway.upstream.provision import provision_until_done
+from gateway.upstream.routes import routed_policy, routed_select
 from gateway.upstream.service import Upstream
 from gateway.ui.logbuf import RingHandler
 from gateway.ui.server import UiServer, reexec
@@ -184,6 +187,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         device_tls = tls.server_context(certs.server_cert, certs.server_key)
         provisioning = await _provisioning(config, db, registry, hub, certs, tasks_)
         registry.add_listener(broker.identity_changed, updates=True)
+        registry.add_certificate_listener(broker.ca_certificate_changed)
         await broker.start(
             tls_context=device_tls,
             unix_path=data_dir / "mqtt.sock" if config.mqtt.unix_socket else None,
@@ -192,10 +196,14 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
                          authenticator=authenticator, log=message_log, hub=hub, broker=broker,
                          events_page_bytes=config.api.events_page_bytes, routing=routing)
         gateway_id = config.hub.device_id or config.hub.host_name  # the bridges' device
+        current_router = lambda: hub.router  # noqa: E731 - swapped live by the routing service
         upstream = Upstream(data_dir=data_dir, cfg=config.upstream, log_=message_log, db=db,
                             local_gateway=gateway_id, refuse=hub.refuse_telemetry,
-                            credentials=partial(_sas_key, registry))
+                            credentials=partial(_sas_key, registry),
+                            select=routed_select(current_router),
+                            policy_of=routed_policy(current_router, from_config(config.upstream)))
         add_upstream_routes(api, upstream)
+        routing.upstream_status = upstream.status
         Metrics(db, broker, message_log,
                 lambda: upstream.status() if upstream.settings else None).add_route(api)
         if provisioning is not None:
@@ -252,6 +260,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
             tasks.create_task(supervisor.run(), name="modules")
             tasks.create_task(upstream.run(), name="upstream")
             tasks.create_task(_relay(restart, stop_event), name="ui-restart")
+            tasks.create_task(provision_until_done(data_dir, config.upstream),
+                              name="upstream-provisioning")
             if notifier.watchdog_interval:
                 tasks.create_task(_watchdog(notifier), name="watchdog")
             notifier.ready(f"serving: mqtt {broker.ports}, https {api.port}")

@@ -117,7 +117,7 @@ def cmd_device(args: argparse.Namespace) -> int:
             body["parentScopes"] = [parent["deviceScope"]]
             body["deviceScope"] = parent["deviceScope"]
         _print_json(client.request("PUT", path, body))
-        if args.x509_ca:
+        if args.x509_ca and not args.no_cert:
             _issue_x509_ca(args, args.device_id)
     elif args.action == "update":
         device = client.request("GET", path)
@@ -188,7 +188,7 @@ def cmd_module(args: argparse.Namespace) -> int:
         if args.x509_cert:
             body["x509Certificate"] = _read_certificate(args.x509_cert)
         _print_json(client.request("PUT", path, body))
-        if args.x509_ca:
+        if args.x509_ca and not args.no_cert:
             _issue_x509_ca(args, f"{args.device_id}/{args.module_id}")
     elif args.action == "show":
         _print_json(client.request("GET", path))
@@ -395,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", default=".", metavar="DIR",
                        help="with --x509-ca: where to write ID.cert.pem and ID.key.pem "
                             "(default: the current directory)")
+        p.add_argument("--no-cert", action="store_true",
+                       help="with --x509-ca: register only (the certificate comes from your "
+                            "own CA, see gateway ca-cert)")
 
     def cs_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--gateway-host", help="add GatewayHostName= (a transparent-gateway name)")

@@ -38,20 +38,20 @@ def _context(args: argparse.Namespace) -> Any:
 
 
 def _upstream_target(data_dir: Path, config: Any) -> Any:
-    """The upstream link the doctor probes (None when the gateway has no parent)."""
+    """The upstream link the doctor probes, as the forwarder would dial it (``gateway upstream
+    set`` overrides ``[upstream]``); None when the gateway has no parent."""
     from gateway.doctor.probe import UpstreamTarget
-    from gateway.hub.connstr import parse_connection_string
+    from gateway.upstream.settings import load
 
-    upstream = getattr(config, "upstream", None)
-    text = getattr(upstream, "connection_string", "") if upstream is not None else ""
-    if not text:
+    settings = load(data_dir, config.upstream)
+    if settings is None:
         return None
-    cs = parse_connection_string(text)
-    host = getattr(upstream, "host", "") or cs.gateway_host_name or cs.host_name
-    ca = getattr(upstream, "ca_file", "")
-    return UpstreamTarget(host=host, port=int(getattr(upstream, "port", 0) or 8883),
-                          hub_name=cs.host_name, device_id=cs.device_id or "",
-                          key=cs.shared_access_key, ca_file=Path(ca) if ca else None)
+    return UpstreamTarget(
+        host=settings.host or settings.hub, port=settings.port, hub_name=settings.hub,
+        device_id=settings.device_id, key=settings.shared_access_key,
+        cert=Path(settings.cert_file) if settings.cert_file else None,
+        cert_key=Path(settings.key_file) if settings.key_file else None,
+        ca_file=Path(settings.ca_file) if settings.ca_file else None)
 
 
 def _data_dir(args: argparse.Namespace) -> Path:

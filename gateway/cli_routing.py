@@ -82,13 +82,14 @@ def _route_line(route: dict[str, Any]) -> str:
     return f"{route['name']}\t{state}\t{route['route']}"
 
 
-UPSTREAM_NOTE = ("note: $upstream has no forwarder yet (it comes with store-and-forward); "
-                 "messages routed to it are only kept for the store's retention")
+UPSTREAM_NOTE = ("note: $upstream forwards only while an upstream is set "
+                 "(gateway upstream set); until then its messages wait in the store")
 
 
-def _note_upstream(routes: list[dict[str, Any]]) -> None:
+def _note_upstream(routes: list[dict[str, Any]], client: Any) -> None:
     if any("$upstream" in r.get("endpointNames", []) for r in routes):
-        print(UPSTREAM_NOTE, file=sys.stderr)
+        if client.request("GET", "/upstream") is None:
+            print(UPSTREAM_NOTE, file=sys.stderr)
 
 
 def cmd_route(args: argparse.Namespace) -> int:
@@ -98,7 +99,7 @@ def cmd_route(args: argparse.Namespace) -> int:
         route = client.request("PUT", path, _route_body(args, partial=False),
                                headers={"If-None-Match": "*"})
         _print(route)
-        _note_upstream([route])
+        _note_upstream([route], client)
     elif args.action == "update":
         body = _route_body(args, partial=True)
         if not body:
@@ -106,16 +107,16 @@ def cmd_route(args: argparse.Namespace) -> int:
                                "--route, --priority, --ttl, --enabled or --disabled")
         route = client.request("PATCH", path, body)
         _print(route)
-        _note_upstream([route])
+        _note_upstream([route], client)
     elif args.action == "show":
         route = client.request("GET", path)
         _print(route)
-        _note_upstream([route])
+        _note_upstream([route], client)
     elif args.action == "list":
         state = client.request("GET", "/routing")
         for route in state["routes"]:
             print(_route_line(route))
-        _note_upstream(state["routes"])
+        _note_upstream(state["routes"], client)
         fallback = state["fallbackRoute"]
         print(f"$fallback\t{'enabled' if fallback['isEnabled'] else 'disabled'}\t"
               "FROM DeviceMessages (matching no route) INTO events")

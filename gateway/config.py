@@ -130,7 +130,7 @@ class ApiConfig:
     port: int = field(default_factory=_default_api_port)
     header_timeout: float = 10.0  # TLS handshake + request line and headers, seconds
     body_timeout: float = 60.0  # a request's body, from its headers, seconds
-    events_page_bytes: int = 4 * 1024 * 1024  # message bytes per page of /messages/events
+    events_page_bytes: int = 1024 * 1024  # message bytes per page of /messages/events
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -52,7 +52,19 @@ MIGRATION: Final[Migration] = (
     "routing",
     ("CREATE TABLE routing_state(key TEXT PRIMARY KEY, doc TEXT NOT NULL) WITHOUT ROWID;",),
 )
-NO_UPSTREAM: Final = "no upstream forwarder"
+NO_UPSTREAM: Final = "no upstream set"  # what the forwarder's status says without a parent
+
+
+def _upstream_health(up: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``$upstream`` as an endpoint: the forwarder's link state and backlog."""
+    if up is None or up.get("lastError") == NO_UPSTREAM:
+        return {"endpointId": UPSTREAM, "type": "upstream", "healthStatus": "unknown",
+                "lastError": "no upstream set (gateway upstream set)"}
+    state = up.get("state")
+    status = "healthy" if state in ("connected", "throttled", "paused") else "unhealthy"
+    return {"endpointId": UPSTREAM, "type": "upstream", "healthStatus": status,
+            "lastError": up.get("lastError") or None, "linkState": state,
+            "backlog": up.get("backlog"), "sent": up.get("sent")}
 
 
 class Endpoints(Protocol):
@@ -164,6 +176,9 @@ class RoutingService:
         self.state = RoutingState()
         self.router = hub.router
         self._lock = asyncio.Lock()
+        # the upstream forwarder's status (gateway.upstream.service.Upstream.status), set by
+        # the composition root once the forwarder exists
+        self.upstream_status: Callable[[], Mapping[str, Any]] | None = None
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -307,9 +322,9 @@ class RoutingService:
         builtin: list[dict[str, Any]] = [
             {"endpointId": EVENTS, "type": "builtin", "healthStatus": "healthy", "lastError": None}]
         used = {r.endpoint for r in self.state.routes}
-        if UPSTREAM in used:
-            builtin.append({"endpointId": UPSTREAM, "type": "upstream", "healthStatus": "unknown",
-                            "lastError": NO_UPSTREAM})
+        up = self.upstream_status() if self.upstream_status is not None else None
+        if UPSTREAM in used or (up is not None and up.get("lastError") != NO_UPSTREAM):
+            builtin.append(_upstream_health(up))
         for endpoint in sorted(used):
             target = parse_module_input(endpoint)
             if target is not None:

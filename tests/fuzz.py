@@ -6,8 +6,9 @@ so lone surrogates never reach the text parsers; the codec target covers bad UTF
 Targets (issue 8, "How it is checked"): the MQTT codec (``Decoder.feed`` over random splits),
 the server session machine (a CONNECT, then mutated packets, accepted and acknowledged as the
 broker does), PUBLISH topics and SUBSCRIBE filters (``gateway.hub.addresses``, and the MQTT
-topic rules), CONNECT usernames, SAS tokens (parse, then check), and property bags (decode,
-plus the round trip ``decode(encode(pairs)) == pairs`` for any pairs).
+topic rules), CONNECT usernames, SAS tokens (parse, then check), property bags (decode,
+plus the round trip ``decode(encode(pairs)) == pairs`` for any pairs), and, from the service
+side, a C2D send's properties as JSON gives them.
 
 Each input is a valid seed (built from random fields) put through 1-4 mutations (bit flips,
 byte/char insertions and deletions, splices, extreme lengths, truncation). An input may be
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gateway.errors import GatewayError  # noqa: E402
 from gateway.hub.addresses import parse_publish_topic, parse_subscribe_filter  # noqa: E402
+from gateway.hub.c2dsend import parse_send  # noqa: E402
 from gateway.hub.propbag import decode_bag, encode_bag  # noqa: E402
 from gateway.hub.sas import generate_sas_token, parse_sas_token, verify_sas_signature  # noqa: E402
 from gateway.hub.username import parse_username  # noqa: E402
@@ -291,9 +293,31 @@ def t_propbag(rng: random.Random, pool: list[bytes]) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
+def t_c2dsend(rng: random.Random, pool: list[bytes]) -> bytes:
+    """A C2D send's properties as the service API's JSON gives them: any JSON value, and
+    strings with lone surrogates (JSON's "\\ud800" escape) too."""
+    names = ["messageId", "correlationId", "userId", "contentType", "contentEncoding", "ack",
+             "iothub-ack", "expiryTimeUtc", "to", "$.mid", "color", _word(rng)]
+    texts = ["positive", "full", "none", "2030-01-01T00:00:00Z", "1999-01-01", "\ud800",
+             "a\udfffb", "\u00e9", "x" * 200, _word(rng)]
+    props: dict[str, object] = {}
+    for _ in range(rng.randint(0, 5)):
+        key = mutate_text(rng, rng.choice(names)) if rng.random() < 0.3 else rng.choice(names)
+        if rng.random() < 0.05:
+            key += "\ud800"
+        props[key] = rng.choice([None, 5, 1.5, True, [], {}, mutate_text(rng, rng.choice(texts)),
+                                 rng.choice(texts)])
+    try:
+        parse_send("d", rng.randbytes(rng.randint(0, 64)), props, now=1.7e9, default_ttl=3600,
+                   max_ttl=172800, max_bytes=65536)
+    except GatewayError:
+        pass
+    return repr(props).encode("utf-8", "backslashreplace")
+
+
 TARGETS: dict[str, Callable[[random.Random, list[bytes]], bytes]] = {
     "codec": t_codec, "session": t_session, "topic": t_topic, "username": t_username,
-    "sas": t_sas, "propbag": t_propbag,
+    "sas": t_sas, "propbag": t_propbag, "c2dsend": t_c2dsend,
 }
 
 

@@ -289,3 +289,25 @@ def test_redaction() -> None:
     assert out["upstream"]["connection_string"] == "<redacted>"
     assert "SECRET" not in out["note"]
     assert "zz" not in redact_text('connection_string = "HostName=h;SharedAccessKey=zz"')
+
+
+def test_doctor_probes_the_configured_upstream(tmp_path: Path) -> None:
+    parent = _parent(tmp_path)
+    child = HubProcess(tmp_path / "child").start()
+    try:
+        create_device(parent, "site-gw", "--edge")
+        good = parent.connection_string("site-gw")
+        wrong = good.split("SharedAccessKey=")[0] + "SharedAccessKey=" + \
+            "d3Jvbmcga2V5IHdyb25nIGtleSB3cm9uZyBrZXk="
+        port = str(parent.port("mqtt_tls_port"))
+        child.cli("upstream", "set", "--connection-string", wrong, "--ca-file", parent.ca_file,
+                  "--host", "localhost", "--port", port)
+        checks = by_check(doctor(child))
+        assert checks["upstream.tls"]["status"] == "ok"
+        assert checks["upstream.auth"]["status"] == "fail"
+        child.cli("upstream", "set", "--connection-string", good, "--ca-file", parent.ca_file,
+                  "--host", "localhost", "--port", port)
+        assert by_check(doctor(child))["upstream.auth"]["status"] == "ok"
+    finally:
+        child.stop()
+        parent.stop()

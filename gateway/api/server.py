@@ -91,7 +91,7 @@ class ServiceApi:
         broker: Broker | None = None,
         routing: RoutingService | None = None,
         clock: Callable[[], float] = time.time,
-        events_page_bytes: int = 4 << 20,
+        events_page_bytes: int = 1 << 20,
     ) -> None:
         self.hub = hub
         self.events_page_bytes = events_page_bytes

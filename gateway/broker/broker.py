@@ -24,7 +24,7 @@ from gateway.config import MqttConfig
 from gateway.hub import addresses, dps
 from gateway.hub.auth import Principal
 from gateway.hub.hub import Hub
-from gateway.hub.registry import Device, Module
+from gateway.hub.registry import CaCertificate, Device, Module
 from gateway.mqtt.packets import Connect, Subscribe, Unsubscribe
 
 if TYPE_CHECKING:
@@ -283,6 +283,22 @@ class Broker:
             for conn in list(self.blocked):
                 self.blocked.discard(conn)
                 conn.maybe_resume()
+
+    def ca_certificate_changed(self, event: str, cert: CaCertificate) -> None:
+        """Registry listener: a CA certificate deleted or replaced may have vouched for live
+        ``certificateAuthority`` connections; they are closed, and each is checked again when
+        its device reconnects (one still chained to a trusted CA gets back in)."""
+        if event not in ("deleted", "replaced"):
+            return  # a new CA, a new code or a verification takes no trust away
+        for conn in list(self.live.values()):
+            principal = conn.principal
+            if principal is None or principal.auth_type != "x509":
+                continue
+            registry = self.hub.registry
+            identity = (registry.get_device(principal.device_id) if principal.module_id is None
+                        else registry.get_module(principal.device_id, principal.module_id))
+            if identity is not None and identity.auth_type == "certificateAuthority":
+                conn.fail(f"CA certificate {cert.name!r} {event}: reconnect to be checked again")
 
     def puback_received(self, conn: MqttConnection, packet_id: int) -> None:
         """A client acknowledged one of our QoS 1 publishes (a C2D completion, a module input

@@ -83,6 +83,7 @@ class MqttConnection(asyncio.Protocol):
         # what it counts against max_pending_acks: its packet ids, or 1 for QoS 0 work)
         self._acks: deque[tuple[list[int], asyncio.Future[Any] | None, int, int]] = deque()
         self._paused = False
+        self._refused = False  # a commit was refused at once (store full): read nothing more
         self._timer: asyncio.TimerHandle | None = None
         self._expiry: asyncio.TimerHandle | None = None
         # Per-connection cache: topic -> prepared telemetry (props JSON and its size).
@@ -100,7 +101,7 @@ class MqttConnection(asyncio.Protocol):
         self._arm_timer()
 
     def data_received(self, data: bytes) -> None:
-        if self.closed:
+        if self.closed or self._refused:
             return
         try:
             events = self.session.receive(data, time.monotonic())
@@ -128,7 +129,7 @@ class MqttConnection(asyncio.Protocol):
                 elif type(event) is DisconnectReceived:
                     self.clean_disconnect = True
                     self._close_reason = "client disconnected"
-                if self.closed:
+                if self.closed or self._refused:
                     break
         except (ForbiddenError, RemoteProtocolError, GatewayError) as exc:
             # Commit what came before the offending packet, then drop the connection
@@ -253,6 +254,16 @@ class MqttConnection(asyncio.Protocol):
         acknowledgements queued earlier. A failed future means "not durable": no PUBACK, the
         connection closes and the client resends (at-least-once). ``nbytes`` counts against
         the connection's and the hub's pending-bytes bounds until then."""
+        if packet_ids and future is not None and future.done() and not future.cancelled() \
+                and future.exception() is not None:
+            # Refused at once (reject-new at the byte cap): what the client sends after this
+            # must not be stored either, or it would be stored without its PUBACK (which waits
+            # behind this refusal) and come again as a duplicate. The connection closes once
+            # the PUBACKs earned before it are out.
+            self._refused = True
+            if not self._paused and self.transport is not None:
+                self._paused = True
+                self.transport.pause_reading()
         count = len(packet_ids) or 1
         self._acks.append((packet_ids, future, nbytes, count))
         self._pending_acks += count
@@ -322,7 +333,7 @@ class MqttConnection(asyncio.Protocol):
         under its total (the broker calls this when the total falls)."""
         cfg = self.broker.config
         if (
-            not self._paused or self.closed
+            not self._paused or self.closed or self._refused
             or self._pending_acks >= cfg.max_pending_acks // 2
             or self._pending_bytes >= cfg.max_pending_bytes // 2
         ):

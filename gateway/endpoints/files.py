@@ -15,7 +15,10 @@ current file is read back, anything after its last whole line (or Avro block) is
 and the cursor moves past what the file holds, so no message is lost and none appears twice.
 (Messages written but not yet fsynced when the power went may be gone from the file; they
 were not delivered, so they are written again.) The current file's name is kept in
-``{path}/.{endpoint}.current``, replaced atomically when a file is opened.
+``{path}/.{endpoint}.current``, replaced atomically when a file is opened (after the file is
+created, before anything is written to it: an empty file it does not name yet is taken over
+on restart). A new endpoint forgets that state; a name that is taken by a non-empty file is
+never overwritten (``-1``, ``-2``, ... are appended).
 """
 
 from __future__ import annotations
@@ -179,6 +182,12 @@ class FileSink:
         finally:
             await asyncio.to_thread(session.close)
 
+    def forget(self) -> None:
+        """Drop what the directory says about earlier files (a new endpoint, or a new
+        database, must not take an old file's sequence numbers for its own)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.state.unlink()
+
     def name_for(self, seq: int, now: float) -> Path:
         t = datetime.fromtimestamp(now, tz=UTC)
         ext = "avro" if self.spec.format == "avro" else "jsonl"
@@ -213,9 +222,22 @@ class _FileSession:
     def _open(self, seq: int) -> _Open:
         now = self.sink.clock()
         relative = self.sink.name_for(seq, now)
-        path = self.sink.root / relative
-        _makedirs(path.parent)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+        _makedirs((self.sink.root / relative).parent)
+        for attempt in range(1, 1000):
+            path = self.sink.root / relative
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+                break
+            except FileExistsError:
+                if path.stat().st_size == 0:  # created just before a crash, never written
+                    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+                    break
+                # Someone else's data (a directory kept across a new database): never
+                # overwrite it, take the next free name.
+                relative = relative.with_name(f"{relative.name.split('.')[0]}"
+                                              f".{seq:012d}-{attempt}{relative.suffix}")
+        else:
+            raise OSError(f"no free file name for {relative}")
         fo = os.fdopen(fd, "wb")
         _fsync_dir(path.parent)
         _write_atomic(self.sink.state, json.dumps({"file": str(relative),

@@ -82,7 +82,9 @@ class EndpointManager:
                 if health is None or health.kind != spec.type:
                     health = self._health[name] = Health(name, spec.type, self.tuning.dead_after)
                 health.ok = None
-                await self._runner(spec, health).ensure_cursor()
+                runner = self._runner(spec, health)
+                if await runner.ensure_cursor() and isinstance(runner.sink, FileSink):
+                    await asyncio.to_thread(runner.sink.forget)
                 self._specs[name] = spec
                 if self._group is not None:
                     self._start(name)

@@ -49,7 +49,8 @@ class Tuning:
     backoff_initial: float = 1.0  # first retry delay, seconds
     backoff_max: float = 60.0  # cap
     dead_after: float = 3600.0  # failing this long continuously -> "dead"
-    read_batch: int = 500  # log entries read at a time
+    read_batch: int = 500  # log entries read at a time, at most
+    batch_bytes: int = 4 << 20  # ... and about this many bytes (bodies + properties)
     cursor_interval: float = 0.25  # while behind, the cursor is stored at most this often
 
 
@@ -74,40 +75,48 @@ class Backoff:
 
 class Progress:
     """Acknowledgements of one batch, in any order; ``prefix`` is how many leading messages
-    are settled (delivered or dead-lettered), i.e. how far the cursor may move."""
+    are settled (delivered or dead-lettered), i.e. how far the cursor may move. ``delivered``
+    and ``dead`` count within the prefix only: a message acknowledged after one that failed
+    is sent again, and counted once."""
 
     __slots__ = ("_settled", "batch", "dead", "dead_reason", "delivered", "prefix")
 
+    _ACK = 1
+    _DEAD = 2
+
     def __init__(self, batch: Sequence[Delivery]) -> None:
         self.batch = batch
-        self._settled = [False] * len(batch)
+        self._settled = [0] * len(batch)
         self.prefix = 0
         self.delivered = 0
         self.dead = 0
         self.dead_reason = ""
 
     def ack(self, index: int) -> None:
-        self._settle(index)
-        self.delivered += 1
+        self._settle(index, self._ACK)
 
     def ack_through(self, end: int) -> None:
         """Messages ``[0, end)`` are delivered (those not settled yet)."""
         for i in range(self.prefix, end):
             if not self._settled[i]:
-                self.ack(i)
+                self._settle(i, self._ACK)
 
     def dead_letter(self, index: int, reason: str) -> None:
         d = self.batch[index]
         log.warning("endpoint message dead-lettered seq=%d device=%s: %s", d.seq, d.device_id,
                     reason)
-        self._settle(index)
-        self.dead += 1
         self.dead_reason = reason
+        self._settle(index, self._DEAD)
 
-    def _settle(self, index: int) -> None:
-        self._settled[index] = True
-        settled, n, i = self._settled, len(self._settled), self.prefix
+    def _settle(self, index: int, how: int) -> None:
+        settled = self._settled
+        settled[index] = how
+        i, n = self.prefix, len(settled)
         while i < n and settled[i]:
+            if settled[i] == self._ACK:
+                self.delivered += 1
+            else:
+                self.dead += 1
             i += 1
         self.prefix = i
 
@@ -221,21 +230,31 @@ class Runner:
         self._host_name = host_name
         self._tuning = tuning
         self._backoff = Backoff(tuning.backoff_initial, tuning.backoff_max)
-        self._stored = -1  # the position last written to the cursor
+        self._stored = -1  # the position last written to the cursor (-1: none read yet)
         self._stored_at = 0.0
 
-    async def ensure_cursor(self) -> int:
-        """The endpoint's position; a new endpoint starts at the log's end (it gets what is
-        appended from now on)."""
+    async def ensure_cursor(self) -> bool:
+        """Load the endpoint's position; a new endpoint starts at the log's end (it gets
+        what is appended from now on). True if the cursor was created here."""
         seq = await self.log.get_cursor(self.cursor)
+        created = seq is None
         if seq is None:
             seq = self.log.last_seq
             await self.log.set_cursor(self.cursor, seq, pin=True)
         self._stored = seq
         self.health.position = seq
-        return seq
+        return created
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        except asyncio.CancelledError:  # stopped: keep what was delivered for the next start
+            if self._stored >= 0:
+                with contextlib.suppress(GatewayError):
+                    await self._store(self.health.position, force=True)
+            raise
+
+    async def _run(self) -> None:
         started = False
         while True:
             error = "the session ended"
@@ -246,7 +265,11 @@ class Runner:
                 async with self.sink.session() as session:
                     if session.reachable:
                         self.health.succeeded()
-                    if session.recovered > self.health.position:
+                    if session.recovered > self.log.last_seq:
+                        log.warning("endpoint %s: the far side claims seq %d, beyond the log's"
+                                    " %d (another database?): ignored", self.name,
+                                    session.recovered, self.log.last_seq)
+                    elif session.recovered > self.health.position:
                         await self._store(session.recovered, force=True)
                     await self._drain(session)
             except* EndpointError as group:
@@ -266,9 +289,16 @@ class Runner:
             await asyncio.sleep(delay)
 
     async def _drain(self, session: Session) -> None:
+        limit = self._tuning.read_batch
         while True:
             position = self.health.position
-            entries, upto = await self.log.scan(position, self._tuning.read_batch)
+            entries, upto = await self.log.scan(position, limit)
+            # Keep a batch near batch_bytes: big messages make the next read shorter.
+            size = sum(len(e.body) + len(e.props) for e in entries)
+            if entries:
+                per_entry = max(1, size // len(entries))
+                limit = max(1, min(self._tuning.read_batch,
+                                   self._tuning.batch_bytes // per_entry))
             select = self._select()
             enrich = self._enrich()
             batch = []

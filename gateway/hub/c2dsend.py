@@ -39,6 +39,14 @@ class ParsedSend:
     expiry: float
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_send(
     device_id: str,
     body: bytes,
@@ -55,6 +63,9 @@ def parse_send(
     for key, value in properties.items():
         if not isinstance(key, str) or not key:
             raise InvalidRequestError(f"property names must be non-empty strings: {key!r}")
+        if not _utf8(key) or (isinstance(value, str) and not _utf8(value)):
+            # JSON may carry lone surrogates ("\ud800"); no topic or UTF-8 string can
+            raise InvalidRequestError(f"property {key!r} is not valid Unicode text")
         if key in SERVICE_SYSTEM or key in ACK_KEYS or key == "expiryTimeUtc":
             if value is None:
                 continue

@@ -224,7 +224,8 @@ class Registry:
 
     def add_certificate_listener(self, fn: CertificateListener) -> None:
         """Call ``fn(event, certificate)`` after each committed CA certificate change:
-        ``"created"``, ``"updated"`` (verified, new code) or ``"deleted"``."""
+        ``"created"``, ``"replaced"`` (a new upload under the same name), ``"code"`` (a new
+        verification code), ``"verified"`` or ``"deleted"``."""
         self._certificate_listeners.append(fn)
 
     def _emit_certificate(self, event: str, cert: CaCertificate) -> None:
@@ -407,7 +408,7 @@ class Registry:
                 is_verified=verified or (existing is not None and existing.pem == pem
                                          and existing.is_verified and "isVerified" not in props),
                 created=existing.created if existing else now, updated=now)
-            await self._store_certificate(cert, "created" if existing is None else "updated")
+            await self._store_certificate(cert, "created" if existing is None else "replaced")
         log.info("ca certificate stored name=%s verified=%s", name, cert.is_verified)
         return cert, existing is None
 
@@ -427,7 +428,7 @@ class Registry:
             cert = self._existing_certificate(name, if_match)
             cert = replace(cert, verification_code=cacerts.new_verification_code(),
                            etag=new_etag(), updated=self._now())
-            return await self._store_certificate(cert, "updated")
+            return await self._store_certificate(cert, "code")
 
     async def verify_certificate(self, name: str, proof_pem: object, *,
                                  if_match: str | None) -> CaCertificate:
@@ -438,6 +439,6 @@ class Registry:
             cacerts.check_proof(cert, proof_pem, now=self._utcnow())
             cert = replace(cert, is_verified=True, verification_code=None, etag=new_etag(),
                            updated=self._now())
-            await self._store_certificate(cert, "updated")
+            await self._store_certificate(cert, "verified")
         log.info("ca certificate verified name=%s", name)
         return cert

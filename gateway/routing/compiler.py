@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.routing import semantics
-from gateway.routing.message import ENQUEUED_TIME, MessageView, decode_body, iso_ms, system_key
+from gateway.routing.message import (
+    ENQUEUED_TIME,
+    MessageView,
+    decode_body,
+    decode_with,
+    iso_ms,
+    system_key,
+)
 from gateway.routing.query import (
     UNDEFINED,
     AppProp,
@@ -150,13 +157,20 @@ class _Gen:
     table over the raw parts (``raw=True``: locals ``S`` ``A`` ``body`` ``dev`` ``mod`` ``enq``
     ``twins``, with the decoded body ``B`` and the twin ``T`` computed on first use)."""
 
-    def __init__(self, raw: bool = False) -> None:
+    def __init__(self, raw: bool = False, codec: str | None | object = None) -> None:
         self.consts: dict[str, Any] = {}
         self.temps = 0
         self.raw = raw
+        self.codec = codec  # raw: AUTO (look at the properties), None (no body), or a codec
 
     def body(self) -> str:
-        return "(B if B is not _N else (B := _decode(body, S)))" if self.raw else "m.body_json()"
+        if not self.raw:
+            return "m.body_json()"
+        if self.codec is AUTO:
+            return "(B if B is not _N else (B := _decode(body, S)))"
+        if self.codec is None:
+            return "U"
+        return f"(B if B is not _N else (B := _decode_with(body, {self.const(self.codec)})))"
 
     def twin(self, section: str) -> str:
         if not self.raw:
@@ -302,13 +316,19 @@ def compile_tree(tree: Node, text: str = "") -> Compiled:
 
 
 _NOT_YET = object()
+AUTO: Any = object()
+"""``compile_table(codec=AUTO)``: decide per message from its properties whether and how the
+body is decoded (otherwise the caller knows it for the property set the table serves)."""
 
 
-def compile_table(trees: list[Node], names: list[str]) -> Callable[..., list[str]]:
+def compile_table(trees: list[Node], names: list[str],
+                  codec: str | None = AUTO) -> Callable[..., list[str]]:
     """One function for several conditions: ``fn(S, A, body, dev, mod, enq, twins)`` gives
     the names of those that are true, in order. The body is decoded at most once and the twin
-    looked up at most once, and only if a condition reaches them; no view object is built."""
-    gen = _Gen(raw=True)
+    looked up at most once, and only if a condition reaches them; no view object is built.
+    ``codec``: the body's codec (:func:`gateway.routing.message.body_codec`) when every
+    message the table sees has the same properties, None when their body is not JSON."""
+    gen = _Gen(raw=True, codec=codec)
     lines = ["def _table(S, A, body, dev, mod, enq, twins):",
              "    B = T = _N",
              "    out = []"]
@@ -318,7 +338,7 @@ def compile_table(trees: list[Node], names: list[str]) -> Callable[..., list[str
     lines.append("    return out")
     namespace = dict(_NAMESPACE)
     namespace.update(gen.consts)
-    namespace.update(_N=_NOT_YET, _decode=decode_body)
+    namespace.update(_N=_NOT_YET, _decode=decode_body, _decode_with=decode_with)
     exec(compile("\n".join(lines) + "\n", "<route table>", "exec"), namespace)  # noqa: S102
     return namespace["_table"]  # type: ignore[no-any-return]
 

@@ -73,18 +73,21 @@ def _reject_constant(text: str) -> Any:
     raise ValueError(f"{text} is not JSON")
 
 
-def decode_body(body: bytes, system: Mapping[str, str]) -> Value:
-    """The body as JSON, only for content type ``application/json`` with encoding utf-8,
-    utf-16 or utf-32 (ref §10.2); undefined otherwise, or when it does not parse."""
+def body_codec(system: Mapping[str, str]) -> str | None:
+    """The codec a body with these properties is decoded with for ``$body`` queries: only for
+    content type ``application/json`` with encoding utf-8, utf-16 or utf-32 (ref §10.2);
+    None when the body is not to be read."""
     ctype = system.get("content-type")
     encoding = system.get("content-encoding")
     if ctype is None or encoding is None:
-        return UNDEFINED
+        return None
     if ctype.partition(";")[0].strip().lower() != "application/json":
-        return UNDEFINED
-    codec = _JSON_ENCODINGS.get(encoding.strip().lower())
-    if codec is None:
-        return UNDEFINED
+        return None
+    return _JSON_ENCODINGS.get(encoding.strip().lower())
+
+
+def decode_with(body: bytes, codec: str) -> Value:
+    """The body as JSON (undefined when it does not parse)."""
     if codec == "utf-8-sig" and not body.startswith(b"\xef\xbb\xbf"):
         try:
             return _loads_utf8(body)
@@ -96,6 +99,12 @@ def decode_body(body: bytes, system: Mapping[str, str]) -> Value:
         return json.loads(body.decode(codec), parse_constant=_reject_constant)
     except (ValueError, RecursionError):
         return UNDEFINED
+
+
+def decode_body(body: bytes, system: Mapping[str, str]) -> Value:
+    """The body as JSON when its properties say it is (see :func:`body_codec`), else undefined."""
+    codec = body_codec(system)
+    return UNDEFINED if codec is None else decode_with(body, codec)
 
 
 def iso_ms(enqueued_ms: int) -> str:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from gateway.routing.compiler import Compiled, compile_table
-from gateway.routing.message import MessageView, TwinLookup
+from gateway.routing.message import MessageView, TwinLookup, body_codec
 from gateway.routing.model import (
     EVENTS,
     FALLBACK,
@@ -128,7 +128,7 @@ class Router:
         self.trivial = self.empty  # everything goes to events (or nowhere): no evaluation
         self.default = FALLBACK_ONLY if self.fallback else NOWHERE  # what route() gives then
         self._cache: dict[str, tuple[tuple[str, ...], Table | None]] = {}
-        self._tables: dict[tuple[int, ...], Table] = {}
+        self._tables: dict[tuple[tuple[int, ...], str | None], Table] = {}
         self._endpoint_routes: dict[str, frozenset[str]] = {}
         for r in routes:
             self._endpoint_routes[r.spec.endpoint] = self._endpoint_routes.get(
@@ -190,17 +190,21 @@ class Router:
                 dynamic.append(r.index)
             elif r.compiled.predicate(view):
                 matched.append(r.spec.name)
-        return tuple(matched), self._table(tuple(dynamic)) if dynamic else None
+        if not dynamic:
+            return tuple(matched), None
+        return tuple(matched), self._table(tuple(dynamic), body_codec(system))
 
-    def _table(self, indexes: tuple[int, ...]) -> Table:
-        table = self._tables.get(indexes)
+    def _table(self, indexes: tuple[int, ...], codec: str | None) -> Table:
+        """The compiled conditions of ``indexes`` for messages whose body has ``codec``."""
+        table = self._tables.get((indexes, codec))
         if table is None:
             routes = [self._routes[i] for i in indexes]
             try:
-                table = compile_table([r.compiled.tree for r in routes], [r.spec.name for r in routes])
+                table = compile_table([r.compiled.tree for r in routes],
+                                      [r.spec.name for r in routes], codec)
             except (SyntaxError, RecursionError, MemoryError):  # past CPython's nesting limits
                 table = _slow_table(routes)
-            self._tables[indexes] = table
+            self._tables[(indexes, codec)] = table
         return table
 
     # -- readers -------------------------------------------------------------------------------

@@ -104,6 +104,7 @@ def test_dropped_connections_that_never_read_are_aborted(big_twin_hub) -> None: 
         # Nine are taken over; their sockets are still open on our side, unread.
         wait_until(lambda: fds(hub.pid) <= base_fds + 1, 10, "the dropped connections' descriptors to close")
         grown = rss(hub.pid) - base_rss
+        print(f"10 deaf connections: hub +{grown / MB:.1f} MB, +{fds(hub.pid) - base_fds} fds")
         assert grown < 30 * MB, f"hub grew {grown / MB:.1f} MB for 9 dropped connections"
         assert "session taken over" in hub.log_text()
     finally:
@@ -172,6 +173,7 @@ def test_uncommitted_messages_are_bounded_in_bytes(tmp_path: Path) -> None:
             t.join(180)
         assert all(a[0] == count for a in acked), acked
         grown = peak_rss(hub.pid) - base
+        print(f"4 devices pipelining 300 x 255 KB: peak +{grown / MB:.0f} MB")
         # 4 x 300 x 255 KB = 300 MB went through; what may wait: the 16 MB total, what one
         # read holds, the store's transaction, the allocator's slack.
         assert grown < 110 * MB, f"peak grew by {grown / MB:.0f} MB"
@@ -190,7 +192,7 @@ def test_every_stored_message_is_acknowledged_at_the_byte_cap(tmp_path: Path) ->
         assert c.connect("capped", username(hub, "capped"), device_token(hub, "capped", key)).return_code == 0  # type: ignore[union-attr]
         body = b"y" * 20000
         acked: set[int] = set()
-        for burst in range(6):  # bursts of 8 in one write each: several commits per drain
+        for burst in range(12):  # bursts of 8 in one write each: several commits per drain
             c.send_raw(b"".join(
                 encode(Publish(topic="devices/capped/messages/events/", payload=body, qos=1,
                                packet_id=burst * 8 + i + 1)) for i in range(8)))
@@ -207,7 +209,7 @@ def test_every_stored_message_is_acknowledged_at_the_byte_cap(tmp_path: Path) ->
                       "1.5", "--json").stdout
         stored = [json.loads(line) for line in out.splitlines() if line.strip()]
         assert "store full" in hub.log_text()
-        assert 0 < len(stored) < 48
+        assert 0 < len(stored) < 96
         assert len(stored) == len(acked), f"{len(stored)} stored, {len(acked)} acknowledged"
     finally:
         hub.stop()
@@ -217,7 +219,7 @@ def test_every_stored_message_is_acknowledged_at_the_byte_cap(tmp_path: Path) ->
 def test_event_reads_are_bounded_in_bytes(tmp_path: Path) -> None:
     """Reading 160 stored messages of 250 KB (40 MB) from the built-in endpoint, as one
     batch of up to 500 and as a stream from the beginning: the hub holds a page of bounded
-    bytes (api.events_page_bytes, 4 MB) at a time, not the whole read."""
+    bytes (api.events_page_bytes, 1 MB) at a time, not the whole read."""
     from gateway.hubclient import HubClient
 
     hub = start_hub(tmp_path, "events", '[store]\nsync = "normal"\n')
@@ -234,7 +236,7 @@ def test_event_reads_are_bounded_in_bytes(tmp_path: Path) -> None:
                                query={"start": "earliest", "limit": "500", "deviceId": "big",
                                       "kinds": "telemetry"})
         grown = peak_rss(hub.pid) - base
-        assert grown < 45 * MB, f"a batch read: peak grew by {grown / MB:.0f} MB"
+        assert grown < 25 * MB, f"a batch read: peak grew by {grown / MB:.0f} MB"
         assert 0 < len(batch) < 160  # one page: a few megabytes, not all 160
         seen = 0
         for event in client.stream("/messages/events", {"start": "earliest", "deviceId": "big",
@@ -244,7 +246,8 @@ def test_event_reads_are_bounded_in_bytes(tmp_path: Path) -> None:
                 break
         assert seen == 160
         grown = peak_rss(hub.pid) - base
-        assert grown < 45 * MB, f"a stream: peak grew by {grown / MB:.0f} MB"
+        print(f"40 MB read as a batch and as a stream: peak +{grown / MB:.0f} MB")
+        assert grown < 25 * MB, f"a stream: peak grew by {grown / MB:.0f} MB"
     finally:
         hub.stop()
 
@@ -311,6 +314,7 @@ def test_idle_and_slow_clients_do_not_lock_devices_out(tmp_path: Path) -> None:
         # The stalled HTTPS clients are cut off at api.header_timeout.
         wait_until(lambda: fds(hub.pid) < base_fds + 1300, 40, "the stalled clients to be cut off")
         assert "no request headers within 25 s" in hub.log_text()
+        assert "file descriptor limit raised from 1024" in hub.log_text()
         print(f"setup {setup - started:.1f} s, good device connected in {took * 1000:.0f} ms")
     finally:
         for w in writers:

@@ -285,7 +285,8 @@ def test_ca_cert_commands_and_a_three_level_chain(hub: HubProcess, tmp_path: Pat
     assert created["properties"]["subject"] == "CN=Test Root CA"
     listed = hub.cli("ca-cert", "list").stdout
     assert listed.startswith("plant\tunverified\tCN=Test Root CA\t")
-    hub.cli("device", "create", "plc-9", "--x509-ca", "--out", str(tmp_path / "hub-issued"))
+    hub.cli("device", "create", "plc-9", "--x509-ca", "--no-cert", "--out", str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()  # registered only: its certificate is from our CA
     device_cert, device_key = chain.write_device_files(tmp_path / "dev")
     c = tls_client(hub, (device_cert, device_key))  # any certificate passes the handshake
     assert c.connect("plc-9", username(hub, "plc-9"), None) == Connack(False, 5)
@@ -307,8 +308,9 @@ def test_ca_cert_commands_and_a_three_level_chain(hub: HubProcess, tmp_path: Pat
     c.send(Publish(topic="devices/plc-9/messages/events/", payload=b"chained", qos=1,
                    packet_id=1))
     assert c.recv() == Puback(1)
-    c.close()
     hub.cli("ca-cert", "delete", "plant")
+    c.expect_closed()  # the live connection it vouched for goes too
+    wait_for_log(hub, "reason=CA certificate 'plant' deleted")
     assert hub.cli("ca-cert", "list").stdout == ""
     c = tls_client(hub, (device_cert, device_key))
     assert c.connect("plc-9", username(hub, "plc-9"), None) == Connack(False, 5)

@@ -146,9 +146,10 @@ def test_limits_and_upstream_health(tmp_path: Path) -> None:
         assert "at most 10 enrichments" in error_line(
             hub, "enrichment", "create", "k10", "--value", "v", "--endpoint", "events")
         created = hub.cli("route", "create", "up", "--route", "FROM /messages/* INTO $upstream")
-        assert "no forwarder yet" in created.stderr
+        assert "forwards only while an upstream is set" in created.stderr
         health = json.loads(hub.cli("endpoint", "health", "$upstream", "--json").stdout)
-        assert health["healthStatus"] == "unknown" and health["lastError"] == "no upstream forwarder"
+        assert health["healthStatus"] == "unknown"
+        assert health["lastError"] == "no upstream set (gateway upstream set)"
     finally:
         hub.stop()
 

@@ -151,3 +151,55 @@ async def test_restart_cuts_a_torn_tail_and_repeats_nothing(tmp_path: Path) -> N
     await db.close()
     assert [line["body"]["i"] for line in read_jsonl(out)] == list(range(25))
     assert len(data_files(out)) == 2  # a restart starts a new file
+
+
+async def test_a_file_created_just_before_a_crash_is_reused(tmp_path: Path,
+                                                            log: MessageLog) -> None:
+    """kill -9 between creating a new file and naming it in the state file leaves an empty
+    file under the name the restart wants: it is taken over, not an endless EEXIST."""
+    import time
+
+    from gateway.endpoints.files import FileSink
+
+    out = tmp_path / "out"
+    spec = parse_endpoint("arch", {"type": "file", "path": str(out)})
+    manager = EndpointManager(log, hub_name="hub1", data_dir=tmp_path, tuning=FAST)
+    await manager.apply([spec], lambda n: all_entries(n), enrich)
+    async with running(manager):
+        await log.append([record("d", i) for i in range(3)])
+        await eventually(lambda: manager.health("arch")[0]["backlog"] == 0, 10, "drained")
+    sink = FileSink(spec, hub_name="hub1")  # type: ignore[arg-type]
+    for when in (time.time(), time.time() + 60):
+        empty = out / sink.name_for(4, when)
+        empty.parent.mkdir(parents=True, exist_ok=True)
+        empty.touch()
+    await log.append([record("d", i) for i in range(3, 6)])
+    manager = EndpointManager(log, hub_name="hub1", data_dir=tmp_path, tuning=FAST)
+    await manager.apply([spec], lambda n: all_entries(n), enrich)
+    async with running(manager):
+        await eventually(lambda: manager.health("arch")[0]["backlog"] == 0, 10, "drained")
+        assert manager.health("arch")[0]["retries"] == 0
+    lines = []
+    for path in out.rglob("*.jsonl"):
+        lines += [json.loads(x)["body"]["i"] for x in path.read_text().splitlines()]
+    assert sorted(lines) == list(range(6))
+
+
+async def test_a_new_database_never_overwrites_or_trusts_old_files(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    spec = parse_endpoint("arch", {"type": "file", "path": str(out)})
+    for db_name, count in (("one.db", 10), ("two.db", 5)):
+        db, log = await open_log(tmp_path / db_name)
+        manager = EndpointManager(log, hub_name="hub1", data_dir=tmp_path, tuning=FAST)
+        await manager.apply([spec], lambda n: all_entries(n), enrich)
+        async with running(manager):
+            await log.append([record(db_name, i) for i in range(count)])
+            await eventually(lambda: manager.health("arch")[0]["backlog"] == 0, 10, "drained")
+            assert manager.health("arch")[0]["delivered"] == count
+        await db.close()
+    seen = []
+    for path in out.rglob("*.jsonl"):
+        seen += [(line["body"]["device"], line["body"]["i"])
+                 for line in map(json.loads, path.read_text().splitlines())]
+    assert sorted(seen) == sorted([("one.db", i) for i in range(10)]
+                                  + [("two.db", i) for i in range(5)])

@@ -185,6 +185,7 @@ async def test_broker_restart_loses_nothing_and_keeps_order(tmp_path: Path,
             await producer
             await eventually(lambda: len({m.payload for m in sub.messages}) >= total, 30,
                              "every message after the restart")
+            await eventually(lambda: manager.health("out")[0]["backlog"] == 0, 10, "acked")
             health = manager.health("out")[0]
         seen = [(json.loads(m.payload)["body"]["device"], json.loads(m.payload)["body"]["i"])
                 for m in sub.messages]

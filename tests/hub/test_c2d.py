@@ -232,6 +232,9 @@ async def test_ttl_bounds(hub: Hub) -> None:
         {"contentType": 5},
         {"color": 5},
         {"$.mid": "spoof"},
+        {"color": "\ud800"},  # JSON can carry a lone surrogate; UTF-8 cannot
+        {"\udfff": "x"},
+        {"correlationId": "a\ud800"},
     ],
 )
 async def test_invalid_properties_are_refused(hub: Hub, props: dict[str, Any]) -> None:

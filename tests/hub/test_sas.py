@@ -12,7 +12,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.errors import AuthError
-from gateway.hub.sas import generate_sas_token, parse_sas_token, verify_sas_signature
+from gateway.hub.sas import (
+    MAX_EXPIRY,
+    generate_sas_token,
+    parse_sas_token,
+    verify_sas_signature,
+)
 
 KEY = base64.b64encode(bytes(range(32))).decode()
 OTHER_KEY = base64.b64encode(bytes(range(1, 33))).decode()
@@ -166,7 +171,7 @@ def test_malformed_tokens_raise_auth_error_with_connack_4(raw: str) -> None:
 @given(
     resource=st.text(min_size=1, max_size=80),
     key=st.binary(min_size=16, max_size=64).map(lambda b: base64.b64encode(b).decode()),
-    expiry=st.integers(min_value=0, max_value=2**40),
+    expiry=st.integers(min_value=0, max_value=MAX_EXPIRY),  # any second up to 9999-12-31
     policy=st.none() | st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJ", min_size=1),
 )
 def test_generated_tokens_round_trip(resource: str, key: str, expiry: int,
@@ -184,3 +189,14 @@ def test_arbitrary_text_parses_or_raises_auth_error(raw: str) -> None:
         parse_sas_token(raw)
     except AuthError as exc:
         assert exc.connack == 4
+
+
+@pytest.mark.parametrize("digits", [13, 20, 400, 1000])
+def test_an_expiry_past_year_9999_is_refused_not_an_overflow(digits: int) -> None:
+    expiry = int("9" * digits)
+    token = parse_sas_token(generate_sas_token("hub/devices/d", KEY, expiry))
+    with pytest.raises(AuthError, match="token expiry out of range") as err:
+        verify_sas_signature(token, [KEY], now=NOW)
+    assert err.value.connack == 5
+    verify_sas_signature(parse_sas_token(generate_sas_token("hub/devices/d", KEY, MAX_EXPIRY)),
+                         [KEY], now=NOW)
