@@ -305,6 +305,7 @@
         bar.value = Math.min(i + 4, units.length);
       }
       $("scan-text").textContent = "scan done: " + answered + " unit(s) answered" + (answered ? "; choose one" : "");
+      await loadBuses();  // the bus's state, now that it has been used
     }));
 
     async function openUnit(u) {
@@ -520,7 +521,7 @@
     const drain = drainer();
     live("overview", {}, (o) => {
       const st = o.upstream;
-      $("up-state").textContent = upstreamText(st, o.upstreamSet);
+      $("up-state").textContent = st && o.upstreamSet ? st.state : "not set";  // the error has its own card
       $("up-backlog").textContent = st ? st.backlog + " messages (" + bytes(st.backlogBytes) + ")" : "–";
       $("up-oldest").textContent = st ? duration(st.oldestAgeSeconds) : "–";
       $("up-sent").textContent = st ? st.sent : "–";
