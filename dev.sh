@@ -52,8 +52,10 @@ setup_python() {
 setup_test() {
     # Real peers for the tests: Debian's mosquitto broker and clients, socat for serial pairs,
     # a D-Bus daemon for the fake BlueZ that bleak talks to, umockdev for recorded udev devices,
-    # curl and openssl for the README's command blocks (tests/e2e/test_14_readme.py).
-    apt_install mosquitto mosquitto-clients socat ca-certificates dbus-daemon umockdev curl openssl
+    # curl and openssl for the README's command blocks (tests/e2e/test_14_readme.py),
+    # Chromium and its WebDriver for the web page's browser tests (tests/ui/).
+    apt_install mosquitto mosquitto-clients socat ca-certificates dbus-daemon umockdev curl openssl \
+        chromium chromium-driver
     # systemd-analyze for the unit checks; libsystemd-dev, pkg-config and a compiler to build
     # systemd-python (the journal and sd_notify) into the venv.
     apt_install systemd libsystemd-dev pkg-config gcc python3-dev

@@ -59,6 +59,8 @@ from gateway.upstream.policy import from_config
 from gateway.upstream.provision import provision_until_done
 from gateway.upstream.routes import routed_policy, routed_select
 from gateway.upstream.service import Upstream
+from gateway.ui.logbuf import RingHandler
+from gateway.ui.server import UiServer, reexec
 
 if TYPE_CHECKING:
     from gateway.amqp.server import AmqpServer
@@ -140,6 +142,9 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
     api: ServiceApi | None = None
     amqp: AmqpServer | None = None
     tasks_ = TaskSet()
+    ring = RingHandler()  # the UI's live log tail
+    restart = asyncio.Event()
+    logging.getLogger().addHandler(ring)
     try:
         message_log = MessageLog(
             db, retention_s=config.store.retention_days * 86400,
@@ -212,6 +217,9 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         if config.amqp.enabled:  # back ends over AMQP: Event Hubs reads, C2D (gateway/amqp)
             amqp = await _amqp(config, message_log, authenticator, hub, certs, api,
                                files.store if files is not None else None)
+        # The web page's restart: a clean stop, then the same command again (gateway run only).
+        UiServer(config=config, api=api, upstream=upstream, ring=ring, broker=broker,
+                 restart=restart.set if stop is None else None).add_routes()
         await api.start(config.api.bind, config.api.port, device_tls, admission=admission,
                         header_timeout=config.api.header_timeout,
                         body_timeout=config.api.body_timeout)
@@ -261,6 +269,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
                 tasks.create_task(files.store.run(), name="file-expiry")
             tasks.create_task(supervisor.run(), name="modules")
             tasks.create_task(upstream.run(), name="upstream")
+            tasks.create_task(_relay(restart, stop_event), name="ui-restart")
             tasks.create_task(provision_until_done(data_dir, config.upstream),
                               name="upstream-provisioning")
             if amqp is not None:
@@ -289,6 +298,9 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         await registry.close()
         await db.close()
         log.info("hub stopped")
+        logging.getLogger().removeHandler(ring)
+        if restart.is_set():
+            reexec()
 
 
 async def _amqp(config: Config, message_log: MessageLog, authenticator: Authenticator,
@@ -366,6 +378,11 @@ def _sas_key(registry: Registry, device_id: str, module_id: str | None) -> str |
     if identity is None or identity.auth_type != "sas":
         return None
     return identity.primary_key
+
+
+async def _relay(event: asyncio.Event, stop: asyncio.Event) -> None:
+    await event.wait()
+    stop.set()
 
 
 class _Stop(Exception):

@@ -516,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_doctor_parsers(sub, common)
     add_enrollment_parsers(sub, common)
     add_files_parsers(sub, common)
+    from gateway import cli_admin
+
+    cli_admin.add_parser(sub, common)
 
     p = sub.add_parser("monitor-events", parents=[common],
                        help="print messages routed to the built-in endpoint events")

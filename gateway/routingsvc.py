@@ -373,7 +373,8 @@ class RoutingService:
 
     def test(self, doc: Mapping[str, Any]) -> dict[str, Any]:
         """Route a made-up device message without storing it: every route, matched or not and
-        why, and the endpoints it would reach (``POST /routing/test``)."""
+        why, and the endpoints it would reach (``POST /routing/test``); ``route``, a route
+        document not saved yet, is tested as if it were (the web page's condition editor)."""
         body_value = doc.get("body", "")
         body = (body_value if isinstance(body_value, str) else json.dumps(body_value)).encode()
         app = doc.get("appProperties") or {}
@@ -402,5 +403,12 @@ class RoutingService:
             twins = self.hub.twin_store.get
         view = MessageView(system, app, body, device_id=device_id, module_id=module_id,
                            enqueued_ms=int(self.hub.clock() * 1000), twins=twins)
-        router = Router(self.state, hub_name=self.hub.host_name, twins=twins)
+        state = self.state
+        candidate = doc.get("route")  # a route being written: tested with the others, not stored
+        if candidate is not None:
+            if not isinstance(candidate, dict) or not isinstance(candidate.get("name"), str):
+                raise InvalidRequestError("route must be a route document with a name")
+            spec = parse_route(candidate["name"], candidate)
+            state = replace(state, routes=(*[r for r in state.routes if r.name != spec.name], spec))
+        router = Router(state, hub_name=self.hub.host_name, twins=twins)
         return router.test(TELEMETRY, view)

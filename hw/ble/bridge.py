@@ -406,6 +406,7 @@ class BleBridge:
             "lastSeen": iso(adv.received),
             "formats": [k.value for k in detect_kinds(adv)],
             "sensor": configured.get(adv.address),
+            "values": _plain_values(adv),
         } for adv in reversed(self._central.nearby())]
         return 200, {"devices": devices}
 
@@ -472,3 +473,24 @@ class BleBridge:
                 "lastError": s.gatt_error,
             }
         return out
+
+
+def _plain_values(adv: Advertisement) -> dict[str, Any]:
+    """What an advertisement says without a key (the technician's scan list shows it);
+    ``{"encrypted": true}`` for an encrypted BTHome frame."""
+    out: dict[str, Any] = {}
+    for kind in detect_kinds(adv):
+        payload = payload_for(kind, adv)
+        if payload is None:
+            continue
+        try:
+            decoded = decode(kind, payload, mac_bytes(adv.address))
+        except DecryptError:
+            out["encrypted"] = True
+            continue
+        except (AdvertisementError, ValueError):
+            continue
+        for m in decoded.measures:
+            out[m.name] = f"{m.value:g} {m.unit}".strip() if isinstance(m.value, float) \
+                else (f"{m.value} {m.unit}".strip() if m.unit else m.value)
+    return out

@@ -120,7 +120,7 @@ def test_token_for_a_module_and_a_policy(hub: HubProcess) -> None:
 
 
 def test_token_errors_are_one_line(hub: HubProcess, tmp_path: Path) -> None:
-    create_device(hub, "cam-2", "--x509-ca")
+    create_device(hub, "cam-2", "--x509-ca", "--out", str(tmp_path))
     for args, text in ((("token", "device", "cam-2"), "has no shared access keys"),
                        (("token", "device", "ghost"), "not found"),
                        (("token", "policy", "nope"), "not found")):

@@ -1,0 +1,591 @@
+// The gateway's technician page: forms and live views (no framework, no build step).
+// Every hub action goes to /ui/api/<service API path> with the session's CSRF token;
+// live values arrive over server-sent events (/ui/stream/...).
+"use strict";
+(function () {
+  const $ = (id) => document.getElementById(id);
+  const body = document.body;
+  const csrf = (document.querySelector('meta[name="csrf"]') || {}).content || "";
+  const screen = body.dataset.screen;
+  const gw = body.dataset.gateway;
+
+  function say(text, bad) {
+    const s = $("status");
+    if (!s) return;
+    s.textContent = text;
+    s.className = bad ? "error" : "";
+  }
+
+  async function call(method, path, data, raw) {
+    const opts = { method: method, headers: { "X-CSRF-Token": csrf }, credentials: "same-origin" };
+    if (data !== undefined) {
+      opts.body = raw ? data : JSON.stringify(data);
+      if (!raw) opts.headers["Content-Type"] = "application/json";
+    }
+    const url = path.startsWith("/ui/") ? path : "/ui/api" + path;
+    const r = await fetch(url, opts);
+    const text = await r.text();
+    let out = text;
+    try { out = text ? JSON.parse(text) : null; } catch (e) { /* not JSON */ }
+    if (!r.ok) {
+      const msg = (out && out.Message) || (out && out.message) || (out && out.error) || text || r.statusText;
+      throw new Error(r.status + ": " + msg);
+    }
+    return out;
+  }
+
+  function live(what, params, onData) {
+    const q = new URLSearchParams(params || {}).toString();
+    const es = new EventSource("/ui/stream/" + what + (q ? "?" + q : ""));
+    es.onmessage = (ev) => onData(JSON.parse(ev.data));
+    es.onerror = () => say("live updates interrupted; reconnecting…", true);
+    es.onopen = () => { const s = $("status"); if (s && s.className === "error") say(""); };
+    window.addEventListener("beforeunload", () => es.close());
+    return es;
+  }
+
+  function el(tag, text, attrs) {
+    const e = document.createElement(tag);
+    if (text !== undefined && text !== null) e.textContent = String(text);
+    for (const k in (attrs || {})) e.setAttribute(k, attrs[k]);
+    return e;
+  }
+
+  function row(cells) {
+    const tr = el("tr");
+    cells.forEach((c) => { const td = el("td"); if (c instanceof Node) td.appendChild(c); else td.textContent = c === undefined || c === null ? "" : String(c); tr.appendChild(td); });
+    return tr;
+  }
+
+  function duration(s) {
+    if (s === null || s === undefined || !isFinite(s)) return "–";
+    s = Math.max(0, Math.round(s));
+    if (s < 90) return s + " s";
+    if (s < 5400) return Math.round(s / 60) + " min";
+    if (s < 172800) return (s / 3600).toFixed(1) + " h";
+    return (s / 86400).toFixed(1) + " d";
+  }
+  function bytes(n) {
+    if (!n) return "0 B";
+    const u = ["B", "KB", "MB", "GB", "TB"]; let i = 0;
+    while (n >= 1024 && i < u.length - 1) { n /= 1024; i++; }
+    return n.toFixed(i ? 1 : 0) + " " + u[i];
+  }
+  function guard(fn) {
+    return async (ev) => {
+      if (ev && ev.preventDefault) ev.preventDefault();
+      try { await fn(ev); } catch (e) { say(e.message, true); }
+    };
+  }
+
+  // A drain-time estimate from the backlog and the send rate over the last samples.
+  function drainer() {
+    const samples = [];
+    return (st) => {
+      const now = Date.now() / 1000;
+      samples.push([now, st.sent || 0, st.backlog || 0]);
+      while (samples.length > 30) samples.shift();
+      if (!st.backlog) return 0;
+      if (samples.length < 2) return null;
+      const a = samples[0], b = samples[samples.length - 1];
+      const rate = (b[1] - a[1]) / Math.max(b[0] - a[0], 1e-3);
+      if (st.state !== "connected" || rate <= 0) return Infinity;
+      return st.backlog / rate;
+    };
+  }
+  function upstreamText(st, isSet) {
+    if (!st || !isSet) return "not set";
+    return st.state + (st.lastError && st.state !== "connected" ? " (" + st.lastError + ")" : "");
+  }
+
+  // -- Overview -------------------------------------------------------------------------
+  function overview() {
+    const points = [];
+    let last = null;
+    const drain = drainer();
+    live("overview", {}, (o) => {
+      $("health").textContent = o.rejected ? "store full: messages refused" : "running";
+      $("uptime").textContent = duration(o.uptime);
+      $("connections").textContent = (o.connections === null ? "?" : o.connections) + " (" + o.connected + " of " + o.devices + " devices)";
+      if (last) {
+        const rate = Math.max(0, (o.appended - last.appended) / Math.max(o.time - last.time, 1e-3));
+        $("rate").textContent = rate.toFixed(1);
+        points.push(rate);
+        while (points.length > 300) points.shift();
+        const max = Math.max(1, ...points);
+        $("chart-line").setAttribute("points", points.map((v, i) => (i * 300 / Math.max(points.length - 1, 1)).toFixed(1) + "," + (78 - v * 74 / max).toFixed(1)).join(" "));
+      }
+      last = o;
+      $("store").textContent = o.stored + " messages, " + bytes(o.storeBytes) + " of " + bytes(o.storeMax);
+      const up = o.upstream;
+      $("upstream-state").textContent = upstreamText(up, o.upstreamSet);
+      $("backlog").textContent = up ? up.backlog + " messages (" + bytes(up.backlogBytes) + ")" : "–";
+      $("oldest").textContent = up ? duration(up.oldestAgeSeconds) : "–";
+      $("drain").textContent = up ? (function (t) { return t === Infinity ? "not draining" : duration(t); })(drain(up)) : "–";
+    });
+    const alerts = guard(async (ev) => {
+      const list = await call("GET", "/ui/info/alerts" + (ev ? "?refresh=1" : ""));
+      const ul = $("alerts"); ul.textContent = "";
+      if (!list.length) ul.appendChild(el("li", "No alerts: every check passed."));
+      list.forEach((a) => {
+        const li = el("li", "", { class: a.status });
+        li.appendChild(el("strong", a.status.toUpperCase() + " " + a.check + ": "));
+        li.appendChild(document.createTextNode(a.message + (a.hint ? " — " + a.hint : "")));
+        ul.appendChild(li);
+      });
+    });
+    alerts();
+    $("alerts-refresh").addEventListener("click", alerts);
+  }
+
+  // -- Devices --------------------------------------------------------------------------
+  function connectionString(id, key) {
+    return "HostName=" + body.dataset.host + ";DeviceId=" + id + ";SharedAccessKey=" + key;
+  }
+  function devices() {
+    const tbody = document.querySelector("#devices tbody");
+    live("devices", {}, (rows) => {
+      tbody.textContent = "";
+      rows.forEach((d) => {
+        const a = el("a", d.deviceId, { href: "/ui/devices/" + encodeURIComponent(d.deviceId) });
+        const tr = row([a, d.connectionState, d.lastActivityTime && !d.lastActivityTime.startsWith("0001") ? d.lastActivityTime : "never", d.status]);
+        tr.dataset.device = d.deviceId;
+        tbody.appendChild(tr);
+      });
+    });
+    $("new-device").addEventListener("submit", guard(async () => {
+      const id = $("new-device-id").value.trim();
+      const d = await call("PUT", "/devices/" + encodeURIComponent(id), { deviceId: id });
+      const cs = connectionString(id, d.authentication.symmetricKey.primaryKey);
+      $("created-id").textContent = id;
+      $("connstr").value = cs;
+      $("created").hidden = false;
+      $("qr").innerHTML = await call("POST", "/ui/qr", cs, true);
+      say("device " + id + " created");
+    }));
+    $("copy-connstr").addEventListener("click", guard(async () => {
+      const t = $("connstr");
+      t.focus(); t.select();
+      try { await navigator.clipboard.writeText(t.value); } catch (e) { document.execCommand("copy"); }
+      say("connection string copied");
+    }));
+  }
+
+  function device() {
+    const id = body.dataset.device;
+    const base = "/twins/" + encodeURIComponent(id);
+    const load = guard(async () => {
+      const t = await call("GET", base);
+      const desired = Object.assign({}, t.properties.desired); delete desired.$metadata; delete desired.$version;
+      const reported = Object.assign({}, t.properties.reported); delete reported.$metadata;
+      $("twin-desired").value = JSON.stringify(desired, null, 2);
+      $("twin-reported").textContent = JSON.stringify(reported, null, 2);
+      $("device-state").textContent = id + ": " + t.connectionState;
+    });
+    load();
+    $("twin-save").addEventListener("click", guard(async () => {
+      let desired;
+      try { desired = JSON.parse($("twin-desired").value); } catch (e) { throw new Error("desired properties: not JSON (" + e.message + ")"); }
+      await call("PATCH", base, { properties: { desired: desired } });
+      say("desired properties saved"); await load();
+    }));
+    $("method").addEventListener("submit", guard(async () => {
+      let payload;
+      try { payload = JSON.parse($("method-payload").value || "null"); } catch (e) { throw new Error("payload: not JSON"); }
+      $("method-result").textContent = "invoking…";
+      try {
+        const r = await call("POST", base + "/methods", { methodName: $("method-name").value, payload: payload, responseTimeoutInSeconds: 30, connectTimeoutInSeconds: 5 });
+        $("method-result").textContent = JSON.stringify(r, null, 2);
+      } catch (e) { $("method-result").textContent = e.message; }
+    }));
+    $("c2d").addEventListener("submit", guard(async () => {
+      const r = await call("POST", "/devices/" + encodeURIComponent(id) + "/messages/deviceBound", { body: $("c2d-body").value });
+      $("c2d-result").textContent = "queued " + r.messageId + " (" + r.pending + " pending)";
+    }));
+  }
+
+  // -- Sensors: Modbus ------------------------------------------------------------------
+  function sensors() {
+    const mod = body.dataset.moduleModbus;
+    const modTwin = "/twins/" + encodeURIComponent(gw) + "/modules/" + encodeURIComponent(mod || "modbus");
+    const method = (name, payload) => call("POST", modTwin + "/methods", { methodName: name, payload: payload, responseTimeoutInSeconds: 60, connectTimeoutInSeconds: 10 });
+    let bus = null, unit = null;
+    let profileList = [];
+
+    const loadBuses = guard(async () => {
+      if (!mod) { $("modbus").hidden = true; if (!body.dataset.moduleBle && !body.dataset.moduleSerial) say("no sensor bridge is configured: add [modules.modbus] bridge = \"modbus\" (or serial, ble) to gateway.toml", true); return; }
+      const t = await call("GET", modTwin);
+      const buses = (t.properties.desired || {}).buses || {};
+      const status = (((t.properties.reported || {}).status || {}).buses) || {};
+      const tbody = document.querySelector("#buses tbody"); tbody.textContent = "";
+      Object.keys(buses).forEach((name) => {
+        const b = buses[name] || {};
+        const link = b.tcp ? "tcp " + b.tcp.host + ":" + (b.tcp.port || 502) : b.serial ? b.serial.port + " @" + (b.serial.baud || 19200) : "?";
+        const pick = el("button", name, { type: "button" });
+        pick.addEventListener("click", () => openScan(name));
+        const st = status[name] || {};
+        tbody.appendChild(row([pick, link, st.state || st.link || (st.connected === undefined ? "" : (st.connected ? "connected" : "down"))]));
+      });
+    });
+    loadBuses();
+
+    $("new-bus").addEventListener("click", () => { $("bus-form").hidden = false; $("bus-host").focus(); });
+    $("bus-kind").addEventListener("change", guard(async () => {
+      const serial = $("bus-kind").value === "serial";
+      $("bus-tcp").hidden = serial; $("bus-serial").hidden = !serial;
+      if (serial) {
+        const ports = await call("GET", "/ui/info/serial-ports");
+        const sel = $("bus-device"); sel.textContent = "";
+        if (!ports.length) sel.appendChild(el("option", "(no serial adapter plugged in)", { value: "" }));
+        ports.forEach((p) => sel.appendChild(el("option", p.replace("/dev/serial/by-id/", ""), { value: p })));
+      }
+    }));
+    $("bus-form").addEventListener("submit", guard(async () => {
+      const name = $("bus-name").value.trim();
+      let spec;
+      if ($("bus-kind").value === "tcp") {
+        const host = $("bus-host").value.trim();
+        if (!host) throw new Error("give the host or IP address of the Modbus TCP device");
+        spec = { tcp: { host: host, port: parseInt($("bus-port").value, 10) || 502 }, timeout: 1.0 };
+      } else {
+        const port = $("bus-device").value;
+        if (!port) throw new Error("choose a serial port");
+        spec = { serial: { port: port, baud: parseInt($("bus-baud").value, 10) || 9600, parity: $("bus-parity").value } };
+      }
+      const buses = {}; buses[name] = spec;
+      await call("PATCH", modTwin, { properties: { desired: { buses: buses } } });
+      $("bus-form").hidden = true;
+      say("bus " + name + " saved; the bridge connects to it now");
+      await loadBuses();
+      openScan(name);
+    }));
+
+    function openScan(name) {
+      bus = name;
+      $("scan-bus").textContent = name;
+      $("scan-box").hidden = false;
+      $("units").textContent = "";
+      $("scan-text").textContent = "";
+    }
+
+    function parseUnits(text) {
+      const out = [];
+      text.split(",").forEach((part) => {
+        const m = part.trim().match(/^(\d+)(?:-(\d+))?$/);
+        if (!m) throw new Error("unit ids: like 1-10 or 1,3,7");
+        const a = parseInt(m[1], 10), b = m[2] ? parseInt(m[2], 10) : a;
+        for (let u = a; u <= b && out.length < 247; u++) out.push(u);
+      });
+      return out;
+    }
+
+    $("scan-form").addEventListener("submit", guard(async () => {
+      const units = parseUnits($("scan-units").value);
+      const bar = $("scan-progress"); bar.hidden = false; bar.max = units.length; bar.value = 0;
+      const found = $("units"); found.textContent = "";
+      let answered = 0;
+      for (let i = 0; i < units.length; i += 4) {
+        const chunk = units.slice(i, i + 4);
+        $("scan-text").textContent = "asking units " + chunk[0] + "–" + chunk[chunk.length - 1] + " (" + i + " of " + units.length + " done, " + answered + " found)";
+        // A bus saved a moment ago may not be running yet (404) or connected (503): wait a bit.
+        let r;
+        for (let attempt = 0; ; attempt++) {
+          r = await method("scan", { bus: bus, units: chunk.join(","), table: $("scan-table").value, seconds: 60 });
+          if (r.status === 200 || attempt >= 15 || (r.status !== 404 && r.status !== 503)) break;
+          $("scan-text").textContent = "waiting for the bridge to open bus " + bus + "…";
+          await new Promise((ok) => setTimeout(ok, 1000));
+        }
+        if (r.status !== 200) throw new Error("scan: " + ((r.payload && r.payload.error) || JSON.stringify(r.payload)));
+        r.payload.answered.forEach((a) => {
+          answered++;
+          const b = el("button", "unit " + a.unit + (a.kind && a.kind !== "value" ? " (" + a.kind + ")" : ""), { type: "button", "data-unit": a.unit });
+          b.addEventListener("click", () => openUnit(a.unit));
+          const li = el("li"); li.appendChild(b); found.appendChild(li);
+        });
+        bar.value = Math.min(i + 4, units.length);
+      }
+      $("scan-text").textContent = "scan done: " + answered + " unit(s) answered" + (answered ? "; choose one" : "");
+      await loadBuses();  // the bus's state, now that it has been used
+    }));
+
+    async function openUnit(u) {
+      unit = u;
+      $("unit-id").textContent = u + " on " + bus;
+      $("unit-box").hidden = false;
+      if (!profileList.length) {
+        profileList = await call("GET", "/ui/info/profiles");
+        profileList.forEach((p) => $("profile").appendChild(el("option", p.name + (p.title ? " — " + p.title : ""), { value: p.name })));
+      }
+      $("profile").focus();
+    }
+
+    async function read(address, count, table) {
+      const r = await method("read_registers", { bus: bus, unit: unit, address: address, count: count, table: table, interpret: true });
+      if (r.status !== 200) throw new Error("read: " + JSON.stringify(r.payload));
+      return r.payload;
+    }
+
+    $("probe-form").addEventListener("submit", guard(async () => {
+      const address = parseInt($("probe-address").value, 10) || 0, count = parseInt($("probe-count").value, 10) || 1;
+      const p = await read(address, count, $("probe-table").value);
+      const t = $("probe"); t.textContent = "";
+      const head = el("tr"); head.appendChild(el("th", "type", { scope: "col" })); head.appendChild(el("th", "order", { scope: "col" }));
+      for (let i = 0; i < count; i++) head.appendChild(el("th", String(address + i), { scope: "col" }));
+      const thead = el("thead"); thead.appendChild(head); t.appendChild(thead);
+      const tb = el("tbody");
+      p.interpretations.forEach((it) => tb.appendChild(row([it.type, it.order].concat(it.values.map((v) => v === null ? "" : v)))));
+      t.appendChild(tb);
+    }));
+
+    $("profile").addEventListener("change", () => {
+      const p = profileList.find((x) => x.name === $("profile").value);
+      $("profile-registers").textContent = p ? "reads: " + p.registers.join(", ") : "";
+      $("map-box").hidden = !!p;
+    });
+
+    const TYPES = ["uint16", "int16", "uint32", "int32", "float32", "float64", "uint64", "int64"];
+    $("add-row").addEventListener("click", () => {
+      const tb = document.querySelector("#map tbody");
+      const n = tb.children.length + 1;
+      const tr = el("tr");
+      const cell = (node) => { const td = el("td"); td.appendChild(node); tr.appendChild(td); return node; };
+      const name = cell(el("input", null, { "aria-label": "name of register " + n, value: "value" + n, class: "m-name" }));
+      const table = cell(el("select", null, { "aria-label": "table of register " + n, class: "m-table" }));
+      ["input", "holding"].forEach((x) => table.appendChild(el("option", x, { value: x })));
+      const addr = cell(el("input", null, { "aria-label": "address of register " + n, type: "number", value: "0", class: "m-address" }));
+      const type = cell(el("select", null, { "aria-label": "type of register " + n, class: "m-type" }));
+      TYPES.forEach((x) => type.appendChild(el("option", x, { value: x })));
+      const scale = cell(el("input", null, { "aria-label": "scale of register " + n, type: "number", step: "any", value: "1", class: "m-scale" }));
+      const unitIn = cell(el("input", null, { "aria-label": "unit of register " + n, value: "", class: "m-unit" }));
+      const td = el("td"); const test = el("button", "Test", { type: "button" }); const out = el("output");
+      td.appendChild(test); td.appendChild(out); tr.appendChild(td);
+      test.addEventListener("click", guard(async () => {
+        const width = /64/.test(type.value) ? 4 : /32/.test(type.value) ? 2 : 1;
+        const p = await read(parseInt(addr.value, 10) || 0, width, table.value);
+        const it = p.interpretations.find((x) => x.type === type.value);
+        const v = it ? it.values[0] : null;
+        out.textContent = v === null || v === undefined ? "?" : String(Number(v) * (parseFloat(scale.value) || 1)) + " " + unitIn.value;
+      }));
+      tb.appendChild(tr);
+      name.focus();
+    });
+
+    $("save-form").addEventListener("submit", guard(async () => {
+      if (unit === null) throw new Error("choose a unit first");
+      const name = $("device-name").value.trim();
+      const spec = { bus: bus, unit: unit, interval: parseFloat($("device-interval").value) || 5 };
+      if ($("profile").value) spec.profile = $("profile").value;
+      else {
+        const regs = {};
+        document.querySelectorAll("#map tbody tr").forEach((tr) => {
+          const r = { table: tr.querySelector(".m-table").value, address: parseInt(tr.querySelector(".m-address").value, 10) || 0, type: tr.querySelector(".m-type").value };
+          const scale = parseFloat(tr.querySelector(".m-scale").value); if (scale && scale !== 1) r.scale = scale;
+          const u = tr.querySelector(".m-unit").value.trim(); if (u) r.unit = u;
+          regs[tr.querySelector(".m-name").value.trim()] = r;
+        });
+        if (!Object.keys(regs).length) throw new Error("choose a profile or add a register");
+        spec.registers = regs;
+      }
+      const devs = {}; devs[name] = spec;
+      await call("PATCH", modTwin, { properties: { desired: { devices: devs } } });
+      say("saved " + name + ": waiting for its first values");
+      $("live-box").hidden = false;
+    }));
+
+    // Live values of every Modbus sensor, as the bridge sends them.
+    const liveRows = {};
+    // (every sensor's telemetry: Modbus and BLE bridges, and the child devices they speak for)
+    live("telemetry", {}, (rows) => {
+      rows.forEach((m) => {
+        let p = m.event.payload;
+        if (typeof p === "string") { try { p = JSON.parse(p); } catch (e) { return; } }
+        if (!p || !p.readings) return;
+        $("live-box").hidden = false;
+        (p.readings || []).forEach((r) => {
+          const key = p.sensor + "/" + r.name;
+          let tr = liveRows[key];
+          if (!tr) { tr = row([p.sensor, r.name, "", ""]); tr.dataset.key = key; liveRows[key] = tr; document.querySelector("#live tbody").appendChild(tr); }
+          tr.children[2].textContent = (typeof r.value === "number" ? Math.round(r.value * 1000) / 1000 : r.value) + (r.unit ? " " + r.unit : "");
+          const t = p.time !== undefined ? p.time : (m.event.annotations || {})["iothub-enqueuedtime"];
+          tr.children[3].textContent = typeof t === "number" ? new Date(t > 1e12 ? t : t * 1000).toLocaleTimeString() : String(t || "").replace(/\.\d+/, "");
+        });
+      });
+    });
+
+    // -- Serial
+    const ser = body.dataset.moduleSerial;
+    const serTwin = "/twins/" + encodeURIComponent(gw) + "/modules/" + encodeURIComponent(ser || "serial");
+    if (!ser) $("serial").hidden = true;
+    else guard(async () => {
+      const ports = await call("GET", "/ui/info/serial-ports");
+      const sel = $("serial-port"); sel.textContent = "";
+      sel.appendChild(el("option", ports.length ? "(choose a port)" : "(no serial adapter plugged in: give a path)", { value: "" }));
+      ports.forEach((p) => sel.appendChild(el("option", p.replace("/dev/serial/by-id/", ""), { value: p })));
+    })();
+    $("serial-form").addEventListener("submit", guard(async () => {
+      const path = $("serial-path").value.trim() || $("serial-port").value;
+      if (!path) throw new Error("choose a port or give its path");
+      const sensor = $("serial-sensor").value.trim();
+      const fmt = $("serial-format").value;
+      const spec = { path: path, sensor: sensor, baud: parseInt($("serial-baud").value, 10) || 9600, format: fmt };
+      if (fmt === "regex") spec.decoder = { pattern: $("serial-pattern").value };
+      if (fmt === "delimited") spec.decoder = { separator: $("serial-separator").value || ";", columns: $("serial-columns").value.split(",").map((c) => c.trim() || null) };
+      const ports = {}; ports[sensor] = spec;
+      await call("PATCH", serTwin, { properties: { desired: { ports: ports } } });
+      say("serial port " + path + " saved: decoded lines appear under Live values");
+    }));
+
+    // -- BLE
+    const ble = body.dataset.moduleBle;
+    const bleTwin = "/twins/" + encodeURIComponent(gw) + "/modules/" + encodeURIComponent(ble || "ble");
+    let bleAddress = null, bleFormats = [];
+    let lastNearby = null;
+    const showNearby = (r) => {
+      lastNearby = r;
+      const tb = document.querySelector("#ble-list tbody");
+      if (r.status !== 200) { say("BLE bridge: " + ((r.payload && (r.payload.error || r.payload.Message)) || r.status), true); return; }
+      tb.textContent = "";
+      ((r.payload || {}).devices || []).forEach((d) => {
+        const add = el("button", d.sensor ? "added as " + d.sensor : "Add", { type: "button" });
+        add.disabled = !!d.sensor;
+        add.setAttribute("data-address", d.address);
+        add.addEventListener("click", () => { bleAddress = d.address; bleFormats = (d.formats || []).filter((f) => f !== "bthome" || !(d.values || {}).encrypted); $("ble-address").textContent = d.address; $("ble-form").hidden = false; $("ble-name").value = (d.name || "sensor").replace(/[^A-Za-z0-9_-]/g, "_"); $("ble-name").focus(); });
+        const v = d.values || {};
+        const vals = v.encrypted ? "encrypted BTHome: add it with its bindkey" : Object.keys(v).map((k) => k + " " + v[k]).join(", ") || (d.formats || []).join(", ");
+        tb.appendChild(row([d.address, d.name || "", d.rssi + " dBm", vals, add]));
+      });
+    };
+    if (!ble) $("ble").hidden = true;
+    else live("ble", {}, showNearby);
+    const nearby = async () => { if (lastNearby) showNearby(lastNearby); };
+    $("ble-form").addEventListener("submit", guard(async () => {
+      const name = $("ble-name").value.trim();
+      const key = $("ble-bindkey").value.trim();
+      const desired = { sensors: {} };
+      if (key) {
+        // Encrypted BTHome: the sensor speaks as a child device whose registry entry holds
+        // the bindkey (never a twin), as `gateway device update --sensor-key` sets it.
+        const g = await call("GET", "/devices/" + encodeURIComponent(gw));
+        const child = gw.split(".")[0] + "-" + name;
+        await call("PUT", "/devices/" + encodeURIComponent(child), { deviceId: child, authentication: { type: "none" }, deviceScope: g.deviceScope, parentScopes: [g.deviceScope], sensorKey: key });
+        desired.sensors[name] = { address: bleAddress, decoder: "bthome" };
+        desired.children = {}; desired.children[name] = { deviceId: child };
+      } else {
+        desired.sensors[name] = { address: bleAddress, decoder: bleFormats.length ? bleFormats : ["bthome", "ruuvi", "atc"] };
+      }
+      await call("PATCH", bleTwin, { properties: { desired: desired } });
+      $("ble-form").hidden = true;
+      $("ble-bindkey").value = "";
+      say("sensor " + name + " added");
+      await nearby();
+    }));
+  }
+
+  // -- Routes ---------------------------------------------------------------------------
+  function routes() {
+    const load = guard(async () => {
+      const rs = await call("GET", "/routing/routes");
+      const tb = document.querySelector("#routes tbody"); tb.textContent = "";
+      rs.forEach((r) => tb.appendChild(row([r.name, r.source, r.condition, (r.endpointNames || []).join(", "), r.isEnabled ? "yes" : "no"])));
+      const eps = await call("GET", "/routing/endpoints");
+      const health = await call("GET", "/routing/health");
+      const hmap = {};
+      (Array.isArray(health) ? health : []).forEach((h) => { hmap[h.endpointId || h.name] = h.healthStatus || h.status; });
+      const sel = $("route-endpoint"); sel.textContent = "";
+      sel.appendChild(el("option", "events (built-in)", { value: "events" }));
+      const et = document.querySelector("#endpoints tbody"); et.textContent = "";
+      et.appendChild(row(["events", "built-in", hmap.events || "healthy"]));
+      eps.forEach((e) => { sel.appendChild(el("option", e.name, { value: e.name })); et.appendChild(row([e.name, e.type, hmap[e.name] || "unknown"])); });
+    });
+    load();
+    const sample = () => {
+      let b; try { b = JSON.parse($("route-sample").value); } catch (e) { b = $("route-sample").value; }
+      return { body: b };
+    };
+    $("route-test").addEventListener("click", guard(async () => {
+      const name = $("route-name").value.trim() || "new-route";
+      const r = await call("POST", "/routing/test", Object.assign(sample(), { route: { name: name, source: $("route-source").value, condition: $("route-condition").value, endpointNames: [$("route-endpoint").value], isEnabled: true } }));
+      const mine = (r.routes || []).find((x) => x.name === name) || {};
+      $("route-test-result").textContent = (mine.matched ? "matches: the sample goes to " + mine.endpoint : "does not match: " + (mine.reason || "?")) + ". Endpoints reached: " + (r.endpoints || []).join(", ") + (r.fallback ? " (by the fallback route)" : "");
+      $("route-test-result").className = mine.matched ? "" : "error";
+    }));
+    $("route-form").addEventListener("submit", guard(async () => {
+      const name = $("route-name").value.trim();
+      await call("PUT", "/routing/routes/" + encodeURIComponent(name), { name: name, source: $("route-source").value, condition: $("route-condition").value, endpointNames: [$("route-endpoint").value], isEnabled: true });
+      say("route " + name + " created"); await load();
+    }));
+  }
+
+  // -- Upstream -------------------------------------------------------------------------
+  function upstream() {
+    const drain = drainer();
+    live("overview", {}, (o) => {
+      const st = o.upstream;
+      $("up-state").textContent = st && o.upstreamSet ? st.state : "not set";  // the error has its own card
+      $("up-backlog").textContent = st ? st.backlog + " messages (" + bytes(st.backlogBytes) + ")" : "–";
+      $("up-oldest").textContent = st ? duration(st.oldestAgeSeconds) : "–";
+      $("up-sent").textContent = st ? st.sent : "–";
+      $("up-error").textContent = st && st.lastError ? st.lastError : "none";
+      const t = st ? drain(st) : null;
+      $("up-drain").textContent = t === Infinity ? "not draining" : duration(t);
+    });
+    const show = guard(async () => {
+      const s = await call("GET", "/upstream");
+      $("up-target").textContent = s ? (s.deviceId || s.device_id || "") + " @ " + (s.host || s.hub) + ":" + (s.port || "") : "not set";
+    });
+    show();
+    $("upstream-form").addEventListener("submit", guard(async () => {
+      const req = { connectionString: $("up-connstr").value.trim() };
+      if ($("up-host").value.trim()) req.host = $("up-host").value.trim();
+      if ($("up-ca").value.trim()) req.caFile = $("up-ca").value.trim();
+      if ($("up-port").value) req.port = parseInt($("up-port").value, 10);
+      await call("PUT", "/upstream", req);
+      $("up-connstr").value = "";
+      say("upstream saved"); await show();
+    }));
+    $("up-test").addEventListener("click", guard(async () => {
+      const ol = $("up-steps"); ol.textContent = ""; ol.appendChild(el("li", "testing…"));
+      const steps = await call("POST", "/ui/upstream-test", {});
+      ol.textContent = "";
+      steps.forEach((s) => ol.appendChild(el("li", s.status.toUpperCase() + " " + s.check + ": " + s.message + (s.hint ? " — " + s.hint : ""), { class: s.status })));
+    }));
+  }
+
+  // -- Logs -----------------------------------------------------------------------------
+  function logs() {
+    let es = null;
+    const start = () => {
+      if (es) es.close();
+      const tb = document.querySelector("#logs tbody"); tb.textContent = "";
+      es = live("logs", { level: $("log-level").value, device: $("log-device").value.trim(), module: $("log-module").value.trim() }, (records) => {
+        records.forEach((r) => { const tr = row([r.time, r.level, r.message]); tr.className = r.level.toLowerCase(); tb.insertBefore(tr, tb.firstChild); });
+        while (tb.children.length > 500) tb.removeChild(tb.lastChild);
+      });
+    };
+    start();
+    $("log-filter").addEventListener("submit", (ev) => { ev.preventDefault(); start(); });
+  }
+
+  // -- System ---------------------------------------------------------------------------
+  function system() {
+    guard(async () => {
+      const s = await call("GET", "/ui/info/system");
+      $("sys-version").textContent = s.version;
+      $("sys-host").textContent = s.hostName;
+      $("sys-hub").textContent = s.hubName;
+      $("sys-addresses").textContent = s.addresses.join(", ");
+      $("sys-time").textContent = s.time;
+      $("sys-uptime").textContent = duration(s.uptime);
+      $("sys-disk").textContent = bytes(s.disk.free) + " free of " + bytes(s.disk.total);
+      $("restart").disabled = !s.restart;
+    })();
+    $("restart").addEventListener("click", guard(async () => {
+      if (!window.confirm("Restart the hub? Devices reconnect by themselves.")) return;
+      await call("POST", "/ui/restart", {});
+      say("restarting…");
+    }));
+  }
+
+  const screens = { overview: overview, devices: devices, device: device, sensors: sensors, routes: routes, upstream: upstream, logs: logs, system: system };
+  if (screens[screen]) screens[screen]();
+})();
