@@ -252,8 +252,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         p = route.add_parser(name, parents=[common], help=f"{name} a route")
         p.add_argument("name")
         p.add_argument("--source", help="DeviceMessages (default), TwinChangeEvents, "
-                       "DeviceLifecycleEvents, DeviceConnectionStateEvents, or an edgeHub "
-                       "path such as /messages/modules/m/outputs/o")
+                       "DeviceLifecycleEvents, DeviceConnectionStateEvents, "
+                       "FileUploadNotifications, or an edgeHub path such as "
+                       "/messages/modules/m/outputs/o")
         p.add_argument("--endpoint", help='events, $upstream, BrokeredEndpoint("/modules/m/inputs/i") '
                        "or a custom endpoint's name")
         p.add_argument("--condition", help="e.g. \"$body.temp > 30 AND alert = 'high'\"")

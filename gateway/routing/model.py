@@ -43,6 +43,7 @@ SOURCES: Final[Mapping[str, str]] = {
     "TwinChangeEvents": "twinChange",
     "DeviceLifecycleEvents": "deviceLifecycle",
     "DeviceConnectionStateEvents": "connectionState",
+    "FileUploadNotifications": "fileNotification",  # ours: IoT Hub has no route source for them
 }
 """IoT Hub route source -> the stored message kind."""
 _SOURCE_NAMES = {name.lower(): name for name in SOURCES}

@@ -156,7 +156,7 @@ class Router:
         if self.empty:
             return self.default
         names: tuple[str, ...] = ()
-        if self._by_kind[kind]:
+        if self._by_kind.get(kind):
             hit = self._cache.get(key) if key is not None else None
             if hit is None:
                 hit = self._split(kind, system, application, device_id, module_id)

@@ -280,7 +280,8 @@ def test_idle_and_slow_clients_do_not_lock_devices_out(tmp_path: Path) -> None:
     hub = HubProcess(tmp_path / "crowd", log_level="info")
     # A header deadline long enough for this machine to open all 1,000 (TLS handshakes).
     hub.config_file.write_text(hub.config_file.read_text().replace(
-        'bind = "127.0.0.1"\n', 'bind = "127.0.0.1"\nheader_timeout = 25\n'))
+        '[api]\nport = 0\nbind = "127.0.0.1"\n',
+        '[api]\nport = 0\nbind = "127.0.0.1"\nheader_timeout = 25\n'))
     key_holder: list[str] = []
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # what systemd gives a service
@@ -353,7 +354,8 @@ def test_https_header_and_body_deadlines(tmp_path: Path) -> None:
 
     hub = HubProcess(tmp_path / "deadlines", log_level="info")
     hub.config_file.write_text(hub.config_file.read_text().replace(
-        'bind = "127.0.0.1"\n', 'bind = "127.0.0.1"\nheader_timeout = 1\nbody_timeout = 1\n'))
+        '[api]\nport = 0\nbind = "127.0.0.1"\n',
+        '[api]\nport = 0\nbind = "127.0.0.1"\nheader_timeout = 1\nbody_timeout = 1\n'))
     hub.start()
     try:
         token = HubClient(hub.data_dir)._token()

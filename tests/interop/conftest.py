@@ -29,7 +29,8 @@ def iot_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
     routes = ("[routes]\nsenderToReceiver = 'FROM /messages/modules/sender/outputs/out1 "
               "INTO BrokeredEndpoint(\"/modules/receiver/inputs/in1\")'\n")
     proc = HubProcess(tmp_path_factory.mktemp("interop") / "data", host_name="localhost",
-                      tls_port=8883, api_port=443, extra_config=routes).start()
+                      tls_port=8883, api_port=443, extra_config=routes,
+                      mqtt_bind="127.0.0.1").start()  # 127.0.0.1 only: other tests' hubs bind 127.0.x.y:8883
     yield proc
     proc.stop()
 
