@@ -596,31 +596,38 @@ class DeviceboundReceiver(LinkHandler):
             self.running = False
 
 
-class FeedbackSender(LinkHandler):
-    """``/messages/servicebound/feedback``: one message per feedback batch (ref §3.3);
-    the peer's accept completes the batch, release or modify abandons it."""
+class _LockedSender(LinkHandler):
+    """A sender of locked queue entries (feedback batches, file notifications): the peer's
+    accept or reject completes an entry, release or modify returns it to its queue, and a link
+    that closes returns what it still held. Subclasses say how to take and settle."""
+
+    kind = "amqp-locked"
 
     def __init__(self, conn: AmqpConnection, link: Link) -> None:
         super().__init__(conn, link)
         self.locks: dict[Delivery, str] = {}
 
+    async def take(self) -> tuple[Message, str] | None:
+        raise NotImplementedError
+
+    async def settle(self, lock: str, complete: bool) -> None:
+        raise NotImplementedError
+
     async def pump(self) -> None:
-        services, link = self.conn.services, self.link
-        queues = services.c2d.queues
+        link = self.link
         while not self.is_closed:
             if link.credit <= 0 or len(self.locks) >= 8:
                 await self.wait(5.0)
                 continue
-            batch = await queues.feedback_batch()
+            got = await self.take()
             if self.is_closed:
-                if batch is not None:
-                    await queues.abandon_feedback(batch[0])
+                if got is not None:
+                    await self._settle(got[1], False)
                 return
-            if batch is None:
+            if got is None:
                 await self.wait(FEEDBACK_POLL)
                 continue
-            lock, records = batch
-            message = feedback_message(records, host_name=services.host_name, lock=lock)
+            message, lock = got
             delivery = link.delivery(lock)
             link.send(message.encode())
             link.advance()
@@ -635,89 +642,61 @@ class FeedbackSender(LinkHandler):
         delivery.settle()
         if lock is None:
             return
-        queues = self.conn.services.c2d.queues
-        if state in (Delivery.ACCEPTED, Delivery.REJECTED):
-            self.conn.spawn(_settle_feedback(queues.complete_feedback, lock), "amqp-feedback-done")
-        else:
-            self.conn.spawn(_settle_feedback(queues.abandon_feedback, lock), "amqp-feedback-back")
+        complete = state in (Delivery.ACCEPTED, Delivery.REJECTED)
+        self.conn.spawn(self._settle(lock, complete), f"{self.kind}-settle")
         self.wake.set()
 
     def closed(self) -> None:
         super().closed()
-        if self.locks:
-            queues = self.conn.services.c2d.queues
-            for lock in self.locks.values():
-                self.conn.spawn(_settle_feedback(queues.abandon_feedback, lock),
-                                "amqp-feedback-back")
-            self.locks.clear()
+        for lock in self.locks.values():
+            self.conn.spawn(self._settle(lock, False), f"{self.kind}-back")
+        self.locks.clear()
+
+    async def _settle(self, lock: str, complete: bool) -> None:
+        try:
+            await self.settle(lock, complete)
+        except GatewayError:
+            pass  # the lock lapsed: the entry is delivered again (or someone else took it)
 
 
-class FileNotificationSender(LinkHandler):
+class FeedbackSender(_LockedSender):
+    """``/messages/servicebound/feedback``: one message per feedback batch (ref §3.3);
+    the peer's accept completes the batch, release or modify abandons it."""
+
+    kind = "amqp-feedback"
+
+    async def take(self) -> tuple[Message, str] | None:
+        batch = await self.conn.services.c2d.queues.feedback_batch()
+        if batch is None:
+            return None
+        lock, records = batch
+        return feedback_message(records, host_name=self.conn.services.host_name, lock=lock), lock
+
+    async def settle(self, lock: str, complete: bool) -> None:
+        queues = self.conn.services.c2d.queues
+        await (queues.complete_feedback(lock) if complete else queues.abandon_feedback(lock))
+
+
+class FileNotificationSender(_LockedSender):
     """``/messages/servicebound/filenotifications``: one message per stored file, IoT Hub's
     notification JSON as the body (ref §11); accept completes it, release or modify returns
     it to the queue (the same queue as ``GET /messages/serviceBound/filenotifications``)."""
 
-    def __init__(self, conn: AmqpConnection, link: Link) -> None:
-        super().__init__(conn, link)
-        self.locks: dict[Delivery, str] = {}
+    kind = "amqp-file-notification"
 
-    async def pump(self) -> None:
+    async def take(self) -> tuple[Message, str] | None:
         files = self.conn.services.files
         assert files is not None
-        link = self.link
-        while not self.is_closed:
-            if link.credit <= 0 or len(self.locks) >= 8:
-                await self.wait(5.0)
-                continue
-            got = await files.receive_notification()
-            if self.is_closed:
-                if got is not None:
-                    await files.settle_notification(got[1], complete=False)
-                return
-            if got is None:
-                await self.wait(FEEDBACK_POLL)
-                continue
-            body, lock = got
-            message = Message(body=json.dumps(body).encode(), inferred=True)  # one data section
-            message.content_type = "application/json"
-            message.user_id = self.conn.services.host_name.split(".", 1)[0].encode()
-            delivery = link.delivery(lock)
-            link.send(message.encode())
-            link.advance()
-            self.locks[delivery] = lock
-            self.conn.process()
+        got = await files.receive_notification()
+        if got is None:
+            return None
+        body, lock = got
+        message = Message(body=json.dumps(body).encode(), inferred=True)  # one data section
+        message.content_type = "application/json"
+        message.user_id = self.conn.services.host_name.split(".", 1)[0].encode()
+        return message, lock
 
-    def delivery(self, delivery: Delivery) -> None:
-        state = delivery.remote_state
-        if not state and not delivery.settled:
-            return
-        lock = self.locks.pop(delivery, None)
-        delivery.settle()
+    async def settle(self, lock: str, complete: bool) -> None:
         files = self.conn.services.files
-        if lock is None or files is None:
-            return
-        complete = state in (Delivery.ACCEPTED, Delivery.REJECTED)
-        self.conn.spawn(_settle_note(files, lock, complete), "amqp-file-notification-settle")
-        self.wake.set()
-
-    def closed(self) -> None:
-        super().closed()
-        files = self.conn.services.files
-        if self.locks and files is not None:
-            for lock in self.locks.values():
-                self.conn.spawn(_settle_note(files, lock, False), "amqp-file-notification-back")
-            self.locks.clear()
-
-
-async def _settle_note(files: FileNotifications, lock: str, complete: bool) -> None:
-    try:
+        assert files is not None
         await files.settle_notification(lock, complete=complete)
-    except GatewayError:
-        pass  # the lock lapsed: the notification is delivered again
-
-
-async def _settle_feedback(action: Callable[[str], Any], lock: str) -> None:
-    try:
-        await action(lock)
-    except NotFoundError:
-        pass  # the lock lapsed and someone else took the batch
