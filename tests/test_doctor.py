@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from gateway.config import load_config
+from gateway.doctor.bundle import redact, redact_text
 from gateway.doctor.checks import (
     Context,
     check_certificates,
@@ -33,11 +34,11 @@ from gateway.doctor.checks import (
     check_listeners,
     check_store,
 )
-from gateway.doctor.bundle import redact, redact_text
 from gateway.doctor.probe import UpstreamTarget, probe
 from gateway.mqtt.packets import Puback, Publish
 from tests.e2e.test_01_connect import tls
 from tests.hubproc import HubProcess, create_device, device_token, username
+from tests.tmpfs import tmpfs
 
 ADDR = "127.0.9.1"  # this module's loopback address
 
@@ -126,15 +127,8 @@ def test_a_port_in_use_fails_naming_it(tmp_path: Path) -> None:
 
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with tmpfs(tmp_path / "tiny", "4m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_full_disk_fails(tiny_disk: Path) -> None:

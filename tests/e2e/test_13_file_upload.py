@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import ssl
-import subprocess
 import time
 import urllib.error
 import urllib.parse
@@ -23,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.hubproc import HubProcess, create_device, device_token
+from tests.tmpfs import tmpfs
 
 
 class Device:
@@ -179,15 +179,8 @@ def test_limits_concurrency_quota_size(tmp_path: Path) -> None:
 
 @pytest.fixture
 def tiny_data_dir(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with tmpfs(tmp_path / "tiny", "6m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_full_disk_refuses_and_keeps_what_was_stored(tiny_data_dir: Path) -> None:
