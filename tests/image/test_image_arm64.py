@@ -21,7 +21,7 @@ from tests.image.guest import Guest, fat
 IMAGE = os.environ.get("GATEWAY_IMAGE_ARM64", "")
 pytestmark = [pytest.mark.slow, pytest.mark.image, pytest.mark.timeout(1800),
               pytest.mark.skipif(not IMAGE, reason="GATEWAY_IMAGE_ARM64 is not set "
-                                 "(the image tier of .ci/run builds the image)")]
+                                 "(./dev.sh image-test arm64 builds the image)")]
 HOSTNAME = "gw-pi-ci"
 
 
