@@ -18,13 +18,11 @@ Reads need RegistryRead, changes RegistryWrite: a trusted CA lets its holder aut
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiohttp import web
 
-from gateway.errors import InvalidRequestError
+from gateway.api.bodies import if_match, json_body, json_response
 from gateway.hub.cacerts import CaCertificate, certificate_not_found
 from gateway.hub.registry import Registry
 
@@ -33,22 +31,8 @@ __all__ = ["CertificateRoutes"]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _json(data: Any) -> web.Response:
-    return web.Response(text=json.dumps(data), content_type="application/json")
+_json, _body, _if_match = json_response, json_body, if_match
 
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    if not request.can_read_body:
-        return {}
-    data = await request.json(loads=json.loads)
-    if not isinstance(data, dict):
-        raise InvalidRequestError("the body must be a JSON object")
-    return data
-
-
-def _if_match(request: web.Request) -> str | None:
-    value = request.headers.get("If-Match")
-    return value.strip() if value else None
 
 
 class CertificateRoutes:

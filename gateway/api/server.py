@@ -30,6 +30,7 @@ from aiohttp import web
 from OpenSSL import SSL
 
 from gateway.api import openapi
+from gateway.api.bodies import if_match, json_body, json_response
 from gateway.api.certificates import CertificateRoutes
 from gateway.api.device_http import add_device_routes
 from gateway.api.errors import error_middleware
@@ -57,24 +58,8 @@ READ, WRITE, SERVICE = "RegistryRead", "RegistryWrite", "ServiceConnect"
 PRINCIPAL = web.AppKey("principal", ServicePrincipal)
 
 
-def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        status=status, text=json.dumps(data), content_type="application/json", headers=headers
-    )
+_json, _body, _if_match = json_response, json_body, if_match
 
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    if not request.can_read_body:
-        return {}
-    data = await request.json(loads=json.loads)
-    if not isinstance(data, dict):
-        raise InvalidRequestError("the body must be a JSON object")
-    return data
-
-
-def _if_match(request: web.Request) -> str | None:
-    value = request.headers.get("If-Match")
-    return value.strip() if value else None
 
 
 class ServiceApi:
