@@ -16,6 +16,7 @@ Its "Failed to connect <reason>" warning is taken off the log too: the reason go
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
@@ -125,12 +126,20 @@ class Transport:
     async def connect(self) -> None:
         failures: list[str] = []
         token = _CONNECT_FAILURES.set(failures)
+        error: str | None = None
         try:
             ok = await self._client.connect()
         except Exception as exc:  # noqa: BLE001 - OSError, termios.error, SerialException...
-            raise LinkError(f"{self.link.describe()}: cannot connect: {exc}") from None
+            # pymodbus 3.16's serial transport can fail after it opened the port (a parity the
+            # line refuses) and never closes it: the open port, with its exclusive lock, lives
+            # on in the exception's frames, in a cycle with the failed task. Let go of the
+            # exception and collect, so pyserial closes it and the next connect can open it.
+            error, ok = str(exc), False
         finally:
             _CONNECT_FAILURES.reset(token)
+        if error is not None:
+            gc.collect()
+            raise LinkError(f"{self.link.describe()}: cannot connect: {error}")
         if not ok:
             reason = failures[-1] if failures else ""
             raise LinkError(f"{self.link.describe()}: cannot connect: "
