@@ -246,7 +246,6 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
             "event_hub_name": amqp.services.event_hub if amqp is not None else None,
             "ca_file": str(certs.ca_cert),
         }
-        write_private(data_dir / RUNTIME_FILE, json.dumps(runtime, indent=2) + "\n")
         supervisor = Supervisor(
             config.modules, registry=registry, host_name=config.hub.host_name,
             device_id=gateway_id,
@@ -257,6 +256,9 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
             twin = twin_store.get(supervisor.device_id, spec.name)
             if twin is not None:
                 await hub.children.module_desired(supervisor.device_id, spec.name, twin.desired)
+        # Written once the modules' identities exist: whoever finds the hub by this file can
+        # address them at once (a test, a technician's `gateway module ...`).
+        write_private(data_dir / RUNTIME_FILE, json.dumps(runtime, indent=2) + "\n")
         gateway = Gateway(config=config, registry=registry, hub=hub, broker=broker, api=api,
                           log=message_log, certs=certs, runtime=runtime, routing=routing,
                           upstream=upstream)
