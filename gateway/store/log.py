@@ -7,9 +7,10 @@ message, end to end", steps 5-6). Every endpoint drains the log from its own dur
 than the retention period, or evicts the oldest by policy at the byte cap (step 8), in the
 manner of edgeHub's store-and-forward (IoT Hub ref §6.3).
 
-Hot path: :meth:`MessageLog.append` only turns records into row tuples and puts them in a
-shared buffer; one writer body per group transaction takes the whole buffer and inserts it with
-a single ``executemany``. Sequence numbers are the table's rowids (dense, increasing, never
+Hot path: :meth:`MessageLog.append` (or :meth:`MessageLog.append_then`, the broker's, which
+calls back instead of resolving a future) only turns records into row tuples and puts them in a
+shared buffer; one writer body per group transaction, submitted at the end of the loop turn,
+takes the whole buffer and inserts it in multi-row statements. Sequence numbers are the table's rowids (dense, increasing, never
 reused: when retention empties the table the high-water mark is kept in ``log_meta``).
 """
 
@@ -282,8 +283,14 @@ class MessageLog:
             if self._writer is None:
                 writer = self._writer = _WriteBody(self)
         if writer is not None:
-            self._db.submit(writer).add_done_callback(writer.settle)
+            # Submitted at the end of this loop turn, not now: the appends of every read this
+            # turn handles join one transaction (one fsync, one wake-up of the db thread) even
+            # when the db thread is idle and would otherwise commit the first one alone.
+            asyncio.get_running_loop().call_soon(self._submit, writer)
         return None
+
+    def _submit(self, writer: _WriteBody) -> None:
+        self._db.submit(writer).add_done_callback(writer.settle)
 
     def append_once(self, records: Sequence[Record]) -> asyncio.Future[int]:
         """:meth:`append` for records that may carry a dedupe stamp (``Record.once``): those at
