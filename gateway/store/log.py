@@ -144,7 +144,7 @@ class LogStats:
 
 class _WriteBody:
     """The writer's transaction body: takes the whole append buffer when it first runs and
-    inserts it with one ``executemany``; settles every waiting append on the loop."""
+    inserts it (:func:`insert`); settles every waiting append on the loop."""
 
     __slots__ = ("owner", "rows", "waiters")
 
@@ -160,16 +160,15 @@ class _WriteBody:
             self.rows = rows
         return insert(conn, rows)
 
-    def settle(self, done: asyncio.Future[int]) -> None:
+    def settle(self, last: int | None, exc: BaseException | None) -> None:
         """On the loop, once the transaction is over: resolve or fail every waiter."""
         owner = self.owner
         if self.rows is None:  # never ran (database closed): the buffer is still ours
             self.rows, self.waiters = owner._take_buffer(self)
-        exc = done.exception() if not done.cancelled() else StoreError("append cancelled")
-        if exc is not None:
-            owner._failed(self.waiters, exc)
+        if exc is not None or last is None:
+            owner._failed(self.waiters, exc or StoreError("append not committed"))
         else:
-            owner._committed(self.rows, self.waiters, done.result())
+            owner._committed(self.rows, self.waiters, last)
 
 
 class MessageLog:
@@ -290,7 +289,7 @@ class MessageLog:
         return None
 
     def _submit(self, writer: _WriteBody) -> None:
-        self._db.submit(writer).add_done_callback(writer.settle)
+        self._db.submit_then(writer, writer.settle)
 
     def append_once(self, records: Sequence[Record]) -> asyncio.Future[int]:
         """:meth:`append` for records that may carry a dedupe stamp (``Record.once``): those at
