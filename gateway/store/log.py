@@ -10,8 +10,9 @@ manner of edgeHub's store-and-forward (IoT Hub ref §6.3).
 Hot path: :meth:`MessageLog.append` (or :meth:`MessageLog.append_then`, the broker's, which
 calls back instead of resolving a future) only turns records into row tuples and puts them in a
 shared buffer; one writer body per group transaction, submitted at the end of the loop turn,
-takes the whole buffer and inserts it in multi-row statements. Sequence numbers are the table's rowids (dense, increasing, never
-reused: when retention empties the table the high-water mark is kept in ``log_meta``).
+takes the whole buffer and inserts it in multi-row statements. Sequence numbers are the
+table's rowids (dense, increasing, never reused: when retention empties the table the
+high-water mark is kept in ``log_meta``).
 """
 
 from __future__ import annotations
