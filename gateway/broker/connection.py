@@ -55,6 +55,28 @@ OP_OVERHEAD = 2048
 """Bytes counted per pending twin or method request (its task, frame and answer)."""
 
 
+class _Commit:
+    """One batch's commit as the PUBACK queue waits for it: called by the log once the
+    transaction is over (:meth:`gateway.hub.hub.Hub.append_then`), instead of a future whose
+    callback would cost a loop turn per commit."""
+
+    __slots__ = ("conn", "acked", "finished", "error")
+
+    def __init__(self, conn: MqttConnection, acked: bool) -> None:
+        self.conn = conn
+        self.acked = acked  # it holds QoS 1 messages (PUBACKs wait for it)
+        self.finished = False
+        self.error: BaseException | None = None
+
+    def __call__(self, error: BaseException | None) -> None:
+        self.finished = True
+        self.error = error
+        conn = self.conn
+        if error is not None and self.acked:
+            conn.refuse_more()  # nothing read after a refused batch may be stored
+        conn._drain_acks()
+
+
 class MqttConnection(asyncio.Protocol):
     """asyncio protocol for one client connection (TCP, TLS or unix socket)."""
 
@@ -81,7 +103,7 @@ class MqttConnection(asyncio.Protocol):
         self._max_bytes = cfg.max_pending_bytes
         # (packet ids to PUBACK, the future they wait for, bytes held until it is done,
         # what it counts against max_pending_acks: its packet ids, or 1 for QoS 0 work)
-        self._acks: deque[tuple[list[int], asyncio.Future[Any] | None, int, int]] = deque()
+        self._acks: deque[tuple[list[int], asyncio.Future[Any] | _Commit | None, int, int]] = deque()
         self._paused = False
         self._refused = False  # a commit was refused at once (store full): read nothing more
         self._timer: asyncio.TimerHandle | None = None
@@ -241,29 +263,33 @@ class MqttConnection(asyncio.Protocol):
     def _commit(self, rows: list[Any], ack_ids: list[int]) -> None:
         """Append one batch; its rows (their bodies) count as pending until it commits, QoS 0
         ones too (they are in memory just the same)."""
-        future = self.broker.hub.append(rows)
         if len(rows) == 1:
             nbytes = len(rows[0].body) + ROW_OVERHEAD
         else:
             nbytes = sum([len(r.body) for r in rows]) + ROW_OVERHEAD * len(rows)
-        self._queue_ack(ack_ids, future, nbytes)
+        commit = _Commit(self, bool(ack_ids))
+        self._queue_ack(ack_ids, commit, nbytes)  # queued first: a refusal calls back at once
+        self.broker.hub.append_then(rows, commit)
 
-    def _queue_ack(self, packet_ids: list[int], future: asyncio.Future[Any] | None,
+    def refuse_more(self) -> None:
+        """A commit was refused: what the client sends after it must not be stored either,
+        or it would be stored without its PUBACK (which waits behind the refusal) and come
+        again as a duplicate. Reading stops; the connection closes once the PUBACKs earned
+        before the refusal are out."""
+        self._refused = True
+        if not self._paused and self.transport is not None and not self.closed:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _queue_ack(self, packet_ids: list[int], future: asyncio.Future[Any] | _Commit | None,
                    nbytes: int = 0) -> None:
         """PUBACK ``packet_ids`` once ``future`` is done (None: at once), never before the
         acknowledgements queued earlier. A failed future means "not durable": no PUBACK, the
         connection closes and the client resends (at-least-once). ``nbytes`` counts against
         the connection's and the hub's pending-bytes bounds until then."""
-        if packet_ids and future is not None and future.done() and not future.cancelled() \
-                and future.exception() is not None:
-            # Refused at once (reject-new at the byte cap): what the client sends after this
-            # must not be stored either, or it would be stored without its PUBACK (which waits
-            # behind this refusal) and come again as a duplicate. The connection closes once
-            # the PUBACKs earned before it are out.
-            self._refused = True
-            if not self._paused and self.transport is not None:
-                self._paused = True
-                self.transport.pause_reading()
+        if packet_ids and not isinstance(future, _Commit) and future is not None and future.done() \
+                and not future.cancelled() and future.exception() is not None:
+            self.refuse_more()  # refused at once (reject-new at the byte cap)
         count = len(packet_ids) or 1
         self._acks.append((packet_ids, future, nbytes, count))
         self._pending_acks += count
@@ -279,7 +305,7 @@ class MqttConnection(asyncio.Protocol):
             self._pause()
         if future is None:
             self._drain_acks()
-        else:
+        elif not isinstance(future, _Commit):
             future.add_done_callback(self._drain_acks)
 
     def _drain_acks(self, _: object = None) -> None:
@@ -293,9 +319,14 @@ class MqttConnection(asyncio.Protocol):
         while acks:
             packet_ids, future, nbytes, count = acks[0]
             if future is not None:
-                if not future.done():
+                if isinstance(future, _Commit):
+                    if not future.finished:
+                        break
+                    error: BaseException | str | None = future.error
+                elif not future.done():
                     break
-                error = "cancelled" if future.cancelled() else future.exception()
+                else:
+                    error = "cancelled" if future.cancelled() else future.exception()
                 if error is not None:
                     if packet_ids:
                         if failure is None and not self.closed:

@@ -17,9 +17,10 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from gateway.errors import ForbiddenError, MessageTooLargeError, StoreFullError
+from gateway.errors import ForbiddenError, MessageTooLargeError, StoreError, StoreFullError
 from gateway.hub import addresses, dps
 from gateway.hub.auth import Authenticator, Principal
 from gateway.hub.children import ChildDirectory
@@ -42,7 +43,7 @@ from gateway.hub.twins import new_twin
 from gateway.hub.twinstore import TwinStore
 from gateway.mqtt.packets import Publish, Will
 from gateway.routing.router import Router
-from gateway.store.log import MessageLog, Record
+from gateway.store.log import MessageLog, Record, new_record
 from gateway.translation import CHILD_PROPERTY
 
 if TYPE_CHECKING:
@@ -277,8 +278,8 @@ class Hub:
                 TELEMETRY, prepared.system,
                 prepared.retained_application if retain else prepared.application,
                 body, prepared.device_id, prepared.module_id, enqueued, props)
-        return Record(TELEMETRY, prepared.device_id, prepared.module_id, enqueued, props, body,
-                      routes, once=prepared.once)
+        return new_record(TELEMETRY, prepared.device_id, prepared.module_id, enqueued, props,
+                          body, routes, prepared.once)
 
     def refuse_telemetry(self, reason: str | None) -> None:
         """While ``reason`` is set, telemetry is refused: no PUBACK, the publisher keeps it
@@ -298,6 +299,17 @@ class Hub:
         if self.on_behalf is not None and any(map(_ONCE_OF, rows)):
             return self.log.append_once(rows)  # a child's resends: dropped, not stored twice
         return self.log.append(rows)
+
+    def append_then(self, rows: Sequence[Record],
+                    done: Callable[[BaseException | None], None]) -> None:
+        """:meth:`append` for the broker's PUBACK path: ``done(None)`` once ``rows`` are
+        durable, ``done(error)`` if not (at once when refused); no future per commit
+        (:meth:`MessageLog.append_then`). Anything but a plain append goes through
+        :meth:`append`."""
+        if self.refusing is None and (self.on_behalf is None or not any(map(_ONCE_OF, rows))):
+            self.log.append_then(rows, done)
+            return
+        self.append(rows).add_done_callback(partial(_then, done))
 
     # -- non-telemetry events (ref §10.5) -----------------------------------------------------
 
@@ -377,6 +389,10 @@ class Hub:
 
 
 _ONCE_OF = operator.attrgetter("once")
+
+
+def _then(done: Callable[[BaseException | None], None], fut: asyncio.Future[Any]) -> None:
+    done(StoreError("append cancelled") if fut.cancelled() else fut.exception())
 
 
 def _log_failure(fut: asyncio.Future[Any]) -> None:

@@ -8,6 +8,7 @@ this one is the SQL. Every function takes the connection first and is handed to
 from __future__ import annotations
 
 import sqlite3
+from itertools import chain
 from operator import attrgetter
 from typing import Any, Final, TypeAlias
 
@@ -69,17 +70,33 @@ State: TypeAlias = tuple[int, int, int, int | None, int | None, CursorMap, dict[
 """last_seq, count, bytes, first seq, oldest enqueued_ms, cursors, dropped totals by reason."""
 
 
+INSERT_CHUNK: Final = 64
+"""Rows per multi-row INSERT statement (7 parameters each, far below SQLite's 32766)."""
+_INSERT_MANY: Final = _INSERT + ", (?, ?, ?, ?, ?, ?, ?)" * (INSERT_CHUNK - 1)
+
+
 def insert(conn: sqlite3.Connection, rows: list[Row]) -> int:
-    """Insert ``rows`` in order with one ``executemany``; return the seq of the last one.
-    Seqs are rowids, so they continue from the largest present; when the table is empty they
-    continue from the kept high-water mark instead (seqs are never reused)."""
+    """Insert ``rows`` in order; return the seq of the last one. Seqs are rowids, so they
+    continue from the largest present; when the table is empty they continue from the kept
+    high-water mark instead (seqs are never reused).
+
+    Full chunks go in as one ``INSERT ... VALUES (...), (...), ...`` of :data:`INSERT_CHUNK`
+    rows (SQLite inserts them in order), the rest with ``executemany``: one statement step per
+    chunk instead of one per row, so the thread gives up and takes back the GIL once per chunk
+    (the loop thread is busy with the next messages meanwhile) and SQLite runs its insert
+    program once per chunk."""
     top = conn.execute("SELECT max(seq) FROM log_messages").fetchone()[0]
+    start = 0
     if top is None:
         top = meta(conn, "high_water")
         conn.execute(_INSERT_AT, (top + 1, *rows[0]))
-        conn.executemany(_INSERT, rows[1:])
-    else:
-        conn.executemany(_INSERT, rows)
+        start = 1
+    end = len(rows)
+    while end - start >= INSERT_CHUNK:
+        conn.execute(_INSERT_MANY, list(chain.from_iterable(rows[start:start + INSERT_CHUNK])))
+        start += INSERT_CHUNK
+    if start < end:
+        conn.executemany(_INSERT, rows[start:] if start else rows)
     return int(top) + len(rows)
 
 

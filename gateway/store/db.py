@@ -107,6 +107,35 @@ class _Job:
         self.future = future
 
 
+class _Then:
+    """Stands in for a job's future when the caller gave a function instead
+    (:meth:`Database.submit_then`): :func:`_deliver` calls it directly, without a future's
+    callback and the loop turn that costs."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[Any, BaseException | None], None]) -> None:
+        self.fn = fn
+
+    def cancelled(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, value: Any) -> None:
+        self._call(value, None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._call(None, exc)
+
+    def _call(self, value: Any, exc: BaseException | None) -> None:
+        try:
+            self.fn(value, exc)
+        except Exception:  # noqa: BLE001 - the batch's other outcomes must still be delivered
+            log.exception("store outcome callback failed")
+
+
 _STOP: Final = object()
 _Outcome: TypeAlias = tuple[asyncio.Future[Any], bool, Any]
 
@@ -203,6 +232,16 @@ class Database:
             return future
         self._queue.put(_Job(fn, future))
         return future
+
+    def submit_then(self, fn: Callable[[sqlite3.Connection], T],
+                    done: Callable[[T | None, BaseException | None], None]) -> None:
+        """:meth:`submit` without a future: ``done(result, None)`` or ``done(None, error)`` is
+        called on the loop once the transaction is over (at once if the database is not
+        open), in the same pass that settles the rest of its batch."""
+        if not self._accepting:
+            done(None, StoreError("database is not open"))
+            return
+        self._queue.put(_Job(fn, _Then(done)))  # type: ignore[arg-type]
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` in its own (savepoint of a group) transaction; see :meth:`submit`."""

@@ -7,10 +7,12 @@ message, end to end", steps 5-6). Every endpoint drains the log from its own dur
 than the retention period, or evicts the oldest by policy at the byte cap (step 8), in the
 manner of edgeHub's store-and-forward (IoT Hub ref §6.3).
 
-Hot path: :meth:`MessageLog.append` only turns records into row tuples and puts them in a
-shared buffer; one writer body per group transaction takes the whole buffer and inserts it with
-a single ``executemany``. Sequence numbers are the table's rowids (dense, increasing, never
-reused: when retention empties the table the high-water mark is kept in ``log_meta``).
+Hot path: :meth:`MessageLog.append` (or :meth:`MessageLog.append_then`, the broker's, which
+calls back instead of resolving a future) only turns records into row tuples and puts them in a
+shared buffer; one writer body per group transaction, submitted at the end of the loop turn,
+takes the whole buffer and inserts it in multi-row statements. Sequence numbers are the
+table's rowids (dense, increasing, never reused: when retention empties the table the
+high-water mark is kept in ``log_meta``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 from gateway.errors import InvalidRequestError, StoreError, StoreFullError
 from gateway.store._log_sql import (
@@ -43,7 +45,8 @@ from gateway.store._log_sql import (
 from gateway.store import dedupe
 from gateway.store.db import Database
 
-__all__ = ["MIGRATION", "Entry", "LogStats", "MessageLog", "PruneResult", "Record"]
+__all__ = ["MIGRATION", "Entry", "LogStats", "MessageLog", "PruneResult", "Record", "Waiter",
+           "new_record"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,30 @@ class Record:
     body: bytes
     routes: tuple[str, ...] = ()  # names of the routes it matched (the router's decision)
     once: tuple[str, str, int] | None = None  # (dedupe key, epoch, seq): see store/dedupe.py
+
+
+# Building the frozen Record costs ~1 us on this VM (one object.__setattr__ per field), more than
+# the rest of a telemetry message's hub work; the hot path builds this slotted twin and gives it
+# Record's class, as the MQTT decoder does for Publish (gateway.mqtt._readers.PublishTwin).
+@dataclass(slots=True)
+class _RecordTwin:
+    kind: str
+    device_id: str
+    module_id: str | None
+    enqueued_ms: int
+    props: str
+    body: bytes
+    routes: tuple[str, ...]
+    once: tuple[str, str, int] | None
+
+
+def new_record(kind: str, device_id: str, module_id: str | None, enqueued_ms: int, props: str,
+               body: bytes, routes: tuple[str, ...] = (),
+               once: tuple[str, str, int] | None = None) -> Record:
+    """``Record(...)``, fast (see _RecordTwin); equal to and indistinguishable from it."""
+    record = _RecordTwin(kind, device_id, module_id, enqueued_ms, props, body, routes, once)
+    record.__class__ = Record  # type: ignore[assignment]
+    return record  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +106,11 @@ class Entry:
     def of_row(cls, row: tuple[Any, ...]) -> Entry:
         seq, kind, device_id, module_id, enqueued_ms, props, body, routes = row
         return cls(seq, kind, device_id, module_id, enqueued_ms, props, body, routes_of(routes))
+
+
+Waiter: TypeAlias = "asyncio.Future[int] | Callable[[BaseException | None], None]"
+"""Who waits for an append: a future (:meth:`MessageLog.append`), or a function called on the
+loop when the transaction is over, with None once committed (:meth:`MessageLog.append_then`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,14 +145,14 @@ class LogStats:
 
 class _WriteBody:
     """The writer's transaction body: takes the whole append buffer when it first runs and
-    inserts it with one ``executemany``; settles every waiting append on the loop."""
+    inserts it (:func:`insert`); settles every waiting append on the loop."""
 
     __slots__ = ("owner", "rows", "waiters")
 
     def __init__(self, owner: MessageLog) -> None:
         self.owner = owner
         self.rows: list[Row] | None = None
-        self.waiters: list[tuple[asyncio.Future[int], int, int]] = []
+        self.waiters: list[tuple[Waiter, int, int]] = []
 
     def __call__(self, conn: sqlite3.Connection) -> int:
         rows = self.rows
@@ -129,16 +161,15 @@ class _WriteBody:
             self.rows = rows
         return insert(conn, rows)
 
-    def settle(self, done: asyncio.Future[int]) -> None:
+    def settle(self, last: int | None, exc: BaseException | None) -> None:
         """On the loop, once the transaction is over: resolve or fail every waiter."""
         owner = self.owner
         if self.rows is None:  # never ran (database closed): the buffer is still ours
             self.rows, self.waiters = owner._take_buffer(self)
-        exc = done.exception() if not done.cancelled() else StoreError("append cancelled")
-        if exc is not None:
-            owner._failed(self.waiters, exc)
+        if exc is not None or last is None:
+            owner._failed(self.waiters, exc or StoreError("append not committed"))
         else:
-            owner._committed(self.rows, self.waiters, done.result())
+            owner._committed(self.rows, self.waiters, last)
 
 
 class MessageLog:
@@ -179,7 +210,7 @@ class MessageLog:
         # The append buffer, shared with the db thread (guarded by _lock).
         self._lock = threading.Lock()
         self._rows: list[Row] = []
-        self._waiters: list[tuple[asyncio.Future[int], int, int]] = []
+        self._waiters: list[tuple[Waiter, int, int]] = []
         self._writer: _WriteBody | None = None
         self._advanced: asyncio.Event | None = None
         self._over_cap = asyncio.Event()
@@ -209,6 +240,29 @@ class MessageLog:
         (:class:`StoreFullError` under ``reject-new`` at the byte cap). Appends made while a
         transaction commits are coalesced into the next one (one ``executemany``)."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if not records:
+            future.set_result(self.last_seq)
+            return future
+        error = self._enqueue(records, future)
+        if error is not None:
+            future.set_exception(error)
+        return future
+
+    def append_then(self, records: Sequence[Record],
+                    done: Callable[[BaseException | None], None]) -> None:
+        """:meth:`append` without a future: ``done(None)`` is called on the loop once the
+        transaction holding ``records`` committed, ``done(error)`` if it failed; at once (in
+        this call) if the append is refused. The waiters of one commit are called in append
+        order in one pass, without a loop turn each (the broker's PUBACK path)."""
+        if not records:
+            done(None)
+            return
+        error = self._enqueue(records, done)
+        if error is not None:
+            done(error)
+
+    def _enqueue(self, records: Sequence[Record], waiter: Waiter) -> StoreError | None:
+        """Put ``records`` into the append buffer for ``waiter``; the error refusing them."""
         if len(records) == 1:
             record = records[0]
             rows = [ROW_OF(record)]
@@ -216,28 +270,27 @@ class MessageLog:
         else:
             rows = list(map(ROW_OF, records))
             nbytes = sum(map(len, map(BODY_OF, records))) + sum(map(len, map(PROPS_OF, records)))
-            if not rows:
-                future.set_result(self.last_seq)
-                return future
         if not self._opened:
-            future.set_exception(StoreError("message log is not open"))
-            return future
+            return StoreError("message log is not open")
         if self._reject_new and self._bytes + self._pending_bytes + nbytes > self._max_bytes:
             self._rejected += len(rows)
-            future.set_exception(
-                StoreFullError(f"store full: {self._bytes} of {self._max_bytes} bytes used")
-            )
-            return future
+            return StoreFullError(f"store full: {self._bytes} of {self._max_bytes} bytes used")
         self._pending_bytes += nbytes
         writer = None
         with self._lock:
             self._rows += rows
-            self._waiters.append((future, len(rows), nbytes))
+            self._waiters.append((waiter, len(rows), nbytes))
             if self._writer is None:
                 writer = self._writer = _WriteBody(self)
         if writer is not None:
-            self._db.submit(writer).add_done_callback(writer.settle)
-        return future
+            # Submitted at the end of this loop turn, not now: the appends of every read this
+            # turn handles join one transaction (one fsync, one wake-up of the db thread) even
+            # when the db thread is idle and would otherwise commit the first one alone.
+            asyncio.get_running_loop().call_soon(self._submit, writer)
+        return None
+
+    def _submit(self, writer: _WriteBody) -> None:
+        self._db.submit_then(writer, writer.settle)
 
     def append_once(self, records: Sequence[Record]) -> asyncio.Future[int]:
         """:meth:`append` for records that may carry a dedupe stamp (``Record.once``): those at
@@ -289,7 +342,7 @@ class MessageLog:
 
     def _take_buffer(
         self, writer: _WriteBody
-    ) -> tuple[list[Row], list[tuple[asyncio.Future[int], int, int]]]:
+    ) -> tuple[list[Row], list[tuple[Waiter, int, int]]]:
         """Hand the whole buffer to ``writer`` (db thread, or loop if it never ran)."""
         with self._lock:
             assert self._writer is writer
@@ -299,15 +352,13 @@ class MessageLog:
         return rows, waiters
 
     def _committed(
-        self, rows: list[Row], waiters: list[tuple[asyncio.Future[int], int, int]], last: int
+        self, rows: list[Row], waiters: list[tuple[Waiter, int, int]], last: int
     ) -> None:
-        seq = last - len(rows)
+        """The log's state first, then the waiters in append order: a waiter called here
+        sees the log as a future's callback would."""
         nbytes = 0
-        for future, count, size in waiters:
-            seq += count
+        for _waiter, _count, size in waiters:
             nbytes += size
-            if not future.done():
-                future.set_result(seq)
         self._pending_bytes -= nbytes
         if self._count == 0:
             self._first_seq = last - len(rows) + 1
@@ -322,14 +373,25 @@ class MessageLog:
             self._advanced = None
         if not self._reject_new and self._bytes > self._max_bytes:
             self._over_cap.set()
+        seq = last - len(rows)
+        for waiter, count, _size in waiters:
+            seq += count
+            if isinstance(waiter, asyncio.Future):
+                if not waiter.done():
+                    waiter.set_result(seq)
+            else:
+                _call_waiter(waiter, None)
 
     def _failed(
-        self, waiters: list[tuple[asyncio.Future[int], int, int]], exc: BaseException
+        self, waiters: list[tuple[Waiter, int, int]], exc: BaseException
     ) -> None:
-        for future, _count, size in waiters:
+        for waiter, _count, size in waiters:
             self._pending_bytes -= size
-            if not future.done():
-                future.set_exception(exc)
+            if isinstance(waiter, asyncio.Future):
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            else:
+                _call_waiter(waiter, exc)
 
     # -- reading and waiting ---------------------------------------------------------------
 
@@ -618,3 +680,12 @@ class MessageLog:
             commits=self._commits,
             pending=len(self._rows),
         )
+
+
+def _call_waiter(fn: Callable[[BaseException | None], None], error: BaseException | None) -> None:
+    """One :meth:`MessageLog.append_then` waiter; a failing one must not keep the rest of its
+    commit's waiters from being told."""
+    try:
+        fn(error)
+    except Exception:  # noqa: BLE001 - logged; the other waiters still run
+        log.exception("commit waiter failed")

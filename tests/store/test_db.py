@@ -235,3 +235,26 @@ async def test_a_call_cancelled_before_its_batch_starts_never_runs(db: Database)
         cancelled.cancel()
     assert await kept == 1
     assert await db.run(values) == ["kept"]
+
+
+async def test_submit_then_calls_back_in_the_batch_with_futures_around_it(db: Database) -> None:
+    """submit_then: no future; the function gets (result, None) or (None, error) in the same
+    pass as the batch's futures, and one that raises does not keep the others from theirs."""
+    seen: list[tuple[object, object]] = []
+
+    def broken(_value: object, _exc: object) -> None:
+        raise RuntimeError("a bug in one caller")
+
+    async with held(db):
+        first = db.submit(insert("a"))
+        db.submit_then(insert("b"), lambda v, e: seen.append((v, e)))
+        db.submit_then(insert("c"), broken)
+        db.submit_then(insert("a"), lambda v, e: seen.append((v, type(e))))  # UNIQUE violation
+        last = db.submit(insert("d"))
+        assert seen == []
+    assert await first == 1 and await last == 4
+    assert seen == [(2, None), (None, StoreError)]
+    assert await db.run(values) == ["a", "b", "c", "d"]
+    await db.close()
+    db.submit_then(insert("e"), lambda v, e: seen.append((v, str(e))))
+    assert seen[-1] == (None, "database is not open")
