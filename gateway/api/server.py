@@ -433,7 +433,8 @@ class ServiceApi:
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
         try:
-            await self._stream(response, group, after, limit, device_id, kinds)
+            with self.hub.reading_events(kinds):  # twin changes are recorded while it reads
+                await self._stream(response, group, after, limit, device_id, kinds)
         except ConnectionResetError:
             pass  # the reader went away: nothing to report
         return response
