@@ -372,6 +372,8 @@ class Hub:
         sees them with no routes configured)."""
         wants = kinds is None or TWIN_CHANGE in kinds
         self._twin_readers += wants
+        log.debug("live events reader kinds=%s twin_changes=%s",
+                  ",".join(sorted(kinds)) if kinds else "all", wants)
         try:
             yield
         finally:
