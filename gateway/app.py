@@ -277,10 +277,10 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
             if notifier.watchdog_interval:
                 tasks.create_task(_watchdog(notifier), name="watchdog")
             notifier.ready(f"serving: mqtt {broker.ports}, https {api.port}")
-            memory.trim()  # what start-up freed goes back to the kernel (idle footprint)
             log.info("hub ready host_name=%s data_dir=%s", config.hub.host_name, data_dir)
             if ready is not None and not ready.done():
                 ready.set_result(gateway)
+            memory.trim()  # what start-up freed goes back to the kernel (idle footprint)
             await stop_event.wait()
             notifier.stopping()
             raise _Stop
