@@ -71,6 +71,12 @@ def response_json(body: bytes) -> bytes:
         return json.dumps(decoded).encode()
 
 
+def _expire(future: asyncio.Future[Any], timeout: int, client_id: str) -> None:
+    if not future.done():
+        future.set_exception(MethodTimeoutError(
+            f"timed out waiting {timeout} s for the response from {client_id}"))
+
+
 class MethodService:
     def __init__(self, targets: _Targets, children: ChildDirectory | None = None) -> None:
         self._targets = targets
@@ -109,17 +115,18 @@ class MethodService:
                 f"{client_id} is not connected with a method subscription "
                 f"(waited {connect_timeout} s)")
         rid = format(next(self._rids), "x")
-        future: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[int, bytes]] = loop.create_future()
         self._pending[(client_id, rid)] = future
+        # A timer on the answer's own future, not asyncio.wait_for (which adds a future, a
+        # callback and a cancellation per call on the method hot path).
+        timer = loop.call_later(response_timeout, _expire, future, response_timeout, client_id)
         try:
             conn.publish(method_request_topic(name, rid), payload, 0)
             log.debug("method invoked client_id=%r method=%s rid=%s", client_id, name, rid)
-            return await asyncio.wait_for(future, response_timeout)
-        except TimeoutError:
-            raise MethodTimeoutError(
-                f"timed out waiting {response_timeout} s for the response from {client_id}"
-            ) from None
+            return await future
         finally:
+            timer.cancel()
             self._pending.pop((client_id, rid), None)
 
     def handle_response(self, client_id: str, address: MethodResponse, body: bytes) -> None:
