@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from gateway import pki
+from gateway import memory, pki
 from gateway.api.enrollments import add_enrollment_routes
 from gateway.api.files import FileApi, add_file_routes
 from gateway.files.store import FileStore
@@ -282,6 +282,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
             log.info("hub ready host_name=%s data_dir=%s", config.hub.host_name, data_dir)
             if ready is not None and not ready.done():
                 ready.set_result(gateway)
+            memory.trim()  # what start-up freed goes back to the kernel (idle footprint)
             await stop_event.wait()
             notifier.stopping()
             raise _Stop

@@ -9,26 +9,63 @@ byte-cap evictions among them) -- federation.md §1.6: the figures edgeHub does 
 
 from __future__ import annotations
 
+import bisect
+import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from gateway.store.db import Database
 from gateway.store.log import MessageLog
 
 if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+
     from gateway.api.server import ServiceApi
     from gateway.broker.broker import Broker
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STATES = ("connected", "connecting", "disconnected", "throttled", "paused")
+COMMIT_BUCKETS: Final = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
-class _HubCollector(Collector):
+class CommitHistogram:
+    """Group-commit latencies, counted per bucket from the start (``observe`` is called on
+    the store's thread); turned into a Prometheus histogram at a scrape, so the client
+    library is imported only by a hub that is scraped (footprint)."""
+
+    def __init__(self, buckets: tuple[float, ...] = COMMIT_BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last one: above every bound (+Inf)
+        self.sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, seconds: float) -> None:
+        index = bisect.bisect_left(self.buckets, seconds)  # the first bound >= seconds (le)
+        with self._lock:
+            self.counts[index] += 1
+            self.sum += seconds
+
+    def family(self) -> Metric:
+        from prometheus_client.core import HistogramMetricFamily
+
+        with self._lock:
+            counts, total = list(self.counts), self.sum
+        cumulative, running = [], 0
+        for bound, count in zip((*map(_bound, self.buckets), "+Inf"), counts):
+            running += count
+            cumulative.append((bound, running))
+        return HistogramMetricFamily("gateway_store_commit_seconds",
+                                     "Group-commit transaction latency",
+                                     buckets=cumulative, sum_value=total)
+
+
+def _bound(value: float) -> str:
+    return repr(float(value))
+
+
+class _HubCollector:
     def __init__(self, broker: Broker, log: MessageLog,
                  upstream: Callable[[], dict[str, Any] | None]) -> None:
         self.broker = broker
@@ -36,6 +73,8 @@ class _HubCollector(Collector):
         self.upstream = upstream
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         conns = GaugeMetricFamily("gateway_connections", "Open MQTT connections",
                                   labels=["state"])
         conns.add_metric(["open"], len(self.broker.open_connections))
@@ -87,15 +126,21 @@ class _HubCollector(Collector):
 class Metrics:
     def __init__(self, db: Database, broker: Broker, log: MessageLog,
                  upstream: Callable[[], dict[str, Any] | None]) -> None:
-        self.registry = CollectorRegistry()
-        self.commit_seconds = Histogram(
-            "gateway_store_commit_seconds", "Group-commit transaction latency",
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-            registry=self.registry)
+        self.commit_seconds = CommitHistogram()
         db.on_commit = self.commit_seconds.observe  # called on the store's thread: thread-safe
-        self.registry.register(_HubCollector(broker, log, upstream))
+        self._collector = _HubCollector(broker, log, upstream)
+        self.registry: Any = None  # the Prometheus registry, made at the first scrape
+
+    def collect(self) -> Iterator[Metric]:
+        yield self.commit_seconds.family()
+        yield from self._collector.collect()
 
     def text(self) -> bytes:
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        if self.registry is None:
+            self.registry = CollectorRegistry()
+            self.registry.register(self)
         return generate_latest(self.registry)
 
     def add_route(self, api: ServiceApi) -> None:

@@ -22,15 +22,19 @@ mapping); :mod:`.engine` drives one connection; :mod:`.links` holds what each no
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import time
 from collections.abc import Callable
 
-from gateway.amqp.links import FileNotifications, Services
+from gateway.amqp.services import FileNotifications, Services
 from gateway.config import AmqpConfig
 from gateway.hub.auth import Authenticator
 from gateway.hub.c2dsvc import C2DService
 from gateway.store.log import MessageLog
+
+if importlib.util.find_spec("proton") is None:  # loaded with the first connection; needed then
+    raise ImportError("No module named 'proton'")
 
 __all__ = ["event_hub_name", "make_services"]
 

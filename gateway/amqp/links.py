@@ -18,29 +18,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 import uuid
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import cproton  # type: ignore[import-untyped]  # Proton's own C binding (no stubs)
 from proton import Condition, Delivery, Described, Link, Message, int32, symbol, timestamp
 
 from gateway.amqp import addresses as addr
+from gateway.amqp.services import Services
 from gateway.amqp.convert import c2d_properties, feedback_message
 from gateway.amqp.wire import EventEncoder
 from gateway.api.events import entry_message
-from gateway.config import AmqpConfig
 from gateway.errors import AuthError, GatewayError, InvalidRequestError, NotFoundError
-from gateway.hub.auth import Authenticator
 from gateway.hub.c2d import C2DMessageTooLargeError, QueueFullError
-from gateway.store.log import MessageLog
 
 if TYPE_CHECKING:
     from gateway.amqp.engine import AmqpConnection
-    from gateway.hub.c2dsvc import C2DService
 
 __all__ = ["LinkHandler", "Services", "attach"]
 
@@ -61,33 +55,6 @@ NOT_ALLOWED: Final = "amqp:not-allowed"
 NOT_IMPLEMENTED: Final = "amqp:not-implemented"
 INVALID_FIELD: Final = "amqp:invalid-field"
 LIMIT: Final = "amqp:resource-limit-exceeded"
-
-
-class FileNotifications(Protocol):
-    """The file upload notification queue (gateway.files.store.FileStore)."""
-
-    async def receive_notification(self) -> tuple[dict[str, Any], str] | None: ...
-    async def settle_notification(self, lock: str, *, complete: bool) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Services:
-    """What the AMQP nodes need from the hub (handed over by the composition root)."""
-
-    host_name: str
-    event_hub: str
-    consumer_groups: frozenset[str]  # lower-cased; "$default" always in it
-    log: MessageLog
-    authenticator: Authenticator
-    c2d: C2DService
-    config: AmqpConfig
-    created_ms: int
-    clock: Callable[[], float] = time.time
-    files: FileNotifications | None = None  # the file upload notification queue, if enabled
-
-    @property
-    def namespace(self) -> str:
-        return f"sb://{self.host_name}/"
 
 
 class LinkHandler:

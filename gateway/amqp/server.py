@@ -16,8 +16,9 @@ from typing import Final
 
 from aiohttp import WSMsgType, web
 
-from gateway.amqp.engine import READ_BYTES, AmqpConnection
-from gateway.amqp.links import Services
+from gateway.amqp.services import Services
+
+READ_BYTES: Final = 64 * 1024  # as gateway.amqp.engine reads
 
 __all__ = ["AmqpServer", "WEBSOCKET_PATH", "WS_SUBPROTOCOL", "amqp_ssl_context"]
 
@@ -129,6 +130,8 @@ class AmqpServer:
         peer = str(writer.get_extra_info("peername"))
         self.live += 1
         try:
+            from gateway.amqp.engine import AmqpConnection  # Proton: with the first client
+
             await AmqpConnection(self.services, peer).run(_SocketStream(reader, writer))
         except Exception:
             log.exception("amqp connection failed peer=%s", peer)
@@ -154,6 +157,8 @@ class AmqpServer:
         peer = str(request.remote)
         self.live += 1
         try:
+            from gateway.amqp.engine import AmqpConnection
+
             await AmqpConnection(self.services, peer).run(_WebSocketStream(ws))
         finally:
             self.live -= 1

@@ -337,9 +337,14 @@ class ServiceApi:
     async def invoke_method(self, request: web.Request) -> web.Response:
         """Invoke a direct method and wait for the device's answer."""
         device_id, module_id = self._ids(request)
-        self._twin_identity(device_id, module_id)  # 404 for an unknown identity
-        status, payload = await self.hub.methods.invoke(device_id, module_id, await _body(request))
-        return _json({"status": status, "payload": payload})
+        if (self.registry.get_device(device_id) if module_id is None
+                else self.registry.get_module(device_id, module_id)) is None:
+            self._twin_identity(device_id, module_id)  # raises the 404
+        status, payload = await self.hub.methods.invoke_raw(device_id, module_id,
+                                                            await _body(request))
+        # the device's JSON goes out as it came (no second JSON round trip)
+        return web.Response(body=b'{"status":%d,"payload":%s}' % (status, payload),
+                            content_type="application/json", charset="utf-8")
 
     # -- cloud-to-device (our routes; IoT Hub's service SDK sends C2D over AMQP, ref §9.4) --
 
@@ -433,7 +438,8 @@ class ServiceApi:
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
         try:
-            await self._stream(response, group, after, limit, device_id, kinds)
+            with self.hub.reading_events(kinds):  # twin changes are recorded while it reads
+                await self._stream(response, group, after, limit, device_id, kinds)
         except ConnectionResetError:
             pass  # the reader went away: nothing to report
         return response

@@ -16,9 +16,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway.endpoints.files import FileSink
-from gateway.endpoints.http import HttpSink
-from gateway.endpoints.mqtt import MqttSink
 from gateway.endpoints.runner import Health, Runner, Sink, Tuning, cursor_name
 from gateway.endpoints.spec import (
     EndpointSpec,
@@ -83,8 +80,8 @@ class EndpointManager:
                     health = self._health[name] = Health(name, spec.type, self.tuning.dead_after)
                 health.ok = None
                 runner = self._runner(spec, health)
-                if await runner.ensure_cursor() and isinstance(runner.sink, FileSink):
-                    await asyncio.to_thread(runner.sink.forget)
+                if await runner.ensure_cursor() and isinstance(spec, FileEndpointSpec):
+                    await asyncio.to_thread(runner.sink.forget)  # type: ignore[attr-defined]
                 self._specs[name] = spec
                 if self._group is not None:
                     self._start(name)
@@ -118,11 +115,19 @@ class EndpointManager:
             self._tasks.clear()
 
     def _sink(self, spec: EndpointSpec) -> Sink:
+        # Each kind's client library (aiomqtt, aiohttp's client, fastavro) is imported with
+        # the first endpoint of that kind, not at every start (footprint).
         if isinstance(spec, MqttEndpointSpec):
+            from gateway.endpoints.mqtt import MqttSink
+
             return MqttSink(spec, client_id=spec.client_id or f"{self.hub_name}-{spec.name}")
         if isinstance(spec, HttpEndpointSpec):
+            from gateway.endpoints.http import HttpSink
+
             return HttpSink(spec, user_agent=f"edge-gateway/{self.hub_name}")
         if isinstance(spec, FileEndpointSpec):
+            from gateway.endpoints.files import FileSink
+
             return FileSink(spec, hub_name=self.hub_name)
         raise AssertionError(spec)  # pragma: no cover
 

@@ -11,11 +11,12 @@ cached by the connection, the hub stamps the anti-spoofing system properties (§
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import operator
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -118,6 +119,7 @@ class Hub:
         self.router = Router(hub_name=host_name, twins=twin_store.get)
         self.on_behalf: onbehalf.OnBehalf | None = None  # edge devices acting for others
         self.refusing: str | None = None  # why new telemetry is refused (a full upstream queue)
+        self._twin_readers = 0  # live readers of ``events`` that want twin-change events
         registry.add_listener(self._on_registry_change)
 
     # -- connect -----------------------------------------------------------------------------
@@ -375,9 +377,33 @@ class Hub:
                                   correlation_id=self._correlation_id(), now=self.clock())
         self._append_event(self._record(FILE_NOTIFICATION, event, device_id, None))
 
+    @contextlib.contextmanager
+    def reading_events(self, kinds: Collection[str] | None) -> Iterator[None]:
+        """While a live reader of ``events`` streams ``kinds`` (None: every kind), twin
+        changes are recorded even when no route takes them (``monitor-events --all-kinds``
+        sees them with no routes configured)."""
+        wants = kinds is None or TWIN_CHANGE in kinds
+        self._twin_readers += wants
+        log.debug("live events reader kinds=%s twin_changes=%s",
+                  ",".join(sorted(kinds)) if kinds else "all", wants)
+        try:
+            yield
+        finally:
+            self._twin_readers -= wants
+
+    def wants_twin_changes(self) -> bool:
+        """IoT Hub emits twin-change events only to a route that takes them (its fallback
+        route carries device messages only); here also to a live reader while no route
+        exists (everything goes to ``events`` then). Nobody else: not built, not stored."""
+        router = self.router
+        return router.takes(TWIN_CHANGE) or (router.empty and self._twin_readers > 0)
+
     def twin_change_event(self, device_id: str, module_id: str | None, op: str,
                           body: dict[str, Any]) -> None:
-        """Record a twin change (ref §10.5 twinChangeEvents) for routing and readers."""
+        """Record a twin change (ref §10.5 twinChangeEvents) for routing and readers, if a
+        route or a reader wants it (:meth:`wants_twin_changes`)."""
+        if not self.wants_twin_changes():
+            return
         event = twin_change_event(
             hub_name=self.host_name, device_id=device_id, module_id=module_id,
             replaced=op == "replaceTwin", body=body, correlation_id=self._correlation_id(),

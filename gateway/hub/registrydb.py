@@ -74,6 +74,7 @@ class RegistryDatabase:
         self._conn = conn
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA cache_size=-256")  # 256 KiB: read once at start, then written
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > _SCHEMA_VERSION:
             raise StoreError(f"{self._path}: schema version {version} is newer than this code")

@@ -213,12 +213,14 @@ def new_twin(device_id: str, module_id: str | None = None, *, now: float) -> Twi
 # --- operations -------------------------------------------------------------------------------
 
 def patch_reported(twin: Twin, patch: Doc, *, now: float,
-                   expected_version: int | None = None) -> tuple[Twin, dict[str, Any]]:
+                   expected_version: int | None = None,
+                   notify: bool = True) -> tuple[Twin, dict[str, Any]]:
     """Merge a device's reported-properties patch (ref §4.1 ``PATCH/properties/reported``).
 
     ``expected_version`` is the optional ``$version`` of the request: the reported
     ``$version`` the device believes current; a mismatch raises PreconditionFailedError.
-    Returns the new twin and the ``updateTwin`` change-notification body (ref §10.5)."""
+    Returns the new twin and the ``updateTwin`` change-notification body (ref §10.5); with
+    ``notify`` False (nobody will read the notification) that body is left empty."""
     if expected_version is not None and expected_version != twin.reported_version:
         raise PreconditionFailedError(
             f"{Section.REPORTED}: $version {expected_version} does not match the current "
@@ -234,6 +236,8 @@ def patch_reported(twin: Twin, patch: Doc, *, now: float,
     new = replace(twin, reported=reported, reported_meta=meta, reported_version=section_version,
                   version=version, etag=make_etag(version),
                   sizes=(tags_size, desired_size, reported_size))
+    if not notify:
+        return new, {}
     change = {"version": version,
               "properties": {"reported": _change(patch, meta, section_version)}}
     return new, change

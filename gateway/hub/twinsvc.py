@@ -95,8 +95,13 @@ class TwinService:
 
     def handle_reported(self, conn: Connection, address: TwinReportedPatch,
                         body: bytes) -> asyncio.Future[None]:
+        """Merge, commit, then answer 204 (the future is done once the answer is out). A twin
+        that exists takes the path without a task: merged now, answered from the commit's
+        callback; one still being created waits for it on a task."""
         assert conn.principal is not None
         p = conn.principal
+        if self.store.get(p.device_id, p.module_id) is not None:
+            return self._reported_now(conn, address, body)
 
         async def run() -> None:
             status, answer, version = await self._patch_reported(
@@ -104,6 +109,53 @@ class TwinService:
             self._respond(conn, status, address.rid, answer, version)
 
         return self.tasks.spawn(run(), f"twin-patch {conn.client_id}")
+
+    def _reported_now(self, conn: Connection, address: TwinReportedPatch,
+                      body: bytes) -> asyncio.Future[None]:
+        """:meth:`handle_reported` for an existing twin, as :meth:`_patch_reported` does it."""
+        p = conn.principal
+        assert p is not None
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        notify = self.hub.wants_twin_changes()
+        try:
+            patch = json.loads(body)
+            if not isinstance(patch, dict):
+                raise InvalidRequestError("a reported patch must be a JSON object")
+            committed = self.store.start_update_reported(
+                p.device_id, p.module_id, patch, expected_version=address.version,
+                notify=notify)
+        except (ValueError, InvalidRequestError) as exc:  # json errors are ValueErrors
+            log.warning("reported patch refused client_id=%r twin=%s reason=%s",
+                        conn.client_id, _client_id(p.device_id, p.module_id), exc)
+            self._respond(conn, 400, address.rid, {"message": str(exc)})
+            done.set_result(None)
+            return done
+        except PreconditionFailedError as exc:
+            self._respond(conn, 412, address.rid, {"message": str(exc)})
+            done.set_result(None)
+            return done
+        except Exception as exc:  # the twin went away meanwhile: as a failed task would
+            log.error("twin patch failed client_id=%r: %r", conn.client_id, exc)
+            done.set_exception(exc)
+            return done
+
+        def answer(fut: asyncio.Future[tuple[Twin, dict[str, Any]]]) -> None:
+            if fut.cancelled():
+                done.cancel()
+                return
+            exc = fut.exception()
+            if exc is not None:  # not durable: no answer; the connection closes (PUBACK rule)
+                log.error("twin patch failed client_id=%r: %r", conn.client_id, exc)
+                done.set_exception(exc)
+                return
+            twin, change = fut.result()
+            if change:
+                self.hub.twin_change_event(p.device_id, p.module_id, "updateTwin", change)
+            self._respond(conn, 204, address.rid, None, twin.reported_version)
+            done.set_result(None)
+
+        committed.add_done_callback(answer)
+        return done
 
     def handle_child_reported(self, conn: Connection, address: ChildReportedPatch,
                               body: bytes) -> asyncio.Future[None] | None:
@@ -131,14 +183,16 @@ class TwinService:
                 raise InvalidRequestError("a reported patch must be a JSON object")
             await self.twin(device_id, module_id)
             twin, change = await self.store.update_reported(
-                device_id, module_id, patch, expected_version=expected_version)
+                device_id, module_id, patch, expected_version=expected_version,
+                notify=self.hub.wants_twin_changes())
         except (ValueError, InvalidRequestError) as exc:  # json errors are ValueErrors
             log.warning("reported patch refused client_id=%r twin=%s reason=%s", sender,
                         _client_id(device_id, module_id), exc)
             return 400, {"message": str(exc)}, None
         except PreconditionFailedError as exc:
             return 412, {"message": str(exc)}, None
-        self.hub.twin_change_event(device_id, module_id, "updateTwin", change)
+        if change:
+            self.hub.twin_change_event(device_id, module_id, "updateTwin", change)
         return 204, None, twin.reported_version
 
     # -- service ---------------------------------------------------------------------------------

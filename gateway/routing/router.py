@@ -174,6 +174,12 @@ class Router:
             return FALLBACK_ONLY
         return names
 
+    def takes(self, kind: str) -> bool:
+        """Whether an enabled route takes messages of ``kind`` (a non-telemetry event nobody
+        routes need not be built: with no routes at all only device messages reach
+        ``events``, by the fallback route, as IoT Hub)."""
+        return bool(self._by_kind.get(kind))
+
     def _split(self, kind: str, system: Mapping[str, str], application: Mapping[str, str | None],
                device_id: str, module_id: str | None) -> tuple[tuple[str, ...], Table | None]:
         """(static routes matched, the compiled table of the routes left to evaluate per

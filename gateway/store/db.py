@@ -47,6 +47,7 @@ Steps are append-only: never edit or reorder a shipped step, add a new one."""
 BUSY_TIMEOUT_MS: Final = 5000
 JOURNAL_SIZE_LIMIT: Final = 64 << 20  # the WAL file is truncated back to this after a burst
 MAX_BATCH_JOBS: Final = 4096  # bounds the length of one transaction, not the queue
+CACHE_KIB: Final = 1024  # SQLite's page cache for this connection (its default: 2000 KiB)
 
 # Bootstrap schema of the store itself, keyed by PRAGMA user_version.
 _BOOTSTRAP: Final[tuple[str, ...]] = (
@@ -303,6 +304,7 @@ class Database:
                 raise StoreError(f"cannot enable WAL on {self.path} (journal_mode={mode})")
             conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
             conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+            conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
             conn.execute("PRAGMA foreign_keys = ON")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > len(_BOOTSTRAP):

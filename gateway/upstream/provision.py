@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote
 
-import aiomqtt
-
 from gateway.config import UpstreamConfig
 from gateway.errors import UpstreamError
 from gateway.hub import dps
@@ -54,6 +52,8 @@ async def register(*, host: str, port: int, ca_file: str | None, id_scope: str,
                                int(time.time()) + 3600)
     username = (f"{id_scope}/registrations/{registration_id}/api-version={API_VERSION}"
                 f"&ClientVersion={quote('edge-gateway/0.1', safe='')}")
+    import aiomqtt  # here, not at start: most hubs never provision at a parent
+
     async with asyncio.timeout(timeout), aiomqtt.Client(
             hostname=host, port=port, identifier=registration_id, username=username,
             password=token, tls_context=tls, clean_session=True) as client:
@@ -105,6 +105,8 @@ async def provision_until_done(data_dir: Path, cfg: UpstreamConfig, *,
         return
     host = cfg.host or cs.gateway_host_name or cs.host_name
     delay = minimum
+    import aiomqtt  # only a hub with a registration pending at its parent gets here
+
     while True:
         try:
             result = await register(host=host, port=cfg.port, ca_file=cfg.ca_file or None,

@@ -8,17 +8,19 @@ import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.config import UpstreamConfig
 from gateway.store.db import Database
 from gateway.store.log import Entry, MessageLog
 from gateway.upstream import settings as link_settings
 from gateway.upstream.cursors import FLOOR_CURSOR
-from gateway.upstream.forwarder import Forwarder
 from gateway.upstream.policy import RoutePolicy, default_select, from_config
 from gateway.upstream.settings import LinkSettings
 from gateway.upstream.wire import Origin
+
+if TYPE_CHECKING:
+    from gateway.upstream.forwarder import Forwarder
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,9 @@ class Upstream:
             if self.refuse is not None:
                 self.refuse(None)
             if self.settings is not None:
+                # imported when a link is configured, not at every start (footprint)
+                from gateway.upstream.forwarder import Forwarder
+
                 self.forwarder = Forwarder(
                     self.log, self.db, self.settings, self.cfg, local_gateway=self.local_gateway,
                     select=self.select, policy_of=self.policy_of, refuse=self.refuse,

@@ -7,8 +7,9 @@ everywhere, 127.0.0.1 only). Mosquitto gets the hub's server certificate.
 1. Direct methods (IoT Hub ref §5). ``--devices`` devices connect over MQTT/TLS, subscribe to
    ``$iothub/methods/POST/#`` and answer every request at once on
    ``$iothub/methods/res/200/?$rid={rid}``, echoing the payload. A back end invokes
-   ``POST /twins/{id}/methods`` over HTTPS (iothubowner SAS token, keep-alive connections) with
-   ``--concurrency`` calls outstanding until ``--calls`` calls completed, round-robin over the
+   ``POST /twins/{id}/methods`` over HTTPS (iothubowner SAS token, ``--concurrency`` keep-alive
+   connections; by default a minimal HTTP/1.1 client, as lean as the Mosquitto back end's raw
+   MQTT one, ``--http-client aiohttp`` for aiohttp's) with ``--concurrency`` calls outstanding until ``--calls`` calls completed, round-robin over the
    devices. Peer: the same devices on Mosquitto, subscribed to ``req/{device}/#`` and answering
    on ``res/{device}/{rid}``; the back end is one MQTT connection publishing QoS 0 requests
    with the same concurrency and waiting for each response.
@@ -321,6 +322,73 @@ def hub_method_load(session: aiohttp.ClientSession, api_port: int, token: str,
     return run
 
 
+class RawHttps:
+    """One keep-alive HTTPS connection speaking just enough HTTP/1.1 for the invocation (a
+    fixed request head, Content-Length bodies): the back end's own CPU per call is then of
+    the order of the Mosquitto back end's raw MQTT client, so the client does not cap the
+    hub's rate (``--http-client aiohttp`` measures with aiohttp's client instead)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, port: int, ctx: ssl.SSLContext) -> RawHttps:
+        reader, writer = await asyncio.open_connection(HOST, port, ssl=ctx,
+                                                       server_hostname=SERVER_NAME)
+        return cls(reader, writer)
+
+    async def post(self, head: bytes, body: bytes) -> tuple[int, bytes]:
+        self.writer.write(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        lines = (await self.reader.readuntil(b"\r\n\r\n")).split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            if name.lower() == b"content-length":
+                length = int(value)
+        return status, await self.reader.readexactly(length)
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await asyncio.wait_for(self.writer.wait_closed(), 2)
+        except (OSError, TimeoutError, ssl.SSLError):
+            pass
+
+
+def raw_method_load(conns: list[RawHttps], token: str, device_ids: list[str], start: int,
+                    count: int) -> Load:
+    """As :func:`hub_method_load`, one call outstanding per connection of ``conns``."""
+    heads = [(f"POST /twins/{d}/methods?api-version={API_VERSION} HTTP/1.1\r\n"
+              f"Host: {SERVER_NAME}\r\nAuthorization: {token}\r\n"
+              "Content-Type: application/json; charset=utf-8\r\n").encode()
+             for d in device_ids]
+
+    async def worker(tally: Tally, conn: RawHttps, calls: Any) -> None:
+        for i in calls:
+            payload = method_body(i)
+            body = json.dumps({"methodName": "echo", "payload": payload,
+                               "responseTimeoutInSeconds": 10}).encode()
+            t0 = perf()
+            try:
+                status, text = await conn.post(heads[i % len(heads)], body)
+                good = status == 200 and json.loads(text) == {"status": 200, "payload": payload}
+                reason = f"HTTP {status}: {text[:200]!r}"
+            except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
+                good, reason = False, repr(exc)
+            if good:
+                tally.ok(perf() - t0)
+            else:
+                tally.fail(reason)
+
+    async def run(tally: Tally) -> None:
+        calls = iter(range(start, start + count))
+        await asyncio.gather(*(worker(tally, conn, calls) for conn in conns))
+
+    return run
+
+
 def mosquitto_method_responder(conn: Conn, packet: Publish) -> None:
     """``req/{device}/{rid}`` -> ``res/{device}/{rid}``, echoing the payload."""
     if packet.topic.startswith("req/"):
@@ -495,16 +563,22 @@ async def bench(setup: Setup, args: argparse.Namespace) -> dict[str, dict[str, R
     connector = aiohttp.TCPConnector(limit=c, ssl=ctx)
     session = aiohttp.ClientSession(connector=connector,
                                     timeout=aiohttp.ClientTimeout(total=20))
+    raw: list[RawHttps] = []
+    if args.http_client == "raw":
+        raw = await open_all(lambda i: RawHttps.open(api_port, ctx), c)  # type: ignore[arg-type,return-value]
+
+    def hub_load(start: int, count: int) -> Load:
+        if raw:
+            return raw_method_load(raw, setup.owner_token, ids, start, count)
+        return hub_method_load(session, api_port, setup.owner_token, ids, start, count, c)
+
     try:
         await measure(setup.mosq_pid, warm, warm_timeout,
                       mosquitto_method_load(backend, ids, 0, warm, c))
         results["methods"]["mosquitto"] = await measure(
             setup.mosq_pid, n, timeout, mosquitto_method_load(backend, ids, warm, n, c))
-        await measure(hub.pid, warm, warm_timeout,
-                      hub_method_load(session, api_port, setup.owner_token, ids, 0, warm, c))
-        results["methods"]["hub"] = await measure(
-            hub.pid, n, timeout,
-            hub_method_load(session, api_port, setup.owner_token, ids, warm, n, c))
+        await measure(hub.pid, warm, warm_timeout, hub_load(0, warm))
+        results["methods"]["hub"] = await measure(hub.pid, n, timeout, hub_load(warm, n))
 
         m, w = args.patches, args.window
         for label, conns, pid, topic, handler in (
@@ -523,6 +597,7 @@ async def bench(setup: Setup, args: argparse.Namespace) -> dict[str, dict[str, R
             results["twin"][label] = result
     finally:
         await session.close()
+        await asyncio.gather(*(conn.close() for conn in raw))
         await asyncio.gather(*(conn.close() for conn in [*mdevs, backend, responder, *hdevs]))
     return results
 
@@ -569,6 +644,9 @@ def main() -> None:
                     help="the hub's store sync (twin commits)")
     ap.add_argument("--phase-timeout", type=float, default=30.0,
                     help="seconds per measured phase; unfinished operations count as errors")
+    ap.add_argument("--http-client", choices=["raw", "aiohttp"], default="raw",
+                    help="the hub's HTTPS back end: a minimal keep-alive client (default) or "
+                         "aiohttp's (its own CPU per call then caps the rate on 2 cores)")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
     if min(args.devices, args.calls, args.concurrency, args.patches, args.window) < 1:
@@ -600,7 +678,8 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Result]],
            wall: float) -> None:
     ratios: dict[str, dict[str, float]] = {}
     print(f"direct methods: {args.devices} devices, {args.calls} calls, {args.concurrency} "
-          f"outstanding (hub: HTTPS back end; mosquitto: one MQTT back end); "
+          f"outstanding (hub: HTTPS back end, {args.http_client} client; mosquitto: one MQTT "
+          f"back end); "
           f"twin reported patches: {args.patches}, {args.window} outstanding per device, "
           f"hub sync={args.sync}, hub log level info; MQTT over TLS, QoS 0")
     print(f"{'':18} {'ops/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} "

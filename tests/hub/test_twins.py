@@ -610,3 +610,12 @@ def test_twins_module_imports_no_io() -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                             text=True, check=True)
     assert result.stdout.split() == ["[]"]
+
+
+def test_reported_patch_without_notification_is_the_same_twin() -> None:
+    """notify=False (nobody wants the twin-change event) skips building its body only."""
+    twin = new_twin("d", None, now=T0)
+    patch = {"a": {"b": 1, "c": None}, "d": "x"}
+    with_body, change = patch_reported(twin, patch, now=T0 + 1)
+    without, empty = patch_reported(twin, patch, now=T0 + 1, notify=False)
+    assert without == with_body and empty == {} and change["version"] == with_body.version
