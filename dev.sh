@@ -5,6 +5,7 @@
 #   ./dev.sh bench           run the benchmarks in tests/bench/ (mosquitto as the peer)
 #   ./dev.sh setup           only install
 #   ./dev.sh image-test [amd64|arm64|all]   build images with image/build and boot-test them
+#   ./dev.sh image-build amd64|arm64 DIR    only build DIR/gateway-ARCH.img (.ci/run: arm64 in the background)
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
@@ -65,7 +66,7 @@ setup_test() {
 setup_image() {
     # Image builds (image/build) and their boot tests under qemu (TCG).
     apt_install mmdebstrap mtools dosfstools fdisk e2fsprogs systemd-boot-efi ovmf qemu-system-x86 \
-        qemu-system-arm qemu-user-static binfmt-support arch-test openssh-client qemu-utils
+        qemu-system-arm qemu-user-static binfmt-support arch-test openssh-client qemu-utils file
     # arm64 builds run the target's binaries through qemu-user: binfmt_misc must be mounted.
     if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
         as_root mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
@@ -74,16 +75,23 @@ setup_image() {
     arch-test arm64 >/dev/null || { echo "dev.sh: arm64 binaries do not run (binfmt_misc)" >&2; return 1; }
 }
 
+image_build() {
+    # One image, $2/gateway-$1.img (no apt: call setup_image before, not in parallel with it).
+    local arch=$1 dir=$2 t; t=$(date +%s)
+    as_root env GATEWAY_BUILD_PYTHON="$(cd "$VENV" && pwd)/bin/python" image/build --arch "$arch" --out "$dir/gateway-$arch.img"
+    echo "dev.sh: image $arch built in $(( $(date +%s) - t )) s" >&2
+}
+
 image_test() {
     # Build each image, then run its boot tests. Artefacts in $IMAGE_DIR (default: a temp dir).
+    # IMAGE_PREBUILT=1: use the images already in $IMAGE_DIR (made by `image-build`).
     local which=${1:-all} dir=${IMAGE_DIR:-$(mktemp -d /tmp/gateway-images.XXXXXX)} arch
     shift || true
     local archs=(amd64 arm64); [ "$which" = all ] || archs=("$which")
     setup_test; setup_image
     for arch in "${archs[@]}"; do
-        local t=$(date +%s)
-        as_root env GATEWAY_BUILD_PYTHON="$(cd "$VENV" && pwd)/bin/python" image/build --arch "$arch" --out "$dir/gateway-$arch.img"
-        echo "dev.sh: image $arch built in $(( $(date +%s) - t )) s" >&2
+        if [ "${IMAGE_PREBUILT:-0}" = 1 ] && [ -f "$dir/gateway-$arch.img" ]; then continue; fi
+        image_build "$arch" "$dir"
     done
     local env_=(); for arch in "${archs[@]}"; do env_+=("GATEWAY_IMAGE_${arch^^}=$dir/gateway-$arch.img"); done
     local t=$(date +%s) rc=0
@@ -106,5 +114,8 @@ case "$cmd" in
            done ;;
     setup) setup_test ;;
     image-test) image_test "$@" ;;
-    *) sed -n '2,7p' "$0"; exit 2 ;;
+    image-build) [ $# -eq 2 ] || { echo "usage: ./dev.sh image-build amd64|arm64 DIR" >&2; exit 2; }
+                 setup_python; setup_image; image_build "$@" ;;
+    image-setup) setup_test; setup_image ;;
+    *) sed -n '2,8p' "$0"; exit 2 ;;
 esac

@@ -1,7 +1,10 @@
 """A built gateway image booted under qemu (TCG), reached from the host over SSH.
 
 qemu's user-mode network with ``restrict=on``: the guest reaches nothing, the host reaches the
-guest only through the forwarded ports on a loopback address (127.0.7.1 by default).
+guest only through the forwarded ports on a loopback address (``GUEST_ADDRESS``), and the
+guest reaches the host only through ``guestfwd`` rules: a connection to a virtual address of
+the user network (``10.0.2.100:8883``) runs ``socat`` on the host, which dials a loopback
+address there (the upstream hub of the boot test).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MIB = 1024 * 1024
+GUEST_ADDRESS = os.environ.get("GATEWAY_GUEST_ADDRESS", "127.0.24.1")  # host side of hostfwd
 BOOT_OFFSET = 1 * MIB  # image/build: the FAT boot partition starts at 1 MiB
 
 
@@ -37,11 +41,13 @@ def fat(image: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
 class Guest:
     image: Path
     workdir: Path
-    address: str = "127.0.7.1"
+    address: str = GUEST_ADDRESS
     ports: dict[int, int] = field(default_factory=lambda: {22: 2222, 443: 8443})
     memory_mib: int = 1536
     arch: str = "amd64"
     kernel: tuple[Path, Path] | None = None  # arm64: (vmlinuz, initrd) for -M virt direct boot
+    # guest "10.0.2.100:8883" -> host "127.0.24.2:PORT" (one socat per connection)
+    guestfwd: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     key: Path | None = None
 
@@ -59,6 +65,8 @@ class Guest:
     def boot(self) -> None:
         forwards = ",".join(f"hostfwd=tcp:{self.address}:{host}-:{guest}"
                             for guest, host in self.ports.items())
+        for inside, outside in self.guestfwd.items():  # no commas: -nic splits on them
+            forwards += f",guestfwd=tcp:{inside}-cmd:socat STDIO TCP:{outside}"
         common = ["-smp", "2", "-m", str(self.memory_mib), "-display", "none", "-no-reboot",
                   "-drive", f"file={self.image},format=raw,if=virtio",
                   "-nic", f"user,id=net0,model=virtio-net-pci,restrict=on,{forwards}",
