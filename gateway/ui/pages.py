@@ -7,6 +7,7 @@ script or style: data goes in ``data-`` attributes).
 
 from __future__ import annotations
 
+import re
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -243,15 +244,46 @@ def _upstream(ctx: dict[str, Any]) -> str:
     return (
         f"<dl class=\"cards\">{dl}</dl>"
         "<section><h2>Set the parent</h2><form id=\"upstream-form\" class=\"stack\">"
+        "<label for=\"up-how\">How this gateway joins its parent</label>"
+        "<select id=\"up-how\"><option value=\"connstr\">Connection string</option>"
+        "<option value=\"dps-key\">Enrollment at a provisioning service (DPS): group key"
+        "</option><option value=\"dps-x509\">Enrollment at a provisioning service (DPS): "
+        "certificate</option><option value=\"x509\">X.509 certificate (device already "
+        "created at the parent)</option></select>"
+        "<div id=\"up-g-connstr\" class=\"stack\">"
         "<label for=\"up-connstr\">Connection string (HostName=...;DeviceId=...;"
-        "SharedAccessKey=...)</label><textarea id=\"up-connstr\" rows=\"3\" required "
-        "autocomplete=\"off\" spellcheck=\"false\"></textarea>"
+        "SharedAccessKey=...)</label><textarea id=\"up-connstr\" rows=\"3\" "
+        "autocomplete=\"off\" spellcheck=\"false\"></textarea></div>"
+        "<div id=\"up-g-dps\" class=\"stack\" hidden>"
+        + _field("up-scope", "ID scope", extra=" autocomplete=\"off\" spellcheck=\"false\"")
+        + _field("up-dps-host", "Provisioning service address (e.g. "
+                 "global.azure-devices-provisioning.net)", extra=" autocomplete=\"off\"")
+        + _field("up-dps-port", "Provisioning service port (optional, 8883)", kind="number")
+        + _field("up-regid", "Registration id (a certificate's common name if empty)",
+                 value=_registration_id(ctx), extra=" autocomplete=\"off\"")
+        + "</div><div id=\"up-g-groupkey\" class=\"stack\" hidden>"
+        + _field("up-group-key", "Enrollment group key (base64)", kind="password",
+                 extra=" autocomplete=\"off\"")
+        + "</div><div id=\"up-g-hub\" class=\"stack\" hidden>"
+        + _field("up-hub", "Parent's host name (HostName)", extra=" autocomplete=\"off\"")
+        + _field("up-device", "Our device id at the parent", extra=" autocomplete=\"off\"")
+        + "</div><div id=\"up-g-cert\" class=\"stack\" hidden>"
+        + _field("up-cert", "Certificate file on the gateway (PEM)", extra=" autocomplete=\"off\"")
+        + _field("up-key", "Its private key file on the gateway (PEM)",
+                 extra=" autocomplete=\"off\"")
+        + "</div>"
         + _field("up-host", "Address to dial (optional)")
         + _field("up-port", "Port (optional, 8883)", kind="number")
         + _field("up-ca", "CA file on the gateway (optional)")
-        + "<button type=\"submit\">Save</button></form></section>"
+        + "<button type=\"submit\" id=\"up-save\">Save</button></form></section>"
         "<section><h2>Test the link</h2><button type=\"button\" id=\"up-test\">Test step by step"
         "</button><ol id=\"up-steps\"></ol></section>")
+
+
+def _registration_id(ctx: dict[str, Any]) -> str:
+    """The gateway's own name, when it is a valid registration id (lower case, ref §12.1)."""
+    name = str(ctx.get("gateway", "")).lower()
+    return name if re.fullmatch(r"[a-z0-9]([a-z0-9:._-]{0,126}[a-z0-9])?", name) else ""
 
 
 def _logs(ctx: dict[str, Any]) -> str:

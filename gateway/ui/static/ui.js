@@ -534,14 +534,41 @@
       $("up-target").textContent = s ? (s.deviceId || s.device_id || "") + " @ " + (s.host || s.hub) + ":" + (s.port || "") : "not set";
     });
     show();
+    const groups = { connstr: ["up-g-connstr"], "dps-key": ["up-g-dps", "up-g-groupkey"], "dps-x509": ["up-g-dps", "up-g-cert"], x509: ["up-g-hub", "up-g-cert"] };
+    const how = () => $("up-how").value;
+    const showGroups = () => {
+      ["up-g-connstr", "up-g-dps", "up-g-groupkey", "up-g-hub", "up-g-cert"].forEach((g) => { $(g).hidden = groups[how()].indexOf(g) < 0; });
+    };
+    $("up-how").addEventListener("change", showGroups);
+    showGroups();
+    const value = (id) => $(id).value.trim();
+    const need = (id, what) => { const v = value(id); if (!v) { $(id).focus(); throw new Error("give " + what); } return v; };
     $("upstream-form").addEventListener("submit", guard(async () => {
-      const req = { connectionString: $("up-connstr").value.trim() };
-      if ($("up-host").value.trim()) req.host = $("up-host").value.trim();
-      if ($("up-ca").value.trim()) req.caFile = $("up-ca").value.trim();
+      const req = {};
+      const h = how();
+      if (h === "connstr") req.connectionString = need("up-connstr", "the connection string");
+      if (h === "x509") {
+        req.hub = need("up-hub", "the parent's host name"); req.device = need("up-device", "our device id at the parent");
+        req.x509 = { cert: need("up-cert", "the certificate file"), key: need("up-key", "the key file") };
+      }
+      if (h === "dps-key" || h === "dps-x509") {
+        const e = { idScope: need("up-scope", "the ID scope"), provisioningHost: need("up-dps-host", "the provisioning service's address") };
+        if (value("up-dps-port")) e.provisioningPort = parseInt(value("up-dps-port"), 10);
+        if (value("up-regid")) e.registrationId = value("up-regid");
+        if (h === "dps-key") { if (!e.registrationId) throw new Error("give the registration id"); e.groupKey = need("up-group-key", "the enrollment group key"); }
+        else e.x509 = { cert: need("up-cert", "the certificate file"), key: need("up-key", "the key file") };
+        req.enrollment = e;
+      }
+      if (value("up-host")) req.host = value("up-host");
+      if (value("up-ca")) req.caFile = value("up-ca");
       if ($("up-port").value) req.port = parseInt($("up-port").value, 10);
-      await call("PUT", "/upstream", req);
-      $("up-connstr").value = "";
-      say("upstream saved"); await show();
+      $("up-save").disabled = true;
+      say(req.enrollment ? "registering at the provisioning service " + req.enrollment.provisioningHost + "…" : "saving…");
+      let s;
+      try { s = await call("PUT", "/upstream", req); } finally { $("up-save").disabled = false; }
+      $("up-connstr").value = ""; $("up-group-key").value = "";
+      say(req.enrollment ? "registered: this gateway is " + s.device_id + " at " + s.hub + "; connecting" : "upstream saved");
+      await show();
     }));
     $("up-test").addEventListener("click", guard(async () => {
       const ol = $("up-steps"); ol.textContent = ""; ol.appendChild(el("li", "testing…"));
