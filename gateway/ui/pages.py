@@ -147,10 +147,12 @@ def _sensors(ctx: dict[str, Any]) -> str:
         "<option value=\"tcp\">Modbus TCP (network address)</option>"
         "<option value=\"serial\">Serial port (RS-485 / RTU)</option></select>"
         "<div id=\"bus-tcp\" class=\"stack\">"
-        + _field("bus-host", "Host or IP address", extra=" autocomplete=\"off\"")
-        + _field("bus-port", "TCP port", value="502", kind="number")
+        + _field("bus-host", "Address: host or IP, with :port if not 502 (e.g. 10.0.0.5:5020)",
+                 extra=" autocomplete=\"off\" spellcheck=\"false\"")
         + "</div><div id=\"bus-serial\" class=\"stack\" hidden>"
         "<label for=\"bus-device\">Serial port</label><select id=\"bus-device\"></select>"
+        + _field("bus-path", "or a device path (e.g. /dev/ttyAMA0)",
+                 extra=" autocomplete=\"off\" spellcheck=\"false\"")
         + _field("bus-baud", "Baud rate", value="9600", kind="number")
         + "<label for=\"bus-parity\">Parity</label><select id=\"bus-parity\">"
         "<option value=\"N\">none</option><option value=\"E\">even</option>"
@@ -161,7 +163,15 @@ def _sensors(ctx: dict[str, Any]) -> str:
         + _field("scan-units", "Unit ids", value="1-10")
         + "<label for=\"scan-table\">Table</label><select id=\"scan-table\">"
         "<option value=\"holding\">holding</option><option value=\"input\">input</option></select>"
-        "<button type=\"submit\">Scan</button></form>"
+        "<fieldset id=\"scan-serial\" hidden><legend>Serial settings to try (a unit of "
+        "unknown settings: each one is scanned)</legend><div class=\"row\">"
+        + "".join(f"<label><input type=\"checkbox\" class=\"scan-baud\" value=\"{b}\"> {b}"
+                  "</label>" for b in BAUDS)
+        + "</div><div class=\"row\">"
+        + "".join(f"<label><input type=\"checkbox\" class=\"scan-parity\" value=\"{p}\"> "
+                  f"{name}</label>" for p, name in PARITIES)
+        + "</div></fieldset>"
+        "<button type=\"submit\" id=\"scan-start\">Scan</button></form>"
         "<progress id=\"scan-progress\" max=\"100\" value=\"0\" hidden></progress>"
         "<p id=\"scan-text\" aria-live=\"polite\"></p><ul id=\"units\" class=\"choices\"></ul></div>"
         "<div id=\"unit-box\" hidden><h3>Unit <span id=\"unit-id\"></span></h3>"
@@ -210,6 +220,10 @@ def _sensors(ctx: dict[str, Any]) -> str:
         + _field("ble-bindkey", "Bindkey (encrypted BTHome only, 32 hex digits)",
                  extra=" autocomplete=\"off\" pattern=\"[0-9A-Fa-f]{32}\"")
         + "<button type=\"submit\">Add sensor</button></form></section>")
+
+
+BAUDS = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
+PARITIES = (("E", "parity even"), ("N", "parity none"), ("O", "parity odd"))
 
 
 def _routes(ctx: dict[str, Any]) -> str:

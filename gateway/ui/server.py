@@ -354,8 +354,11 @@ class UiServer:
     async def stream(self, request: web.Request) -> web.StreamResponse:
         self.guard(request)
         what = request.match_info["what"]
-        if what not in ("overview", "logs", "telemetry", "devices", "ble"):
+        if what not in ("overview", "logs", "telemetry", "devices", "ble", "buses"):
             raise NotFoundError(f"no stream {what!r}")
+        if what == "buses" and request.query.get("module") not in {
+                m.name for m in self.config.modules if m.bridge == "modbus"}:
+            raise NotFoundError("no such Modbus bridge module")
         response = web.StreamResponse(headers={
             **HEADERS, "Content-Type": "text/event-stream", "X-Accel-Buffering": "no"})
         await response.prepare(request)
@@ -368,6 +371,8 @@ class UiServer:
                 await self._stream_devices(response)
             elif what == "ble":
                 await self._stream_ble(response)
+            elif what == "buses":
+                await self._stream_buses(request, response)
             else:
                 await self._stream_telemetry(request, response)
         except (ConnectionResetError, asyncio.CancelledError):
@@ -413,6 +418,23 @@ class UiServer:
                 status, payload = 503, {"error": str(exc)}
             await self._send(response, {"status": status, "payload": payload})
             await asyncio.sleep(2.0)
+
+    async def _stream_buses(self, request: web.Request, response: web.StreamResponse) -> None:
+        """The Modbus bridge's buses: desired settings and reported state, on each change."""
+        module = request.query.get("module", "")
+        last: Any = None
+        while True:
+            doc = (await self.api.hub.twins.twin(self.gateway_id, module)).document()
+            props = doc.get("properties", {})
+            status = (props.get("reported", {}).get("status") or {})
+            data = {"desired": props.get("desired", {}).get("buses") or {},
+                    "status": status.get("buses") or {} if isinstance(status, dict) else {}}
+            if data != last:
+                await self._send(response, data)
+                last = data
+            else:
+                await response.write(b": keep-alive\n\n")
+            await asyncio.sleep(1.0)
 
     async def _stream_logs(self, request: web.Request, response: web.StreamResponse) -> None:
         q = request.query
