@@ -165,11 +165,12 @@ def _sensors(ctx: dict[str, Any]) -> str:
         "<option value=\"holding\">holding</option><option value=\"input\">input</option></select>"
         "<fieldset id=\"scan-serial\" hidden><legend>Serial settings to try (a unit of "
         "unknown settings: each one is scanned)</legend><div class=\"row\">"
-        + "".join(f"<label><input type=\"checkbox\" class=\"scan-baud\" value=\"{b}\"> {b}"
-                  "</label>" for b in BAUDS)
+        + "".join(f"<label for=\"scan-baud-{b}\"><input type=\"checkbox\" id=\"scan-baud-{b}\" "
+                  f"class=\"scan-baud\" value=\"{b}\"> {b}</label>" for b in BAUDS)
         + "</div><div class=\"row\">"
-        + "".join(f"<label><input type=\"checkbox\" class=\"scan-parity\" value=\"{p}\"> "
-                  f"{name}</label>" for p, name in PARITIES)
+        + "".join(f"<label for=\"scan-parity-{p}\"><input type=\"checkbox\" "
+                  f"id=\"scan-parity-{p}\" class=\"scan-parity\" value=\"{p}\"> {name}</label>"
+                  for p, name in PARITIES)
         + "</div></fieldset>"
         "<button type=\"submit\" id=\"scan-start\">Scan</button></form>"
         "<progress id=\"scan-progress\" max=\"100\" value=\"0\" hidden></progress>"

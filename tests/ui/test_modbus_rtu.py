@@ -74,7 +74,8 @@ def test_rtu_scan_sweeps_baud_rates_and_takes_the_one_that_answers(
         assert ("1", "9600") in found and all(baud == "9600" for _, baud in found), found
         assert line.dropped > 0  # 19200 was tried, and nothing answered it
         t.click_css('#units button[data-unit="1"][data-baud="9600"]')
-        until(lambda: "9600 8N1" in by_id(browser, "status").text, 30, "bus set to 9600")
+        until(lambda: "9600 8N1" in browser.find_element(
+            "css selector", '#buses tr[data-bus="bus1"]').text, 30, "bus set to 9600")
         until(lambda: len(browser.find_elements("css selector", "#profile option")) > 1,
               what="profiles")
         t.choose("profile", "eastron-sdm120")
