@@ -320,7 +320,21 @@ def _system(ctx: dict[str, Any]) -> str:
     dl = "".join(f"<div class=\"card\"><dt>{t}</dt><dd id=\"{i}\">…</dd></div>" for i, t in rows)
     return (f"<dl class=\"cards\">{dl}</dl>"
             "<p><a href=\"/ui/bundle\" id=\"bundle\" download>Download a support bundle</a></p>"
-            "<button type=\"button\" id=\"restart\">Restart the hub</button>")
+            "<button type=\"button\" id=\"restart\">Restart the hub</button>"
+            "<section><h2>Admin password</h2><form id=\"password-form\" class=\"stack\">"
+            + _field("pw-current", "Current password", kind="password",
+                     extra=" autocomplete=\"current-password\" required")
+            + _field("pw-new", "New password (at least 8 characters)", kind="password",
+                     extra=" autocomplete=\"new-password\" required minlength=\"8\"")
+            + _field("pw-again", "New password again", kind="password",
+                     extra=" autocomplete=\"new-password\" required minlength=\"8\"")
+            + "<button type=\"submit\" id=\"pw-save\">Change the password</button>"
+            "<p>Changing it logs out every other session.</p></form></section>"
+            "<section><h2>Open sessions</h2><div class=\"scroll\"><table id=\"sessions\">"
+            "<thead><tr><th scope=\"col\">Session</th><th scope=\"col\">From</th>"
+            "<th scope=\"col\">Logged in</th><th scope=\"col\">Last seen</th></tr></thead>"
+            "<tbody></tbody></table></div><button type=\"button\" id=\"end-others\">"
+            "Log out everywhere else</button></section>")
 
 
 _BODIES = {"overview": _overview, "devices": _devices, "device": _device, "sensors": _sensors,

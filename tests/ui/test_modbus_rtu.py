@@ -51,6 +51,7 @@ def test_rtu_scan_sweeps_baud_rates_and_takes_the_one_that_answers(
     try:
         url = base_url(hub)
         login(browser, url)
+        until(lambda: by_id(browser, "uptime").text not in ("", "…"), what="overview")
         browser.get(url + "/ui/sensors")
         until(lambda: by_id(browser, "bus-form").is_displayed(), what="the new-bus form")
         t = Counter(browser)

@@ -691,6 +691,24 @@
       $("sys-disk").textContent = bytes(s.disk.free) + " free of " + bytes(s.disk.total);
       $("restart").disabled = !s.restart;
     })();
+    const sessions = guard(async () => {
+      const list = await call("GET", "/ui/info/sessions");
+      const tb = document.querySelector("#sessions tbody"); tb.textContent = "";
+      const when = (t) => new Date(t * 1000).toLocaleString();
+      list.forEach((x) => { const tr = row([x.id + (x.current ? " (this one)" : ""), x.address, when(x.created), when(x.seen)]); tr.dataset.session = x.id; tb.appendChild(tr); });
+      $("end-others").disabled = list.length < 2;
+    });
+    sessions();
+    $("end-others").addEventListener("click", guard(async () => {
+      const r = await call("POST", "/ui/sessions/end-others", {});
+      say(r.ended + " other session(s) logged out"); await sessions();
+    }));
+    $("password-form").addEventListener("submit", guard(async () => {
+      if ($("pw-new").value !== $("pw-again").value) throw new Error("the two new passwords differ: nothing changed");
+      const r = await call("POST", "/ui/password", { current: $("pw-current").value, new: $("pw-new").value });
+      ["pw-current", "pw-new", "pw-again"].forEach((id) => { $(id).value = ""; });
+      say("password changed; " + r.ended + " other session(s) logged out"); await sessions();
+    }));
     $("restart").addEventListener("click", guard(async () => {
       if (!window.confirm("Restart the hub? Devices reconnect by themselves.")) return;
       await call("POST", "/ui/restart", {});
