@@ -91,7 +91,7 @@ def _overview(ctx: dict[str, Any]) -> str:
     cards = [("health", "Health"), ("uptime", "Uptime"), ("connections", "Connections"),
              ("rate", "Messages/s"), ("store", "Store use"), ("upstream-state", "Upstream link"),
              ("backlog", "Upstream backlog"), ("oldest", "Oldest unsent message"),
-             ("drain", "Time to drain")]
+             ("drain", "Time to drain"), ("clock", "Clock"), ("disk", "Disk")]
     dl = "".join(f"<div class=\"card\"><dt>{t}</dt><dd id=\"{i}\">…</dd></div>" for i, t in cards)
     return (f"<dl class=\"cards\">{dl}</dl>"
             "<h2>Messages per second</h2>"
@@ -99,7 +99,9 @@ def _overview(ctx: dict[str, Any]) -> str:
             "second, last 5 minutes\" preserveAspectRatio=\"none\"><polyline id=\"chart-line\" "
             "points=\"\"/></svg>"
             "<h2>Alerts</h2><ul id=\"alerts\"><li>checking…</li></ul>"
-            "<button type=\"button\" id=\"alerts-refresh\">Check again</button>")
+            "<div class=\"row\"><button type=\"button\" id=\"alerts-refresh\">Check again"
+            "</button><a href=\"/ui/bundle\" id=\"overview-bundle\" download>Download a support "
+            "bundle</a></div>")
 
 
 def _devices(ctx: dict[str, Any]) -> str:

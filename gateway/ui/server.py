@@ -286,6 +286,8 @@ class UiServer:
             data = self.system()
         elif what == "alerts":
             data = await self.alerts(force=request.query.get("refresh") == "1")
+        elif what == "checks":
+            data = await self.checks(force=request.query.get("refresh") == "1")
         elif what == "overview":
             data = self.overview()
         elif what == "sessions":
@@ -334,6 +336,10 @@ class UiServer:
 
     async def alerts(self, force: bool = False) -> list[dict[str, str]]:
         """Warnings and failures of ``gateway doctor`` (run at most once a minute)."""
+        return [f for f in await self.checks(force) if f["status"] in ("warn", "fail")]
+
+    async def checks(self, force: bool = False) -> list[dict[str, str]]:
+        """Every finding of ``gateway doctor`` (the Overview's clock and disk cards)."""
         if force or self.clock() - self._alerts_at > 60:
             self._alerts_at = self.clock()
             self._alerts = await asyncio.to_thread(self._doctor)
@@ -346,12 +352,8 @@ class UiServer:
             findings = run_checks(self._doctor_context())
         except Exception as exc:  # the doctor's own trouble is an alert, not a crash
             return [{"check": "doctor", "status": "fail", "message": str(exc), "hint": ""}]
-        out = []
-        for f in findings:
-            if f.status in ("warn", "fail"):
-                out.append({"check": f.check, "status": f.status, "message": f.message,
-                            "hint": f.hint})
-        return out
+        return [{"check": f.check, "status": f.status, "message": f.message, "hint": f.hint}
+                for f in findings]
 
     def _doctor_context(self) -> Any:
         from gateway.cli_doctor import _upstream_target

@@ -35,6 +35,10 @@ def test_every_screen_loads_clean(tmp_path: Path, browser: Any, artifacts: Path)
             if path == "/":
                 until(lambda: by_id(browser, "rate").text not in ("", "…"), what="rate")
                 until(lambda: "checking" not in by_id(browser, "alerts").text, 60, "alerts")
+                # gateway doctor's clock (time sync) and disk findings have cards of their own
+                assert "free of" in by_id(browser, "disk").text
+                assert any(w in by_id(browser, "clock").text for w in (
+                    "synchronized", "cannot tell", "cannot be right")), by_id(browser, "clock").text
             if path == "/ui/system":
                 until(lambda: by_id(browser, "sys-disk").text != "…", what="system info")
             if path == "/ui/logs":

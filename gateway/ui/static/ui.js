@@ -124,7 +124,17 @@
       $("drain").textContent = up ? (function (t) { return t === Infinity ? "not draining" : duration(t); })(drain(up)) : "–";
     });
     const alerts = guard(async (ev) => {
-      const list = await call("GET", "/ui/info/alerts" + (ev ? "?refresh=1" : ""));
+      const all = await call("GET", "/ui/info/checks" + (ev ? "?refresh=1" : ""));
+      // The clock (time sync) and disk cards: what gateway doctor says of them.
+      [["clock", "clock"], ["disk", "disk"]].forEach(([id, check]) => {
+        const f = all.find((x) => x.check === check);
+        const dd = $(id);
+        if (!f) { dd.textContent = "–"; return; }
+        dd.textContent = (check === "clock" ? f.message.replace(/^[0-9-]+ [0-9:]+ UTC(, |; )?/, "") || f.message : f.message.replace(/ under .*$/, ""));
+        dd.className = f.status === "ok" ? "" : f.status === "warn" ? "warn" : "error";
+        dd.title = f.hint || "";
+      });
+      const list = all.filter((x) => x.status === "warn" || x.status === "fail");
       const ul = $("alerts"); ul.textContent = "";
       if (!list.length) ul.appendChild(el("li", "No alerts: every check passed."));
       list.forEach((a) => {
