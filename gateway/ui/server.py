@@ -438,8 +438,13 @@ class UiServer:
         """The Modbus bridge's buses: desired settings and reported state, on each change."""
         module = request.query.get("module", "")
         last: Any = None
+        from gateway.errors import GatewayError
+
         while True:
-            doc = (await self.api.hub.twins.twin(self.gateway_id, module)).document()
+            try:
+                doc = (await self.api.hub.twins.twin(self.gateway_id, module)).document()
+            except GatewayError:  # the module's identity is not there (yet)
+                doc = {}
             props = doc.get("properties", {})
             status = (props.get("reported", {}).get("status") or {})
             data = {"desired": props.get("desired", {}).get("buses") or {},
