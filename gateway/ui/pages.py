@@ -134,14 +134,17 @@ def _device(ctx: dict[str, Any]) -> str:
         "<button type=\"submit\">Invoke</button></form><pre id=\"method-result\"></pre></section>"
         "<section><h2>Cloud-to-device message</h2><form id=\"c2d\" class=\"stack\">"
         "<label for=\"c2d-body\">Message</label><textarea id=\"c2d-body\" rows=\"2\"></textarea>"
-        "<button type=\"submit\">Send</button></form><p id=\"c2d-result\"></p></section>")
+        "<button type=\"submit\">Send</button></form><p id=\"c2d-result\"></p></section>"
+        "<section><h2>Remove</h2><button type=\"button\" id=\"device-delete\">Delete this "
+        "device</button></section>")
 
 
 def _sensors(ctx: dict[str, Any]) -> str:
     return (
         "<section id=\"modbus\"><h2>Modbus</h2>"
         "<div class=\"scroll\"><table id=\"buses\"><thead><tr><th scope=\"col\">Bus</th>"
-        "<th scope=\"col\">Link</th><th scope=\"col\">State</th></tr></thead><tbody></tbody>"
+        "<th scope=\"col\">Link</th><th scope=\"col\">State</th><th scope=\"col\">Remove"
+        "</th></tr></thead><tbody></tbody>"
         "</table></div><button type=\"button\" id=\"new-bus\">New bus</button>"
         "<form id=\"bus-form\" class=\"stack\" hidden><h3>New bus</h3>"
         + _field("bus-name", "Bus name", value="bus1", extra=" required")
@@ -292,7 +295,9 @@ def _upstream(ctx: dict[str, Any]) -> str:
         + _field("up-host", "Address to dial (optional)")
         + _field("up-port", "Port (optional, 8883)", kind="number")
         + _field("up-ca", "CA file on the gateway (optional)")
-        + "<button type=\"submit\" id=\"up-save\">Save</button></form></section>"
+        + "<div class=\"row\"><button type=\"submit\" id=\"up-save\">Save</button>"
+        "<button type=\"button\" id=\"up-clear\">Remove the upstream link</button></div>"
+        "</form></section>"
         "<section><h2>Test the link</h2><button type=\"button\" id=\"up-test\">Test step by step"
         "</button><ol id=\"up-steps\"></ol></section>")
 

@@ -448,6 +448,7 @@ class UiServer:
             props = doc.get("properties", {})
             status = (props.get("reported", {}).get("status") or {})
             data = {"desired": props.get("desired", {}).get("buses") or {},
+                    "devices": props.get("desired", {}).get("devices") or {},
                     "status": status.get("buses") or {} if isinstance(status, dict) else {}}
             if data != last:
                 await self._send(response, data)

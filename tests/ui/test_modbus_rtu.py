@@ -93,5 +93,15 @@ def test_rtu_scan_sweeps_baud_rates_and_takes_the_one_that_answers(
         twin = json.loads(hub.cli("twin", "show", "testhub.local", "--module", "modbus").stdout)
         serial = twin["properties"]["desired"]["buses"]["bus1"]["serial"]
         assert (serial["port"], serial["baud"], serial["parity"]) == (line.device, 9600, "N")
+        # Removing the bus (confirmed) removes its sensors with it.
+        browser.find_element("css selector", '#buses tr[data-bus="bus1"] .bus-remove').click()
+        browser.switch_to.alert.accept()
+        until(lambda: not browser.find_elements("css selector", '#buses tr[data-bus="bus1"]'),
+              30, "bus gone from the list")
+        desired = json.loads(hub.cli("twin", "show", "testhub.local", "--module",
+                                     "modbus").stdout)["properties"]["desired"]
+        assert "bus1" not in desired.get("buses", {}) and "meter1" not in desired.get(
+            "devices", {})
+        assert console_errors(browser) == []
     finally:
         hub.stop()

@@ -153,6 +153,12 @@ def test_create_device_copy_connection_string(tmp_path: Path, browser: Any,
         browser.get_log("browser")  # the method's 404 above was expected
         assert "ui action user=admin" in hub.log_text()
         assert "POST /devices/pump-7/messages/deviceBound" in hub.log_text()
+        # A device made by mistake goes again (confirmed), and the list no longer has it.
+        by_id(browser, "device-delete").click()
+        browser.switch_to.alert.accept()
+        until(lambda: browser.current_url.endswith("/ui/devices"), 30, "back to the list")
+        assert hub.cli("device", "show", "pump-7", check=False).returncode != 0
+        assert console_errors(browser) == []
     finally:
         hub.stop()
 

@@ -107,8 +107,14 @@ def test_group_key_then_certificate_enrollment(tmp_path: Path, browser: Any,
         assert shown["auth"] == "x509" and shown["device_id"] == "site-8"
         cam = json.loads(parent.cli("device", "show", "site-8").stdout)
         assert cam["authentication"]["type"] == "certificateAuthority"
+        # Removing the link: confirmed, then nothing is set.
+        by_id(browser, "up-clear").click()
+        browser.switch_to.alert.accept()
+        until(lambda: by_id(browser, "up-target").text == "not set", 30, "removed")
+        until(lambda: by_id(browser, "up-state").text == "not set", 30, "state not set")
+        assert json.loads(child.cli("upstream", "show").stdout) is None
         assert console_errors(browser) == []
-        assert "PUT /upstream" in child.log_text()
+        assert "PUT /upstream" in child.log_text() and "DELETE /upstream" in child.log_text()
     finally:
         stop.set()
         child.stop()

@@ -208,6 +208,11 @@
         $("method-result").textContent = JSON.stringify(r, null, 2);
       } catch (e) { $("method-result").textContent = e.message; }
     }));
+    $("device-delete").addEventListener("click", guard(async () => {
+      if (!window.confirm("Delete device " + id + "? Its identity, keys and twin are gone for good.")) return;
+      await call("DELETE", "/devices/" + encodeURIComponent(id));
+      window.location.href = "/ui/devices";
+    }));
     $("c2d").addEventListener("submit", guard(async () => {
       const r = await call("POST", "/devices/" + encodeURIComponent(id) + "/messages/deviceBound", { body: $("c2d-body").value });
       $("c2d-result").textContent = "queued " + r.messageId + " (" + r.pending + " pending)";
@@ -234,7 +239,16 @@
         const pick = el("button", name, { type: "button" });
         pick.addEventListener("click", () => openScan(name));
         const st = status[name] || {};
-        const tr = row([pick, link, (st.state || "") + (st.last_error && st.state !== "up" ? " (" + st.last_error + ")" : "")]);
+        const drop = el("button", "Remove", { type: "button", "aria-label": "remove bus " + name, class: "bus-remove" });
+        drop.addEventListener("click", guard(async () => {
+          if (!window.confirm("Remove bus " + name + "? Its sensors stop being polled.")) return;
+          const buses = {}; buses[name] = null;  // a merge patch: null deletes
+          const devs = {};  // and the sensors on it go with it
+          Object.keys(d.devices || {}).forEach((n) => { if ((d.devices[n] || {}).bus === name) devs[n] = null; });
+          await call("PATCH", modTwin, { properties: { desired: { buses: buses, devices: devs } } });
+          say("bus " + name + " removed");
+        }));
+        const tr = row([pick, link, (st.state || "") + (st.last_error && st.state !== "up" ? " (" + st.last_error + ")" : ""), drop]);
         tr.dataset.bus = name;
         tbody.appendChild(tr);
       });
@@ -664,6 +678,11 @@
       $("up-connstr").value = ""; $("up-group-key").value = "";
       say(req.enrollment ? "registered: this gateway is " + s.device_id + " at " + s.hub + "; connecting" : "upstream saved");
       await show();
+    }));
+    $("up-clear").addEventListener("click", guard(async () => {
+      if (!window.confirm("Remove the upstream link? Messages are no longer kept for it.")) return;
+      await call("DELETE", "/upstream");
+      say("upstream link removed"); await show();
     }));
     $("up-test").addEventListener("click", guard(async () => {
       const ol = $("up-steps"); ol.textContent = ""; ol.appendChild(el("li", "testing…"));
