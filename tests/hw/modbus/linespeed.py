@@ -16,6 +16,7 @@ import select
 import termios
 import threading
 import tty
+from typing import Self
 
 
 class LineSpeed:
@@ -33,7 +34,7 @@ class LineSpeed:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._relay, daemon=True, name="linespeed")
 
-    def __enter__(self) -> LineSpeed:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
