@@ -2,8 +2,8 @@
 
 Reads the new password from standard input when that is not a terminal (one line), or prompts
 twice; writes ``DATA_DIR/admin.json`` (0600, the scrypt hash only). A running hub checks the
-next login against it at once; sessions already open last until they expire or the hub
-restarts.
+next login against it at once, and every session opened with the old password ends at its next
+request (log out everywhere).
 """
 
 from __future__ import annotations

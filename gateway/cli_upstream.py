@@ -24,9 +24,17 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     how.add_argument("--connection-string", metavar="CS",
                      help="our device connection string at the parent")
     how.add_argument("--x509", nargs=2, metavar=("CERT", "KEY"),
-                     help="our X.509 certificate and key (with --hub and --device)")
+                     help="our X.509 certificate and key (with --hub and --device, or with "
+                          "--id-scope: a DPS X.509 enrollment)")
+    how.add_argument("--group-key", metavar="KEY",
+                     help="DPS group enrollment: the group key (with --id-scope, "
+                          "--provisioning-host, --registration-id); the gateway registers now")
     p.add_argument("--hub", help="the parent's host name (X.509)")
     p.add_argument("--device", help="our device id at the parent (X.509)")
+    p.add_argument("--id-scope", help="DPS: the provisioning service's ID scope")
+    p.add_argument("--provisioning-host", help="DPS: the provisioning service's address")
+    p.add_argument("--provisioning-port", type=int, help="DPS: its port (default 8883)")
+    p.add_argument("--registration-id", help="DPS: our registration id (X.509: default the CN)")
     p.add_argument("--ca-file", help="the parent's CA certificate (PEM)")
     p.add_argument("--host", help="address to dial (default: GatewayHostName, else HostName)")
     p.add_argument("--port", type=int, help="port to dial (default 8883)")
@@ -53,12 +61,22 @@ def cmd_upstream(args: argparse.Namespace) -> int:
         body: dict[str, Any] = {"caFile": _abs(args.ca_file), "host": args.host, "port": args.port}
         if args.connection_string:
             body["connectionString"] = args.connection_string
+        elif args.group_key or args.id_scope:  # gateway/upstream/enroll.py
+            if not args.id_scope or not args.provisioning_host:
+                raise GatewayError("a DPS enrollment needs --id-scope and --provisioning-host")
+            body["enrollment"] = {
+                "idScope": args.id_scope, "provisioningHost": args.provisioning_host,
+                "provisioningPort": args.provisioning_port,
+                "registrationId": args.registration_id, "groupKey": args.group_key,
+                "x509": {"cert": _abs(args.x509[0]), "key": _abs(args.x509[1])}
+                if args.x509 else None}
+            body["enrollment"] = {k: v for k, v in body["enrollment"].items() if v is not None}
         else:
             if not args.hub or not args.device:
                 raise GatewayError("--x509 needs --hub HOSTNAME and --device ID")
             body.update(x509={"cert": _abs(args.x509[0]), "key": _abs(args.x509[1])},
                         hub=args.hub, device=args.device)
-        print(json.dumps(client.request("PUT", "/upstream", body), indent=2))
+        print(json.dumps(client.request("PUT", "/upstream", body, timeout=90), indent=2))
     elif args.action == "show":
         print(json.dumps(client.request("GET", "/upstream"), indent=2))
     elif args.action == "clear":

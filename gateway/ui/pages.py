@@ -7,6 +7,7 @@ script or style: data goes in ``data-`` attributes).
 
 from __future__ import annotations
 
+import re
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,7 @@ def _overview(ctx: dict[str, Any]) -> str:
     cards = [("health", "Health"), ("uptime", "Uptime"), ("connections", "Connections"),
              ("rate", "Messages/s"), ("store", "Store use"), ("upstream-state", "Upstream link"),
              ("backlog", "Upstream backlog"), ("oldest", "Oldest unsent message"),
-             ("drain", "Time to drain")]
+             ("drain", "Time to drain"), ("clock", "Clock"), ("disk", "Disk")]
     dl = "".join(f"<div class=\"card\"><dt>{t}</dt><dd id=\"{i}\">…</dd></div>" for i, t in cards)
     return (f"<dl class=\"cards\">{dl}</dl>"
             "<h2>Messages per second</h2>"
@@ -98,7 +99,9 @@ def _overview(ctx: dict[str, Any]) -> str:
             "second, last 5 minutes\" preserveAspectRatio=\"none\"><polyline id=\"chart-line\" "
             "points=\"\"/></svg>"
             "<h2>Alerts</h2><ul id=\"alerts\"><li>checking…</li></ul>"
-            "<button type=\"button\" id=\"alerts-refresh\">Check again</button>")
+            "<div class=\"row\"><button type=\"button\" id=\"alerts-refresh\">Check again"
+            "</button><a href=\"/ui/bundle\" id=\"overview-bundle\" download>Download a support "
+            "bundle</a></div>")
 
 
 def _devices(ctx: dict[str, Any]) -> str:
@@ -131,14 +134,17 @@ def _device(ctx: dict[str, Any]) -> str:
         "<button type=\"submit\">Invoke</button></form><pre id=\"method-result\"></pre></section>"
         "<section><h2>Cloud-to-device message</h2><form id=\"c2d\" class=\"stack\">"
         "<label for=\"c2d-body\">Message</label><textarea id=\"c2d-body\" rows=\"2\"></textarea>"
-        "<button type=\"submit\">Send</button></form><p id=\"c2d-result\"></p></section>")
+        "<button type=\"submit\">Send</button></form><p id=\"c2d-result\"></p></section>"
+        "<section><h2>Remove</h2><button type=\"button\" id=\"device-delete\">Delete this "
+        "device</button></section>")
 
 
 def _sensors(ctx: dict[str, Any]) -> str:
     return (
         "<section id=\"modbus\"><h2>Modbus</h2>"
         "<div class=\"scroll\"><table id=\"buses\"><thead><tr><th scope=\"col\">Bus</th>"
-        "<th scope=\"col\">Link</th><th scope=\"col\">State</th></tr></thead><tbody></tbody>"
+        "<th scope=\"col\">Link</th><th scope=\"col\">State</th><th scope=\"col\">Remove"
+        "</th></tr></thead><tbody></tbody>"
         "</table></div><button type=\"button\" id=\"new-bus\">New bus</button>"
         "<form id=\"bus-form\" class=\"stack\" hidden><h3>New bus</h3>"
         + _field("bus-name", "Bus name", value="bus1", extra=" required")
@@ -146,10 +152,12 @@ def _sensors(ctx: dict[str, Any]) -> str:
         "<option value=\"tcp\">Modbus TCP (network address)</option>"
         "<option value=\"serial\">Serial port (RS-485 / RTU)</option></select>"
         "<div id=\"bus-tcp\" class=\"stack\">"
-        + _field("bus-host", "Host or IP address", extra=" autocomplete=\"off\"")
-        + _field("bus-port", "TCP port", value="502", kind="number")
+        + _field("bus-host", "Address: host or IP, with :port if not 502 (e.g. 10.0.0.5:5020)",
+                 extra=" autocomplete=\"off\" spellcheck=\"false\"")
         + "</div><div id=\"bus-serial\" class=\"stack\" hidden>"
         "<label for=\"bus-device\">Serial port</label><select id=\"bus-device\"></select>"
+        + _field("bus-path", "or a device path (e.g. /dev/ttyAMA0)",
+                 extra=" autocomplete=\"off\" spellcheck=\"false\"")
         + _field("bus-baud", "Baud rate", value="9600", kind="number")
         + "<label for=\"bus-parity\">Parity</label><select id=\"bus-parity\">"
         "<option value=\"N\">none</option><option value=\"E\">even</option>"
@@ -160,7 +168,16 @@ def _sensors(ctx: dict[str, Any]) -> str:
         + _field("scan-units", "Unit ids", value="1-10")
         + "<label for=\"scan-table\">Table</label><select id=\"scan-table\">"
         "<option value=\"holding\">holding</option><option value=\"input\">input</option></select>"
-        "<button type=\"submit\">Scan</button></form>"
+        "<fieldset id=\"scan-serial\" hidden><legend>Serial settings to try (a unit of "
+        "unknown settings: each one is scanned)</legend><div class=\"row\">"
+        + "".join(f"<label for=\"scan-baud-{b}\"><input type=\"checkbox\" id=\"scan-baud-{b}\" "
+                  f"class=\"scan-baud\" value=\"{b}\"> {b}</label>" for b in BAUDS)
+        + "</div><div class=\"row\">"
+        + "".join(f"<label for=\"scan-parity-{p}\"><input type=\"checkbox\" "
+                  f"id=\"scan-parity-{p}\" class=\"scan-parity\" value=\"{p}\"> {name}</label>"
+                  for p, name in PARITIES)
+        + "</div></fieldset>"
+        "<button type=\"submit\" id=\"scan-start\">Scan</button></form>"
         "<progress id=\"scan-progress\" max=\"100\" value=\"0\" hidden></progress>"
         "<p id=\"scan-text\" aria-live=\"polite\"></p><ul id=\"units\" class=\"choices\"></ul></div>"
         "<div id=\"unit-box\" hidden><h3>Unit <span id=\"unit-id\"></span></h3>"
@@ -211,6 +228,10 @@ def _sensors(ctx: dict[str, Any]) -> str:
         + "<button type=\"submit\">Add sensor</button></form></section>")
 
 
+BAUDS = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
+PARITIES = (("E", "parity even"), ("N", "parity none"), ("O", "parity odd"))
+
+
 def _routes(ctx: dict[str, Any]) -> str:
     return (
         "<section><h2>Routes</h2><div class=\"scroll\"><table id=\"routes\"><thead><tr>"
@@ -243,15 +264,48 @@ def _upstream(ctx: dict[str, Any]) -> str:
     return (
         f"<dl class=\"cards\">{dl}</dl>"
         "<section><h2>Set the parent</h2><form id=\"upstream-form\" class=\"stack\">"
+        "<label for=\"up-how\">How this gateway joins its parent</label>"
+        "<select id=\"up-how\"><option value=\"connstr\">Connection string</option>"
+        "<option value=\"dps-key\">Enrollment at a provisioning service (DPS): group key"
+        "</option><option value=\"dps-x509\">Enrollment at a provisioning service (DPS): "
+        "certificate</option><option value=\"x509\">X.509 certificate (device already "
+        "created at the parent)</option></select>"
+        "<div id=\"up-g-connstr\" class=\"stack\">"
         "<label for=\"up-connstr\">Connection string (HostName=...;DeviceId=...;"
-        "SharedAccessKey=...)</label><textarea id=\"up-connstr\" rows=\"3\" required "
-        "autocomplete=\"off\" spellcheck=\"false\"></textarea>"
+        "SharedAccessKey=...)</label><textarea id=\"up-connstr\" rows=\"3\" "
+        "autocomplete=\"off\" spellcheck=\"false\"></textarea></div>"
+        "<div id=\"up-g-dps\" class=\"stack\" hidden>"
+        + _field("up-scope", "ID scope", extra=" autocomplete=\"off\" spellcheck=\"false\"")
+        + _field("up-dps-host", "Provisioning service address (e.g. "
+                 "global.azure-devices-provisioning.net)", extra=" autocomplete=\"off\"")
+        + _field("up-dps-port", "Provisioning service port (optional, 8883)", kind="number")
+        + _field("up-regid", "Registration id (a certificate's common name if empty)",
+                 value=_registration_id(ctx), extra=" autocomplete=\"off\"")
+        + "</div><div id=\"up-g-groupkey\" class=\"stack\" hidden>"
+        + _field("up-group-key", "Enrollment group key (base64)", kind="password",
+                 extra=" autocomplete=\"off\"")
+        + "</div><div id=\"up-g-hub\" class=\"stack\" hidden>"
+        + _field("up-hub", "Parent's host name (HostName)", extra=" autocomplete=\"off\"")
+        + _field("up-device", "Our device id at the parent", extra=" autocomplete=\"off\"")
+        + "</div><div id=\"up-g-cert\" class=\"stack\" hidden>"
+        + _field("up-cert", "Certificate file on the gateway (PEM)", extra=" autocomplete=\"off\"")
+        + _field("up-key", "Its private key file on the gateway (PEM)",
+                 extra=" autocomplete=\"off\"")
+        + "</div>"
         + _field("up-host", "Address to dial (optional)")
         + _field("up-port", "Port (optional, 8883)", kind="number")
         + _field("up-ca", "CA file on the gateway (optional)")
-        + "<button type=\"submit\">Save</button></form></section>"
+        + "<div class=\"row\"><button type=\"submit\" id=\"up-save\">Save</button>"
+        "<button type=\"button\" id=\"up-clear\">Remove the upstream link</button></div>"
+        "</form></section>"
         "<section><h2>Test the link</h2><button type=\"button\" id=\"up-test\">Test step by step"
         "</button><ol id=\"up-steps\"></ol></section>")
+
+
+def _registration_id(ctx: dict[str, Any]) -> str:
+    """The gateway's own name, when it is a valid registration id (lower case, ref §12.1)."""
+    name = str(ctx.get("gateway", "")).lower()
+    return name if re.fullmatch(r"[a-z0-9]([a-z0-9:._-]{0,126}[a-z0-9])?", name) else ""
 
 
 def _logs(ctx: dict[str, Any]) -> str:
@@ -273,7 +327,21 @@ def _system(ctx: dict[str, Any]) -> str:
     dl = "".join(f"<div class=\"card\"><dt>{t}</dt><dd id=\"{i}\">…</dd></div>" for i, t in rows)
     return (f"<dl class=\"cards\">{dl}</dl>"
             "<p><a href=\"/ui/bundle\" id=\"bundle\" download>Download a support bundle</a></p>"
-            "<button type=\"button\" id=\"restart\">Restart the hub</button>")
+            "<button type=\"button\" id=\"restart\">Restart the hub</button>"
+            "<section><h2>Admin password</h2><form id=\"password-form\" class=\"stack\">"
+            + _field("pw-current", "Current password", kind="password",
+                     extra=" autocomplete=\"current-password\" required")
+            + _field("pw-new", "New password (at least 8 characters)", kind="password",
+                     extra=" autocomplete=\"new-password\" required minlength=\"8\"")
+            + _field("pw-again", "New password again", kind="password",
+                     extra=" autocomplete=\"new-password\" required minlength=\"8\"")
+            + "<button type=\"submit\" id=\"pw-save\">Change the password</button>"
+            "<p>Changing it logs out every other session.</p></form></section>"
+            "<section><h2>Open sessions</h2><div class=\"scroll\"><table id=\"sessions\">"
+            "<thead><tr><th scope=\"col\">Session</th><th scope=\"col\">From</th>"
+            "<th scope=\"col\">Logged in</th><th scope=\"col\">Last seen</th></tr></thead>"
+            "<tbody></tbody></table></div><button type=\"button\" id=\"end-others\">"
+            "Log out everywhere else</button></section>")
 
 
 _BODIES = {"overview": _overview, "devices": _devices, "device": _device, "sensors": _sensors,

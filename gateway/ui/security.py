@@ -9,6 +9,7 @@ file nobody logs in.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import os
@@ -104,6 +105,20 @@ class Session:
     csrf: str
     created: float
     seen: float
+    stamp: str = ""  # which password it logged in with (:func:`password_stamp`)
+    address: str = ""
+
+    @property
+    def public_id(self) -> str:
+        """A name for the session list that does not give its cookie away."""
+        return hashlib.sha256(self.sid.encode()).hexdigest()[:12]
+
+
+def password_stamp(stored_hash: str | None) -> str:
+    """What ties a session to the password it logged in with: when ``admin.json`` changes
+    (``gateway admin set-password``, the System screen), every session of the old password
+    ends at its next request (log out everywhere)."""
+    return hashlib.sha256((stored_hash or "").encode()).hexdigest()
 
 
 @dataclass
@@ -115,23 +130,40 @@ class Sessions:
     max_sessions: int = 64
     _by_id: dict[str, Session] = field(default_factory=dict)
 
-    def create(self, user: str, now: float) -> Session:
+    def create(self, user: str, now: float, *, stamp: str = "", address: str = "") -> Session:
         self._expire(now)
         while len(self._by_id) >= self.max_sessions:  # the oldest goes
             self._by_id.pop(min(self._by_id.values(), key=lambda s: s.seen).sid)
-        session = Session(secrets.token_urlsafe(32), user, secrets.token_urlsafe(32), now, now)
+        session = Session(secrets.token_urlsafe(32), user, secrets.token_urlsafe(32), now, now,
+                          stamp=stamp, address=address)
         self._by_id[session.sid] = session
         return session
 
-    def get(self, sid: str | None, now: float) -> Session | None:
+    def get(self, sid: str | None, now: float, *, stamp: str | None = None) -> Session | None:
+        """The live session of ``sid``; with ``stamp`` (the password in force), a session of
+        another password ends here."""
         if not sid:
             return None
         self._expire(now)
         session = self._by_id.get(sid)
         if session is None:
             return None
+        if stamp is not None and not hmac.compare_digest(session.stamp, stamp):
+            del self._by_id[sid]
+            return None
         session.seen = now
         return session
+
+    def all(self, now: float) -> list[Session]:
+        self._expire(now)
+        return sorted(self._by_id.values(), key=lambda s: s.created)
+
+    def end_others(self, keep: str) -> int:
+        """End every session but ``keep``; how many ended."""
+        others = [sid for sid in self._by_id if sid != keep]
+        for sid in others:
+            del self._by_id[sid]
+        return len(others)
 
     def end(self, sid: str | None) -> None:
         if sid:

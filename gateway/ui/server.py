@@ -34,7 +34,7 @@ from yarl import URL
 
 from gateway import __version__
 from gateway.api.errors import error_middleware
-from gateway.errors import ForbiddenError, InvalidRequestError, NotFoundError
+from gateway.errors import ConfigError, ForbiddenError, InvalidRequestError, NotFoundError
 from gateway.hub.sas import generate_sas_token
 from gateway.ui import pages
 from gateway.ui.logbuf import RingHandler
@@ -45,7 +45,9 @@ from gateway.ui.security import (
     Sessions,
     check_password,
     csrf_ok,
+    password_stamp,
     read_admin,
+    write_admin,
 )
 
 if TYPE_CHECKING:
@@ -112,6 +114,8 @@ class UiServer:
         add("POST", "/ui/upstream-test", self.upstream_test)
         add("GET", "/ui/bundle", self.bundle)
         add("POST", "/ui/restart", self.restart_hub)
+        add("POST", "/ui/password", self.change_password)
+        add("POST", "/ui/sessions/end-others", self.end_other_sessions)
 
     # -- sessions and guards -------------------------------------------------------------
 
@@ -120,7 +124,10 @@ class UiServer:
         return str(peer[0]) if peer else "?"
 
     def _session(self, request: web.Request) -> Session | None:
-        return self.sessions.get(request.cookies.get(COOKIE), self.clock())
+        """The request's session, if it is live and of the password in force (a password
+        changed since it logged in ends it: log out everywhere)."""
+        return self.sessions.get(request.cookies.get(COOKIE), self.clock(),
+                                 stamp=password_stamp(read_admin(self.data_dir)))
 
     def _same_origin(self, request: web.Request) -> bool:
         origin = request.headers.get("Origin")
@@ -200,7 +207,8 @@ class UiServer:
         self.limiter.succeeded(address)
         old = request.cookies.get(COOKIE)
         self.sessions.end(old)  # a fresh id at every login (no session fixation)
-        session = self.sessions.create(ADMIN_USER, now)
+        session = self.sessions.create(ADMIN_USER, now, address=address,
+                                       stamp=password_stamp(read_admin(self.data_dir)))
         log.info("ui login user=%s address=%s", ADMIN_USER, address)
         target = str(form.get("next") or "/")
         if not target.startswith("/") or target.startswith("//"):
@@ -278,8 +286,15 @@ class UiServer:
             data = self.system()
         elif what == "alerts":
             data = await self.alerts(force=request.query.get("refresh") == "1")
+        elif what == "checks":
+            data = await self.checks(force=request.query.get("refresh") == "1")
         elif what == "overview":
             data = self.overview()
+        elif what == "sessions":
+            mine = self._session(request)
+            data = [{"id": x.public_id, "user": x.user, "address": x.address,
+                     "created": x.created, "seen": x.seen, "current": x is mine}
+                    for x in self.sessions.all(self.clock())]
         else:
             raise NotFoundError(f"no information {what!r}")
         return web.json_response(data, headers=HEADERS)
@@ -321,6 +336,10 @@ class UiServer:
 
     async def alerts(self, force: bool = False) -> list[dict[str, str]]:
         """Warnings and failures of ``gateway doctor`` (run at most once a minute)."""
+        return [f for f in await self.checks(force) if f["status"] in ("warn", "fail")]
+
+    async def checks(self, force: bool = False) -> list[dict[str, str]]:
+        """Every finding of ``gateway doctor`` (the Overview's clock and disk cards)."""
         if force or self.clock() - self._alerts_at > 60:
             self._alerts_at = self.clock()
             self._alerts = await asyncio.to_thread(self._doctor)
@@ -333,12 +352,8 @@ class UiServer:
             findings = run_checks(self._doctor_context())
         except Exception as exc:  # the doctor's own trouble is an alert, not a crash
             return [{"check": "doctor", "status": "fail", "message": str(exc), "hint": ""}]
-        out = []
-        for f in findings:
-            if f.status in ("warn", "fail"):
-                out.append({"check": f.check, "status": f.status, "message": f.message,
-                            "hint": f.hint})
-        return out
+        return [{"check": f.check, "status": f.status, "message": f.message, "hint": f.hint}
+                for f in findings]
 
     def _doctor_context(self) -> Any:
         from gateway.cli_doctor import _upstream_target
@@ -354,8 +369,11 @@ class UiServer:
     async def stream(self, request: web.Request) -> web.StreamResponse:
         self.guard(request)
         what = request.match_info["what"]
-        if what not in ("overview", "logs", "telemetry", "devices", "ble"):
+        if what not in ("overview", "logs", "telemetry", "devices", "ble", "buses"):
             raise NotFoundError(f"no stream {what!r}")
+        if what == "buses" and request.query.get("module") not in {
+                m.name for m in self.config.modules if m.bridge == "modbus"}:
+            raise NotFoundError("no such Modbus bridge module")
         response = web.StreamResponse(headers={
             **HEADERS, "Content-Type": "text/event-stream", "X-Accel-Buffering": "no"})
         await response.prepare(request)
@@ -368,6 +386,8 @@ class UiServer:
                 await self._stream_devices(response)
             elif what == "ble":
                 await self._stream_ble(response)
+            elif what == "buses":
+                await self._stream_buses(request, response)
             else:
                 await self._stream_telemetry(request, response)
         except (ConnectionResetError, asyncio.CancelledError):
@@ -413,6 +433,29 @@ class UiServer:
                 status, payload = 503, {"error": str(exc)}
             await self._send(response, {"status": status, "payload": payload})
             await asyncio.sleep(2.0)
+
+    async def _stream_buses(self, request: web.Request, response: web.StreamResponse) -> None:
+        """The Modbus bridge's buses: desired settings and reported state, on each change."""
+        module = request.query.get("module", "")
+        last: Any = None
+        from gateway.errors import GatewayError
+
+        while True:
+            try:
+                doc = (await self.api.hub.twins.twin(self.gateway_id, module)).document()
+            except GatewayError:  # the module's identity is not there (yet)
+                doc = {}
+            props = doc.get("properties", {})
+            status = (props.get("reported", {}).get("status") or {})
+            data = {"desired": props.get("desired", {}).get("buses") or {},
+                    "devices": props.get("desired", {}).get("devices") or {},
+                    "status": status.get("buses") or {} if isinstance(status, dict) else {}}
+            if data != last:
+                await self._send(response, data)
+                last = data
+            else:
+                await response.write(b": keep-alive\n\n")
+            await asyncio.sleep(1.0)
 
     async def _stream_logs(self, request: web.Request, response: web.StreamResponse) -> None:
         q = request.query
@@ -502,6 +545,44 @@ class UiServer:
         self.action(request, session, "restart")
         asyncio.get_running_loop().call_later(0.5, self.restart)  # after this answer went out
         return web.json_response({"restarting": True}, headers=HEADERS)
+
+
+    async def change_password(self, request: web.Request) -> web.StreamResponse:
+        """``{"current", "new"}``: set a new admin password; every other session ends."""
+        session = self.guard(request)
+        address, now = self._address(request), self.clock()
+        wait = self.limiter.blocked(address, now)
+        if wait > 0:
+            log.warning("ui password change refused address=%s reason=rate-limited", address)
+            raise web.HTTPTooManyRequests(text=f"Too many wrong passwords: try again in "
+                                               f"{int(wait) + 1} s")
+        try:
+            body = await request.json()
+        except ValueError:
+            raise InvalidRequestError("the body must be JSON") from None
+        current, new = (body.get("current"), body.get("new")) if isinstance(body, dict) \
+            else (None, None)
+        if not isinstance(current, str) or not isinstance(new, str):
+            raise InvalidRequestError("give the current and the new password")
+        if not await asyncio.to_thread(check_password, self.data_dir, current):
+            self.limiter.failed(address, now)
+            log.warning("ui password change refused user=%s address=%s reason=wrong-password",
+                        session.user, address)
+            raise web.HTTPForbidden(text="the current password is wrong: nothing changed")
+        try:
+            await asyncio.to_thread(write_admin, self.data_dir, new)
+        except ConfigError as exc:
+            raise InvalidRequestError(str(exc)) from None
+        session.stamp = password_stamp(read_admin(self.data_dir))
+        ended = self.sessions.end_others(session.sid)
+        self.action(request, session, f"password change (ended {ended} other sessions)")
+        return web.json_response({"ended": ended}, headers=HEADERS)
+
+    async def end_other_sessions(self, request: web.Request) -> web.StreamResponse:
+        session = self.guard(request)
+        ended = self.sessions.end_others(session.sid)
+        self.action(request, session, f"log out everywhere else (ended {ended} sessions)")
+        return web.json_response({"ended": ended}, headers=HEADERS)
 
 
 def reexec() -> None:

@@ -1,7 +1,9 @@
 """Service API routes of the upstream link (what ``gateway upstream`` calls)::
 
     GET    /upstream          the settings in force, key redacted (null: none)
-    PUT    /upstream          set them (connectionString | x509+hub+device; caFile, host, port)
+    PUT    /upstream          set them (connectionString | x509+hub+device | enrollment: the
+                              gateway registers at a provisioning service first; caFile, host,
+                              port)
     DELETE /upstream          clear them
     GET    /upstream/status   the status object (README "Connect to a parent hub")
 """
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from gateway.errors import ConfigError, InvalidRequestError
+from gateway.upstream import enroll
 from gateway.upstream import settings as link_settings
 from gateway.upstream.service import Upstream
 
@@ -38,6 +41,9 @@ def add_upstream_routes(api: ServiceApi, upstream: Upstream) -> None:
             raise InvalidRequestError("the body must be JSON") from None
         if not isinstance(body, dict):
             raise InvalidRequestError("the body must be a JSON object")
+        if "enrollment" in body:  # gateway/upstream/enroll.py: register, then use the answer
+            await upstream.set(await enroll.from_request(body, upstream.data_dir))
+            return _json(upstream.show())
         try:
             settings = link_settings.from_request(body)
         except ConfigError as exc:

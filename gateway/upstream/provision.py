@@ -43,13 +43,18 @@ def _parse_response(topic: str) -> tuple[int, dict[str, str]]:
 
 
 async def register(*, host: str, port: int, ca_file: str | None, id_scope: str,
-                   registration_id: str, key: str, timeout: float = 60.0) -> dict[str, Any]:
+                   registration_id: str, key: str | None, timeout: float = 60.0,
+                   cert_file: str | None = None, key_file: str | None = None) -> dict[str, Any]:
     """Register ``registration_id`` and poll until the operation ends; returns the final
-    ``registrationState``. Raises UpstreamError when the service refuses or fails it."""
+    ``registrationState``. Raises UpstreamError when the service refuses or fails it.
+    ``key`` signs a SAS token (symmetric-key attestation); without it the TLS client
+    certificate ``cert_file``/``key_file`` attests (X.509, CN = registration id, ref §12)."""
     tls = ssl.create_default_context(cafile=ca_file or None)
     tls.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert_file:
+        tls.load_cert_chain(cert_file, key_file or None)
     token = generate_sas_token(dps.token_resource(id_scope, registration_id), key,
-                               int(time.time()) + 3600)
+                               int(time.time()) + 3600) if key else None
     username = (f"{id_scope}/registrations/{registration_id}/api-version={API_VERSION}"
                 f"&ClientVersion={quote('edge-gateway/0.1', safe='')}")
     import aiomqtt  # here, not at start: most hubs never provision at a parent
@@ -93,6 +98,15 @@ def pending(data_dir: Path) -> dict[str, Any] | None:
     return None if not isinstance(state, dict) or state.get("registered") else state
 
 
+def save_state(data_dir: Path, state: dict[str, Any]) -> None:
+    """Write ``provisioning.json`` (atomically, 0600)."""
+    tmp = data_dir / (STATE_FILE + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(state, fh, indent=2)
+    os.replace(tmp, data_dir / STATE_FILE)
+
+
 async def provision_until_done(data_dir: Path, cfg: UpstreamConfig, *,
                                minimum: float = 2.0, maximum: float = 300.0) -> None:
     """Register once (with jittered backoff while the parent cannot be reached)."""
@@ -126,11 +140,7 @@ async def provision_until_done(data_dir: Path, cfg: UpstreamConfig, *,
         if result.get("assignedHub") and result["assignedHub"] != cs.host_name:
             log.warning("provisioned to %s, but the upstream connection string names %s",
                         result["assignedHub"], cs.host_name)
-        tmp = data_dir / (STATE_FILE + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(state, fh, indent=2)
-        os.replace(tmp, data_dir / STATE_FILE)
+        save_state(data_dir, state)
         log.info("provisioned at the parent registration_id=%s assigned_hub=%s",
                  result.get("registrationId"), result.get("assignedHub"))
         return

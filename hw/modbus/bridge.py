@@ -17,7 +17,10 @@ Direct methods (IoT Hub ref §5: JSON in, ``(status, JSON)`` out):
   when ``interpret`` (what ``gateway modbus probe`` prints, without stopping the bridge).
 * ``scan`` ``{"bus", "units": "1-247", "address": 0, "table": "holding", "seconds": 240}``:
   the unit ids that answer (``gateway modbus scan`` on the live bus; polling goes on between
-  its requests, which do not count in the circuit breakers).
+  its requests, which do not count in the circuit breakers). On a serial bus, ``baud`` and
+  ``parity`` scan at another setting than the bus's (a unit of unknown settings): the bus
+  stops polling meanwhile, the port is opened at that setting, and the bus is restarted at
+  its own settings afterwards; the answer names the setting.
 * 200 done; 400 bad payload; 403 not writable; 404 no such bus; 502 the unit answered with a Modbus
   exception (``exception_code`` in the payload); 503 the bus is down or busy; 504 no answer.
 """
@@ -29,6 +32,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -77,6 +81,7 @@ class ModbusBridge:
         self._out: asyncio.Queue[Batch] = asyncio.Queue(queue_size)
         self._runners: dict[str, BusRunner] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._sweeping: set[str] = set()  # buses whose port a scan at other settings holds
         self._methods: dict[str, Method] = {"write_register": self._write_register,
                                             "write_coil": self._write_coil,
                                             "read_registers": self._read_registers,
@@ -157,6 +162,8 @@ class ModbusBridge:
             if self._runners[name].config != config.buses.get(name):
                 await self._stop(name)
         for name, bus in config.buses.items():
+            if name in self._sweeping:
+                continue  # restarted when that scan ends
             devices = config.devices_on(name)
             writes = {d: w for d, w in config.writes.items() if config.devices[d].bus == name}
             runner = self._runners.get(name)
@@ -292,7 +299,8 @@ class ModbusBridge:
         try:
             if not isinstance(payload, Mapping):
                 raise ConfigError("payload must be an object")
-            unknown = set(payload) - {"bus", "units", "address", "table", "seconds"}
+            unknown = set(payload) - {"bus", "units", "address", "table", "seconds", "baud",
+                                      "parity"}
             if unknown:
                 raise ConfigError("unknown key", path=min(unknown))
             runner = self._runner(payload)
@@ -312,9 +320,13 @@ class ModbusBridge:
                     or not 0 < seconds <= 290:
                 raise ConfigError("must be 0..290 (a method answers within 300 s)",
                                   path="seconds")
+            trial = _serial_setting(runner.config.link, payload)
         except (ConfigError, LookupError) as exc:
             return _refused(exc)
         where = {"bus": runner.config.name, "table": str(table), "address": address}
+        if trial is not None:
+            return await self._scan_at(runner, trial, units, table=table, address=address,
+                                       deadline=time.monotonic() + seconds, where=where)
         try:
             answers, asked = await scan_units(
                 lambda unit: runner.read(unit, table, address, 1), units, table=table,
@@ -324,6 +336,53 @@ class ModbusBridge:
         return 200, {**where, "asked": asked, "complete": asked == len(units),
                      "answered": [{"unit": a.unit, "kind": a.kind, "detail": a.detail}
                                   for a in answers]}
+
+
+    async def _scan_at(self, runner: BusRunner, link: SerialLink, units: list[int], *,
+                       table: Table, address: int, deadline: float,
+                       where: dict[str, Any]) -> tuple[int, Any]:
+        """Scan with the bus's port opened at ``link``'s baud rate and parity (the bus's runner
+        is stopped meanwhile: one owner of the line at a time), then restart the bus."""
+        name = runner.config.name
+        where = {**where, "baud": link.baud, "parity": link.parity}
+        if name in self._sweeping:
+            return 503, {**where, "error": "another scan at other settings holds this bus"}
+        self._sweeping.add(name)
+        try:
+            if name in self._tasks:
+                await self._stop(name)
+            transport = Transport(link, timeout=min(runner.config.timeout, 0.5),
+                                  max_no_responses=1_000_000)
+            try:
+                await transport.connect()
+                answers, asked = await scan_units(
+                    lambda unit: transport.read(table, unit, address, 1), units, table=table,
+                    address=address, deadline=deadline)
+            except LinkError as exc:
+                return 503, {**where, "error": str(exc)}
+            finally:
+                transport.close()
+        finally:
+            self._sweeping.discard(name)
+            self._changed.set()  # the bus runs again at its own settings
+        return 200, {**where, "asked": asked, "complete": asked == len(units),
+                     "answered": [{"unit": a.unit, "kind": a.kind, "detail": a.detail}
+                                  for a in answers]}
+
+
+def _serial_setting(link: Any, payload: Mapping[str, Any]) -> SerialLink | None:
+    """The serial setting a scan asks for, when it differs from the bus's own (else None)."""
+    if "baud" not in payload and "parity" not in payload:
+        return None
+    if not isinstance(link, SerialLink):
+        raise ConfigError("only a serial bus has a baud rate and parity", path="baud")
+    baud, parity = payload.get("baud", link.baud), payload.get("parity", link.parity)
+    if isinstance(baud, bool) or not isinstance(baud, int) or not 300 <= baud <= 4_000_000:
+        raise ConfigError("must be an integer 300..4000000", path="baud")
+    if parity not in ("N", "E", "O"):
+        raise ConfigError("must be N, E or O", path="parity")
+    trial = replace(link, baud=baud, parity=parity)
+    return None if trial == link else trial
 
 
 def _table(value: Any) -> Table:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Self
 
-from pymodbus.server import ModbusTcpServer
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType as SimType
 from pymodbus.simulator import SimData, SimDevice
 
@@ -65,29 +65,35 @@ def _device(unit: int, profile: Profile) -> SimDevice:
 
 
 class SimulatedMeter:
-    """``async with SimulatedMeter("eastron-sdm120", port=...) as meter`` serves on loopback;
-    :meth:`run` refreshes the values every ``period`` seconds."""
+    """``async with SimulatedMeter("eastron-sdm120", port=...) as meter`` serves on loopback
+    (Modbus TCP), or over RTU on the serial device ``serial`` at ``baud``; :meth:`run`
+    refreshes the values every ``period`` seconds."""
 
     def __init__(self, profile: str = "eastron-sdm120", *, unit: int = 1, port: int = 0,
                  values: Callable[[float, random.Random], Mapping[str, float]] = meter_values,
-                 seed: int = 7) -> None:
+                 seed: int = 7, serial: str = "", baud: int = 9600) -> None:
         self.profile = ProfileLibrary()(profile)
         self.unit = unit
         self.port = port
         self._values = values
         self._rng = random.Random(seed)
-        self.server: ModbusTcpServer | None = None
+        self.serial, self.baud = serial, baud
+        self.server: ModbusTcpServer | ModbusSerialServer | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
-        if not self.port:
-            import socket
+        if self.serial:
+            self.server = ModbusSerialServer([_device(self.unit, self.profile)],
+                                             port=self.serial, baudrate=self.baud)
+        else:
+            if not self.port:
+                import socket
 
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                self.port = int(s.getsockname()[1])
-        self.server = ModbusTcpServer([_device(self.unit, self.profile)],
-                                      address=("127.0.0.1", self.port))
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    self.port = int(s.getsockname()[1])
+            self.server = ModbusTcpServer([_device(self.unit, self.profile)],
+                                          address=("127.0.0.1", self.port))
         self._task = asyncio.get_running_loop().create_task(self.server.serve_forever())
         await asyncio.sleep(0.1)
         await self.update()

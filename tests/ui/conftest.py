@@ -20,7 +20,7 @@ import pytest       # at the end of the run, where CPython 3.11.7 then fails its
 
 from tests.hubproc import REPO, HubProcess
 
-ADDRESS = "127.0.9.70"
+ADDRESS = "127.0.25.70"
 PASSWORD = "correct horse battery"
 ARTIFACTS = Path(os.environ.get("UI_ARTIFACTS", REPO / "tests" / "artifacts" / "ui"))
 SIZES = {"desktop": (1280, 800), "phone": (390, 844)}

@@ -120,3 +120,71 @@ def test_login_rate_limited(tmp_path: Path) -> None:
         assert "ui login refused" in hub.log_text()
     finally:
         hub.stop()
+
+
+def _login(url: str, password: str) -> str:
+    """A second session, as another browser would open it: its cookie."""
+    status, _, headers = _http(url + "/ui/login", method="POST",
+                               data=f"password={password.replace(' ', '+')}".encode(),
+                               headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 303, status
+    return str(headers["Set-Cookie"]).split(";")[0]
+
+
+def test_password_change_logs_out_everywhere(tmp_path: Path, browser: Any,
+                                             artifacts: Path) -> None:
+    from tests.ui.conftest import PASSWORD
+
+    hub = start_hub(tmp_path)
+    try:
+        url = base_url(hub)
+        other = _login(url, PASSWORD)  # e.g. a laptop left logged in
+        login(browser, url)
+        until(lambda: by_id(browser, "uptime").text not in ("", "…"), what="overview live")
+        browser.get(url + "/ui/system")
+        rows = until(lambda: browser.find_elements("css selector", "#sessions tbody tr"), 30,
+                     "session list")
+        assert len(rows) == 2 and sum("(this one)" in r.text for r in rows) == 1
+        assert all("127.0.0.1" in r.text or "127.0.25." in r.text for r in rows)  # from
+        shots(browser, artifacts, "system-sessions")
+        # A wrong current password changes nothing.
+        by_id(browser, "pw-current").send_keys("not it at all")
+        by_id(browser, "pw-new").send_keys("a new long password")
+        by_id(browser, "pw-again").send_keys("a new long password")
+        by_id(browser, "pw-save").click()
+        until(lambda: "current password is wrong" in by_id(browser, "status").text, 30,
+              "refused")
+        browser.get_log("browser")  # that 403 was expected
+        assert _http(url + "/ui/api/devices", headers={"Cookie": other})[0] == 200
+        for id_, text in (("pw-current", PASSWORD), ("pw-new", "a new long password"),
+                          ("pw-again", "a new long password")):
+            by_id(browser, id_).clear()
+            by_id(browser, id_).send_keys(text)
+        by_id(browser, "pw-save").click()
+        until(lambda: "password changed; 1 other session(s) logged out"
+              in by_id(browser, "status").text, 60, "changed")
+        assert _http(url + "/ui/api/devices", headers={"Cookie": other})[0] == 401
+        assert len(browser.find_elements("css selector", "#sessions tbody tr")) == 1
+        browser.get(url + "/ui/system")  # this session goes on
+        until(lambda: by_id(browser, "sys-version").text not in ("", "…"), what="still in")
+        assert "password change (ended 1 other sessions)" in hub.log_text()
+        assert console_errors(browser) == []
+        # The old password no longer logs in; the new one does. "Log out everywhere else".
+        status, _, _ = _http(url + "/ui/login", method="POST",
+                             data=f"password={PASSWORD.replace(' ', '+')}".encode(),
+                             headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert status == 401
+        third = _login(url, "a new long password")
+        browser.get(url + "/ui/system")
+        until(lambda: len(browser.find_elements("css selector", "#sessions tbody tr")) == 2,
+              30, "two sessions")
+        by_id(browser, "end-others").click()
+        until(lambda: "1 other session(s) logged out" in by_id(browser, "status").text, 30,
+              "ended")
+        assert _http(url + "/ui/api/devices", headers={"Cookie": third})[0] == 401
+        # Set on the gateway's console: every session ends, this browser's too.
+        assert set_password(hub.data_dir, "yet another password").returncode == 0
+        browser.get(url + "/ui/system")
+        until(lambda: "/ui/login" in browser.current_url, 30, "logged out by set-password")
+    finally:
+        hub.stop()

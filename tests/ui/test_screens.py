@@ -35,6 +35,10 @@ def test_every_screen_loads_clean(tmp_path: Path, browser: Any, artifacts: Path)
             if path == "/":
                 until(lambda: by_id(browser, "rate").text not in ("", "…"), what="rate")
                 until(lambda: "checking" not in by_id(browser, "alerts").text, 60, "alerts")
+                # gateway doctor's clock (time sync) and disk findings have cards of their own
+                assert "free of" in by_id(browser, "disk").text
+                assert any(w in by_id(browser, "clock").text for w in (
+                    "synchronized", "cannot tell", "cannot be right")), by_id(browser, "clock").text
             if path == "/ui/system":
                 until(lambda: by_id(browser, "sys-disk").text != "…", what="system info")
             if path == "/ui/logs":
@@ -149,6 +153,12 @@ def test_create_device_copy_connection_string(tmp_path: Path, browser: Any,
         browser.get_log("browser")  # the method's 404 above was expected
         assert "ui action user=admin" in hub.log_text()
         assert "POST /devices/pump-7/messages/deviceBound" in hub.log_text()
+        # A device made by mistake goes again (confirmed), and the list no longer has it.
+        by_id(browser, "device-delete").click()
+        browser.switch_to.alert.accept()
+        until(lambda: browser.current_url.endswith("/ui/devices"), 30, "back to the list")
+        assert hub.cli("device", "show", "pump-7", check=False).returncode != 0
+        assert console_errors(browser) == []
     finally:
         hub.stop()
 

@@ -12,6 +12,7 @@ from gateway.ui.security import (
     Sessions,
     check_password,
     csrf_ok,
+    password_stamp,
     read_admin,
     write_admin,
 )
@@ -72,3 +73,18 @@ def test_admin_file(tmp_path: Path) -> None:
     assert read_admin(tmp_path) is None  # an unknown scheme is no password at all
     (tmp_path / "admin.json").write_text("not json")
     assert read_admin(tmp_path) is None
+
+
+def test_a_new_password_ends_the_sessions_of_the_old_one() -> None:
+    sessions = Sessions()
+    old, new = password_stamp("$scrypt$old"), password_stamp("$scrypt$new")
+    a = sessions.create("admin", 0.0, stamp=old, address="10.0.0.2")
+    b = sessions.create("admin", 1.0, stamp=old, address="10.0.0.3")
+    assert sessions.get(a.sid, 2.0, stamp=old) is a
+    assert sessions.get(a.sid, 3.0, stamp=new) is None  # the password changed: gone for good
+    assert sessions.get(a.sid, 4.0, stamp=old) is None
+    assert [s.address for s in sessions.all(5.0)] == ["10.0.0.3"]
+    c = sessions.create("admin", 6.0, stamp=new)
+    assert sessions.end_others(c.sid) == 1 and sessions.get(b.sid, 7.0) is None
+    assert sessions.all(8.0) == [c] and c.public_id not in c.sid and len(c.public_id) == 12
+    assert password_stamp(None) != old

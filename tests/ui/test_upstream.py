@@ -21,7 +21,7 @@ from tests.hubproc import HubProcess, create_device
 from tests.ui.conftest import ADDRESS, base_url, start_hub
 from tests.ui.ui import by_id, console_errors, login, shots, until
 
-PARENT = "127.0.9.71"
+PARENT = "127.0.25.71"
 T = TypeVar("T")
 CHILD_CONFIG = ("[upstream]\nreconnect_min = 0.05\nreconnect_max = 0.5\nkeepalive = 5\n"
                 "ack_timeout = 5.0\nstatus_interval = 1.0\n")

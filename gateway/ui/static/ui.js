@@ -124,7 +124,17 @@
       $("drain").textContent = up ? (function (t) { return t === Infinity ? "not draining" : duration(t); })(drain(up)) : "–";
     });
     const alerts = guard(async (ev) => {
-      const list = await call("GET", "/ui/info/alerts" + (ev ? "?refresh=1" : ""));
+      const all = await call("GET", "/ui/info/checks" + (ev ? "?refresh=1" : ""));
+      // The clock (time sync) and disk cards: what gateway doctor says of them.
+      [["clock", "clock"], ["disk", "disk"]].forEach(([id, check]) => {
+        const f = all.find((x) => x.check === check);
+        const dd = $(id);
+        if (!f) { dd.textContent = "–"; return; }
+        dd.textContent = (check === "clock" ? f.message.replace(/^[0-9-]+ [0-9:]+ UTC(, |; )?/, "") || f.message : f.message.replace(/ under .*$/, ""));
+        dd.className = f.status === "ok" ? "" : f.status === "warn" ? "warn" : "error";
+        dd.title = f.hint || "";
+      });
+      const list = all.filter((x) => x.status === "warn" || x.status === "fail");
       const ul = $("alerts"); ul.textContent = "";
       if (!list.length) ul.appendChild(el("li", "No alerts: every check passed."));
       list.forEach((a) => {
@@ -198,6 +208,11 @@
         $("method-result").textContent = JSON.stringify(r, null, 2);
       } catch (e) { $("method-result").textContent = e.message; }
     }));
+    $("device-delete").addEventListener("click", guard(async () => {
+      if (!window.confirm("Delete device " + id + "? Its identity, keys and twin are gone for good.")) return;
+      await call("DELETE", "/devices/" + encodeURIComponent(id));
+      window.location.href = "/ui/devices";
+    }));
     $("c2d").addEventListener("submit", guard(async () => {
       const r = await call("POST", "/devices/" + encodeURIComponent(id) + "/messages/deviceBound", { body: $("c2d-body").value });
       $("c2d-result").textContent = "queued " + r.messageId + " (" + r.pending + " pending)";
@@ -212,52 +227,84 @@
     let bus = null, unit = null;
     let profileList = [];
 
-    const loadBuses = guard(async () => {
-      if (!mod) { $("modbus").hidden = true; if (!body.dataset.moduleBle && !body.dataset.moduleSerial) say("no sensor bridge is configured: add [modules.modbus] bridge = \"modbus\" (or serial, ble) to gateway.toml", true); return; }
-      const t = await call("GET", modTwin);
-      const buses = (t.properties.desired || {}).buses || {};
-      const status = (((t.properties.reported || {}).status || {}).buses) || {};
+    let busSpecs = {};
+    const setting = (b, p) => b + " 8" + p + "1";
+    const showBuses = (d) => {
+      busSpecs = d.desired || {};
+      const status = d.status || {};
       const tbody = document.querySelector("#buses tbody"); tbody.textContent = "";
-      Object.keys(buses).forEach((name) => {
-        const b = buses[name] || {};
-        const link = b.tcp ? "tcp " + b.tcp.host + ":" + (b.tcp.port || 502) : b.serial ? b.serial.port + " @" + (b.serial.baud || 19200) : "?";
+      Object.keys(busSpecs).forEach((name) => {
+        const b = busSpecs[name] || {};
+        const link = b.tcp ? "tcp " + b.tcp.host + ":" + (b.tcp.port || 502) : b.serial ? b.serial.port + " " + setting(b.serial.baud || 19200, b.serial.parity || "E") : "?";
         const pick = el("button", name, { type: "button" });
         pick.addEventListener("click", () => openScan(name));
         const st = status[name] || {};
-        tbody.appendChild(row([pick, link, st.state || st.link || (st.connected === undefined ? "" : (st.connected ? "connected" : "down"))]));
+        const drop = el("button", "Remove", { type: "button", "aria-label": "remove bus " + name, class: "bus-remove" });
+        drop.addEventListener("click", guard(async () => {
+          if (!window.confirm("Remove bus " + name + "? Its sensors stop being polled.")) return;
+          const buses = {}; buses[name] = null;  // a merge patch: null deletes
+          const devs = {};  // and the sensors on it go with it
+          Object.keys(d.devices || {}).forEach((n) => { if ((d.devices[n] || {}).bus === name) devs[n] = null; });
+          await call("PATCH", modTwin, { properties: { desired: { buses: buses, devices: devs } } });
+          say("bus " + name + " removed");
+        }));
+        const tr = row([pick, link, (st.state || "") + (st.last_error && st.state !== "up" ? " (" + st.last_error + ")" : ""), drop]);
+        tr.dataset.bus = name;
+        tbody.appendChild(tr);
       });
+    };
+    let busesSeen = false;
+    const openBusForm = () => { $("bus-form").hidden = false; $("bus-host").focus(); };
+    if (!mod) { $("modbus").hidden = true; if (!body.dataset.moduleBle && !body.dataset.moduleSerial) say("no sensor bridge is configured: add [modules.modbus] bridge = \"modbus\" (or serial, ble) to gateway.toml", true); }
+    else live("buses", { module: mod }, (d) => {
+      // No bus yet: the first thing to do is to add one, so its form is open.
+      if (!busesSeen) { busesSeen = true; if (!Object.keys(d.desired || {}).length) openBusForm(); }
+      showBuses(d);
     });
-    loadBuses();
 
-    $("new-bus").addEventListener("click", () => { $("bus-form").hidden = false; $("bus-host").focus(); });
+    $("new-bus").addEventListener("click", openBusForm);
     $("bus-kind").addEventListener("change", guard(async () => {
       const serial = $("bus-kind").value === "serial";
       $("bus-tcp").hidden = serial; $("bus-serial").hidden = !serial;
       if (serial) {
         const ports = await call("GET", "/ui/info/serial-ports");
         const sel = $("bus-device"); sel.textContent = "";
-        if (!ports.length) sel.appendChild(el("option", "(no serial adapter plugged in)", { value: "" }));
+        if (!ports.length) sel.appendChild(el("option", "(no serial adapter plugged in: give a path)", { value: "" }));
         ports.forEach((p) => sel.appendChild(el("option", p.replace("/dev/serial/by-id/", ""), { value: p })));
       }
     }));
+    function hostPort(text) {
+      // "host", "host:port", "[v6]:port" or a bare IPv6 address
+      let m = text.match(/^\[([^\]]+)\](?::(\d+))?$/);
+      if (m) return { host: m[1], port: m[2] ? parseInt(m[2], 10) : 502 };
+      m = text.match(/^([^:]+):(\d+)$/);
+      if (m) return { host: m[1], port: parseInt(m[2], 10) };
+      return { host: text, port: 502 };
+    }
     $("bus-form").addEventListener("submit", guard(async () => {
       const name = $("bus-name").value.trim();
       let spec;
       if ($("bus-kind").value === "tcp") {
-        const host = $("bus-host").value.trim();
-        if (!host) throw new Error("give the host or IP address of the Modbus TCP device");
-        spec = { tcp: { host: host, port: parseInt($("bus-port").value, 10) || 502 }, timeout: 1.0 };
+        const text = $("bus-host").value.trim();
+        if (!text) throw new Error("give the host or IP address of the Modbus TCP device");
+        const hp = hostPort(text);
+        if (!(hp.port > 0 && hp.port < 65536)) throw new Error("the port must be 1..65535");
+        spec = { tcp: hp, timeout: 1.0 };
       } else {
-        const port = $("bus-device").value;
-        if (!port) throw new Error("choose a serial port");
+        const port = $("bus-path").value.trim() || $("bus-device").value;
+        if (!port) throw new Error("choose a serial port or give its path");
         spec = { serial: { port: port, baud: parseInt($("bus-baud").value, 10) || 9600, parity: $("bus-parity").value } };
       }
       const buses = {}; buses[name] = spec;
       await call("PATCH", modTwin, { properties: { desired: { buses: buses } } });
+      busSpecs[name] = spec;
       $("bus-form").hidden = true;
       say("bus " + name + " saved; the bridge connects to it now");
-      await loadBuses();
       openScan(name);
+      // A TCP bus: look for units at once (what a new bus is for). A serial bus: the
+      // technician first picks the settings to try (each one is a scan of its own).
+      if (spec.tcp) $("scan-form").requestSubmit();
+      else $("scan-units").focus();
     }));
 
     function openScan(name) {
@@ -266,6 +313,14 @@
       $("scan-box").hidden = false;
       $("units").textContent = "";
       $("scan-text").textContent = "";
+      const serial = (busSpecs[name] || {}).serial;
+      $("scan-serial").hidden = !serial;
+      if (serial) {
+        const own = [String(serial.baud || 19200), serial.parity || "E"];
+        // the bus's own setting, and the two most common ones of RTU devices
+        document.querySelectorAll(".scan-baud").forEach((c) => { c.checked = c.value === own[0] || c.value === "9600" || c.value === "19200"; });
+        document.querySelectorAll(".scan-parity").forEach((c) => { c.checked = c.value === own[1] || c.value === "E" || c.value === "N"; });
+      }
     }
 
     function parseUnits(text) {
@@ -279,34 +334,83 @@
       return out;
     }
 
+    // The serial settings a scan tries: the bus's own first (its live path), then the others.
+    function scanSettings() {
+      const serial = (busSpecs[bus] || {}).serial;
+      if (!serial) return [null];
+      const own = { baud: serial.baud || 19200, parity: serial.parity || "E" };
+      const bauds = Array.from(document.querySelectorAll(".scan-baud:checked")).map((c) => parseInt(c.value, 10));
+      const parities = Array.from(document.querySelectorAll(".scan-parity:checked")).map((c) => c.value);
+      if (!bauds.length || !parities.length) throw new Error("tick at least one baud rate and one parity");
+      const out = [];
+      bauds.forEach((b) => parities.forEach((p) => out.push({ baud: b, parity: p })));
+      out.sort((x, y) => (y.baud === own.baud && y.parity === own.parity) - (x.baud === own.baud && x.parity === own.parity));
+      return out;
+    }
+
     $("scan-form").addEventListener("submit", guard(async () => {
       const units = parseUnits($("scan-units").value);
-      const bar = $("scan-progress"); bar.hidden = false; bar.max = units.length; bar.value = 0;
+      const settings = scanSettings();
+      const total = units.length * settings.length;
+      const bar = $("scan-progress"); bar.hidden = false; bar.max = total; bar.value = 0;
       const found = $("units"); found.textContent = "";
-      let answered = 0;
-      for (let i = 0; i < units.length; i += 4) {
-        const chunk = units.slice(i, i + 4);
-        $("scan-text").textContent = "asking units " + chunk[0] + "–" + chunk[chunk.length - 1] + " (" + i + " of " + units.length + " done, " + answered + " found)";
-        // A bus saved a moment ago may not be running yet (404) or connected (503): wait a bit.
-        let r;
-        for (let attempt = 0; ; attempt++) {
-          r = await method("scan", { bus: bus, units: chunk.join(","), table: $("scan-table").value, seconds: 60 });
-          if (r.status === 200 || attempt >= 15 || (r.status !== 404 && r.status !== 503)) break;
-          $("scan-text").textContent = "waiting for the bridge to open bus " + bus + "…";
-          await new Promise((ok) => setTimeout(ok, 1000));
+      $("scan-start").disabled = true;
+      let answered = 0, done = 0;
+      const notes = [];
+      try {
+        for (const set of settings) {
+          const at = set ? " at " + setting(set.baud, set.parity) : "";
+          for (let i = 0; i < units.length; i += 4) {
+            const chunk = units.slice(i, i + 4);
+            $("scan-text").textContent = "asking units " + chunk[0] + "–" + chunk[chunk.length - 1] + at + " (" + done + " of " + total + " done, " + answered + " found)";
+            const req = { bus: bus, units: chunk.join(","), table: $("scan-table").value, seconds: 60 };
+            if (set) { req.baud = set.baud; req.parity = set.parity; }
+            // A bus saved a moment ago may not be running yet (404) or connected (503): wait a bit.
+            let r;
+            for (let attempt = 0; ; attempt++) {
+              r = await method("scan", req);
+              if (r.status === 200 || attempt >= 15 || (r.status !== 404 && r.status !== 503)) break;
+              if (set && r.status === 503 && attempt >= 1) break;  // this setting cannot be opened
+              $("scan-text").textContent = "waiting for the bridge to open bus " + bus + "…";
+              await new Promise((ok) => setTimeout(ok, 1000));
+            }
+            done += chunk.length;
+            bar.value = done;
+            if (r.status !== 200) {
+              const why = (r.payload && r.payload.error) || JSON.stringify(r.payload);
+              if (!set) throw new Error("scan: " + why);
+              notes.push(setting(set.baud, set.parity) + ": " + why);
+              done += units.length - i - chunk.length; bar.value = done;
+              break;
+            }
+            r.payload.answered.forEach((a) => {
+              if (a.kind === "garbled") { notes.push("garbled answer from unit " + a.unit + at + ": another setting?"); return; }
+              answered++;
+              const b = el("button", "unit " + a.unit + at + (a.kind && a.kind !== "value" ? " (" + a.kind + ")" : ""), { type: "button", "data-unit": a.unit });
+              if (set) { b.dataset.baud = set.baud; b.dataset.parity = set.parity; }
+              b.addEventListener("click", guard(() => pickUnit(a.unit, set)));
+              const li = el("li"); li.appendChild(b); found.appendChild(li);
+            });
+          }
         }
-        if (r.status !== 200) throw new Error("scan: " + ((r.payload && r.payload.error) || JSON.stringify(r.payload)));
-        r.payload.answered.forEach((a) => {
-          answered++;
-          const b = el("button", "unit " + a.unit + (a.kind && a.kind !== "value" ? " (" + a.kind + ")" : ""), { type: "button", "data-unit": a.unit });
-          b.addEventListener("click", () => openUnit(a.unit));
-          const li = el("li"); li.appendChild(b); found.appendChild(li);
-        });
-        bar.value = Math.min(i + 4, units.length);
-      }
-      $("scan-text").textContent = "scan done: " + answered + " unit(s) answered" + (answered ? "; choose one" : "");
-      await loadBuses();  // the bus's state, now that it has been used
+      } finally { $("scan-start").disabled = false; }
+      $("scan-text").textContent = "scan done: " + answered + " answer(s)" + (answered ? "; choose a unit" : "") + (notes.length ? ". " + notes.join("; ") : "");
+      const buttons = found.querySelectorAll("button");
+      if (buttons.length === 1) buttons[0].click();  // one unit on the line: take it
     }));
+
+    // A unit found at other serial settings than the bus's: the bus takes them.
+    async function pickUnit(u, set) {
+      const serial = (busSpecs[bus] || {}).serial;
+      if (set && serial && (set.baud !== (serial.baud || 19200) || set.parity !== (serial.parity || "E"))) {
+        const spec = Object.assign({}, busSpecs[bus], { serial: Object.assign({}, serial, { baud: set.baud, parity: set.parity }) });
+        const buses = {}; buses[bus] = spec;
+        await call("PATCH", modTwin, { properties: { desired: { buses: buses } } });
+        busSpecs[bus] = spec;
+        say("bus " + bus + " now runs at " + setting(set.baud, set.parity));
+      }
+      await openUnit(u);
+    }
 
     async function openUnit(u) {
       unit = u;
@@ -320,8 +424,13 @@
     }
 
     async function read(address, count, table) {
-      const r = await method("read_registers", { bus: bus, unit: unit, address: address, count: count, table: table, interpret: true });
-      if (r.status !== 200) throw new Error("read: " + JSON.stringify(r.payload));
+      let r;
+      for (let attempt = 0; ; attempt++) {  // a bus whose settings just changed restarts
+        r = await method("read_registers", { bus: bus, unit: unit, address: address, count: count, table: table, interpret: true });
+        if (r.status === 200 || attempt >= 10 || (r.status !== 404 && r.status !== 503)) break;
+        await new Promise((ok) => setTimeout(ok, 1000));
+      }
+      if (r.status !== 200) throw new Error("read: " + ((r.payload && r.payload.error) || JSON.stringify(r.payload)));
       return r.payload;
     }
 
@@ -534,14 +643,46 @@
       $("up-target").textContent = s ? (s.deviceId || s.device_id || "") + " @ " + (s.host || s.hub) + ":" + (s.port || "") : "not set";
     });
     show();
+    const groups = { connstr: ["up-g-connstr"], "dps-key": ["up-g-dps", "up-g-groupkey"], "dps-x509": ["up-g-dps", "up-g-cert"], x509: ["up-g-hub", "up-g-cert"] };
+    const how = () => $("up-how").value;
+    const showGroups = () => {
+      ["up-g-connstr", "up-g-dps", "up-g-groupkey", "up-g-hub", "up-g-cert"].forEach((g) => { $(g).hidden = groups[how()].indexOf(g) < 0; });
+    };
+    $("up-how").addEventListener("change", showGroups);
+    showGroups();
+    const value = (id) => $(id).value.trim();
+    const need = (id, what) => { const v = value(id); if (!v) { $(id).focus(); throw new Error("give " + what); } return v; };
     $("upstream-form").addEventListener("submit", guard(async () => {
-      const req = { connectionString: $("up-connstr").value.trim() };
-      if ($("up-host").value.trim()) req.host = $("up-host").value.trim();
-      if ($("up-ca").value.trim()) req.caFile = $("up-ca").value.trim();
+      const req = {};
+      const h = how();
+      if (h === "connstr") req.connectionString = need("up-connstr", "the connection string");
+      if (h === "x509") {
+        req.hub = need("up-hub", "the parent's host name"); req.device = need("up-device", "our device id at the parent");
+        req.x509 = { cert: need("up-cert", "the certificate file"), key: need("up-key", "the key file") };
+      }
+      if (h === "dps-key" || h === "dps-x509") {
+        const e = { idScope: need("up-scope", "the ID scope"), provisioningHost: need("up-dps-host", "the provisioning service's address") };
+        if (value("up-dps-port")) e.provisioningPort = parseInt(value("up-dps-port"), 10);
+        if (value("up-regid")) e.registrationId = value("up-regid");
+        if (h === "dps-key") { if (!e.registrationId) throw new Error("give the registration id"); e.groupKey = need("up-group-key", "the enrollment group key"); }
+        else e.x509 = { cert: need("up-cert", "the certificate file"), key: need("up-key", "the key file") };
+        req.enrollment = e;
+      }
+      if (value("up-host")) req.host = value("up-host");
+      if (value("up-ca")) req.caFile = value("up-ca");
       if ($("up-port").value) req.port = parseInt($("up-port").value, 10);
-      await call("PUT", "/upstream", req);
-      $("up-connstr").value = "";
-      say("upstream saved"); await show();
+      $("up-save").disabled = true;
+      say(req.enrollment ? "registering at the provisioning service " + req.enrollment.provisioningHost + "…" : "saving…");
+      let s;
+      try { s = await call("PUT", "/upstream", req); } finally { $("up-save").disabled = false; }
+      $("up-connstr").value = ""; $("up-group-key").value = "";
+      say(req.enrollment ? "registered: this gateway is " + s.device_id + " at " + s.hub + "; connecting" : "upstream saved");
+      await show();
+    }));
+    $("up-clear").addEventListener("click", guard(async () => {
+      if (!window.confirm("Remove the upstream link? Messages are no longer kept for it.")) return;
+      await call("DELETE", "/upstream");
+      say("upstream link removed"); await show();
     }));
     $("up-test").addEventListener("click", guard(async () => {
       const ol = $("up-steps"); ol.textContent = ""; ol.appendChild(el("li", "testing…"));
@@ -579,6 +720,24 @@
       $("sys-disk").textContent = bytes(s.disk.free) + " free of " + bytes(s.disk.total);
       $("restart").disabled = !s.restart;
     })();
+    const sessions = guard(async () => {
+      const list = await call("GET", "/ui/info/sessions");
+      const tb = document.querySelector("#sessions tbody"); tb.textContent = "";
+      const when = (t) => new Date(t * 1000).toLocaleString();
+      list.forEach((x) => { const tr = row([x.id + (x.current ? " (this one)" : ""), x.address, when(x.created), when(x.seen)]); tr.dataset.session = x.id; tb.appendChild(tr); });
+      $("end-others").disabled = list.length < 2;
+    });
+    sessions();
+    $("end-others").addEventListener("click", guard(async () => {
+      const r = await call("POST", "/ui/sessions/end-others", {});
+      say(r.ended + " other session(s) logged out"); await sessions();
+    }));
+    $("password-form").addEventListener("submit", guard(async () => {
+      if ($("pw-new").value !== $("pw-again").value) throw new Error("the two new passwords differ: nothing changed");
+      const r = await call("POST", "/ui/password", { current: $("pw-current").value, new: $("pw-new").value });
+      ["pw-current", "pw-new", "pw-again"].forEach((id) => { $(id).value = ""; });
+      say("password changed; " + r.ended + " other session(s) logged out"); await sessions();
+    }));
     $("restart").addEventListener("click", guard(async () => {
       if (!window.confirm("Restart the hub? Devices reconnect by themselves.")) return;
       await call("POST", "/ui/restart", {});
