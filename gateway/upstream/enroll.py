@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 
 from gateway.errors import (
     AuthError,
@@ -136,6 +135,8 @@ async def enroll(enrollment: Enrollment, *, data_dir: Path, ca_file: str | None 
                  host: str | None = None, port: int | None = None) -> LinkSettings:
     """Register now; the link settings the assignment gives. Refusals are 400s with the
     service's reason, an unreachable service a 504."""
+    import aiomqtt  # with the first enrollment, not at every start (the idle footprint)
+
     e = enrollment
     try:
         state = await provision.register(
