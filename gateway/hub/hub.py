@@ -11,6 +11,7 @@ cached by the connection, the hub stamps the anti-spoofing system properties (§
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import operator
 import time
@@ -72,7 +73,35 @@ class PreparedTelemetry:
     system: Mapping[str, str]  # what ``props`` holds, for route conditions (read-only)
     application: Mapping[str, str | None]
     retained_application: Mapping[str, str | None]
-    once: tuple[str, str, int] | None = None  # on-behalf-of: (dedupe key, epoch, seq)
+    once: tuple[str, str, int, int | None] | None = None  # on-behalf-of: key, epoch, seq, prev
+
+
+@dataclass(frozen=True, slots=True)
+class _StampTemplate:
+    """A stamped on-behalf-of topic, prepared once (:meth:`Hub._prepare_on_behalf`): the
+    stored JSON split around the message id, which is spliced in per message."""
+
+    prepared: PreparedTelemetry  # with message-id "\x00" and sequence 0
+    head: str
+    tail: str
+    retained_head: str
+    retained_tail: str
+    key: str
+    epoch: str
+
+    def prepare(self, seq: int, prev: int | None, mid: str | None) -> PreparedTelemetry:
+        mid = mid or f"{self.epoch}-{seq}"
+        if mid.isascii() and mid.isprintable() and '"' not in mid and "\\" not in mid:
+            quoted, size = f'"{mid}"', len(mid)
+        else:
+            quoted, size = json.dumps(mid, ensure_ascii=False), len(mid.encode())
+        p = self.prepared
+        system = dict(p.system)
+        system["message-id"] = mid
+        return PreparedTelemetry(
+            p.device_id, p.module_id, self.head + quoted + self.tail, p.props_size - 1 + size,
+            self.retained_head + quoted + self.retained_tail, system, p.application,
+            p.retained_application, (self.key, self.epoch, seq, prev))
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +195,40 @@ class Hub:
 
     def _prepare_on_behalf(self, principal: Principal, topic: str) -> Any:
         """An edge device registering or sending for an identity in its scope (on-behalf-of,
-        :mod:`gateway.hub.onbehalf`): the origin is stamped, the gateway path recorded."""
+        :mod:`gateway.hub.onbehalf`): the origin is stamped, the gateway path recorded. A
+        topic with the stamp in front is prepared once per rest of the topic (cached) and
+        only its sequence and message id are new per message."""
+        assert self.on_behalf is not None
+        stamped = onbehalf.split_stamp(topic)
+        if stamped is not None:
+            rest, seq, prev, mid = stamped
+            cache_key = (principal.device_id, rest)
+            template = self.on_behalf.templates.get(cache_key)
+            if template is None:
+                template = self._stamp_template(principal, rest)
+                self.on_behalf.remember(cache_key, template)
+            if type(template) is _StampTemplate:
+                return template.prepare(seq, prev, mid)
+        return self._prepare_on_behalf_topic(principal, topic)
+
+    def _stamp_template(self, principal: Principal, rest: str) -> _StampTemplate | bool:
+        """``rest`` prepared the general way with a marker for the message id; False when it
+        cannot be spliced (the per-message path then parses every message whole)."""
+        at = rest.index("/messages/events/") + len("/messages/events/")
+        probe = f"{rest[:at]}{onbehalf.SEQ_KEY}=0&$.mid=%00&{rest[at:]}"
+        prepared = self._prepare_on_behalf_topic(principal, probe)
+        if type(prepared) is not PreparedTelemetry or prepared.once is None:
+            return False
+        mark = '"\\u0000"'
+        if prepared.props.count(mark) != 1 or prepared.retained_props.count(mark) != 1 \
+                or prepared.system.get("message-id") != "\x00":
+            return False
+        head, tail = prepared.props.split(mark)
+        retained_head, retained_tail = prepared.retained_props.split(mark)
+        return _StampTemplate(prepared, head, tail, retained_head, retained_tail,
+                              prepared.once[0], prepared.once[1])
+
+    def _prepare_on_behalf_topic(self, principal: Principal, topic: str) -> Any:
         assert self.on_behalf is not None
         gateway = self.on_behalf.gateway(principal.device_id, principal.module_id)
         if topic.startswith(onbehalf.REGISTER_PREFIX):
@@ -195,9 +257,10 @@ class Hub:
             epoch = application.pop(onbehalf.EPOCH_KEY, None)
             seq = application.pop(onbehalf.SEQ_KEY, None)
             route = application.pop(onbehalf.ROUTE_KEY, None)
+            prev = application.pop(onbehalf.PREV_KEY, None)
             if epoch and seq and seq.isdigit():
                 key = f"{gateway}/{principal.client_id}" + (f"#{route}" if route else "")
-                once = (key, epoch, int(seq))
+                once = (key, epoch, int(seq), int(prev) if prev and prev.isdigit() else None)
             system[onbehalf.GATEWAY_PATH] = f"{path};{gateway}" if path else gateway
         system.pop("to", None)  # C2D-only; never accepted from devices (ref §2.3)
         device_id, module_id = principal.device_id, principal.module_id

@@ -40,6 +40,7 @@ class Item:
     origin: Origin
     entry: Entry
     size: int
+    prev: int | None = None  # set by take: the seq sent before it in its queue, if known
 
     @property
     def seq(self) -> int:
@@ -65,6 +66,7 @@ class OriginQueue:
     parked: bool = False
     dirty: bool = False
     sent: int = 0
+    chain: int | None = None  # last seq the parent acknowledged in this run (not moved by drops)
 
     @property
     def key(self) -> QueueKey:
@@ -150,7 +152,11 @@ class Backlog:
         """The next message to send, or None. ``allowed``: when given, only these origins
         (those registered on this connection so far); ``paced``: routes over their bandwidth
         cap just now."""
-        classes = sorted((c for c in self._classes.values() if c.ready), key=lambda c: c.pass_)
+        if len(self._classes) == 1:
+            classes: list[_Class] | tuple[_Class, ...] = tuple(self._classes.values())
+        else:
+            classes = sorted((c for c in self._classes.values() if c.ready),
+                             key=lambda c: c.pass_)
         for cls in classes:
             ring = cls.ready
             for _ in range(len(ring)):
@@ -164,6 +170,7 @@ class Backlog:
                         paced and q.route in paced):
                     continue
                 item = q.pending.popleft()
+                item.prev = q.inflight[-1].seq if q.inflight else q.chain
                 q.inflight.append(item)
                 self.inflight += 1
                 cls.pass_ += cls.stride
@@ -194,7 +201,7 @@ class Backlog:
         while q.inflight and q.inflight[0].seq in q.done:
             head = q.inflight.popleft()
             q.done.discard(head.seq)
-            q.acked = head.seq
+            q.acked = q.chain = head.seq
             q.sent += 1
             self.inflight -= 1
             self.buffered -= 1

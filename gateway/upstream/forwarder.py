@@ -427,6 +427,7 @@ class Forwarder:
         inflight: dict[asyncio.Future[None], Item] = {}
         loop = asyncio.get_running_loop()
         stamp = self.cfg.mode == "gateway"
+        encoder = wire.Encoder(self.epoch)
 
         def done(task: asyncio.Future[None]) -> None:
             item = inflight.pop(task, None)
@@ -469,9 +470,12 @@ class Forwarder:
                                 backlog.untake(item)
                                 paced.add(item.route)
                                 continue
-                        topic, payload = wire.encode(item.entry, item.origin, epoch=self.epoch,
-                                                     stamp=stamp, route=item.route)
-                        sent = session.send(topic, payload)
+                        if stamp:
+                            topic = encoder.topic(item.entry, item.origin, item.route, item.prev)
+                        else:
+                            topic = wire.encode(item.entry, item.origin, epoch=self.epoch,
+                                                stamp=False, route=item.route)[0]
+                        sent = session.send(topic, item.entry.body)
                         inflight[sent] = item
                         sent.add_done_callback(done)
                     if stamp and len(registering) < 64:
