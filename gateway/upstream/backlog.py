@@ -34,17 +34,19 @@ HOLD_MAX = 600.0
 PARK_AFTER = 30.0  # set aside this long: its messages leave memory
 
 
-@dataclass(slots=True)
 class Item:
-    route: str
-    origin: Origin
-    entry: Entry
-    size: int
-    prev: int | None = None  # set by take: the seq sent before it in its queue, if known
+    """One message in a queue; ``queue`` is set when it joins one."""
 
-    @property
-    def seq(self) -> int:
-        return self.entry.seq
+    __slots__ = ("entry", "origin", "prev", "queue", "route", "seq", "size")
+
+    def __init__(self, route: str, origin: Origin, entry: Entry, size: int) -> None:
+        self.route = route
+        self.origin = origin
+        self.entry = entry
+        self.size = size
+        self.seq = entry.seq
+        self.prev: int | None = None  # set by take: the seq sent before it in its queue
+        self.queue: OriginQueue | None = None
 
 
 QueueKey = tuple[str, Origin]
@@ -123,7 +125,9 @@ class Backlog:
         if entry.seq <= q.queued_upto or q.parked:
             return False
         q.queued_upto = entry.seq
-        q.pending.append(Item(route, origin, entry, size))
+        item = Item(route, origin, entry, size)
+        item.queue = q
+        q.pending.append(item)
         self.buffered += 1
         self.buffered_bytes += size
         self._ready(q)
@@ -195,9 +199,20 @@ class Backlog:
 
     def acked(self, item: Item) -> bool:
         """The parent acknowledged ``item``; True if its queue's cursor moved."""
-        q = self.queues[(item.route, item.origin)]
-        q.done.add(item.seq)
+        q = item.queue or self.queues[(item.route, item.origin)]
         moved = False
+        if q.inflight and q.inflight[0] is item and not q.done:  # in order: the usual case
+            q.inflight.popleft()
+            q.acked = q.chain = item.seq
+            q.sent += 1
+            self.inflight -= 1
+            self.buffered -= 1
+            self.buffered_bytes -= item.size
+            q.dirty = True
+            q.strikes = 0
+            q.hold = 0.0
+            return True
+        q.done.add(item.seq)
         while q.inflight and q.inflight[0].seq in q.done:
             head = q.inflight.popleft()
             q.done.discard(head.seq)
@@ -281,6 +296,7 @@ class Backlog:
         :attr:`scan_pos`, so the queue takes the scanner's entries again."""
         for item in entries:
             if item.seq > q.queued_upto:
+                item.queue = q
                 q.pending.append(item)
                 q.queued_upto = item.seq
                 self.buffered += 1

@@ -169,6 +169,7 @@ class Forwarder:
 
     async def _scan(self) -> None:
         backlog = self.backlog
+        origins = wire.Origins(self.local_gateway, self.settings.device_id)
         while True:
             while backlog.full():
                 for q in backlog.park(self.clock()):  # a long-refused origin leaves memory
@@ -192,8 +193,7 @@ class Forwarder:
                 route = self.select(entry)
                 if route is None:
                     continue
-                origin = wire.origin_of(entry, self.local_gateway, self.settings.device_id)
-                backlog.offer(route, origin, entry, len(entry.body) + len(entry.props),
+                backlog.offer(route, origins.of(entry), entry, len(entry.body) + len(entry.props),
                               self.policy(route).priority)
             backlog.scan_pos = pos
             if entries:
@@ -424,21 +424,23 @@ class Forwarder:
         backlog = self.backlog
         registered: set[wire.Origin] = set()
         registering: dict[wire.Origin, asyncio.Future[None]] = {}
-        inflight: dict[asyncio.Future[None], Item] = {}
+        inflight = [0]  # publishes without their PUBACK yet, on this session
         loop = asyncio.get_running_loop()
         stamp = self.cfg.mode == "gateway"
         encoder = wire.Encoder(self.epoch)
+        woken = self._wake
+        link = self.link
 
-        def done(task: asyncio.Future[None]) -> None:
-            item = inflight.pop(task, None)
-            if item is None or session.ended or task.cancelled() or task.exception() is not None:
+        def done(item: Item) -> None:  # a PUBACK (never called once the link is lost)
+            inflight[0] -= 1
+            if session.ended:
                 return
+            session.acked += 1
             backlog.acked(item)
-            self.link.sent += 1
+            link.sent += 1
             self._count_sent(item.route)
-            self._wake.set()
-            if not backlog.full():
-                self._space.set()
+            if not woken.is_set():
+                woken.set()
 
         def registered_cb(origin: wire.Origin, task: asyncio.Future[None]) -> None:
             registering.pop(origin, None)
@@ -457,7 +459,7 @@ class Forwarder:
                     renewing = True
                 if not renewing:
                     paced.clear()
-                    while len(inflight) < self.window:
+                    while inflight[0] < self.window:
                         item = backlog.take(now, registered if stamp else None, paced)
                         if item is None:
                             break
@@ -475,10 +477,11 @@ class Forwarder:
                         else:
                             topic = wire.encode(item.entry, item.origin, epoch=self.epoch,
                                                 stamp=False, route=item.route)[0]
-                        sent = session.send(topic, item.entry.body)
-                        inflight[sent] = item
-                        sent.add_done_callback(done)
-                    if stamp and len(registering) < 64:
+                        if not session.send_nowait(topic, item.entry.body, done, item):
+                            backlog.untake(item)
+                            break
+                        inflight[0] += 1
+                    if stamp and len(registering) < 64 and len(registered) < len(backlog.queues):
                         for q in backlog.waiting(now):
                             o = q.origin
                             if o not in registered and o not in registering:
@@ -488,7 +491,7 @@ class Forwarder:
                                 t.add_done_callback(partial(registered_cb, o))
                                 if len(registering) >= 64:
                                     break
-                elif not inflight:
+                elif not inflight[0]:
                     return "renew"
                 self._wake.clear()
                 wake: asyncio.Future[Any] = loop.create_task(self._wake.wait())
@@ -498,13 +501,12 @@ class Forwarder:
             return session.lost.result()
         finally:
             session.ended = True
-            for fut in [*inflight, *registering.values(), report]:
+            for fut in [*registering.values(), report]:
                 fut.cancel()
             parked = backlog.link_lost(self.clock())
             if parked is not None:
                 log.warning("upstream: origin %s keeps failing; set aside for %.0f s",
                             parked.origin.client_id, parked.hold)
-            inflight.clear()
             await session.close()
 
     async def _report(self, session: Session) -> None:

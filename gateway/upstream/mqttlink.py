@@ -19,7 +19,8 @@ import asyncio
 import contextlib
 import ssl
 import time
-from typing import cast
+from collections.abc import Callable
+from typing import Any, cast
 from collections import OrderedDict
 
 from gateway.errors import RemoteProtocolError, UpstreamError
@@ -82,7 +83,9 @@ class MqttLink:
         self.keepalive = keepalive
         self.ack_timeout = ack_timeout
         self.last_rx = self.last_tx = time.monotonic()
-        self._pending: OrderedDict[int, tuple[asyncio.Future[None], float]] = OrderedDict()
+        # packet id -> (future or None, sent at, on_ack or None, token for on_ack)
+        self._pending: OrderedDict[int, tuple[asyncio.Future[None] | None, float,
+                                              Callable[[Any], None] | None, Any]] = OrderedDict()
         self._next_id = 0
         self._out: list[bytes] = []
         self._timer: asyncio.Task[None] | None = None
@@ -113,14 +116,53 @@ class MqttLink:
             if pid not in self._pending:
                 break
         self._next_id = pid
-        self._pending[pid] = (future, time.monotonic())
+        self._pending[pid] = (future, time.monotonic(), None, None)
         self.write(encode(Publish(topic=topic, payload=payload, qos=1, packet_id=pid)))
         return future
 
+    def send_nowait(self, topic: str, payload: bytes, on_ack: Callable[[Any], None],
+                    token: Any) -> bool:
+        """:meth:`send` without a future (the forwarder's hot path): ``on_ack(token)`` is
+        called from the PUBACK; nothing is called if the link goes (the caller watches
+        :attr:`lost`). False if the link is gone or every packet id is in use."""
+        if self.lost.done() or len(self._pending) >= 65535:
+            return False
+        pid = self._next_id
+        while True:
+            pid = pid % 65535 + 1
+            if pid not in self._pending:
+                break
+        self._next_id = pid
+        self._pending[pid] = (None, time.monotonic(), on_ack, token)
+        raw = topic.encode()
+        if len(raw) > 65535:  # let the codec refuse it with its own error
+            self.write(encode(Publish(topic=topic, payload=payload, qos=1, packet_id=pid)))
+            return True
+        # PUBLISH QoS 1 (MQTT 3.1.1 §3.3): fixed header, topic, packet id, payload
+        size = len(raw) + 4 + len(payload)
+        head = bytearray(b"\x32")
+        while True:
+            size, digit = divmod(size, 128)
+            head.append(digit | 0x80 if size else digit)
+            if not size:
+                break
+        head += len(raw).to_bytes(2, "big")
+        head += raw
+        head += pid.to_bytes(2, "big")
+        self.write(bytes(head))
+        self.write(payload)
+        return True
+
     def acked_packet(self, pid: int) -> None:
         entry = self._pending.pop(pid, None)
-        if entry is not None and not entry[0].done():
-            entry[0].set_result(None)
+        if entry is None:
+            return
+        future, _, on_ack, token = entry
+        if future is None:
+            if on_ack is not None:
+                on_ack(token)
+        elif not future.done():
+            future.set_result(None)
 
     def lose(self, reason: str) -> None:
         if not self.lost.done():
@@ -128,8 +170,8 @@ class MqttLink:
         if not self.connack.done():
             self.connack.set_exception(UpstreamError(reason))
         pending, self._pending = self._pending, OrderedDict()
-        for future, _ in pending.values():
-            if not future.done():
+        for future, _, _, _ in pending.values():
+            if future is not None and not future.done():
                 future.set_exception(UpstreamError(reason))
         if self.transport is not None:
             self.transport.abort()
@@ -146,7 +188,7 @@ class MqttLink:
                 self.lose("keep-alive expired: nothing from the parent")
                 return
             if self._pending:
-                _, (_, sent) = next(iter(self._pending.items()))
+                _, (_, sent, _, _) = next(iter(self._pending.items()))
                 if now - sent > self.ack_timeout:
                     self.lose(f"no PUBACK for {self.ack_timeout:.0f} s")
                     return

@@ -16,7 +16,7 @@ left out: the parent derives it). :class:`Encoder` caches that rest per stored p
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from gateway.hub import onbehalf
 from gateway.hub.propbag import encode_bag, encode_component
@@ -36,9 +36,9 @@ _WIRE = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Origin:
-    """Whose message it is, as the parent knows it."""
+class Origin(NamedTuple):
+    """Whose message it is, as the parent knows it (a tuple: hashed in C, it keys every
+    queue and is looked up several times per forwarded message)."""
 
     device_id: str
     module_id: str | None
@@ -53,6 +53,25 @@ def origin_of(entry: Entry, local_gateway: str, upstream_gateway: str) -> Origin
     the link's device id."""
     device = upstream_gateway if entry.device_id == local_gateway else entry.device_id
     return Origin(device, entry.module_id)
+
+
+class Origins:
+    """:func:`origin_of` with the origins made once (the scanner's per-message look-up)."""
+
+    def __init__(self, local_gateway: str, upstream_gateway: str) -> None:
+        self.local_gateway = local_gateway
+        self.upstream_gateway = upstream_gateway
+        self._known: dict[tuple[str, str | None], Origin] = {}
+
+    def of(self, entry: Entry) -> Origin:
+        key = (entry.device_id, entry.module_id)
+        origin = self._known.get(key)
+        if origin is None:
+            if len(self._known) >= 65536:
+                self._known.clear()
+            origin = self._known[key] = origin_of(entry, self.local_gateway,
+                                                  self.upstream_gateway)
+        return origin
 
 
 def base_topic(origin: Origin) -> str:
