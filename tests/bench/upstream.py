@@ -119,9 +119,14 @@ def main() -> None:
         reader.start()
         peak_rate = 0.0
         last = (time.monotonic(), 0)
+        samples: list[tuple[float, int]] = []
+        connected_at: float | None = None
         while True:
             s = status(child)
             now = time.monotonic()
+            if connected_at is None and s["state"] == "connected":
+                connected_at = now
+            samples.append((now - t0, s["sent"]))
             peak_rate = max(peak_rate, (s["sent"] - last[1]) / max(1e-6, now - last[0]))
             last = (now, s["sent"])
             if s["sent"] >= backlog:
@@ -132,6 +137,14 @@ def main() -> None:
         drain_s = time.monotonic() - t0
         stop.set()
         drain_rate = backlog / drain_s
+        up_s = time.monotonic() - (connected_at or t0)
+        linked_rate = backlog / up_s
+        # the steady rate: from 10 % to 90 % of the backlog sent
+        t10 = next(t for t, n in samples if n >= backlog * 0.1)
+        n10 = next(n for t, n in samples if n >= backlog * 0.1)
+        t90 = next(t for t, n in samples if n >= backlog * 0.9)
+        n90 = next(n for t, n in samples if n >= backlog * 0.9)
+        steady_rate = (n90 - n10) / max(1e-6, t90 - t10)
         del sent_at
         # the parent's own ingest with the same connection count, and with one per origin: a
         # fresh hub like the parent (the parent's dev-N are now the child's origins there)
@@ -152,6 +165,11 @@ def main() -> None:
         result = {
             "backlog": backlog, "drain_s": round(drain_s, 1),
             "drain_msgs_per_s": round(drain_rate), "peak_msgs_per_s": round(peak_rate),
+            "connected_after_s": round((connected_at or t0) - t0, 1),
+            "linked_msgs_per_s": round(linked_rate), "steady_msgs_per_s": round(steady_rate),
+            "ratio_linked_1conn": round(linked_rate / float(str(one["msgs_per_s"])), 3),
+            "ratio_steady_1conn": round(steady_rate / float(str(one["msgs_per_s"])), 3),
+            "timeline": [(round(t, 1), n) for t, n in samples[::max(1, len(samples) // 30)]],
             "parent_ingest_1conn": one["msgs_per_s"], "parent_ingest_origins": many["msgs_per_s"],
             "ratio_1conn": round(drain_rate / float(str(one["msgs_per_s"])), 3),
             "ratio_origins": round(drain_rate / float(str(many["msgs_per_s"])), 3),
@@ -160,6 +178,10 @@ def main() -> None:
             "live_p99_ms": round(pct(lat_sorted, 0.99) * 1000, 1),
         }
         print(json.dumps(result), flush=True)
+        print(f"drain: {backlog:,} messages in {drain_s:.1f} s from the parent's start = "
+              f"{drain_rate:,.0f} msg/s; {linked_rate:,.0f} msg/s from the link up "
+              f"({result['ratio_linked_1conn']}x), steady (10-90 %) {steady_rate:,.0f} msg/s "
+              f"({result['ratio_steady_1conn']}x); load average {_load()}")
         print(f"drain: {backlog:,} messages in {drain_s:.1f} s = {drain_rate:,.0f} msg/s "
               f"(peak {peak_rate:,.0f}); the parent's own QoS 1 ingest: "
               f"{one['msgs_per_s']:,.0f} msg/s over 1 connection (ratio "
@@ -171,6 +193,13 @@ def main() -> None:
         child.stop()
         parent.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
 
 
 def _read_live(api: HubClient, lat: list[float], t0: float) -> None:
