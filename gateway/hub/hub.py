@@ -20,7 +20,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gateway.errors import ForbiddenError, MessageTooLargeError, StoreFullError
+from gateway.errors import (
+    AuthError,
+    ForbiddenError,
+    MessageTooLargeError,
+    QuotaExceededError,
+    StoreFullError,
+)
 from gateway.hub import addresses, dps
 from gateway.hub.auth import Authenticator, Principal
 from gateway.hub.children import ChildDirectory
@@ -38,6 +44,8 @@ from gateway.hub.messages import (
     twin_change_event,
 )
 from gateway.hub.propbag import decode_bag
+from gateway.hub.quota import DailyQuota
+from gateway.hub.quota import units as quota_units
 from gateway.hub.registry import Device, Module, Registry
 from gateway.hub.twins import new_twin
 from gateway.hub.twinstore import TwinStore
@@ -145,6 +153,7 @@ class Hub:
         # The route table (DESIGN step 4); the routing service swaps in a new one on change.
         self.router = Router(hub_name=host_name, twins=twin_store.get)
         self.on_behalf: onbehalf.OnBehalf | None = None  # edge devices acting for others
+        self.quota: DailyQuota | None = None  # [hub] daily_message_quota (IoT Hub's 403002)
         self.refusing: str | None = None  # why new telemetry is refused (a full upstream queue)
         registry.add_listener(self._on_registry_change)
 
@@ -154,6 +163,9 @@ class Hub:
         self, client_id: str, username: str | None, password: bytes | None,
         cert_chain: Sequence[bytes] | None,
     ) -> Principal:
+        if self.quota is not None and self.quota.exhausted(self.clock()):
+            raise AuthError(f"daily message quota of {self.quota.limit} units used up (IoT Hub "
+                            "403002): refused until 00:00 UTC", connack=3)
         return self.authenticator.authenticate_mqtt(
             client_id=client_id, username=username, password=password,
             peer_cert_chain=cert_chain, now=self.clock(),
@@ -358,6 +370,14 @@ class Hub:
             refused: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             refused.set_exception(StoreFullError(self.refusing))
             return refused
+        if self.quota is not None and not self.quota.charge(
+                sum([quota_units(len(r.body) + len(r.props)) for r in rows
+                     if r.kind == TELEMETRY]), self.clock()):
+            over: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            over.set_exception(QuotaExceededError(
+                f"daily message quota of {self.quota.limit} units used up (IoT Hub 403002): "
+                "telemetry refused until 00:00 UTC"))
+            return over
         if self.on_behalf is not None and any(map(_ONCE_OF, rows)):
             return self.log.append_once(rows)  # a child's resends: dropped, not stored twice
         return self.log.append(rows)

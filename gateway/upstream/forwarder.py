@@ -26,7 +26,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gateway.config import UpstreamConfig
-from gateway.errors import StoreError, UpstreamError
+from gateway.errors import StoreError, UpstreamError, UpstreamRefusedError
+from gateway.hub.quota import next_midnight
 from gateway.hub.onbehalf import register_topic
 from gateway.store.db import Database
 from gateway.store.log import Entry, MessageLog
@@ -42,6 +43,7 @@ from gateway.upstream.settings import LinkSettings
 log = logging.getLogger(__name__)
 
 SCAN_CHUNK = 2000
+QUOTA_CONNACK = 3  # "server unavailable": a parent of ours whose daily quota is used up
 FLUSH_INTERVAL = 0.25
 
 
@@ -121,6 +123,9 @@ class Forwarder:
         self.ages = AgeClock(self.boot, [], [])
         self._dropped_saved: dict[str, dict[str, int]] = {}
         self.window = cfg.gateway_inflight if cfg.mode == "gateway" else cfg.max_inflight
+        self._window_now = self.window  # halved when throttled, grows back per PUBACK
+        self._sends = 0  # publishes sent on the current session
+        self._session_acks = 0  # and acknowledged
         self.backlog = Backlog(max_buffer=max(4 * self.window, 20_000))
         self.link = LinkState()
         self.epoch = ""
@@ -392,21 +397,31 @@ class Forwarder:
 
     async def _connect_loop(self) -> None:
         backoff = Backoff(self.cfg.reconnect_min, self.cfg.reconnect_max)
+        throttled = False
         while True:
-            self.link.set("connecting")
+            self.link.set("throttled" if throttled else "connecting")
             try:
                 session = await open_session(
                     self.settings, window=self.window, keepalive=self.cfg.keepalive,
                     token_ttl=self.cfg.token_ttl, ack_timeout=self.cfg.ack_timeout,
                     clock=self.clock)
+            except UpstreamRefusedError as exc:
+                if exc.connack != QUOTA_CONNACK:
+                    self.link.set("throttled" if throttled else "disconnected", str(exc))
+                    delay = backoff.next()
+                    log.warning("upstream connect failed: %s (retry in %.1f s)", exc, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                await self._pause(str(exc))
+                continue
             except UpstreamError as exc:
-                self.link.set("disconnected", str(exc))
+                self.link.set("throttled" if throttled else "disconnected", str(exc))
                 delay = backoff.next()
                 log.warning("upstream connect failed: %s (retry in %.1f s)", exc, delay)
                 await asyncio.sleep(delay)
                 continue
             self.link.connects += 1
-            self.link.set("connected")
+            self.link.set("throttled" if throttled else "connected")
             log.info("upstream connected host=%s port=%d as=%s", self.settings.host,
                      self.settings.port, self.settings.device_id)
             reason = await self._pump(session)
@@ -414,10 +429,30 @@ class Forwarder:
                 backoff.reset()
             if reason == "renew":
                 continue
-            self.link.set("disconnected", reason)
+            # the parent ended a session that carried publishes and acknowledged none of them:
+            # IoT Hub's throttling (429) over MQTT is a closed connection (ref §13). Slow down:
+            # half the window (it grows back by one per PUBACK), a longer pause; drop nothing.
+            throttled = self._sends > 0 and self._session_acks == 0
+            if throttled:
+                self._window_now = max(1, self._window_now // 2)
+                reason = f"throttled by the parent ({reason}); window {self._window_now}"
+            self.link.set("throttled" if throttled else "disconnected", reason)
             delay = backoff.next()
             log.warning("upstream link down: %s (retry in %.1f s)", reason, delay)
             await asyncio.sleep(delay)
+
+    async def _pause(self, reason: str) -> None:
+        """The parent's daily quota is used up (IoT Hub 403002; CONNACK 3 from a parent that
+        is this software): no reconnect loop, one attempt at the next 00:00 UTC, or earlier
+        every ``paused_probe`` seconds. The wall clock is read in steps of at most a minute,
+        so a clock set meanwhile is followed."""
+        until = next_midnight(time.time())
+        probe = time.monotonic() + self.cfg.paused_probe
+        self.link.set("paused", f"{reason}; paused until {_iso(until)}")
+        log.warning("upstream paused until %s: %s", _iso(until), reason)
+        while time.time() < until and time.monotonic() < probe:
+            await asyncio.sleep(max(0.05, min(60.0, until - time.time(),
+                                              probe - time.monotonic())))
 
     async def _pump(self, session: Session) -> str:
         """Send over ``session`` until it is lost (or due for a token renewal); returns why."""
@@ -425,6 +460,7 @@ class Forwarder:
         registered: set[wire.Origin] = set()
         registering: dict[wire.Origin, asyncio.Future[None]] = {}
         inflight = [0]  # publishes without their PUBACK yet, on this session
+        self._sends = self._session_acks = 0
         loop = asyncio.get_running_loop()
         stamp = self.cfg.mode == "gateway"
         encoder = wire.Encoder(self.epoch)
@@ -436,6 +472,9 @@ class Forwarder:
             if session.ended:
                 return
             session.acked += 1
+            self._session_acks += 1
+            if self._window_now < self.window:
+                self._window_now += 1
             backlog.acked(item)
             link.sent += 1
             self._count_sent(item.route)
@@ -459,7 +498,7 @@ class Forwarder:
                     renewing = True
                 if not renewing:
                     paced.clear()
-                    while inflight[0] < self.window:
+                    while inflight[0] < self._window_now:
                         item = backlog.take(now, registered if stamp else None, paced)
                         if item is None:
                             break
@@ -481,6 +520,7 @@ class Forwarder:
                             backlog.untake(item)
                             break
                         inflight[0] += 1
+                        self._sends += 1
                     if stamp and len(registering) < 64 and len(registered) < len(backlog.queues):
                         for q in backlog.waiting(now):
                             o = q.origin

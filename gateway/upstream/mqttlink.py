@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any, cast
 from collections import OrderedDict
 
-from gateway.errors import RemoteProtocolError, UpstreamError
+from gateway.errors import RemoteProtocolError, UpstreamError, UpstreamRefusedError
 from gateway.mqtt.codec import Decoder, encode
 from gateway.mqtt.packets import (
     Connack,
@@ -230,8 +230,10 @@ async def connect(host: str, port: int, ctx: ssl.SSLContext, *, client_id: str, 
             from None
     if connack.return_code != 0:
         link.lose("refused")
-        raise UpstreamError("parent refused the connection: CONNACK "
-                            f"{connack.return_code} ({_CONNACK.get(connack.return_code, '?')})")
+        raise UpstreamRefusedError(
+            "parent refused the connection: CONNACK "
+            f"{connack.return_code} ({_CONNACK.get(connack.return_code, '?')})",
+            connack=int(connack.return_code))
     link._timer = loop.create_task(link._watch())
     return link
 
