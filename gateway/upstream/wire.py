@@ -143,7 +143,7 @@ class Encoder:
         pairs.extend(data.get("application", {}).items())
         tail = encode_bag(pairs)
         if own:  # a message id of the device's own: per message, so in front and not cached
-            return base_topic(origin) + head + encode_bag([("$.mid", own)]) + "&" + tail
+            return base_topic(origin) + head + "$.mid=" + encode_component(own) + "&" + tail
         if len(self._rest) >= self.max_entries:
             self._rest.clear()
         base = base_topic(origin)
