@@ -221,6 +221,8 @@ class UpstreamConfig:
     disk_high_water: float = 0.95  # fraction of the data directory's disk: full above it
     priority: int = 0  # 0 (highest) .. 9, served by weighted fairness
     bandwidth: int = 0  # bytes/s over the link for the route; 0 = unlimited
+    # towards a parent of ours: backlog readings of one origin packed into messages <= 4 KB
+    pack: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -154,6 +154,7 @@ class Hub:
         self.router = Router(hub_name=host_name, twins=twin_store.get)
         self.on_behalf: onbehalf.OnBehalf | None = None  # edge devices acting for others
         self.quota: DailyQuota | None = None  # [hub] daily_message_quota (IoT Hub's 403002)
+        self.billed_messages = 0  # telemetry messages received (a pack of readings is one)
         self.refusing: str | None = None  # why new telemetry is refused (a full upstream queue)
         registry.add_listener(self._on_registry_change)
 
@@ -211,6 +212,11 @@ class Hub:
         topic with the stamp in front is prepared once per rest of the topic (cached) and
         only its sequence and message id are new per message."""
         assert self.on_behalf is not None
+        count = onbehalf.pack_count(topic)
+        if count is not None:  # readings packed by the child: unpacked in handle_publish
+            self.on_behalf.gateway(principal.device_id, principal.module_id)
+            at = topic.index("/messages/events/") + len("/messages/events/")
+            return onbehalf.Pack(topic[:at], count)
         stamped = onbehalf.split_stamp(topic)
         if stamped is not None:
             rest, seq, prev, mid = stamped
@@ -317,6 +323,8 @@ class Hub:
         if isinstance(prepared, onbehalf.RegisterOrigin):
             assert self.on_behalf is not None
             return self.on_behalf.register(prepared)
+        if type(prepared) is onbehalf.Pack:
+            return self._unpack(conn, prepared, packet)
         if isinstance(prepared, addresses.MethodResponse):
             self.methods.handle_response(conn.client_id, prepared, packet.payload)
             return None
@@ -355,6 +363,20 @@ class Hub:
         return Record(TELEMETRY, prepared.device_id, prepared.module_id, enqueued, props, body,
                       routes, once=prepared.once)
 
+    def _unpack(self, conn: Connection, pack: onbehalf.Pack,
+                packet: Publish) -> asyncio.Future[int]:
+        """A child's pack: every reading becomes its own stored message, as if it had come
+        alone on ``{base}{bag}`` (same checks, its own properties, id and dedupe position);
+        stored in one body, acknowledged together, billed as one message (ref §13)."""
+        assert conn.principal is not None
+        records = []
+        for bag, body in onbehalf.unpack_frames(packet.payload, pack.count):
+            prepared = self._prepare_on_behalf(conn.principal, pack.base + bag)
+            if type(prepared) is not PreparedTelemetry or prepared.once is None:
+                raise ForbiddenError("a pack holds only stamped telemetry of its origin")
+            records.append(self.telemetry_record(prepared, body))
+        return self.append(records, billed=quota_units(len(packet.payload) + len(packet.topic)))
+
     def refuse_telemetry(self, reason: str | None) -> None:
         """While ``reason`` is set, telemetry is refused: no PUBACK, the publisher keeps it
         (an upstream route full under ``reject-new``); None accepts again."""
@@ -365,19 +387,23 @@ class Hub:
                 log.info("accepting telemetry again")
         self.refusing = reason
 
-    def append(self, rows: Sequence[Record]) -> asyncio.Future[int]:
+    def append(self, rows: Sequence[Record], billed: int | None = None) -> asyncio.Future[int]:
+        """Store telemetry ``rows`` (one body). ``billed``: the quota units they cost when
+        they came as one message (a pack), else one per started 4 KB of each (ref §13),
+        charged only with a ``daily_message_quota``."""
         if self.refusing is not None:
             refused: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             refused.set_exception(StoreFullError(self.refusing))
             return refused
-        if self.quota is not None and not self.quota.charge(
-                sum([quota_units(len(r.body) + len(r.props)) for r in rows
-                     if r.kind == TELEMETRY]), self.clock()):
+        if self.quota is not None and not self.quota.charge(billed if billed is not None else sum(
+                [quota_units(len(r.body) + len(r.props)) for r in rows if r.kind == TELEMETRY]),
+                self.clock()):
             over: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             over.set_exception(QuotaExceededError(
                 f"daily message quota of {self.quota.limit} units used up (IoT Hub 403002): "
                 "telemetry refused until 00:00 UTC"))
             return over
+        self.billed_messages += 1 if billed is not None else len(rows)
         if self.on_behalf is not None and any(map(_ONCE_OF, rows)):
             return self.log.append_once(rows)  # a child's resends: dropped, not stored twice
         return self.log.append(rows)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
@@ -62,6 +63,57 @@ _EVENTS: Final = "/messages/events/"
 _SEQ_HEAD: Final = "$.gws="
 _PREV_HEAD: Final = "$.gwq="
 _MID_HEAD: Final = "$.mid="
+PACK_HEAD: Final = "$.gwk="  # a pack: ``{base}$.gwk={count}&...``, the readings in the body
+_FRAME: Final = struct.Struct(">HI")  # per reading in a pack: bag length, body length
+
+
+def pack_count(topic: str) -> int | None:
+    """The number of readings if ``topic`` is a pack's, else None."""
+    at = topic.find(_EVENTS)
+    if at < 0 or not topic.startswith(PACK_HEAD, at + len(_EVENTS)):
+        return None
+    start = at + len(_EVENTS) + len(PACK_HEAD)
+    end = topic.find("&", start)
+    digits = topic[start:end] if end >= 0 else topic[start:]
+    return int(digits) if digits.isascii() and digits.isdigit() and 0 < int(digits) < 65536 \
+        else None
+
+
+def pack_frame(bag: str, body: bytes) -> bytes:
+    """One reading in a pack's body: its own bag (stamp, message id, properties), its body."""
+    raw = bag.encode()
+    return _FRAME.pack(len(raw), len(body)) + raw + body
+
+
+def unpack_frames(payload: bytes, count: int) -> list[tuple[str, bytes]]:
+    """The (bag, body) readings of a pack; ForbiddenError unless exactly ``count`` frames."""
+    out: list[tuple[str, bytes]] = []
+    pos = 0
+    while pos < len(payload):
+        if pos + _FRAME.size > len(payload):
+            raise ForbiddenError("malformed pack: truncated frame header")
+        nbag, nbody = _FRAME.unpack_from(payload, pos)
+        pos += _FRAME.size
+        end = pos + nbag + nbody
+        if end > len(payload):
+            raise ForbiddenError("malformed pack: truncated frame")
+        try:
+            bag = payload[pos:pos + nbag].decode()
+        except UnicodeDecodeError:
+            raise ForbiddenError("malformed pack: a bag is not UTF-8") from None
+        out.append((bag, payload[pos + nbag:end]))
+        pos = end
+    if len(out) != count:
+        raise ForbiddenError(f"malformed pack: {len(out)} readings, the topic says {count}")
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Pack:
+    """A prepared pack topic: ``base`` is the origin's ``devices/.../messages/events/``."""
+
+    base: str
+    count: int
 
 
 def split_stamp(topic: str) -> tuple[str, int, int | None, str | None] | None:

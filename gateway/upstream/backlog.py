@@ -181,6 +181,18 @@ class Backlog:
                 return item
         return None
 
+    def take_next(self, item: Item) -> Item | None:
+        """The next message of ``item``'s queue after it, taken the same way (packing), or
+        None when that queue has nothing more waiting."""
+        q = item.queue
+        if q is None or not q.pending or not q.inflight or q.inflight[-1] is not item:
+            return None
+        nxt = q.pending.popleft()
+        nxt.prev = item.seq
+        q.inflight.append(nxt)
+        self.inflight += 1
+        return nxt
+
     def untake(self, item: Item) -> None:
         """Put back the message :meth:`take` just returned (it was not sent after all)."""
         q = self.queues[(item.route, item.origin)]

@@ -115,17 +115,23 @@ class Encoder:
     def __init__(self, epoch: str, max_entries: int = 4096) -> None:
         self.epoch = epoch
         self.max_entries = max_entries
-        self._rest: dict[tuple[str, Origin, str], tuple[str, str]] = {}
+        self._rest: dict[tuple[str, Origin, str], str] = {}
 
     def topic(self, entry: Entry, origin: Origin, route: str = DEFAULT_ROUTE,
               prev: int | None = None) -> str:
         """The stamped topic of ``entry``; ``prev``: the sequence of the message sent before
         it in its queue, when known (the parent's gap check, :mod:`gateway.store.dedupe`)."""
+        return base_topic(origin) + self.bag(entry, origin, route, prev)
+
+    def bag(self, entry: Entry, origin: Origin, route: str = DEFAULT_ROUTE,
+            prev: int | None = None) -> str:
+        """:meth:`topic` without the origin's ``devices/.../messages/events/`` (a reading in
+        a pack)."""
         head = f"$.gws={entry.seq}&" if prev is None else f"$.gws={entry.seq}&$.gwq={prev}&"
         key = (entry.props, origin, route)
         rest = self._rest.get(key)
         if rest is not None:
-            return rest[0] + head + rest[1]
+            return head + rest
         data = json.loads(entry.props)
         system: dict[str, str] = data.get("system", {})
         pairs: list[tuple[str, str | None]] = []
@@ -143,9 +149,15 @@ class Encoder:
         pairs.extend(data.get("application", {}).items())
         tail = encode_bag(pairs)
         if own:  # a message id of the device's own: per message, so in front and not cached
-            return base_topic(origin) + head + "$.mid=" + encode_component(own) + "&" + tail
+            return head + "$.mid=" + encode_component(own) + "&" + tail
         if len(self._rest) >= self.max_entries:
             self._rest.clear()
-        base = base_topic(origin)
-        self._rest[key] = (base, tail)
-        return base + head + tail
+        self._rest[key] = tail
+        return head + tail
+
+
+PACK_LIMIT = 4096  # IoT Hub bills per started 4 KB: a pack fills one unit
+def pack_topic(origin: Origin, count: int, epoch: str) -> str:
+    """The topic of a pack of ``count`` readings of ``origin`` (:func:`gateway.hub.onbehalf.
+    split_pack` at the parent)."""
+    return f"{base_topic(origin)}{onbehalf.PACK_HEAD}{count}&%24.gwe={encode_component(epoch)}"
