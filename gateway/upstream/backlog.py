@@ -17,6 +17,18 @@ w/sum of the sends while it has work, so a low class is never starved, unlike ed
 at priority 0, fact 7); inside a class, origins take turns (round robin).
 
 Nothing here does I/O or reads a clock: the shell passes ``now`` (monotonic seconds).
+
+Not built yet, the live-first lane, and how it must be done: sending new messages ahead of
+the backlog breaks the parent's one high-water mark per (gateway, route, origin) (a live
+message raises it; the older backlog is then dropped as a duplicate). The plan: *segments*.
+When the link comes up with a backlog, the route records a boundary B (the scanner's position)
+durably, before sending anything above it; each (route, origin) is then several queues, one per
+segment (B_i, B_i+1], each with its own cursor and its own dedupe key at the parent (the key
+gets ``@B_i``), so each lane is in order on its own and a message never changes lane (its
+segment follows from its sequence and the recorded boundaries, across restarts). The newest
+segment is the live lane and goes first; older segments drain behind it, oldest first; a
+segment whose cursor passed its end is forgotten once the floor passed it. ``prev`` (the gap
+check) then chains within a segment.
 """
 
 from __future__ import annotations

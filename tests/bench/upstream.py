@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--origins", type=int, default=100)
     ap.add_argument("--window", type=int, default=512, help="the forwarder's QoS 1 window")
     ap.add_argument("--live-rate", type=float, default=20.0)
+    ap.add_argument("--pack", action="store_true",
+                    help="[upstream] pack = true: the backlog goes up in packs of <= 4 KB")
     ap.add_argument("--loadgen", default=str(LOADGEN if LOADGEN.exists()
                                              else REPO.parent.parent / "shared/tools/loadgen.py"))
     args = ap.parse_args()
@@ -83,6 +85,7 @@ def main() -> None:
     child = HubProcess(tmp / "child", host_name="child.local", address=CHILD_ADDRESS,
                        log_level="warning", extra_config=(
                            f"[upstream]\ngateway_inflight = {args.window}\n"
+                           f"pack = {'true' if args.pack else 'false'}\n"
                            "reconnect_min = 0.2\nreconnect_max = 0.5\n"))
     try:
         parent.start()
@@ -136,6 +139,8 @@ def main() -> None:
             time.sleep(0.5)
         drain_s = time.monotonic() - t0
         stop.set()
+        packed = s.get("packed", {"messages": 0, "readings": 0})
+        billed = _billed(parent)
         drain_rate = backlog / drain_s
         up_s = time.monotonic() - (connected_at or t0)
         linked_rate = backlog / up_s
@@ -173,6 +178,9 @@ def main() -> None:
             "parent_ingest_1conn": one["msgs_per_s"], "parent_ingest_origins": many["msgs_per_s"],
             "ratio_1conn": round(drain_rate / float(str(one["msgs_per_s"])), 3),
             "ratio_origins": round(drain_rate / float(str(many["msgs_per_s"])), 3),
+            "pack": args.pack, "packs": packed["messages"], "packed_readings": packed["readings"],
+            "billed_at_parent": billed, "readings_sent": s["sent"],
+            "load_average": _load(),
             "live_messages": len(lat_sorted),
             "live_p50_ms": round(pct(lat_sorted, 0.5) * 1000, 1),
             "live_p99_ms": round(pct(lat_sorted, 0.99) * 1000, 1),
@@ -182,6 +190,8 @@ def main() -> None:
               f"{drain_rate:,.0f} msg/s; {linked_rate:,.0f} msg/s from the link up "
               f"({result['ratio_linked_1conn']}x), steady (10-90 %) {steady_rate:,.0f} msg/s "
               f"({result['ratio_steady_1conn']}x); load average {_load()}")
+        print(f"billed at the parent: {billed:,.0f} messages for {s['sent']:,} readings "
+              f"({packed['messages']:,} packs holding {packed['readings']:,})")
         print(f"drain: {backlog:,} messages in {drain_s:.1f} s = {drain_rate:,.0f} msg/s "
               f"(peak {peak_rate:,.0f}); the parent's own QoS 1 ingest: "
               f"{one['msgs_per_s']:,.0f} msg/s over 1 connection (ratio "
@@ -193,6 +203,15 @@ def main() -> None:
         child.stop()
         parent.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _billed(hub: HubProcess) -> float:
+    """The parent's ``gateway_telemetry_billed_messages`` (a pack counts once)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    with HubClient(hub.data_dir)._open("GET", "/metrics") as response:
+        text = response.read().decode()
+    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name.startswith("gateway_telemetry_billed_messages"))
 
 
 def _load() -> str:
