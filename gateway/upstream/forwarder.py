@@ -534,6 +534,9 @@ class Forwarder:
                                 self.policy(item.route).pack:
                             pack = self._pack(encoder, item)
                             if pack is not None:
+                                if rate:  # the bucket paid for the first reading only
+                                    buckets[item.route].tokens -= sum(
+                                        one.size for one in pack[2][1:])
                                 if not session.send_nowait(pack[0], pack[1], done_pack, pack[2]):
                                     for one in reversed(pack[2]):
                                         backlog.untake(one)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -124,11 +125,13 @@ def main() -> None:
         last = (time.monotonic(), 0)
         samples: list[tuple[float, int]] = []
         connected_at: float | None = None
+        cpu0 = (0.0, 0.0, 0)
         while True:
             s = status(child)
             now = time.monotonic()
             if connected_at is None and s["state"] == "connected":
                 connected_at = now
+                cpu0 = (_cpu(child.pid), _cpu(parent.pid), s["sent"])
             samples.append((now - t0, s["sent"]))
             peak_rate = max(peak_rate, (s["sent"] - last[1]) / max(1e-6, now - last[0]))
             last = (now, s["sent"])
@@ -138,6 +141,7 @@ def main() -> None:
                 raise SystemExit("the drain took over an hour")
             time.sleep(0.5)
         drain_s = time.monotonic() - t0
+        cpu1 = (_cpu(child.pid), _cpu(parent.pid), s["sent"])
         stop.set()
         packed = s.get("packed", {"messages": 0, "readings": 0})
         billed = _billed(parent)
@@ -167,6 +171,12 @@ def main() -> None:
         finally:
             fresh.stop()
         lat_sorted = sorted(lat)
+        # CPU per forwarded message on each side (from the link up): what the drain would be
+        # with a core per hub, against the parent's own CPU per ingested message
+        moved = max(1, cpu1[2] - cpu0[2])
+        child_us = 1e6 * (cpu1[0] - cpu0[0]) / moved
+        parent_us = 1e6 * (cpu1[1] - cpu0[1]) / moved
+        ingest_us = float(str(one.get("broker_cpu_us_per_msg") or "nan"))
         result = {
             "backlog": backlog, "drain_s": round(drain_s, 1),
             "drain_msgs_per_s": round(drain_rate), "peak_msgs_per_s": round(peak_rate),
@@ -178,6 +188,10 @@ def main() -> None:
             "parent_ingest_1conn": one["msgs_per_s"], "parent_ingest_origins": many["msgs_per_s"],
             "ratio_1conn": round(drain_rate / float(str(one["msgs_per_s"])), 3),
             "ratio_origins": round(drain_rate / float(str(many["msgs_per_s"])), 3),
+            "child_cpu_us_per_msg": round(child_us, 1),
+            "parent_cpu_us_per_msg": round(parent_us, 1),
+            "parent_ingest_cpu_us_per_msg_1conn": ingest_us,
+            "ratio_cpu": round(ingest_us / max(child_us, parent_us), 3),
             "pack": args.pack, "packs": packed["messages"], "packed_readings": packed["readings"],
             "billed_at_parent": billed, "readings_sent": s["sent"],
             "load_average": _load(),
@@ -190,6 +204,8 @@ def main() -> None:
               f"{drain_rate:,.0f} msg/s; {linked_rate:,.0f} msg/s from the link up "
               f"({result['ratio_linked_1conn']}x), steady (10-90 %) {steady_rate:,.0f} msg/s "
               f"({result['ratio_steady_1conn']}x); load average {_load()}")
+        print(f"CPU per message: child {child_us:.1f} us, parent {parent_us:.1f} us; the "
+              f"parent's own QoS 1 ingest {ingest_us:.1f} us (CPU ratio {result['ratio_cpu']}x)")
         print(f"billed at the parent: {billed:,.0f} messages for {s['sent']:,} readings "
               f"({packed['messages']:,} packs holding {packed['readings']:,})")
         print(f"drain: {backlog:,} messages in {drain_s:.1f} s = {drain_rate:,.0f} msg/s "
@@ -212,6 +228,12 @@ def _billed(hub: HubProcess) -> float:
         text = response.read().decode()
     return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
                 if s.name.startswith("gateway_telemetry_billed_messages"))
+
+
+def _cpu(pid: int) -> float:
+    """utime + stime of ``pid`` in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _load() -> str:
