@@ -97,15 +97,20 @@ class _StampTemplate:
     key: str
     epoch: str
 
-    def prepare(self, seq: int, prev: int | None, mid: str | None) -> PreparedTelemetry:
+    def prepare(self, seq: int, prev: int | None, mid: str | None,
+                routed: bool = True) -> PreparedTelemetry:
+        """This message's own. ``routed``: routes look at ``system``, so it gets its own
+        copy with the message id (else the template's is shared, read by nobody)."""
         mid = mid or f"{self.epoch}-{seq}"
         if mid.isascii() and mid.isprintable() and '"' not in mid and "\\" not in mid:
             quoted, size = f'"{mid}"', len(mid)
         else:
             quoted, size = json.dumps(mid, ensure_ascii=False), len(mid.encode())
         p = self.prepared
-        system = dict(p.system)
-        system["message-id"] = mid
+        system = p.system
+        if routed:
+            system = dict(system)
+            system["message-id"] = mid
         return PreparedTelemetry(
             p.device_id, p.module_id, self.head + quoted + self.tail, p.props_size - 1 + size,
             self.retained_head + quoted + self.retained_tail, system, p.application,
@@ -226,7 +231,7 @@ class Hub:
                 template = self._stamp_template(principal, rest)
                 self.on_behalf.remember(cache_key, template)
             if type(template) is _StampTemplate:
-                return template.prepare(seq, prev, mid)
+                return template.prepare(seq, prev, mid, not self.router.trivial)
         return self._prepare_on_behalf_topic(principal, topic)
 
     def _stamp_template(self, principal: Principal, rest: str) -> _StampTemplate | bool:

@@ -43,6 +43,13 @@ def insert_once(conn: sqlite3.Connection, records: Sequence[Any]) -> tuple[int, 
     """Insert the records not seen before, raise their marks; return (seq of the last row
     inserted or 0, the rows inserted, how many were dropped as duplicates)."""
     marks: dict[str, tuple[str, int]] = {}
+    keys = list({r.once[0] for r in records if getattr(r, "once", None) is not None})
+    for start in range(0, len(keys), 500):  # one query per 500 keys (SQLite's variable limit)
+        chunk = keys[start:start + 500]
+        for key, epoch, seq in conn.execute(
+                "SELECT key, epoch, seq FROM log_dedupe WHERE key IN "
+                f"({','.join('?' * len(chunk))})", chunk):
+            marks[str(key)] = (str(epoch), int(seq))
     changed: set[str] = set()
     rows: list[Row] = []
     dropped = 0
@@ -53,9 +60,7 @@ def insert_once(conn: sqlite3.Connection, records: Sequence[Any]) -> tuple[int, 
             prev = once[3] if len(once) > 3 else None
             mark = marks.get(key)
             if mark is None:
-                found = conn.execute(
-                    "SELECT epoch, seq FROM log_dedupe WHERE key = ?", (key,)).fetchone()
-                mark = (str(found[0]), int(found[1])) if found else ("", 0)
+                mark = ("", 0)
             if mark[0] == epoch and seq <= mark[1]:
                 dropped += 1
                 marks[key] = mark

@@ -81,6 +81,7 @@ class OriginQueue:
     dirty: bool = False
     sent: int = 0
     chain: int | None = None  # last seq the parent acknowledged in this run (not moved by drops)
+    singles: int = 0  # sent alone and not acknowledged yet, on this link (packing waits)
 
     @property
     def key(self) -> QueueKey:
@@ -267,6 +268,7 @@ class Backlog:
             q.pending.extendleft(reversed(q.inflight))
             q.inflight.clear()
             q.done.clear()
+            q.singles = 0
             self._ready(q)
         if oldest is None:
             return None

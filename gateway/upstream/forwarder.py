@@ -473,6 +473,8 @@ class Forwarder:
             inflight[0] -= 1
             if session.ended:
                 return
+            if item.queue is not None:
+                item.queue.singles -= 1
             session.acked += 1
             self._session_acks += 1
             if self._window_now < self.window:
@@ -530,8 +532,10 @@ class Forwarder:
                                 backlog.untake(item)
                                 paced.add(item.route)
                                 continue
+                        # pack only behind packs: a reading sent alone may still sit in the
+                        # parent's batch when a pack (stored at once) arrives after it
                         if stamp and item.queue is not None and item.queue.pending and \
-                                self.policy(item.route).pack:
+                                not item.queue.singles and self.policy(item.route).pack:
                             pack = self._pack(encoder, item)
                             if pack is not None:
                                 if rate:  # the bucket paid for the first reading only
@@ -552,6 +556,8 @@ class Forwarder:
                         if not session.send_nowait(topic, item.entry.body, done, item):
                             backlog.untake(item)
                             break
+                        if item.queue is not None:
+                            item.queue.singles += 1
                         inflight[0] += 1
                         self._sends += 1
                     if stamp and len(registering) < 64 and len(registered) < len(backlog.queues):
