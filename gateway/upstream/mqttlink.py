@@ -169,6 +169,7 @@ class MqttLink:
             self.lost.set_result(reason)
         if not self.connack.done():
             self.connack.set_exception(UpstreamError(reason))
+            self.connack.exception()  # retrieved: nobody awaits it when the dial itself failed
         pending, self._pending = self._pending, OrderedDict()
         for future, _, _, _ in pending.values():
             if future is not None and not future.done():
