@@ -449,7 +449,7 @@ class Forwarder:
         every ``paused_probe`` seconds. The wall clock is read in steps of at most a minute,
         so a clock set meanwhile is followed."""
         until = next_midnight(time.time())
-        probe = time.monotonic() + self.cfg.paused_probe
+        probe = time.monotonic() + max(1.0, self.cfg.paused_probe)  # never a loop
         self.link.set("paused", f"{reason}; paused until {_iso(until)}")
         log.warning("upstream paused until %s: %s", _iso(until), reason)
         while time.time() < until and time.monotonic() < probe:
