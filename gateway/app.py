@@ -43,6 +43,7 @@ from gateway.hub.hub import Hub
 from gateway.hub.methods import MethodService
 from gateway.hub.modinputs import ModuleInputService
 from gateway.hub.onbehalf import OnBehalf
+from gateway.hub.quota import DailyQuota
 from gateway.hub.registry import Device, Module, Registry
 from gateway.hub.twinstore import TwinStore
 from gateway.hub.twinsvc import TwinService
@@ -166,6 +167,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         hub.methods = MethodService(broker, hub.children)
         if config.hub.on_behalf:
             hub.on_behalf = OnBehalf(registry, tasks_)
+        if config.hub.daily_message_quota:
+            hub.quota = DailyQuota(config.hub.daily_message_quota)
         hub.children.broker = broker
         broker.ready_hooks.append(hub.children.on_ready)
         registry.add_listener(hub.children.identity_changed, updates=True)

@@ -101,6 +101,8 @@ class HubConfig:
     aliases: tuple[str, ...] = ()
     addresses: tuple[str, ...] = ()
     on_behalf: bool = True  # edge devices (--edge) may send for the identities in their scope
+    # telemetry units (one per started 4 KB) per UTC day, as IoT Hub meters; 0: no quota
+    daily_message_quota: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -205,6 +207,8 @@ class UpstreamConfig:
     token_ttl: int = 3600  # SAS tokens, renewed at 80 % of their life (reconnect between windows)
     reconnect_min: float = 1.0  # jittered exponential backoff
     reconnect_max: float = 60.0
+    # the parent's daily quota used up (403002): wait for 00:00 UTC, trying once every this many s
+    paused_probe: float = 3600.0
     connect_rate: float = 100.0  # identity mode: new connections per second (S1: 100/s)
     policy_name: str = ""  # identity mode: a DeviceConnect policy of the parent, instead of
     policy_key: str = ""  # ... each device's own key from our registry
@@ -217,6 +221,8 @@ class UpstreamConfig:
     disk_high_water: float = 0.95  # fraction of the data directory's disk: full above it
     priority: int = 0  # 0 (highest) .. 9, served by weighted fairness
     bandwidth: int = 0  # bytes/s over the link for the route; 0 = unlimited
+    # towards a parent of ours: backlog readings of one origin packed into messages <= 4 KB
+    pack: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -97,8 +97,21 @@ class StoreFullError(StoreError):
     """The store is at its byte cap and its policy is to refuse new messages."""
 
 
+class QuotaExceededError(StoreError):
+    """The hub's daily message quota is used up (IoT Hub 403002): nothing is stored until
+    00:00 UTC."""
+
+
 class UpstreamError(GatewayError):
     """The link to the parent hub failed."""
+
+
+class UpstreamRefusedError(UpstreamError):
+    """The parent refused the upstream connection with CONNACK return code ``connack``."""
+
+    def __init__(self, reason: str, *, connack: int) -> None:
+        super().__init__(reason)
+        self.connack = connack
 
 
 class EndpointError(GatewayError):

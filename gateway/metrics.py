@@ -89,6 +89,10 @@ class _HubCollector:
         nbytes = GaugeMetricFamily("gateway_store_bytes", "Bytes held in the store")
         nbytes.add_metric([], stats.bytes)
         yield nbytes
+        yield CounterMetricFamily(
+            "gateway_telemetry_billed_messages",
+            "Telemetry messages received, as IoT Hub bills them: a pack of readings is one",
+            value=self.broker.hub.billed_messages)
         rejected = CounterMetricFamily("gateway_messages_rejected",
                                        "Messages refused (store full)", value=stats.rejected)
         yield rejected

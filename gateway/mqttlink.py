@@ -21,10 +21,11 @@ import asyncio
 import contextlib
 import ssl
 import time
-from typing import cast
+from collections.abc import Callable
+from typing import Any, cast
 from collections import OrderedDict
 
-from gateway.errors import GatewayError, RemoteProtocolError, UpstreamError
+from gateway.errors import GatewayError, RemoteProtocolError, UpstreamError, UpstreamRefusedError
 from gateway.mqtt.codec import Decoder, encode
 from gateway.mqtt.packets import (
     Connack,
@@ -88,7 +89,9 @@ class MqttLink:
         self.keepalive = keepalive
         self.ack_timeout = ack_timeout
         self.last_rx = self.last_tx = time.monotonic()
-        self._pending: OrderedDict[int, tuple[asyncio.Future[None], float]] = OrderedDict()
+        # packet id -> (future or None, sent at, on_ack or None, token for on_ack)
+        self._pending: OrderedDict[int, tuple[asyncio.Future[None] | None, float,
+                                              Callable[[Any], None] | None, Any]] = OrderedDict()
         self._next_id = 0
         self._out: list[bytes] = []
         self._timer: asyncio.Task[None] | None = None
@@ -119,7 +122,7 @@ class MqttLink:
             if pid not in self._pending:
                 break
         self._next_id = pid
-        self._pending[pid] = (future, time.monotonic())
+        self._pending[pid] = (future, time.monotonic(), None, None)
         self.write(encode(Publish(topic=topic, payload=payload, qos=1, packet_id=pid)))
         return future
 
@@ -130,19 +133,59 @@ class MqttLink:
         self.write(encode(Publish(topic=topic, payload=payload, qos=0)))
         return True
 
+    def send_nowait(self, topic: str, payload: bytes, on_ack: Callable[[Any], None],
+                    token: Any) -> bool:
+        """:meth:`send` without a future (the forwarder's hot path): ``on_ack(token)`` is
+        called from the PUBACK; nothing is called if the link goes (the caller watches
+        :attr:`lost`). False if the link is gone or every packet id is in use."""
+        if self.lost.done() or len(self._pending) >= 65535:
+            return False
+        pid = self._next_id
+        while True:
+            pid = pid % 65535 + 1
+            if pid not in self._pending:
+                break
+        self._next_id = pid
+        self._pending[pid] = (None, time.monotonic(), on_ack, token)
+        raw = topic.encode()
+        if len(raw) > 65535:  # let the codec refuse it with its own error
+            self.write(encode(Publish(topic=topic, payload=payload, qos=1, packet_id=pid)))
+            return True
+        # PUBLISH QoS 1 (MQTT 3.1.1 §3.3): fixed header, topic, packet id, payload
+        size = len(raw) + 4 + len(payload)
+        head = bytearray(b"\x32")
+        while True:
+            size, digit = divmod(size, 128)
+            head.append(digit | 0x80 if size else digit)
+            if not size:
+                break
+        head += len(raw).to_bytes(2, "big")
+        head += raw
+        head += pid.to_bytes(2, "big")
+        self.write(bytes(head))
+        self.write(payload)
+        return True
+
     def acked_packet(self, pid: int) -> None:
         entry = self._pending.pop(pid, None)
-        if entry is not None and not entry[0].done():
-            entry[0].set_result(None)
+        if entry is None:
+            return
+        future, _, on_ack, token = entry
+        if future is None:
+            if on_ack is not None:
+                on_ack(token)
+        elif not future.done():
+            future.set_result(None)
 
     def lose(self, reason: str) -> None:
         if not self.lost.done():
             self.lost.set_result(reason)
         if not self.connack.done():
             self.connack.set_exception(self.error(reason))
+            self.connack.exception()  # retrieved: nobody awaits it when the dial itself failed
         pending, self._pending = self._pending, OrderedDict()
-        for future, _ in pending.values():
-            if not future.done():
+        for future, _, _, _ in pending.values():
+            if future is not None and not future.done():
                 future.set_exception(self.error(reason))
         if self.transport is not None:
             self.transport.abort()
@@ -159,7 +202,7 @@ class MqttLink:
                 self.lose(f"keep-alive expired: nothing from {self.peer}")
                 return
             if self._pending:
-                _, (_, sent) = next(iter(self._pending.items()))
+                _, (_, sent, _, _) = next(iter(self._pending.items()))
                 if now - sent > self.ack_timeout:
                     self.lose(f"no PUBACK for {self.ack_timeout:.0f} s")
                     return
@@ -204,8 +247,11 @@ async def connect(host: str, port: int, ctx: ssl.SSLContext | None, *, client_id
         raise error(f"cannot connect to {host}:{port}: {exc or type(exc).__name__}") from None
     if connack.return_code != 0:
         link.lose("refused")
-        raise error(f"{peer} refused the connection: CONNACK "
-                            f"{connack.return_code} ({_CONNACK.get(connack.return_code, '?')})")
+        reason = (f"{peer} refused the connection: CONNACK {connack.return_code} "
+                  f"({_CONNACK.get(connack.return_code, '?')})")
+        if error is UpstreamError:  # the link backs off by the code (a 403002 quota waits)
+            raise UpstreamRefusedError(reason, connack=int(connack.return_code))
+        raise error(reason)
     link._timer = loop.create_task(link._watch())
     return link
 

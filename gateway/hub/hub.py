@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import operator
 import time
@@ -21,7 +22,14 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from gateway.errors import ForbiddenError, MessageTooLargeError, StoreError, StoreFullError
+from gateway.errors import (
+    AuthError,
+    ForbiddenError,
+    MessageTooLargeError,
+    QuotaExceededError,
+    StoreError,
+    StoreFullError,
+)
 from gateway.hub import addresses, dps
 from gateway.hub.auth import Authenticator, Principal
 from gateway.hub.children import ChildDirectory
@@ -39,6 +47,8 @@ from gateway.hub.messages import (
     twin_change_event,
 )
 from gateway.hub.propbag import decode_bag
+from gateway.hub.quota import DailyQuota
+from gateway.hub.quota import units as quota_units
 from gateway.hub.registry import Device, Module, Registry
 from gateway.hub.twins import new_twin
 from gateway.hub.twinstore import TwinStore
@@ -74,7 +84,40 @@ class PreparedTelemetry:
     system: Mapping[str, str]  # what ``props`` holds, for route conditions (read-only)
     application: Mapping[str, str | None]
     retained_application: Mapping[str, str | None]
-    once: tuple[str, str, int] | None = None  # on-behalf-of: (dedupe key, epoch, seq)
+    once: tuple[str, str, int, int | None] | None = None  # on-behalf-of: key, epoch, seq, prev
+
+
+@dataclass(frozen=True, slots=True)
+class _StampTemplate:
+    """A stamped on-behalf-of topic, prepared once (:meth:`Hub._prepare_on_behalf`): the
+    stored JSON split around the message id, which is spliced in per message."""
+
+    prepared: PreparedTelemetry  # with message-id "\x00" and sequence 0
+    head: str
+    tail: str
+    retained_head: str
+    retained_tail: str
+    key: str
+    epoch: str
+
+    def prepare(self, seq: int, prev: int | None, mid: str | None,
+                routed: bool = True) -> PreparedTelemetry:
+        """This message's own. ``routed``: routes look at ``system``, so it gets its own
+        copy with the message id (else the template's is shared, read by nobody)."""
+        mid = mid or f"{self.epoch}-{seq}"
+        if mid.isascii() and mid.isprintable() and '"' not in mid and "\\" not in mid:
+            quoted, size = f'"{mid}"', len(mid)
+        else:
+            quoted, size = json.dumps(mid, ensure_ascii=False), len(mid.encode())
+        p = self.prepared
+        system = p.system
+        if routed:
+            system = dict(system)
+            system["message-id"] = mid
+        return PreparedTelemetry(
+            p.device_id, p.module_id, self.head + quoted + self.tail, p.props_size - 1 + size,
+            self.retained_head + quoted + self.retained_tail, system, p.application,
+            p.retained_application, (self.key, self.epoch, seq, prev))
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +161,8 @@ class Hub:
         # The route table (DESIGN step 4); the routing service swaps in a new one on change.
         self.router = Router(hub_name=host_name, twins=twin_store.get)
         self.on_behalf: onbehalf.OnBehalf | None = None  # edge devices acting for others
+        self.quota: DailyQuota | None = None  # [hub] daily_message_quota (IoT Hub's 403002)
+        self.billed_messages = 0  # telemetry messages received (a pack of readings is one)
         self.refusing: str | None = None  # why new telemetry is refused (a full upstream queue)
         self._twin_readers = 0  # live readers of ``events`` that want twin-change events
         registry.add_listener(self._on_registry_change)
@@ -128,6 +173,9 @@ class Hub:
         self, client_id: str, username: str | None, password: bytes | None,
         cert_chain: Sequence[bytes] | None,
     ) -> Principal:
+        if self.quota is not None and self.quota.exhausted(self.clock()):
+            raise AuthError(f"daily message quota of {self.quota.limit} units used up (IoT Hub "
+                            "403002): refused until 00:00 UTC", connack=3)
         return self.authenticator.authenticate_mqtt(
             client_id=client_id, username=username, password=password,
             peer_cert_chain=cert_chain, now=self.clock(),
@@ -169,7 +217,45 @@ class Hub:
 
     def _prepare_on_behalf(self, principal: Principal, topic: str) -> Any:
         """An edge device registering or sending for an identity in its scope (on-behalf-of,
-        :mod:`gateway.hub.onbehalf`): the origin is stamped, the gateway path recorded."""
+        :mod:`gateway.hub.onbehalf`): the origin is stamped, the gateway path recorded. A
+        topic with the stamp in front is prepared once per rest of the topic (cached) and
+        only its sequence and message id are new per message."""
+        assert self.on_behalf is not None
+        count = onbehalf.pack_count(topic)
+        if count is not None:  # readings packed by the child: unpacked in handle_publish
+            self.on_behalf.gateway(principal.device_id, principal.module_id)
+            at = topic.index("/messages/events/") + len("/messages/events/")
+            return onbehalf.Pack(topic[:at], count)
+        stamped = onbehalf.split_stamp(topic)
+        if stamped is not None:
+            rest, seq, prev, mid = stamped
+            cache_key = (principal.device_id, rest)
+            template = self.on_behalf.templates.get(cache_key)
+            if template is None:
+                template = self._stamp_template(principal, rest)
+                self.on_behalf.remember(cache_key, template)
+            if type(template) is _StampTemplate:
+                return template.prepare(seq, prev, mid, not self.router.trivial)
+        return self._prepare_on_behalf_topic(principal, topic)
+
+    def _stamp_template(self, principal: Principal, rest: str) -> _StampTemplate | bool:
+        """``rest`` prepared the general way with a marker for the message id; False when it
+        cannot be spliced (the per-message path then parses every message whole)."""
+        at = rest.index("/messages/events/") + len("/messages/events/")
+        probe = f"{rest[:at]}{onbehalf.SEQ_KEY}=0&$.mid=%00&{rest[at:]}"
+        prepared = self._prepare_on_behalf_topic(principal, probe)
+        if type(prepared) is not PreparedTelemetry or prepared.once is None:
+            return False
+        mark = '"\\u0000"'
+        if prepared.props.count(mark) != 1 or prepared.retained_props.count(mark) != 1 \
+                or prepared.system.get("message-id") != "\x00":
+            return False
+        head, tail = prepared.props.split(mark)
+        retained_head, retained_tail = prepared.retained_props.split(mark)
+        return _StampTemplate(prepared, head, tail, retained_head, retained_tail,
+                              prepared.once[0], prepared.once[1])
+
+    def _prepare_on_behalf_topic(self, principal: Principal, topic: str) -> Any:
         assert self.on_behalf is not None
         gateway = self.on_behalf.gateway(principal.device_id, principal.module_id)
         if topic.startswith(onbehalf.REGISTER_PREFIX):
@@ -198,9 +284,10 @@ class Hub:
             epoch = application.pop(onbehalf.EPOCH_KEY, None)
             seq = application.pop(onbehalf.SEQ_KEY, None)
             route = application.pop(onbehalf.ROUTE_KEY, None)
+            prev = application.pop(onbehalf.PREV_KEY, None)
             if epoch and seq and seq.isdigit():
                 key = f"{gateway}/{principal.client_id}" + (f"#{route}" if route else "")
-                once = (key, epoch, int(seq))
+                once = (key, epoch, int(seq), int(prev) if prev and prev.isdigit() else None)
             system[onbehalf.GATEWAY_PATH] = f"{path};{gateway}" if path else gateway
         system.pop("to", None)  # C2D-only; never accepted from devices (ref §2.3)
         device_id, module_id = principal.device_id, principal.module_id
@@ -245,6 +332,8 @@ class Hub:
         if isinstance(prepared, onbehalf.RegisterOrigin):
             assert self.on_behalf is not None
             return self.on_behalf.register(prepared)
+        if type(prepared) is onbehalf.Pack:
+            return self._unpack(conn, prepared, packet)
         if isinstance(prepared, addresses.MethodResponse):
             self.methods.handle_response(conn.client_id, prepared, packet.payload)
             return None
@@ -283,6 +372,20 @@ class Hub:
         return new_record(TELEMETRY, prepared.device_id, prepared.module_id, enqueued, props,
                           body, routes, prepared.once)
 
+    def _unpack(self, conn: Connection, pack: onbehalf.Pack,
+                packet: Publish) -> asyncio.Future[int]:
+        """A child's pack: every reading becomes its own stored message, as if it had come
+        alone on ``{base}{bag}`` (same checks, its own properties, id and dedupe position);
+        stored in one body, acknowledged together, billed as one message (ref §13)."""
+        assert conn.principal is not None
+        records = []
+        for bag, body in onbehalf.unpack_frames(packet.payload, pack.count):
+            prepared = self._prepare_on_behalf(conn.principal, pack.base + bag)
+            if type(prepared) is not PreparedTelemetry or prepared.once is None:
+                raise ForbiddenError("a pack holds only stamped telemetry of its origin")
+            records.append(self.telemetry_record(prepared, body))
+        return self.append(records, billed=quota_units(len(packet.payload) + len(packet.topic)))
+
     def refuse_telemetry(self, reason: str | None) -> None:
         """While ``reason`` is set, telemetry is refused: no PUBACK, the publisher keeps it
         (an upstream route full under ``reject-new``); None accepts again."""
@@ -293,11 +396,23 @@ class Hub:
                 log.info("accepting telemetry again")
         self.refusing = reason
 
-    def append(self, rows: Sequence[Record]) -> asyncio.Future[int]:
+    def append(self, rows: Sequence[Record], billed: int | None = None) -> asyncio.Future[int]:
+        """Store telemetry ``rows`` (one body). ``billed``: the quota units they cost when
+        they came as one message (a pack), else one per started 4 KB of each (ref §13),
+        charged only with a ``daily_message_quota``."""
         if self.refusing is not None:
             refused: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             refused.set_exception(StoreFullError(self.refusing))
             return refused
+        if self.quota is not None and not self.quota.charge(billed if billed is not None else sum(
+                [quota_units(len(r.body) + len(r.props)) for r in rows if r.kind == TELEMETRY]),
+                self.clock()):
+            over: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            over.set_exception(QuotaExceededError(
+                f"daily message quota of {self.quota.limit} units used up (IoT Hub 403002): "
+                "telemetry refused until 00:00 UTC"))
+            return over
+        self.billed_messages += 1 if billed is not None else len(rows)
         if self.on_behalf is not None and any(map(_ONCE_OF, rows)):
             return self.log.append_once(rows)  # a child's resends: dropped, not stored twice
         return self.log.append(rows)

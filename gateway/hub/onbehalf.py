@@ -12,7 +12,15 @@ holds its ``deviceScope``) and its own modules. Over its single authenticated MQ
   messages/events/{bag}``, the bag carrying the child's stamp: ``$.gwe`` (the child's store
   epoch), ``$.gws`` (the child's log sequence, increasing per origin), ``$.gwr`` (the child's
   upstream route, when not the default one: each route has its own cursor and order) and
-  ``$.gwp`` (gateways the message already passed, nearest the origin first).
+  ``$.gwp`` (gateways the message already passed, nearest the origin first), and ``$.gwq``
+  (the sequence of the message the child sent before it in the same queue: the gap check).
+
+The per-message parts come first, at a fixed position: ``{base}$.gws={seq}&[$.gwq={prev}&]
+[$.mid={id}&]{rest}`` (:func:`split_stamp`). Everything in ``{rest}`` is the same for every
+message of an origin with the same properties, so the parent prepares it once per gateway and
+caches it (:class:`OnBehalf` ``templates``, emptied on any registry change); without ``$.mid``
+the message id is ``{epoch}-{seq}``, stable across resends. A bag with the stamp elsewhere
+is still understood (parsed whole, per message).
 
 This hub stamps the **origin** as ``iothub-connection-device-id``/``-module-id`` and records the
 path in ``iothub-gateway-path`` (``gwA;gwB``: every gateway from the origin up). The stamp
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
@@ -48,7 +57,99 @@ PATH_KEY: Final = "$.gwp"
 ROUTE_KEY: Final = "$.gwr"  # the child's upstream route, when not the default one
 GATEWAY_PATH: Final = "iothub-gateway-path"
 """System property: the gateways a message came through, nearest the origin first."""
+PREV_KEY: Final = "$.gwq"  # the child's previous sequence in the same queue (gap check)
 REGISTER_PREFIX: Final = "$iothub/gateway/register/"
+_EVENTS: Final = "/messages/events/"
+_SEQ_HEAD: Final = "$.gws="
+_PREV_HEAD: Final = "$.gwq="
+_MID_HEAD: Final = "$.mid="
+PACK_HEAD: Final = "$.gwk="  # a pack: ``{base}$.gwk={count}&...``, the readings in the body
+_FRAME: Final = struct.Struct(">HI")  # per reading in a pack: bag length, body length
+
+
+def pack_count(topic: str) -> int | None:
+    """The number of readings if ``topic`` is a pack's, else None."""
+    at = topic.find(_EVENTS)
+    if at < 0 or not topic.startswith(PACK_HEAD, at + len(_EVENTS)):
+        return None
+    start = at + len(_EVENTS) + len(PACK_HEAD)
+    end = topic.find("&", start)
+    digits = topic[start:end] if end >= 0 else topic[start:]
+    return int(digits) if digits.isascii() and digits.isdigit() and 0 < int(digits) < 65536 \
+        else None
+
+
+def pack_frame(bag: str, body: bytes) -> bytes:
+    """One reading in a pack's body: its own bag (stamp, message id, properties), its body."""
+    raw = bag.encode()
+    return _FRAME.pack(len(raw), len(body)) + raw + body
+
+
+def unpack_frames(payload: bytes, count: int) -> list[tuple[str, bytes]]:
+    """The (bag, body) readings of a pack; ForbiddenError unless exactly ``count`` frames."""
+    out: list[tuple[str, bytes]] = []
+    pos = 0
+    while pos < len(payload):
+        if pos + _FRAME.size > len(payload):
+            raise ForbiddenError("malformed pack: truncated frame header")
+        nbag, nbody = _FRAME.unpack_from(payload, pos)
+        pos += _FRAME.size
+        end = pos + nbag + nbody
+        if end > len(payload):
+            raise ForbiddenError("malformed pack: truncated frame")
+        try:
+            bag = payload[pos:pos + nbag].decode()
+        except UnicodeDecodeError:
+            raise ForbiddenError("malformed pack: a bag is not UTF-8") from None
+        out.append((bag, payload[pos + nbag:end]))
+        pos = end
+    if len(out) != count:
+        raise ForbiddenError(f"malformed pack: {len(out)} readings, the topic says {count}")
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Pack:
+    """A prepared pack topic: ``base`` is the origin's ``devices/.../messages/events/``."""
+
+    base: str
+    count: int
+
+
+def split_stamp(topic: str) -> tuple[str, int, int | None, str | None] | None:
+    """``(topic without the per-message parts, seq, prev, message id)`` of a telemetry topic
+    whose bag starts with the stamp, else None (then it is parsed the general way)."""
+    at = topic.find(_EVENTS)
+    if at < 0:
+        return None
+    at += len(_EVENTS)
+    if not topic.startswith(_SEQ_HEAD, at):
+        return None
+    start = at + len(_SEQ_HEAD)
+    end = topic.find("&", start)
+    digits = topic[start:end]
+    if end < 0 or not digits.isdigit() or not digits.isascii():
+        return None
+    seq = int(digits)
+    prev: int | None = None
+    mid: str | None = None
+    pos = end + 1
+    if topic.startswith(_PREV_HEAD, pos):
+        end = topic.find("&", pos)
+        digits = topic[pos + len(_PREV_HEAD):end]
+        if end < 0 or not digits.isdigit() or not digits.isascii():
+            return None
+        prev = int(digits)
+        pos = end + 1
+    if topic.startswith(_MID_HEAD, pos):
+        end = topic.find("&", pos)
+        if end < 0:
+            return None
+        mid = decode_component(topic[pos + len(_MID_HEAD):end])
+        pos = end + 1
+        if not mid:
+            return None
+    return topic[:at] + topic[pos:], seq, prev, mid
 
 
 def register_topic(device_id: str, module_id: str | None) -> str:
@@ -93,11 +194,25 @@ def is_own_topic(topic: str, device_id: str, module_id: str | None) -> bool:
 class OnBehalf:
     """Scope checks and origin registration for edge devices acting for their identities."""
 
-    def __init__(self, registry: Registry, tasks: TaskSet, *, enabled: bool = True) -> None:
+    def __init__(self, registry: Registry, tasks: TaskSet, *, enabled: bool = True,
+                 max_templates: int = 4096) -> None:
         self.registry = registry
         self.tasks = tasks
         self.enabled = enabled
         self.registered = 0
+        # (gateway, topic without the stamp) -> what the hub prepared for it (scope checked):
+        # any registry change may change a scope or an identity, so it empties the cache
+        self.templates: dict[tuple[str, str], object] = {}
+        self.max_templates = max_templates
+        registry.add_listener(self._forget, updates=True)
+
+    def _forget(self, event: str, identity: object) -> None:
+        self.templates.clear()
+
+    def remember(self, key: tuple[str, str], template: object) -> None:
+        if len(self.templates) >= self.max_templates:
+            self.templates.clear()
+        self.templates[key] = template
 
     def is_gateway(self, device_id: str, module_id: str | None) -> bool:
         """May this identity act for others at all? (Everyone else gets the usual refusal.)"""

@@ -62,7 +62,7 @@ class Record:
     props: str
     body: bytes
     routes: tuple[str, ...] = ()  # names of the routes it matched (the router's decision)
-    once: tuple[str, str, int] | None = None  # (dedupe key, epoch, seq): see store/dedupe.py
+    once: tuple[str, str, int, int | None] | None = None  # (key, epoch, seq, prev): dedupe.py
 
 
 # Building the frozen Record costs ~1 us on this VM (one object.__setattr__ per field), more than

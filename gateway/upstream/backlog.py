@@ -17,6 +17,18 @@ w/sum of the sends while it has work, so a low class is never starved, unlike ed
 at priority 0, fact 7); inside a class, origins take turns (round robin).
 
 Nothing here does I/O or reads a clock: the shell passes ``now`` (monotonic seconds).
+
+Not built yet, the live-first lane, and how it must be done: sending new messages ahead of
+the backlog breaks the parent's one high-water mark per (gateway, route, origin) (a live
+message raises it; the older backlog is then dropped as a duplicate). The plan: *segments*.
+When the link comes up with a backlog, the route records a boundary B (the scanner's position)
+durably, before sending anything above it; each (route, origin) is then several queues, one per
+segment (B_i, B_i+1], each with its own cursor and its own dedupe key at the parent (the key
+gets ``@B_i``), so each lane is in order on its own and a message never changes lane (its
+segment follows from its sequence and the recorded boundaries, across restarts). The newest
+segment is the live lane and goes first; older segments drain behind it, oldest first; a
+segment whose cursor passed its end is forgotten once the floor passed it. ``prev`` (the gap
+check) then chains within a segment.
 """
 
 from __future__ import annotations
@@ -34,16 +46,19 @@ HOLD_MAX = 600.0
 PARK_AFTER = 30.0  # set aside this long: its messages leave memory
 
 
-@dataclass(slots=True)
 class Item:
-    route: str
-    origin: Origin
-    entry: Entry
-    size: int
+    """One message in a queue; ``queue`` is set when it joins one."""
 
-    @property
-    def seq(self) -> int:
-        return self.entry.seq
+    __slots__ = ("entry", "origin", "prev", "queue", "route", "seq", "size")
+
+    def __init__(self, route: str, origin: Origin, entry: Entry, size: int) -> None:
+        self.route = route
+        self.origin = origin
+        self.entry = entry
+        self.size = size
+        self.seq = entry.seq
+        self.prev: int | None = None  # set by take: the seq sent before it in its queue
+        self.queue: OriginQueue | None = None
 
 
 QueueKey = tuple[str, Origin]
@@ -65,6 +80,8 @@ class OriginQueue:
     parked: bool = False
     dirty: bool = False
     sent: int = 0
+    chain: int | None = None  # last seq the parent acknowledged in this run (not moved by drops)
+    singles: int = 0  # sent alone and not acknowledged yet, on this link (packing waits)
 
     @property
     def key(self) -> QueueKey:
@@ -121,7 +138,9 @@ class Backlog:
         if entry.seq <= q.queued_upto or q.parked:
             return False
         q.queued_upto = entry.seq
-        q.pending.append(Item(route, origin, entry, size))
+        item = Item(route, origin, entry, size)
+        item.queue = q
+        q.pending.append(item)
         self.buffered += 1
         self.buffered_bytes += size
         self._ready(q)
@@ -150,7 +169,11 @@ class Backlog:
         """The next message to send, or None. ``allowed``: when given, only these origins
         (those registered on this connection so far); ``paced``: routes over their bandwidth
         cap just now."""
-        classes = sorted((c for c in self._classes.values() if c.ready), key=lambda c: c.pass_)
+        if len(self._classes) == 1:
+            classes: list[_Class] | tuple[_Class, ...] = tuple(self._classes.values())
+        else:
+            classes = sorted((c for c in self._classes.values() if c.ready),
+                             key=lambda c: c.pass_)
         for cls in classes:
             ring = cls.ready
             for _ in range(len(ring)):
@@ -164,11 +187,24 @@ class Backlog:
                         paced and q.route in paced):
                     continue
                 item = q.pending.popleft()
+                item.prev = q.inflight[-1].seq if q.inflight else q.chain
                 q.inflight.append(item)
                 self.inflight += 1
                 cls.pass_ += cls.stride
                 return item
         return None
+
+    def take_next(self, item: Item) -> Item | None:
+        """The next message of ``item``'s queue after it, taken the same way (packing), or
+        None when that queue has nothing more waiting."""
+        q = item.queue
+        if q is None or not q.pending or not q.inflight or q.inflight[-1] is not item:
+            return None
+        nxt = q.pending.popleft()
+        nxt.prev = item.seq
+        q.inflight.append(nxt)
+        self.inflight += 1
+        return nxt
 
     def untake(self, item: Item) -> None:
         """Put back the message :meth:`take` just returned (it was not sent after all)."""
@@ -188,13 +224,24 @@ class Backlog:
 
     def acked(self, item: Item) -> bool:
         """The parent acknowledged ``item``; True if its queue's cursor moved."""
-        q = self.queues[(item.route, item.origin)]
-        q.done.add(item.seq)
+        q = item.queue or self.queues[(item.route, item.origin)]
         moved = False
+        if q.inflight and q.inflight[0] is item and not q.done:  # in order: the usual case
+            q.inflight.popleft()
+            q.acked = q.chain = item.seq
+            q.sent += 1
+            self.inflight -= 1
+            self.buffered -= 1
+            self.buffered_bytes -= item.size
+            q.dirty = True
+            q.strikes = 0
+            q.hold = 0.0
+            return True
+        q.done.add(item.seq)
         while q.inflight and q.inflight[0].seq in q.done:
             head = q.inflight.popleft()
             q.done.discard(head.seq)
-            q.acked = head.seq
+            q.acked = q.chain = head.seq
             q.sent += 1
             self.inflight -= 1
             self.buffered -= 1
@@ -221,6 +268,7 @@ class Backlog:
             q.pending.extendleft(reversed(q.inflight))
             q.inflight.clear()
             q.done.clear()
+            q.singles = 0
             self._ready(q)
         if oldest is None:
             return None
@@ -274,6 +322,7 @@ class Backlog:
         :attr:`scan_pos`, so the queue takes the scanner's entries again."""
         for item in entries:
             if item.seq > q.queued_upto:
+                item.queue = q
                 q.pending.append(item)
                 q.queued_upto = item.seq
                 self.buffered += 1

@@ -26,8 +26,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gateway.config import UpstreamConfig
-from gateway.errors import StoreError, UpstreamError
-from gateway.hub.onbehalf import register_topic
+from gateway.errors import StoreError, UpstreamError, UpstreamRefusedError
+from gateway.hub.quota import next_midnight
+from gateway.hub.onbehalf import pack_frame, register_topic
 from gateway.store.db import Database
 from gateway.store.log import Entry, MessageLog
 from gateway.upstream import wire
@@ -42,6 +43,7 @@ from gateway.upstream.settings import LinkSettings
 log = logging.getLogger(__name__)
 
 SCAN_CHUNK = 2000
+QUOTA_CONNACK = 3  # "server unavailable": a parent of ours whose daily quota is used up
 FLUSH_INTERVAL = 0.25
 
 
@@ -121,6 +123,11 @@ class Forwarder:
         self.ages = AgeClock(self.boot, [], [])
         self._dropped_saved: dict[str, dict[str, int]] = {}
         self.window = cfg.gateway_inflight if cfg.mode == "gateway" else cfg.max_inflight
+        self._window_now = self.window  # halved when throttled, grows back per PUBACK
+        self._sends = 0  # publishes sent on the current session
+        self._session_acks = 0  # and acknowledged
+        self.packs = 0  # packs acknowledged by the parent
+        self.packed = 0  # readings in them
         self.backlog = Backlog(max_buffer=max(4 * self.window, 20_000))
         self.link = LinkState()
         self.epoch = ""
@@ -169,6 +176,7 @@ class Forwarder:
 
     async def _scan(self) -> None:
         backlog = self.backlog
+        origins = wire.Origins(self.local_gateway, self.settings.device_id)
         while True:
             while backlog.full():
                 for q in backlog.park(self.clock()):  # a long-refused origin leaves memory
@@ -192,8 +200,7 @@ class Forwarder:
                 route = self.select(entry)
                 if route is None:
                     continue
-                origin = wire.origin_of(entry, self.local_gateway, self.settings.device_id)
-                backlog.offer(route, origin, entry, len(entry.body) + len(entry.props),
+                backlog.offer(route, origins.of(entry), entry, len(entry.body) + len(entry.props),
                               self.policy(route).priority)
             backlog.scan_pos = pos
             if entries:
@@ -392,21 +399,31 @@ class Forwarder:
 
     async def _connect_loop(self) -> None:
         backoff = Backoff(self.cfg.reconnect_min, self.cfg.reconnect_max)
+        throttled = False
         while True:
-            self.link.set("connecting")
+            self.link.set("throttled" if throttled else "connecting")
             try:
                 session = await open_session(
                     self.settings, window=self.window, keepalive=self.cfg.keepalive,
                     token_ttl=self.cfg.token_ttl, ack_timeout=self.cfg.ack_timeout,
                     clock=self.clock)
+            except UpstreamRefusedError as exc:
+                if exc.connack != QUOTA_CONNACK:
+                    self.link.set("throttled" if throttled else "disconnected", str(exc))
+                    delay = backoff.next()
+                    log.warning("upstream connect failed: %s (retry in %.1f s)", exc, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                await self._pause(str(exc))
+                continue
             except UpstreamError as exc:
-                self.link.set("disconnected", str(exc))
+                self.link.set("throttled" if throttled else "disconnected", str(exc))
                 delay = backoff.next()
                 log.warning("upstream connect failed: %s (retry in %.1f s)", exc, delay)
                 await asyncio.sleep(delay)
                 continue
             self.link.connects += 1
-            self.link.set("connected")
+            self.link.set("throttled" if throttled else "connected")
             log.info("upstream connected host=%s port=%d as=%s", self.settings.host,
                      self.settings.port, self.settings.device_id)
             reason = await self._pump(session)
@@ -414,30 +431,76 @@ class Forwarder:
                 backoff.reset()
             if reason == "renew":
                 continue
-            self.link.set("disconnected", reason)
+            # the parent ended a session that carried publishes and acknowledged none of them:
+            # IoT Hub's throttling (429) over MQTT is a closed connection (ref §13). Slow down:
+            # half the window (it grows back by one per PUBACK), a longer pause; drop nothing.
+            throttled = self._sends > 0 and self._session_acks == 0
+            if throttled:
+                self._window_now = max(1, self._window_now // 2)
+                reason = f"throttled by the parent ({reason}); window {self._window_now}"
+            self.link.set("throttled" if throttled else "disconnected", reason)
             delay = backoff.next()
             log.warning("upstream link down: %s (retry in %.1f s)", reason, delay)
             await asyncio.sleep(delay)
+
+    async def _pause(self, reason: str) -> None:
+        """The parent's daily quota is used up (IoT Hub 403002; CONNACK 3 from a parent that
+        is this software): no reconnect loop, one attempt at the next 00:00 UTC, or earlier
+        every ``paused_probe`` seconds. The wall clock is read in steps of at most a minute,
+        so a clock set meanwhile is followed."""
+        until = next_midnight(time.time())
+        probe = time.monotonic() + max(1.0, self.cfg.paused_probe)  # never a loop
+        self.link.set("paused", f"{reason}; paused until {_iso(until)}")
+        log.warning("upstream paused until %s: %s", _iso(until), reason)
+        while time.time() < until and time.monotonic() < probe:
+            await asyncio.sleep(max(0.05, min(60.0, until - time.time(),
+                                              probe - time.monotonic())))
 
     async def _pump(self, session: Session) -> str:
         """Send over ``session`` until it is lost (or due for a token renewal); returns why."""
         backlog = self.backlog
         registered: set[wire.Origin] = set()
         registering: dict[wire.Origin, asyncio.Future[None]] = {}
-        inflight: dict[asyncio.Future[None], Item] = {}
+        inflight = [0]  # publishes without their PUBACK yet, on this session
+        self._sends = self._session_acks = 0
         loop = asyncio.get_running_loop()
         stamp = self.cfg.mode == "gateway"
+        encoder = wire.Encoder(self.epoch)
+        woken = self._wake
+        link = self.link
 
-        def done(task: asyncio.Future[None]) -> None:
-            item = inflight.pop(task, None)
-            if item is None or session.ended or task.cancelled() or task.exception() is not None:
+        def done(item: Item) -> None:  # a PUBACK (never called once the link is lost)
+            inflight[0] -= 1
+            if session.ended:
                 return
+            if item.queue is not None:
+                item.queue.singles -= 1
+            session.acked += 1
+            self._session_acks += 1
+            if self._window_now < self.window:
+                self._window_now += 1
             backlog.acked(item)
-            self.link.sent += 1
+            link.sent += 1
             self._count_sent(item.route)
-            self._wake.set()
-            if not backlog.full():
-                self._space.set()
+            if not woken.is_set():
+                woken.set()
+
+        def done_pack(items: list[Item]) -> None:  # a pack's PUBACK: every reading in it
+            inflight[0] -= 1
+            if session.ended:
+                return
+            session.acked += 1
+            self._session_acks += 1
+            if self._window_now < self.window:
+                self._window_now += 1
+            for one in items:
+                backlog.acked(one)
+                self._count_sent(one.route)
+            link.sent += len(items)
+            self.packs += 1
+            self.packed += len(items)
+            if not woken.is_set():
+                woken.set()
 
         def registered_cb(origin: wire.Origin, task: asyncio.Future[None]) -> None:
             registering.pop(origin, None)
@@ -456,7 +519,7 @@ class Forwarder:
                     renewing = True
                 if not renewing:
                     paced.clear()
-                    while len(inflight) < self.window:
+                    while inflight[0] < self._window_now:
                         item = backlog.take(now, registered if stamp else None, paced)
                         if item is None:
                             break
@@ -469,12 +532,35 @@ class Forwarder:
                                 backlog.untake(item)
                                 paced.add(item.route)
                                 continue
-                        topic, payload = wire.encode(item.entry, item.origin, epoch=self.epoch,
-                                                     stamp=stamp, route=item.route)
-                        sent = session.send(topic, payload)
-                        inflight[sent] = item
-                        sent.add_done_callback(done)
-                    if stamp and len(registering) < 64:
+                        # pack only behind packs: a reading sent alone may still sit in the
+                        # parent's batch when a pack (stored at once) arrives after it
+                        if stamp and item.queue is not None and item.queue.pending and \
+                                not item.queue.singles and self.policy(item.route).pack:
+                            pack = self._pack(encoder, item)
+                            if pack is not None:
+                                if rate:  # the bucket paid for the first reading only
+                                    buckets[item.route].tokens -= sum(
+                                        one.size for one in pack[2][1:])
+                                if not session.send_nowait(pack[0], pack[1], done_pack, pack[2]):
+                                    for one in reversed(pack[2]):
+                                        backlog.untake(one)
+                                    break
+                                inflight[0] += 1
+                                self._sends += 1
+                                continue
+                        if stamp:
+                            topic = encoder.topic(item.entry, item.origin, item.route, item.prev)
+                        else:
+                            topic = wire.encode(item.entry, item.origin, epoch=self.epoch,
+                                                stamp=False, route=item.route)[0]
+                        if not session.send_nowait(topic, item.entry.body, done, item):
+                            backlog.untake(item)
+                            break
+                        if item.queue is not None:
+                            item.queue.singles += 1
+                        inflight[0] += 1
+                        self._sends += 1
+                    if stamp and len(registering) < 64 and len(registered) < len(backlog.queues):
                         for q in backlog.waiting(now):
                             o = q.origin
                             if o not in registered and o not in registering:
@@ -484,7 +570,7 @@ class Forwarder:
                                 t.add_done_callback(partial(registered_cb, o))
                                 if len(registering) >= 64:
                                     break
-                elif not inflight:
+                elif not inflight[0]:
                     return "renew"
                 self._wake.clear()
                 wake: asyncio.Future[Any] = loop.create_task(self._wake.wait())
@@ -494,14 +580,39 @@ class Forwarder:
             return session.lost.result()
         finally:
             session.ended = True
-            for fut in [*inflight, *registering.values(), report]:
+            for fut in [*registering.values(), report]:
                 fut.cancel()
             parked = backlog.link_lost(self.clock())
             if parked is not None:
                 log.warning("upstream: origin %s keeps failing; set aside for %.0f s",
                             parked.origin.client_id, parked.hold)
-            inflight.clear()
             await session.close()
+
+    def _pack(self, encoder: wire.Encoder,
+              first: Item) -> tuple[str, bytes, list[Item]] | None:
+        """The backlog of ``first``'s origin packed into one message of at most 4 KB (topic
+        and body: IoT Hub bills per started 4 KB), or None when no second reading fits."""
+        budget = wire.PACK_LIMIT - len(wire.pack_topic(first.origin, 65535, self.epoch))
+        frame = pack_frame(encoder.bag(first.entry, first.origin, first.route, first.prev),
+                           first.entry.body)
+        frames, items, size = [frame], [first], len(frame)
+        while size < budget:
+            nxt = self.backlog.take_next(items[-1])
+            if nxt is None:
+                break
+            frame = pack_frame(encoder.bag(nxt.entry, nxt.origin, nxt.route, nxt.prev),
+                               nxt.entry.body)
+            if size + len(frame) > budget:
+                self.backlog.untake(nxt)
+                break
+            frames.append(frame)
+            items.append(nxt)
+            size += len(frame)
+        if len(items) < 2 or size > budget:
+            for one in reversed(items[1:]):
+                self.backlog.untake(one)
+            return None
+        return wire.pack_topic(first.origin, len(items), self.epoch), b"".join(frames), items
 
     async def _report(self, session: Session) -> None:
         """The status, as the gateway's reported property ``upstream`` at the parent, at most
@@ -562,5 +673,6 @@ class Forwarder:
             "dropped": dropped,
             "lastError": self.link.last_error,
             "since": _iso(self.link.since),
+            "packed": {"messages": self.packs, "readings": self.packed},
             "routes": per_route,
         }

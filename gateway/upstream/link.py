@@ -19,6 +19,7 @@ import ssl
 import time
 import urllib.parse
 from collections.abc import Callable
+from typing import Any
 
 from gateway.mqttlink import MqttLink, connect
 from gateway.hub.sas import generate_sas_token
@@ -73,6 +74,11 @@ class Session:
         future = self.link.send(topic, payload)
         future.add_done_callback(self._count)
         return future
+
+    def send_nowait(self, topic: str, payload: bytes, on_ack: Callable[[Any], None],
+                    token: Any) -> bool:
+        """QoS 1 without a future: ``on_ack(token)`` on PUBACK (the forwarder's hot path)."""
+        return self.link.send_nowait(topic, payload, on_ack, token)
 
     def _count(self, future: asyncio.Future[None]) -> None:
         if not future.cancelled() and future.exception() is None:

@@ -27,6 +27,7 @@ class RoutePolicy:
     when_full: WhenFull = "drop-oldest"
     thin_interval: float = 60.0  # "thin": keep one message per origin per this many seconds
     bandwidth: int = 0  # bytes/s over the link for this route; 0 = unlimited
+    pack: bool = False  # the backlog: many readings of one origin per message of <= 4 KB
 
     def __post_init__(self) -> None:
         if not 0 <= self.priority <= 9:
@@ -41,7 +42,7 @@ class RoutePolicy:
 def from_config(cfg: UpstreamConfig) -> RoutePolicy:
     return RoutePolicy(priority=cfg.priority, ttl=cfg.ttl, max_bytes=cfg.max_bytes,
                        when_full=cfg.when_full, thin_interval=cfg.thin_interval,
-                       bandwidth=cfg.bandwidth)
+                       bandwidth=cfg.bandwidth, pack=cfg.pack)
 
 
 def default_select(kind: str) -> str | None:

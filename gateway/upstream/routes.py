@@ -19,8 +19,15 @@ from gateway.upstream.policy import RoutePolicy, default_select
 
 
 def routed_select(router: Callable[[], Router]) -> Callable[[Entry], str | None]:
+    seen: list[tuple[Router, frozenset[str]]] = []  # the last router and its $upstream routes
+
     def select(entry: Entry) -> str | None:
-        names = router().endpoint_routes(UPSTREAM)
+        current = router()
+        if seen and seen[0][0] is current:
+            names = seen[0][1]
+        else:
+            names = frozenset(current.endpoint_routes(UPSTREAM))
+            seen[:] = [(current, names)]
         if not names:
             return default_select(entry.kind)
         for name in entry.routes:

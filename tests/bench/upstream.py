@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -72,6 +73,8 @@ def main() -> None:
     ap.add_argument("--origins", type=int, default=100)
     ap.add_argument("--window", type=int, default=512, help="the forwarder's QoS 1 window")
     ap.add_argument("--live-rate", type=float, default=20.0)
+    ap.add_argument("--pack", action="store_true",
+                    help="[upstream] pack = true: the backlog goes up in packs of <= 4 KB")
     ap.add_argument("--loadgen", default=str(LOADGEN))
     args = ap.parse_args()
     gen = loadgen_path(args.loadgen)
@@ -82,6 +85,7 @@ def main() -> None:
     child = HubProcess(tmp / "child", host_name="child.local", address=CHILD_ADDRESS,
                        log_level="warning", extra_config=(
                            f"[upstream]\ngateway_inflight = {args.window}\n"
+                           f"pack = {'true' if args.pack else 'false'}\n"
                            "reconnect_min = 0.2\nreconnect_max = 0.5\n"))
     try:
         parent.start()
@@ -118,9 +122,16 @@ def main() -> None:
         reader.start()
         peak_rate = 0.0
         last = (time.monotonic(), 0)
+        samples: list[tuple[float, int]] = []
+        connected_at: float | None = None
+        cpu0 = (0.0, 0.0, 0)
         while True:
             s = status(child)
             now = time.monotonic()
+            if connected_at is None and s["state"] == "connected":
+                connected_at = now
+                cpu0 = (_cpu(child.pid), _cpu(parent.pid), s["sent"])
+            samples.append((now - t0, s["sent"]))
             peak_rate = max(peak_rate, (s["sent"] - last[1]) / max(1e-6, now - last[0]))
             last = (now, s["sent"])
             if s["sent"] >= backlog:
@@ -129,8 +140,19 @@ def main() -> None:
                 raise SystemExit("the drain took over an hour")
             time.sleep(0.5)
         drain_s = time.monotonic() - t0
+        cpu1 = (_cpu(child.pid), _cpu(parent.pid), s["sent"])
         stop.set()
+        packed = s.get("packed", {"messages": 0, "readings": 0})
+        billed = _billed(parent)
         drain_rate = backlog / drain_s
+        up_s = time.monotonic() - (connected_at or t0)
+        linked_rate = backlog / up_s
+        # the steady rate: from 10 % to 90 % of the backlog sent
+        t10 = next(t for t, n in samples if n >= backlog * 0.1)
+        n10 = next(n for t, n in samples if n >= backlog * 0.1)
+        t90 = next(t for t, n in samples if n >= backlog * 0.9)
+        n90 = next(n for t, n in samples if n >= backlog * 0.9)
+        steady_rate = (n90 - n10) / max(1e-6, t90 - t10)
         del sent_at
         # the parent's own ingest with the same connection count, and with one per origin: a
         # fresh hub like the parent (the parent's dev-N are now the child's origins there)
@@ -148,17 +170,43 @@ def main() -> None:
         finally:
             fresh.stop()
         lat_sorted = sorted(lat)
+        # CPU per forwarded message on each side (from the link up): what the drain would be
+        # with a core per hub, against the parent's own CPU per ingested message
+        moved = max(1, cpu1[2] - cpu0[2])
+        child_us = 1e6 * (cpu1[0] - cpu0[0]) / moved
+        parent_us = 1e6 * (cpu1[1] - cpu0[1]) / moved
+        ingest_us = float(str(one.get("broker_cpu_us_per_msg") or "nan"))
         result = {
             "backlog": backlog, "drain_s": round(drain_s, 1),
             "drain_msgs_per_s": round(drain_rate), "peak_msgs_per_s": round(peak_rate),
+            "connected_after_s": round((connected_at or t0) - t0, 1),
+            "linked_msgs_per_s": round(linked_rate), "steady_msgs_per_s": round(steady_rate),
+            "ratio_linked_1conn": round(linked_rate / float(str(one["msgs_per_s"])), 3),
+            "ratio_steady_1conn": round(steady_rate / float(str(one["msgs_per_s"])), 3),
+            "timeline": [(round(t, 1), n) for t, n in samples[::max(1, len(samples) // 30)]],
             "parent_ingest_1conn": one["msgs_per_s"], "parent_ingest_origins": many["msgs_per_s"],
             "ratio_1conn": round(drain_rate / float(str(one["msgs_per_s"])), 3),
             "ratio_origins": round(drain_rate / float(str(many["msgs_per_s"])), 3),
+            "child_cpu_us_per_msg": round(child_us, 1),
+            "parent_cpu_us_per_msg": round(parent_us, 1),
+            "parent_ingest_cpu_us_per_msg_1conn": ingest_us,
+            "ratio_cpu": round(ingest_us / max(child_us, parent_us), 3),
+            "pack": args.pack, "packs": packed["messages"], "packed_readings": packed["readings"],
+            "billed_at_parent": billed, "readings_sent": s["sent"],
+            "load_average": _load(),
             "live_messages": len(lat_sorted),
             "live_p50_ms": round(pct(lat_sorted, 0.5) * 1000, 1),
             "live_p99_ms": round(pct(lat_sorted, 0.99) * 1000, 1),
         }
         print(json.dumps(result), flush=True)
+        print(f"drain: {backlog:,} messages in {drain_s:.1f} s from the parent's start = "
+              f"{drain_rate:,.0f} msg/s; {linked_rate:,.0f} msg/s from the link up "
+              f"({result['ratio_linked_1conn']}x), steady (10-90 %) {steady_rate:,.0f} msg/s "
+              f"({result['ratio_steady_1conn']}x); load average {_load()}")
+        print(f"CPU per message: child {child_us:.1f} us, parent {parent_us:.1f} us; the "
+              f"parent's own QoS 1 ingest {ingest_us:.1f} us (CPU ratio {result['ratio_cpu']}x)")
+        print(f"billed at the parent: {billed:,.0f} messages for {s['sent']:,} readings "
+              f"({packed['messages']:,} packs holding {packed['readings']:,})")
         print(f"drain: {backlog:,} messages in {drain_s:.1f} s = {drain_rate:,.0f} msg/s "
               f"(peak {peak_rate:,.0f}); the parent's own QoS 1 ingest: "
               f"{one['msgs_per_s']:,.0f} msg/s over 1 connection (ratio "
@@ -170,6 +218,28 @@ def main() -> None:
         child.stop()
         parent.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _billed(hub: HubProcess) -> float:
+    """The parent's ``gateway_telemetry_billed_messages`` (a pack counts once)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    with HubClient(hub.data_dir)._open("GET", "/metrics") as response:
+        text = response.read().decode()
+    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name.startswith("gateway_telemetry_billed_messages"))
+
+
+def _cpu(pid: int) -> float:
+    """utime + stime of ``pid`` in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _load() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
 
 
 def _read_live(api: HubClient, lat: list[float], t0: float) -> None:

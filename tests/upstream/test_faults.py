@@ -40,6 +40,7 @@ def _stored(events: list[dict]) -> list[tuple[str, int, str]]:  # type: ignore[t
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # ~110 s on a quiet machine; its own waits bound it under load
 def test_cuts_stalls_and_kills_lose_and_duplicate_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
     parent_port = free_port(PARENT_ADDRESS)
     parent = parent_hub(tmp_path, f'addresses = ["{PROXY_ADDRESS}"]\n', tls_port=parent_port)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections import Counter
 
@@ -78,6 +79,9 @@ def test_forward_devices_and_modules_with_origin(tmp_path) -> None:  # type: ign
         assert sample["annotations"]["iothub-connection-device-id"] == "dev0"
         assert sample["annotations"]["iothub-gateway-path"] == "child-gw"
         assert sample["properties"]["system"]["message_id"]  # a stable id is always set
+        # ... {epoch}-{seq} derived at the parent from the stamp in front; no stamp key left
+        assert re.fullmatch(r"[0-9a-f]+-\d+", sample["properties"]["system"]["message_id"])
+        assert not [k for k in sample["properties"].get("application", {}) if ".gw" in k]
         leaf = json.loads(parent.cli("device", "show", "dev0").stdout)
         gw = json.loads(parent.cli("device", "show", "child-gw").stdout)
         assert leaf["parentScopes"] == [gw["deviceScope"]]  # registered as the gateway's child
