@@ -423,7 +423,9 @@ class Hub:
         durable, ``done(error)`` if not (at once when refused); no future per commit
         (:meth:`MessageLog.append_then`). Anything but a plain append goes through
         :meth:`append`."""
-        if self.refusing is None and (self.on_behalf is None or not any(map(_ONCE_OF, rows))):
+        if self.refusing is None and self.quota is None and (
+                self.on_behalf is None or not any(map(_ONCE_OF, rows))):
+            self.billed_messages += len(rows)
             self.log.append_then(rows, done)
             return
         self.append(rows).add_done_callback(partial(_then, done))
