@@ -77,12 +77,12 @@ class _RecordTwin:
     props: str
     body: bytes
     routes: tuple[str, ...]
-    once: tuple[str, str, int] | None
+    once: tuple[str, str, int, int | None] | None
 
 
 def new_record(kind: str, device_id: str, module_id: str | None, enqueued_ms: int, props: str,
                body: bytes, routes: tuple[str, ...] = (),
-               once: tuple[str, str, int] | None = None) -> Record:
+               once: tuple[str, str, int, int | None] | None = None) -> Record:
     """``Record(...)``, fast (see _RecordTwin); equal to and indistinguishable from it."""
     record = _RecordTwin(kind, device_id, module_id, enqueued_ms, props, body, routes, once)
     record.__class__ = Record  # type: ignore[assignment]
