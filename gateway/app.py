@@ -40,6 +40,7 @@ from gateway.hub.enrollments import EnrollmentGroup, EnrollmentStore
 from gateway.hub.provisioning import ProvisioningService
 from gateway.hub.connstr import ConnectionString
 from gateway.hub.hub import Hub
+from gateway.hub.federated import Federation
 from gateway.hub.methods import MethodService
 from gateway.hub.modinputs import ModuleInputService
 from gateway.hub.onbehalf import OnBehalf
@@ -55,6 +56,7 @@ from gateway.store.files import private_directory
 from gateway.store.log import MessageLog
 from gateway.tasks import TaskSet
 from gateway.upstream.api import add_upstream_routes
+from gateway.upstream.downlink import Downlink
 from gateway.upstream.policy import from_config
 from gateway.upstream.provision import provision_until_done
 from gateway.upstream.routes import routed_policy, routed_select
@@ -164,6 +166,10 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
                         pending_bytes_total=config.limits.pending_bytes_total,
                         admission=admission)
         hub.methods = MethodService(broker, hub.children)
+        hub.federation = Federation(  # identities behind child gateways
+            registry, broker, is_self=(config.hub.device_id or config.hub.host_name).__eq__)
+        hub.methods.federation = hub.federation
+        broker.close_hooks.append(hub.federation.on_closed)
         if config.hub.on_behalf:
             hub.on_behalf = OnBehalf(registry, tasks_)
         hub.children.broker = broker
@@ -206,7 +212,9 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
                             local_gateway=gateway_id, refuse=hub.refuse_telemetry,
                             credentials=partial(_sas_key, registry),
                             select=routed_select(current_router),
-                            policy_of=routed_policy(current_router, from_config(config.upstream)))
+                            policy_of=routed_policy(current_router, from_config(config.upstream)),
+                            downlink=Downlink(hub.methods, hub.federation,
+                                              local_gateway=gateway_id))
         add_upstream_routes(api, upstream)
         routing.upstream_status = upstream.status
         Metrics(db, broker, message_log,

@@ -23,7 +23,7 @@ from gateway.errors import ForbiddenError, MessageTooLargeError, StoreFullError
 from gateway.hub import addresses, dps
 from gateway.hub.auth import Authenticator, Principal
 from gateway.hub.children import ChildDirectory
-from gateway.hub import onbehalf
+from gateway.hub import federated, onbehalf
 from gateway.hub.connections import Connection
 from gateway.hub.messages import (
     Event,
@@ -116,6 +116,7 @@ class Hub:
         # The route table (DESIGN step 4); the routing service swaps in a new one on change.
         self.router = Router(hub_name=host_name, twins=twin_store.get)
         self.on_behalf: onbehalf.OnBehalf | None = None  # edge devices acting for others
+        self.federation: federated.Federation | None = None  # identities behind child gateways
         self.refusing: str | None = None  # why new telemetry is refused (a full upstream queue)
         registry.add_listener(self._on_registry_change)
 
@@ -150,6 +151,9 @@ class Hub:
         """Parse ``topic`` for ``principal``; raise ForbiddenError for anything not allowed."""
         if principal.provisioning is not None:
             return dps.parse_publish(topic)
+        if self.federation is not None and topic.startswith(federated.UP_PREFIX):
+            return self.federation.prepare_up(  # a child gateway answering a call we sent
+                self.registry.get_device(principal.device_id), principal.module_id, topic)
         if self.on_behalf is not None and not onbehalf.is_own_topic(
                 topic, principal.device_id, principal.module_id) and self.on_behalf.is_gateway(
                 principal.device_id, principal.module_id):
@@ -244,6 +248,10 @@ class Hub:
             return self.on_behalf.register(prepared)
         if isinstance(prepared, addresses.MethodResponse):
             self.methods.handle_response(conn.client_id, prepared, packet.payload)
+            return None
+        if isinstance(prepared, federated.UpMethod):
+            assert self.federation is not None
+            self.federation.handle_up(conn.client_id, prepared, packet.payload)
             return None
         if isinstance(prepared, addresses.TwinGet):
             return self.twins.handle_get(conn, prepared)

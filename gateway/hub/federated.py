@@ -1,0 +1,311 @@
+"""Federation, parent side: reaching identities that live behind connected child gateways.
+
+Nested IoT Edge (federation.md §2) routes a cloud call hop by hop, each edgeHub holding one
+connection to its parent. We do the same over the child gateway's **one** upstream connection
+(the one that carries its telemetry on behalf of its identities, :mod:`gateway.hub.onbehalf`):
+
+* The child's link subscribes to ``$iothub/gateway/down/#`` (:data:`DOWNLINK_FILTER`; an
+  ``--edge`` device only). It is its standing request "send me what is for my scope".
+* A device whose parent chain (``parentScopes`` -> the edge device owning that scope, and so
+  on up) reaches a gateway connected here is **online through that gateway**: a call for it goes
+  to the topmost gateway of the chain, naming the target and the rest of the path::
+
+      $iothub/gateway/down/methods/{name}/?$rid={rid}&d={d}[&m={m}]&via={g1;g2}&rt={ms}&ct={ms}
+
+  ``via`` are the gateways still to pass (next first), ``rt``/``ct`` the milliseconds left of
+  the caller's response and connect timeouts: each hop passes on what is left, minus a margin,
+  so the hop nearest the device times out first and its 504 travels back up (IoT Hub ref §5.2).
+* The child answers over the same connection, QoS 1::
+
+      $iothub/gateway/up/methods/{status}/?$rid={rid}[&err={code}]
+
+  with the device's response body, or (``err`` set) the error message of the hop that failed:
+  ``DeviceNotOnline`` (404) when the device or a link further down is not there,
+  ``GatewayTimeout`` (504) when the device did not answer in time.
+* When the gateway's connection goes, every call waiting on it fails at once with 404
+  ``DeviceNotOnline``: a link down on the way is never a timeout.
+
+The grammar is pure (:func:`down_method_topic`, :func:`parse_down`, :func:`up_method_topic`,
+:func:`parse_up`); :class:`Federation` is the thin stateful part the method service calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+from gateway.errors import (
+    ForbiddenError,
+    GatewayError,
+    GatewayTimeoutError,
+    InvalidRequestError,
+    NotFoundError,
+)
+from gateway.hub.propbag import decode_bag, decode_component, encode_bag, encode_component
+from gateway.hub.registry import Device, Module, Registry
+
+log = logging.getLogger(__name__)
+
+DOWNLINK_FILTER: Final = "$iothub/gateway/down/#"
+DOWN_PREFIX: Final = "$iothub/gateway/down/"
+UP_PREFIX: Final = "$iothub/gateway/up/"
+_DOWN_METHODS: Final = DOWN_PREFIX + "methods/"
+_UP_METHODS: Final = UP_PREFIX + "methods/"
+HOP_MARGIN: Final = 0.25  # seconds each hop keeps for itself from the time left
+MAX_DEPTH: Final = 8  # parent chains longer than this are refused (loops, misconfiguration)
+
+
+class FederatedNotOnlineError(NotFoundError):
+    code = "DeviceNotOnline"
+
+
+class FederatedTimeoutError(GatewayTimeoutError):
+    code = "GatewayTimeout"
+
+
+@dataclass(frozen=True, slots=True)
+class DownlinkFilter:
+    """``$iothub/gateway/down/#``: a child gateway's subscription for its scope's traffic."""
+
+    @property
+    def topic(self) -> str:
+        return DOWNLINK_FILTER
+
+
+@dataclass(frozen=True, slots=True)
+class Hops:
+    """How to reach an identity: the gateway connected here first, then the rest."""
+
+    first: str
+    via: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DownMethod:
+    """A method call arriving from our parent for an identity in our scope."""
+
+    rid: str
+    name: str
+    device_id: str
+    module_id: str | None
+    via: tuple[str, ...]
+    response_timeout: float  # seconds left
+    connect_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class UpMethod:
+    """A child gateway's answer to a call we sent it."""
+
+    rid: str
+    status: int
+    error: str | None
+
+
+# -- pure grammar ------------------------------------------------------------------------------
+
+
+def down_method_topic(call: DownMethod) -> str:
+    pairs: list[tuple[str, str | None]] = [("$rid", call.rid), ("d", call.device_id)]
+    if call.module_id is not None:
+        pairs.append(("m", call.module_id))
+    if call.via:
+        pairs.append(("via", ";".join(call.via)))
+    pairs.append(("rt", str(max(0, int(call.response_timeout * 1000)))))
+    pairs.append(("ct", str(max(0, int(call.connect_timeout * 1000)))))
+    return _DOWN_METHODS + encode_component(call.name) + "/?" + encode_bag(pairs)
+
+
+def _ms(text: str | None) -> float:
+    if text is None or not text.isdigit():
+        raise ForbiddenError(f"bad timeout {text!r} in a downlink request")
+    return int(text) / 1000
+
+
+def parse_down(topic: str) -> DownMethod:
+    """A request from the parent (what the child's link receives); ForbiddenError if malformed."""
+    if not topic.startswith(_DOWN_METHODS):
+        raise ForbiddenError(f"unknown downlink topic {topic!r}")
+    name, sep, query = topic[len(_DOWN_METHODS):].partition("/?")
+    params = dict(decode_bag(query)) if sep else {}
+    rid, device_id = params.get("$rid"), params.get("d")
+    if not name or not rid or not device_id:
+        raise ForbiddenError(f"malformed downlink request {topic!r}")
+    via = params.get("via")
+    return DownMethod(rid=rid, name=decode_component(name), device_id=device_id,
+                      module_id=params.get("m") or None,
+                      via=tuple(v for v in via.split(";") if v) if via else (),
+                      response_timeout=_ms(params.get("rt")),
+                      connect_timeout=_ms(params.get("ct")))
+
+
+def up_method_topic(rid: str, status: int, error: str | None = None) -> str:
+    pairs: list[tuple[str, str | None]] = [("$rid", rid)]
+    if error:
+        pairs.append(("err", error))
+    return _UP_METHODS + str(status) + "/?" + encode_bag(pairs)
+
+
+def parse_up(topic: str) -> UpMethod:
+    """A child gateway's answer (what the parent receives); ForbiddenError if malformed."""
+    if not topic.startswith(_UP_METHODS):
+        raise ForbiddenError(f"topic not allowed: {topic!r}")
+    status_text, sep, query = topic[len(_UP_METHODS):].partition("/?")
+    params = dict(decode_bag(query)) if sep else {}
+    rid = params.get("$rid")
+    try:
+        status = int(status_text)
+    except ValueError:
+        raise ForbiddenError(f"status is not an integer in {topic!r}") from None
+    if not rid:
+        raise ForbiddenError(f"$rid missing in {topic!r}")
+    return UpMethod(rid=rid, status=status, error=params.get("err") or None)
+
+
+def error_for(status: int, code: str, message: str) -> GatewayError:
+    """The error a hop further down reported, raised again here (same code, same status)."""
+    if code == "DeviceNotOnline" or status == 404:
+        return FederatedNotOnlineError(message)
+    if code == "GatewayTimeout" or status == 504:
+        return FederatedTimeoutError(message)
+    error = GatewayError(message)
+    error.code = code
+    error.status = status  # type: ignore[attr-defined]  # the API answers with it
+    return error
+
+
+def status_of(exc: GatewayError) -> int:
+    """The HTTP status a hop reports upwards for ``exc`` (the API's mapping, ref §5.2)."""
+    for cls, status in ((NotFoundError, 404), (GatewayTimeoutError, 504),
+                        (ForbiddenError, 403), (InvalidRequestError, 400)):
+        if isinstance(exc, cls):
+            return int(getattr(exc, "status", status))
+    return int(getattr(exc, "status", 500))
+
+
+# -- the stateful part ------------------------------------------------------------------------
+
+
+class _Conn(Protocol):
+    client_id: str
+
+    def publish(self, topic: str, payload: bytes, qos: int) -> int | None: ...
+
+
+class _Targets(Protocol):
+    async def wait_target(self, client_id: str, kind: type, timeout: float) -> Any: ...
+
+
+class Federation:
+    """Routes calls for identities behind connected child gateways and correlates answers."""
+
+    def __init__(self, registry: Registry, targets: _Targets,
+                 *, is_self: Callable[[str], bool] = lambda device_id: False) -> None:
+        self.registry = registry
+        self.targets = targets
+        self.is_self = is_self  # our own gateway identity (never a hop)
+        self._scopes: dict[str, str] | None = None  # deviceScope -> edge device id
+        self._pending: dict[tuple[str, str], asyncio.Future[tuple[int, Any]]] = {}
+        self._rids = itertools.count(1)
+        registry.add_listener(self._identity_changed, updates=True)
+
+    def _identity_changed(self, event: str, identity: Device | Module) -> None:
+        if isinstance(identity, Device) and identity.iot_edge:
+            self._scopes = None
+
+    def _owner_of_scope(self, scope: str) -> str | None:
+        if self._scopes is None:
+            self._scopes = {d.device_scope: d.device_id for d in self.registry.devices()
+                            if d.iot_edge and d.device_scope}
+        return self._scopes.get(scope)
+
+    def hops(self, device_id: str, module_id: str | None) -> Hops | None:
+        """The gateways between us and ``device_id[/module_id]``, or None if it is ours.
+
+        A device is reached through its parent (the edge device owning its ``parentScopes``),
+        that one through its own parent, and so on up to the gateway with no parent here. A
+        module of an edge device that is itself behind a gateway lives on that edge device.
+        """
+        device = self.registry.get_device(device_id)
+        if device is None:
+            return None
+        chain: list[str] = []
+        if module_id is not None and device.iot_edge and device.parent_scopes \
+                and not self.is_self(device_id):
+            chain.append(device_id)
+        current: Device | None = device
+        while current is not None and current.parent_scopes:
+            owner = self._owner_of_scope(current.parent_scopes[0])
+            if owner is None or self.is_self(owner) or owner in chain or owner == device_id:
+                break
+            chain.append(owner)
+            if len(chain) > MAX_DEPTH:
+                raise ForbiddenError(f"{device_id}'s parent chain is longer than {MAX_DEPTH}")
+            current = self.registry.get_device(owner)
+        if not chain:
+            return None
+        return Hops(first=chain[-1], via=tuple(reversed(chain[:-1])))
+
+    async def invoke(self, hops: Hops, call: DownMethod, payload: bytes) -> tuple[int, Any]:
+        """Send ``call`` down to ``hops.first`` and wait for its answer (ref §5.2 timeouts)."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        conn = await self.targets.wait_target(hops.first, DownlinkFilter, call.connect_timeout)
+        if conn is None:
+            raise FederatedNotOnlineError(
+                f"{call.device_id} is behind gateway {hops.first}, which is not connected")
+        left = call.connect_timeout - (loop.time() - start)
+        rid = format(next(self._rids), "x")
+        sent = DownMethod(rid=rid, name=call.name, device_id=call.device_id,
+                          module_id=call.module_id, via=hops.via,
+                          response_timeout=max(0.0, call.response_timeout - HOP_MARGIN),
+                          connect_timeout=max(0.0, left))
+        future: asyncio.Future[tuple[int, Any]] = loop.create_future()
+        key = (conn.client_id, rid)
+        self._pending[key] = future
+        try:
+            conn.publish(down_method_topic(sent), payload, 0)
+            log.debug("method %s for %s sent down to %s via=%s", call.name, call.device_id,
+                      hops.first, ";".join(hops.via))
+            return await asyncio.wait_for(future, call.response_timeout + max(0.0, left))
+        except TimeoutError:
+            raise FederatedTimeoutError(
+                f"timed out waiting {call.response_timeout:.1f} s for the response from "
+                f"{call.device_id} (through {hops.first})") from None
+        finally:
+            self._pending.pop(key, None)
+
+    def prepare_up(self, device: Device | None, module_id: str | None, topic: str) -> UpMethod:
+        """Only an edge device (not its modules) may answer downlink calls."""
+        if device is None or module_id is not None or not device.iot_edge:
+            raise ForbiddenError(f"topic not allowed: {topic!r}")
+        return parse_up(topic)
+
+    def handle_up(self, client_id: str, answer: UpMethod, body: bytes) -> None:
+        future = self._pending.pop((client_id, answer.rid), None)
+        if future is None or future.done():
+            log.debug("downlink answer for no pending call client_id=%r rid=%s", client_id,
+                      answer.rid)
+            return
+        text = body.decode("utf-8", errors="replace").strip()
+        try:
+            payload = json.loads(text) if text else None
+        except ValueError:
+            payload = text
+        if answer.error:
+            future.set_exception(error_for(answer.status, answer.error, str(payload)))
+        else:
+            future.set_result((answer.status, payload))
+
+    def on_closed(self, conn: _Conn) -> None:
+        """A gateway connection went: whatever waited on it is not online any more (404)."""
+        for key in [k for k in self._pending if k[0] == conn.client_id]:
+            future = self._pending.pop(key)
+            if not future.done():
+                future.set_exception(FederatedNotOnlineError(
+                    f"the link to gateway {conn.client_id} went down during the call"))

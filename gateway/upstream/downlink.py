@@ -1,0 +1,118 @@
+"""Federation, child side: calls from the parent for the identities in our scope.
+
+On every connection of the upstream link (the forwarder's session, one per parent) the
+downlink subscribes to ``$iothub/gateway/down/#`` and serves what arrives there, answering on
+``$iothub/gateway/up/...`` over the same connection (the grammar and the parent's half are in
+:mod:`gateway.hub.federated`; federation.md §2, IoT Hub ref §5):
+
+* a direct method with more gateways to pass (``via`` not empty) goes on to the next one,
+  with the time that is left (our own :class:`~gateway.hub.federated.Federation`);
+* with none left it is invoked here, on the device's or module's own connection (or a
+  sensor's bridge): the hub's :meth:`~gateway.hub.methods.MethodService.call`. An identity not
+  connected answers 404 ``DeviceNotOnline`` at once, a silent one 504 when the time is up.
+
+Our own identity is known upstream by the link's device id; calls for its modules are turned
+into calls for the modules of the local gateway. At most ``max_calls`` calls run at once;
+beyond that the parent gets 503 at once rather than a queue growing without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from gateway.errors import GatewayError, RemoteProtocolError
+from gateway.hub.federated import (
+    DOWN_PREFIX,
+    DOWNLINK_FILTER,
+    DownMethod,
+    Federation,
+    Hops,
+    parse_down,
+    status_of,
+    up_method_topic,
+)
+from gateway.hub.methods import MethodService
+from gateway.mqtt.packets import Publish
+from gateway.upstream.link import Session
+
+log = logging.getLogger(__name__)
+
+
+class Downlink:
+    def __init__(self, methods: MethodService, federation: Federation | None, *,
+                 local_gateway: str, max_calls: int = 256) -> None:
+        self.methods = methods
+        self.federation = federation
+        self.local_gateway = local_gateway
+        self.max_calls = max_calls
+        self.calls = 0  # served since start (status, tests)
+        self._running: set[asyncio.Task[None]] = set()
+
+    def attach(self, session: Session, upstream_id: str) -> None:
+        """Serve ``session`` (a fresh connection to the parent) until it is lost."""
+        link = session.link
+        link.on_publish = lambda packet: self._received(session, upstream_id, packet)
+        subscribed = link.subscribe(DOWNLINK_FILTER)
+        subscribed.add_done_callback(_log_subscribe)
+        session.lost.add_done_callback(lambda _: self._cancel())
+
+    def _cancel(self) -> None:
+        for task in list(self._running):
+            task.cancel()
+
+    def _received(self, session: Session, upstream_id: str, packet: Publish) -> None:
+        if not packet.topic.startswith(DOWN_PREFIX):
+            return  # a twin response to the status report and the like
+        try:
+            call = parse_down(packet.topic)
+        except (GatewayError, RemoteProtocolError) as exc:
+            log.warning("downlink: ignoring a malformed request: %s", exc)
+            return
+        if len(self._running) >= self.max_calls:
+            session.send(up_method_topic(call.rid, 503, "ServerBusy"),
+                         json.dumps(f"over {self.max_calls} calls at once").encode())
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._serve(session, upstream_id, call, packet.payload), name="downlink-call")
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _serve(self, session: Session, upstream_id: str, call: DownMethod,
+                     payload: bytes) -> None:
+        self.calls += 1
+        try:
+            if call.via:
+                if self.federation is None:
+                    raise GatewayError("this hub does not route calls to child gateways")
+                status, answer = await self.federation.invoke(
+                    Hops(call.via[0], call.via[1:]), call, payload)
+            else:
+                device = self.local_gateway if call.device_id == upstream_id else call.device_id
+                try:
+                    value: Any = json.loads(payload) if payload.strip() else None
+                except ValueError:
+                    value = None
+                status, answer = await self.methods.call(
+                    device, call.module_id, call.name, payload, call.response_timeout,
+                    call.connect_timeout, value)
+            topic = up_method_topic(call.rid, status)
+            body = json.dumps(answer, separators=(",", ":")).encode()
+        except GatewayError as exc:
+            topic = up_method_topic(call.rid, status_of(exc), exc.code or type(exc).__name__)
+            body = json.dumps(str(exc)).encode()
+        log.debug("downlink: %s for %s -> %s", call.name, call.device_id, topic)
+        sent = session.send(topic, body)
+        sent.add_done_callback(_ignore)
+
+
+def _log_subscribe(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("downlink subscription failed: %s", future.exception())
+
+
+def _ignore(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()  # a lost link: the parent answers 404 for us
