@@ -167,7 +167,9 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
                         admission=admission)
         hub.methods = MethodService(broker, hub.children)
         hub.federation = Federation(  # identities behind child gateways
-            registry, broker, is_self=(config.hub.device_id or config.hub.host_name).__eq__)
+            registry, broker, is_self=(config.hub.device_id or config.hub.host_name).__eq__,
+            twins=twin_store.get)
+        broker.ready_hooks.append(hub.federation.on_ready)
         hub.methods.federation = hub.federation
         broker.close_hooks.append(hub.federation.on_closed)
         if config.hub.on_behalf:
@@ -214,7 +216,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
                             select=routed_select(current_router),
                             policy_of=routed_policy(current_router, from_config(config.upstream)),
                             downlink=Downlink(hub.methods, hub.federation,
-                                              local_gateway=gateway_id))
+                                              local_gateway=gateway_id, twins=hub.twins))
         add_upstream_routes(api, upstream)
         routing.upstream_status = upstream.status
         Metrics(db, broker, message_log,

@@ -48,6 +48,7 @@ from gateway.errors import (
 )
 from gateway.hub.propbag import decode_bag, decode_component, encode_bag, encode_component
 from gateway.hub.registry import Device, Module, Registry
+from gateway.hub.twins import Twin
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,59 @@ def status_of(exc: GatewayError) -> int:
     return int(getattr(exc, "status", 500))
 
 
+_DOWN_TWIN: Final = DOWN_PREFIX + "twin/?"
+_UP_RESYNC: Final = UP_PREFIX + "resync/?"
+
+
+@dataclass(frozen=True, slots=True)
+class DownTwin:
+    """The owner's desired state of an identity in our scope (:mod:`gateway.hub.twinmirror`);
+    the payload is ``{"version", "patch" (or null on a resend), "desired"}``."""
+
+    device_id: str
+    module_id: str | None
+    via: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class UpResync:
+    """A child gateway asks for the desired state of everything behind ``via`` (a link further
+    down came back, so patches may have been missed there)."""
+
+    via: tuple[str, ...]
+
+
+def down_twin_topic(device_id: str, module_id: str | None, via: tuple[str, ...]) -> str:
+    pairs: list[tuple[str, str | None]] = [("d", device_id)]
+    if module_id is not None:
+        pairs.append(("m", module_id))
+    if via:
+        pairs.append(("via", ";".join(via)))
+    return _DOWN_TWIN + encode_bag(pairs)
+
+
+def parse_down_twin(topic: str) -> DownTwin:
+    params = dict(decode_bag(topic[len(_DOWN_TWIN):]))
+    device_id, via = params.get("d"), params.get("via")
+    if not device_id:
+        raise ForbiddenError(f"malformed downlink twin topic {topic!r}")
+    return DownTwin(device_id, params.get("m") or None,
+                    tuple(v for v in via.split(";") if v) if via else ())
+
+
+def is_down_twin(topic: str) -> bool:
+    return topic.startswith(_DOWN_TWIN)
+
+
+def up_resync_topic(via: tuple[str, ...]) -> str:
+    return _UP_RESYNC + encode_bag([("via", ";".join(via))])
+
+
+def twin_payload(version: int, patch: Any, desired: Any) -> bytes:
+    return json.dumps({"version": version, "patch": patch, "desired": desired},
+                      separators=(",", ":")).encode()
+
+
 # -- the stateful part ------------------------------------------------------------------------
 
 
@@ -200,14 +254,19 @@ class _Conn(Protocol):
 class _Targets(Protocol):
     async def wait_target(self, client_id: str, kind: type, timeout: float) -> Any: ...
 
+    def target(self, client_id: str, kind: type) -> Any: ...
+
 
 class Federation:
     """Routes calls for identities behind connected child gateways and correlates answers."""
 
     def __init__(self, registry: Registry, targets: _Targets,
-                 *, is_self: Callable[[str], bool] = lambda device_id: False) -> None:
+                 *, is_self: Callable[[str], bool] = lambda device_id: False,
+                 twins: Callable[[str, str | None], Twin | None] = lambda d, m: None) -> None:
         self.registry = registry
         self.targets = targets
+        self.twins = twins
+        self.child_ready: Callable[[str], None] | None = None  # set by our own downlink
         self.is_self = is_self  # our own gateway identity (never a hop)
         self._scopes: dict[str, str] | None = None  # deviceScope -> edge device id
         self._pending: dict[tuple[str, str], asyncio.Future[tuple[int, Any]]] = {}
@@ -280,11 +339,74 @@ class Federation:
         finally:
             self._pending.pop(key, None)
 
-    def prepare_up(self, device: Device | None, module_id: str | None, topic: str) -> UpMethod:
+    def prepare_up(self, device: Device | None, module_id: str | None,
+                   topic: str) -> UpMethod | UpResync:
         """Only an edge device (not its modules) may answer downlink calls."""
         if device is None or module_id is not None or not device.iot_edge:
             raise ForbiddenError(f"topic not allowed: {topic!r}")
+        if topic.startswith(_UP_RESYNC):
+            via = dict(decode_bag(topic[len(_UP_RESYNC):])).get("via") or ""
+            return UpResync(tuple(v for v in via.split(";") if v))
         return parse_up(topic)
+
+    # -- twins: the owner's desired state goes down -------------------------------------------
+
+    def desired_changed(self, device_id: str, module_id: str | None, twin: Twin,
+                        patch: Any) -> None:
+        """A desired write here for an identity behind a child gateway: send it down now
+        (QoS 0 on the live link; a link that is down catches up by :meth:`resync`)."""
+        hops = self.hops(device_id, module_id)
+        if hops is not None:
+            self._send_twin(hops, device_id, module_id, twin, patch)
+
+    def _send_twin(self, hops: Hops, device_id: str, module_id: str | None, twin: Twin,
+                   patch: Any) -> None:
+        conn = self.targets.target(hops.first, DownlinkFilter)
+        if conn is None:
+            return
+        conn.publish(down_twin_topic(device_id, module_id, hops.via),
+                     twin_payload(twin.desired_version, patch, twin.desired), 0)
+
+    def forward_twin(self, hops: Hops, twin: DownTwin, payload: bytes) -> None:
+        """A twin state from our parent for further down: passed on as it is."""
+        conn = self.targets.target(hops.first, DownlinkFilter)
+        if conn is not None:
+            conn.publish(down_twin_topic(twin.device_id, twin.module_id, hops.via), payload, 0)
+
+    def resync(self, first: str, below: tuple[str, ...] = ()) -> int:
+        """Send the desired state of every identity reached through ``first`` (and then
+        ``below``) whose twin lives here; the child drops what it already has ($version)."""
+        sent = 0
+        for device in self.registry.devices():
+            ids: list[str | None] = [None]
+            if device.iot_edge:
+                ids += [m.module_id for m in self.registry.modules(device.device_id)]
+            for module_id in ids:
+                hops = self.hops(device.device_id, module_id)
+                if hops is None or hops.first != first or hops.via[:len(below)] != below:
+                    continue
+                twin = self.twins(device.device_id, module_id)
+                if twin is not None:
+                    self._send_twin(hops, device.device_id, module_id, twin, None)
+                    sent += 1
+        if sent:
+            log.info("resent the desired state of %d identities behind %s%s", sent, first,
+                     "".join(f" -> {g}" for g in below))
+        return sent
+
+    def on_ready(self, conn: _Conn, kinds: set[type]) -> None:
+        """A child gateway subscribed its downlink: bring what is behind it up to date, and
+        ask our own parent for what it owns behind that child."""
+        if DownlinkFilter not in kinds:
+            return
+        self.resync(conn.client_id)
+        if self.child_ready is not None:
+            self.child_ready(conn.client_id)
+
+    def handle_resync(self, client_id: str, request: UpResync) -> None:
+        self.resync(client_id, request.via)
+        if self.child_ready is not None and request.via:  # and what our parent owns there
+            self.child_ready(";".join((client_id, *request.via)))
 
     def handle_up(self, client_id: str, answer: UpMethod, body: bytes) -> None:
         future = self._pending.pop((client_id, answer.rid), None)

@@ -253,6 +253,10 @@ class Hub:
             assert self.federation is not None
             self.federation.handle_up(conn.client_id, prepared, packet.payload)
             return None
+        if isinstance(prepared, federated.UpResync):
+            assert self.federation is not None
+            self.federation.handle_resync(conn.client_id, prepared)
+            return None
         if isinstance(prepared, addresses.TwinGet):
             return self.twins.handle_get(conn, prepared)
         if isinstance(prepared, addresses.TwinReportedPatch):

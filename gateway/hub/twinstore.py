@@ -34,6 +34,7 @@ from typing import Any, Final, TypeAlias, TypeVar
 
 from gateway.errors import NotFoundError
 from gateway.hub import twins
+from gateway.hub.twinmirror import mirror_desired
 from gateway.hub.twins import Twin
 from gateway.store.db import Database, Migration
 
@@ -191,6 +192,30 @@ class TwinStore:
             return twin, new, (new, change, push)
 
         return await self._write([key], partial(self._update, compute, ("tags", "desired")))
+
+    async def mirror_desired(
+        self, device_id: str, module_id: str | None, *, version: int,
+        patch: Mapping[str, Any] | None, desired: Mapping[str, Any], owner: str,
+    ) -> tuple[Twin, dict[str, Any], dict[str, Any]] | None:
+        """Apply the parent's desired state (:func:`twinmirror.mirror_desired`); None if it
+        was already applied. Federation: the owner's ``$version`` is kept."""
+        key = (device_id, module_id)
+        current = self._existing(key)
+        if version <= current.desired_version:
+            return None  # a resend of what we have: no write
+        skipped: list[bool] = []
+
+        def compute() -> tuple[Twin, Twin, tuple[Twin, dict[str, Any], dict[str, Any]]]:
+            twin = self._existing(key)
+            done = mirror_desired(twin, version=version, patch=patch, desired=desired,
+                                  owner=owner, now=self._clock())
+            if done is None:
+                skipped.append(True)
+                return twin, twin, (twin, {}, {})
+            return twin, done[0], done
+
+        result = await self._write([key], partial(self._update, compute, ("desired",)))
+        return None if skipped else result
 
     # -- the write protocol ----------------------------------------------------------------------
 

@@ -18,7 +18,12 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from gateway.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
+from gateway.errors import (
+    ForbiddenError,
+    InvalidRequestError,
+    NotFoundError,
+    PreconditionFailedError,
+)
 from gateway.hub import addresses
 from gateway.hub.addresses import (
     ChildReportedPatch,
@@ -28,6 +33,7 @@ from gateway.hub.addresses import (
     TwinResponsesFilter,
 )
 from gateway.hub.connections import Connection, Connections
+from gateway.hub.twinmirror import owner_of
 from gateway.hub.twins import Twin
 from gateway.hub.twinstore import TwinStore
 from gateway.tasks import TaskSet
@@ -146,11 +152,40 @@ class TwinService:
     async def service_update(self, device_id: str, module_id: str | None,
                              body: Mapping[str, Any], *, if_match: str | None,
                              replace: bool) -> Twin:
-        await self.twin(device_id, module_id)
+        current = await self.twin(device_id, module_id)
+        owner = owner_of(current)
+        if owner is not None and _writes_desired(body):
+            raise ForbiddenError(  # federation: the parent's section (gateway.hub.twinmirror)
+                f"the desired properties of {_client_id(device_id, module_id)} belong to "
+                f"{owner}; change them there (tags may be set here)")
         twin, change, push = await self.store.update_desired(
             device_id, module_id, body, if_match=if_match, replace=replace)
         self.hub.twin_change_event(device_id, module_id,
                                    "replaceTwin" if replace else "updateTwin", change)
+        if push is not None and self.hub.federation is not None:  # behind child gateways
+            self.hub.federation.desired_changed(device_id, module_id, twin, push)
+        await self._push_desired(device_id, module_id, twin, push)
+        return twin
+
+    async def mirror(self, device_id: str, module_id: str | None, *, version: int,
+                     patch: Mapping[str, Any] | None, desired: Mapping[str, Any],
+                     owner: str) -> Twin | None:
+        """The parent's desired state for an identity here (federation); None if already
+        applied. The device gets the patch, as for a service write."""
+        await self.twin(device_id, module_id)
+        done = await self.store.mirror_desired(device_id, module_id, version=version,
+                                               patch=patch, desired=desired, owner=owner)
+        if done is None:
+            return None
+        twin, change, push = done
+        self.hub.twin_change_event(device_id, module_id, "updateTwin", change)
+        if self.hub.federation is not None:
+            self.hub.federation.desired_changed(device_id, module_id, twin, push)
+        await self._push_desired(device_id, module_id, twin, push)
+        return twin
+
+    async def _push_desired(self, device_id: str, module_id: str | None, twin: Twin,
+                            push: dict[str, Any] | None) -> None:
         if module_id is not None and push is not None:
             await self.hub.children.module_desired(device_id, module_id, twin.desired)
         elif push is not None:
@@ -160,5 +195,9 @@ class TwinService:
             if conn is not None:
                 conn.publish(addresses.desired_patch_topic(twin.desired_version),
                              json.dumps(push, separators=(",", ":")).encode(), 0)
-        return twin
+
+
+def _writes_desired(body: Mapping[str, Any]) -> bool:
+    properties = body.get("properties")
+    return isinstance(properties, Mapping) and properties.get("desired") is not None
 

@@ -30,11 +30,15 @@ from gateway.hub.federated import (
     DownMethod,
     Federation,
     Hops,
+    is_down_twin,
     parse_down,
+    parse_down_twin,
     status_of,
     up_method_topic,
+    up_resync_topic,
 )
 from gateway.hub.methods import MethodService
+from gateway.hub.twinsvc import TwinService
 from gateway.mqtt.packets import Publish
 from gateway.upstream.link import Session
 
@@ -43,17 +47,26 @@ log = logging.getLogger(__name__)
 
 class Downlink:
     def __init__(self, methods: MethodService, federation: Federation | None, *,
-                 local_gateway: str, max_calls: int = 256) -> None:
+                 local_gateway: str, twins: TwinService | None = None,
+                 max_calls: int = 256) -> None:
         self.methods = methods
+        self.twins = twins
         self.federation = federation
+        self.session: Session | None = None
+        self.owner = "the parent hub"
+        if federation is not None:
+            federation.child_ready = self._child_ready
         self.local_gateway = local_gateway
         self.max_calls = max_calls
         self.calls = 0  # served since start (status, tests)
         self._running: set[asyncio.Task[None]] = set()
 
-    def attach(self, session: Session, upstream_id: str) -> None:
-        """Serve ``session`` (a fresh connection to the parent) until it is lost."""
+    def attach(self, session: Session, upstream_id: str, owner: str = "the parent hub") -> None:
+        """Serve ``session`` (a fresh connection to the parent) until it is lost. ``owner``
+        names the parent in mirrored twins (``$metadata.$owner``)."""
         link = session.link
+        self.session = session
+        self.owner = owner
         link.on_publish = lambda packet: self._received(session, upstream_id, packet)
         subscribed = link.subscribe(DOWNLINK_FILTER)
         subscribed.add_done_callback(_log_subscribe)
@@ -66,6 +79,9 @@ class Downlink:
     def _received(self, session: Session, upstream_id: str, packet: Publish) -> None:
         if not packet.topic.startswith(DOWN_PREFIX):
             return  # a twin response to the status report and the like
+        if is_down_twin(packet.topic):
+            self._twin(upstream_id, packet)
+            return
         try:
             call = parse_down(packet.topic)
         except (GatewayError, RemoteProtocolError) as exc:
@@ -79,6 +95,50 @@ class Downlink:
             self._serve(session, upstream_id, call, packet.payload), name="downlink-call")
         self._running.add(task)
         task.add_done_callback(self._running.discard)
+
+    def _child_ready(self, path: str) -> None:
+        """A child gateway's downlink is back here: ask our parent to resend what it owns
+        behind it (patches made while that link was down)."""
+        session = self.session
+        if session is not None and not session.lost.done():
+            session.send(up_resync_topic(tuple(path.split(";"))), b"").add_done_callback(_ignore)
+
+    def _twin(self, upstream_id: str, packet: Publish) -> None:
+        try:
+            down = parse_down_twin(packet.topic)
+            state = json.loads(packet.payload)
+            version, patch, desired = state["version"], state["patch"], state["desired"]
+            if not isinstance(version, int) or not isinstance(desired, dict) or not (
+                    patch is None or isinstance(patch, dict)):
+                raise ValueError("bad twin state")
+        except (GatewayError, RemoteProtocolError, ValueError, KeyError, TypeError) as exc:
+            log.warning("downlink: ignoring a malformed twin state: %s", exc)
+            return
+        if down.via:
+            if self.federation is not None:
+                self.federation.forward_twin(Hops(down.via[0], down.via[1:]), down,
+                                             packet.payload)
+            return
+        if self.twins is None:
+            return
+        device = self.local_gateway if down.device_id == upstream_id else down.device_id
+        task = asyncio.get_running_loop().create_task(self._mirror(
+            device, down.module_id, version, patch, desired), name="downlink-twin")
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _mirror(self, device_id: str, module_id: str | None, version: int,
+                      patch: dict[str, Any] | None, desired: dict[str, Any]) -> None:
+        assert self.twins is not None
+        try:
+            twin = await self.twins.mirror(device_id, module_id, version=version, patch=patch,
+                                           desired=desired, owner=self.owner)
+        except GatewayError as exc:
+            log.warning("downlink: desired state for %s%s not applied: %s", device_id,
+                        f"/{module_id}" if module_id else "", exc)
+            return
+        if twin is not None:
+            log.debug("downlink: desired $version %d applied to %s", version, device_id)
 
     async def _serve(self, session: Session, upstream_id: str, call: DownMethod,
                      payload: bytes) -> None:

@@ -85,7 +85,8 @@ class Upstream:
 
     def _on_session(self, session: Session) -> None:
         if self.downlink is not None and self.settings is not None:
-            self.downlink.attach(session, self.settings.device_id)
+            self.downlink.attach(session, self.settings.device_id,
+                                 f"the parent hub {self.settings.hub}")
 
     def _credentials(self, origin: Origin) -> tuple[str | None, str | None]:
         """Identity mode: a DeviceConnect policy of the parent if configured, else the origin's
