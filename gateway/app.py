@@ -57,6 +57,7 @@ from gateway.store.log import MessageLog
 from gateway.tasks import TaskSet
 from gateway.upstream.api import add_upstream_routes
 from gateway.upstream.downlink import Downlink
+from gateway.upstream.reported import ReportedQueue
 from gateway.upstream.policy import from_config
 from gateway.upstream.provision import provision_until_done
 from gateway.upstream.routes import routed_policy, routed_select
@@ -209,6 +210,10 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
                          authenticator=authenticator, log=message_log, hub=hub, broker=broker,
                          events_page_bytes=config.api.events_page_bytes, routing=routing)
         gateway_id = config.hub.device_id or config.hub.host_name  # the bridges' device
+        reported = ReportedQueue(db)  # federation: reported patches on their way up
+        await reported.open()
+        hub.federation.apply_reported = hub.twins.federated_reported
+        hub.federation.has_parent = lambda: upstream.settings is not None
         current_router = lambda: hub.router  # noqa: E731 - swapped live by the routing service
         upstream = Upstream(data_dir=data_dir, cfg=config.upstream, log_=message_log, db=db,
                             local_gateway=gateway_id, refuse=hub.refuse_telemetry,
@@ -216,7 +221,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
                             select=routed_select(current_router),
                             policy_of=routed_policy(current_router, from_config(config.upstream)),
                             downlink=Downlink(hub.methods, hub.federation,
-                                              local_gateway=gateway_id, twins=hub.twins))
+                                              local_gateway=gateway_id, twins=hub.twins,
+                                              reported=reported))
         add_upstream_routes(api, upstream)
         routing.upstream_status = upstream.status
         Metrics(db, broker, message_log,

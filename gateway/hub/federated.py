@@ -35,7 +35,7 @@ import asyncio
 import itertools
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -233,6 +233,24 @@ def is_down_twin(topic: str) -> bool:
     return topic.startswith(_DOWN_TWIN)
 
 
+_UP_REPORTED: Final = UP_PREFIX + "twin/reported/?"
+
+
+@dataclass(frozen=True, slots=True)
+class UpReported:
+    """A reported patch of an identity behind the child gateway (coalesced there)."""
+
+    device_id: str
+    module_id: str | None
+
+
+def up_reported_topic(device_id: str, module_id: str | None) -> str:
+    pairs: list[tuple[str, str | None]] = [("d", device_id)]
+    if module_id is not None:
+        pairs.append(("m", module_id))
+    return _UP_REPORTED + encode_bag(pairs)
+
+
 def up_resync_topic(via: tuple[str, ...]) -> str:
     return _UP_RESYNC + encode_bag([("via", ";".join(via))])
 
@@ -267,6 +285,12 @@ class Federation:
         self.targets = targets
         self.twins = twins
         self.child_ready: Callable[[str], None] | None = None  # set by our own downlink
+        # set by our own downlink / the twin service:
+        self.send_reported: Callable[[str, str | None, Mapping[str, Any]],
+                                     Awaitable[None]] | None = None
+        self.apply_reported: Callable[[str, str | None, Mapping[str, Any]],
+                                      Awaitable[Any]] | None = None
+        self.has_parent: Callable[[], bool] = lambda: False  # an upstream is set
         self.is_self = is_self  # our own gateway identity (never a hop)
         self._scopes: dict[str, str] | None = None  # deviceScope -> edge device id
         self._pending: dict[tuple[str, str], asyncio.Future[tuple[int, Any]]] = {}
@@ -340,14 +364,66 @@ class Federation:
             self._pending.pop(key, None)
 
     def prepare_up(self, device: Device | None, module_id: str | None,
-                   topic: str) -> UpMethod | UpResync:
+                   topic: str) -> UpMethod | UpResync | UpReported:
         """Only an edge device (not its modules) may answer downlink calls."""
         if device is None or module_id is not None or not device.iot_edge:
             raise ForbiddenError(f"topic not allowed: {topic!r}")
         if topic.startswith(_UP_RESYNC):
             via = dict(decode_bag(topic[len(_UP_RESYNC):])).get("via") or ""
             return UpResync(tuple(v for v in via.split(";") if v))
+        if topic.startswith(_UP_REPORTED):
+            params = dict(decode_bag(topic[len(_UP_REPORTED):]))
+            if not params.get("d"):
+                raise ForbiddenError(f"malformed topic {topic!r}")
+            return UpReported(str(params["d"]), params.get("m") or None)
         return parse_up(topic)
+
+    # -- twins: reported properties go up -----------------------------------------------------
+
+    def reported_changed(self, device_id: str, module_id: str | None, twin: Twin,
+                         patch: Mapping[str, Any]) -> Awaitable[None] | None:
+        """A device here reported: if its twin is owned upstream, queue the patch for the
+        parent (durable before the device's 204); None when nothing is to go up."""
+        if self.send_reported is None or twin.desired_meta.get("$owner") is None \
+                or not self.has_parent():
+            return None
+        return self.send_reported(device_id, module_id, patch)
+
+    def handle_reported(self, client_id: str, request: UpReported,
+                        body: bytes) -> asyncio.Future[None] | None:
+        """A child gateway's reported patch for an identity behind it: applied to our twin
+        if we hold it, and queued for our own parent if we have one. The PUBACK waits."""
+        try:
+            patch = json.loads(body)
+            if not isinstance(patch, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            log.warning("reported patch from gateway %s for %s dropped: not a JSON object",
+                        client_id, request.device_id)
+            return None
+        hops = self.hops(request.device_id, request.module_id)
+        known = self.twins(request.device_id, request.module_id) is not None
+        if known and (hops is None or hops.first != client_id):
+            log.warning("reported patch from gateway %s for %s dropped: not in its scope",
+                        client_id, request.device_id)
+            return None
+        up = self.send_reported if self.has_parent() else None
+        if not known and up is None:
+            log.warning("reported patch from gateway %s for unknown %s dropped", client_id,
+                        request.device_id)
+            return None
+        return asyncio.ensure_future(self._reported(request, patch, known, up))
+
+    async def _reported(self, request: UpReported, patch: dict[str, Any], known: bool,
+                        up: Callable[[str, str | None, Mapping[str, Any]],
+                                     Awaitable[None]] | None) -> None:
+        try:
+            if known and self.apply_reported is not None:
+                await self.apply_reported(request.device_id, request.module_id, patch)
+            if up is not None:
+                await up(request.device_id, request.module_id, patch)
+        except GatewayError as exc:  # a refused patch must not take the link down
+            log.warning("reported patch for %s dropped: %s", request.device_id, exc)
 
     # -- twins: the owner's desired state goes down -------------------------------------------
 

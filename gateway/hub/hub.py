@@ -253,6 +253,9 @@ class Hub:
             assert self.federation is not None
             self.federation.handle_up(conn.client_id, prepared, packet.payload)
             return None
+        if isinstance(prepared, federated.UpReported):
+            assert self.federation is not None
+            return self.federation.handle_reported(conn.client_id, prepared, packet.payload)
         if isinstance(prepared, federated.UpResync):
             assert self.federation is not None
             self.federation.handle_resync(conn.client_id, prepared)

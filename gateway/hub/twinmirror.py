@@ -5,7 +5,8 @@ twin at the hop nearest the device is a mirror whose desired ``$version`` is the
 A change arrives as ``(version, patch, desired)`` - the owner's new version, the patch as the
 owner applied it (None on a resend of the state) and the owner's whole desired section:
 
-* ``version <= ours``: already applied (a resend, a reordered duplicate): nothing to do;
+* ``version <= ours``: already applied (a resend, a reordered duplicate): nothing to do
+  (except the first time: the section is then marked as the owner's);
 * ``version == ours + 1`` and a patch: the patch is merged, the device gets that patch;
 * otherwise (patches were missed while a link was down): the section is replaced by the
   owner's, the device gets the difference as one patch (nulls for removed keys).
@@ -46,9 +47,10 @@ def owner_of(twin: Twin) -> str | None:
 
 
 def mirror_desired(twin: Twin, *, version: int, patch: Doc | None, desired: Doc, owner: str,
-                   now: float) -> tuple[Twin, dict[str, Any], dict[str, Any]] | None:
-    if version <= twin.desired_version:
-        return None
+                   now: float) -> tuple[Twin, dict[str, Any], dict[str, Any] | None] | None:
+    if version < twin.desired_version or (version == twin.desired_version
+                                          and owner_of(twin) is not None):
+        return None  # the first state at our own version only marks the owner
     stamp = {LAST_UPDATED: format_time(now), LAST_UPDATED_VERSION: version}
     if patch is not None and version == twin.desired_version + 1:
         applied = {k: v for k, v in patch.items() if k != VERSION}
@@ -63,6 +65,8 @@ def mirror_desired(twin: Twin, *, version: int, patch: Doc | None, desired: Doc,
                   version=twin_version, etag=make_etag(twin_version), sizes=None)
     change: dict[str, Any] = {"version": twin_version,
                               "properties": {"desired": _change(applied, meta, version)}}
+    if version == twin.desired_version and not applied:
+        return new, change, None  # nothing new for the device
     push = _copy(applied)
     push[VERSION] = version
     return new, change, push

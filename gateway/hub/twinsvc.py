@@ -145,7 +145,17 @@ class TwinService:
         except PreconditionFailedError as exc:
             return 412, {"message": str(exc)}, None
         self.hub.twin_change_event(device_id, module_id, "updateTwin", change)
+        if self.hub.federation is not None:  # owned upstream: queued for the parent first
+            queued = self.hub.federation.reported_changed(device_id, module_id, twin, patch)
+            if queued is not None:
+                await queued
         return 204, None, twin.reported_version
+
+    async def federated_reported(self, device_id: str, module_id: str | None,
+                                 patch: Mapping[str, Any]) -> None:
+        """A reported patch a child gateway sent up for an identity behind it."""
+        twin, change = await self.store.update_reported(device_id, module_id, patch)
+        self.hub.twin_change_event(device_id, module_id, "updateTwin", change)
 
     # -- service ---------------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ import json
 import logging
 from typing import Any
 
-from gateway.errors import GatewayError, RemoteProtocolError
+from gateway.errors import GatewayError, RemoteProtocolError, UpstreamError
 from gateway.hub.federated import (
     DOWN_PREFIX,
     DOWNLINK_FILTER,
@@ -35,12 +35,14 @@ from gateway.hub.federated import (
     parse_down_twin,
     status_of,
     up_method_topic,
+    up_reported_topic,
     up_resync_topic,
 )
 from gateway.hub.methods import MethodService
 from gateway.hub.twinsvc import TwinService
 from gateway.mqtt.packets import Publish
 from gateway.upstream.link import Session
+from gateway.upstream.reported import ReportedQueue
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +50,17 @@ log = logging.getLogger(__name__)
 class Downlink:
     def __init__(self, methods: MethodService, federation: Federation | None, *,
                  local_gateway: str, twins: TwinService | None = None,
-                 max_calls: int = 256) -> None:
+                 reported: ReportedQueue | None = None, max_calls: int = 256) -> None:
         self.methods = methods
+        self.reported = reported
         self.twins = twins
         self.federation = federation
         self.session: Session | None = None
         self.owner = "the parent hub"
         if federation is not None:
             federation.child_ready = self._child_ready
+            if reported is not None:
+                federation.send_reported = reported.add
         self.local_gateway = local_gateway
         self.max_calls = max_calls
         self.calls = 0  # served since start (status, tests)
@@ -71,6 +76,31 @@ class Downlink:
         subscribed = link.subscribe(DOWNLINK_FILTER)
         subscribed.add_done_callback(_log_subscribe)
         session.lost.add_done_callback(lambda _: self._cancel())
+        if self.reported is not None:
+            task = asyncio.get_running_loop().create_task(
+                self._flush_reported(session, upstream_id), name="downlink-reported")
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _flush_reported(self, session: Session, upstream_id: str) -> None:
+        """Send the coalesced reported patches, one per identity, each dropped from the queue
+        on its PUBACK; then wait for more."""
+        queue = self.reported
+        assert queue is not None
+        while not session.lost.done():
+            queue.changed.clear()
+            for (device_id, module_id), patch, gen in queue.items():
+                device = upstream_id if device_id == self.local_gateway else device_id
+                try:
+                    await session.send(up_reported_topic(device, module_id),
+                                       json.dumps(patch, separators=(",", ":")).encode())
+                except UpstreamError:
+                    return
+                await queue.sent((device_id, module_id), gen)
+            changed: asyncio.Future[Any] = asyncio.ensure_future(queue.changed.wait())
+            waits: set[asyncio.Future[Any]] = {changed, session.lost}
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
 
     def _cancel(self) -> None:
         for task in list(self._running):
