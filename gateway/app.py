@@ -57,6 +57,7 @@ from gateway.store.log import MessageLog
 from gateway.tasks import TaskSet
 from gateway.upstream.api import add_upstream_routes
 from gateway.upstream.downlink import Downlink
+from gateway.upstream.idmirror import IdentityMirror
 from gateway.upstream.reported import ReportedQueue
 from gateway.upstream.policy import from_config
 from gateway.upstream.provision import provision_until_done
@@ -213,6 +214,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         reported = ReportedQueue(db)  # federation: reported patches on their way up
         await reported.open()
         hub.federation.apply_reported = hub.twins.federated_reported
+        identities = IdentityMirror(registry, db, local_gateway=gateway_id)  # from the parent
+        await identities.open()
         hub.federation.has_parent = lambda: upstream.settings is not None
         current_router = lambda: hub.router  # noqa: E731 - swapped live by the routing service
         upstream = Upstream(data_dir=data_dir, cfg=config.upstream, log_=message_log, db=db,
@@ -222,7 +225,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
                             policy_of=routed_policy(current_router, from_config(config.upstream)),
                             downlink=Downlink(hub.methods, hub.federation,
                                               local_gateway=gateway_id, twins=hub.twins,
-                                              reported=reported))
+                                              reported=reported, identities=identities,
+                                              refresh=config.upstream.federation_refresh))
         add_upstream_routes(api, upstream)
         routing.upstream_status = upstream.status
         Metrics(db, broker, message_log,

@@ -217,6 +217,7 @@ class UpstreamConfig:
     disk_high_water: float = 0.95  # fraction of the data directory's disk: full above it
     priority: int = 0  # 0 (highest) .. 9, served by weighted fairness
     bandwidth: int = 0  # bytes/s over the link for the route; 0 = unlimited
+    federation_refresh: float = 300.0  # seconds between full refreshes from the parent
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -251,6 +251,23 @@ def up_reported_topic(device_id: str, module_id: str | None) -> str:
     return _UP_REPORTED + encode_bag(pairs)
 
 
+_DOWN_IDENTITY: Final = DOWN_PREFIX + "identity/?"
+
+
+def down_identity_topic(op: str) -> str:
+    """``op``: ``put`` ``{"device": {...}, "parent": id|null}`` or ``{"module": {...}}``;
+    ``delete`` ``{"deviceId", "moduleId"}``; ``sync`` ``{"ids": [[d, m|null], ...]}`` (every
+    identity the parent holds behind this gateway: anything else it gave is gone)."""
+    return _DOWN_IDENTITY + encode_bag([("op", op)])
+
+
+def parse_down_identity(topic: str) -> str | None:
+    """The op of an identity message, or None if ``topic`` is not one."""
+    if not topic.startswith(_DOWN_IDENTITY):
+        return None
+    return dict(decode_bag(topic[len(_DOWN_IDENTITY):])).get("op") or ""
+
+
 def up_resync_topic(via: tuple[str, ...]) -> str:
     return _UP_RESYNC + encode_bag([("via", ";".join(via))])
 
@@ -291,6 +308,7 @@ class Federation:
         self.apply_reported: Callable[[str, str | None, Mapping[str, Any]],
                                       Awaitable[Any]] | None = None
         self.has_parent: Callable[[], bool] = lambda: False  # an upstream is set
+        self.is_mirrored: Callable[[str, str | None], bool] = lambda d, m: False  # from above
         self.is_self = is_self  # our own gateway identity (never a hop)
         self._scopes: dict[str, str] | None = None  # deviceScope -> edge device id
         self._pending: dict[tuple[str, str], asyncio.Future[tuple[int, Any]]] = {}
@@ -300,6 +318,78 @@ class Federation:
     def _identity_changed(self, event: str, identity: Device | Module) -> None:
         if isinstance(identity, Device) and identity.iot_edge:
             self._scopes = None
+        try:
+            self._push_identity(event, identity)
+        except Exception:  # a listener must not fail the registry write
+            log.exception("could not send identity %s down", identity.device_id)
+
+    # -- identities flow down -----------------------------------------------------------------
+
+    def _hops_of(self, identity: Device | Module) -> Hops | None:
+        """The hops of ``identity`` (also one just deleted: its own parent chain)."""
+        if isinstance(identity, Module):
+            return self.hops(identity.device_id, identity.module_id)
+        if not identity.parent_scopes:
+            return None
+        owner = self._owner_of_scope(identity.parent_scopes[0])
+        if owner is None or self.is_self(owner):
+            return None
+        above = self.hops(owner, None)
+        if above is None:
+            return Hops(first=owner, via=())
+        return Hops(first=above.first, via=(*above.via, owner))
+
+    def _parent_id(self, device: Device) -> str | None:
+        return self._owner_of_scope(device.parent_scopes[0]) if device.parent_scopes else None
+
+    def _identity_message(self, identity: Device | Module) -> bytes | None:
+        """What a child gateway gets to hold the identity, or None for one it owns itself
+        (registered from below with authentication ``none``: its keys live down there)."""
+        if identity.auth_type == "none":
+            return None
+        if isinstance(identity, Module):
+            return json.dumps({"module": identity.to_json()}).encode()
+        return json.dumps({"device": identity.to_json(),
+                           "parent": self._parent_id(identity)}).encode()
+
+    def _push_identity(self, event: str, identity: Device | Module) -> None:
+        hops = self._hops_of(identity)
+        if hops is None:
+            return
+        conn = self.targets.target(hops.first, DownlinkFilter)
+        if conn is None:
+            return  # the next resync (on connecting, and periodically) catches up
+        if event == "deleted":
+            module_id = identity.module_id if isinstance(identity, Module) else None
+            conn.publish(down_identity_topic("delete"), json.dumps(
+                {"deviceId": identity.device_id, "moduleId": module_id}).encode(), 0)
+            return
+        body = self._identity_message(identity)
+        if body is not None:
+            conn.publish(down_identity_topic("put"), body, 0)
+
+    def _send_identities(self, first: str) -> int:
+        """Every identity behind ``first`` that it may hold (parents before children), then
+        the list of them all (the child drops what it got from us and is no longer here)."""
+        conn = self.targets.target(first, DownlinkFilter)
+        if conn is None:
+            return 0
+        behind: list[tuple[int, Device | Module]] = []
+        for device in self.registry.devices():
+            hops = self._hops_of(device)
+            if hops is not None and hops.first == first:
+                behind.append((len(hops.via), device))
+                behind += [(len(hops.via) + 1, m) for m in self.registry.modules(device.device_id)]
+        behind.sort(key=lambda item: item[0])
+        ids: list[list[str | None]] = []
+        for _, identity in behind:
+            body = self._identity_message(identity)
+            if body is not None:
+                conn.publish(down_identity_topic("put"), body, 0)
+                ids.append([identity.device_id,
+                            identity.module_id if isinstance(identity, Module) else None])
+        conn.publish(down_identity_topic("sync"), json.dumps({"ids": ids}).encode(), 0)
+        return len(ids)
 
     def _owner_of_scope(self, scope: str) -> str | None:
         if self._scopes is None:
@@ -384,8 +474,9 @@ class Federation:
                          patch: Mapping[str, Any]) -> Awaitable[None] | None:
         """A device here reported: if its twin is owned upstream, queue the patch for the
         parent (durable before the device's 204); None when nothing is to go up."""
-        if self.send_reported is None or twin.desired_meta.get("$owner") is None \
-                or not self.has_parent():
+        if self.send_reported is None or not self.has_parent() or (
+                twin.desired_meta.get("$owner") is None
+                and not self.is_mirrored(device_id, module_id)):
             return None
         return self.send_reported(device_id, module_id, patch)
 
@@ -450,8 +541,11 @@ class Federation:
             conn.publish(down_twin_topic(twin.device_id, twin.module_id, hops.via), payload, 0)
 
     def resync(self, first: str, below: tuple[str, ...] = ()) -> int:
-        """Send the desired state of every identity reached through ``first`` (and then
-        ``below``) whose twin lives here; the child drops what it already has ($version)."""
+        """Send the identities behind ``first`` (our direct child: ``below`` empty) and the
+        desired state of every identity reached through ``first`` (and then ``below``) whose
+        twin lives here; the child drops what it already has ($version)."""
+        if not below:
+            self._send_identities(first)
         sent = 0
         for device in self.registry.devices():
             ids: list[str | None] = [None]

@@ -23,7 +23,7 @@ import json
 import logging
 from typing import Any
 
-from gateway.errors import GatewayError, RemoteProtocolError, UpstreamError
+from gateway.errors import GatewayError, NotFoundError, RemoteProtocolError, UpstreamError
 from gateway.hub.federated import (
     DOWN_PREFIX,
     DOWNLINK_FILTER,
@@ -32,6 +32,7 @@ from gateway.hub.federated import (
     Hops,
     is_down_twin,
     parse_down,
+    parse_down_identity,
     parse_down_twin,
     status_of,
     up_method_topic,
@@ -41,6 +42,7 @@ from gateway.hub.federated import (
 from gateway.hub.methods import MethodService
 from gateway.hub.twinsvc import TwinService
 from gateway.mqtt.packets import Publish
+from gateway.upstream.idmirror import IdentityMirror
 from gateway.upstream.link import Session
 from gateway.upstream.reported import ReportedQueue
 
@@ -50,17 +52,23 @@ log = logging.getLogger(__name__)
 class Downlink:
     def __init__(self, methods: MethodService, federation: Federation | None, *,
                  local_gateway: str, twins: TwinService | None = None,
-                 reported: ReportedQueue | None = None, max_calls: int = 256) -> None:
+                 reported: ReportedQueue | None = None, identities: IdentityMirror | None = None,
+                 refresh: float = 300.0, max_calls: int = 256) -> None:
         self.methods = methods
+        self.identities = identities
+        self.refresh = refresh
         self.reported = reported
         self.twins = twins
         self.federation = federation
         self.session: Session | None = None
+        self._ordered: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(10_000)
         self.owner = "the parent hub"
         if federation is not None:
             federation.child_ready = self._child_ready
             if reported is not None:
                 federation.send_reported = reported.add
+            if identities is not None:
+                federation.is_mirrored = lambda d, m: (d, m) in identities.owned
         self.local_gateway = local_gateway
         self.max_calls = max_calls
         self.calls = 0  # served since start (status, tests)
@@ -76,11 +84,28 @@ class Downlink:
         subscribed = link.subscribe(DOWNLINK_FILTER)
         subscribed.add_done_callback(_log_subscribe)
         session.lost.add_done_callback(lambda _: self._cancel())
+        self._ordered = asyncio.Queue(10_000)  # a fresh one per connection
+        jobs = [self._apply_ordered(upstream_id), self._refresh(session)]
         if self.reported is not None:
-            task = asyncio.get_running_loop().create_task(
-                self._flush_reported(session, upstream_id), name="downlink-reported")
+            jobs.append(self._flush_reported(session, upstream_id))
+        for job in jobs:
+            task = asyncio.get_running_loop().create_task(job, name="downlink")
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+
+    async def _apply_ordered(self, upstream_id: str) -> None:
+        """Identity messages, one at a time in arrival order (a parent before its child)."""
+        queue = self._ordered
+        while True:
+            op, payload = await queue.get()
+            if self.identities is not None:
+                await self.identities.handle(op, payload, upstream_id)
+
+    async def _refresh(self, session: Session) -> None:
+        """Every ``refresh`` seconds ask for the full state (identities and twins) again."""
+        while not session.lost.done():
+            await asyncio.sleep(self.refresh)
+            session.send(up_resync_topic(()), b"").add_done_callback(_ignore)
 
     async def _flush_reported(self, session: Session, upstream_id: str) -> None:
         """Send the coalesced reported patches, one per identity, each dropped from the queue
@@ -111,6 +136,13 @@ class Downlink:
             return  # a twin response to the status report and the like
         if is_down_twin(packet.topic):
             self._twin(upstream_id, packet)
+            return
+        op = parse_down_identity(packet.topic)
+        if op is not None:
+            try:
+                self._ordered.put_nowait((op, packet.payload))
+            except asyncio.QueueFull:  # the next refresh brings it again
+                log.warning("downlink: identity backlog full; one %s dropped", op)
             return
         try:
             call = parse_down(packet.topic)
@@ -161,8 +193,16 @@ class Downlink:
                       patch: dict[str, Any] | None, desired: dict[str, Any]) -> None:
         assert self.twins is not None
         try:
-            twin = await self.twins.mirror(device_id, module_id, version=version, patch=patch,
-                                           desired=desired, owner=self.owner)
+            for attempt in range(10):  # the identity itself may still be on its way
+                try:
+                    twin = await self.twins.mirror(device_id, module_id, version=version,
+                                                   patch=patch, desired=desired,
+                                                   owner=self.owner)
+                    break
+                except NotFoundError:
+                    if attempt == 9:
+                        raise
+                    await asyncio.sleep(0.2)
         except GatewayError as exc:
             log.warning("downlink: desired state for %s%s not applied: %s", device_id,
                         f"/{module_id}" if module_id else "", exc)

@@ -79,11 +79,17 @@ def wait(check: Callable[[], Any], timeout: float, what: str, interval: float = 
         time.sleep(interval)
 
 
-def leaf_device(h: Hierarchy, device_id: str) -> None:
-    """A device behind both gateways: at the top as the leaf's child, at the leaf itself
-    (until identities flow down, the test creates it in both places)."""
-    create_device(h.top, device_id, "--parent", "leaf")
-    create_device(h.leaf, device_id)
+def show(hub: HubProcess, device_id: str) -> dict[str, Any] | None:
+    out = hub.cli("device", "show", device_id, check=False)
+    return json.loads(out.stdout) if out.returncode == 0 else None
+
+
+def leaf_device(h: Hierarchy, device_id: str) -> dict[str, Any]:
+    """A device behind both gateways, created at the top as the leaf's child; returns it
+    once it has flowed down to the leaf."""
+    created = create_device(h.top, device_id, "--parent", "leaf")
+    wait(lambda: show(h.leaf, device_id), 15, f"{device_id} at the leaf")
+    return created
 
 
 def invoke(hub: HubProcess, device_id: str, name: str, payload: Any = None, *,

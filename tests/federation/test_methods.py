@@ -33,6 +33,8 @@ def test_method_through_two_gateways(hierarchy: Hierarchy, azure_python: Path) -
         assert session.expect("method")["payload"] == {"delay": 3}
         answer, err, _ = invoke(h.top, "dev1", "fail", [1, 2])  # the device's own status
         assert answer == {"status": 500, "payload": {"echo": [1, 2], "method": "fail"}}, err
+        answer, _, _ = invoke(h.site, "dev1", "ping", 7)  # the site reaches it too (one hop)
+        assert answer is not None and answer["status"] == 200, answer
         # the site <-> leaf link down: 404 at once from the top, not after the timeout
         h.leaf.stop()
         answer, err, took = invoke(h.top, "dev1", "reboot", None, timeout=30)
