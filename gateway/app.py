@@ -40,6 +40,7 @@ from gateway.hub.enrollments import EnrollmentGroup, EnrollmentStore
 from gateway.hub.provisioning import ProvisioningService
 from gateway.hub.connstr import ConnectionString
 from gateway.hub.hub import Hub
+from gateway.hub.c2dfed import C2DForwarder
 from gateway.hub.federated import Federation
 from gateway.hub.methods import MethodService
 from gateway.hub.modinputs import ModuleInputService
@@ -56,6 +57,7 @@ from gateway.store.files import private_directory
 from gateway.store.log import MessageLog
 from gateway.tasks import TaskSet
 from gateway.upstream.api import add_upstream_routes
+from gateway.upstream.c2dmirror import C2DMirror
 from gateway.upstream.downlink import Downlink
 from gateway.upstream.idmirror import IdentityMirror
 from gateway.upstream.reported import ReportedQueue
@@ -216,6 +218,13 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         hub.federation.apply_reported = hub.twins.federated_reported
         identities = IdentityMirror(registry, db, local_gateway=gateway_id)  # from the parent
         await identities.open()
+        c2d_mirror = C2DMirror(hub.c2d, db)  # C2D handed down by the parent
+        await c2d_mirror.open()
+        hub.c2d.on_settled = c2d_mirror.on_settled
+        c2d_forwarder = C2DForwarder(c2d_queues, hub.federation)  # and handed down by us
+        hub.c2d.forwarder = c2d_forwarder
+        hub.federation.settle_here = c2d_forwarder.settle_here
+        hub.federation.ready_hooks.append(c2d_forwarder.on_ready)
         hub.federation.has_parent = lambda: upstream.settings is not None
         current_router = lambda: hub.router  # noqa: E731 - swapped live by the routing service
         upstream = Upstream(data_dir=data_dir, cfg=config.upstream, log_=message_log, db=db,
@@ -226,6 +235,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
                             downlink=Downlink(hub.methods, hub.federation,
                                               local_gateway=gateway_id, twins=hub.twins,
                                               reported=reported, identities=identities,
+                                              c2d=c2d_mirror,
                                               refresh=config.upstream.federation_refresh))
         add_upstream_routes(api, upstream)
         routing.upstream_status = upstream.status

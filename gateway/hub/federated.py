@@ -268,6 +268,23 @@ def parse_down_identity(topic: str) -> str | None:
     return dict(decode_bag(topic[len(_DOWN_IDENTITY):])).get("op") or ""
 
 
+_UP_SETTLED: Final = UP_PREFIX + "c2d/settled/?"
+
+
+@dataclass(frozen=True, slots=True)
+class UpSettled:
+    """A device behind the child gateway completed a C2D message we handed down
+    (:mod:`gateway.hub.c2dfed`)."""
+
+    device_id: str
+    message_id: str
+    status: str
+
+
+def up_settled_topic(device_id: str, message_id: str, status: str) -> str:
+    return _UP_SETTLED + encode_bag([("d", device_id), ("mid", message_id), ("st", status)])
+
+
 def up_resync_topic(via: tuple[str, ...]) -> str:
     return _UP_RESYNC + encode_bag([("via", ";".join(via))])
 
@@ -309,6 +326,10 @@ class Federation:
                                       Awaitable[Any]] | None = None
         self.has_parent: Callable[[], bool] = lambda: False  # an upstream is set
         self.is_mirrored: Callable[[str, str | None], bool] = lambda d, m: False  # from above
+        self.settle_here: Callable[[str, str, str], Awaitable[bool]] | None = None  # c2dfed
+        self.send_settled: Callable[[str, str, str], Awaitable[None]] | None = None  # downlink
+        self.ready_hooks: list[Callable[[str], None]] = []  # a child gateway's downlink is up
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.is_self = is_self  # our own gateway identity (never a hop)
         self._scopes: dict[str, str] | None = None  # deviceScope -> edge device id
         self._pending: dict[tuple[str, str], asyncio.Future[tuple[int, Any]]] = {}
@@ -454,13 +475,18 @@ class Federation:
             self._pending.pop(key, None)
 
     def prepare_up(self, device: Device | None, module_id: str | None,
-                   topic: str) -> UpMethod | UpResync | UpReported:
+                   topic: str) -> UpMethod | UpResync | UpReported | UpSettled:
         """Only an edge device (not its modules) may answer downlink calls."""
         if device is None or module_id is not None or not device.iot_edge:
             raise ForbiddenError(f"topic not allowed: {topic!r}")
         if topic.startswith(_UP_RESYNC):
             via = dict(decode_bag(topic[len(_UP_RESYNC):])).get("via") or ""
             return UpResync(tuple(v for v in via.split(";") if v))
+        if topic.startswith(_UP_SETTLED):
+            params = dict(decode_bag(topic[len(_UP_SETTLED):]))
+            if not params.get("d") or not params.get("mid"):
+                raise ForbiddenError(f"malformed topic {topic!r}")
+            return UpSettled(str(params["d"]), str(params["mid"]), params.get("st") or "Success")
         if topic.startswith(_UP_REPORTED):
             params = dict(decode_bag(topic[len(_UP_REPORTED):]))
             if not params.get("d"):
@@ -570,8 +596,40 @@ class Federation:
         if DownlinkFilter not in kinds:
             return
         self.resync(conn.client_id)
+        for hook in self.ready_hooks:
+            hook(conn.client_id)
         if self.child_ready is not None:
             self.child_ready(conn.client_id)
+
+    def spawn(self, job: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(job)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Future[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("federation task failed: %r", task.exception())
+
+    def handle_settled(self, client_id: str, up: UpSettled) -> asyncio.Future[None] | None:
+        """A C2D completion from below: settled here if queued here, else passed up
+        (durably, before the PUBACK)."""
+        hops = self.hops(up.device_id, None)
+        if hops is not None and hops.first != client_id:
+            log.warning("c2d completion from gateway %s for %s dropped: not in its scope",
+                        client_id, up.device_id)
+            return None
+        return asyncio.ensure_future(self._settled(up))
+
+    async def _settled(self, up: UpSettled) -> None:
+        try:
+            if self.settle_here is not None and await self.settle_here(
+                    up.device_id, up.message_id, up.status):
+                return
+            if self.send_settled is not None and self.has_parent():
+                await self.send_settled(up.device_id, up.message_id, up.status)
+        except GatewayError as exc:
+            log.warning("c2d completion for %s dropped: %s", up.device_id, exc)
 
     def handle_resync(self, client_id: str, request: UpResync) -> None:
         self.resync(client_id, request.via)

@@ -256,6 +256,9 @@ class Hub:
         if isinstance(prepared, federated.UpReported):
             assert self.federation is not None
             return self.federation.handle_reported(conn.client_id, prepared, packet.payload)
+        if isinstance(prepared, federated.UpSettled):
+            assert self.federation is not None
+            return self.federation.handle_settled(conn.client_id, prepared)
         if isinstance(prepared, federated.UpResync):
             assert self.federation is not None
             self.federation.handle_resync(conn.client_id, prepared)

@@ -21,12 +21,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from gateway.errors import GatewayError, NotFoundError, RemoteProtocolError, UpstreamError
 from gateway.hub.federated import (
     DOWN_PREFIX,
     DOWNLINK_FILTER,
+    DownlinkFilter,
     DownMethod,
     Federation,
     Hops,
@@ -38,10 +41,13 @@ from gateway.hub.federated import (
     up_method_topic,
     up_reported_topic,
     up_resync_topic,
+    up_settled_topic,
 )
+from gateway.hub.c2dfed import down_c2d_topic, parse_down_c2d
 from gateway.hub.methods import MethodService
 from gateway.hub.twinsvc import TwinService
 from gateway.mqtt.packets import Publish
+from gateway.upstream.c2dmirror import C2DMirror
 from gateway.upstream.idmirror import IdentityMirror
 from gateway.upstream.link import Session
 from gateway.upstream.reported import ReportedQueue
@@ -53,15 +59,17 @@ class Downlink:
     def __init__(self, methods: MethodService, federation: Federation | None, *,
                  local_gateway: str, twins: TwinService | None = None,
                  reported: ReportedQueue | None = None, identities: IdentityMirror | None = None,
-                 refresh: float = 300.0, max_calls: int = 256) -> None:
+                 c2d: C2DMirror | None = None, refresh: float = 300.0,
+                 max_calls: int = 256) -> None:
         self.methods = methods
+        self.c2d = c2d
         self.identities = identities
         self.refresh = refresh
         self.reported = reported
         self.twins = twins
         self.federation = federation
         self.session: Session | None = None
-        self._ordered: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(10_000)
+        self._ordered: asyncio.Queue[Callable[[], Awaitable[None]]] = asyncio.Queue(10_000)
         self.owner = "the parent hub"
         if federation is not None:
             federation.child_ready = self._child_ready
@@ -69,6 +77,8 @@ class Downlink:
                 federation.send_reported = reported.add
             if identities is not None:
                 federation.is_mirrored = lambda d, m: (d, m) in identities.owned
+            if c2d is not None:
+                federation.send_settled = c2d.completed
         self.local_gateway = local_gateway
         self.max_calls = max_calls
         self.calls = 0  # served since start (status, tests)
@@ -86,6 +96,8 @@ class Downlink:
         session.lost.add_done_callback(lambda _: self._cancel())
         self._ordered = asyncio.Queue(10_000)  # a fresh one per connection
         jobs = [self._apply_ordered(upstream_id), self._refresh(session)]
+        if self.c2d is not None:
+            jobs.append(self._flush_settled(session, upstream_id))
         if self.reported is not None:
             jobs.append(self._flush_reported(session, upstream_id))
         for job in jobs:
@@ -93,13 +105,37 @@ class Downlink:
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
+    async def _flush_settled(self, session: Session, upstream_id: str) -> None:
+        """Send C2D completions up, each marked sent on its PUBACK; then wait for more."""
+        mirror = self.c2d
+        assert mirror is not None
+        while not session.lost.done():
+            mirror.changed.clear()
+            for (device_id, message_id), status in mirror.unsent():
+                device = upstream_id if device_id == self.local_gateway else device_id
+                try:
+                    await session.send(up_settled_topic(device, message_id, status), b"")
+                except UpstreamError:
+                    return
+                await mirror.sent((device_id, message_id))
+            changed: asyncio.Future[Any] = asyncio.ensure_future(mirror.changed.wait())
+            waits: set[asyncio.Future[Any]] = {changed, session.lost}
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
+
     async def _apply_ordered(self, upstream_id: str) -> None:
-        """Identity messages, one at a time in arrival order (a parent before its child)."""
+        """Identity and C2D messages, one at a time in arrival order (a parent before its
+        child; a device's messages in the order sent)."""
         queue = self._ordered
         while True:
-            op, payload = await queue.get()
-            if self.identities is not None:
-                await self.identities.handle(op, payload, upstream_id)
+            job = await queue.get()
+            await job()
+
+    def _enqueue(self, job: Callable[[], Awaitable[None]], what: str) -> None:
+        try:
+            self._ordered.put_nowait(job)
+        except asyncio.QueueFull:  # the next refresh / lock lapse brings it again
+            log.warning("downlink: backlog full; one %s dropped", what)
 
     async def _refresh(self, session: Session) -> None:
         """Every ``refresh`` seconds ask for the full state (identities and twins) again."""
@@ -139,10 +175,19 @@ class Downlink:
             return
         op = parse_down_identity(packet.topic)
         if op is not None:
-            try:
-                self._ordered.put_nowait((op, packet.payload))
-            except asyncio.QueueFull:  # the next refresh brings it again
-                log.warning("downlink: identity backlog full; one %s dropped", op)
+            if self.identities is not None:
+                self._enqueue(partial(self.identities.handle, op, packet.payload, upstream_id),
+                              f"identity {op}")
+            return
+        c2d = parse_down_c2d(packet.topic)
+        if c2d is not None:
+            device_id, via = c2d
+            if via and self.federation is not None:  # for further down: passed on
+                conn = self.federation.targets.target(via[0], DownlinkFilter)
+                if conn is not None:
+                    conn.publish(down_c2d_topic(device_id, via[1:]), packet.payload, 0)
+            elif not via and self.c2d is not None and device_id:
+                self._enqueue(partial(self.c2d.accept, device_id, packet.payload), "c2d")
             return
         try:
             call = parse_down(packet.topic)
