@@ -285,6 +285,31 @@ def up_settled_topic(device_id: str, message_id: str, status: str) -> str:
     return _UP_SETTLED + encode_bag([("d", device_id), ("mid", message_id), ("st", status)])
 
 
+_UP_STATE: Final = UP_PREFIX + "state/?"
+
+
+@dataclass(frozen=True, slots=True)
+class UpState:
+    """An identity behind the child gateway connected or disconnected there; ``path``: the
+    gateways below the child it came through (nearest the device first)."""
+
+    device_id: str
+    module_id: str | None
+    connected: bool
+    path: str | None
+
+
+def up_state_topic(device_id: str, module_id: str | None, connected: bool,
+                   path: str | None) -> str:
+    pairs: list[tuple[str, str | None]] = [("d", device_id)]
+    if module_id is not None:
+        pairs.append(("m", module_id))
+    pairs.append(("c", "1" if connected else "0"))
+    if path:
+        pairs.append(("path", path))
+    return _UP_STATE + encode_bag(pairs)
+
+
 def up_resync_topic(via: tuple[str, ...]) -> str:
     return _UP_RESYNC + encode_bag([("via", ";".join(via))])
 
@@ -329,6 +354,7 @@ class Federation:
         self.settle_here: Callable[[str, str, str], Awaitable[bool]] | None = None  # c2dfed
         self.send_settled: Callable[[str, str, str], Awaitable[None]] | None = None  # downlink
         self.ready_hooks: list[Callable[[str], None]] = []  # a child gateway's downlink is up
+        self.send_state: Callable[[str, str | None, bool, str | None], None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.is_self = is_self  # our own gateway identity (never a hop)
         self._scopes: dict[str, str] | None = None  # deviceScope -> edge device id
@@ -475,13 +501,19 @@ class Federation:
             self._pending.pop(key, None)
 
     def prepare_up(self, device: Device | None, module_id: str | None,
-                   topic: str) -> UpMethod | UpResync | UpReported | UpSettled:
+                   topic: str) -> UpMethod | UpResync | UpReported | UpSettled | UpState:
         """Only an edge device (not its modules) may answer downlink calls."""
         if device is None or module_id is not None or not device.iot_edge:
             raise ForbiddenError(f"topic not allowed: {topic!r}")
         if topic.startswith(_UP_RESYNC):
             via = dict(decode_bag(topic[len(_UP_RESYNC):])).get("via") or ""
             return UpResync(tuple(v for v in via.split(";") if v))
+        if topic.startswith(_UP_STATE):
+            params = dict(decode_bag(topic[len(_UP_STATE):]))
+            if not params.get("d"):
+                raise ForbiddenError(f"malformed topic {topic!r}")
+            return UpState(str(params["d"]), params.get("m") or None, params.get("c") == "1",
+                           params.get("path") or None)
         if topic.startswith(_UP_SETTLED):
             params = dict(decode_bag(topic[len(_UP_SETTLED):]))
             if not params.get("d") or not params.get("mid"):
@@ -600,6 +632,29 @@ class Federation:
             hook(conn.client_id)
         if self.child_ready is not None:
             self.child_ready(conn.client_id)
+
+    # -- connection state of identities behind gateways goes up ------------------------------
+
+    def state_changed(self, device_id: str, module_id: str | None, connected: bool,
+                      path: str | None) -> None:
+        """An identity here connected or disconnected (``path``: behind our child gateways):
+        if our parent holds it (it came from there, or from below), tell the parent."""
+        if self.send_state is None or not self.has_parent():
+            return
+        if path is None and not self.is_mirrored(device_id, module_id):
+            return
+        self.send_state(device_id, module_id, connected, path)
+
+    def accept_state(self, client_id: str, up: UpState) -> str | None:
+        """The gateway path to stamp on a state from ``client_id`` (None: not its to say)."""
+        if self.registry.get_device(up.device_id) is None:
+            return None
+        hops = self.hops(up.device_id, up.module_id)
+        if hops is None or hops.first != client_id:
+            log.warning("connection state from gateway %s for %s dropped: not in its scope",
+                        client_id, up.device_id)
+            return None
+        return f"{up.path};{client_id}" if up.path else client_id
 
     def spawn(self, job: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(job)

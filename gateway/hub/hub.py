@@ -256,6 +256,13 @@ class Hub:
         if isinstance(prepared, federated.UpReported):
             assert self.federation is not None
             return self.federation.handle_reported(conn.client_id, prepared, packet.payload)
+        if isinstance(prepared, federated.UpState):
+            assert self.federation is not None
+            path = self.federation.accept_state(conn.client_id, prepared)
+            if path is not None:
+                self.connection_state(prepared.device_id, prepared.module_id,
+                                      prepared.connected, path)
+            return None
         if isinstance(prepared, federated.UpSettled):
             assert self.federation is not None
             return self.federation.handle_settled(conn.client_id, prepared)
@@ -354,15 +361,22 @@ class Hub:
             for child in self.children.of_module(principal.device_id, principal.module_id):
                 self.connection_state(child.device_id, None, connected)
 
-    def connection_state(self, device_id: str, module_id: str | None, connected: bool) -> None:
-        """Record an identity's connection state and its ``deviceConnectionStateEvents``."""
+    def connection_state(self, device_id: str, module_id: str | None, connected: bool,
+                         gateway_path: str | None = None) -> None:
+        """Record an identity's connection state and its ``deviceConnectionStateEvents``;
+        ``gateway_path``: it is connected behind child gateways (federation), stamped as
+        ``iothub-gateway-path``."""
         event = connection_state_event(
             hub_name=self.host_name, device_id=device_id, module_id=module_id,
             connected=connected, sequence_number=self._next_sequence(),
             correlation_id=self._correlation_id(), now=self.clock())
+        if gateway_path:
+            event[0][onbehalf.GATEWAY_PATH] = gateway_path
         self.registry.set_connection_state(device_id, module_id, connected,
                                            format_time(self.clock()))
         self._append_event(self._record(CONNECTION_STATE, event, device_id, module_id))
+        if self.federation is not None:  # our parent hears of it too
+            self.federation.state_changed(device_id, module_id, connected, gateway_path)
 
     def _on_registry_change(self, change: str, identity: Device | Module) -> None:
         module_id = identity.module_id if isinstance(identity, Module) else None

@@ -42,6 +42,7 @@ from gateway.hub.federated import (
     up_reported_topic,
     up_resync_topic,
     up_settled_topic,
+    up_state_topic,
 )
 from gateway.hub.c2dfed import down_c2d_topic, parse_down_c2d
 from gateway.hub.methods import MethodService
@@ -79,6 +80,9 @@ class Downlink:
                 federation.is_mirrored = lambda d, m: (d, m) in identities.owned
             if c2d is not None:
                 federation.send_settled = c2d.completed
+            federation.send_state = self._state
+        self._states: dict[tuple[str, str | None], tuple[bool, str | None]] = {}
+        self._upstream_id = ""
         self.local_gateway = local_gateway
         self.max_calls = max_calls
         self.calls = 0  # served since start (status, tests)
@@ -91,10 +95,13 @@ class Downlink:
         self.session = session
         self.owner = owner
         link.on_publish = lambda packet: self._received(session, upstream_id, packet)
+        self._upstream_id = upstream_id
         subscribed = link.subscribe(DOWNLINK_FILTER)
         subscribed.add_done_callback(_log_subscribe)
         session.lost.add_done_callback(lambda _: self._cancel())
         self._ordered = asyncio.Queue(10_000)  # a fresh one per connection
+        for (device_id, module_id), (connected, path) in self._states.items():
+            self._send_state(session, device_id, module_id, connected, path)
         jobs = [self._apply_ordered(upstream_id), self._refresh(session)]
         if self.c2d is not None:
             jobs.append(self._flush_settled(session, upstream_id))
@@ -202,6 +209,22 @@ class Downlink:
             self._serve(session, upstream_id, call, packet.payload), name="downlink-call")
         self._running.add(task)
         task.add_done_callback(self._running.discard)
+
+    def _state(self, device_id: str, module_id: str | None, connected: bool,
+               path: str | None) -> None:
+        """Connection state of an identity the parent holds: sent now if linked; the latest
+        of each is sent again on every (re)connection (the parent sees it while it missed
+        it). One entry per identity."""
+        self._states[(device_id, module_id)] = (connected, path)
+        session = self.session
+        if session is not None and not session.lost.done():
+            self._send_state(session, device_id, module_id, connected, path)
+
+    def _send_state(self, session: Session, device_id: str, module_id: str | None,
+                    connected: bool, path: str | None) -> None:
+        device = self._upstream_id if device_id == self.local_gateway else device_id
+        session.send(up_state_topic(device, module_id, connected, path),
+                     b"").add_done_callback(_ignore)
 
     def _child_ready(self, path: str) -> None:
         """A child gateway's downlink is back here: ask our parent to resend what it owns
