@@ -58,6 +58,7 @@ from gateway.store.log import MessageLog
 from gateway.tasks import TaskSet
 from gateway.upstream.api import add_upstream_routes
 from gateway.upstream.c2dmirror import C2DMirror
+from gateway.upstream.configpush import ConfigPush
 from gateway.upstream.downlink import Downlink
 from gateway.upstream.idmirror import IdentityMirror
 from gateway.upstream.reported import ReportedQueue
@@ -218,6 +219,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         hub.federation.apply_reported = hub.twins.federated_reported
         identities = IdentityMirror(registry, db, local_gateway=gateway_id)  # from the parent
         await identities.open()
+        config_push = ConfigPush(routing, db)  # routing set in our twin at the parent
+        await config_push.open()
         c2d_mirror = C2DMirror(hub.c2d, db)  # C2D handed down by the parent
         await c2d_mirror.open()
         hub.c2d.on_settled = c2d_mirror.on_settled
@@ -235,7 +238,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
                             downlink=Downlink(hub.methods, hub.federation,
                                               local_gateway=gateway_id, twins=hub.twins,
                                               reported=reported, identities=identities,
-                                              c2d=c2d_mirror,
+                                              c2d=c2d_mirror, config=config_push,
                                               refresh=config.upstream.federation_refresh))
         add_upstream_routes(api, upstream)
         routing.upstream_status = upstream.status

@@ -49,6 +49,7 @@ from gateway.hub.methods import MethodService
 from gateway.hub.twinsvc import TwinService
 from gateway.mqtt.packets import Publish
 from gateway.upstream.c2dmirror import C2DMirror
+from gateway.upstream.configpush import ConfigPush
 from gateway.upstream.idmirror import IdentityMirror
 from gateway.upstream.link import Session
 from gateway.upstream.reported import ReportedQueue
@@ -60,9 +61,10 @@ class Downlink:
     def __init__(self, methods: MethodService, federation: Federation | None, *,
                  local_gateway: str, twins: TwinService | None = None,
                  reported: ReportedQueue | None = None, identities: IdentityMirror | None = None,
-                 c2d: C2DMirror | None = None, refresh: float = 300.0,
-                 max_calls: int = 256) -> None:
+                 c2d: C2DMirror | None = None, config: ConfigPush | None = None,
+                 refresh: float = 300.0, max_calls: int = 256) -> None:
         self.methods = methods
+        self.config = config
         self.c2d = c2d
         self.identities = identities
         self.refresh = refresh
@@ -102,6 +104,8 @@ class Downlink:
         self._ordered = asyncio.Queue(10_000)  # a fresh one per connection
         for (device_id, module_id), (connected, path) in self._states.items():
             self._send_state(session, device_id, module_id, connected, path)
+        if self.config is not None:
+            self.config.attach(session)
         jobs = [self._apply_ordered(upstream_id), self._refresh(session)]
         if self.c2d is not None:
             jobs.append(self._flush_settled(session, upstream_id))
@@ -176,6 +180,9 @@ class Downlink:
 
     def _received(self, session: Session, upstream_id: str, packet: Publish) -> None:
         if not packet.topic.startswith(DOWN_PREFIX):
+            if self.config is not None and self.config.wants(packet.topic):  # our own twin
+                self._enqueue(partial(self.config.received, session, packet.topic,
+                                      packet.payload), "configuration")
             return  # a twin response to the status report and the like
         if is_down_twin(packet.topic):
             self._twin(upstream_id, packet)
