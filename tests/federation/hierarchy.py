@@ -36,16 +36,24 @@ class Hierarchy:
             hub.stop()
 
 
-def _hub(tmp: Path, name: str, address: str, port: int, extra: str = "") -> HubProcess:
+TOP_PROXY, SITE_PROXY = "127.0.23.4", "127.0.23.5"  # fault proxies in front of top and site
+
+
+def _hub(tmp: Path, name: str, address: str, port: int, extra: str = "",
+         alias: str = "") -> HubProcess:
     return HubProcess(tmp / name, host_name=f"{name}.local", address=address, tls_port=port,
-                      log_level="debug", extra_config=extra)
+                      log_level="debug", extra_config=extra,
+                      hub_config=f'addresses = ["{alias}"]\n' if alias else "")
 
 
-def start(tmp: Path) -> Hierarchy:
+def start(tmp: Path, dial: Callable[[str, int], tuple[str, int]] | None = None) -> Hierarchy:
     """Start the three hubs and link them: ``site`` (--edge) and ``leaf`` (--edge --parent
-    site) at the top, ``leaf`` (--edge) at the site; the leaf's and the site's upstream set."""
-    top = _hub(tmp, "top", TOP, free_port(TOP)).start()
-    site = _hub(tmp, "site", SITE, free_port(SITE), UPSTREAM).start()
+    site) at the top, ``leaf`` (--edge) at the site; the leaf's and the site's upstream set.
+    ``dial(parent address, port)``: where the child dials instead (a fault proxy; the
+    certificates of top and site also name TOP_PROXY and SITE_PROXY)."""
+    top = _hub(tmp, "top", TOP, free_port(TOP), alias=TOP_PROXY if dial else "").start()
+    site = _hub(tmp, "site", SITE, free_port(SITE), UPSTREAM,
+                alias=SITE_PROXY if dial else "").start()
     leaf = _hub(tmp, "leaf", LEAF, 8883, UPSTREAM).start()
     h = Hierarchy(top, site, leaf)
     try:
@@ -53,9 +61,11 @@ def start(tmp: Path) -> Hierarchy:
         create_device(top, "leaf", "--edge", "--parent", "site")
         create_device(site, "leaf", "--edge")
         for child, parent, gw, address in ((site, top, "site", TOP), (leaf, site, "leaf", SITE)):
+            host, port = address, parent.port("mqtt_tls_port")
+            if dial is not None:
+                host, port = dial(address, port)
             child.cli("upstream", "set", "--connection-string", parent.connection_string(gw),
-                      "--ca-file", parent.ca_file, "--host", address,
-                      "--port", str(parent.port("mqtt_tls_port")))
+                      "--ca-file", parent.ca_file, "--host", host, "--port", str(port))
         for hub in (site, leaf):
             wait(lambda hub=hub: status(hub)["state"] == "connected", 30, f"{hub.host_name} linked")
     except BaseException:
