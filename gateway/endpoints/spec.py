@@ -56,7 +56,7 @@ _SECRET_HEADER = re.compile(r"auth|key|token|secret|password|cookie|signature", 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MqttEndpointSpec:
-    """An external MQTT broker (MQTT 3.1.1 through aiomqtt). ``envelope="body"`` publishes the
+    """An external MQTT broker (MQTT 3.1.1 on the hub's own codec). ``envelope="body"`` publishes the
     raw body with the properties as an IoT Hub property bag appended as the topic's last
     level; ``"json"`` publishes the JSON envelope. QoS 1 moves the cursor on PUBACK."""
 

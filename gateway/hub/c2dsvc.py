@@ -24,16 +24,15 @@ from gateway.hub.c2d import C2DMessage, C2DQueues
 from gateway.tasks import TaskSet
 
 if TYPE_CHECKING:
-    from gateway.broker.broker import Broker
-    from gateway.broker.connection import MqttConnection
     from gateway.hub.c2dfed import C2DForwarder
+    from gateway.hub.connections import Connection, Connections
     from gateway.hub.registry import Registry
 
 log = logging.getLogger(__name__)
 
 
 class C2DService:
-    def __init__(self, queues: C2DQueues, *, broker: Broker, registry: Registry,
+    def __init__(self, queues: C2DQueues, *, broker: Connections, registry: Registry,
                  tasks: TaskSet, window: int = 10) -> None:
         self.queues = queues
         self.broker = broker
@@ -43,7 +42,7 @@ class C2DService:
         # connection -> packet id -> lock token. Keyed by connection, not client id: packet ids
         # are per connection, and a replaced connection's PUBACKs must never complete
         # (or be mistaken for) its successor's deliveries.
-        self._inflight: dict[MqttConnection, dict[int, str]] = {}
+        self._inflight: dict[Connection, dict[int, str]] = {}
         self._pumping: dict[str, bool] = {}  # device id -> "pump again when done"
         self.forwarder: C2DForwarder | None = None  # devices behind child gateways
         self.on_settled: Callable[[str, str], None] | None = None  # (device, message id)
@@ -52,11 +51,11 @@ class C2DService:
 
     # -- broker hooks ------------------------------------------------------------------------
 
-    def on_ready(self, conn: MqttConnection, kinds: set[type]) -> None:
+    def on_ready(self, conn: Connection, kinds: set[type]) -> None:
         if C2DFilter in kinds:
             self.pump(conn.client_id)
 
-    def on_puback(self, conn: MqttConnection, packet_id: int) -> None:
+    def on_puback(self, conn: Connection, packet_id: int) -> None:
         inflight = self._inflight.get(conn)
         token = inflight.pop(packet_id, None) if inflight else None
         if token is None:
@@ -73,7 +72,7 @@ class C2DService:
 
         self.tasks.spawn(complete(), f"c2d-complete {device_id}")
 
-    def on_closed(self, conn: MqttConnection) -> None:
+    def on_closed(self, conn: Connection) -> None:
         """Unacknowledged deliveries become deliverable again at once -- unless a new
         connection already took the session over: its own deliveries hold locks of the same
         queue, so the old ones are left to lapse (and be redelivered) after the lock period."""

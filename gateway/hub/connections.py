@@ -19,6 +19,9 @@ class Connection(Protocol):
     def closed(self) -> bool: ...
     @property
     def principal(self) -> Principal | None: ...
+    @property
+    def can_publish(self) -> bool:
+        """False unless connected with room in its QoS 1 in-flight window."""
 
     def publish(self, topic: str, payload: bytes, qos: int) -> int | None:
         """Send a PUBLISH; QoS 1 returns the packet id (its PUBACK comes back by a hook)."""

@@ -20,7 +20,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 
-from gateway.upstream.mqttlink import MqttLink, connect
+from gateway.mqttlink import MqttLink, connect
 from gateway.hub.sas import generate_sas_token
 from gateway.upstream.settings import LinkSettings
 from gateway.upstream.wire import Origin
@@ -59,7 +59,7 @@ def ssl_context(settings: LinkSettings) -> ssl.SSLContext:
 
 
 class Session:
-    """One connected client (:mod:`gateway.upstream.mqttlink`). Use :func:`open_session`."""
+    """One connected client (:mod:`gateway.mqttlink`). Use :func:`open_session`."""
 
     def __init__(self, link: MqttLink, *, renew_at: float) -> None:
         self.link = link

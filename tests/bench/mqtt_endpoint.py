@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -36,7 +37,8 @@ from gateway.store import Database, MessageLog, Record  # noqa: E402
 from tests.bench.peers import HOST, LOADGEN, loadgen_path, start_mosquitto  # noqa: E402
 
 
-def run_loadgen(loadgen: Path, port: int, pid: int, args: argparse.Namespace) -> float:
+def run_loadgen(loadgen: Path, port: int, pid: int,
+                args: argparse.Namespace) -> tuple[float, float]:
     cmd = [sys.executable, str(loadgen), "--host", HOST, "--port", str(port), "--conns", "1",
            "--procs", "1", "--window", str(args.window), "--msgs", str(args.msgs), "--qos", "1",
            "--payload-size", "200", "--broker-pid", str(pid), "--label", "loadgen"]
@@ -44,7 +46,8 @@ def run_loadgen(loadgen: Path, port: int, pid: int, args: argparse.Namespace) ->
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if not lines:
         raise SystemExit(f"loadgen failed:\n{out.stdout}\n{out.stderr}")
-    return float(json.loads(lines[-1])["msgs_per_s"])
+    result = json.loads(lines[-1])
+    return float(result["msgs_per_s"]), float(result["gen_cpu_us_per_msg"])
 
 
 def records(count: int, devices: int) -> list[Record]:
@@ -61,7 +64,12 @@ def records(count: int, devices: int) -> list[Record]:
     return out
 
 
-async def endpoint_rate(work: Path, port: int, args: argparse.Namespace) -> float:
+def cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # the loop and the store's thread
+    return usage.ru_utime + usage.ru_stime
+
+
+async def endpoint_rate(work: Path, port: int, args: argparse.Namespace) -> tuple[float, float]:
     db = Database(str(work / "hub.db"), synchronous="full")
     await db.open()
     log = MessageLog(db)
@@ -76,19 +84,19 @@ async def endpoint_rate(work: Path, port: int, args: argparse.Namespace) -> floa
         await log.append(batch[start:start + 1000])
     target = log.last_seq
     task = asyncio.create_task(manager.run())
-    began = time.perf_counter()
+    began, cpu0 = time.perf_counter(), cpu_s()
     while (await log.get_cursor("endpoint/bench") or 0) < target:
         await asyncio.sleep(0.01)
-    elapsed = time.perf_counter() - began
+    elapsed, cpu = time.perf_counter() - began, cpu_s() - cpu0
     health = manager.health("bench")[0]
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     await db.close()
     assert health["delivered"] == args.msgs, health
-    return args.msgs / elapsed
+    return args.msgs / elapsed, 1e6 * cpu / args.msgs
 
 
-def run(coro: Coroutine[Any, Any, float]) -> float:
+def run(coro: Coroutine[Any, Any, tuple[float, float]]) -> tuple[float, float]:
     """On uvloop, as ``gateway run`` serves."""
     try:
         import uvloop
@@ -110,16 +118,17 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-endpoint-"))
     broker, port = start_mosquitto(work)
     try:
-        generator = run_loadgen(loadgen, port, broker.pid, args)
-        endpoint = run(endpoint_rate(work, port, args))
+        generator, generator_cpu = run_loadgen(loadgen, port, broker.pid, args)
+        endpoint, endpoint_cpu = run(endpoint_rate(work, port, args))
     finally:
         broker.terminate()
         broker.wait(10)
         shutil.rmtree(work, ignore_errors=True)
-    print(f"{'publisher':12} {'msgs/s':>10}")
-    print(f"{'loadgen':12} {generator:>10,.0f}")
-    print(f"{'endpoint':12} {endpoint:>10,.0f}")
-    print(f"ratio endpoint/loadgen: {endpoint / generator:.2f}x "
+    print(f"{'publisher':12} {'msgs/s':>10} {'CPU us/msg':>11}")
+    print(f"{'loadgen':12} {generator:>10,.0f} {generator_cpu:>11.1f}")
+    print(f"{'endpoint':12} {endpoint:>10,.0f} {endpoint_cpu:>11.1f}")
+    print(f"ratio endpoint/loadgen: {endpoint / generator:.2f}x the rate at "
+          f"{endpoint_cpu / generator_cpu:.2f}x the CPU per message "
           f"(QoS 1, one connection, window {args.window}, envelope {args.envelope})")
 
 

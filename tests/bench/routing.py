@@ -2,7 +2,7 @@
 """Routing cost: durable ingest with 10 routes against ingest with none, and condition
 evaluation in microseconds per message per route.
 
-1. Ingest: the same hub setup twice (100 devices with twins, ../shared/tools/loadgen.py, QoS 1,
+1. Ingest: the same hub setup twice (100 devices with twins, tests/bench/loadgen.py, QoS 1,
    200-byte JSON sent as ``application/json``/``utf-8`` with application properties), once with
    no routes, once with 10 routes whose conditions read the body, the properties and the twin
    (all into ``events``, so no endpoint drains during the run). Printed: both rates, the ratio,

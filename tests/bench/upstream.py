@@ -3,7 +3,7 @@
 parent when the link comes up.
 
 1. A parent and a child hub, each on its own loopback address (127.0.6.1 and .2).
-2. With the parent down, ../shared/tools/loadgen.py sends ``--msgs`` QoS 1 messages (200-byte
+2. With the parent down, tests/bench/loadgen.py sends ``--msgs`` QoS 1 messages (200-byte
    bodies) to the child from ``--origins`` devices: the child's backlog.
 3. The parent starts; the child drains its backlog over its one on-behalf-of connection.
    Printed: the drain rate, and its ratio to the parent's own QoS 1 ingest from the load
@@ -72,8 +72,7 @@ def main() -> None:
     ap.add_argument("--origins", type=int, default=100)
     ap.add_argument("--window", type=int, default=512, help="the forwarder's QoS 1 window")
     ap.add_argument("--live-rate", type=float, default=20.0)
-    ap.add_argument("--loadgen", default=str(LOADGEN if LOADGEN.exists()
-                                             else REPO.parent.parent / "shared/tools/loadgen.py"))
+    ap.add_argument("--loadgen", default=str(LOADGEN))
     args = ap.parse_args()
     gen = loadgen_path(args.loadgen)
     tmp = Path(tempfile.mkdtemp(prefix="bench-upstream-"))

@@ -1,16 +1,18 @@
-"""The upstream link's MQTT 3.1.1 client connection: the hub's own sans-I/O codec
-(:mod:`gateway.mqtt.codec`) in a thin asyncio protocol.
+"""An MQTT 3.1.1 client connection for publishing in volume: the hub's own sans-I/O codec
+(:mod:`gateway.mqtt.codec`) in a thin asyncio protocol. The upstream link
+(:mod:`gateway.upstream.link`) and the ``mqtt`` endpoint (:mod:`gateway.endpoints.mqtt`) use it.
 
 Why not aiomqtt here (DESIGN names it for client roles, and the bridges use it through
-:mod:`gateway.client`): the forwarder keeps hundreds of QoS 1 publishes in flight, and aiomqtt
-awaits each one through paho, an ``asyncio.Event`` and a ``wait_for`` task: measured on this
-2-core machine it tops out at about 2,300 publishes/s, an eighth of what the parent ingests from
-one connection. Here a publish is one encoded write and one future resolved by its PUBACK; the
+:mod:`gateway.client`): both keep hundreds of QoS 1 publishes in flight, and aiomqtt awaits
+each one through paho, an ``asyncio.Event`` and a ``wait_for`` task: measured on this 2-core
+machine it tops out at about 2,300 publishes/s, an eighth of what the hub ingests from one
+connection. Here a publish is one encoded write and one future resolved by its PUBACK; the
 codec is the one the broker uses, fuzzed and tested against real clients.
 
 Keep-alive: PINGREQ after ``keepalive`` seconds without sending; the link is declared lost after
-1.5 x ``keepalive`` without a byte from the parent, or when the oldest publish waits longer than
-``ack_timeout`` for its PUBACK (a black-holed route).
+1.5 x ``keepalive`` without a byte from the peer, or when the oldest publish waits longer than
+``ack_timeout`` for its PUBACK (a black-holed route). Failures raise ``error`` (the caller's
+class from :mod:`gateway.errors`: UpstreamError for the link, EndpointError for an endpoint).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Callable
 from typing import cast
 from collections import OrderedDict
 
-from gateway.errors import RemoteProtocolError, UpstreamError
+from gateway.errors import GatewayError, RemoteProtocolError, UpstreamError
 from gateway.mqtt.codec import Decoder, encode
 from gateway.mqtt.packets import (
     Connack,
@@ -55,7 +57,7 @@ class _Protocol(asyncio.Protocol):
         try:
             packets = self.decoder.feed(data)
         except RemoteProtocolError as exc:
-            link.lose(f"parent broke the protocol: {exc}")
+            link.lose(f"{link.peer} broke the protocol: {exc}")
             return
         for packet in packets:
             if type(packet) is Puback:
@@ -74,15 +76,19 @@ class _Protocol(asyncio.Protocol):
                 pass
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.link.lose(f"connection lost: {exc}" if exc else "connection closed by the parent")
+        link = self.link
+        link.lose(f"connection lost: {exc}" if exc else f"connection closed by {link.peer}")
 
 
 class MqttLink:
     """One connected client. ``send`` returns a future resolved by the PUBACK; ``lost``
     resolves (with the reason) when the connection goes."""
 
-    def __init__(self, *, keepalive: int, ack_timeout: float) -> None:
+    def __init__(self, *, keepalive: int, ack_timeout: float, peer: str = "the parent",
+                 error: type[GatewayError] = UpstreamError) -> None:
         loop = asyncio.get_running_loop()
+        self.peer = peer
+        self.error = error
         self.transport: asyncio.Transport | None = None
         self.connack: asyncio.Future[Connack] = loop.create_future()
         self.lost: asyncio.Future[str] = loop.create_future()
@@ -118,10 +124,10 @@ class MqttLink:
     def _request(self, packet: Callable[[int], Publish | Subscribe]) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self.lost.done():
-            future.set_exception(UpstreamError(self.lost.result()))
+            future.set_exception(self.error(self.lost.result()))
             return future
         if len(self._pending) >= 65535:
-            future.set_exception(UpstreamError("no free packet id"))
+            future.set_exception(self.error("no free packet id"))
             return future
         pid = self._next_id
         while True:
@@ -133,6 +139,13 @@ class MqttLink:
         self.write(encode(packet(pid)))
         return future
 
+    def send_qos0(self, topic: str, payload: bytes) -> bool:
+        """QoS 0: handed to the socket in this loop turn; False if the link is already lost."""
+        if self.lost.done():
+            return False
+        self.write(encode(Publish(topic=topic, payload=payload, qos=0)))
+        return True
+
     def acked_packet(self, pid: int) -> None:
         entry = self._pending.pop(pid, None)
         if entry is not None and not entry[0].done():
@@ -142,11 +155,11 @@ class MqttLink:
         if not self.lost.done():
             self.lost.set_result(reason)
         if not self.connack.done():
-            self.connack.set_exception(UpstreamError(reason))
+            self.connack.set_exception(self.error(reason))
         pending, self._pending = self._pending, OrderedDict()
         for future, _ in pending.values():
             if not future.done():
-                future.set_exception(UpstreamError(reason))
+                future.set_exception(self.error(reason))
         if self.transport is not None:
             self.transport.abort()
         if self._timer is not None and self._timer is not asyncio.current_task():
@@ -159,7 +172,7 @@ class MqttLink:
             await asyncio.sleep(tick)
             now = time.monotonic()
             if now - self.last_rx > 1.5 * self.keepalive:
-                self.lose("keep-alive expired: nothing from the parent")
+                self.lose(f"keep-alive expired: nothing from {self.peer}")
                 return
             if self._pending:
                 _, (_, sent) = next(iter(self._pending.items()))
@@ -182,29 +195,32 @@ class MqttLink:
                 await self._timer
 
 
-async def connect(host: str, port: int, ctx: ssl.SSLContext, *, client_id: str, username: str,
-                  password: str | None, keepalive: int, ack_timeout: float) -> MqttLink:
-    """TCP + TLS + CONNECT/CONNACK; UpstreamError with the reason on any failure."""
-    link = MqttLink(keepalive=keepalive, ack_timeout=ack_timeout)
+async def connect(host: str, port: int, ctx: ssl.SSLContext | None, *, client_id: str,
+                  username: str | None, password: str | None, keepalive: int,
+                  ack_timeout: float, peer: str = "the parent",
+                  error: type[GatewayError] = UpstreamError,
+                  connect_timeout: float | None = None) -> MqttLink:
+    """TCP (+ TLS unless ``ctx`` is None) + CONNECT/CONNACK; ``error`` with the reason on any
+    failure."""
+    link = MqttLink(keepalive=keepalive, ack_timeout=ack_timeout, peer=peer, error=error)
     loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(ack_timeout + 5):
+        async with asyncio.timeout(connect_timeout or ack_timeout + 5):
             await loop.create_connection(lambda: _Protocol(link), host, port, ssl=ctx,
-                                         server_hostname=host)
+                                         server_hostname=host if ctx is not None else None)
             link.write(encode(Connect(client_id=client_id, clean_session=True,
                                       keepalive=keepalive, username=username,
                                       password=password.encode() if password else None)))
             connack = await link.connack
-    except UpstreamError:
+    except GatewayError:
         link.lose("connect failed")
         raise
     except (OSError, ssl.SSLError, TimeoutError) as exc:
         link.lose("connect failed")
-        raise UpstreamError(f"cannot connect to {host}:{port}: {exc or type(exc).__name__}") \
-            from None
+        raise error(f"cannot connect to {host}:{port}: {exc or type(exc).__name__}") from None
     if connack.return_code != 0:
         link.lose("refused")
-        raise UpstreamError("parent refused the connection: CONNACK "
+        raise error(f"{peer} refused the connection: CONNACK "
                             f"{connack.return_code} ({_CONNACK.get(connack.return_code, '?')})")
     link._timer = loop.create_task(link._watch())
     return link
