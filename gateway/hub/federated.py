@@ -614,7 +614,10 @@ class Federation:
                 if hops is None or hops.first != first or hops.via[:len(below)] != below:
                     continue
                 twin = self.twins(device.device_id, module_id)
-                if twin is not None:
+                if twin is not None and (twin.desired_version > 1
+                                         or "$owner" in twin.desired_meta):
+                    # (a desired section never written here is nobody's to mirror: a device
+                    # registered from below keeps its own)
                     self._send_twin(hops, device.device_id, module_id, twin, None)
                     sent += 1
         if sent:

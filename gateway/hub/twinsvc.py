@@ -164,6 +164,10 @@ class TwinService:
                              replace: bool) -> Twin:
         current = await self.twin(device_id, module_id)
         owner = owner_of(current)
+        federation = self.hub.federation
+        if owner is None and federation is not None and federation.is_mirrored(device_id,
+                                                                               module_id):
+            owner = "the parent hub"  # an identity from the parent, desired not yet written
         if owner is not None and _writes_desired(body):
             raise ForbiddenError(  # federation: the parent's section (gateway.hub.twinmirror)
                 f"the desired properties of {_client_id(device_id, module_id)} belong to "
