@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 from gateway import app
-from gateway.config import ApiConfig, HubConfig, MqttConfig, load_config
+from gateway.config import AmqpConfig, ApiConfig, HubConfig, MqttConfig, load_config
 from gateway.hub.connstr import ConnectionString
 from gateway.upstream.settings import from_connection_string
 
@@ -30,7 +30,8 @@ async def run_top(data_dir: Path, site: app.Gateway, leaf: app.Gateway) -> None:
     config = load_config(data_dir,
                          hub=HubConfig(host_name=TOP_NAME, device_id=TOP_NAME),
                          mqtt=MqttConfig(tls_port=0, local_port=0, unix_socket=False),
-                         api=ApiConfig(bind="127.0.0.1", port=0))
+                         api=ApiConfig(bind="127.0.0.1", port=0),
+                         amqp=AmqpConfig(bind="127.0.0.1", port=0))
     ready: asyncio.Future[app.Gateway] = asyncio.get_running_loop().create_future()
     stop = asyncio.Event()
     async with asyncio.TaskGroup() as tasks:
