@@ -1,6 +1,6 @@
 """Connection-state events of a device behind two gateways are visible at the top
 (``monitor-events --all-kinds``), marked with the gateway path, and the top's registry shows
-the device connected."""
+the device connected; module identities and module twins flow down as devices' do."""
 
 from __future__ import annotations
 
@@ -38,3 +38,22 @@ def test_connection_state_visible_at_the_top(hierarchy: Hierarchy, azure_python:
             ["deviceConnected", "deviceDisconnected"]
     finally:
         session.close()
+
+
+def test_module_identity_and_twin_flow_down(hierarchy: Hierarchy) -> None:
+    h = hierarchy
+    leaf_device(h, "dev7")
+    h.top.cli("module", "create", "dev7", "sensor")
+    wait(lambda: h.leaf.cli("module", "show", "dev7", "sensor", check=False).returncode == 0,
+         15, "the module at the leaf")
+    top_key = json.loads(h.top.cli("module", "show", "dev7", "sensor").stdout)
+    leaf_key = json.loads(h.leaf.cli("module", "show", "dev7", "sensor").stdout)
+    assert top_key["authentication"] == leaf_key["authentication"]
+    h.top.cli("twin", "update", "dev7", "--module", "sensor", "--desired", '{"rate": 3}')
+
+    def mirrored() -> bool:
+        twin = json.loads(h.leaf.cli("twin", "show", "dev7", "--module", "sensor").stdout)
+        return twin["properties"]["desired"].get("rate") == 3 and \
+            twin["properties"]["desired"]["$version"] == 2
+
+    wait(mirrored, 15, "the module's desired at the leaf")
