@@ -40,6 +40,8 @@ from gateway.hub.enrollments import EnrollmentGroup, EnrollmentStore
 from gateway.hub.provisioning import ProvisioningService
 from gateway.hub.connstr import ConnectionString
 from gateway.hub.hub import Hub
+from gateway.hub.c2dfed import C2DForwarder
+from gateway.hub.federated import Federation
 from gateway.hub.methods import MethodService
 from gateway.hub.modinputs import ModuleInputService
 from gateway.hub.onbehalf import OnBehalf
@@ -56,6 +58,11 @@ from gateway.store.files import private_directory
 from gateway.store.log import MessageLog
 from gateway.tasks import TaskSet
 from gateway.upstream.api import add_upstream_routes
+from gateway.upstream.c2dmirror import C2DMirror
+from gateway.upstream.configpush import ConfigPush
+from gateway.upstream.downlink import Downlink
+from gateway.upstream.idmirror import IdentityMirror
+from gateway.upstream.reported import ReportedQueue
 from gateway.upstream.policy import from_config
 from gateway.upstream.provision import provision_until_done
 from gateway.upstream.routes import routed_policy, routed_select
@@ -165,6 +172,12 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
                         pending_bytes_total=config.limits.pending_bytes_total,
                         admission=admission)
         hub.methods = MethodService(broker, hub.children)
+        hub.federation = Federation(  # identities behind child gateways
+            registry, broker, is_self=(config.hub.device_id or config.hub.host_name).__eq__,
+            twins=twin_store.get)
+        broker.ready_hooks.append(hub.federation.on_ready)
+        hub.methods.federation = hub.federation
+        broker.close_hooks.append(hub.federation.on_closed)
         if config.hub.on_behalf:
             hub.on_behalf = OnBehalf(registry, tasks_)
         if config.hub.daily_message_quota:
@@ -204,12 +217,32 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
                          authenticator=authenticator, log=message_log, hub=hub, broker=broker,
                          events_page_bytes=config.api.events_page_bytes, routing=routing)
         gateway_id = config.hub.device_id or config.hub.host_name  # the bridges' device
+        reported = ReportedQueue(db)  # federation: reported patches on their way up
+        await reported.open()
+        hub.federation.apply_reported = hub.twins.federated_reported
+        identities = IdentityMirror(registry, db, local_gateway=gateway_id)  # from the parent
+        await identities.open()
+        config_push = ConfigPush(routing, db)  # routing set in our twin at the parent
+        await config_push.open()
+        c2d_mirror = C2DMirror(hub.c2d, db)  # C2D handed down by the parent
+        await c2d_mirror.open()
+        hub.c2d.on_settled = c2d_mirror.on_settled
+        c2d_forwarder = C2DForwarder(c2d_queues, hub.federation)  # and handed down by us
+        hub.c2d.forwarder = c2d_forwarder
+        hub.federation.settle_here = c2d_forwarder.settle_here
+        hub.federation.ready_hooks.append(c2d_forwarder.on_ready)
+        hub.federation.has_parent = lambda: upstream.settings is not None
         current_router = lambda: hub.router  # noqa: E731 - swapped live by the routing service
         upstream = Upstream(data_dir=data_dir, cfg=config.upstream, log_=message_log, db=db,
                             local_gateway=gateway_id, refuse=hub.refuse_telemetry,
                             credentials=partial(_sas_key, registry),
                             select=routed_select(current_router),
-                            policy_of=routed_policy(current_router, from_config(config.upstream)))
+                            policy_of=routed_policy(current_router, from_config(config.upstream)),
+                            downlink=Downlink(hub.methods, hub.federation,
+                                              local_gateway=gateway_id, twins=hub.twins,
+                                              reported=reported, identities=identities,
+                                              c2d=c2d_mirror, config=config_push,
+                                              refresh=config.upstream.federation_refresh))
         add_upstream_routes(api, upstream)
         routing.upstream_status = upstream.status
         Metrics(db, broker, message_log,

@@ -18,6 +18,7 @@ from pathlib import Path
 from gateway import app
 from gateway.api.events import entry_json
 from gateway.config import ApiConfig, HubConfig, MqttConfig, load_config
+from gateway.demo_federation import run_top
 from gateway.hub.connstr import ConnectionString
 from gateway.upstream.settings import from_connection_string
 
@@ -104,6 +105,7 @@ async def run_parent(data_dir: Path, child: app.Gateway, *, cut_every: float = 6
             tasks.create_task(_parent_printer(parent))
             tasks.create_task(_status_printer(child))
             tasks.create_task(_cutter(relay, cut_every, cut_for))
+            tasks.create_task(run_top(data_dir.with_name(data_dir.name + "-top"), parent, child))
             await asyncio.Event().wait()
         finally:
             stop.set()

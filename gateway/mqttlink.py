@@ -35,6 +35,8 @@ from gateway.mqtt.packets import (
     Pingresp,
     Puback,
     Publish,
+    Suback,
+    Subscribe,
 )
 
 _CONNACK = {1: "unacceptable protocol version", 2: "identifier rejected",
@@ -66,6 +68,10 @@ class _Protocol(asyncio.Protocol):
             elif type(packet) is Publish:  # a twin response and the like: acknowledge it
                 if packet.qos == 1 and packet.packet_id is not None:
                     link.write(encode(Puback(packet.packet_id)))
+                if link.on_publish is not None:  # the downlink (gateway.upstream.downlink)
+                    link.on_publish(packet)
+            elif type(packet) is Suback:
+                link.acked_packet(packet.packet_id)
             elif type(packet) is Pingresp:
                 pass
 
@@ -95,6 +101,7 @@ class MqttLink:
         self._next_id = 0
         self._out: list[bytes] = []
         self._timer: asyncio.Task[None] | None = None
+        self.on_publish: Callable[[Publish], None] | None = None  # PUBLISHes from the parent
 
     def write(self, data: bytes) -> None:
         """Queue ``data``; everything written in one loop turn goes out in one TLS write."""
@@ -109,6 +116,14 @@ class MqttLink:
             self.last_tx = time.monotonic()
 
     def send(self, topic: str, payload: bytes) -> asyncio.Future[None]:
+        return self._request(lambda pid: Publish(topic=topic, payload=payload, qos=1,
+                                                 packet_id=pid))
+
+    def subscribe(self, *filters: str) -> asyncio.Future[None]:
+        """SUBSCRIBE at QoS 1; the future resolves on the SUBACK (the downlink's filter)."""
+        return self._request(lambda pid: Subscribe(pid, tuple((f, 1) for f in filters)))
+
+    def _request(self, packet: Callable[[int], Publish | Subscribe]) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self.lost.done():
             future.set_exception(self.error(self.lost.result()))
@@ -123,7 +138,7 @@ class MqttLink:
                 break
         self._next_id = pid
         self._pending[pid] = (future, time.monotonic(), None, None)
-        self.write(encode(Publish(topic=topic, payload=payload, qos=1, packet_id=pid)))
+        self.write(encode(packet(pid)))
         return future
 
     def send_qos0(self, topic: str, payload: bytes) -> bool:

@@ -45,6 +45,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.errors import ForbiddenError, LocalProtocolError, RemoteProtocolError
+from gateway.hub.federated import DOWNLINK_FILTER, DownlinkFilter
 from gateway.hub.propbag import decode_bag, decode_component, encode_component
 from gateway.translation import (
     CHILDREN_FILTER,
@@ -237,7 +238,7 @@ class ChildrenFilter:
 
 SubscribeAddress = (
     C2DFilter | ModuleInputsFilter | TwinResponsesFilter | DesiredPatchesFilter
-    | MethodRequestsFilter | ChildrenFilter
+    | MethodRequestsFilter | ChildrenFilter | DownlinkFilter
 )
 _FIXED_FILTERS: dict[str, SubscribeAddress] = {
     "$iothub/twin/res/#": TwinResponsesFilter(),
@@ -497,6 +498,8 @@ def parse_subscribe_filter(
     fixed = _FIXED_FILTERS.get(topic_filter)
     if fixed is not None:
         return fixed
+    if topic_filter == DOWNLINK_FILTER and module_id is None:  # a child gateway's link
+        return DownlinkFilter()
     rest = _after_base(topic_filter, device_id, module_id)
     if module_id is None:
         if rest == _DEVICEBOUND + "/#":

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from gateway.errors import NotFoundError
@@ -24,6 +24,7 @@ from gateway.hub.c2d import C2DMessage, C2DQueues
 from gateway.tasks import TaskSet
 
 if TYPE_CHECKING:
+    from gateway.hub.c2dfed import C2DForwarder
     from gateway.hub.connections import Connection, Connections
     from gateway.hub.registry import Registry
 
@@ -43,6 +44,9 @@ class C2DService:
         # (or be mistaken for) its successor's deliveries.
         self._inflight: dict[Connection, dict[int, str]] = {}
         self._pumping: dict[str, bool] = {}  # device id -> "pump again when done"
+        self.forwarder: C2DForwarder | None = None  # devices behind child gateways
+        self.on_settled: Callable[[str, str], None] | None = None  # (device, message id)
+        self._ids: dict[str, str] = {}  # lock token -> message id, while in flight
         self._wake = asyncio.Event()
 
     # -- broker hooks ------------------------------------------------------------------------
@@ -58,8 +62,12 @@ class C2DService:
             return
         device_id = conn.client_id
 
+        message_id = self._ids.pop(token, None)
+
         async def complete() -> None:
             await self.queues.complete(device_id, token)
+            if self.on_settled is not None and message_id is not None:
+                self.on_settled(device_id, message_id)  # federation: tell the owner above
             self.pump(device_id)
 
         self.tasks.spawn(complete(), f"c2d-complete {device_id}")
@@ -69,6 +77,8 @@ class C2DService:
         connection already took the session over: its own deliveries hold locks of the same
         queue, so the old ones are left to lapse (and be redelivered) after the lock period."""
         unacked = self._inflight.pop(conn, None)
+        for token in (unacked or {}).values():
+            self._ids.pop(token, None)
         if unacked and self.broker.live.get(conn.client_id) is None:
             self.tasks.spawn(self.queues.release(conn.client_id), f"c2d-release {conn.client_id}")
 
@@ -87,6 +97,10 @@ class C2DService:
     def pump(self, device_id: str) -> None:
         """Deliver what is deliverable to ``device_id`` now, if it is connected and
         subscribed; coalesces concurrent requests into one running pump."""
+        if self.forwarder is not None and self.broker.target(device_id, C2DFilter) is None \
+                and self.forwarder.behind(device_id):  # its queue is handed down (c2dfed)
+            self.tasks.spawn(self.forwarder.pump(device_id), f"c2d-forward {device_id}")
+            return
         if device_id in self._pumping:
             self._pumping[device_id] = True
             return
@@ -109,6 +123,8 @@ class C2DService:
                         pid = conn.publish(message.topic(), message.body, 1)
                         assert pid is not None and message.lock_token is not None
                         self._inflight.setdefault(conn, {})[pid] = message.lock_token
+                        if self.on_settled is not None:
+                            self._ids[message.lock_token] = message.message_id
                 if not self._pumping.get(device_id):
                     return
                 self._pumping[device_id] = False
@@ -134,3 +150,6 @@ class C2DService:
                 log.debug("c2d sweep changed=%s", changed)
             for client_id in list(self.broker.live):  # pump() skips non-subscribers at once
                 self.pump(client_id)
+            if self.forwarder is not None:  # lapsed locks behind gateways: hand down again
+                for device_id in self.forwarder.devices():
+                    self.pump(device_id)

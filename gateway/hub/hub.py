@@ -33,7 +33,7 @@ from gateway.errors import (
 from gateway.hub import addresses, dps
 from gateway.hub.auth import Authenticator, Principal
 from gateway.hub.children import ChildDirectory
-from gateway.hub import onbehalf
+from gateway.hub import federated, onbehalf
 from gateway.hub.connections import Connection
 from gateway.hub.messages import (
     Event,
@@ -163,6 +163,7 @@ class Hub:
         self.on_behalf: onbehalf.OnBehalf | None = None  # edge devices acting for others
         self.quota: DailyQuota | None = None  # [hub] daily_message_quota (IoT Hub's 403002)
         self.billed_messages = 0  # telemetry messages received (a pack of readings is one)
+        self.federation: federated.Federation | None = None  # identities behind child gateways
         self.refusing: str | None = None  # why new telemetry is refused (a full upstream queue)
         self._twin_readers = 0  # live readers of ``events`` that want twin-change events
         registry.add_listener(self._on_registry_change)
@@ -201,6 +202,9 @@ class Hub:
         """Parse ``topic`` for ``principal``; raise ForbiddenError for anything not allowed."""
         if principal.provisioning is not None:
             return dps.parse_publish(topic)
+        if self.federation is not None and topic.startswith(federated.UP_PREFIX):
+            return self.federation.prepare_up(  # a child gateway answering a call we sent
+                self.registry.get_device(principal.device_id), principal.module_id, topic)
         if self.on_behalf is not None and not onbehalf.is_own_topic(
                 topic, principal.device_id, principal.module_id) and self.on_behalf.is_gateway(
                 principal.device_id, principal.module_id):
@@ -337,6 +341,27 @@ class Hub:
         if isinstance(prepared, addresses.MethodResponse):
             self.methods.handle_response(conn.client_id, prepared, packet.payload)
             return None
+        if isinstance(prepared, federated.UpMethod):
+            assert self.federation is not None
+            self.federation.handle_up(conn.client_id, prepared, packet.payload)
+            return None
+        if isinstance(prepared, federated.UpReported):
+            assert self.federation is not None
+            return self.federation.handle_reported(conn.client_id, prepared, packet.payload)
+        if isinstance(prepared, federated.UpState):
+            assert self.federation is not None
+            path = self.federation.accept_state(conn.client_id, prepared)
+            if path is not None:
+                self.connection_state(prepared.device_id, prepared.module_id,
+                                      prepared.connected, path)
+            return None
+        if isinstance(prepared, federated.UpSettled):
+            assert self.federation is not None
+            return self.federation.handle_settled(conn.client_id, prepared)
+        if isinstance(prepared, federated.UpResync):
+            assert self.federation is not None
+            self.federation.handle_resync(conn.client_id, prepared)
+            return None
         if isinstance(prepared, addresses.TwinGet):
             return self.twins.handle_get(conn, prepared)
         if isinstance(prepared, addresses.TwinReportedPatch):
@@ -467,15 +492,22 @@ class Hub:
             for child in self.children.of_module(principal.device_id, principal.module_id):
                 self.connection_state(child.device_id, None, connected)
 
-    def connection_state(self, device_id: str, module_id: str | None, connected: bool) -> None:
-        """Record an identity's connection state and its ``deviceConnectionStateEvents``."""
+    def connection_state(self, device_id: str, module_id: str | None, connected: bool,
+                         gateway_path: str | None = None) -> None:
+        """Record an identity's connection state and its ``deviceConnectionStateEvents``;
+        ``gateway_path``: it is connected behind child gateways (federation), stamped as
+        ``iothub-gateway-path``."""
         event = connection_state_event(
             hub_name=self.host_name, device_id=device_id, module_id=module_id,
             connected=connected, sequence_number=self._next_sequence(),
             correlation_id=self._correlation_id(), now=self.clock())
+        if gateway_path:
+            event[0][onbehalf.GATEWAY_PATH] = gateway_path
         self.registry.set_connection_state(device_id, module_id, connected,
                                            format_time(self.clock()))
         self._append_event(self._record(CONNECTION_STATE, event, device_id, module_id))
+        if self.federation is not None:  # our parent hears of it too
+            self.federation.state_changed(device_id, module_id, connected, gateway_path)
 
     def _on_registry_change(self, change: str, identity: Device | Module) -> None:
         module_id = identity.module_id if isinstance(identity, Module) else None

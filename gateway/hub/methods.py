@@ -22,6 +22,7 @@ import orjson
 from gateway.errors import GatewayTimeoutError, InvalidRequestError, NotFoundError
 from gateway.hub.addresses import MethodRequestsFilter, MethodResponse, method_request_topic
 from gateway.hub.children import ChildDirectory
+from gateway.hub.federated import DownMethod, Federation
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,10 @@ def response_json(body: bytes) -> bytes:
         return json.dumps(decoded).encode()
 
 
-def _expire(future: asyncio.Future[Any], timeout: int, client_id: str) -> None:
+def _expire(future: asyncio.Future[Any], timeout: float, client_id: str) -> None:
     if not future.done():
         future.set_exception(MethodTimeoutError(
-            f"timed out waiting {timeout} s for the response from {client_id}"))
+            f"timed out waiting {timeout:g} s for the response from {client_id}"))
 
 
 class MethodService:
@@ -83,6 +84,7 @@ class MethodService:
         self._children = children
         self._pending: dict[tuple[str, str], asyncio.Future[tuple[int, bytes]]] = {}
         self._rids = itertools.count(1)
+        self.federation: Federation | None = None  # identities behind child gateways
 
     async def invoke(self, device_id: str, module_id: str | None,
                      body: Mapping[str, Any]) -> tuple[int, Any]:
@@ -102,18 +104,33 @@ class MethodService:
         payload = json.dumps(body.get("payload"), separators=(",", ":")).encode()
         if len(payload) > MAX_PAYLOAD:
             raise InvalidRequestError(f"method payload of {len(payload)} bytes is over 128 KB")
+        return await self.call(device_id, module_id, name, payload, float(response_timeout),
+                               float(connect_timeout), body.get("payload"))
+
+    async def call(self, device_id: str, module_id: str | None, name: str, payload: bytes,
+                   response_timeout: float, connect_timeout: float,
+                   value: Any = None) -> tuple[int, Any]:
+        """Invoke a checked call; timeouts in seconds, fractions allowed (a hop further down
+        a federation gets what is left, :mod:`gateway.hub.federated`)."""
         client_id = f"{device_id}/{module_id}" if module_id else device_id
+        if self.federation is not None:
+            hops = self.federation.hops(device_id, module_id)
+            if hops is not None and await self._targets.wait_target(
+                    client_id, MethodRequestsFilter, 0) is None:  # behind a child gateway
+                return await self.federation.invoke(hops, DownMethod(
+                    rid="", name=name, device_id=device_id, module_id=module_id, via=(),
+                    response_timeout=response_timeout, connect_timeout=connect_timeout),
+                    payload)
         child = self._children.lookup(device_id) if self._children and not module_id else None
         if child is not None:  # a sensor's child device: reached through its bridge
             client_id = f"{child.gateway_id}/{child.module_id}"
-            value = body.get("payload")
             extra = dict(value) if isinstance(value, Mapping) else {"value": value}
             payload = json.dumps({**extra, "sensor": child.sensor}, separators=(",", ":")).encode()
         conn = await self._targets.wait_target(client_id, MethodRequestsFilter, connect_timeout)
         if conn is None:
             raise DeviceNotOnlineError(
                 f"{client_id} is not connected with a method subscription "
-                f"(waited {connect_timeout} s)")
+                f"(waited {connect_timeout:g} s)")
         rid = format(next(self._rids), "x")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[int, bytes]] = loop.create_future()

@@ -36,6 +36,7 @@ import orjson
 
 from gateway.errors import NotFoundError
 from gateway.hub import twins
+from gateway.hub.twinmirror import OWNER, mirror_desired
 from gateway.hub.twins import Twin
 from gateway.store.db import Database, Migration
 
@@ -219,6 +220,31 @@ class TwinStore:
 
         return await self._write([key], partial(self._update, compute, ("tags", "desired")))
 
+    async def mirror_desired(
+        self, device_id: str, module_id: str | None, *, version: int,
+        patch: Mapping[str, Any] | None, desired: Mapping[str, Any], owner: str,
+    ) -> tuple[Twin, dict[str, Any], dict[str, Any] | None] | None:
+        """Apply the parent's desired state (:func:`twinmirror.mirror_desired`); None if it
+        was already applied. Federation: the owner's ``$version`` is kept."""
+        key = (device_id, module_id)
+        current = self._existing(key)
+        if version < current.desired_version or (
+                version == current.desired_version and OWNER in current.desired_meta):
+            return None  # a resend of what we have: no write
+        skipped: list[bool] = []
+
+        def compute() -> tuple[Twin, Twin, tuple[Twin, dict[str, Any], dict[str, Any] | None]]:
+            twin = self._existing(key)
+            done = mirror_desired(twin, version=version, patch=patch, desired=desired,
+                                  owner=owner, now=self._clock())
+            if done is None:
+                skipped.append(True)
+                return twin, twin, (twin, {}, {})
+            return twin, done[0], done
+
+        result = await self._write([key], partial(self._update, compute, ("desired",)))
+        return None if skipped else result
+
     # -- the write protocol ----------------------------------------------------------------------
 
     async def _write(self, keys: list[Key], start: _Start[T]) -> T:
@@ -339,8 +365,9 @@ class TwinStore:
 def _changed(old: Twin, new: Twin, section: str) -> bool:
     if section == "tags":
         return old.tags is not new.tags
-    if section == "desired":
-        return old.desired_version != new.desired_version
+    if section == "desired":  # (a mirror's owner mark changes the metadata alone)
+        return (old.desired_version != new.desired_version
+                or old.desired_meta is not new.desired_meta)
     return old.reported_version != new.reported_version
 
 

@@ -18,7 +18,12 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from gateway.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
+from gateway.errors import (
+    ForbiddenError,
+    InvalidRequestError,
+    NotFoundError,
+    PreconditionFailedError,
+)
 from gateway.hub import addresses
 from gateway.hub.addresses import (
     ChildReportedPatch,
@@ -28,6 +33,7 @@ from gateway.hub.addresses import (
     TwinResponsesFilter,
 )
 from gateway.hub.connections import Connection, Connections
+from gateway.hub.twinmirror import owner_of
 from gateway.hub.twins import Twin
 from gateway.hub.twinstore import TwinStore
 from gateway.tasks import TaskSet
@@ -100,8 +106,10 @@ class TwinService:
         callback; one still being created waits for it on a task."""
         assert conn.principal is not None
         p = conn.principal
-        if self.store.get(p.device_id, p.module_id) is not None:
-            return self._reported_now(conn, address, body)
+        federation = self.hub.federation
+        if self.store.get(p.device_id, p.module_id) is not None and (
+                federation is None or not federation.has_parent()):
+            return self._reported_now(conn, address, body)  # (a leaf's patch may go up)
 
         async def run() -> None:
             status, answer, version = await self._patch_reported(
@@ -193,18 +201,63 @@ class TwinService:
             return 412, {"message": str(exc)}, None
         if change:
             self.hub.twin_change_event(device_id, module_id, "updateTwin", change)
+        if self.hub.federation is not None:  # owned upstream: queued for the parent first
+            queued = self.hub.federation.reported_changed(device_id, module_id, twin, patch)
+            if queued is not None:
+                await queued
         return 204, None, twin.reported_version
+
+    async def federated_reported(self, device_id: str, module_id: str | None,
+                                 patch: Mapping[str, Any]) -> None:
+        """A reported patch a child gateway sent up for an identity behind it."""
+        twin, change = await self.store.update_reported(
+            device_id, module_id, patch, notify=self.hub.wants_twin_changes())
+        if change:
+            self.hub.twin_change_event(device_id, module_id, "updateTwin", change)
 
     # -- service ---------------------------------------------------------------------------------
 
     async def service_update(self, device_id: str, module_id: str | None,
                              body: Mapping[str, Any], *, if_match: str | None,
                              replace: bool) -> Twin:
-        await self.twin(device_id, module_id)
+        current = await self.twin(device_id, module_id)
+        owner = owner_of(current)
+        federation = self.hub.federation
+        if owner is None and federation is not None and federation.is_mirrored(device_id,
+                                                                               module_id):
+            owner = "the parent hub"  # an identity from the parent, desired not yet written
+        if owner is not None and _writes_desired(body):
+            raise ForbiddenError(  # federation: the parent's section (gateway.hub.twinmirror)
+                f"the desired properties of {_client_id(device_id, module_id)} belong to "
+                f"{owner}; change them there (tags may be set here)")
         twin, change, push = await self.store.update_desired(
             device_id, module_id, body, if_match=if_match, replace=replace)
         self.hub.twin_change_event(device_id, module_id,
                                    "replaceTwin" if replace else "updateTwin", change)
+        if push is not None and self.hub.federation is not None:  # behind child gateways
+            self.hub.federation.desired_changed(device_id, module_id, twin, push)
+        await self._push_desired(device_id, module_id, twin, push)
+        return twin
+
+    async def mirror(self, device_id: str, module_id: str | None, *, version: int,
+                     patch: Mapping[str, Any] | None, desired: Mapping[str, Any],
+                     owner: str) -> Twin | None:
+        """The parent's desired state for an identity here (federation); None if already
+        applied. The device gets the patch, as for a service write."""
+        await self.twin(device_id, module_id)
+        done = await self.store.mirror_desired(device_id, module_id, version=version,
+                                               patch=patch, desired=desired, owner=owner)
+        if done is None:
+            return None
+        twin, change, push = done
+        self.hub.twin_change_event(device_id, module_id, "updateTwin", change)
+        if self.hub.federation is not None:
+            self.hub.federation.desired_changed(device_id, module_id, twin, push)
+        await self._push_desired(device_id, module_id, twin, push)
+        return twin
+
+    async def _push_desired(self, device_id: str, module_id: str | None, twin: Twin,
+                            push: dict[str, Any] | None) -> None:
         if module_id is not None and push is not None:
             await self.hub.children.module_desired(device_id, module_id, twin.desired)
         elif push is not None:
@@ -214,5 +267,9 @@ class TwinService:
             if conn is not None:
                 conn.publish(addresses.desired_patch_topic(twin.desired_version),
                              json.dumps(push, separators=(",", ":")).encode(), 0)
-        return twin
+
+
+def _writes_desired(body: Mapping[str, Any]) -> bool:
+    properties = body.get("properties")
+    return isinstance(properties, Mapping) and properties.get("desired") is not None
 

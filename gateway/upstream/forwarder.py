@@ -104,7 +104,9 @@ class Forwarder:
                  clock: Callable[[], float] = time.monotonic, boot: str | None = None,
                  refuse: Callable[[str | None], None] | None = None,
                  data_dir: str | None = None,
-                 credentials: Credentials | None = None) -> None:
+                 credentials: Credentials | None = None,
+                 on_session: Callable[[Session], None] | None = None) -> None:
+        self.on_session = on_session  # the downlink serves each connection (downlink.py)
         self.log = log_
         self.cursors = CursorStore(db)
         self.settings = settings
@@ -424,6 +426,8 @@ class Forwarder:
                 continue
             self.link.connects += 1
             self.link.set("throttled" if throttled else "connected")
+            if self.on_session is not None:
+                self.on_session(session)
             log.info("upstream connected host=%s port=%d as=%s", self.settings.host,
                      self.settings.port, self.settings.device_id)
             reason = await self._pump(session)

@@ -20,7 +20,9 @@ from gateway.upstream.settings import LinkSettings
 from gateway.upstream.wire import Origin
 
 if TYPE_CHECKING:
+    from gateway.upstream.downlink import Downlink
     from gateway.upstream.forwarder import Forwarder
+    from gateway.upstream.link import Session
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,9 @@ class Upstream:
                  local_gateway: str, select: Callable[[Entry], str | None] | None = None,
                  policy_of: Callable[[str], RoutePolicy] | None = None,
                  refuse: Callable[[str | None], None] | None = None,
-                 credentials: Callable[[str, str | None], str | None] | None = None) -> None:
+                 credentials: Callable[[str, str | None], str | None] | None = None,
+                 downlink: Downlink | None = None) -> None:
+        self.downlink = downlink  # federation: calls from the parent for our scope
         self.data_dir = data_dir
         self.cfg = cfg
         self.log = log_
@@ -63,7 +67,8 @@ class Upstream:
                 self.forwarder = Forwarder(
                     self.log, self.db, self.settings, self.cfg, local_gateway=self.local_gateway,
                     select=self.select, policy_of=self.policy_of, refuse=self.refuse,
-                    data_dir=str(self.data_dir), credentials=self._credentials)
+                    data_dir=str(self.data_dir), credentials=self._credentials,
+                    on_session=self._on_session)
                 task = asyncio.get_running_loop().create_task(self.forwarder.run(),
                                                               name="upstream")
             try:
@@ -82,6 +87,11 @@ class Upstream:
                     task.cancel()
                     with contextlib.suppress(BaseException):
                         await task
+
+    def _on_session(self, session: Session) -> None:
+        if self.downlink is not None and self.settings is not None:
+            self.downlink.attach(session, self.settings.device_id,
+                                 f"the parent hub {self.settings.hub}")
 
     def _credentials(self, origin: Origin) -> tuple[str | None, str | None]:
         """Identity mode: a DeviceConnect policy of the parent if configured, else the origin's

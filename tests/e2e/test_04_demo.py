@@ -31,3 +31,8 @@ def test_demo_shows_messages_from_every_simulated_device() -> None:
     # the upstream: a parent hub shows the telemetry arriving with its origin identities
     assert any("parent plant-hub: +" in l and "boiler-room-thermostat" in l for l in out), \
         result.stdout
+    # three levels: the top reaches a device two gateways down, a method and a desired patch
+    assert ">> top corp-hub: direct method getStatus on pump-3-vibration (through plant-hub): 200" \
+        in result.stdout, result.stdout
+    assert any(">> top corp-hub: desired sampleSeconds=5" in l and "now at the leaf" in l
+               for l in out), result.stdout

@@ -1,0 +1,173 @@
+"""Configuration from the parent: routing set in our gateway identity's twin up there.
+
+The parent's operator writes the desired property ``routing`` of this gateway's identity, in
+the service API's shape (``GET /routing``; IoT Hub ref §10)::
+
+    {"routing": {"endpoints": [{"name": ..., "type": ..., ...}],
+                 "routes": [{"name": ..., "source": ..., "condition": ..., "endpointNames": [...]}],
+                 "enrichments": [{"key": ..., "value": ..., "endpointNames": [...]}]}}
+
+Over the link (an ordinary device twin session of our own identity: ``$iothub/twin/GET`` on
+every connection, then ``$iothub/twin/PATCH/properties/desired/#``) we apply it live through
+the routing service, item by item (endpoints, then routes and enrichments that use them), and
+report what happened as the reported property ``routing``::
+
+    {"$version"-like "desiredVersion": N, "applied": {"routes": [...], ...},
+     "refused": [{"kind": "route", "name": ..., "reason": ...}]}
+
+Which wins: **the parent, for the names it lists.** A technician may add local routes,
+endpoints and enrichments under other names; they are never touched. A local change to an
+item the parent lists lasts until the parent's next desired change or our next connection,
+when the parent's version is applied again. Items the parent listed before and dropped are
+removed here (the names it set are kept in ``hub.db``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from collections.abc import Mapping
+from typing import Any, Final
+
+from gateway.errors import GatewayError
+from gateway.routingsvc import RoutingService
+from gateway.store.db import Database, Migration
+from gateway.upstream.link import Session
+
+log = logging.getLogger(__name__)
+
+MIGRATION: Final[Migration] = (
+    "federation_config",
+    ("CREATE TABLE federation_config(key TEXT PRIMARY KEY, doc TEXT NOT NULL) WITHOUT ROWID;",),
+)
+KEY: Final = "routing"
+TWIN_FILTERS: Final = ("$iothub/twin/res/#", "$iothub/twin/PATCH/properties/desired/#")
+_RES: Final = "$iothub/twin/res/"
+_DESIRED: Final = "$iothub/twin/PATCH/properties/desired/"
+_KINDS: Final = (("endpoints", "endpoint", "name"), ("routes", "route", "name"),
+                 ("enrichments", "enrichment", "key"))
+
+
+class ConfigPush:
+    def __init__(self, routing: RoutingService, db: Database) -> None:
+        self.routing = routing
+        self.db = db
+        self.desired: dict[str, Any] = {}
+        self.owned: dict[str, list[str]] = {}  # kind -> names the parent set here
+        self.last: dict[str, Any] | None = None  # the last report
+        self._rid = 0
+
+    async def open(self) -> None:
+        await self.db.migrate(MIGRATION)
+
+        def load(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute("SELECT doc FROM federation_config WHERE key = 'owned'").fetchone()
+            return str(row[0]) if row else None
+
+        text = await self.db.run(load)
+        self.owned = json.loads(text) if text else {}
+
+    def attach(self, session: Session) -> None:
+        session.link.subscribe(*TWIN_FILTERS).add_done_callback(_ignore)
+        self._rid += 1
+        session.send(f"$iothub/twin/GET/?$rid=cfg{self._rid}", b"").add_done_callback(_ignore)
+
+    def wants(self, topic: str) -> bool:
+        return (topic.startswith(_RES) and "rid=cfg" in topic) or topic.startswith(_DESIRED)
+
+    async def received(self, session: Session, topic: str, payload: bytes) -> None:
+        try:
+            doc = json.loads(payload) if payload.strip() else {}
+        except ValueError:
+            return
+        if topic.startswith(_RES):
+            if not topic.startswith(_RES + "200/"):
+                return
+            desired = doc.get("desired") if isinstance(doc, dict) else None
+            if isinstance(desired, dict):
+                self.desired = dict(desired)
+                await self._apply(session, force=True)
+            return
+        if isinstance(doc, dict):  # a desired patch: merged (only the top level matters here)
+            for key, value in doc.items():
+                if value is None:
+                    self.desired.pop(key, None)
+                else:
+                    self.desired[key] = value
+            if KEY in doc or "$version" in doc:
+                await self._apply(session, force=KEY in doc)
+
+    async def _apply(self, session: Session, *, force: bool) -> None:
+        if not force:
+            return
+        wanted = self.desired.get(KEY)
+        if wanted is None and not any(self.owned.values()):
+            return
+        report = await self.apply(wanted if isinstance(wanted, Mapping) else {},
+                                  version=self.desired.get("$version"))
+        self._rid += 1
+        body = json.dumps({KEY: report}, separators=(",", ":")).encode()
+        session.send(f"$iothub/twin/PATCH/properties/reported/?$rid=cfg{self._rid}",
+                     body).add_done_callback(_ignore)
+
+    async def apply(self, wanted: Mapping[str, Any], *, version: Any = None) -> dict[str, Any]:
+        """Make the parent's items so; returns the report (applied and refused items)."""
+        applied: dict[str, list[str]] = {plural: [] for plural, _, _ in _KINDS}
+        refused: list[dict[str, str]] = []
+        owned: dict[str, list[str]] = {plural: [] for plural, _, _ in _KINDS}
+        for plural, kind, id_key in _KINDS:
+            items = wanted.get(plural) or []
+            if not isinstance(items, list):
+                refused.append({"kind": kind, "name": "*", "reason": f"{plural} must be a list"})
+                continue
+            for item in items:
+                name = item.get(id_key) if isinstance(item, Mapping) else None
+                if not isinstance(name, str) or not name:
+                    refused.append({"kind": kind, "name": "?", "reason": f"no {id_key}"})
+                    continue
+                body = {k: v for k, v in item.items() if k != id_key}
+                try:
+                    if kind == "endpoint":
+                        await self.routing.put_endpoint(name, body)
+                    elif kind == "route":
+                        await self.routing.put_route(name, body)
+                    else:
+                        await self.routing.put_enrichment(name, body)
+                except (GatewayError, ValueError, TypeError) as exc:
+                    refused.append({"kind": kind, "name": name, "reason": str(exc)})
+                    continue
+                applied[plural].append(name)
+                owned[plural].append(name)
+        # what the parent set before and no longer lists goes (routes before their endpoints)
+        for plural, kind, _ in reversed(_KINDS):
+            for name in self.owned.get(plural, []):
+                if name in owned[plural]:
+                    continue
+                if any(r["kind"] == kind and r["name"] == name for r in refused):
+                    owned[plural].append(name)  # still the parent's: kept as it was
+                    continue
+                try:
+                    if kind == "endpoint":
+                        await self.routing.delete_endpoint(name)
+                    elif kind == "route":
+                        await self.routing.delete_route(name)
+                    else:
+                        await self.routing.delete_enrichment(name)
+                except GatewayError as exc:
+                    refused.append({"kind": kind, "name": name,
+                                    "reason": f"could not remove: {exc}"})
+                    owned[plural].append(name)
+        self.owned = owned
+        text = json.dumps(owned)
+        await self.db.run(lambda conn: conn.execute(
+            "INSERT OR REPLACE INTO federation_config VALUES ('owned', ?)", (text,)))
+        self.last = {"desiredVersion": version, "applied": applied, "refused": refused}
+        log.info("configuration from the parent applied: %s; refused: %s", applied,
+                 [f"{r['kind']} {r['name']}: {r['reason']}" for r in refused] or "none")
+        return self.last
+
+
+def _ignore(future: Any) -> None:
+    if not future.cancelled():
+        future.exception()

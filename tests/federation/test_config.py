@@ -1,0 +1,57 @@
+"""Configuration from the top: routing written in the leaf gateway's desired properties at
+the top reaches the leaf (through the site, as a mirrored twin), is applied live, and what was
+applied and refused comes back as the leaf's reported property at the top; the parent wins
+for the names it lists, local items under other names stay."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from gateway.hubclient import HubClient
+from tests.federation.hierarchy import Hierarchy, wait
+
+
+def _routing(hub: Any) -> dict[str, Any]:
+    return HubClient(hub.data_dir).request("GET", "/routing")  # type: ignore[no-any-return]
+
+
+def _names(doc: dict[str, Any], kind: str) -> set[str]:
+    return {item["name"] for item in doc[kind]}
+
+
+def _reported(h: Hierarchy) -> dict[str, Any] | None:
+    twin = json.loads(h.top.cli("twin", "show", "leaf").stdout)
+    return twin["properties"]["reported"].get("routing")  # type: ignore[no-any-return]
+
+
+def test_routing_pushed_from_the_top(hierarchy: Hierarchy, tmp_path: Path) -> None:
+    h = hierarchy
+    HubClient(h.leaf.data_dir).request(  # a technician's own route at the leaf
+        "PUT", "/routing/routes/mine",
+        {"source": "DeviceMessages", "condition": "true", "endpointNames": ["events"]})
+    archive = str(tmp_path / "archive")
+    routing = {"endpoints": [{"name": "archive", "type": "file", "path": archive}],
+               "routes": [{"name": "toArchive", "source": "DeviceMessages", "condition": "true",
+                           "endpointNames": ["archive"]},
+                          {"name": "broken", "source": "DeviceMessages",
+                           "endpointNames": ["nosuch"]}]}
+    h.top.cli("twin", "update", "leaf", "--desired", json.dumps({"routing": routing}))
+    wait(lambda: "toArchive" in _names(_routing(h.leaf), "routes"), 15, "the route at the leaf")
+    doc = _routing(h.leaf)
+    assert "archive" in _names(doc, "endpoints") and "mine" in _names(doc, "routes")
+    assert "broken" not in _names(doc, "routes")
+    report = wait(lambda: (r := _reported(h)) and r.get("applied", {}).get("routes") and r, 20,
+                  "the leaf's report at the top")
+    assert report["applied"]["routes"] == ["toArchive"]
+    assert report["applied"]["endpoints"] == ["archive"]
+    [refused] = report["refused"]
+    assert refused["kind"] == "route" and refused["name"] == "broken"
+    assert "nosuch" in refused["reason"]
+    # the parent drops its route: removed at the leaf; the technician's stays
+    routing["routes"] = []
+    h.top.cli("twin", "update", "leaf", "--desired", json.dumps({"routing": routing}))
+    wait(lambda: "toArchive" not in _names(_routing(h.leaf), "routes"), 15, "route removed")
+    assert "mine" in _names(_routing(h.leaf), "routes")
+    assert "archive" in _names(_routing(h.leaf), "endpoints")
