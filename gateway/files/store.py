@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import errno
 import hashlib
 import json
@@ -56,7 +57,11 @@ MIGRATION: Final[Migration] = (
     ),
 )
 
-State = Literal["receiving", "stored", "failed", "expired"]
+State = Literal["receiving", "stored", "failed", "expired", "forwarded"]
+# Forwarding upstream (gateway/files/forward.py): "" (not going up), "queued", "forwarding",
+# "forwarded"; a forwarded file keeps state "stored" while its bytes are kept, and becomes
+# state "forwarded" (bytes deleted) under files.after_forward = "delete".
+Forward = Literal["", "queued", "forwarding", "forwarded"]
 GRACE_S: Final = 300.0  # a receiving upload outlives its SAS by this much (slow notifications)
 
 
@@ -73,17 +78,39 @@ class Upload:
     sha256: str = ""
     status_code: int | None = None
     status_description: str = ""
+    via: str = ""  # at a parent: the gateway that uploaded it on the device's behalf
+    forward: Forward = ""
+    forwarded_bytes: int = 0  # bytes the parent acknowledged (blocks it holds)
+    forward_error: str = ""
+    parent_cid: str = ""  # the parent's upload of this file (resumed after a cut or restart)
+    parent_url: str = ""  # its blob URL with the SAS token the parent issued
 
     @property
     def blob_name(self) -> str:
         return f"{self.device_id}/{self.name}"
 
+    @property
+    def shown_state(self) -> str:
+        """What ``gateway files`` shows: receiving, stored, forwarding, forwarded, ..."""
+        if self.state == "stored" and self.forward in ("forwarding", "forwarded"):
+            return self.forward
+        return self.state
+
     def json(self) -> dict[str, Any]:
-        return {"deviceId": self.device_id, "name": self.name, "blobName": self.blob_name,
-                "correlationId": self.correlation_id, "state": self.state, "size": self.size,
-                "sha256": self.sha256 or None, "created": _iso(self.created),
-                "updated": _iso(self.updated), "statusCode": self.status_code,
-                "statusDescription": self.status_description or None}
+        out: dict[str, Any] = {
+            "deviceId": self.device_id, "name": self.name, "blobName": self.blob_name,
+            "correlationId": self.correlation_id, "state": self.shown_state, "size": self.size,
+            "sha256": self.sha256 or None, "created": _iso(self.created),
+            "updated": _iso(self.updated), "statusCode": self.status_code,
+            "statusDescription": self.status_description or None}
+        if self.via:
+            out["via"] = self.via
+        if self.forward:
+            out["upstream"] = {
+                "state": self.forward, "bytes": self.forwarded_bytes,
+                "progress": round(self.forwarded_bytes / self.size, 4) if self.size else 1.0,
+                "lastError": self.forward_error or None}
+        return out
 
 
 def _iso(ts: float) -> str:
@@ -119,6 +146,10 @@ class FileStore:
         self.uploads: dict[str, Upload] = {}
         self._receiving: dict[str, int] = {}  # correlation id -> bytes on disk (blocks, data)
         self.dropped = 0
+        # set by the upstream file forwarder: is an upstream set (a new file then goes up)?
+        # and its wake-up when one is stored
+        self.forwarding: Callable[[], bool] = lambda: False
+        self.stored_hook: Callable[[Upload], None] | None = None
 
     async def open(self) -> None:
         self.root.mkdir(mode=0o700, exist_ok=True)
@@ -148,7 +179,7 @@ class FileStore:
 
     # -- device side -------------------------------------------------------------------------
 
-    async def start(self, device_id: str, name: str) -> Upload:
+    async def start(self, device_id: str, name: str, *, via: str = "") -> Upload:
         """A new upload (the SAS URI request). IoT Hub's limit: 10 at once per device."""
         now = self._clock()
         active = sum(1 for u in self.uploads.values()
@@ -162,7 +193,7 @@ class FileStore:
         upload = Upload(correlation_id=base64.urlsafe_b64encode(secrets.token_bytes(24))
                         .decode().rstrip("="),
                         device_id=device_id, name=name, state="receiving", created=now,
-                        updated=now, expires=now + self.config.sas_ttl_seconds)
+                        updated=now, expires=now + self.config.sas_ttl_seconds, via=via)
         directory = self._dir(upload)
         (directory / "blocks").mkdir(parents=True, mode=0o700)
         self._receiving[upload.correlation_id] = 0
@@ -204,6 +235,24 @@ class FileStore:
         blocks = self._dir(upload) / "blocks"
         return sorted(p.name for p in blocks.iterdir() if not p.name.endswith(".tmp"))
 
+    def block_list(self, upload: Upload) -> tuple[list[tuple[bytes, int]],
+                                                  list[tuple[bytes, int]]]:
+        """Get Block List: (committed, uncommitted) blocks as (id, size). Committed: the list
+        of the last Put Block List, once its blob is whole; uncommitted: the staged ones."""
+        directory = self._dir(upload)
+        committed: list[tuple[bytes, int]] = []
+        if (directory / "data").exists():
+            with contextlib.suppress(FileNotFoundError):
+                for line in (directory / "committed").read_text().split():
+                    hexid, _, size = line.partition(":")
+                    committed.append((bytes.fromhex(hexid), int(size)))
+        staged = []
+        with contextlib.suppress(FileNotFoundError):
+            for p in sorted((directory / "blocks").iterdir()):
+                if not p.name.endswith(".tmp"):
+                    staged.append((bytes.fromhex(p.name), p.stat().st_size))
+        return committed, staged
+
     async def put_block_list(self, upload: Upload, ids: list[bytes]) -> Written:
         blocks = self._dir(upload) / "blocks"
         missing = [i for i in ids if not (blocks / i.hex()).exists()]
@@ -211,6 +260,9 @@ class FileStore:
             raise BlobError(400, "InvalidBlockList",
                             f"{len(missing)} of the listed blocks were never staged")
         directory = self._dir(upload)
+        sizes = [(blocks / i.hex()).stat().st_size for i in ids]
+        await asyncio.to_thread(_write_synced, directory / "committed", " ".join(
+            f"{i.hex()}:{n}" for i, n in zip(ids, sizes, strict=True)))
         try:
             written = await asyncio.to_thread(_concatenate, [blocks / i.hex() for i in ids],
                                               directory / "data.tmp",
@@ -270,15 +322,18 @@ class FileStore:
             raise BlobError(409, "QuotaExceeded", f"device {device_id!r} is over its file "
                             f"quota of {self.config.device_quota_bytes} bytes")
         while self._used_by_log() + self.bytes_used() + incoming > self._cap:
-            victim = self._oldest_stored() if self._drop_oldest else None
+            victim = self._oldest_stored(forwarded_only=not self._drop_oldest)
             if victim is None:
                 raise BlobError(409, "InsufficientAccountResources",
                                 "the gateway's store is full (store.max_bytes)")
             self._drop(victim)
 
-    def _oldest_stored(self) -> Upload | None:
-        stored = [u for u in self.uploads.values() if u.state == "stored"]
-        return min(stored, key=lambda u: u.updated) if stored else None
+    def _oldest_stored(self, *, forwarded_only: bool = False) -> Upload | None:
+        """The next file to drop at the cap: files already forwarded upstream first."""
+        stored = [u for u in self.uploads.values() if u.state == "stored"
+                  and (u.forward == "forwarded" or not forwarded_only)]
+        return min(stored, key=lambda u: (u.forward != "forwarded", u.updated)) \
+            if stored else None
 
     def _drop(self, upload: Upload) -> None:
         log.warning("file dropped at the byte cap device_id=%r name=%r size=%d",
@@ -304,7 +359,8 @@ class FileStore:
         if success and not whole:
             description = "the device reported success but no blob was uploaded"
         done = replace(upload, state=state, updated=self._clock(), status_code=status_code,
-                       status_description=description)
+                       status_description=description,
+                       forward="queued" if state == "stored" and self.forwarding() else "")
         self._receiving.pop(correlation_id, None)
         if state == "stored":
             shutil.rmtree(self._dir(upload) / "blocks", ignore_errors=True)
@@ -315,6 +371,8 @@ class FileStore:
             shutil.rmtree(self._dir(upload), ignore_errors=True)
             done = replace(done, size=0)
         await self._save(done)
+        if state == "stored" and self.stored_hook is not None:
+            self.stored_hook(done)
         return done
 
     # -- service side ------------------------------------------------------------------------
@@ -347,6 +405,20 @@ class FileStore:
                                                         "expired"))
             log.info("file upload expired device_id=%r name=%r", upload.device_id, upload.name)
         return len(stale)
+
+    async def save(self, upload: Upload) -> None:
+        """Persist a changed upload (the forwarder's progress)."""
+        await self._save(upload)
+
+    async def forwarded(self, upload: Upload, *, keep: bool) -> Upload:
+        """The parent holds the whole file: keep its bytes or delete them (files.after_forward)."""
+        done = replace(upload, forward="forwarded", forwarded_bytes=upload.size,
+                       forward_error="", parent_url="", updated=self._clock())
+        if not keep:
+            shutil.rmtree(self._dir(upload), ignore_errors=True)
+            done = replace(done, state="forwarded")
+        await self._save(done)
+        return done
 
     async def _save(self, upload: Upload) -> None:
         doc = json.dumps(_doc(upload))
@@ -414,6 +486,17 @@ class FileStore:
 
 def _doc(upload: Upload) -> dict[str, Any]:
     return {f: getattr(upload, f) for f in Upload.__slots__}
+
+
+def _write_synced(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 def _du(path: Path) -> int:
