@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import hashlib
 import json
 import logging
 import time
@@ -166,9 +167,12 @@ class FileApi:
                          upload.correlation_id, request.query.get("blockid"), written.size)
                 return self._created(written.md5, etag=False)
             if comp == "blocklist":
-                ids = blob.parse_block_list(await request.read())
-                written = await self.store.put_block_list(upload, ids)
-                return self._created(written.md5, etag=True)
+                body = await request.read()
+                ids = blob.parse_block_list(body)
+                await self.store.put_block_list(upload, ids)
+                # Storage's Content-MD5 here is the request's (the block list), not the blob's
+                return self._created(base64.b64encode(hashlib.md5(
+                    body, usedforsecurity=False).digest()).decode(), etag=True)
             if comp is not None:
                 raise blob.BlobError(400, "UnsupportedQueryParameter",
                                      f"comp={comp} is not supported here")
