@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 
 from gateway.hubclient import HubClient
 from tests.files.federation import (
+    LEAF,
     PARENT,
     blocks_stored,
     device,
@@ -26,6 +28,7 @@ from tests.files.federation import (
     wait_forwarded,
 )
 from tests.hubproc import create_device
+from tests.upstream.load import Device, run_device
 
 
 def test_files_go_up_on_behalf_of_their_device(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -138,6 +141,54 @@ def test_identity_mode_uploads_with_the_devices_own_key(tmp_path) -> None:  # ty
         assert [n["deviceId"] for n in notifications(parent)] == ["az-cam"]
         stored = blocks_stored(parent)
         assert len(stored) == 4 and set(stored.values()) == {1}
+    finally:
+        leaf.stop()
+        parent.stop()
+
+
+def test_files_yield_to_queued_telemetry(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Telemetry on a metered link (20 KB/s) has a backlog: the file (its own cap 2 MB/s)
+    waits while telemetry is queued (a piece per second at most), then goes at its cap."""
+    api_port = free_port(PARENT)
+    parent = parent_hub(tmp_path, api_port=api_port)
+    leaf = leaf_hub(tmp_path, forward_port=api_port, upstream="bandwidth = 20000\n",
+                    files="forward_block_bytes = 1048576\nforward_bandwidth = 2097152\n")
+    parent.start()
+    leaf.start()
+    try:
+        link(parent, leaf)
+        key = device(leaf, "cam-3")
+        sensor = Device("meter-1", device(leaf, "meter-1"))
+        api = HubClient(leaf.data_dir)
+        while api.request("GET", "/upstream/status")["state"] != "connected":
+            time.sleep(0.1)
+
+        async def telemetry() -> None:
+            await run_device(sensor, leaf.host_name, LEAF,
+                             lambda: leaf.port("mqtt_local_port"), asyncio.Event(), count=150,
+                             body_bytes=900)
+
+        asyncio.run(telemetry())  # ~150 KB queued: about 7 s on the metered link
+        data = os.urandom(4 << 20)
+        asyncio.run(upload(leaf, "cam-3", key, "clip.bin", data))
+        stored_at = time.monotonic()
+        samples = []
+        while True:
+            backlog = api.request("GET", "/upstream/status")["backlog"]
+            f = api.request("GET", "/files/cam-3/clip.bin")
+            samples.append((time.monotonic() - stored_at, backlog,
+                            f.get("upstream", {}).get("bytes", 0)))
+            if not backlog:
+                break
+            time.sleep(0.2)
+        busy = [s for s in samples if s[1] and s[0] >= 2.0]
+        assert busy, samples  # telemetry was still queued 2 s after the file was stored ...
+        t, _, sent = busy[-1]
+        assert sent <= (t + 2) * 64 * 1024 + (1 << 20), samples  # ... and the file waited
+        wait_forwarded(leaf, ["cam-3/clip.bin"], timeout=30)
+        assert files(parent)["cam-3/clip.bin"]["sha256"] == sha256(data)
+        assert len(sensor.acked) == 150
+        assert api.request("GET", "/upstream/status")["sent"] >= 150
     finally:
         leaf.stop()
         parent.stop()
