@@ -159,6 +159,10 @@ class Target:
     port: int
     token_ttl: int
 
+    @property
+    def key(self) -> str:
+        return f"{self.mode}:{self.settings.hub}:{self.settings.device_id}"
+
     def origin(self, upload: Upload) -> Origin:
         device = (self.settings.device_id if upload.device_id == self.local_gateway
                   else upload.device_id)
@@ -292,6 +296,11 @@ class FileForwarder:
         sizes = [min(bsize, size - i * bsize) for i in range(len(ids))]
         committed: dict[str, int] = {}
         staged: dict[str, int] = {}
+        if upload.parent_url and upload.parent != target.key:
+            log.info("file %s: the upstream changed; starting again at %s", upload.blob_name,
+                     target.key)
+            upload = await self._update(upload, parent_url="", parent_cid="",
+                                        forwarded_bytes=0)
         if upload.parent_url:
             try:
                 committed, staged = await self._block_list(http, upload.parent_url)
@@ -318,6 +327,7 @@ class FileForwarder:
             url = (f"https://{info['hostName']}/{info['containerName']}/"
                    f"{quote(info['blobName'])}{info['sasToken']}")
             upload = await self._update(upload, forward="forwarding", parent_url=url,
+                                        parent=target.key,
                                         parent_cid=str(info["correlationId"]),
                                         forwarded_bytes=0, forward_error="")
             log.info("file %s: forwarding %d bytes in %d blocks", upload.blob_name, size,

@@ -84,6 +84,7 @@ class Upload:
     forward_error: str = ""
     parent_cid: str = ""  # the parent's upload of this file (resumed after a cut or restart)
     parent_url: str = ""  # its blob URL with the SAS token the parent issued
+    parent: str = ""  # which upstream that upload is at (mode:hub:gateway)
 
     @property
     def blob_name(self) -> str:
