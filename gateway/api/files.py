@@ -92,6 +92,9 @@ class FileApi:
         gateway = on_behalf.gateway(gateway_id, None)
         if on_behalf.in_scope(gateway, device_id) is False:
             raise ForbiddenError(f"{gateway_id} may not act for {device_id!r} (not in its scope)")
+        known = self.hub.registry.get_device(device_id)
+        if known is not None and not known.enabled:
+            raise ForbiddenError(f"device {device_id!r} is disabled")
         await on_behalf.register(RegisterOrigin(gateway, device_id, None))
         return gateway_id
 

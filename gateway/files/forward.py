@@ -99,6 +99,10 @@ class Refused(UpstreamError):
         self.text = text
 
 
+class NoCredentials(UpstreamError):
+    """Identity mode: the device has no key here to upload with (e.g. an X.509 device)."""
+
+
 class Bucket:
     """Bytes per second, a burst of one piece; ``rate`` 0 = unlimited."""
 
@@ -177,7 +181,8 @@ class Target:
         if self.mode == "identity":
             key, policy = self.credentials(origin)
             if not key:
-                raise UpstreamError(f"no credentials for {origin.device_id} towards the parent")
+                raise NoCredentials(f"no SAS key for {origin.device_id} to upload with "
+                                    "(identity mode needs the device's key or policy_key)")
             return {"Authorization": generate_sas_token(
                 f"{hub}/devices/{origin.device_id}", key, expiry, policy)}
         headers = {}
@@ -251,17 +256,20 @@ class FileForwarder:
                     while (self.settings() is settings and (pending := self.queue())):
                         try:
                             await self.forward(http, target, pending[0])
-                        except Refused as exc:
-                            if exc.status < 400 or exc.status >= 500 or exc.status in (408,
-                                                                                       429):
+                        except (Refused, NoCredentials) as exc:
+                            if isinstance(exc, Refused) and (
+                                    exc.status < 400 or exc.status >= 500
+                                    or exc.status in (408, 429)):
                                 raise
                             self._hold(pending[0], str(exc))
                             continue
                         self.held.pop(pending[0].correlation_id, None)
                         backoff.reset()
-            except (UpstreamError, aiohttp.ClientError, OSError, TimeoutError,
-                    ET.ParseError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - never take the hub down: back off
                 reason = str(exc) or type(exc).__name__
+                if not isinstance(exc, (UpstreamError, aiohttp.ClientError, OSError,
+                                        TimeoutError, ET.ParseError, ValueError)):
+                    log.exception("file forwarding failed unexpectedly")
                 self._note_error(reason)
                 delay = backoff.next()
                 log.warning("file forwarding: %s (retry in %.1f s)", reason, delay)
