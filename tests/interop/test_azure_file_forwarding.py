@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from gateway.files.forward import block_id
 from gateway.hubclient import HubClient
 from tests.faultproxy import FaultProxy
 from tests.files.federation import (
@@ -25,6 +28,7 @@ from tests.files.federation import (
     PARENT,
     PROXY,
     blocks_stored,
+    device,
     files,
     free_port,
     leaf_hub,
@@ -131,3 +135,45 @@ async def _cut_during(leaf: HubProcess, https: FaultProxy, mqtt: FaultProxy) -> 
                 break
             await asyncio.sleep(0.05)
     return cuts
+
+
+def test_get_block_list_as_azure_storage_blob_reads_it(azure_python: Path,
+                                                       tmp_path: Path) -> None:
+    """What the forwarder asks a parent after a cut, as Azure's own client asks it."""
+    hub = parent_hub(tmp_path, api_port=free_port(PARENT)).start()
+    try:
+        key = device(hub, "cam-8")
+        url = asyncio.run(_stage(hub, key))
+        code = (
+            "import json, sys\nfrom azure.storage.blob import BlobClient\n"
+            "b = BlobClient.from_blob_url(sys.argv[1], connection_verify=sys.argv[2])\n"
+            "c, u = b.get_block_list('all')\n"
+            "print(json.dumps([[[x.id, x.size] for x in c], [[x.id, x.size] for x in u]]))\n")
+        out = subprocess.run([str(azure_python), "-c", code, url, hub.ca_file],
+                             capture_output=True, text=True, timeout=120, check=True)
+        committed, uncommitted = json.loads(out.stdout)
+        assert committed == [] and uncommitted == [["00000000", 1000], ["00000001", 1001]]
+    finally:
+        hub.stop()
+
+
+async def _stage(hub: HubProcess, key: str) -> str:
+    """A SAS URI and two staged blocks, not committed."""
+    import ssl
+
+    import aiohttp
+
+    from tests.hubproc import device_token
+
+    ctx = ssl.create_default_context(cafile=hub.ca_file)
+    base = f"https://{hub.info['api_host']}:{hub.port('api_port')}"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as http:
+        async with http.post(f"{base}/devices/cam-8/files", json={"blobName": "part.bin"},
+                             headers={"Authorization": device_token(hub, "cam-8", key)}) as r:
+            info = await r.json()
+        url = f"{base}/{info['containerName']}/{info['blobName']}{info['sasToken']}"
+        for i in range(2):
+            async with http.put(f"{url}&comp=block&blockid={block_id(i)}",
+                                data=b"a" * (1000 + i)) as r:
+                assert r.status == 201
+    return url
