@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tests.files.federation import (  # noqa: E402
+from tests.files.federation import (
     LEAF,
     PARENT,
     device,
@@ -51,7 +51,7 @@ def serve(address: str, port: int, cert: str, key: str, out_dir: str) -> None:
 
     async def put(request: web.Request) -> web.Response:
         path = os.path.join(out_dir, request.match_info["name"].replace("/", "_"))
-        with open(path, "wb") as fh:
+        with open(path, "wb") as fh:  # noqa: ASYNC230 - the trivial server, as simple as can be
             async for chunk in request.content.iter_chunked(256 << 10):
                 fh.write(chunk)
             fh.flush()
@@ -66,8 +66,9 @@ def serve(address: str, port: int, cert: str, key: str, out_dir: str) -> None:
 
 
 async def plain_puts(address: str, port: int, ca: str, data: bytes) -> float:
-    import aiohttp
     import io
+
+    import aiohttp
 
     ctx = ssl.create_default_context(cafile=ca)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as http:

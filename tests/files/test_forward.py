@@ -1,8 +1,8 @@
 """Files stored at a leaf go up to its parent (gateway/files/forward.py): on behalf of their
 device to a parent of this kind, with the device's own credentials in identity mode (our hub
-with on_behalf = false standing in for Azure IoT Hub), resumed after a SIGKILL of the leaf
-without resending a block the parent stored, refused for a device outside the gateway's scope
-without holding up the others."""
+with on_behalf = false standing in for Azure IoT Hub), resumed after a SIGKILL of the leaf and
+of the parent without resending a block the parent stored, refused for a device outside the
+gateway's scope without holding up the others, yielding to queued telemetry."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def test_files_go_up_on_behalf_of_their_device(tmp_path) -> None:  # type: ignor
         parent.stop()
 
 
-def test_resumed_after_sigkill_without_resending_stored_blocks(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_resumed_after_sigkills_without_resending_stored_blocks(tmp_path) -> None:  # type: ignore[no-untyped-def]
     api_port = free_port(PARENT)
     parent = parent_hub(tmp_path, api_port=api_port)
     leaf = leaf_hub(tmp_path, forward_port=api_port, files=(
@@ -97,14 +97,20 @@ def test_resumed_after_sigkill_without_resending_stored_blocks(tmp_path) -> None
         data = os.urandom(8 << 20)
         asyncio.run(upload(leaf, "cam-2", key, "dump.bin", data, block=4 << 20))
         api = HubClient(leaf.data_dir)
-        while True:  # 2 MB/s: about 4 s; kill -9 the leaf half way
+        while True:  # 2 MB/s: about 4 s; kill -9 the leaf at 3 MB, the parent at 6 MB
             f = api.request("GET", "/files/cam-2/dump.bin")
             if f.get("upstream", {}).get("bytes", 0) >= 3 << 20:
                 break
+            time.sleep(0.05)
         leaf.kill()
         before = blocks_stored(parent)
         assert 0 < len(before) < 16
         leaf.start()
+        api = HubClient(leaf.data_dir)
+        while api.request("GET", "/files/cam-2/dump.bin")["upstream"]["bytes"] < 6 << 20:
+            time.sleep(0.05)
+        parent.kill()  # and the parent: what it stored of the upload survives
+        parent.start()
         shown = wait_forwarded(leaf, ["cam-2/dump.bin"])["cam-2/dump.bin"]
         assert shown["state"] == "forwarded" and shown["size"] == len(data)
         f = files(parent)["cam-2/dump.bin"]

@@ -54,6 +54,11 @@ def _sha(path: Path) -> str:
     return h.hexdigest()
 
 
+def _random_file(path: Path, size: int) -> None:
+    with open(path, "wb") as fh:
+        fh.writelines(os.urandom(min(1 << 20, size)) for _ in range(0, size, 1 << 20))
+
+
 @pytest.mark.slow
 def test_sdk_files_through_a_leaf_to_its_parent_with_cuts(azure_python: Path,
                                                           tmp_path: Path) -> None:
@@ -82,9 +87,7 @@ async def _run(parent: HubProcess, leaf: HubProcess, python: Path, tmp: Path, ap
         originals = {}
         for name, size in SIZES.items():
             path = tmp / name
-            with open(path, "wb") as fh:
-                for _ in range(0, size, 1 << 20):
-                    fh.write(os.urandom(min(1 << 20, size)))
+            await asyncio.to_thread(_random_file, path, size)
             originals[f"cam-7/{name}"] = _sha(path)
             if name == "large.bin":
                 cutter = asyncio.get_running_loop().create_task(_cut_during(leaf, https, mqtt))
