@@ -413,10 +413,9 @@ class FileForwarder:
                         await asyncio.sleep(0.05)
                         waited += 0.05
                     await self.bucket.take(n)
-                    data = await asyncio.to_thread(fh.read, n)
+                    data = await asyncio.to_thread(_read_hashed, fh, n, md5)
                     if len(data) != n:
                         raise UpstreamError(f"{upload.blob_name} is shorter than its size")
-                    md5.update(data)
                     left -= n
                     progress[0] = time.monotonic()
                     yield data
@@ -483,6 +482,12 @@ class FileForwarder:
         return {"queued": len(queued), "queuedBytes": sum(u.size - u.forwarded_bytes
                                                            for u in queued),
                 "current": self.current, "sentBytes": self.sent_bytes}
+
+
+def _read_hashed(fh: Any, n: int, md5: Any) -> bytes:
+    data: bytes = fh.read(n)
+    md5.update(data)
+    return data
 
 
 def _already_notified(status: int, text: str) -> bool:

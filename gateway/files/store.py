@@ -296,12 +296,9 @@ class FileStore:
                                     f"the file is over the {limit}-byte limit")
                 self._make_room(len(chunk), upload.device_id)
                 self._receiving[upload.correlation_id] = base + size
-                md5.update(chunk)
-                if sha is not None:
-                    sha.update(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view):]
+                # hashing and writing in a thread (both release the GIL): the loop meanwhile
+                # decrypts and reads the next chunk
+                await asyncio.to_thread(_absorb, fd, chunk, md5, sha)
             await asyncio.to_thread(os.fsync, fd)
         except OSError as exc:
             os.close(fd)
@@ -490,6 +487,15 @@ class FileStore:
 
 def _doc(upload: Upload) -> dict[str, Any]:
     return {f: getattr(upload, f) for f in Upload.__slots__}
+
+
+def _absorb(fd: int, chunk: bytes, md5: Any, sha: Any) -> None:
+    md5.update(chunk)
+    if sha is not None:
+        sha.update(chunk)
+    view = memoryview(chunk)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _write_synced(path: Path, text: str) -> None:
