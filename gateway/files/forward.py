@@ -104,7 +104,8 @@ class NoCredentials(UpstreamError):
 
 
 class Bucket:
-    """Bytes per second, a burst of one piece; ``rate`` 0 = unlimited."""
+    """Bytes per second with a burst of an eighth of a second (at least one piece): a file
+    after a pause does not make up for it; ``rate`` 0 = unlimited."""
 
     def __init__(self, rate: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate
@@ -117,7 +118,7 @@ class Bucket:
             return
         while True:
             now = self.clock()
-            self.tokens = min(float(max(PIECE, self.rate)),
+            self.tokens = min(float(max(PIECE, self.rate // 8)),
                               self.tokens + (now - self.stamp) * self.rate)
             self.stamp = now
             if self.tokens >= n:

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -132,9 +133,9 @@ def bench_forward(tmp: Path, mb: int, cap: int) -> None:
             link(parent, leaf)
             key = device(leaf, "bench-cam")
             asyncio.run(upload(leaf, "bench-cam", key, "fwd.bin", data, block=BLOCK))
-            t0 = time.perf_counter()
-            wait_forwarded(leaf, ["bench-cam/fwd.bin"], timeout=600)
-            took = time.perf_counter() - t0
+            stored = _when(files(leaf)["bench-cam/fwd.bin"]["updated"])  # the notification
+            done = wait_forwarded(leaf, ["bench-cam/fwd.bin"], timeout=600)
+            took = _when(done["bench-cam/fwd.bin"]["updated"]) - stored  # the leaf's clock
             assert files(parent)["bench-cam/fwd.bin"]["size"] == len(data)
         finally:
             leaf.stop()
@@ -146,6 +147,10 @@ def bench_forward(tmp: Path, mb: int, cap: int) -> None:
         else:
             print(f"forwarding, no cap:       {mb} MB in {took:.2f} s = {rate / 1e6:.1f} MB/s "
                   f"(leaf {LEAF} -> parent {PARENT}, TLS, on-behalf-of)")
+
+
+def _when(iso: str) -> float:
+    return datetime.strptime(iso, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
 
 
 def main() -> None:
