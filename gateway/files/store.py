@@ -6,6 +6,14 @@ once it is whole. Every write is fsynced (file and directory) before it is ackno
 a device was told is stored survives ``kill -9`` and power loss: a Put Block acknowledged
 before a crash is still there after it, and the upload resumes by committing its block list.
 
+Blocks that arrive one after the other with new ids (what the SDKs and the upstream forwarder
+send) are appended to one staging file, ``stream``, each fsynced and then recorded in
+``stream.idx`` (``hexid:size`` lines); a Put Block List naming exactly those blocks in that
+order turns ``stream`` into ``data`` by a rename, with the SHA-256 kept as they came, so the file
+is written once. Anything else (a block sent again, blocks in parallel) is staged as its own
+``blocks/{hex id}`` file, which wins over the stream's copy, and the blob is then built from
+the parts.
+
 An upload is ``receiving`` from the SAS URI until the device's notification; ``stored`` once
 the notification reports success and the blob is whole; ``failed`` when it reports failure;
 ``expired`` when no notification came before the SAS expired (plus a grace period), its bytes
@@ -133,6 +141,20 @@ class Written:
     sha256: str  # hex
 
 
+@dataclass(slots=True)
+class _Stream:
+    """The in-order staging file of one upload (its index, loaded lazily)."""
+
+    ids: list[bytes]
+    sizes: list[int]
+    sha: Any  # hashlib sha256 of the stream so far; None after a restart (read it again)
+    busy: bool = False  # a block is being appended: a parallel one goes to its own file
+
+    @property
+    def end(self) -> int:
+        return sum(self.sizes)
+
+
 class FileStore:
     def __init__(self, db: Database, root: Path, config: FilesConfig, *,
                  store_cap: int, used_by_log: Callable[[], int], drop_oldest: bool,
@@ -146,6 +168,7 @@ class FileStore:
         self._clock = clock
         self.uploads: dict[str, Upload] = {}
         self._receiving: dict[str, int] = {}  # correlation id -> bytes on disk (blocks, data)
+        self._streams: dict[str, _Stream] = {}
         self.dropped = 0
         # set by the upstream file forwarder: is an upstream set (a new file then goes up)?
         # and its wake-up when one is stored
@@ -220,10 +243,38 @@ class FileStore:
                                  updated=self._clock()))
         return written
 
+    def _stream(self, upload: Upload) -> _Stream:
+        stream = self._streams.get(upload.correlation_id)
+        if stream is None:
+            ids, sizes = _read_index(self._dir(upload) / "stream.idx")
+            stream = _Stream(ids, sizes, None if ids else hashlib.sha256())
+            self._streams[upload.correlation_id] = stream
+        return stream
+
     async def put_block(self, upload: Upload, block_id: bytes,
                         chunks: AsyncIterator[bytes]) -> Written:
-        blocks = self._dir(upload) / "blocks"
+        directory = self._dir(upload)
+        blocks = directory / "blocks"
         target = blocks / block_id.hex()
+        stream = self._stream(upload)
+        if not stream.busy and block_id not in stream.ids and not target.exists():
+            stream.busy = True  # a new block, none in progress: append it to the stream
+            try:
+                sha = stream.sha.copy() if stream.sha is not None else None
+                first = not stream.ids
+                written = await self._write(upload, directory / "stream", chunks, whole=False,
+                                            append_at=stream.end, sha=sha)
+                await asyncio.to_thread(_append_index, directory / "stream.idx",
+                                        f"{block_id.hex()}:{written.size}\n")
+                if first:
+                    await asyncio.to_thread(_fsync_dir, directory)
+                stream.ids.append(block_id)
+                stream.sizes.append(written.size)
+                stream.sha = sha
+            finally:
+                stream.busy = False
+            self._receiving[upload.correlation_id] = _du(directory)
+            return written
         written = await self._write(upload, blocks / (block_id.hex() + ".tmp"), chunks,
                                     whole=False)
         os.replace(blocks / (block_id.hex() + ".tmp"), target)
@@ -233,8 +284,22 @@ class FileStore:
 
     def committed_blocks(self, upload: Upload) -> list[str]:
         """Hex ids of the blocks staged so far (what survives a restart)."""
-        blocks = self._dir(upload) / "blocks"
-        return sorted(p.name for p in blocks.iterdir() if not p.name.endswith(".tmp"))
+        return sorted(i.hex() for i, _ in self.block_list(upload)[1])
+
+    def _parts(self, upload: Upload) -> dict[bytes, tuple[Path, int, int]]:
+        """Every staged block: id -> (file, offset, size); its own file wins over the stream."""
+        directory = self._dir(upload)
+        stream = self._stream(upload)
+        parts: dict[bytes, tuple[Path, int, int]] = {}
+        offset = 0
+        for i, n in zip(stream.ids, stream.sizes, strict=True):
+            parts[i] = (directory / "stream", offset, n)
+            offset += n
+        with contextlib.suppress(FileNotFoundError):
+            for p in (directory / "blocks").iterdir():
+                if not p.name.endswith(".tmp"):
+                    parts[bytes.fromhex(p.name)] = (p, 0, p.stat().st_size)
+        return parts
 
     def block_list(self, upload: Upload) -> tuple[list[tuple[bytes, int]],
                                                   list[tuple[bytes, int]]]:
@@ -247,47 +312,65 @@ class FileStore:
                 for line in (directory / "committed").read_text().split():
                     hexid, _, size = line.partition(":")
                     committed.append((bytes.fromhex(hexid), int(size)))
-        staged = []
-        with contextlib.suppress(FileNotFoundError):
-            for p in sorted((directory / "blocks").iterdir()):
-                if not p.name.endswith(".tmp"):
-                    staged.append((bytes.fromhex(p.name), p.stat().st_size))
+        staged = sorted((i, n) for i, (_, _, n) in self._parts(upload).items())
         return committed, staged
 
     async def put_block_list(self, upload: Upload, ids: list[bytes]) -> Written:
-        blocks = self._dir(upload) / "blocks"
-        missing = [i for i in ids if not (blocks / i.hex()).exists()]
+        directory = self._dir(upload)
+        blocks = directory / "blocks"
+        parts = self._parts(upload)
+        missing = [i for i in ids if i not in parts]
         if missing:
             raise BlobError(400, "InvalidBlockList",
                             f"{len(missing)} of the listed blocks were never staged")
-        directory = self._dir(upload)
-        sizes = [(blocks / i.hex()).stat().st_size for i in ids]
+        stream = self._stream(upload)
+        listed = [parts[i] for i in ids]
         await asyncio.to_thread(_write_synced, directory / "committed", " ".join(
-            f"{i.hex()}:{n}" for i, n in zip(ids, sizes, strict=True)))
+            f"{i.hex()}:{n}" for i, (_, _, n) in zip(ids, listed, strict=True)))
+        in_order = ids == stream.ids and all(p == directory / "stream" for p, _, _ in listed)
         try:
-            written = await asyncio.to_thread(_concatenate, [blocks / i.hex() for i in ids],
-                                              directory / "data.tmp",
-                                              self.config.max_file_bytes)
+            if in_order:  # the stream is the blob: no second write
+                written = await asyncio.to_thread(_seal, directory / "stream", stream.end,
+                                                  stream.sha, directory / "data.tmp")
+            else:
+                written = await asyncio.to_thread(_concatenate, listed,
+                                                  directory / "data.tmp",
+                                                  self.config.max_file_bytes)
         except BaseException:
             (directory / "data.tmp").unlink(missing_ok=True)
             raise
         os.replace(directory / "data.tmp", directory / "data")
         await asyncio.to_thread(_fsync_dir, directory)
-        shutil.rmtree(blocks)
-        blocks.mkdir(mode=0o700)
+        self._clear_staging(upload)
         self._receiving[upload.correlation_id] = _du(directory)
         await self._save(replace(upload, size=written.size, sha256=written.sha256,
                                  updated=self._clock()))
         return written
 
+    def _clear_staging(self, upload: Upload) -> None:
+        directory = self._dir(upload)
+        shutil.rmtree(directory / "blocks", ignore_errors=True)
+        (directory / "blocks").mkdir(mode=0o700, exist_ok=True)
+        for name in ("stream", "stream.idx"):
+            (directory / name).unlink(missing_ok=True)
+        self._streams.pop(upload.correlation_id, None)
+
     async def _write(self, upload: Upload, path: Path, chunks: AsyncIterator[bytes], *,
-                     whole: bool) -> Written:
+                     whole: bool, append_at: int | None = None, sha: Any = None) -> Written:
+        """Write ``chunks`` to ``path`` (at ``append_at`` of it: the stream), fsynced. ``sha``:
+        a running SHA-256 to continue (a whole blob starts its own; a block needs none)."""
         limit = self.config.max_file_bytes
         md5 = hashlib.md5(usedforsecurity=False)
-        sha = hashlib.sha256() if whole else None  # a block's own: not needed
+        if whole:
+            sha = hashlib.sha256()
         size = 0
         base = self._receiving.get(upload.correlation_id, 0)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        if append_at is None:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        else:  # past the last recorded block: what a crash left beyond it goes
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.ftruncate(fd, append_at)
+            os.lseek(fd, append_at, os.SEEK_SET)
         try:
             async for chunk in chunks:
                 size += len(chunk)
@@ -301,16 +384,14 @@ class FileStore:
                 await asyncio.to_thread(_absorb, fd, chunk, md5, sha)
             await asyncio.to_thread(os.fsync, fd)
         except OSError as exc:
-            os.close(fd)
-            path.unlink(missing_ok=True)
+            _discard(fd, path, append_at)
             self._receiving[upload.correlation_id] = base
             if exc.errno == errno.ENOSPC:
                 raise BlobError(500, "InternalError",
                                 "the gateway's disk is full; retry later") from None
             raise
         except BaseException:
-            os.close(fd)
-            path.unlink(missing_ok=True)
+            _discard(fd, path, append_at)
             self._receiving[upload.correlation_id] = base
             raise
         os.close(fd)
@@ -363,7 +444,9 @@ class FileStore:
                        status_description=description,
                        forward="queued" if state == "stored" and self.forwarding() else "")
         self._receiving.pop(correlation_id, None)
+        self._streams.pop(correlation_id, None)
         if state == "stored":
+            self._clear_staging(upload)
             shutil.rmtree(self._dir(upload) / "blocks", ignore_errors=True)
             for old in [u for u in self.uploads.values() if u.device_id == device_id
                         and u.name == upload.name and u.state == "stored"]:
@@ -390,6 +473,7 @@ class FileStore:
         shutil.rmtree(self._dir(upload), ignore_errors=True)
         self.uploads.pop(upload.correlation_id, None)
         self._receiving.pop(upload.correlation_id, None)
+        self._streams.pop(upload.correlation_id, None)
         await self._db.run(lambda c: c.execute(
             "DELETE FROM file_uploads WHERE correlation_id = ?", (upload.correlation_id,)))
 
@@ -401,6 +485,7 @@ class FileStore:
         for upload in stale:
             shutil.rmtree(self._dir(upload), ignore_errors=True)
             self._receiving.pop(upload.correlation_id, None)
+            self._streams.pop(upload.correlation_id, None)
             await self._save(replace(upload, state="expired", size=0, updated=now,
                                      status_description="no notification before the SAS "
                                                         "expired"))
@@ -498,6 +583,59 @@ def _absorb(fd: int, chunk: bytes, md5: Any, sha: Any) -> None:
         view = view[os.write(fd, view):]
 
 
+def _discard(fd: int, path: Path, append_at: int | None) -> None:
+    """A write that failed: its file goes, or the stream is cut back to its last block."""
+    try:
+        if append_at is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, append_at)
+    finally:
+        os.close(fd)
+    if append_at is None:
+        path.unlink(missing_ok=True)
+
+
+def _read_index(path: Path) -> tuple[list[bytes], list[int]]:
+    """``stream.idx``: the blocks the stream holds. A line cut by a crash is dropped (and cut
+    from the file, so the next record starts on its own line)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return [], []
+    whole = raw[:raw.rfind(b"\n") + 1]
+    if len(whole) != len(raw):
+        os.truncate(path, len(whole))
+    ids, sizes = [], []
+    for line in whole.decode().split():
+        hexid, _, size = line.partition(":")
+        ids.append(bytes.fromhex(hexid))
+        sizes.append(int(size))
+    return ids, sizes
+
+
+def _append_index(path: Path, line: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _seal(stream: Path, end: int, sha: Any, out: Path) -> Written:
+    """The stream becomes the blob (renamed to ``out``): cut to its last block, its SHA-256
+    the running one (or read once after a restart)."""
+    with open(stream, "r+b") as fh:
+        os.ftruncate(fh.fileno(), end)
+        os.fsync(fh.fileno())
+        if sha is None:
+            sha = hashlib.sha256()
+            while chunk := fh.read(4 << 20):
+                sha.update(chunk)
+    os.replace(stream, out)
+    return Written(end, "", sha.hexdigest())
+
+
 def _write_synced(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -520,24 +658,29 @@ def _du(path: Path) -> int:
     return total
 
 
-def _concatenate(parts: list[Path], out: Path, limit: int) -> Written:
-    """The blob from its blocks, in one pass (sha256 of the whole; Put Block List's
-    Content-MD5 is the block list's own, so no MD5 here)."""
+def _concatenate(parts: list[tuple[Path, int, int]], out: Path, limit: int) -> Written:
+    """The blob from its blocks (file, offset, size), in one pass (sha256 of the whole; Put
+    Block List's Content-MD5 is the block list's own, so no MD5 here)."""
     sha = hashlib.sha256()
     size = 0
-    buf = bytearray(4 << 20)
-    view = memoryview(buf)
     with open(out, "wb") as fh:
         os.fchmod(fh.fileno(), 0o600)
-        for part in parts:
+        for part, offset, length in parts:
             with open(part, "rb", buffering=0) as src:
-                while n := src.readinto(buf):
-                    size += n
+                src.seek(offset)
+                left = length
+                while left:
+                    chunk = src.read(min(left, 4 << 20))
+                    if not chunk:
+                        raise BlobError(500, "InternalError", f"staged block {part.name} "
+                                        "is shorter than recorded")
+                    left -= len(chunk)
+                    size += len(chunk)
                     if size > limit:
                         raise BlobError(413, "RequestBodyTooLarge",
                                         f"the file is over the {limit}-byte limit")
-                    sha.update(view[:n])
-                    fh.write(view[:n])
+                    sha.update(chunk)
+                    fh.write(chunk)
         fh.flush()
         os.fsync(fh.fileno())
     return Written(size, "", sha.hexdigest())
