@@ -317,7 +317,6 @@ class FileStore:
 
     async def put_block_list(self, upload: Upload, ids: list[bytes]) -> Written:
         directory = self._dir(upload)
-        blocks = directory / "blocks"
         parts = self._parts(upload)
         missing = [i for i in ids if i not in parts]
         if missing:
