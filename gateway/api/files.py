@@ -34,7 +34,6 @@ import hashlib
 import json
 import logging
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -205,18 +204,8 @@ class FileApi:
             return _blob_error(exc)
         committed, staged = self.store.block_list(upload)
         kind = request.query.get("blocklisttype", "committed").lower()
-        root = ET.Element("BlockList")
-        for tag, blocks, wanted in (("CommittedBlocks", committed, kind in ("committed", "all")),
-                                    ("UncommittedBlocks", staged,
-                                     kind in ("uncommitted", "all"))):
-            if not wanted:
-                continue
-            element = ET.SubElement(root, tag)
-            for block_id, size in blocks:
-                b = ET.SubElement(element, "Block")
-                ET.SubElement(b, "Name").text = base64.b64encode(block_id).decode()
-                ET.SubElement(b, "Size").text = str(size)
-        body = b'<?xml version="1.0" encoding="utf-8"?>' + ET.tostring(root)
+        body = blob.get_block_list_xml(committed if kind in ("committed", "all") else None,
+                                       staged if kind in ("uncommitted", "all") else None)
         return web.Response(status=200, body=body, content_type="application/xml",
                             headers={"x-ms-version": X_MS_VERSION,
                                      "x-ms-blob-content-length": str(

@@ -48,6 +48,7 @@ from aiohttp.resolver import ThreadedResolver
 
 from gateway.config import FilesConfig, UpstreamConfig
 from gateway.errors import UpstreamError
+from gateway.files.blob import block_id, block_list_xml, parse_get_block_list
 from gateway.files.store import FileStore, Upload
 from gateway.hub.sas import generate_sas_token
 from gateway.upstream.link import Backoff, ssl_context
@@ -63,31 +64,6 @@ YIELD_MAX: Final = 1.0  # seconds a piece waits at most for telemetry
 SAVE_EVERY: Final = 1.0  # seconds between progress saves
 HOLD_MIN: Final = 5.0  # a file the parent refused waits this long, doubling each time
 HOLD_MAX: Final = 600.0
-
-
-def block_id(index: int) -> str:
-    return base64.b64encode(f"{index:08d}".encode()).decode()
-
-
-def block_list_xml(ids: list[str]) -> bytes:
-    root = ET.Element("BlockList")
-    for i in ids:
-        ET.SubElement(root, "Latest").text = i
-    return b'<?xml version="1.0" encoding="utf-8"?>' + ET.tostring(root)
-
-
-def parse_get_block_list(body: bytes) -> tuple[dict[str, int], dict[str, int]]:
-    """(committed, uncommitted) of a Get Block List answer: block id (base64) -> size."""
-    root = ET.fromstring(body)
-    out: list[dict[str, int]] = []
-    for tag in ("CommittedBlocks", "UncommittedBlocks"):
-        blocks: dict[str, int] = {}
-        for b in root.iterfind(f"{tag}/Block"):
-            name, size = b.findtext("Name"), b.findtext("Size")
-            if name and size:
-                blocks[name.strip()] = int(size)
-        out.append(blocks)
-    return out[0], out[1]
 
 
 class Refused(UpstreamError):

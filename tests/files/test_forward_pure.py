@@ -9,7 +9,8 @@ import time
 import pytest
 
 from gateway.files import blob
-from gateway.files.forward import Bucket, block_id, block_list_xml, parse_get_block_list
+from gateway.files.blob import block_id, block_list_xml, get_block_list_xml, parse_get_block_list
+from gateway.files.forward import Bucket
 
 # Get Block List's answer as Azure Storage documents it (blocklisttype=all)
 AZURE_SAMPLE = b"""<?xml version="1.0" encoding="utf-8"?>
@@ -41,6 +42,9 @@ def test_get_block_list_answer() -> None:
     assert committed == {block_id(0): 4194304}
     assert staged == {block_id(1): 4194304, block_id(2): 1024}
     assert parse_get_block_list(b"<BlockList/>") == ({}, {})
+    ours = get_block_list_xml([(b"00000000", 4194304)],
+                              [(b"00000001", 4194304), (b"00000002", 1024)])
+    assert parse_get_block_list(ours) == (committed, staged)  # the hub answers the same
 
 
 @pytest.mark.parametrize("rate", [0, 4 << 20])

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.files.forward import block_id
+from gateway.files.blob import block_id
 from gateway.hubclient import HubClient
 from tests.faultproxy import FaultProxy
 from tests.files.federation import (
