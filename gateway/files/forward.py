@@ -271,8 +271,10 @@ class FileForwarder:
 
     # -- one file ----------------------------------------------------------------------------
 
-    async def forward(self, http: aiohttp.ClientSession, target: Target,
-                      upload: Upload) -> None:
+    async def forward(self, http: aiohttp.ClientSession, target: Target, upload: Upload,
+                      *, renewals: int = 0) -> None:
+        """One file up; a SAS that expires on the way is renewed (up to 3 times in a row
+        without progress), the parent keeping the blocks it has."""
         self.current = upload.correlation_id
         origin = target.origin(upload)
         size = upload.size
@@ -315,8 +317,9 @@ class FileForwarder:
                                         parent=target.key,
                                         parent_cid=str(info["correlationId"]),
                                         forwarded_bytes=0, forward_error="")
-            log.info("file %s: forwarding %d bytes in %d blocks", upload.blob_name, size,
-                     len(ids))
+            committed, staged = await self._block_list(http, url)  # carried-over blocks
+            log.info("file %s: forwarding %d bytes in %d blocks (the parent holds %d)",
+                     upload.blob_name, size, len(ids), len(committed) or len(staged))
         whole = [committed.get(i) for i in ids] == sizes
         if not whole:
             have = sum(n for i, n in zip(ids, sizes, strict=True) if staged.get(i) == n)
@@ -325,7 +328,17 @@ class FileForwarder:
             for index, (bid, n) in enumerate(zip(ids, sizes, strict=True)):
                 if staged.get(bid) == n:
                     continue
-                await self._put_block(http, upload, bid, index * bsize, n)
+                try:
+                    await self._put_block(http, upload, bid, index * bsize, n)
+                except Refused as exc:
+                    if exc.status != 403 or renewals >= 3:
+                        raise
+                    log.info("file %s: the parent's SAS expired on the way; renewing it",
+                             upload.blob_name)
+                    upload = await self._update(upload, parent_url="", parent_cid="")
+                    await self.forward(http, target, upload, renewals=renewals + 1)
+                    return
+                renewals = 0
                 self.sent_bytes += n
                 have += n
                 live = self.store.uploads.get(upload.correlation_id)
@@ -420,7 +433,7 @@ class FileForwarder:
             if not task.done():
                 task.cancel()
         if resp.status != 201:
-            raise Refused(resp.status, "Put Block refused")
+            raise Refused(resp.status, f"Put Block refused: {resp.headers.get('x-ms-error-code')}")
         sent = resp.headers.get("Content-MD5")
         if sent and sent != base64.b64encode(md5.digest()).decode():
             raise UpstreamError(f"block {bid} of {upload.blob_name} arrived corrupted")

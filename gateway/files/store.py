@@ -206,8 +206,13 @@ class FileStore:
     async def start(self, device_id: str, name: str, *, via: str = "") -> Upload:
         """A new upload (the SAS URI request). IoT Hub's limit: 10 at once per device."""
         now = self._clock()
+        # an unfinished upload of the same blob (by the same gateway) is superseded: its staged
+        # blocks carry over, as Storage keeps uncommitted blocks per blob, so a client whose
+        # SAS expired resumes with a new one (Get Block List) instead of starting again
+        previous = [u for u in self.uploads.values() if u.device_id == device_id
+                    and u.name == name and u.state == "receiving" and u.via == via]
         active = sum(1 for u in self.uploads.values()
-                     if u.device_id == device_id and u.state == "receiving")
+                     if u.device_id == device_id and u.state == "receiving") - len(previous)
         if active >= self.config.max_concurrent_uploads:
             raise ConflictError(f"device {device_id!r} has {active} uploads in progress; "
                                 f"at most {self.config.max_concurrent_uploads} at once")
@@ -219,10 +224,30 @@ class FileStore:
                         device_id=device_id, name=name, state="receiving", created=now,
                         updated=now, expires=now + self.config.sas_ttl_seconds, via=via)
         directory = self._dir(upload)
-        (directory / "blocks").mkdir(parents=True, mode=0o700)
+        directory.mkdir(parents=True, mode=0o700)
         self._receiving[upload.correlation_id] = 0
         await self._save(upload)
+        if previous:
+            await self._carry_over(max(previous, key=lambda u: u.created), upload)
+            for old in previous:
+                shutil.rmtree(self._dir(old), ignore_errors=True)
+                self._receiving.pop(old.correlation_id, None)
+                self._streams.pop(old.correlation_id, None)
+                await self._save(replace(old, state="expired", size=0, updated=now,
+                                         status_description="superseded by a new upload of "
+                                                            "the same blob"))
+        (directory / "blocks").mkdir(mode=0o700, exist_ok=True)
+        self._receiving[upload.correlation_id] = _du(directory)
         return upload
+
+    async def _carry_over(self, old: Upload, new: Upload) -> None:
+        source, target = self._dir(old), self._dir(new)
+        for name in ("blocks", "stream", "stream.idx"):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(source / name, target / name)
+        await asyncio.to_thread(_fsync_dir, target)
+        log.info("file upload %s/%s: staged blocks carried over to a new upload",
+                 new.device_id, new.name)
 
     def receiving(self, correlation_id: str, blob_name: str) -> Upload:
         upload = self.uploads.get(correlation_id)

@@ -30,9 +30,11 @@ UPSTREAM = ("[upstream]\nreconnect_min = 0.05\nreconnect_max = 0.5\nkeepalive = 
 
 
 def parent_hub(tmp: Path, *, api_port: int, blob_host: str = "", on_behalf: bool = True,
-               extra: str = "") -> HubProcess:
+               files: str = "", extra: str = "") -> HubProcess:
     hub_config = f'addresses = ["{PROXY}"]\n' + ("" if on_behalf else "on_behalf = false\n")
-    files = f'[files]\nblob_host = "{blob_host}"\n' if blob_host else ""
+    if blob_host:
+        files += f'blob_host = "{blob_host}"\n'
+    files = f"[files]\n{files}" if files else ""
     return HubProcess(tmp / "parent", host_name="parent.local", address=PARENT,
                       api_port=api_port, log_level="info", hub_config=hub_config,
                       extra_config=files + extra)

@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import time
+from collections import Counter
 
 from gateway.hubclient import HubClient
 from tests.files.federation import (
@@ -195,6 +196,33 @@ def test_files_yield_to_queued_telemetry(tmp_path) -> None:  # type: ignore[no-u
         assert files(parent)["cam-3/clip.bin"]["sha256"] == sha256(data)
         assert len(sensor.acked) == 150
         assert api.request("GET", "/upstream/status")["sent"] >= 150
+    finally:
+        leaf.stop()
+        parent.stop()
+
+
+def test_a_sas_expiring_on_the_way_is_renewed_keeping_the_blocks(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The parent's SAS lives 2 s, the file takes about 5 s on the link: each time it expires
+    the leaf asks for a new one and the parent carries the staged blocks over (Storage keeps
+    uncommitted blocks per blob), so no block goes twice."""
+    api_port = free_port(PARENT)
+    parent = parent_hub(tmp_path, api_port=api_port, files="sas_ttl_seconds = 2\n")
+    leaf = leaf_hub(tmp_path, forward_port=api_port, files=(
+        "forward_block_bytes = 262144\nforward_bandwidth = 1048576\n"))
+    parent.start()
+    leaf.start()
+    try:
+        link(parent, leaf)
+        key = device(leaf, "cam-4")
+        data = os.urandom((5 << 20) + 77)
+        asyncio.run(upload(leaf, "cam-4", key, "slow.bin", data))
+        wait_forwarded(leaf, ["cam-4/slow.bin"], timeout=60)
+        f = files(parent)["cam-4/slow.bin"]
+        assert f["state"] == "stored" and f["sha256"] == sha256(data)
+        by_block = Counter(block for _, block in blocks_stored(parent).elements())
+        assert len(by_block) == 21 and set(by_block.values()) == {1}, by_block
+        assert leaf.log_text().count("SAS expired on the way") >= 1
+        assert "carried over" in parent.log_text()
     finally:
         leaf.stop()
         parent.stop()
