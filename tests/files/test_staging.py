@@ -22,7 +22,8 @@ async def _chunks(data: bytes, pause: float = 0.0) -> AsyncIterator[bytes]:
         yield data[i:i + 1000]
 
 
-def _run(tmp: Path, body: Callable[[FileStore, Upload], Awaitable[Any]]) -> Any:
+def _run(tmp: Path, body: Callable[[FileStore, Upload], Awaitable[Any]],
+         name: str = "x.bin") -> Any:
     async def main() -> Any:
         db = Database(tmp / "hub.db")
         await db.open()
@@ -30,7 +31,7 @@ def _run(tmp: Path, body: Callable[[FileStore, Upload], Awaitable[Any]]) -> Any:
             store = FileStore(db, tmp / "files", FilesConfig(), store_cap=1 << 30,
                               used_by_log=lambda: 0, drop_oldest=True)
             await store.open()
-            upload = await store.start("cam", "x.bin")
+            upload = await store.start("cam", name)
             return await body(store, upload)
         finally:
             await db.close()
@@ -101,4 +102,21 @@ def test_what_a_crash_leaves_in_the_stream_is_cut(tmp_path: Path) -> None:
         assert _blob(store, upload) == A + B + C
         assert written.sha256 == hashlib.sha256(A + B + C).hexdigest()  # read once again
 
-    _run(tmp_path, again)
+    _run(tmp_path, again, "other.bin")
+
+
+def test_a_new_sas_for_the_same_blob_takes_over_its_staged_blocks(tmp_path: Path) -> None:
+    async def body(store: FileStore, old: Upload) -> None:
+        await store.put_block(old, b"A", _chunks(A))
+        await store.put_block(old, b"B", _chunks(b"q" * 3))  # into the stream ...
+        await store.put_block(old, b"B", _chunks(B))  # ... sent again: its own file, it wins
+        new = await store.start("cam", "x.bin")  # the SAS expired: a new one, same blob
+        assert store.uploads[old.correlation_id].state == "expired"
+        assert store.block_list(new)[1] == [(b"A", 2500), (b"B", 1500)]
+        await store.put_block(new, b"C", _chunks(C))
+        await store.put_block_list(new, [b"A", b"B", b"C"])
+        assert _blob(store, new) == A + B + C
+        other = await store.start("cam", "y.bin")  # another blob: nothing carried
+        assert store.block_list(other)[1] == []
+
+    _run(tmp_path, body)
