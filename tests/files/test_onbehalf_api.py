@@ -22,10 +22,10 @@ async def _call(hub: HubProcess, path: str, as_: tuple[str, str], body: dict[str
     headers = {"Authorization": device_token(hub, *as_)}
     if gateway:
         headers[GATEWAY_HEADER] = as_[0]
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as http:
-        async with http.post(f"https://{PARENT}:{hub.port('api_port')}{path}", json=body,
-                             headers=headers) as r:
-            return r.status, await r.json(content_type=None) if r.status != 204 else None
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as http, \
+            http.post(f"https://{PARENT}:{hub.port('api_port')}{path}", json=body,
+                      headers=headers) as r:
+        return r.status, await r.json(content_type=None) if r.status != 204 else None
 
 
 def _key(info: dict[str, Any]) -> str:
