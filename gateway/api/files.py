@@ -52,8 +52,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHUNK = 256 << 10
-GATEWAY_HEADER = "x-gateway-device-id"
-"""Names the gateway uploading on the device's behalf (its credentials authenticate)."""
 X_MS_VERSION = "2021-08-06"
 
 
@@ -79,7 +77,7 @@ class FileApi:
 
     async def _authorize(self, request: web.Request, device_id: str) -> str:
         """The device itself, or a gateway acting for it: returns the gateway ("" if none)."""
-        gateway_id = request.headers.get(GATEWAY_HEADER, "")
+        gateway_id = request.headers.get(blob.GATEWAY_HEADER, "")
         if not gateway_id or gateway_id == device_id:
             self.devices.authenticate(request, device_id)
             return ""

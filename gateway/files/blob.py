@@ -27,6 +27,8 @@ from datetime import UTC, datetime
 from urllib.parse import parse_qsl, quote
 
 SAS_VERSION = "2020-10-02"
+GATEWAY_HEADER = "x-gateway-device-id"
+"""Ours: names the gateway uploading on a device's behalf (its own credentials authenticate)."""
 MAX_BLOCK_ID_BYTES = 64
 MAX_BLOCKS = 50_000
 _NAME = re.compile(r"^[^\x00-\x1f\\]{1,1024}$")

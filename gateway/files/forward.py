@@ -48,7 +48,12 @@ from aiohttp.resolver import ThreadedResolver
 
 from gateway.config import FilesConfig, UpstreamConfig
 from gateway.errors import UpstreamError
-from gateway.files.blob import block_id, block_list_xml, parse_get_block_list
+from gateway.files.blob import (
+    GATEWAY_HEADER,
+    block_id,
+    block_list_xml,
+    parse_get_block_list,
+)
 from gateway.files.store import FileStore, Upload
 from gateway.hub.sas import generate_sas_token
 from gateway.upstream.link import Backoff, ssl_context
@@ -58,7 +63,6 @@ from gateway.upstream.wire import Origin
 log = logging.getLogger(__name__)
 
 API_VERSION: Final = "2021-04-12"
-GATEWAY_HEADER: Final = "x-gateway-device-id"
 PIECE: Final = 64 << 10
 YIELD_MAX: Final = 1.0  # seconds a piece waits at most for telemetry
 SAVE_EVERY: Final = 1.0  # seconds between progress saves

@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway.files.forward import GATEWAY_HEADER
+from gateway.files.blob import GATEWAY_HEADER
 from tests.files.federation import PARENT, free_port, parent_hub
 from tests.hubproc import HubProcess, create_device, device_token
 
