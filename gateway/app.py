@@ -25,6 +25,7 @@ from pathlib import Path
 from gateway import memory, pki
 from gateway.api.enrollments import add_enrollment_routes
 from gateway.api.files import FileApi, add_file_routes
+from gateway.files.forward import for_upstream
 from gateway.files.store import FileStore
 from gateway.agent import Supervisor
 from gateway.api.server import ServiceApi
@@ -250,6 +251,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         if provisioning is not None:
             add_enrollment_routes(api, provisioning)
         files = await _files(config, db, message_log, hub, api)
+        file_forwarder = (for_upstream(files.store, config.files, upstream, gateway_id)
+                          if files is not None else None)
         if config.amqp.enabled:  # back ends over AMQP: Event Hubs reads, C2D (gateway/amqp)
             amqp = await _amqp(config, message_log, authenticator, hub, certs, api,
                                files.store if files is not None else None)
@@ -305,6 +308,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
             tasks.create_task(endpoints.run(), name="endpoints")
             if files is not None:
                 tasks.create_task(files.store.run(), name="file-expiry")
+            if file_forwarder is not None:
+                tasks.create_task(file_forwarder.run(), name="file-forward")
             tasks.create_task(supervisor.run(), name="modules")
             tasks.create_task(upstream.run(), name="upstream")
             tasks.create_task(_relay(restart, stop_event), name="ui-restart")

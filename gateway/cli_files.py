@@ -28,7 +28,10 @@ def cmd_files(args: argparse.Namespace) -> int:
             _print_json(files)
             return 0
         for f in files:
-            print(f"{f['blobName']:<48} {f['state']:<10} {f['size']:>12} bytes  {f['updated']}")
+            state = f["state"]
+            if state == "forwarding":
+                state += f" {f['upstream']['progress']:.0%}"
+            print(f"{f['blobName']:<48} {state:<15} {f['size']:>12} bytes  {f['updated']}")
         return 0
     device, name = _split(args.file)
     path = f"/files/{device}/{name}"

@@ -252,6 +252,13 @@ class FilesConfig:
     notification_ttl_seconds: int = 3600
     notification_lock_seconds: int = 60
     notification_max_deliveries: int = 100
+    # forwarding upstream (gateway/files/forward.py), when an upstream is set
+    forward: bool = True  # stored files go up to the parent
+    forward_port: int = 443  # the parent's HTTPS port (its file-upload API)
+    forward_block_bytes: int = 4 << 20  # Put Block size towards the parent
+    forward_bandwidth: int = 0  # bytes/s for files on the link; 0 = [upstream] bandwidth
+    forward_priority: int = 9  # 0..9: files yield to upstream routes of this class or higher
+    after_forward: Literal["keep", "delete"] = "keep"  # a forwarded file's bytes at the edge
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -27,6 +27,8 @@ from datetime import UTC, datetime
 from urllib.parse import parse_qsl, quote
 
 SAS_VERSION = "2020-10-02"
+GATEWAY_HEADER = "x-gateway-device-id"
+"""Ours: names the gateway uploading on a device's behalf (its own credentials authenticate)."""
 MAX_BLOCK_ID_BYTES = 64
 MAX_BLOCKS = 50_000
 _NAME = re.compile(r"^[^\x00-\x1f\\]{1,1024}$")
@@ -135,3 +137,48 @@ def parse_block_list(body: bytes) -> list[bytes]:
     if len(ids) > MAX_BLOCKS:
         raise BlobError(400, "BlockListTooLong", f"more than {MAX_BLOCKS} blocks")
     return ids
+
+
+# -- the client side: what the upstream forwarder sends and reads -----------------------------
+
+
+def block_id(index: int) -> str:
+    """The id of block ``index`` of a file going up: all the same length, as Storage needs."""
+    return base64.b64encode(f"{index:08d}".encode()).decode()
+
+
+def block_list_xml(ids: list[str]) -> bytes:
+    """Put Block List's body: the blocks, in order, as ``Latest``."""
+    root = ET.Element("BlockList")
+    for i in ids:
+        ET.SubElement(root, "Latest").text = i
+    return b'<?xml version="1.0" encoding="utf-8"?>' + ET.tostring(root)
+
+
+def parse_get_block_list(body: bytes) -> tuple[dict[str, int], dict[str, int]]:
+    """(committed, uncommitted) of a Get Block List answer: block id (base64) -> size."""
+    root = ET.fromstring(body)
+    out: list[dict[str, int]] = []
+    for tag in ("CommittedBlocks", "UncommittedBlocks"):
+        blocks: dict[str, int] = {}
+        for b in root.iterfind(f"{tag}/Block"):
+            name, size = b.findtext("Name"), b.findtext("Size")
+            if name and size:
+                blocks[name.strip()] = int(size)
+        out.append(blocks)
+    return out[0], out[1]
+
+
+def get_block_list_xml(committed: list[tuple[bytes, int]] | None,
+                       uncommitted: list[tuple[bytes, int]] | None) -> bytes:
+    """Get Block List's answer; a list left None is left out (``blocklisttype``)."""
+    root = ET.Element("BlockList")
+    for tag, blocks in (("CommittedBlocks", committed), ("UncommittedBlocks", uncommitted)):
+        if blocks is None:
+            continue
+        element = ET.SubElement(root, tag)
+        for raw, size in blocks:
+            b = ET.SubElement(element, "Block")
+            ET.SubElement(b, "Name").text = base64.b64encode(raw).decode()
+            ET.SubElement(b, "Size").text = str(size)
+    return b'<?xml version="1.0" encoding="utf-8"?>' + ET.tostring(root)
