@@ -109,18 +109,20 @@ class MethodService:
 
     async def call(self, device_id: str, module_id: str | None, name: str, payload: bytes,
                    response_timeout: float, connect_timeout: float,
-                   value: Any = None) -> tuple[int, Any]:
-        """Invoke a checked call; timeouts in seconds, fractions allowed (a hop further down
-        a federation gets what is left, :mod:`gateway.hub.federated`)."""
+                   value: Any = None) -> tuple[int, bytes]:
+        """Invoke a checked call: the status and the answer's payload as JSON text
+        (:func:`response_json`); timeouts in seconds, fractions allowed (a hop further down a
+        federation gets what is left, :mod:`gateway.hub.federated`)."""
         client_id = f"{device_id}/{module_id}" if module_id else device_id
         if self.federation is not None:
             hops = self.federation.hops(device_id, module_id)
             if hops is not None and await self._targets.wait_target(
                     client_id, MethodRequestsFilter, 0) is None:  # behind a child gateway
-                return await self.federation.invoke(hops, DownMethod(
+                status, answer = await self.federation.invoke(hops, DownMethod(
                     rid="", name=name, device_id=device_id, module_id=module_id, via=(),
                     response_timeout=response_timeout, connect_timeout=connect_timeout),
                     payload)
+                return status, json.dumps(answer, separators=(",", ":")).encode()
         child = self._children.lookup(device_id) if self._children and not module_id else None
         if child is not None:  # a sensor's child device: reached through its bridge
             client_id = f"{child.gateway_id}/{child.module_id}"

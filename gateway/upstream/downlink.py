@@ -294,17 +294,17 @@ class Downlink:
                     raise GatewayError("this hub does not route calls to child gateways")
                 status, answer = await self.federation.invoke(
                     Hops(call.via[0], call.via[1:]), call, payload)
+                body = json.dumps(answer, separators=(",", ":")).encode()
             else:
                 device = self.local_gateway if call.device_id == upstream_id else call.device_id
                 try:
                     value: Any = json.loads(payload) if payload.strip() else None
                 except ValueError:
                     value = None
-                status, answer = await self.methods.call(
+                status, body = await self.methods.call(  # the answer as JSON text
                     device, call.module_id, call.name, payload, call.response_timeout,
                     call.connect_timeout, value)
             topic = up_method_topic(call.rid, status)
-            body = json.dumps(answer, separators=(",", ":")).encode()
         except GatewayError as exc:
             topic = up_method_topic(call.rid, status_of(exc), exc.code or type(exc).__name__)
             body = json.dumps(str(exc)).encode()
