@@ -205,9 +205,9 @@ class Hub:
         if self.federation is not None and topic.startswith(federated.UP_PREFIX):
             return self.federation.prepare_up(  # a child gateway answering a call we sent
                 self.registry.get_device(principal.device_id), principal.module_id, topic)
-        if self.on_behalf is not None and not onbehalf.is_own_topic(
-                topic, principal.device_id, principal.module_id) and self.on_behalf.is_gateway(
-                principal.device_id, principal.module_id):
+        if self.on_behalf is not None and (not onbehalf.is_own_topic(
+                topic, principal.device_id, principal.module_id) or onbehalf.is_stamped(topic)) \
+                and self.on_behalf.is_gateway(principal.device_id, principal.module_id):
             return self._prepare_on_behalf(principal, topic)
         return self._prepare_own(principal, topic)
 
@@ -266,6 +266,12 @@ class Hub:
             return self.on_behalf.prepare_register(gateway, topic)
         device_id, module_id = onbehalf.origin_of(topic)
         if (device_id, module_id) == (principal.device_id, principal.module_id):
+            if onbehalf.is_stamped(topic):  # its own messages, forwarded from its store
+                address = addresses.parse_publish_topic(topic, device_id=device_id,
+                                                        module_id=module_id)
+                if isinstance(address, addresses.Telemetry):
+                    return self._prepare_telemetry(principal, address,
+                                                   gateway=principal.device_id)
             return self._prepare_own(principal, topic)  # its own, with a percent-encoded id
         generation_id = self.on_behalf.check(gateway, device_id, module_id)
         address = addresses.parse_publish_topic(topic, device_id=device_id, module_id=module_id)

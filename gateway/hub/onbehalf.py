@@ -116,6 +116,13 @@ class Pack:
     count: int
 
 
+def is_stamped(topic: str) -> bool:
+    """Does the telemetry topic's bag start with the forwarder's stamp (:func:`split_stamp`)?
+    A gateway's own messages forwarded from its store carry one, like its children's."""
+    at = topic.find(_EVENTS)
+    return at >= 0 and topic.startswith(_SEQ_HEAD, at + len(_EVENTS))
+
+
 def split_stamp(topic: str) -> tuple[str, int, int | None, str | None] | None:
     """``(topic without the per-message parts, seq, prev, message id)`` of a telemetry topic
     whose bag starts with the stamp, else None (then it is parsed the general way)."""

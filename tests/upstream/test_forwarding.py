@@ -107,6 +107,35 @@ def test_forward_devices_and_modules_with_origin(tmp_path) -> None:  # type: ign
         parent.stop()
 
 
+def test_the_gateways_own_telemetry_goes_up_stamped_and_deduplicated(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The child's own device identity (no module) sends too: at the parent its messages are
+    the gateway's own, yet they came from the store, so their stamp is stripped and checked
+    like a child's (it used to stay in the application properties, undeduplicated)."""
+    parent, child = parent_hub(tmp_path).start(), child_hub(tmp_path).start()
+    try:
+        link(parent, child)
+        info = create_device(child, "child.local")
+        own = Device("child.local", info["authentication"]["symmetricKey"]["primaryKey"])
+        _load(child, [own], 100)
+
+        def arrived() -> bool:
+            return len(_telemetry_by_origin(parent).get("child-gw", [])) >= 100
+
+        asyncio.run(eventually(arrived, 60, "the gateway's own messages at the parent",
+                               interval=0.5, blocking=True))
+        assert _telemetry_by_origin(parent) == {"child-gw": list(range(1, 101))}
+        events = [e for e in parent_events(parent)
+                  if e["annotations"].get("iothub-message-source") == "Telemetry"]
+        assert all(e["annotations"]["iothub-gateway-path"] == "child-gw" for e in events)
+        assert all(re.fullmatch(r"[0-9a-f]+-\d+", e["properties"]["system"]["message_id"])
+                   for e in events)
+        assert not [k for e in events for k in e["properties"].get("application", {})
+                    if ".gw" in k]
+    finally:
+        child.stop()
+        parent.stop()
+
+
 def test_backlog_built_offline_drains_and_survives_child_restart(tmp_path) -> None:  # type: ignore[no-untyped-def]
     parent, child = parent_hub(tmp_path).start(), child_hub(tmp_path).start()
     try:
