@@ -225,6 +225,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         await identities.open()
         config_push = ConfigPush(routing, db)  # routing set in our twin at the parent
         await config_push.open()
+        routing.owner_of = config_push.owner_of  # parent-owned items: marked, not changed here
         c2d_mirror = C2DMirror(hub.c2d, db)  # C2D handed down by the parent
         await c2d_mirror.open()
         hub.c2d.on_settled = c2d_mirror.on_settled

@@ -112,6 +112,7 @@ class Downlink:
         for (device_id, module_id), (created, path) in list(self._lifecycles.items()):
             self._send_lifecycle(session, device_id, module_id, created, path)
         if self.config is not None:
+            self.config.owner = owner
             self.config.attach(session)
         jobs = [self._apply_ordered(upstream_id), self._refresh(session)]
         if self.c2d is not None:

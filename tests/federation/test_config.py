@@ -1,7 +1,9 @@
 """Configuration from the top: routing written in the leaf gateway's desired properties at
 the top reaches the leaf (through the site, as a mirrored twin), is applied live, and what was
 applied and refused comes back as the leaf's reported property at the top; the parent wins
-for the names it lists, local items under other names stay."""
+for the names it lists, local items under other names stay. At the leaf the parent's items are
+marked (``"owner": "parent"``, the CLI lists' last column) and a local change to one is
+refused naming the owner, until the parent stops listing it."""
 
 from __future__ import annotations
 
@@ -49,9 +51,34 @@ def test_routing_pushed_from_the_top(hierarchy: Hierarchy, tmp_path: Path) -> No
     [refused] = report["refused"]
     assert refused["kind"] == "route" and refused["name"] == "broken"
     assert "nosuch" in refused["reason"]
+    # parent-owned items are marked, and a local change to one is refused naming the owner
+    doc = _routing(h.leaf)
+    owners = {r["name"]: r.get("owner") for r in doc["routes"]}
+    assert owners == {"mine": None, "toArchive": "parent"}, owners
+    assert [e.get("owner") for e in doc["endpoints"] if e["name"] == "archive"] == ["parent"]
+    listed = [line.split("\t") for line in h.leaf.cli("route", "list").stdout.splitlines()]
+    assert {row[0]: row[3] for row in listed} == \
+        {"mine": "local", "toArchive": "parent", "$fallback": "local"}
+    assert h.leaf.cli("endpoint", "list").stdout.split("\n")[0].endswith("\tparent")
+    assert json.loads(h.leaf.cli("route", "show", "toArchive").stdout)["owner"] == "parent"
+    for args in (("route", "update", "toArchive", "--condition", "false"),
+                 ("route", "delete", "toArchive"), ("endpoint", "delete", "archive")):
+        out = h.leaf.cli(*args, check=False)
+        assert out.returncode != 0, args
+        assert "belongs to the parent hub site.local" in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert [r for r in _routing(h.leaf)["routes"] if r["name"] == "toArchive"][0][
+        "condition"] == "true"  # nothing changed
+    h.leaf.cli("route", "update", "mine", "--condition", "false")  # local ones stay changeable
     # the parent drops its route: removed at the leaf; the technician's stays
     routing["routes"] = []
     h.top.cli("twin", "update", "leaf", "--desired", json.dumps({"routing": routing}))
     wait(lambda: "toArchive" not in _names(_routing(h.leaf), "routes"), 15, "route removed")
     assert "mine" in _names(_routing(h.leaf), "routes")
     assert "archive" in _names(_routing(h.leaf), "endpoints")
+    # what the parent no longer lists is no longer its own: local again
+    routing["endpoints"] = []
+    h.top.cli("twin", "update", "leaf", "--desired", json.dumps({"routing": routing}))
+    wait(lambda: "archive" not in _names(_routing(h.leaf), "endpoints"), 15, "endpoint removed")
+    h.leaf.cli("endpoint", "create", "archive", "--type", "file", "--path", archive)
+    assert [e.get("owner") for e in _routing(h.leaf)["endpoints"]] == [None]
