@@ -29,13 +29,14 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from gateway.errors import GatewayError
 from gateway.routingsvc import RoutingService
 from gateway.store.db import Database, Migration
 from gateway.upstream.link import Session
+from gateway.upstream.modulepush import MODULES_KEY, ModulePush, apply_patch
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,10 @@ _KINDS: Final = (("endpoints", "endpoint", "name"), ("routes", "route", "name"),
 
 
 class ConfigPush:
-    def __init__(self, routing: RoutingService, db: Database) -> None:
+    def __init__(self, routing: RoutingService, db: Database,
+                 modules: ModulePush | None = None) -> None:
         self.routing = routing
+        self.modules = modules  # ``modules`` in the same document (gateway.upstream.modulepush)
         self.db = db
         self.desired: dict[str, Any] = {}
         self.owned: dict[str, list[str]] = {}  # kind -> names the parent set here
@@ -99,25 +102,30 @@ class ConfigPush:
                 self.desired = dict(desired)
                 await self._apply(session, force=True)
             return
-        if isinstance(doc, dict):  # a desired patch: merged (only the top level matters here)
-            for key, value in doc.items():
-                if value is None:
-                    self.desired.pop(key, None)
-                else:
-                    self.desired[key] = value
-            if KEY in doc or "$version" in doc:
-                await self._apply(session, force=KEY in doc)
+        if isinstance(doc, dict):  # a desired patch: merged as the twin merges it
+            self.desired = apply_patch(self.desired, doc)
+            if KEY in doc or MODULES_KEY in doc:
+                await self._apply(session, force=True,
+                                  keys=[k for k in (KEY, MODULES_KEY) if k in doc])
 
-    async def _apply(self, session: Session, *, force: bool) -> None:
+    async def _apply(self, session: Session, *, force: bool,
+                     keys: Sequence[str] = (KEY, MODULES_KEY)) -> None:
         if not force:
             return
+        reports: dict[str, Any] = {}
         wanted = self.desired.get(KEY)
-        if wanted is None and not any(self.owned.values()):
+        if KEY in keys and (wanted is not None or any(self.owned.values())):
+            reports[KEY] = await self.apply(wanted if isinstance(wanted, Mapping) else {},
+                                            version=self.desired.get("$version"))
+        modules = self.desired.get(MODULES_KEY)
+        if self.modules is not None and MODULES_KEY in keys and (
+                modules is not None or self.modules.owned):
+            reports[MODULES_KEY] = await self.modules.apply(
+                modules if modules is not None else {}, version=self.desired.get("$version"))
+        if not reports:
             return
-        report = await self.apply(wanted if isinstance(wanted, Mapping) else {},
-                                  version=self.desired.get("$version"))
         self._rid += 1
-        body = json.dumps({KEY: report}, separators=(",", ":")).encode()
+        body = json.dumps(reports, separators=(",", ":")).encode()
         session.send(f"$iothub/twin/PATCH/properties/reported/?$rid=cfg{self._rid}",
                      body).add_done_callback(_ignore)
 

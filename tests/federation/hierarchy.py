@@ -49,15 +49,17 @@ def _hub(tmp: Path, name: str, address: str, port: int, extra: str = "",
                       hub_config=f'addresses = ["{alias}"]\n' if alias else "")
 
 
-def start(tmp: Path, dial: Callable[[str, int], tuple[str, int]] | None = None) -> Hierarchy:
+def start(tmp: Path, dial: Callable[[str, int], tuple[str, int]] | None = None,
+          leaf_extra: str = "") -> Hierarchy:
     """Start the three hubs and link them: ``site`` (--edge) and ``leaf`` (--edge --parent
     site) at the top, ``leaf`` (--edge) at the site; the leaf's and the site's upstream set.
     ``dial(parent address, port)``: where the child dials instead (a fault proxy; the
-    certificates of top and site also name TOP_PROXY and SITE_PROXY)."""
+    certificates of top and site also name TOP_PROXY and SITE_PROXY). ``leaf_extra``: more
+    of the leaf's gateway.toml (sections with their headers)."""
     top = _hub(tmp, "top", TOP, free_port(TOP), alias=TOP_PROXY if dial else "").start()
     site = _hub(tmp, "site", SITE, free_port(SITE), UPSTREAM,
                 alias=SITE_PROXY if dial else "").start()
-    leaf = _hub(tmp, "leaf", LEAF, 8883, UPSTREAM).start()
+    leaf = _hub(tmp, "leaf", LEAF, 8883, UPSTREAM + leaf_extra).start()
     h = Hierarchy(top, site, leaf)
     try:
         create_device(top, "site", "--edge")
