@@ -61,6 +61,7 @@ from gateway.tasks import TaskSet
 from gateway.upstream.api import add_upstream_routes
 from gateway.upstream.c2dmirror import C2DMirror
 from gateway.upstream.configpush import ConfigPush
+from gateway.upstream.modulepush import ModulePush
 from gateway.upstream.downlink import Downlink
 from gateway.upstream.idmirror import IdentityMirror
 from gateway.upstream.reported import ReportedQueue
@@ -223,8 +224,10 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         hub.federation.apply_reported = hub.twins.federated_reported
         identities = IdentityMirror(registry, db, local_gateway=gateway_id)  # from the parent
         await identities.open()
-        config_push = ConfigPush(routing, db)  # routing set in our twin at the parent
+        config_push = ConfigPush(  # routing and modules set in our twin at the parent
+            routing, db, ModulePush(hub.twins, gateway_id=gateway_id))
         await config_push.open()
+        routing.owner_of = config_push.owner_of  # parent-owned items: marked, not changed here
         c2d_mirror = C2DMirror(hub.c2d, db)  # C2D handed down by the parent
         await c2d_mirror.open()
         hub.c2d.on_settled = c2d_mirror.on_settled

@@ -79,7 +79,7 @@ def _route_body(args: argparse.Namespace, *, partial: bool) -> dict[str, Any]:
 
 def _route_line(route: dict[str, Any]) -> str:
     state = "enabled" if route["isEnabled"] else "disabled"
-    return f"{route['name']}\t{state}\t{route['route']}"
+    return f"{route['name']}\t{state}\t{route['route']}\t{route.get('owner', 'local')}"
 
 
 UPSTREAM_NOTE = ("note: $upstream forwards only while an upstream is set "
@@ -119,7 +119,7 @@ def cmd_route(args: argparse.Namespace) -> int:
         _note_upstream(state["routes"], client)
         fallback = state["fallbackRoute"]
         print(f"$fallback\t{'enabled' if fallback['isEnabled'] else 'disabled'}\t"
-              "FROM DeviceMessages (matching no route) INTO events")
+              "FROM DeviceMessages (matching no route) INTO events\tlocal")
     elif args.action == "delete":
         client.request("DELETE", path)
     elif args.action == "fallback":
@@ -200,7 +200,7 @@ def cmd_endpoint(args: argparse.Namespace) -> int:
     elif args.action == "list":
         for spec in client.request("GET", "/routing/endpoints"):
             where = spec.get("url") or spec.get("path")
-            print(f"{spec['name']}\t{spec['type']}\t{where}")
+            print(f"{spec['name']}\t{spec['type']}\t{where}\t{spec.get('owner', 'local')}")
     elif args.action == "show":
         _print(client.request("GET", f"/routing/endpoints/{args.name}"))
     elif args.action == "delete":
@@ -236,7 +236,8 @@ def cmd_enrichment(args: argparse.Namespace) -> int:
                               headers={"If-None-Match": "*"}))
     elif args.action == "list":
         for item in client.request("GET", "/routing/enrichments"):
-            print(f"{item['key']}\t{item['value']}\t{','.join(item['endpointNames'])}")
+            print(f"{item['key']}\t{item['value']}\t{','.join(item['endpointNames'])}\t"
+                  f"{item.get('owner', 'local')}")
     elif args.action == "delete":
         client.request("DELETE", f"/routing/enrichments/{args.key}")
     return 0

@@ -179,6 +179,10 @@ class RoutingService:
         # the upstream forwarder's status (gateway.upstream.service.Upstream.status), set by
         # the composition root once the forwarder exists
         self.upstream_status: Callable[[], Mapping[str, Any]] | None = None
+        # who owns a routing item (kind "route"|"endpoint"|"enrichment", name): a parent
+        # hub's configuration push (gateway.upstream.configpush), or None (local); set by
+        # the composition root
+        self.owner_of: Callable[[str, str], str | None] = lambda kind, name: None
 
     # -- start ---------------------------------------------------------------------------------
 

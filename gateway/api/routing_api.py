@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from gateway.endpoints.spec import endpoint_json
-from gateway.errors import InvalidRequestError
+from gateway.errors import ForbiddenError, InvalidRequestError
 from gateway.routingsvc import RoutingService, state_json
 
 if TYPE_CHECKING:
@@ -50,22 +50,41 @@ class _Handlers:
     def __init__(self, routing: RoutingService) -> None:
         self.r = routing
 
+    def _mark(self, kind: str, item: dict[str, Any]) -> dict[str, Any]:
+        """``"owner": "parent"`` on an item a parent hub's configuration push set here."""
+        name = item.get("key" if kind == "enrichment" else "name")
+        if isinstance(name, str) and self.r.owner_of(kind, name) is not None:
+            item["owner"] = "parent"
+        return item
+
+    def _local(self, kind: str, name: str) -> None:
+        """Refuse a local change to an item the parent owns, naming the owner."""
+        owner = self.r.owner_of(kind, name)
+        if owner is not None:
+            raise ForbiddenError(f"{kind} {name!r} belongs to {owner} (its configuration "
+                                 "push sets it); change it there")
+
     async def get_routing(self, request: web.Request) -> web.Response:
         """The whole routing state: routes, endpoints, enrichments, the fallback route."""
-        return _json(state_json(self.r.state))
+        doc = state_json(self.r.state)
+        for plural, kind in (("routes", "route"), ("endpoints", "endpoint"),
+                             ("enrichments", "enrichment")):
+            doc[plural] = [self._mark(kind, item) for item in doc[plural]]
+        return _json(doc)
 
     async def list_routes(self, request: web.Request) -> web.Response:
         """List routes, in order."""
-        return _json([r.to_json() for r in self.r.state.routes])
+        return _json([self._mark("route", r.to_json()) for r in self.r.state.routes])
 
     async def get_route(self, request: web.Request) -> web.Response:
         """Get one route."""
-        return _json(self.r.get_route(request.match_info["name"]).to_json())
+        return _json(self._mark("route", self.r.get_route(request.match_info["name"]).to_json()))
 
     async def put_route(self, request: web.Request) -> web.Response:
         """Create or replace a route (an object, or {"route": "FROM ... WHERE ... INTO ..."})."""
         doc = await _doc(request)
         name = request.match_info["name"]
+        self._local("route", name)
         created = self.r.state.route(name) is None
         route = await self.r.put_route(name, doc if isinstance(doc, str) else _object(doc),
                                        create_only=_create_only(request))
@@ -73,11 +92,13 @@ class _Handlers:
 
     async def patch_route(self, request: web.Request) -> web.Response:
         """Change some fields of a route (condition, endpointNames, isEnabled, priority, ...)."""
+        self._local("route", request.match_info["name"])
         route = await self.r.patch_route(request.match_info["name"], _object(await _doc(request)))
         return _json(route.to_json())
 
     async def delete_route(self, request: web.Request) -> web.Response:
         """Delete a route."""
+        self._local("route", request.match_info["name"])
         await self.r.delete_route(request.match_info["name"])
         return web.Response(status=204)
 
@@ -96,15 +117,18 @@ class _Handlers:
 
     async def list_endpoints(self, request: web.Request) -> web.Response:
         """List custom endpoints (secrets shown as ***)."""
-        return _json([endpoint_json(s) for s in self.r.state.endpoints.values()])
+        return _json([self._mark("endpoint", endpoint_json(s))
+                      for s in self.r.state.endpoints.values()])
 
     async def get_endpoint(self, request: web.Request) -> web.Response:
         """Get one custom endpoint (secrets shown as ***)."""
-        return _json(endpoint_json(self.r.get_endpoint(request.match_info["name"])))
+        return _json(self._mark("endpoint",
+                                endpoint_json(self.r.get_endpoint(request.match_info["name"]))))
 
     async def put_endpoint(self, request: web.Request) -> web.Response:
         """Create or replace a custom endpoint (type mqtt, http or file)."""
         name = request.match_info["name"]
+        self._local("endpoint", name)
         created = name not in self.r.state.endpoints
         spec = await self.r.put_endpoint(name, _object(await _doc(request)),
                                          create_only=_create_only(request))
@@ -112,6 +136,7 @@ class _Handlers:
 
     async def delete_endpoint(self, request: web.Request) -> web.Response:
         """Delete a custom endpoint no route or enrichment uses."""
+        self._local("endpoint", request.match_info["name"])
         await self.r.delete_endpoint(request.match_info["name"])
         return web.Response(status=204)
 
@@ -121,11 +146,12 @@ class _Handlers:
 
     async def list_enrichments(self, request: web.Request) -> web.Response:
         """List message enrichments."""
-        return _json([e.to_json() for e in self.r.state.enrichments])
+        return _json([self._mark("enrichment", e.to_json()) for e in self.r.state.enrichments])
 
     async def put_enrichment(self, request: web.Request) -> web.Response:
         """Create or replace an enrichment: {"value": ..., "endpointNames": [...]}."""
         key = request.match_info["key"]
+        self._local("enrichment", key)
         created = self.r.state.enrichment(key) is None
         item = await self.r.put_enrichment(key, _object(await _doc(request)),
                                            create_only=_create_only(request))
@@ -133,6 +159,7 @@ class _Handlers:
 
     async def delete_enrichment(self, request: web.Request) -> web.Response:
         """Delete an enrichment."""
+        self._local("enrichment", request.match_info["key"])
         await self.r.delete_enrichment(request.match_info["key"])
         return web.Response(status=204)
 

@@ -310,6 +310,31 @@ def up_state_topic(device_id: str, module_id: str | None, connected: bool,
     return _UP_STATE + encode_bag(pairs)
 
 
+_UP_LIFECYCLE: Final = UP_PREFIX + "lifecycle/?"
+
+
+@dataclass(frozen=True, slots=True)
+class UpLifecycle:
+    """An identity was created or deleted behind the child gateway (created there, not from
+    above); ``path``: the gateways below the child it came through (nearest it first)."""
+
+    device_id: str
+    module_id: str | None
+    created: bool
+    path: str | None
+
+
+def up_lifecycle_topic(device_id: str, module_id: str | None, created: bool,
+                       path: str | None) -> str:
+    pairs: list[tuple[str, str | None]] = [("d", device_id)]
+    if module_id is not None:
+        pairs.append(("m", module_id))
+    pairs.append(("op", "created" if created else "deleted"))
+    if path:
+        pairs.append(("path", path))
+    return _UP_LIFECYCLE + encode_bag(pairs)
+
+
 def up_resync_topic(via: tuple[str, ...]) -> str:
     return _UP_RESYNC + encode_bag([("via", ";".join(via))])
 
@@ -355,6 +380,7 @@ class Federation:
         self.send_settled: Callable[[str, str, str], Awaitable[None]] | None = None  # downlink
         self.ready_hooks: list[Callable[[str], None]] = []  # a child gateway's downlink is up
         self.send_state: Callable[[str, str | None, bool, str | None], None] | None = None
+        self.send_lifecycle: Callable[[str, str | None, bool, str | None], None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.is_self = is_self  # our own gateway identity (never a hop)
         self._scopes: dict[str, str] | None = None  # deviceScope -> edge device id
@@ -501,7 +527,8 @@ class Federation:
             self._pending.pop(key, None)
 
     def prepare_up(self, device: Device | None, module_id: str | None,
-                   topic: str) -> UpMethod | UpResync | UpReported | UpSettled | UpState:
+                   topic: str) -> (UpMethod | UpResync | UpReported | UpSettled | UpState
+                                   | UpLifecycle):
         """Only an edge device (not its modules) may answer downlink calls."""
         if device is None or module_id is not None or not device.iot_edge:
             raise ForbiddenError(f"topic not allowed: {topic!r}")
@@ -514,6 +541,12 @@ class Federation:
                 raise ForbiddenError(f"malformed topic {topic!r}")
             return UpState(str(params["d"]), params.get("m") or None, params.get("c") == "1",
                            params.get("path") or None)
+        if topic.startswith(_UP_LIFECYCLE):
+            params = dict(decode_bag(topic[len(_UP_LIFECYCLE):]))
+            if not params.get("d") or params.get("op") not in ("created", "deleted"):
+                raise ForbiddenError(f"malformed topic {topic!r}")
+            return UpLifecycle(str(params["d"]), params.get("m") or None,
+                               params.get("op") == "created", params.get("path") or None)
         if topic.startswith(_UP_SETTLED):
             params = dict(decode_bag(topic[len(_UP_SETTLED):]))
             if not params.get("d") or not params.get("mid"):
@@ -657,6 +690,25 @@ class Federation:
             log.warning("connection state from gateway %s for %s dropped: not in its scope",
                         client_id, up.device_id)
             return None
+        return f"{up.path};{client_id}" if up.path else client_id
+
+    # -- lifecycle of identities created behind gateways goes up ------------------------------
+
+    def lifecycle_changed(self, identity: Device | Module, created: bool,
+                          path: str | None) -> None:
+        """An identity here was created or deleted (``path``: it came from behind our child
+        gateways): tell our parent, unless it is the parent's own (pushed down from there) or
+        one registered from below without its stamp (authentication ``none``)."""
+        if self.send_lifecycle is None or not self.has_parent():
+            return
+        module_id = identity.module_id if isinstance(identity, Module) else None
+        if path is None and (identity.auth_type == "none"
+                             or self.is_mirrored(identity.device_id, module_id)):
+            return
+        self.send_lifecycle(identity.device_id, module_id, created, path)
+
+    def lifecycle_path(self, client_id: str, up: UpLifecycle) -> str:
+        """The gateway path to stamp on a lifecycle event from gateway ``client_id``."""
         return f"{up.path};{client_id}" if up.path else client_id
 
     def spawn(self, job: Awaitable[Any]) -> None:

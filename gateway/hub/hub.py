@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING, Any
 from gateway.errors import (
     AuthError,
     ForbiddenError,
+    GatewayError,
     MessageTooLargeError,
+    NotFoundError,
     QuotaExceededError,
     StoreError,
     StoreFullError,
@@ -165,6 +167,8 @@ class Hub:
         self.billed_messages = 0  # telemetry messages received (a pack of readings is one)
         self.federation: federated.Federation | None = None  # identities behind child gateways
         self.refusing: str | None = None  # why new telemetry is refused (a full upstream queue)
+        self._lifecycle_paths: dict[str, str] = {}  # device id -> gateway path to stamp
+        self._lifecycle_tail: asyncio.Future[None] | None = None  # lifecycles from below
         self._twin_readers = 0  # live readers of ``events`` that want twin-change events
         registry.add_listener(self._on_registry_change)
 
@@ -361,6 +365,9 @@ class Hub:
                 self.connection_state(prepared.device_id, prepared.module_id,
                                       prepared.connected, path)
             return None
+        if isinstance(prepared, federated.UpLifecycle):
+            assert self.federation is not None
+            return self._federated_lifecycle(conn.client_id, prepared)
         if isinstance(prepared, federated.UpSettled):
             assert self.federation is not None
             return self.federation.handle_settled(conn.client_id, prepared)
@@ -523,7 +530,65 @@ class Hub:
             hub_name=self.host_name, device_id=identity.device_id, module_id=module_id,
             created=change == "created", twin=twin, correlation_id=self._correlation_id(),
             now=self.clock())
+        path = self._lifecycle_paths.get(identity.device_id)
+        if path:
+            event[0][onbehalf.GATEWAY_PATH] = path
         self._append_event(self._record(LIFECYCLE, event, identity.device_id, module_id))
+        if self.federation is not None:  # our parent hears of it too
+            self.federation.lifecycle_changed(identity, change == "created", path)
+
+    def _federated_lifecycle(self, gateway_id: str,
+                             up: federated.UpLifecycle) -> asyncio.Future[None]:
+        """An identity was created or deleted behind child gateway ``gateway_id``; applied
+        in the order the gateway sent them (:meth:`_apply_lifecycle`), its PUBACK after."""
+        previous = self._lifecycle_tail
+
+        async def run() -> None:
+            if previous is not None:
+                with contextlib.suppress(Exception):
+                    await previous
+            await self._apply_lifecycle(gateway_id, up)
+
+        self._lifecycle_tail = task = asyncio.ensure_future(run())
+        return task
+
+    async def _apply_lifecycle(self, gateway_id: str, up: federated.UpLifecycle) -> None:
+        """Create the identity here as the gateway's child (authentication ``none``, as a
+        registration does) or delete the one registered from below, its lifecycle event
+        stamped with the gateway path. One that exists here with its own keys (ours, pushed
+        down) is left alone."""
+        assert self.federation is not None
+        gateway = self.registry.get_device(gateway_id)
+        if self.on_behalf is None or gateway is None or not gateway.device_scope:
+            return
+        path = self.federation.lifecycle_path(gateway_id, up)
+        log.debug("lifecycle from below: %s%s %s path=%s", up.device_id,
+                  f"/{up.module_id}" if up.module_id else "",
+                  "created" if up.created else "deleted", path)
+        self._lifecycle_paths[up.device_id] = path
+        try:
+            if up.created:
+                await self.on_behalf.register(self.on_behalf.prepare_register(
+                    gateway, onbehalf.register_topic(up.device_id, up.module_id)))
+                return
+            device = self.registry.get_device(up.device_id)
+            identity: Device | Module | None = device if up.module_id is None else \
+                self.registry.get_module(up.device_id, up.module_id)
+            if device is None or identity is None or identity.auth_type != "none" \
+                    or up.device_id == gateway_id \
+                    or not self.on_behalf.in_scope(gateway, up.device_id):
+                return
+            if up.module_id is None:
+                await self.registry.delete_device(up.device_id, if_match=None)
+            else:
+                await self.registry.delete_module(up.device_id, up.module_id, if_match=None)
+        except NotFoundError:
+            pass
+        except GatewayError as exc:
+            log.warning("lifecycle of %s from gateway %s not applied: %s", up.device_id,
+                        gateway_id, exc)
+        finally:
+            del self._lifecycle_paths[up.device_id]
 
     def file_uploaded(self, device_id: str, notification: Mapping[str, Any]) -> None:
         """Record a completed file upload (ref §11) in the log, as ``fileNotification``."""

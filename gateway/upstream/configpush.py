@@ -16,10 +16,12 @@ report what happened as the reported property ``routing``::
      "refused": [{"kind": "route", "name": ..., "reason": ...}]}
 
 Which wins: **the parent, for the names it lists.** A technician may add local routes,
-endpoints and enrichments under other names; they are never touched. A local change to an
-item the parent lists lasts until the parent's next desired change or our next connection,
-when the parent's version is applied again. Items the parent listed before and dropped are
-removed here (the names it set are kept in ``hub.db``).
+endpoints and enrichments under other names; they are never touched. An item the parent set
+here is the parent's (:meth:`ConfigPush.owner_of`): a local change to it (the service API,
+so ``gateway route|endpoint|enrichment``) is refused naming the owner, and ``GET /routing``
+marks it ``"owner": "parent"``. A local item under a name the parent then lists is replaced
+by the parent's and becomes the parent's. Items the parent listed before and dropped are
+removed here (the names it set are kept in ``hub.db``), and are local names again.
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from gateway.errors import GatewayError
 from gateway.routingsvc import RoutingService
 from gateway.store.db import Database, Migration
 from gateway.upstream.link import Session
+from gateway.upstream.modulepush import MODULES_KEY, ModulePush, apply_patch
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +53,33 @@ _KINDS: Final = (("endpoints", "endpoint", "name"), ("routes", "route", "name"),
 
 
 class ConfigPush:
-    def __init__(self, routing: RoutingService, db: Database) -> None:
+    def __init__(self, routing: RoutingService, db: Database,
+                 modules: ModulePush | None = None) -> None:
         self.routing = routing
+        self.modules = modules  # ``modules`` in the same document (gateway.upstream.modulepush)
         self.db = db
         self.desired: dict[str, Any] = {}
         self.owned: dict[str, list[str]] = {}  # kind -> names the parent set here
         self.last: dict[str, Any] | None = None  # the last report
+        self.owner = "the parent hub"  # who set them (the downlink names the parent)
         self._rid = 0
 
     async def open(self) -> None:
         await self.db.migrate(MIGRATION)
 
-        def load(conn: sqlite3.Connection) -> str | None:
-            row = conn.execute("SELECT doc FROM federation_config WHERE key = 'owned'").fetchone()
-            return str(row[0]) if row else None
+        def load(conn: sqlite3.Connection) -> dict[str, str]:
+            return {str(k): str(v) for k, v in conn.execute(
+                "SELECT key, doc FROM federation_config WHERE key IN ('owned', 'owner')")}
 
-        text = await self.db.run(load)
-        self.owned = json.loads(text) if text else {}
+        rows = await self.db.run(load)
+        self.owned = json.loads(rows["owned"]) if "owned" in rows else {}
+        self.owner = json.loads(rows["owner"]) if "owner" in rows else self.owner
+
+    def owner_of(self, kind: str, name: str) -> str | None:
+        """Who owns routing item ``name`` of ``kind`` (route, endpoint, enrichment): the
+        parent's name if its configuration push set it here, else None (local)."""
+        plural = {k: p for p, k, _ in _KINDS}.get(kind)
+        return self.owner if plural and name in self.owned.get(plural, ()) else None
 
     def attach(self, session: Session) -> None:
         session.link.subscribe(*TWIN_FILTERS).add_done_callback(_ignore)
@@ -89,25 +102,30 @@ class ConfigPush:
                 self.desired = dict(desired)
                 await self._apply(session, force=True)
             return
-        if isinstance(doc, dict):  # a desired patch: merged (only the top level matters here)
-            for key, value in doc.items():
-                if value is None:
-                    self.desired.pop(key, None)
-                else:
-                    self.desired[key] = value
-            if KEY in doc or "$version" in doc:
-                await self._apply(session, force=KEY in doc)
+        if isinstance(doc, dict):  # a desired patch: merged as the twin merges it
+            self.desired = apply_patch(self.desired, doc)
+            if KEY in doc or MODULES_KEY in doc:
+                await self._apply(session, force=True,
+                                  keys=[k for k in (KEY, MODULES_KEY) if k in doc])
 
-    async def _apply(self, session: Session, *, force: bool) -> None:
+    async def _apply(self, session: Session, *, force: bool,
+                     keys: Sequence[str] = (KEY, MODULES_KEY)) -> None:
         if not force:
             return
+        reports: dict[str, Any] = {}
         wanted = self.desired.get(KEY)
-        if wanted is None and not any(self.owned.values()):
+        if KEY in keys and (wanted is not None or any(self.owned.values())):
+            reports[KEY] = await self.apply(wanted if isinstance(wanted, Mapping) else {},
+                                            version=self.desired.get("$version"))
+        modules = self.desired.get(MODULES_KEY)
+        if self.modules is not None and MODULES_KEY in keys and (
+                modules is not None or self.modules.owned):
+            reports[MODULES_KEY] = await self.modules.apply(
+                modules if modules is not None else {}, version=self.desired.get("$version"))
+        if not reports:
             return
-        report = await self.apply(wanted if isinstance(wanted, Mapping) else {},
-                                  version=self.desired.get("$version"))
         self._rid += 1
-        body = json.dumps({KEY: report}, separators=(",", ":")).encode()
+        body = json.dumps(reports, separators=(",", ":")).encode()
         session.send(f"$iothub/twin/PATCH/properties/reported/?$rid=cfg{self._rid}",
                      body).add_done_callback(_ignore)
 
@@ -159,9 +177,10 @@ class ConfigPush:
                                     "reason": f"could not remove: {exc}"})
                     owned[plural].append(name)
         self.owned = owned
-        text = json.dumps(owned)
-        await self.db.run(lambda conn: conn.execute(
-            "INSERT OR REPLACE INTO federation_config VALUES ('owned', ?)", (text,)))
+        text, owner = json.dumps(owned), json.dumps(self.owner)
+        await self.db.run(lambda conn: conn.executemany(
+            "INSERT OR REPLACE INTO federation_config VALUES (?, ?)",
+            (("owned", text), ("owner", owner))))
         self.last = {"desiredVersion": version, "applied": applied, "refused": refused}
         log.info("configuration from the parent applied: %s; refused: %s", applied,
                  [f"{r['kind']} {r['name']}: {r['reason']}" for r in refused] or "none")

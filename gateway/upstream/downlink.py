@@ -38,6 +38,7 @@ from gateway.hub.federated import (
     parse_down_identity,
     parse_down_twin,
     status_of,
+    up_lifecycle_topic,
     up_method_topic,
     up_reported_topic,
     up_resync_topic,
@@ -79,11 +80,15 @@ class Downlink:
             if reported is not None:
                 federation.send_reported = reported.add
             if identities is not None:
-                federation.is_mirrored = lambda d, m: (d, m) in identities.owned
+                federation.is_mirrored = lambda d, m: (d, m) in identities.owned \
+                    or d in identities.applying
             if c2d is not None:
                 federation.send_settled = c2d.completed
             federation.send_state = self._state
+            federation.send_lifecycle = self._lifecycle
         self._states: dict[tuple[str, str | None], tuple[bool, str | None]] = {}
+        # lifecycle changes not yet acknowledged by the parent (the latest per identity)
+        self._lifecycles: dict[tuple[str, str | None], tuple[bool, str | None]] = {}
         self._upstream_id = ""
         self.local_gateway = local_gateway
         self.max_calls = max_calls
@@ -104,7 +109,10 @@ class Downlink:
         self._ordered = asyncio.Queue(10_000)  # a fresh one per connection
         for (device_id, module_id), (connected, path) in self._states.items():
             self._send_state(session, device_id, module_id, connected, path)
+        for (device_id, module_id), (created, path) in list(self._lifecycles.items()):
+            self._send_lifecycle(session, device_id, module_id, created, path)
         if self.config is not None:
+            self.config.owner = owner
             self.config.attach(session)
         jobs = [self._apply_ordered(upstream_id), self._refresh(session)]
         if self.c2d is not None:
@@ -232,6 +240,32 @@ class Downlink:
         device = self._upstream_id if device_id == self.local_gateway else device_id
         session.send(up_state_topic(device, module_id, connected, path),
                      b"").add_done_callback(_ignore)
+
+    def _lifecycle(self, device_id: str, module_id: str | None, created: bool,
+                   path: str | None) -> None:
+        """An identity here (or behind us: ``path``) was created or deleted: sent now if
+        linked, else on the next connection; kept until the parent acknowledges it."""
+        if device_id == self.local_gateway and module_id is None:
+            return  # ourselves: our own identity lives at the parent
+        self._lifecycles[(device_id, module_id)] = (created, path)
+        log.debug("lifecycle up: %s%s %s", device_id, f"/{module_id}" if module_id else "",
+                  "created" if created else "deleted")
+        session = self.session
+        if session is not None and not session.lost.done():
+            self._send_lifecycle(session, device_id, module_id, created, path)
+
+    def _send_lifecycle(self, session: Session, device_id: str, module_id: str | None,
+                        created: bool, path: str | None) -> None:
+        device = self._upstream_id if device_id == self.local_gateway else device_id
+        key, sent = (device_id, module_id), (created, path)
+
+        def acked(done: asyncio.Future[Any]) -> None:
+            if not done.cancelled() and done.exception() is None \
+                    and self._lifecycles.get(key) == sent:
+                del self._lifecycles[key]
+
+        session.send(up_lifecycle_topic(device, module_id, created, path),
+                     b"").add_done_callback(acked)
 
     def _child_ready(self, path: str) -> None:
         """A child gateway's downlink is back here: ask our parent to resend what it owns

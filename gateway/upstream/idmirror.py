@@ -53,6 +53,7 @@ class IdentityMirror:
         self.db = db
         self.local_gateway = local_gateway
         self.owned: set[Key] = set()
+        self.applying: set[str] = set()  # device ids being changed from above right now
         self.applied = 0
 
     async def open(self) -> None:
@@ -81,6 +82,7 @@ class IdentityMirror:
         """One identity message; errors are logged (one bad identity stops nothing else)."""
         try:
             message = json.loads(payload)
+            self.applying = _target(message, upstream_id, self.local_gateway)
             if op == "put" and "device" in message:
                 await self._put_device(message["device"], message.get("parent"), upstream_id)
             elif op == "put" and "module" in message:
@@ -95,6 +97,8 @@ class IdentityMirror:
             self.applied += 1
         except (GatewayError, ValueError, KeyError, TypeError) as exc:
             log.warning("identity from the parent not applied (%s): %s", op, exc)
+        finally:
+            self.applying = set()
 
     async def _put_device(self, body: Mapping[str, Any], parent: str | None,
                           upstream_id: str) -> None:
@@ -170,3 +174,14 @@ def _same(current: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
             and bool(current["capabilities"].get("iotEdge"))
             == bool(new["capabilities"].get("iotEdge"))
             and list(current.get("parentScopes") or []) == list(new.get("parentScopes") or []))
+
+
+def _target(message: Any, upstream_id: str, local_gateway: str) -> set[str]:
+    """The device id an identity message changes (its changes here are the parent's)."""
+    if not isinstance(message, dict):
+        return set()
+    body = message.get("device") or message.get("module") or message
+    device_id = body.get("deviceId") if isinstance(body, dict) else None
+    if not isinstance(device_id, str):
+        return set()
+    return {local_gateway if device_id == upstream_id else device_id}

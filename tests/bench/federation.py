@@ -2,7 +2,7 @@
 """Federation overhead: direct-method round trip through 0, 1 and 2 gateways, and the time
 for a desired patch at the top to reach a device at the leaf.
 
-Three hubs on loopback (leaf -> site -> top, 127.0.23.1-3, tests/federation/hierarchy.py).
+Three hubs on loopback (leaf -> site -> top, $FED_NET.1-3, default 127.0.23, tests/federation/hierarchy.py).
 A device (the hub's own codec, answering at once) is connected at the top, at the site and at
 the leaf; ``--calls`` sequential invocations through the top's service API each. Printed:
 p50/p99 per depth and the per-hop overhead (p50 difference), then p50/p99 of ``--patches``

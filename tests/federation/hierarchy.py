@@ -1,13 +1,15 @@
-"""Three hubs on loopback for federation tests: leaf -> site -> top (127.0.23.0/24).
+"""Three hubs on loopback for federation tests: leaf -> site -> top (``$FED_NET``.0/24,
+default 127.0.23.0/24, so that two runs on one machine can use different networks).
 
 The leaf's MQTT TLS port is 8883 on its own address, so an unmodified Azure SDK device (which
-always dials 8883) reaches it with ``GatewayHostName=127.0.23.3``; top and site keep fixed
+always dials 8883) reaches it with ``GatewayHostName=$FED_NET.3``; top and site keep fixed
 ports picked at start so that a restart comes back where the child dials.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,7 +19,8 @@ from typing import Any
 from tests.hubproc import HubProcess, create_device
 from tests.upstream.federation import free_port
 
-TOP, SITE, LEAF = "127.0.23.1", "127.0.23.2", "127.0.23.3"
+NET = os.environ.get("FED_NET", "127.0.23")
+TOP, SITE, LEAF = f"{NET}.1", f"{NET}.2", f"{NET}.3"
 UPSTREAM = ("[upstream]\nreconnect_min = 0.05\nreconnect_max = 0.5\nkeepalive = 5\n"
             "ack_timeout = 5.0\nstatus_interval = 1.0\n")
 
@@ -36,7 +39,7 @@ class Hierarchy:
             hub.stop()
 
 
-TOP_PROXY, SITE_PROXY = "127.0.23.4", "127.0.23.5"  # fault proxies in front of top and site
+TOP_PROXY, SITE_PROXY = f"{NET}.4", f"{NET}.5"  # fault proxies in front of top and site
 
 
 def _hub(tmp: Path, name: str, address: str, port: int, extra: str = "",
@@ -46,15 +49,17 @@ def _hub(tmp: Path, name: str, address: str, port: int, extra: str = "",
                       hub_config=f'addresses = ["{alias}"]\n' if alias else "")
 
 
-def start(tmp: Path, dial: Callable[[str, int], tuple[str, int]] | None = None) -> Hierarchy:
+def start(tmp: Path, dial: Callable[[str, int], tuple[str, int]] | None = None,
+          leaf_extra: str = "") -> Hierarchy:
     """Start the three hubs and link them: ``site`` (--edge) and ``leaf`` (--edge --parent
     site) at the top, ``leaf`` (--edge) at the site; the leaf's and the site's upstream set.
     ``dial(parent address, port)``: where the child dials instead (a fault proxy; the
-    certificates of top and site also name TOP_PROXY and SITE_PROXY)."""
+    certificates of top and site also name TOP_PROXY and SITE_PROXY). ``leaf_extra``: more
+    of the leaf's gateway.toml (sections with their headers)."""
     top = _hub(tmp, "top", TOP, free_port(TOP), alias=TOP_PROXY if dial else "").start()
     site = _hub(tmp, "site", SITE, free_port(SITE), UPSTREAM,
                 alias=SITE_PROXY if dial else "").start()
-    leaf = _hub(tmp, "leaf", LEAF, 8883, UPSTREAM).start()
+    leaf = _hub(tmp, "leaf", LEAF, 8883, UPSTREAM + leaf_extra).start()
     h = Hierarchy(top, site, leaf)
     try:
         create_device(top, "site", "--edge")

@@ -1,7 +1,9 @@
 """Configuration from the top: routing written in the leaf gateway's desired properties at
 the top reaches the leaf (through the site, as a mirrored twin), is applied live, and what was
 applied and refused comes back as the leaf's reported property at the top; the parent wins
-for the names it lists, local items under other names stay."""
+for the names it lists, local items under other names stay. At the leaf the parent's items are
+marked (``"owner": "parent"``, the CLI lists' last column) and a local change to one is
+refused naming the owner, until the parent stops listing it."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.hubclient import HubClient
-from tests.federation.hierarchy import Hierarchy, wait
+from tests.federation.hierarchy import NET, Hierarchy, start, wait
 
 
 def _routing(hub: Any) -> dict[str, Any]:
@@ -49,9 +51,81 @@ def test_routing_pushed_from_the_top(hierarchy: Hierarchy, tmp_path: Path) -> No
     [refused] = report["refused"]
     assert refused["kind"] == "route" and refused["name"] == "broken"
     assert "nosuch" in refused["reason"]
+    # parent-owned items are marked, and a local change to one is refused naming the owner
+    doc = _routing(h.leaf)
+    owners = {r["name"]: r.get("owner") for r in doc["routes"]}
+    assert owners == {"mine": None, "toArchive": "parent"}, owners
+    assert [e.get("owner") for e in doc["endpoints"] if e["name"] == "archive"] == ["parent"]
+    listed = [line.split("\t") for line in h.leaf.cli("route", "list").stdout.splitlines()]
+    assert {row[0]: row[3] for row in listed} == \
+        {"mine": "local", "toArchive": "parent", "$fallback": "local"}
+    assert h.leaf.cli("endpoint", "list").stdout.split("\n")[0].endswith("\tparent")
+    assert json.loads(h.leaf.cli("route", "show", "toArchive").stdout)["owner"] == "parent"
+    for args in (("route", "update", "toArchive", "--condition", "false"),
+                 ("route", "delete", "toArchive"), ("endpoint", "delete", "archive")):
+        out = h.leaf.cli(*args, check=False)
+        assert out.returncode != 0, args
+        assert "belongs to the parent hub site.local" in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert [r for r in _routing(h.leaf)["routes"] if r["name"] == "toArchive"][0][
+        "condition"] == "true"  # nothing changed
+    h.leaf.cli("route", "update", "mine", "--condition", "false")  # local ones stay changeable
     # the parent drops its route: removed at the leaf; the technician's stays
     routing["routes"] = []
     h.top.cli("twin", "update", "leaf", "--desired", json.dumps({"routing": routing}))
     wait(lambda: "toArchive" not in _names(_routing(h.leaf), "routes"), 15, "route removed")
     assert "mine" in _names(_routing(h.leaf), "routes")
     assert "archive" in _names(_routing(h.leaf), "endpoints")
+    # what the parent no longer lists is no longer its own: local again
+    routing["endpoints"] = []
+    h.top.cli("twin", "update", "leaf", "--desired", json.dumps({"routing": routing}))
+    wait(lambda: "archive" not in _names(_routing(h.leaf), "endpoints"), 15, "endpoint removed")
+    h.leaf.cli("endpoint", "create", "archive", "--type", "file", "--path", archive)
+    assert [e.get("owner") for e in _routing(h.leaf)["endpoints"]] == [None]
+
+
+def _module_twin(hub: Any, module: str) -> dict[str, Any]:
+    return json.loads(hub.cli("twin", "show", "leaf.local", "--module", module).stdout)  # type: ignore[no-any-return]
+
+
+def test_modules_pushed_from_the_top(tmp_path: Path) -> None:
+    """``modules`` in the leaf gateway's desired properties at the top: a declared bridge
+    (a real Modbus bridge process at the leaf) gets the document as its desired properties
+    and runs it; an unknown module is refused with the reason; a key the parent drops goes."""
+    h = start(tmp_path, leaf_extra='[modules.modbus]\nbridge = "modbus"\nstatus_interval = 1.0\n')
+    try:
+        plc = {"tcp": {"host": f"{NET}.9", "port": 5020}, "timeout": 0.5}
+        modules = {"modbus": {"buses": {"plc": plc, "spare": plc}, "devices": {}},
+                   "ghost": {"x": 1}}
+        h.top.cli("twin", "update", "leaf", "--desired", json.dumps({"modules": modules}))
+
+        def report() -> dict[str, Any] | None:
+            twin = json.loads(h.top.cli("twin", "show", "leaf").stdout)
+            return twin["properties"]["reported"].get("modules")  # type: ignore[no-any-return]
+
+        got = wait(lambda: (r := report()) and r.get("applied") and r, 30, "the report at the top")
+        assert got["applied"] == ["modbus"]
+        [refused] = got["refused"]
+        assert refused["name"] == "ghost" and "no module 'ghost'" in refused["reason"]
+        desired = _module_twin(h.leaf, "modbus")["properties"]["desired"]
+        assert desired["buses"] == {"plc": plc, "spare": plc}
+
+        def running(buses: set[str]) -> bool:
+            twin = _module_twin(h.leaf, "modbus")
+            config = twin["properties"]["reported"].get("config") or {}
+            status_ = twin["properties"]["reported"].get("status") or {}
+            return bool(config.get("applied")) and \
+                config.get("version") == twin["properties"]["desired"]["$version"] and \
+                set((status_.get("buses") or {})) == buses
+
+        wait(lambda: running({"plc", "spare"}), 30, "the bridge running the pushed document")
+        # the parent drops a bus and the unknown module (a twin patch: null removes a key):
+        # the bus goes at the leaf, live
+        h.top.cli("twin", "update", "leaf", "--desired", json.dumps({"modules": {
+            "modbus": {"buses": {"spare": None}}, "ghost": None}}))
+        wait(lambda: running({"plc"}), 30, "the bridge running without the dropped bus")
+        assert "spare" not in _module_twin(h.leaf, "modbus")["properties"]["desired"]["buses"]
+        wait(lambda: (r := report()) and r["refused"] == [] and r, 20,
+             f"the new report ({report()})")
+    finally:
+        h.stop()
