@@ -131,15 +131,20 @@ class MqttLink:
         if len(self._pending) >= 65535:
             future.set_exception(self.error("no free packet id"))
             return future
+        pid = self._take_packet_id()
+        self._pending[pid] = (future, time.monotonic(), None, None)
+        self.write(encode(packet(pid)))
+        return future
+
+    def _take_packet_id(self) -> int:
+        """The next packet id not awaiting its acknowledgement (the caller checked that one is
+        free: fewer than 65535 pending)."""
         pid = self._next_id
         while True:
             pid = pid % 65535 + 1
             if pid not in self._pending:
-                break
-        self._next_id = pid
-        self._pending[pid] = (future, time.monotonic(), None, None)
-        self.write(encode(packet(pid)))
-        return future
+                self._next_id = pid
+                return pid
 
     def send_qos0(self, topic: str, payload: bytes) -> bool:
         """QoS 0: handed to the socket in this loop turn; False if the link is already lost."""
@@ -155,12 +160,7 @@ class MqttLink:
         :attr:`lost`). False if the link is gone or every packet id is in use."""
         if self.lost.done() or len(self._pending) >= 65535:
             return False
-        pid = self._next_id
-        while True:
-            pid = pid % 65535 + 1
-            if pid not in self._pending:
-                break
-        self._next_id = pid
+        pid = self._take_packet_id()
         self._pending[pid] = (None, time.monotonic(), on_ack, token)
         raw = topic.encode()
         if len(raw) > 65535:  # let the codec refuse it with its own error
