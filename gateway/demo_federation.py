@@ -18,10 +18,22 @@ from pathlib import Path
 from gateway import app
 from gateway.config import AmqpConfig, ApiConfig, HubConfig, MqttConfig, load_config
 from gateway.hub.connstr import ConnectionString
+from gateway.hub.identities import Device
 from gateway.upstream.settings import from_connection_string
 
 TOP_NAME = "corp-hub"
 DEVICE = "pump-3-vibration"
+
+
+async def edge_identity(parent: app.Gateway, device_id: str) -> Device:
+    """``device_id`` at ``parent`` as an edge device (the identity a child hub links up
+    with), created if it is not there yet."""
+    device = parent.registry.get_device(device_id)
+    if device is None:
+        device, _ = await parent.registry.put_device(
+            {"deviceId": device_id, "capabilities": {"iotEdge": True}}, device_id=device_id,
+            if_match=None)
+    return device
 
 
 async def run_top(data_dir: Path, site: app.Gateway, leaf: app.Gateway) -> None:
@@ -39,11 +51,7 @@ async def run_top(data_dir: Path, site: app.Gateway, leaf: app.Gateway) -> None:
         top = await ready
         try:
             site_id = str(site.runtime["device_id"])
-            device = top.registry.get_device(site_id)
-            if device is None:
-                device, _ = await top.registry.put_device(
-                    {"deviceId": site_id, "capabilities": {"iotEdge": True}},
-                    device_id=site_id, if_match=None)
+            device = await edge_identity(top, site_id)
             assert device.primary_key and site.upstream is not None
             cs = ConnectionString(host_name=TOP_NAME, device_id=site_id,
                                   shared_access_key=device.primary_key)

@@ -18,7 +18,7 @@ from pathlib import Path
 from gateway import app
 from gateway.api.events import entry_json
 from gateway.config import ApiConfig, HubConfig, MqttConfig, load_config
-from gateway.demo_federation import run_top
+from gateway.demo_federation import edge_identity, run_top
 from gateway.hub.connstr import ConnectionString
 from gateway.upstream.settings import from_connection_string
 
@@ -87,11 +87,7 @@ async def run_parent(data_dir: Path, child: app.Gateway, *, cut_every: float = 6
         parent = await ready
         try:
             gw_id = str(child.runtime["device_id"])
-            device = parent.registry.get_device(gw_id)
-            if device is None:
-                device, _ = await parent.registry.put_device(
-                    {"deviceId": gw_id, "capabilities": {"iotEdge": True}}, device_id=gw_id,
-                    if_match=None)
+            device = await edge_identity(parent, gw_id)
             relay = CuttableRelay(("127.0.0.1", int(str(parent.runtime["mqtt_tls_port"]))))
             await relay.start()
             assert device.primary_key and child.upstream is not None
