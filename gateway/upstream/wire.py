@@ -16,7 +16,7 @@ left out: the parent derives it). :class:`Encoder` caches that rest per stored p
 from __future__ import annotations
 
 import json
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from gateway.hub import onbehalf
 from gateway.hub.propbag import encode_bag, encode_component
@@ -86,24 +86,32 @@ def encode(entry: Entry, origin: Origin, *, epoch: str, stamp: bool,
     """(topic, payload) of ``entry`` with every property in one bag (the slow, general form:
     towards Azure, or when ``stamp`` puts the dedupe stamp anywhere in the bag)."""
     data = json.loads(entry.props)
+    mid = data.get("system", {}).get("message-id") or f"{epoch}-{entry.seq}"
+    pairs = [("$.mid", mid), *_pairs(data, epoch if stamp else None, route, entry.seq)]
+    return base_topic(origin) + encode_bag(pairs), entry.body
+
+
+def _pairs(data: dict[str, Any], epoch: str | None, route: str,
+           seq: int | None = None) -> list[tuple[str, str | None]]:
+    """The bag of a stored message's properties but its message id: the system properties
+    on the wire, then (``epoch`` given: towards a parent of ours) the stamp's epoch, ``seq``
+    when it goes here rather than in front, route and gateway path, then the application
+    properties."""
     system: dict[str, str] = data.get("system", {})
-    pairs: list[tuple[str, str | None]] = []
-    mid = system.get("message-id") or f"{epoch}-{entry.seq}"
-    pairs.append(("$.mid", mid))
-    for name, key in _WIRE.items():
-        value = system.get(name)
-        if value is not None and name != "message-id":
-            pairs.append((key, value))
-    if stamp:
+    pairs: list[tuple[str, str | None]] = [
+        (key, system[name]) for name, key in _WIRE.items()
+        if name != "message-id" and system.get(name) is not None]
+    if epoch is not None:
         pairs.append((onbehalf.EPOCH_KEY, epoch))
-        pairs.append((onbehalf.SEQ_KEY, str(entry.seq)))
+        if seq is not None:
+            pairs.append((onbehalf.SEQ_KEY, str(seq)))
         if route != DEFAULT_ROUTE:
             pairs.append((onbehalf.ROUTE_KEY, route))
         path = system.get(onbehalf.GATEWAY_PATH)
         if path:
             pairs.append((onbehalf.PATH_KEY, path))
     pairs.extend(data.get("application", {}).items())
-    return base_topic(origin) + encode_bag(pairs), entry.body
+    return pairs
 
 
 class Encoder:
@@ -133,20 +141,8 @@ class Encoder:
         if rest is not None:
             return head + rest
         data = json.loads(entry.props)
-        system: dict[str, str] = data.get("system", {})
-        pairs: list[tuple[str, str | None]] = []
-        own = system.get("message-id")
-        for name, wire_key in _WIRE.items():
-            value = system.get(name)
-            if value is not None and name != "message-id":
-                pairs.append((wire_key, value))
-        pairs.append((onbehalf.EPOCH_KEY, self.epoch))
-        if route != DEFAULT_ROUTE:
-            pairs.append((onbehalf.ROUTE_KEY, route))
-        path = system.get(onbehalf.GATEWAY_PATH)
-        if path:
-            pairs.append((onbehalf.PATH_KEY, path))
-        pairs.extend(data.get("application", {}).items())
+        own = data.get("system", {}).get("message-id")
+        pairs = _pairs(data, self.epoch, route)
         tail = encode_bag(pairs)
         if own:  # a message id of the device's own: per message, so in front and not cached
             return head + "$.mid=" + encode_component(own) + "&" + tail
