@@ -4,7 +4,6 @@ manner of ``az iot dps enrollment-group``."""
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 
