@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from pathlib import Path
 from typing import Any
 
 from tests.hubproc import HubProcess, create_device
+from tests.upstream.load import Device, run_device
 
 PARENT_ADDRESS = "127.0.6.1"
 CHILD_ADDRESS = "127.0.6.2"
@@ -50,3 +52,25 @@ def parent_events(parent: HubProcess, timeout: float = 2.0) -> list[dict[str, An
     out = parent.cli("monitor-events", "--from-beginning", "--timeout", str(timeout),
                      "--json").stdout
     return [json.loads(line)["event"] for line in out.splitlines() if line.strip()]
+
+
+def send_from(child: HubProcess, devices: list[Device], count: int, **kw: Any) -> None:
+    """``count`` QoS 1 messages from each of ``devices`` into ``child``, acknowledged."""
+    async def go() -> None:
+        stop = asyncio.Event()
+        await asyncio.wait_for(asyncio.gather(*(
+            run_device(d, child.host_name, CHILD_ADDRESS, lambda: child.port("mqtt_local_port"),
+                       stop, count=count, **kw) for d in devices)), 120)
+    asyncio.run(go())
+
+
+def telemetry_by_origin(parent: HubProcess) -> dict[str, list[int]]:
+    """The sequence numbers of the telemetry at ``parent``, per origin (``device/module``), in
+    the order the built-in endpoint holds them."""
+    out: dict[str, list[int]] = {}
+    for e in parent_events(parent):
+        if e["annotations"].get("iothub-message-source") != "Telemetry":
+            continue
+        origin = e["origin"] + (f"/{e['module']}" if e["module"] else "")
+        out.setdefault(origin, []).append(e["payload"]["n"])
+    return out

@@ -12,14 +12,15 @@ from collections import Counter
 
 from tests.hubproc import HubProcess, create_device
 from tests.upstream.federation import (
-    CHILD_ADDRESS,
     child_hub,
     link,
     parent_events,
     parent_hub,
+    send_from,
     status,
+    telemetry_by_origin,
 )
-from tests.upstream.load import Device, run_device
+from tests.upstream.load import Device
 from tests.waiting import eventually
 
 
@@ -28,26 +29,6 @@ def _devices(child: HubProcess, n: int, prefix: str = "dev") -> list[Device]:
     for i in range(n):
         info = create_device(child, f"{prefix}{i}")
         out.append(Device(info["deviceId"], info["authentication"]["symmetricKey"]["primaryKey"]))
-    return out
-
-
-def _load(child: HubProcess, devices: list[Device], count: int, **kw: object) -> None:
-    async def go() -> None:
-        stop = asyncio.Event()
-        await asyncio.wait_for(asyncio.gather(*(
-            run_device(d, child.host_name, CHILD_ADDRESS, lambda: child.port("mqtt_local_port"),
-                       stop, count=count, **kw)  # type: ignore[arg-type]
-            for d in devices)), 120)
-    asyncio.run(go())
-
-
-def _telemetry_by_origin(parent: HubProcess) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    for e in parent_events(parent):
-        if e["annotations"].get("iothub-message-source") != "Telemetry":
-            continue
-        origin = e["origin"] + (f"/{e['module']}" if e["module"] else "")
-        out.setdefault(origin, []).append(e["payload"]["n"])
     return out
 
 
@@ -61,17 +42,17 @@ def test_forward_devices_and_modules_with_origin(tmp_path) -> None:  # type: ign
         module = json.loads(child.cli("module", "create", "child.local", "sensor").stdout)
         devices.append(Device("child.local", module["authentication"]["symmetricKey"]["primaryKey"],
                               module_id="sensor"))
-        _load(child, devices, 200)
+        send_from(child, devices, 200)
         expected = {d.client_id.replace("child.local", "child-gw"): list(range(1, 201))
                     for d in devices}
 
         def arrived() -> bool:
-            got = _telemetry_by_origin(parent)
+            got = telemetry_by_origin(parent)
             return all(len(got.get(k, [])) >= 200 for k in expected)
 
         asyncio.run(eventually(arrived, 60, "all messages at the parent", interval=0.5,
                                blocking=True))
-        got = _telemetry_by_origin(parent)
+        got = telemetry_by_origin(parent)
         assert got == expected  # each exactly once, in per-device order
         events = [e for e in parent_events(parent)
                   if e["annotations"].get("iothub-message-source") == "Telemetry"]
@@ -116,14 +97,14 @@ def test_the_gateways_own_telemetry_goes_up_stamped_and_deduplicated(tmp_path) -
         link(parent, child)
         info = create_device(child, "child.local")
         own = Device("child.local", info["authentication"]["symmetricKey"]["primaryKey"])
-        _load(child, [own], 100)
+        send_from(child, [own], 100)
 
         def arrived() -> bool:
-            return len(_telemetry_by_origin(parent).get("child-gw", [])) >= 100
+            return len(telemetry_by_origin(parent).get("child-gw", [])) >= 100
 
         asyncio.run(eventually(arrived, 60, "the gateway's own messages at the parent",
                                interval=0.5, blocking=True))
-        assert _telemetry_by_origin(parent) == {"child-gw": list(range(1, 101))}
+        assert telemetry_by_origin(parent) == {"child-gw": list(range(1, 101))}
         events = [e for e in parent_events(parent)
                   if e["annotations"].get("iothub-message-source") == "Telemetry"]
         assert all(e["annotations"]["iothub-gateway-path"] == "child-gw" for e in events)
@@ -143,7 +124,7 @@ def test_backlog_built_offline_drains_and_survives_child_restart(tmp_path) -> No
         port = parent.port("mqtt_tls_port")
         parent.stop()  # link down
         devices = _devices(child, 4)
-        _load(child, devices, 300)
+        send_from(child, devices, 300)
         s = status(child)
         assert s["backlog"] == 1200 and s["state"] in ("connecting", "disconnected")
         assert s["lastError"]
@@ -157,7 +138,7 @@ def test_backlog_built_offline_drains_and_survives_child_restart(tmp_path) -> No
         while time.monotonic() < deadline and status(child)["backlog"]:
             time.sleep(0.3)
         assert status(child)["backlog"] == 0
-        got = _telemetry_by_origin(parent)
+        got = telemetry_by_origin(parent)
         assert {k: Counter(v) for k, v in got.items()} == {
             d.device_id: Counter(range(1, 301)) for d in devices}
         assert all(v == sorted(v) for v in got.values())
@@ -176,7 +157,7 @@ def test_bandwidth_cap_paces_the_drain(tmp_path) -> None:  # type: ignore[no-unt
         port = parent.port("mqtt_tls_port")
         parent.stop()
         devices = _devices(child, 3)
-        _load(child, devices, 100, body_bytes=1000)
+        send_from(child, devices, 100, body_bytes=1000)
         backlog_bytes = status(child)["backlogBytes"]
         assert backlog_bytes > 300_000
         parent.config_file.write_text(parent.config_file.read_text().replace(
@@ -189,7 +170,7 @@ def test_bandwidth_cap_paces_the_drain(tmp_path) -> None:  # type: ignore[no-unt
         assert status(child)["backlog"] == 0
         # 50 KB/s after a one-second burst: at least (bytes - 50 KB) / 50 KB/s
         assert took >= (backlog_bytes - 50_000) / 50_000 * 0.9, took
-        got = _telemetry_by_origin(parent)
+        got = telemetry_by_origin(parent)
         assert {k: sorted(v) for k, v in got.items()} == {
             d.device_id: list(range(1, 101)) for d in devices}
     finally:

@@ -9,18 +9,18 @@ import asyncio
 import re
 
 from gateway.hub.quota import DailyQuota, next_midnight, units
-from tests.hubproc import HubProcess, create_device
+from tests.hubproc import create_device
 from tests.upstream.federation import (
-    CHILD_ADDRESS,
     PARENT_ADDRESS,
     child_hub,
     free_port,
     link,
-    parent_events,
     parent_hub,
+    send_from,
     status,
+    telemetry_by_origin,
 )
-from tests.upstream.load import Device, run_device
+from tests.upstream.load import Device
 from tests.waiting import eventually
 
 
@@ -37,23 +37,6 @@ def test_quota_units_and_day() -> None:
     assert DailyQuota(0).charge(10**9, day)
 
 
-def _send(child: HubProcess, devices: list[Device], count: int) -> None:
-    async def go() -> None:
-        stop = asyncio.Event()
-        await asyncio.wait_for(asyncio.gather(*(
-            run_device(d, child.host_name, CHILD_ADDRESS, lambda: child.port("mqtt_local_port"),
-                       stop, count=count) for d in devices)), 120)
-    asyncio.run(go())
-
-
-def _telemetry(parent: HubProcess) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    for e in parent_events(parent):
-        if e["annotations"].get("iothub-message-source") == "Telemetry":
-            out.setdefault(e["origin"], []).append(e["payload"]["n"])
-    return out
-
-
 def test_daily_quota_pauses_the_child_and_loses_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
     port = free_port(PARENT_ADDRESS)
     parent = parent_hub(tmp_path, tls_port=port, hub_config="daily_message_quota = 30\n").start()
@@ -65,7 +48,7 @@ def test_daily_quota_pauses_the_child_and_loses_nothing(tmp_path) -> None:  # ty
             info = create_device(child, f"q{i}")
             devices.append(Device(info["deviceId"],
                                   info["authentication"]["symmetricKey"]["primaryKey"]))
-        _send(child, devices, 50)  # 100 one-unit messages against a quota of 30
+        send_from(child, devices, 50)  # 100 one-unit messages against a quota of 30
 
         def paused() -> bool:
             return bool(status(child)["state"] == "paused")
@@ -74,7 +57,7 @@ def test_daily_quota_pauses_the_child_and_loses_nothing(tmp_path) -> None:  # ty
         s = status(child)
         assert "CONNACK 3" in s["lastError"] and "paused until" in s["lastError"]
         assert s["lastError"].endswith("T00:00:00Z")
-        got = _telemetry(parent)
+        got = telemetry_by_origin(parent)
         stored = sum(map(len, got.values()))  # a batch that would pass the quota is refused whole
         assert 0 < stored <= 30 and all(v == list(range(1, len(v) + 1)) for v in got.values())
         assert s["sent"] == stored and s["backlog"] == 100 - stored
@@ -92,12 +75,12 @@ def test_daily_quota_pauses_the_child_and_loses_nothing(tmp_path) -> None:  # ty
                             hub_config="daily_message_quota = 1000\n").start()
 
         def drained() -> bool:
-            got = _telemetry(parent)
+            got = telemetry_by_origin(parent)
             return sum(map(len, got.values())) >= 100
 
         asyncio.run(eventually(drained, 90, "the rest at the parent", interval=0.5,
                                blocking=True))
-        got = _telemetry(parent)
+        got = telemetry_by_origin(parent)
         assert got == {d.device_id: list(range(1, 51)) for d in devices}  # once, in order
         asyncio.run(eventually(lambda: status(child)["state"] == "connected", 30,
                                "connected again", interval=0.3, blocking=True))
