@@ -6,6 +6,7 @@ without touching a file. The clicks and typed fields are counted (the figure the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from collections.abc import Iterator
@@ -21,11 +22,10 @@ from tests.ui.ui import by_id, console_errors, login, shots, until
 MODULES = '[modules.modbus]\nbridge = "modbus"\nstatus_interval = 1.0\n'
 
 
-@pytest.fixture
-def meter() -> Iterator[SimulatedMeter]:
-    """The simulated meter on its own event loop thread (the browser test is synchronous)."""
+@contextlib.contextmanager
+def serving(sim: SimulatedMeter) -> Iterator[SimulatedMeter]:
+    """``sim`` served on its own event loop thread (the browser test is synchronous)."""
     loop = asyncio.new_event_loop()
-    sim = SimulatedMeter("eastron-sdm120")
     started = threading.Event()
     stop = asyncio.Event()
 
@@ -40,6 +40,12 @@ def meter() -> Iterator[SimulatedMeter]:
     yield sim
     loop.call_soon_threadsafe(stop.set)
     thread.join(10)
+
+
+@pytest.fixture
+def meter() -> Iterator[SimulatedMeter]:
+    with serving(SimulatedMeter("eastron-sdm120")) as sim:
+        yield sim
 
 
 class Counter:

@@ -5,9 +5,7 @@ guess (19200), the scan sweeps the baud rates ticked, the meter answers at 9600 
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,30 +15,16 @@ import pytest
 from hw.modbus.simulate import SimulatedMeter
 from tests.hw.modbus.linespeed import LineSpeed
 from tests.ui.conftest import base_url, start_hub
-from tests.ui.test_modbus import MODULES, Counter, live_value
+from tests.ui.test_modbus import MODULES, Counter, live_value, serving
 from tests.ui.ui import by_id, console_errors, login, shots, until
 
 
 @pytest.fixture
 def rtu_meter() -> Iterator[tuple[LineSpeed, SimulatedMeter]]:
     """An SDM120 over RTU at 9600 baud behind a line that passes only 9600 baud."""
-    with LineSpeed(9600) as line:
-        loop = asyncio.new_event_loop()
-        sim = SimulatedMeter("eastron-sdm120", serial=line.server_device, baud=9600)
-        started = threading.Event()
-        stop = asyncio.Event()
-
-        async def serve() -> None:
-            async with sim:
-                started.set()
-                await stop.wait()
-
-        thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-        thread.start()
-        assert started.wait(30)
+    with LineSpeed(9600) as line, serving(
+            SimulatedMeter("eastron-sdm120", serial=line.server_device, baud=9600)) as sim:
         yield line, sim
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(10)
 
 
 def test_rtu_scan_sweeps_baud_rates_and_takes_the_one_that_answers(
