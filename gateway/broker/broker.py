@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.broker.connection import MqttConnection
+from gateway.broker.deadlines import Deadlines
 from gateway.broker.listener import Admission, Listener, listening_socket, unix_listening_socket
 from gateway.broker.sessions import SessionStore
 from gateway.broker.tls import TlsServerProtocol, peer_certificate_chain
@@ -49,6 +50,7 @@ class Broker:
         self.sessions = sessions
         self.live: dict[str, MqttConnection] = {}
         self.open_connections: set[MqttConnection] = set()
+        self.deadlines = Deadlines()  # every connection's connect/keep-alive/token deadline
         self.ports: dict[str, int | str] = {}
         # client id -> kinds of IoT Hub subscriptions it holds (C2DFilter, MethodRequestsFilter..)
         self._features: dict[str, set[type]] = {}
@@ -94,6 +96,7 @@ class Broker:
         for conn in list(self.open_connections):
             conn.close()
         await asyncio.sleep(0)  # let the transports tell their protocols
+        self.deadlines.close()
 
     # -- connection lifecycle ----------------------------------------------------------------
 
@@ -105,11 +108,6 @@ class Broker:
         principal = self.hub.authenticate(packet.client_id, packet.username, packet.password, chain)
         if principal.provisioning is not None:  # never takes over the device's own session
             conn.client_id = f"$dps/{principal.device_id}"
-        if packet.keepalive > self.config.max_keepalive:
-            log.info(
-                "keep-alive capped client_id=%r asked=%s cap=%s",
-                packet.client_id, packet.keepalive, self.config.max_keepalive,
-            )
         cap = self.config.max_keepalive
         if packet.keepalive == 0 or packet.keepalive > cap:
             # IoT Hub closes a silent client after at most 1767 s, whatever it asked for

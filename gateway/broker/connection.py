@@ -103,11 +103,13 @@ class MqttConnection(asyncio.Protocol):
         self._max_bytes = cfg.max_pending_bytes
         # (packet ids to PUBACK, the future they wait for, bytes held until it is done,
         # what it counts against max_pending_acks: its packet ids, or 1 for QoS 0 work)
-        self._acks: deque[tuple[list[int], asyncio.Future[Any] | _Commit | None, int, int]] = deque()
+        # (made on the first one: an idle connection holds no deque, ~600 bytes)
+        self._acks: deque[tuple[list[int], asyncio.Future[Any] | _Commit | None, int, int]] \
+            | None = None
         self._paused = False
         self._refused = False  # a commit was refused at once (store full): read nothing more
-        self._timer: asyncio.TimerHandle | None = None
-        self._expiry: asyncio.TimerHandle | None = None
+        self.deadline_slot: int | None = None  # in broker.deadlines (connect, keep-alive, SAS)
+        self._expires: float | None = None  # SAS token expiry, on time.monotonic's clock
         # Per-connection cache: topic -> prepared telemetry (props JSON and its size).
         self._topic_cache: dict[str, Any] = {}
         self._close_reason = ""
@@ -169,9 +171,7 @@ class MqttConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.broker.blocked.discard(self)
-        for handle in (self._timer, self._expiry):
-            if handle is not None:
-                handle.cancel()
+        self.broker.deadlines.cancel(self)
         reason = self._close_reason or (f"connection lost: {exc}" if exc else "peer closed")
         self.broker.connection_closed(self, reason)
 
@@ -291,6 +291,8 @@ class MqttConnection(asyncio.Protocol):
                 and not future.cancelled() and future.exception() is not None:
             self.refuse_more()  # refused at once (reject-new at the byte cap)
         count = len(packet_ids) or 1
+        if self._acks is None:
+            self._acks = deque()
         self._acks.append((packet_ids, future, nbytes, count))
         self._pending_acks += count
         broker = self.broker
@@ -445,21 +447,26 @@ class MqttConnection(asyncio.Protocol):
                 transport.close()
 
     def _arm_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        """Put this connection's next deadline (the session's, or the token's expiry if
+        sooner) in the broker's deadline wheel."""
         deadline = self.session.deadline()
+        expires = self._expires
+        if expires is not None and (deadline is None or expires < deadline):
+            deadline = expires
         if deadline is None:
-            self._timer = None
-            return
-        loop = asyncio.get_running_loop()
-        delay = deadline - time.monotonic()
-        self._timer = loop.call_later(max(delay, 0.0), self._check_deadline)
+            self.broker.deadlines.cancel(self)
+        else:
+            self.broker.deadlines.arm(self, deadline)
 
-    def _check_deadline(self) -> None:
+    def deadline_reached(self) -> None:
         if self.closed:
             return
+        now = time.monotonic()
+        if self._expires is not None and now >= self._expires:
+            self.fail("SAS token expired")
+            return
         deadline = self.session.deadline()
-        if deadline is not None and time.monotonic() >= deadline:
+        if deadline is not None and now >= deadline:
             if self.session.state is SessionState.AWAIT_CONNECT:
                 self.fail("no CONNECT within the connect timeout")
             else:
@@ -471,8 +478,7 @@ class MqttConnection(asyncio.Protocol):
         """Close when the SAS token expires (IoT Hub ref §1.4). ``expires_at`` includes the
         5-minute clock-skew allowance; a token still valid by its own ``se`` is dropped at
         ``se``, one accepted only thanks to the allowance at the end of the allowance."""
-        loop = asyncio.get_running_loop()
         now = time.time()
         stated = expires_at - SKEW_SECONDS
         delay = (stated if stated > now else expires_at) - now
-        self._expiry = loop.call_later(max(delay, 1.0), self.fail, "SAS token expired")
+        self._expires = time.monotonic() + max(delay, 1.0)

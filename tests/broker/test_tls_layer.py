@@ -180,3 +180,71 @@ async def test_old_tls_is_refused_with_the_reason_logged(
             pair.handshake()
     assert pair.raw.closed and pair.inner.transport is None
     assert "tls handshake failed peer=127.0.0.1:4242 reason=" in caplog.text
+
+
+def _heap_in_use() -> int | None:
+    """Bytes malloc has handed out and not got back (glibc's mallinfo2), or None."""
+    import ctypes
+    import ctypes.util
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+            "fordblks", "keepcost")]
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallinfo2 = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = MallInfo2
+    info = mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+async def test_a_burst_leaves_no_buffers_behind(certs: pki.HubCertificates) -> None:
+    """A connection that read a 200 KB burst and answered 100 KB holds no more memory than an
+    idle one once it is done (OpenSSL's memory BIOs never shrink: they are replaced), and it
+    still carries data both ways afterwards."""
+    if _heap_in_use() is None:
+        pytest.skip("needs glibc's mallinfo2")
+    ctx = client_context(certs)
+    burst = bytes(range(256)) * 800  # 200 KB
+
+    def connections(count: int, bulk: bool) -> tuple[list[Pair], int]:
+        pairs = [Pair(certs, ctx) for _ in range(count)]
+        for pair in pairs:
+            pair.handshake()
+            if bulk:
+                pair.inner.echo = False
+                pair.client.write(burst)
+                pair.server.data_received(pair.cout.read())
+                assert pair.inner.received == burst
+                pair.inner.received = bytearray()
+                pair.inner.transport.write(burst[:100_000])
+                pair.raw.sent.clear()
+        for pair in pairs:  # the client side's own buffers are not the hub's
+            pair.client = pair.cin = pair.cout = None  # type: ignore[assignment]
+        return pairs, _heap_in_use() or 0
+
+    connections(5, True)  # warm up
+    before = _heap_in_use() or 0
+    idle, with_idle = connections(40, False)
+    idle_each = (with_idle - before) / 40
+    del idle
+    before = _heap_in_use() or 0
+    busy, with_busy = connections(40, True)
+    busy_each = (with_busy - before) / 40
+    assert busy_each < max(idle_each, 24_576) + 16_384, (idle_each, busy_each)
+
+    pair = Pair(certs, ctx)  # and it goes on working after the BIOs were replaced
+    pair.handshake()
+    pair.client.write(burst)
+    pair.server.data_received(pair.cout.read())
+    pair.to_client()
+    assert pair.client_reads() == b"ack:" + burst[-4:]
+    pair.client.write(b"more")
+    pair.server.data_received(pair.cout.read())
+    pair.to_client()
+    assert pair.inner.received == burst + b"more"
+    assert pair.client_reads() == b"ack:more"
