@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +53,9 @@ class Broker:
         self.deadlines = Deadlines()  # every connection's connect/keep-alive/token deadline
         self.ports: dict[str, int | str] = {}
         # client id -> kinds of IoT Hub subscriptions it holds (C2DFilter, MethodRequestsFilter..)
-        self._features: dict[str, set[type]] = {}
+        self._features: dict[str, frozenset[type]] = {}
+        # Every distinct set of kinds, once: most clients hold the same one or two.
+        self._kind_sets: dict[frozenset[type], frozenset[type]] = {}
         self._waiters: dict[str, list[tuple[type, asyncio.Future[MqttConnection]]]] = {}
         self.ready_hooks: list[Callable[[MqttConnection, set[type]], None]] = []
         self.puback_hooks: list[Callable[[MqttConnection, int], None]] = []
@@ -132,9 +134,8 @@ class Broker:
         assert conn.principal is not None
         provisioning = conn.principal.provisioning is not None  # always clean (ref §12.1)
         present = self.sessions.start(client_id, clean=clean_session or provisioning)
-        self._features[client_id] = {
-            type(self._address(conn.principal, f)) for f in self.sessions.subscriptions(client_id)
-        }
+        self._features[client_id] = self._kinds(
+            type(self._address(conn.principal, f)) for f in self.sessions.subscriptions(client_id))
         assert conn.principal is not None
         self.hub.connection_event(conn.principal, connected=True)
         log.info("connected client_id=%r peer=%s listener=%s auth=%s session_present=%s",
@@ -190,6 +191,12 @@ class Broker:
                 if not waiters:
                     del self._waiters[client_id]
 
+    def _kinds(self, kinds: Iterable[type]) -> frozenset[type]:
+        """``kinds`` as the one shared frozenset holding them (a set per client costs
+        about 230 bytes; the distinct sets are few)."""
+        key = frozenset(kinds)
+        return self._kind_sets.setdefault(key, key)
+
     @staticmethod
     def _address(principal: Principal, topic_filter: str) -> object:
         if principal.provisioning is not None:
@@ -238,7 +245,8 @@ class Broker:
             q = min(qos, 1)  # QoS 2 is granted as 1 (ref §1.5)
             granted[topic_filter] = q
             codes.append(q)
-        self._features.setdefault(conn.client_id, set()).update(kinds)
+        self._features[conn.client_id] = self._kinds(
+            self._features.get(conn.client_id, frozenset()) | kinds)
 
         written = self.sessions.subscribe(conn.client_id, granted)
         result: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
@@ -257,7 +265,8 @@ class Broker:
     def unsubscribe(self, conn: MqttConnection, packet: Unsubscribe) -> asyncio.Future[None]:
         assert conn.principal is not None
         remaining = set(self.sessions.subscriptions(conn.client_id)) - set(packet.topics)
-        self._features[conn.client_id] = {type(self._address(conn.principal, f)) for f in remaining}
+        self._features[conn.client_id] = self._kinds(
+            type(self._address(conn.principal, f)) for f in remaining)
         return self.sessions.unsubscribe(conn.client_id, list(packet.topics))
 
     def identity_changed(self, event: str, identity: Device | Module) -> None:
