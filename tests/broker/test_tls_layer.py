@@ -248,3 +248,21 @@ async def test_a_burst_leaves_no_buffers_behind(certs: pki.HubCertificates) -> N
     pair.to_client()
     assert pair.inner.received == burst + b"more"
     assert pair.client_reads() == b"ack:more"
+
+
+async def test_without_pyopenssl_internals_it_keeps_its_bios_and_still_works(
+        certs: pki.HubCertificates, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pyOpenSSL without the attributes the BIO replacement reaches for: the layer falls
+    back to reading the outgoing BIO in READ_SIZE pieces and never replaces them."""
+    monkeypatch.setattr(tls._MemoryBios, "usable", staticmethod(lambda _tls: False))
+    pair = Pair(certs, client_context(certs))
+    pair.handshake()
+    into = pair.server.tls._into_ssl
+    big = b"b" * 200_000
+    pair.client.write(big)
+    pair.server.data_received(pair.cout.read())
+    pair.inner.transport.write(big)  # more than READ_SIZE at once
+    pair.to_client()
+    assert pair.client_reads() == b"ack:bbbb" + big
+    assert pair.inner.received == big
+    assert pair.server.tls._into_ssl == into
