@@ -92,27 +92,20 @@ def peer_certificate_chain(transport: asyncio.BaseTransport | None) -> list[byte
 
 
 class _MemoryBios:
-    """A connection's memory BIOs through pyOpenSSL's binding: what is pending in the outgoing
-    one, and fresh BIOs in place of empty ones.
+    """Replaces a connection's memory BIOs with fresh ones once they are empty.
 
     OpenSSL's memory BIO never gives back what it grew to: a connection that once read a
     200 KB burst (or sent its certificate chain in the handshake) would keep that buffer, in
     each direction, until it closes (about 300 KB for a 200 KB read and a 100 KB answer,
     measured). ``SSL_set_bio`` with new BIOs frees the old ones. This reaches into
     pyOpenSSL's connection (its ``_ssl``, ``_into_ssl``, ``_from_ssl``); if they are not
-    there, the connection keeps its BIOs and flushes in READ_SIZE reads, as before.
+    there, the connection keeps its BIOs, as before.
     """
 
     @staticmethod
     def usable(tls: SSL.Connection) -> bool:
         return _lib is not None and all(
             hasattr(tls, name) for name in ("_ssl", "_into_ssl", "_from_ssl"))
-
-    @staticmethod
-    def pending_out(tls: SSL.Connection) -> int:
-        """Bytes waiting in the outgoing BIO."""
-        assert _lib is not None and _ffi is not None
-        return int(_lib.BIO_get_mem_data(tls._from_ssl, _ffi.NULL))
 
     @staticmethod
     def renew(tls: SSL.Connection) -> bool:
@@ -317,20 +310,6 @@ class TlsServerProtocol(asyncio.Protocol):
             self.flush()
 
     def flush(self) -> None:
-        """Send what OpenSSL has written to the outgoing BIO, in one write."""
-        if self._carried >= 0:
-            # With the binding: read exactly what is pending, in one call (bio_read allocates
-            # its whole buffer: READ_SIZE per call for a 4-byte PUBACK's record otherwise).
-            pending = _MemoryBios.pending_out(self.tls)
-            if not pending:
-                return
-            data = self.tls.bio_read(pending)
-            if self.raw is not None and not self.raw.is_closing():
-                self.raw.write(data)
-                self._carried += len(data)
-                if self._carried > BIO_KEEP and not self._reading and _MemoryBios.renew(self.tls):
-                    self._carried = 0
-            return
         out = []
         try:
             while True:
@@ -341,7 +320,12 @@ class TlsServerProtocol(asyncio.Protocol):
         except SSL.WantReadError:
             pass
         if out and self.raw is not None and not self.raw.is_closing():
-            self.raw.write(out[0] if len(out) == 1 else b"".join(out))
+            data = out[0] if len(out) == 1 else b"".join(out)
+            self.raw.write(data)
+            if self._carried >= 0:
+                self._carried += len(data)
+                if self._carried > BIO_KEEP and not self._reading and _MemoryBios.renew(self.tls):
+                    self._carried = 0
 
     def close(self) -> None:
         if self.closing:

@@ -252,8 +252,8 @@ async def test_a_burst_leaves_no_buffers_behind(certs: pki.HubCertificates) -> N
 
 async def test_without_pyopenssl_internals_it_keeps_its_bios_and_still_works(
         certs: pki.HubCertificates, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A pyOpenSSL without the attributes the BIO replacement reaches for: the layer falls
-    back to reading the outgoing BIO in READ_SIZE pieces and never replaces them."""
+    """A pyOpenSSL without the attributes the BIO replacement reaches for: the layer keeps
+    its BIOs, and more than READ_SIZE still goes out whole."""
     monkeypatch.setattr(tls._MemoryBios, "usable", staticmethod(lambda _tls: False))
     pair = Pair(certs, client_context(certs))
     pair.handshake()
