@@ -145,6 +145,10 @@ class IdentityPump:
             return
         finally:
             c.connecting = None
+        if not self._any_open() and not await fw._cut_lanes():  # the link comes up
+            await session.close()
+            c.retry_at = fw.clock() + c.backoff.next()
+            return
         c.session = session
         c.last_used = fw.clock()
         self.opened += 1
