@@ -208,6 +208,10 @@ class _Class:
     def ready(self) -> bool:
         return any(self.rings)
 
+    def live_rings(self) -> list[deque[OriginQueue]]:
+        ring = self._by_rank.get(LIVE)
+        return [ring] if ring else []
+
 
 class Backlog:
     """In-memory view of what is still to go up; the shell feeds it and persists cursors."""
@@ -232,6 +236,8 @@ class Backlog:
         self.adopted: set[str] = {r for r, lanes in self.lanes.items()
                                   if len(lanes.segments) > 1 and lanes.live_low > scan_pos}
         self.live_pos = min((self.lanes[r].live_low for r in self.adopted), default=scan_pos)
+        self.segmented = False  # some route has a live lane and a backlog segment
+        self._segments_changed()
 
     # -- feeding -----------------------------------------------------------------------------
 
@@ -322,6 +328,7 @@ class Backlog:
                 if q.route == route and q.lane != newest:
                     self._rerank(q, lanes.rank(lanes.names.index(q.lane)))
             assert len(lanes.segments) == before + 1
+        self._segments_changed()
         if done and at > self.scan_pos:
             if self.live_pos <= self.scan_pos:  # the reader was idle: it starts at the cut
                 self.adopted.clear()
@@ -355,6 +362,7 @@ class Backlog:
             if names:
                 gone.extend(names)  # the others keep their ranks (the newest stays LIVE)
         if gone:
+            self._segments_changed()
             dead = set(gone)
             for key in [k for k in self.queues if k[0] in dead]:
                 q = self.queues.pop(key)
@@ -365,6 +373,9 @@ class Backlog:
             for key in [k for k in self._cursors if k[0] in dead]:
                 del self._cursors[key]
         return gone
+
+    def _segments_changed(self) -> None:
+        self.segmented = any(len(lanes.segments) > 1 for lanes in self.lanes.values())
 
     def lanes_json(self) -> dict[str, list[list[int]]]:
         return {route: lanes.to_json() for route, lanes in self.lanes.items()}
@@ -389,17 +400,17 @@ class Backlog:
     # -- sending -----------------------------------------------------------------------------
 
     def take(self, now: float, allowed: set[Origin] | None = None,
-             paced: set[str] | None = None) -> Item | None:
+             paced: set[str] | None = None, live_only: bool = False) -> Item | None:
         """The next message to send, or None. ``allowed``: when given, only these origins
         (those registered on this connection so far); ``paced``: routes over their bandwidth
-        cap just now."""
+        cap just now; ``live_only``: only from live lanes (the window's reserve for them)."""
         if len(self._classes) == 1:
             classes: list[_Class] | tuple[_Class, ...] = tuple(self._classes.values())
         else:
             classes = sorted((c for c in self._classes.values() if c.ready),
                              key=lambda c: c.pass_)
         for cls in classes:
-            for ring in cls.rings:  # the live lane first, then older segments first
+            for ring in cls.live_rings() if live_only else cls.rings:  # live, then oldest
                 for _ in range(len(ring)):
                     q = ring[0]
                     if not q.pending:

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 SCAN_CHUNK = 2000
 QUOTA_CONNACK = 3  # "server unavailable": a parent of ours whose daily quota is used up
 FLUSH_INTERVAL = 0.25
+LIVE_RESERVE = 16  # places of the window kept for live lanes while their backlog drains
 
 
 def _iso(moment: float) -> str:
@@ -605,8 +606,11 @@ class Forwarder:
                     renewing = True
                 if not renewing:
                     paced.clear()
+                    # with live lanes, the last LIVE_RESERVE places of the window are theirs
+                    below = self._window_now - (LIVE_RESERVE if backlog.segmented else 0)
                     while inflight[0] < self._window_now:
-                        item = backlog.take(now, registered if stamp else None, paced)
+                        item = backlog.take(now, registered if stamp else None, paced,
+                                            live_only=inflight[0] >= below)
                         if item is None:
                             break
                         rate = self.policy(item.route).bandwidth
