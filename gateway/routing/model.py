@@ -136,6 +136,29 @@ class RouteSpec:
                 "liveFirst": self.live_first, "route": self.text}
 
 
+ROUTE_SCHEMA: Final[dict[str, Any]] = {
+    "type": "object",
+    "description": "A route: IoT Hub's object, or edgeHub's {\"route\": \"FROM ... INTO ...\"}",
+    "properties": {
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+        "source": {"type": "string", "description": "DeviceMessages, ... or an edgeHub path"},
+        "condition": {"type": "string", "maxLength": MAX_CONDITION},
+        "endpointNames": {"type": "array", "items": {"type": "string"},
+                          "minItems": 1, "maxItems": 1},
+        "isEnabled": {"type": "boolean"},
+        "route": {"type": "string", "description": "FROM source [WHERE condition] INTO endpoint"},
+        "priority": {"type": "integer", "minimum": 0, "maximum": 9, "nullable": True,
+                     "description": "store-and-forward: 0 highest"},
+        "timeToLiveSecs": {"type": "integer", "minimum": 0, "nullable": True,
+                           "description": "store-and-forward: running age before a drop"},
+        "liveFirst": {"type": "boolean", "nullable": True,
+                      "description": "store-and-forward: after an outage, new messages go up "
+                                     "ahead of the backlog (the live-first lane)"},
+    },
+}
+"""The JSON shape of a route (the OpenAPI document's ``Route``)."""
+
+
 def _fail(name: str, message: str) -> InvalidRequestError:
     return InvalidRequestError(f"route {name!r}: {message}")
 

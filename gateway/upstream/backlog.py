@@ -220,6 +220,7 @@ class Backlog:
                  max_buffer: int = 50_000, lanes: dict[str, list[list[int]]] | None = None
                  ) -> None:
         self.queues: dict[QueueKey, OriginQueue] = {}
+        self.origins: set[Origin] = set()  # of every queue (several lanes may share one)
         self._cursors = dict(cursors or {})
         self.scan_pos = scan_pos  # every log entry up to here has been offered
         self.max_buffer = max_buffer
@@ -257,6 +258,7 @@ class Backlog:
             q = OriginQueue(route, origin, priority, acked=start, queued_upto=start, lane=lane,
                             rank=rank)
             self.queues[key] = q
+            self.origins.add(origin)
         return q
 
     def offer(self, route: str, origin: Origin, entry: Entry, size: int,

@@ -650,7 +650,7 @@ class Forwarder:
                             item.queue.singles += 1
                         inflight[0] += 1
                         self._sends += 1
-                    if stamp and len(registering) < 64 and len(registered) < len(backlog.queues):
+                    if stamp and len(registering) < 64 and len(registered) < len(backlog.origins):
                         for q in backlog.waiting(now):
                             o = q.origin
                             if o not in registered and o not in registering:
