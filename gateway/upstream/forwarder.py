@@ -7,6 +7,11 @@ link and moves a queue's cursor only on the parent's PUBACK; a flusher persists 
 and the floor a few times a second. Towards a parent that is this software (mode
 ``gateway``), one connection carries every origin on our behalf and each message carries the
 dedupe stamp (:mod:`gateway.hub.onbehalf`), so the parent stores each exactly once.
+
+A live-first route (``live_first``) gets a new lane when the link comes up with a backlog
+(:meth:`Forwarder._cut_lanes`, stored before anything is sent); while the scanner is below it,
+the live reader (:meth:`Forwarder._scan_live`) reads the new messages so that they go first,
+and the last ``LIVE_RESERVE`` places of the window are theirs.
 """
 
 from __future__ import annotations
@@ -139,7 +144,7 @@ class Forwarder:
         self._floor_saved = -1
         self._policies: dict[str, RoutePolicy] = {}
         self._lanes_cut = asyncio.Event()  # the live reader has work
-        self._lanes_saved = True
+        self._lanes_version = self._lanes_saved_version = 0  # cuts made, and made durable
         self._forgotten: list[str] = []  # lanes forgotten in memory, their cursors not deleted
         self.ready = asyncio.Event()
 
@@ -270,9 +275,10 @@ class Forwarder:
         done = backlog.cut(cut, self.log.last_seq)
         if done:
             log.info("upstream: live lane above %d for %s", self.log.last_seq, ",".join(done))
-            self._lanes_saved = False
+            self._lanes_version += 1
             self._lanes_cut.set()
-        if self._lanes_saved:
+        version = self._lanes_version
+        if self._lanes_saved_version == version:
             return True
         try:
             await self.cursors.save_lanes(backlog.lanes_json(), self._forgotten)
@@ -280,8 +286,8 @@ class Forwarder:
         except StoreError as exc:
             log.error("upstream: the live lane's boundary was not stored: %s", exc)
             return False
-        self._lanes_saved = True
-        return True
+        self._lanes_saved_version = max(self._lanes_saved_version, version)
+        return self._lanes_saved_version == self._lanes_version
 
     # -- persistence -------------------------------------------------------------------------
 
@@ -469,7 +475,8 @@ class Forwarder:
         if floor != self._floor_saved:
             await self.log.set_cursor(FLOOR_CURSOR, floor, pin=True)
             self._floor_saved = floor
-        if self._lanes_saved and self.backlog.lanes:  # finished segments: below the durable floor
+        if self._lanes_saved_version == self._lanes_version and self.backlog.lanes:
+            # segments whose every message is at the parent: below the durable floor
             self._forgotten += self.backlog.forget(self._floor_saved)
             if self._forgotten:
                 await self.cursors.save_lanes(self.backlog.lanes_json(), self._forgotten)
