@@ -22,6 +22,7 @@ import re
 import time
 from collections import Counter
 
+from gateway.hubclient import HubClient
 from tests.hubproc import HubProcess, create_device
 from tests.upstream.federation import (
     CHILD_ADDRESS,
@@ -158,3 +159,50 @@ async def _live_with_kills(parent: HubProcess, child: HubProcess, devices: list[
     started = time.monotonic()
     await asyncio.wait_for(live, 120)
     assert time.monotonic() - started < 120
+
+
+def test_identity_mode_the_live_lane_goes_first_too(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Towards Azure (one connection per origin; our hub without on-behalf-of stands in): the
+    first connection of a link-up cuts the lane; at least once, in order within each lane."""
+    parent = parent_hub(tmp_path, tls_port=free_port(PARENT_ADDRESS))
+    parent.config_file.write_text(parent.config_file.read_text().replace(
+        "[hub]\n", "[hub]\non_behalf = false\n"))
+    # (identity mode has no bandwidth cap: one message in flight per connection slows the drain)
+    child = child_hub(tmp_path, 'mode = "identity"\nlive_first = true\nmax_inflight = 1\n')
+    parent.start()
+    child.start()
+    try:
+        create_device(parent, "child-gw")
+        child.cli("upstream", "set", "--connection-string", parent.connection_string("child-gw"),
+                  "--ca-file", parent.ca_file, "--host", PARENT_ADDRESS,
+                  "--port", str(parent.port("mqtt_tls_port")))
+        api = HubClient(parent.data_dir)
+        devices = _devices(child, 3)
+        for d in devices:
+            keys = json.loads(child.cli("device", "show", d.device_id).stdout)[
+                "authentication"]["symmetricKey"]
+            api.request("PUT", f"/devices/{d.device_id}", {  # the same identity "in Azure"
+                "deviceId": d.device_id, "authentication": {"type": "sas", "symmetricKey": keys}})
+        parent.stop()
+        send_from(child, devices, 1000)
+        parent.start()
+        asyncio.run(eventually(lambda: status(child)["state"] == "connected", 30,
+                               "the link up", interval=0.1, blocking=True))
+        send_from(child, devices, 1005)
+        asyncio.run(eventually(lambda: status(child)["backlog"] == 0, 90, "the drain",
+                               interval=0.5, blocking=True))
+        at_parent = _telemetry(parent)
+        assert {(o, n) for o, n, _ in at_parent} == {
+            (d.device_id, n) for d in devices for n in range(1, 1006)}  # at least once
+        first_live = min(i for i, (_, n, _) in enumerate(at_parent) if n > 1000)
+        last_backlog = max(i for i, (_, n, _) in enumerate(at_parent) if n <= 1000)
+        assert first_live < last_backlog - 300, (first_live, last_backlog)
+        bounds = _boundaries(child)
+        lanes: dict[tuple[str, int], list[int]] = {}
+        for origin, _, seq in at_parent:
+            lanes.setdefault((origin, bisect.bisect_left(bounds, seq)), []).append(seq)
+        for (origin, lane), got in lanes.items():
+            assert got == sorted(got), f"{origin}: lane {lane} out of order"
+    finally:
+        child.stop()
+        parent.stop()
