@@ -89,7 +89,7 @@ class Item:
 QueueKey = tuple[str, Origin]  # (lane, origin)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class OriginQueue:
     route: str
     origin: Origin
@@ -207,6 +207,12 @@ class _Class:
     @property
     def ready(self) -> bool:
         return any(self.rings)
+
+    def prune(self) -> None:
+        """Forget the empty rings (those of finished segments; made again when needed)."""
+        if any(not ring for ring in self.rings):
+            self._by_rank = {r: ring for r, ring in self._by_rank.items() if ring}
+            self.rings = [self._by_rank[r] for r in sorted(self._by_rank)]
 
     def live_rings(self) -> list[deque[OriginQueue]]:
         ring = self._by_rank.get(LIVE)
@@ -374,6 +380,8 @@ class Backlog:
                 self._unring(q)
             for key in [k for k in self._cursors if k[0] in dead]:
                 del self._cursors[key]
+            for cls in self._classes.values():
+                cls.prune()
         return gone
 
     def _segments_changed(self) -> None:
@@ -386,10 +394,10 @@ class Backlog:
         if q.key in self._queued:
             cls = self._classes[q.priority]
             ring = cls.ring(q.rank)
-            try:
-                ring.remove(q)
-            except ValueError:
-                pass
+            for i, other in enumerate(ring):
+                if other is q:
+                    del ring[i]
+                    break
             cls.drop_ring(q.rank)
             self._queued.discard(q.key)
 
