@@ -37,7 +37,10 @@ end, so every sequence of the new segment is above the parent's mark for that ke
 segment's last stored message): the parent's dedupe table holds at most ``MAX_SEGMENTS`` keys per
 (gateway, route, origin) however many outages there are. At most ``MAX_SEGMENTS`` segments per
 route: with every slot taken, a link-up cuts nothing and new messages join the newest segment.
-Slot 0 is the route's own name (what a route without the option uses).
+Slot 0 is the route's own name (what a route without the option uses). (Naming a lane by its
+boundary, ``@B_i``, as first planned, would leave the parent one mark per outage, forever.)
+While a backlog segment exists (``segmented``) the shell keeps the last places of its QoS window
+for live lanes (``take(live_only=True)``), so a live message never waits for a full window.
 
 The scanner reads the log in order from the floor; while it is below a live lane, a second
 reader (the shell's) reads from the lane's boundary and offers only live-lane messages (the
