@@ -70,6 +70,8 @@ def _route_body(args: argparse.Namespace, *, partial: bool) -> dict[str, Any]:
         body["priority"] = args.priority
     if args.ttl is not None:
         body["timeToLiveSecs"] = args.ttl
+    if args.live_first is not None:
+        body["liveFirst"] = args.live_first
     if args.disabled:
         body["isEnabled"] = False
     if getattr(args, "enabled", False):
@@ -104,7 +106,8 @@ def cmd_route(args: argparse.Namespace) -> int:
         body = _route_body(args, partial=True)
         if not body:
             raise GatewayError("nothing to update: give --condition, --endpoint, --source, "
-                               "--route, --priority, --ttl, --enabled or --disabled")
+                               "--route, --priority, --ttl, --live-first, --enabled or "
+                               "--disabled")
         route = client.request("PATCH", path, body)
         _print(route)
         _note_upstream([route], client)
@@ -262,6 +265,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         p.add_argument("--route", help="edgeHub's form: 'FROM /messages/* WHERE ... INTO ...'")
         p.add_argument("--priority", type=int, help="0-9, 0 highest (for store-and-forward)")
         p.add_argument("--ttl", type=int, help="timeToLiveSecs (for store-and-forward)")
+        p.add_argument("--live-first", action=argparse.BooleanOptionalAction, default=None,
+                       help="liveFirst (for store-and-forward): after an outage, new messages "
+                       "go up ahead of the backlog, which drains behind them oldest first")
         p.add_argument("--disabled", action="store_true")
         if name == "update":
             p.add_argument("--enabled", action="store_true")

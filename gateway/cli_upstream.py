@@ -101,7 +101,9 @@ def _summary(s: dict[str, Any]) -> str:
              f"oldest {s['oldestAgeSeconds']:.0f} s; sent {s['sent']}; dropped: {dropped}"]
     for name, r in s["routes"].items():
         lines.append(f"  route {name}: backlog {r['backlog']} ({r['backlogBytes']} bytes), "
-                     f"oldest {r['oldestAgeSeconds']:.0f} s, sent {r['sent']}")
+                     f"oldest {r['oldestAgeSeconds']:.0f} s, sent {r['sent']}"
+                     + (f"; live-first, {r['lanes']} lanes, live lane {r['liveBacklog']}"
+                        if "lanes" in r else ""))
     return "\n".join(lines)
 
 

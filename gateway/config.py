@@ -223,6 +223,8 @@ class UpstreamConfig:
     bandwidth: int = 0  # bytes/s over the link for the route; 0 = unlimited
     # towards a parent of ours: backlog readings of one origin packed into messages <= 4 KB
     pack: bool = False
+    # the default route's live-first lane: after an outage, new messages go ahead of the backlog
+    live_first: bool = False
     federation_refresh: float = 300.0  # seconds between full refreshes from the parent
 
 

@@ -9,8 +9,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from gateway import __version__
+from gateway.routing.model import ROUTE_SCHEMA
 
 RouteInfo = tuple[str, str, str, Callable[..., Any]]  # method, path, right, handler
+_BODIES = {"put_route": "Route", "patch_route": "Route"}  # request bodies with a schema
 
 _ERRORS = {
     "400": "malformed request or a limit broken",
@@ -51,8 +53,10 @@ def document(routes: Iterable[RouteInfo]) -> dict[str, Any]:
                              for code, text in _ERRORS.items()}},
         }
         if method in ("PUT", "PATCH", "POST"):
+            schema = ({"$ref": f"#/components/schemas/{_BODIES[operation_id]}"}
+                      if operation_id in _BODIES else {"type": "object"})
             op["requestBody"] = {"required": method != "POST",
-                                 "content": {"application/json": {"schema": {"type": "object"}}}}
+                                 "content": {"application/json": {"schema": schema}}}
         paths.setdefault(path, {})[method.lower()] = op
     return {
         "openapi": "3.0.3",
@@ -67,7 +71,8 @@ def document(routes: Iterable[RouteInfo]) -> dict[str, Any]:
                 "type": "apiKey", "in": "header", "name": "Authorization",
                 "description": "SharedAccessSignature sr={host}&sig=...&se=...&skn={policy}"}},
             "schemas": {"Error": {"type": "object", "properties": {
-                "Message": {"type": "string"}, "ExceptionMessage": {"type": "string"}}}},
+                "Message": {"type": "string"}, "ExceptionMessage": {"type": "string"}}},
+                "Route": ROUTE_SCHEMA},
         },
         "paths": paths,
     }

@@ -7,11 +7,12 @@ One route model serves both dialects:
   "DeviceLifecycleEvents" | "DeviceConnectionStateEvents", "condition", "endpointNames":
   [one endpoint], "isEnabled"}``;
 * edgeHub's: ``"FROM /messages/modules/m/outputs/o WHERE cond INTO sink"`` (a string, or
-  ``{"route": ..., "priority", "timeToLiveSecs"}``), whose source is a path (ref §6.2).
+  ``{"route": ..., "priority", "timeToLiveSecs"}``), whose source is a path (ref §6.2);
+  ours adds ``liveFirst`` (store-and-forward's live-first lane, :mod:`gateway.upstream.backlog`).
 
 Either way a route has one endpoint: ``events`` (the built-in endpoint), ``$upstream``,
 a module input ``BrokeredEndpoint("/modules/m/inputs/i")`` or a custom endpoint's name.
-``priority`` (0-9, 0 highest) and ``timeToLiveSecs`` are kept for the forwarder.
+``priority`` (0-9, 0 highest), ``timeToLiveSecs`` and ``liveFirst`` are kept for the forwarder.
 Everything is validated as a whole (:func:`check_state`): what is refused is refused before
 anything changes.
 """
@@ -120,6 +121,7 @@ class RouteSpec:
     enabled: bool = True
     priority: int | None = None  # 0-9, 0 highest; None: the lowest
     ttl: int | None = None  # timeToLiveSecs; None: the store-and-forward default
+    live_first: bool | None = None  # liveFirst; None: the store-and-forward default
 
     @property
     def text(self) -> str:
@@ -130,7 +132,31 @@ class RouteSpec:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source, "condition": self.condition,
                 "endpointNames": [self.endpoint], "isEnabled": self.enabled,
-                "priority": self.priority, "timeToLiveSecs": self.ttl, "route": self.text}
+                "priority": self.priority, "timeToLiveSecs": self.ttl,
+                "liveFirst": self.live_first, "route": self.text}
+
+
+ROUTE_SCHEMA: Final[dict[str, Any]] = {
+    "type": "object",
+    "description": "A route: IoT Hub's object, or edgeHub's {\"route\": \"FROM ... INTO ...\"}",
+    "properties": {
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+        "source": {"type": "string", "description": "DeviceMessages, ... or an edgeHub path"},
+        "condition": {"type": "string", "maxLength": MAX_CONDITION},
+        "endpointNames": {"type": "array", "items": {"type": "string"},
+                          "minItems": 1, "maxItems": 1},
+        "isEnabled": {"type": "boolean"},
+        "route": {"type": "string", "description": "FROM source [WHERE condition] INTO endpoint"},
+        "priority": {"type": "integer", "minimum": 0, "maximum": 9, "nullable": True,
+                     "description": "store-and-forward: 0 highest"},
+        "timeToLiveSecs": {"type": "integer", "minimum": 0, "nullable": True,
+                           "description": "store-and-forward: running age before a drop"},
+        "liveFirst": {"type": "boolean", "nullable": True,
+                      "description": "store-and-forward: after an outage, new messages go up "
+                                     "ahead of the backlog (the live-first lane)"},
+    },
+}
+"""The JSON shape of a route (the OpenAPI document's ``Route``)."""
 
 
 def _fail(name: str, message: str) -> InvalidRequestError:
@@ -193,7 +219,7 @@ def parse_route(name: str, doc: str | Mapping[str, Any]) -> RouteSpec:
     if not isinstance(doc, Mapping):
         raise _fail(name, "must be a string FROM ... INTO ... or an object")
     known = {"name", "route", "source", "condition", "endpointNames", "endpoint", "isEnabled",
-             "enabled", "priority", "timeToLiveSecs"}
+             "enabled", "priority", "timeToLiveSecs", "liveFirst"}
     unknown = sorted(set(doc) - known)
     if unknown:
         raise _fail(name, f"unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
@@ -224,8 +250,11 @@ def parse_route(name: str, doc: str | Mapping[str, Any]) -> RouteSpec:
     enabled = doc.get("isEnabled", doc.get("enabled", True))
     if not isinstance(enabled, bool):
         raise _fail(name, f"isEnabled must be true or false, not {enabled!r}")
+    live_first = doc.get("liveFirst")
+    if live_first is not None and not isinstance(live_first, bool):
+        raise _fail(name, f"liveFirst must be true or false, not {live_first!r}")
     return replace(spec, enabled=enabled, priority=_int(name, doc, "priority", 0, 9),
-                   ttl=_int(name, doc, "timeToLiveSecs", 0, 2**31 - 1))
+                   ttl=_int(name, doc, "timeToLiveSecs", 0, 2**31 - 1), live_first=live_first)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""Durable forwarder state in ``hub.db``: a cursor per (route, origin) and the store epoch.
+"""Durable forwarder state in ``hub.db``: a cursor per (lane, origin), the store epoch, and the
+segments of live-first routes (:class:`~gateway.upstream.backlog.Lanes`).
 
 The cursors are written lazily (a few times a second, in one statement per batch of changed
 queues): a cursor behind the truth only means a resend after a crash, and the parent drops
@@ -12,6 +13,7 @@ import json
 import secrets
 import sqlite3
 import time
+from collections.abc import Sequence
 from typing import Final
 
 from gateway.store.db import Database, Migration
@@ -101,3 +103,23 @@ class CursorStore:
         await self._db.run(lambda conn: conn.executemany(
             "INSERT INTO upstream_cursors(route, device_id, module_id, seq) VALUES (?, ?, ?, ?)"
             " ON CONFLICT(route, device_id, module_id) DO UPDATE SET seq = excluded.seq", rows))
+
+    async def load_lanes(self) -> dict[str, list[list[int]]]:
+        """The segments of each live-first route: ``{route: [[low, slot], ...]}``."""
+        def load(conn: sqlite3.Connection) -> dict[str, list[list[int]]]:
+            row = conn.execute("SELECT value FROM upstream_meta WHERE key = 'lanes'").fetchone()
+            return json.loads(row[0]) if row else {}
+
+        return await self._db.run(load)
+
+    async def save_lanes(self, lanes: dict[str, list[list[int]]],
+                         forgotten: Sequence[str] = ()) -> None:
+        """Record the segments; the cursors of ``forgotten`` lanes go in the same transaction
+        (their slots may be used again, above the floor)."""
+        def store(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT OR REPLACE INTO upstream_meta(key, value) VALUES ('lanes', ?)",
+                         (json.dumps(lanes, sort_keys=True),))
+            conn.executemany("DELETE FROM upstream_cursors WHERE route = ?",
+                             [(lane,) for lane in forgotten])
+
+        await self._db.run(store)

@@ -7,6 +7,11 @@ link and moves a queue's cursor only on the parent's PUBACK; a flusher persists 
 and the floor a few times a second. Towards a parent that is this software (mode
 ``gateway``), one connection carries every origin on our behalf and each message carries the
 dedupe stamp (:mod:`gateway.hub.onbehalf`), so the parent stores each exactly once.
+
+A live-first route (``live_first``) gets a new lane when the link comes up with a backlog
+(:meth:`Forwarder._cut_lanes`, stored before anything is sent); while the scanner is below it,
+the live reader (:meth:`Forwarder._scan_live`) reads the new messages so that they go first,
+and the last ``LIVE_RESERVE`` places of the window are theirs.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ log = logging.getLogger(__name__)
 SCAN_CHUNK = 2000
 QUOTA_CONNACK = 3  # "server unavailable": a parent of ours whose daily quota is used up
 FLUSH_INTERVAL = 0.25
+LIVE_RESERVE = 16  # places of the window kept for live lanes while their backlog drains
 
 
 def _iso(moment: float) -> str:
@@ -137,6 +143,9 @@ class Forwarder:
         self._space = asyncio.Event()
         self._floor_saved = -1
         self._policies: dict[str, RoutePolicy] = {}
+        self._lanes_cut = asyncio.Event()  # the live reader has work
+        self._lanes_version = self._lanes_saved_version = 0  # cuts made, and made durable
+        self._forgotten: list[str] = []  # lanes forgotten in memory, their cursors not deleted
         self.ready = asyncio.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -146,7 +155,8 @@ class Forwarder:
         start = await self.log.get_cursor(FLOOR_CURSOR)
         if start is None:  # a new upstream: what arrives from now on (routes apply to new messages)
             start = self.log.last_seq
-        self.backlog = Backlog(cursors, scan_pos=start, max_buffer=self.backlog.max_buffer)
+        self.backlog = Backlog(cursors, scan_pos=start, max_buffer=self.backlog.max_buffer,
+                               lanes=await self.cursors.load_lanes())
         checkpoints, boots, dropped = await self.cursors.load_clock()
         for route, counts in dropped.items():
             self.link.routes.setdefault(route, RouteCounters()).dropped.update(counts)
@@ -158,6 +168,7 @@ class Forwarder:
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._scan(), name="upstream-scan")
+                tasks.create_task(self._scan_live(), name="upstream-scan-live")
                 tasks.create_task(self._flush_loop(), name="upstream-flush")
                 if self.cfg.mode == "identity":
                     self.identity = IdentityPump(self, self.credentials)
@@ -172,6 +183,8 @@ class Forwarder:
         p = self._policies.get(route)
         if p is None:
             p = self._policies[route] = self.policy_of(route)
+            if p.live_first:
+                self.backlog.live_first(route)
         return p
 
     # -- the scanner -------------------------------------------------------------------------
@@ -209,6 +222,72 @@ class Forwarder:
                 self._wake.set()
             if len(entries) < SCAN_CHUNK:
                 await self.log.wait_beyond(pos, timeout=1.0)
+
+    async def _scan_live(self) -> None:
+        """The live reader (:mod:`gateway.upstream.backlog`, live-first lane): while the
+        scanner is still below a live lane's boundary, read on from there and offer only the
+        live lanes' messages, so they go up ahead of the backlog."""
+        backlog = self.backlog
+        origins = wire.Origins(self.local_gateway, self.settings.device_id)
+        while True:
+            if not backlog.live_reading():
+                await self._lanes_cut.wait()
+                self._lanes_cut.clear()
+                continue
+            if backlog.live_full():
+                self._space.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.2):
+                        await self._space.wait()
+                continue
+            start = backlog.live_pos
+            try:
+                entries, pos = await self.log.scan(start, SCAN_CHUNK)
+            except StoreError as exc:
+                log.error("upstream: reading the store failed: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            woke = False
+            for entry in entries:
+                route = self.select(entry)
+                if route is None or not backlog.is_live(route, entry.seq):
+                    continue
+                woke |= backlog.offer(route, origins.of(entry), entry,
+                                      len(entry.body) + len(entry.props),
+                                      self.policy(route).priority)
+            backlog.live_pos = max(backlog.live_pos, pos)
+            if woke:
+                self._wake.set()
+            if len(entries) < SCAN_CHUNK:
+                await self.log.wait_beyond(pos, timeout=1.0)
+
+    async def _cut_lanes(self) -> bool:
+        """The link is up: a live-first route with a backlog starts a new live lane above the
+        log's last message, recorded durably before anything is sent. False if that could
+        not be stored (then nothing may be sent)."""
+        backlog = self.backlog
+        if self._policies:
+            self._policies.clear()  # a route changed live takes effect on this link
+        routes = {q.route for q in backlog.queues.values()} | set(backlog.lanes)
+        unread = self.log.last_seq - backlog.scan_pos > SCAN_CHUNK  # far behind: a backlog
+        cut = [r for r in sorted(routes) if self.policy(r).live_first
+               and (unread or backlog.backlogged(r))]
+        done = backlog.cut(cut, self.log.last_seq)
+        if done:
+            log.info("upstream: live lane above %d for %s", self.log.last_seq, ",".join(done))
+            self._lanes_version += 1
+            self._lanes_cut.set()
+        version = self._lanes_version
+        if self._lanes_saved_version == version:
+            return True
+        try:
+            await self.cursors.save_lanes(backlog.lanes_json(), self._forgotten)
+            self._forgotten = []
+        except StoreError as exc:
+            log.error("upstream: the live lane's boundary was not stored: %s", exc)
+            return False
+        self._lanes_saved_version = max(self._lanes_saved_version, version)
+        return self._lanes_saved_version == self._lanes_version
 
     # -- persistence -------------------------------------------------------------------------
 
@@ -370,7 +449,7 @@ class Forwarder:
                 origin = wire.origin_of(entry, self.local_gateway, self.settings.device_id)
                 if origin == q.origin:
                     items.append(Item(q.route, origin, entry, len(entry.body) + len(entry.props)))
-            caught_up = pos >= self.backlog.scan_pos
+            caught_up = pos >= self.backlog.reach(q)
             self.backlog.unpark(q, items, caught_up)
             if caught_up:
                 log.info("upstream: origin %s back from parking", q.origin.client_id)
@@ -396,6 +475,12 @@ class Forwarder:
         if floor != self._floor_saved:
             await self.log.set_cursor(FLOOR_CURSOR, floor, pin=True)
             self._floor_saved = floor
+        if self._lanes_saved_version == self._lanes_version and self.backlog.lanes:
+            # segments whose every message is at the parent: below the durable floor
+            self._forgotten += self.backlog.forget(self._floor_saved)
+            if self._forgotten:
+                await self.cursors.save_lanes(self.backlog.lanes_json(), self._forgotten)
+                self._forgotten = []
 
     # -- the link ----------------------------------------------------------------------------
 
@@ -423,6 +508,11 @@ class Forwarder:
                 delay = backoff.next()
                 log.warning("upstream connect failed: %s (retry in %.1f s)", exc, delay)
                 await asyncio.sleep(delay)
+                continue
+            if not await self._cut_lanes():
+                await session.close()
+                self.link.set("disconnected", "the live lane's boundary could not be stored")
+                await asyncio.sleep(backoff.next())
                 continue
             self.link.connects += 1
             self.link.set("throttled" if throttled else "connected")
@@ -523,8 +613,11 @@ class Forwarder:
                     renewing = True
                 if not renewing:
                     paced.clear()
+                    # with live lanes, the last LIVE_RESERVE places of the window are theirs
+                    below = self._window_now - (LIVE_RESERVE if backlog.segmented else 0)
                     while inflight[0] < self._window_now:
-                        item = backlog.take(now, registered if stamp else None, paced)
+                        item = backlog.take(now, registered if stamp else None, paced,
+                                            live_only=inflight[0] >= below)
                         if item is None:
                             break
                         rate = self.policy(item.route).bandwidth
@@ -553,7 +646,7 @@ class Forwarder:
                                 self._sends += 1
                                 continue
                         if stamp:
-                            topic = encoder.topic(item.entry, item.origin, item.route, item.prev)
+                            topic = encoder.topic(item.entry, item.origin, item.lane, item.prev)
                         else:
                             topic = wire.encode(item.entry, item.origin, epoch=self.epoch,
                                                 stamp=False, route=item.route)[0]
@@ -564,7 +657,7 @@ class Forwarder:
                             item.queue.singles += 1
                         inflight[0] += 1
                         self._sends += 1
-                    if stamp and len(registering) < 64 and len(registered) < len(backlog.queues):
+                    if stamp and len(registering) < 64 and len(registered) < len(backlog.origins):
                         for q in backlog.waiting(now):
                             o = q.origin
                             if o not in registered and o not in registering:
@@ -597,14 +690,14 @@ class Forwarder:
         """The backlog of ``first``'s origin packed into one message of at most 4 KB (topic
         and body: IoT Hub bills per started 4 KB), or None when no second reading fits."""
         budget = wire.PACK_LIMIT - len(wire.pack_topic(first.origin, 65535, self.epoch))
-        frame = pack_frame(encoder.bag(first.entry, first.origin, first.route, first.prev),
+        frame = pack_frame(encoder.bag(first.entry, first.origin, first.lane, first.prev),
                            first.entry.body)
         frames, items, size = [frame], [first], len(frame)
         while size < budget:
             nxt = self.backlog.take_next(items[-1])
             if nxt is None:
                 break
-            frame = pack_frame(encoder.bag(nxt.entry, nxt.origin, nxt.route, nxt.prev),
+            frame = pack_frame(encoder.bag(nxt.entry, nxt.origin, nxt.lane, nxt.prev),
                                nxt.entry.body)
             if size + len(frame) > budget:
                 self.backlog.untake(nxt)
@@ -657,8 +750,15 @@ class Forwarder:
             counters = self.link.routes.get(route, RouteCounters())
             per_route[route] = {
                 "backlog": count, "backlogBytes": nbytes, "oldestAgeSeconds": round(oldest, 3),
-                "sent": counters.sent, "dropped": dict(counters.dropped), "origins": len(qs),
+                "sent": counters.sent, "dropped": dict(counters.dropped),
+                "origins": len({q.origin for q in qs}),
             }
+            lanes = backlog.lanes.get(route)
+            if lanes is not None:  # live-first: how many segments, and the live lane's backlog
+                live = lanes.names[-1]
+                per_route[route]["lanes"] = len(lanes.segments)
+                per_route[route]["liveBacklog"] = sum(
+                    len(q.pending) + len(q.inflight) for q in qs if q.lane == live)
         dropped: dict[str, int] = {"ttl": 0, "full": 0}
         for counters in self.link.routes.values():
             for reason, n in counters.dropped.items():

@@ -137,6 +137,9 @@ class IdentityPump:
                 fw.settings, origin=c.origin, key=key, policy=policy, window=cfg.max_inflight,
                 keepalive=cfg.keepalive, token_ttl=cfg.token_ttl, ack_timeout=cfg.ack_timeout,
                 clock=fw.clock)
+            if not self._any_open() and not await fw._cut_lanes():  # the link comes up
+                await session.close()
+                raise UpstreamError("the live lane's boundary could not be stored")
         except UpstreamError as exc:
             delay = c.backoff.next()
             c.retry_at = fw.clock() + delay

@@ -1,6 +1,6 @@
 """Queue policy of one upstream route (edgeHub's ``priority`` and ``timeToLiveSecs`` of the
-route model, plus a byte cap, a policy when full and a bandwidth cap; federation.md §0.1
-facts 6-9). Pure.
+route model, plus a byte cap, a policy when full, a bandwidth cap and the live-first lane;
+federation.md §0.1 facts 6-9). Pure.
 
 The forwarder takes ``policy_of(route) -> RoutePolicy``; until the route table carries these
 per route, every route gets the one built from ``[upstream]`` (:func:`from_config`).
@@ -28,6 +28,7 @@ class RoutePolicy:
     thin_interval: float = 60.0  # "thin": keep one message per origin per this many seconds
     bandwidth: int = 0  # bytes/s over the link for this route; 0 = unlimited
     pack: bool = False  # the backlog: many readings of one origin per message of <= 4 KB
+    live_first: bool = False  # new messages go ahead of the backlog (backlog.py, segments)
 
     def __post_init__(self) -> None:
         if not 0 <= self.priority <= 9:
@@ -42,7 +43,7 @@ class RoutePolicy:
 def from_config(cfg: UpstreamConfig) -> RoutePolicy:
     return RoutePolicy(priority=cfg.priority, ttl=cfg.ttl, max_bytes=cfg.max_bytes,
                        when_full=cfg.when_full, thin_interval=cfg.thin_interval,
-                       bandwidth=cfg.bandwidth, pack=cfg.pack)
+                       bandwidth=cfg.bandwidth, pack=cfg.pack, live_first=cfg.live_first)
 
 
 def default_select(kind: str) -> str | None:

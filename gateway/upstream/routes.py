@@ -4,7 +4,8 @@ route created, changed or deleted live takes effect at once.
 
 When no route names ``$upstream``, IoT Edge's default ``FROM /messages/* INTO $upstream``
 applies (every device and module telemetry message, under the route name ``$upstream``). A
-route's ``priority`` and ``timeToLiveSecs`` override the ``[upstream]`` defaults of its queue.
+route's ``priority``, ``timeToLiveSecs`` and ``liveFirst`` override the ``[upstream]`` defaults of
+its queue.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def routed_policy(router: Callable[[], Router],
             policy = replace(policy, priority=spec.priority)
         if spec.ttl is not None:
             policy = replace(policy, ttl=float(spec.ttl))
+        if spec.live_first is not None:
+            policy = replace(policy, live_first=spec.live_first)
         return policy
 
     return policy_of

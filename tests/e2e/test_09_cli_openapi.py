@@ -21,6 +21,10 @@ def test_openapi_lists_every_route(hub: HubProcess) -> None:
                          ("/routing/enrichments/{key}", "put"), ("/routing/test", "post")]:
         op = doc["paths"][path][method]
         assert op["summary"] and "right" in op["description"]
+    route = doc["paths"]["/routing/routes/{name}"]["put"]["requestBody"]["content"]
+    assert route["application/json"]["schema"] == {"$ref": "#/components/schemas/Route"}
+    assert {"priority", "timeToLiveSecs", "liveFirst"} <= set(
+        doc["components"]["schemas"]["Route"]["properties"])
     validate(doc)  # raises on any schema violation
 
 

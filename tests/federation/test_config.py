@@ -36,7 +36,7 @@ def test_routing_pushed_from_the_top(hierarchy: Hierarchy, tmp_path: Path) -> No
     archive = str(tmp_path / "archive")
     routing = {"endpoints": [{"name": "archive", "type": "file", "path": archive}],
                "routes": [{"name": "toArchive", "source": "DeviceMessages", "condition": "true",
-                           "endpointNames": ["archive"]},
+                           "endpointNames": ["archive"], "priority": 2, "liveFirst": True},
                           {"name": "broken", "source": "DeviceMessages",
                            "endpointNames": ["nosuch"]}]}
     h.top.cli("twin", "update", "leaf", "--desired", json.dumps({"routing": routing}))
@@ -60,7 +60,9 @@ def test_routing_pushed_from_the_top(hierarchy: Hierarchy, tmp_path: Path) -> No
     assert {row[0]: row[3] for row in listed} == \
         {"mine": "local", "toArchive": "parent", "$fallback": "local"}
     assert h.leaf.cli("endpoint", "list").stdout.split("\n")[0].endswith("\tparent")
-    assert json.loads(h.leaf.cli("route", "show", "toArchive").stdout)["owner"] == "parent"
+    shown = json.loads(h.leaf.cli("route", "show", "toArchive").stdout)
+    assert shown["owner"] == "parent"
+    assert (shown["priority"], shown["liveFirst"]) == (2, True)  # queue options travel too
     for args in (("route", "update", "toArchive", "--condition", "false"),
                  ("route", "delete", "toArchive"), ("endpoint", "delete", "archive")):
         out = h.leaf.cli(*args, check=False)

@@ -84,7 +84,11 @@ def test_sinks_and_forms() -> None:
     assert parse_route("u", "FROM /messages/* INTO $UPSTREAM").endpoint == "$upstream"
     obj = parse_route("o", {"route": "FROM /messages WHERE a = '1' INTO events", "priority": 0,
                             "timeToLiveSecs": 60})
-    assert (obj.condition, obj.priority, obj.ttl) == ("a = '1'", 0, 60)
+    assert (obj.condition, obj.priority, obj.ttl, obj.live_first) == ("a = '1'", 0, 60, None)
+    live = parse_route("l", {"route": "FROM /messages INTO $upstream", "liveFirst": True})
+    assert live.live_first is True and live.to_json()["liveFirst"] is True
+    stored = {k: v for k, v in live.to_json().items() if k != "route"}  # as routingsvc keeps it
+    assert parse_route("l", stored) == live
     hub = parse_route("h", {"source": "twinchangeevents", "endpointNames": ["archive"],
                             "isEnabled": False})
     assert (hub.source, hub.enabled, hub.condition) == ("TwinChangeEvents", False, "true")
@@ -98,6 +102,7 @@ def test_sinks_and_forms() -> None:
     ({"source": "DeviceMessages", "endpointNames": ["a", "b"]}, "exactly one endpoint"),
     ({"endpointNames": ["events"], "priority": 10}, "priority must be an integer from 0 to 9"),
     ({"endpointNames": ["events"], "bogus": 1}, "unknown key 'bogus'"),
+    ({"endpointNames": ["events"], "liveFirst": 1}, "liveFirst must be true or false"),
 ])
 def test_bad_routes(doc: Any, fragment: str) -> None:
     with pytest.raises(InvalidRequestError) as err:

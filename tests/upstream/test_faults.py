@@ -2,12 +2,18 @@
 (RST and FIN), stalls and throttling under a load of 20 devices at the child, plus a SIGKILL of
 the child and one of the parent during the run. Afterwards the parent's built-in endpoint holds
 exactly the child's telemetry: every message the child acknowledged, each exactly once (no
-duplicates at all: every stable message id once), with its origin, in per-device order."""
+duplicates at all: every stable message id once), with its origin, in per-device order.
+
+With ``live_first`` every link-up with a backlog starts a new lane (gateway/upstream/backlog.py):
+100 cuts put the lanes' slots through many reuses; then the order holds per device within each
+lane (between two boundaries the child logs)."""
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
+import re
 import time
 from collections import Counter
 
@@ -41,24 +47,25 @@ def _stored(events: list[dict]) -> list[tuple[str, int, str]]:  # type: ignore[t
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # ~110 s on a quiet machine; its own waits bound it under load
-def test_cuts_stalls_and_kills_lose_and_duplicate_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("live_first", [False, True], ids=["one-lane", "live-first"])
+def test_cuts_stalls_and_kills_lose_and_duplicate_nothing(tmp_path, live_first) -> None:  # type: ignore[no-untyped-def]
     parent_port = free_port(PARENT_ADDRESS)
     parent = parent_hub(tmp_path, f'addresses = ["{PROXY_ADDRESS}"]\n', tls_port=parent_port)
     # the parent's [hub] table gets the proxy's address as a SAN (extra_config lands after [api])
     parent.config_file.write_text(parent.config_file.read_text().replace(
         f'addresses = ["{PROXY_ADDRESS}"]\n', "").replace(
         '[hub]\n', f'[hub]\naddresses = ["{PROXY_ADDRESS}"]\n'))
-    child = child_hub(tmp_path)
+    child = child_hub(tmp_path, "live_first = true\n" if live_first else "")
     parent.start()
     child.start()
     try:
-        asyncio.run(_run(parent, child))
+        asyncio.run(_run(parent, child, live_first))
     finally:
         child.stop()
         parent.stop()
 
 
-async def _run(parent: HubProcess, child: HubProcess) -> None:
+async def _run(parent: HubProcess, child: HubProcess, live_first: bool) -> None:
     proxy = await FaultProxy((PROXY_ADDRESS, 0), (PARENT_ADDRESS, parent.port("mqtt_tls_port"))).start()
     try:
         await asyncio.to_thread(link, parent, child, host=PROXY_ADDRESS, port=proxy.port)
@@ -108,15 +115,19 @@ async def _run(parent: HubProcess, child: HubProcess) -> None:
     ids = Counter(mid for _, _, mid in at_parent)
     assert len(ids) == len(at_parent), f"duplicates at the parent: {ids.most_common(3)}"
     # per-device order: the child's log order (the seq in the stable id) is kept at the parent
-    by_origin: dict[str, list[int]] = {}
+    # (within each lane: the boundaries the child recorded, if any)
+    bounds = sorted({int(b) for b in re.findall(r"live lane above (\d+)", child.log_text())})
+    assert bool(bounds) == live_first
+    by_origin: dict[tuple[str, int], list[int]] = {}
     for origin, _, mid in at_parent:
-        by_origin.setdefault(origin, []).append(int(mid.rsplit("-", 1)[1]))
-    assert set(by_origin) == {d.device_id for d in devices}
-    for origin, seqs in by_origin.items():
-        assert seqs == sorted(seqs), f"{origin}: out of order"
+        seq = int(mid.rsplit("-", 1)[1])
+        by_origin.setdefault((origin, bisect.bisect_left(bounds, seq)), []).append(seq)
+    assert {o for o, _ in by_origin} == {d.device_id for d in devices}
+    for (origin, lane), seqs in by_origin.items():
+        assert seqs == sorted(seqs), f"{origin}: out of order in lane {lane}"
     total_acked = sum(len(d.acked) for d in devices)
     assert total_acked >= DEVICES * PER_DEVICE
     print(f"\nfaults: {st.cuts_rst} RST + {st.cuts_fin} FIN cuts, {st.stalls} stalls, "
           f"{st.throttles} throttles, {st.connections} connections; {len(at_parent)} messages "
-          f"at the parent, {parent.info and 'ok'}")
+          f"at the parent, {len(bounds)} lane boundaries")
     assert json.loads(json.dumps(s))  # status stays JSON
