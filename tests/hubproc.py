@@ -43,6 +43,9 @@ class HubProcess:
         runtime = self.data_dir / "hub.json"
         if runtime.exists():
             runtime.unlink()
+        old = getattr(self, "_log", None)
+        if old is not None:
+            old.close()  # a restart after kill(): the earlier process's log handle
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "--log-level", self.log_level, "run",
