@@ -10,8 +10,11 @@ all everything goes to ``events``.
 
 Cost: conditions that read only properties and identities give the same answer for every
 message with the same stored properties (one topic of one connection), so their outcome is
-cached per properties text; only conditions on the body, the twin or the enqueued time run
-per message, on one shared :class:`MessageView` (body decoded at most once).
+cached per properties text; conditions that read the twin besides are cached with it until the
+twin changes (the twin look-up gives a new object for every change, as the hub's twin store
+does); only conditions on the body or the enqueued time run per message, all of one property
+set in one generated function (:func:`gateway.routing.compiler.compile_table`: the body decoded
+at most once, the twin looked up at most once, no view object).
 """
 
 from __future__ import annotations
@@ -21,7 +24,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from gateway.routing.compiler import Compiled, compile_table
+from gateway.routing.compiler import (
+    NOT_LOOKED_UP,
+    Compiled,
+    compile_source,
+    fold_properties,
+    table_source,
+)
 from gateway.routing.message import MessageView, TwinLookup, body_codec
 from gateway.routing.model import (
     EVENTS,
@@ -42,6 +51,7 @@ ALL_KINDS: Final = frozenset(SOURCES.values())
 FALLBACK_ONLY: Final = (FALLBACK,)
 NOWHERE: Final[tuple[str, ...]] = ()
 CACHE_LIMIT: Final = 4096
+_NO_TWIN: Final[Any] = NOT_LOOKED_UP
 
 
 class Routed(Protocol):
@@ -83,6 +93,7 @@ class _Route:
     kinds: frozenset[str]
     prefix: str | None  # edgeHub source: lower-case path prefix ending in "/"
     static: bool  # the condition reads only properties and ids
+    twin_only: bool  # ... and the twin
 
     def source_matches(self, kind: str, path: str | None) -> bool:
         if kind not in self.kinds:
@@ -98,17 +109,40 @@ def _compile(index: int, spec: RouteSpec) -> _Route:
     else:
         prefix = None
         kinds = frozenset({SOURCES[spec.source]})
-    return _Route(index, spec, compiled, kinds, prefix, compiled.deps <= {"props"})
+    return _Route(index, spec, compiled, kinds, prefix, compiled.deps <= {"props"},
+                  "twin" in compiled.deps and compiled.deps <= {"props", "twin"})
 
 
 def _slow_table(routes: list[_Route]) -> Table:
     def table(system: Mapping[str, str], application: Mapping[str, str | None], body: bytes,
               device_id: str, module_id: str | None, enqueued_ms: int,
-              twins: TwinLookup | None) -> list[str]:
+              twins: TwinLookup | None, twin: Any = _NO_TWIN) -> list[str]:
+        if twin is not _NO_TWIN:
+            twins = _fixed(twin)
         view = MessageView(system, application, body, device_id=device_id, module_id=module_id,
                            enqueued_ms=enqueued_ms, twins=twins)
         return [r.spec.name for r in routes if r.compiled.predicate(view)]
     return table
+
+
+def _fixed(twin: Any) -> TwinLookup:
+    return lambda device_id, module_id: twin  # noqa: ARG005
+
+
+class _Split:
+    """What routing one property set takes: the routes it matches whatever the message
+    (``names``), the routes that also read the twin (``twin_table``, with the last twin seen and
+    their outcome for it) and those to run per message (``table``)."""
+
+    __slots__ = ("names", "table", "twin", "twin_names", "twin_table")
+
+    def __init__(self, names: tuple[str, ...], twin_table: Table | None,
+                 table: Table | None) -> None:
+        self.names = names
+        self.twin_table = twin_table
+        self.table = table
+        self.twin: Any = _NO_TWIN
+        self.twin_names: tuple[str, ...] = ()
 
 
 class Router:
@@ -127,8 +161,8 @@ class Router:
         self.fallback = self.state.fallback
         self.trivial = self.empty  # everything goes to events (or nowhere): no evaluation
         self.default = FALLBACK_ONLY if self.fallback else NOWHERE  # what route() gives then
-        self._cache: dict[str, tuple[tuple[str, ...], Table | None]] = {}
-        self._tables: dict[tuple[tuple[int, ...], str | None], Table] = {}
+        self._cache: dict[str, _Split] = {}
+        self._tables: dict[tuple[str, str], Table] = {}
         self._endpoint_routes: dict[str, frozenset[str]] = {}
         for r in routes:
             self._endpoint_routes[r.spec.endpoint] = self._endpoint_routes.get(
@@ -164,10 +198,19 @@ class Router:
                     if len(self._cache) >= CACHE_LIMIT:
                         self._cache.clear()
                     self._cache[key] = hit
-            names, table = hit
-            if table is not None:
-                more = table(system, application, body, device_id, module_id, enqueued_ms,
-                             self.twins)
+            names = hit.names
+            twin: Any = _NO_TWIN
+            if hit.twin_table is not None:
+                twin = self.twins(device_id, module_id) if self.twins is not None else None
+                if twin is not hit.twin:  # a new twin object: the twin changed (or a new split)
+                    hit.twin_names = tuple(hit.twin_table(
+                        system, application, b"", device_id, module_id, 0, None, twin))
+                    hit.twin = twin if key is not None else _NO_TWIN
+                if hit.twin_names:
+                    names = names + hit.twin_names
+            if hit.table is not None:
+                more = hit.table(system, application, body, device_id, module_id, enqueued_ms,
+                                 self.twins, twin)
                 if more:
                     names = names + tuple(more)
         if not names and kind == TELEMETRY and self.fallback:
@@ -181,36 +224,45 @@ class Router:
         return bool(self._by_kind.get(kind))
 
     def _split(self, kind: str, system: Mapping[str, str], application: Mapping[str, str | None],
-               device_id: str, module_id: str | None) -> tuple[tuple[str, ...], Table | None]:
-        """(static routes matched, the compiled table of the routes left to evaluate per
-        message) for one property set."""
+               device_id: str, module_id: str | None) -> _Split:
+        """The static routes matched, and the compiled tables of the routes left to evaluate
+        per twin and per message, for one property set."""
         path = source_path(kind, module_id, system)
         view = MessageView(system, application, b"", device_id=device_id, module_id=module_id,
                            enqueued_ms=0)
         matched: list[str] = []
+        twin_only: list[int] = []
         dynamic: list[int] = []
         for r in self._by_kind[kind]:
             if not r.source_matches(kind, path):
                 continue
-            if not r.static:
+            if r.twin_only:
+                twin_only.append(r.index)
+            elif not r.static:
                 dynamic.append(r.index)
             elif r.compiled.predicate(view):
                 matched.append(r.spec.name)
-        if not dynamic:
-            return tuple(matched), None
-        return tuple(matched), self._table(tuple(dynamic), body_codec(system))
+        codec = body_codec(system)
+        return _Split(tuple(matched),
+                      self._table(twin_only, None, view) if twin_only else None,
+                      self._table(dynamic, codec, view) if dynamic else None)
 
-    def _table(self, indexes: tuple[int, ...], codec: str | None) -> Table:
-        """The compiled conditions of ``indexes`` for messages whose body has ``codec``."""
-        table = self._tables.get((indexes, codec))
-        if table is None:
-            routes = [self._routes[i] for i in indexes]
-            try:
-                table = compile_table([r.compiled.tree for r in routes],
-                                      [r.spec.name for r in routes], codec)
-            except (SyntaxError, RecursionError, MemoryError):  # past CPython's nesting limits
-                table = _slow_table(routes)
-            self._tables[(indexes, codec)] = table
+    def _table(self, indexes: list[int], codec: str | None, view: MessageView) -> Table:
+        """The conditions of ``indexes`` for messages with ``view``'s properties (folded in:
+        what reads only them is a constant here) and a body with ``codec``; one compiled
+        function per distinct source."""
+        routes = [self._routes[i] for i in indexes]
+        try:
+            trees = [fold_properties(r.compiled.tree, view) for r in routes]
+            source, consts = table_source(trees, [r.spec.name for r in routes], codec)
+            key = (source, repr(sorted((k, type(v).__name__, repr(v)) for k, v in consts.items())))
+            table = self._tables.get(key)
+            if table is None:
+                if len(self._tables) >= CACHE_LIMIT:
+                    self._tables.clear()
+                table = self._tables[key] = compile_source(source, consts)
+        except (SyntaxError, RecursionError, MemoryError):  # past CPython's nesting limits
+            table = _slow_table(routes)
         return table
 
     # -- readers -------------------------------------------------------------------------------
