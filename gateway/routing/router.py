@@ -54,6 +54,13 @@ CACHE_LIMIT: Final = 4096
 _NO_TWIN: Final[Any] = NOT_LOOKED_UP
 
 
+class TwinChanges(Protocol):
+    """Counts the changes of the twins a :data:`TwinLookup` gives (the hub's twin store)."""
+
+    @property
+    def changes(self) -> int: ...
+
+
 class Routed(Protocol):
     """A stored message as readers see it (:class:`gateway.store.log.Entry`)."""
 
@@ -134,25 +141,31 @@ class _Split:
     (``names``), the routes that also read the twin (``twin_table``, with the last twin seen and
     their outcome for it) and those to run per message (``table``)."""
 
-    __slots__ = ("names", "table", "twin", "twin_names", "twin_table")
+    __slots__ = ("names", "reads_twin", "seen", "table", "twin", "twin_names", "twin_table")
 
     def __init__(self, names: tuple[str, ...], twin_table: Table | None,
-                 table: Table | None) -> None:
+                 table: Table | None, reads_twin: bool) -> None:
         self.names = names
         self.twin_table = twin_table
         self.table = table
-        self.twin: Any = _NO_TWIN
+        self.reads_twin = reads_twin  # some route left reads the twin: the router looks it up
+        self.twin: Any = _NO_TWIN  # the twin last looked up, twin_names are for it
         self.twin_names: tuple[str, ...] = ()
+        self.seen = -1  # the twin store's change count when twin was looked up
 
 
 class Router:
     """One immutable, compiled routing state. Build a new one to change routing."""
 
     def __init__(self, state: RoutingState | None = None, *, hub_name: str = "",
-                 twins: TwinLookup | None = None) -> None:
+                 twins: TwinLookup | None = None, twin_changes: TwinChanges | None = None) -> None:
+        """``twins`` gives a new object whenever a twin changes (never mutates one);
+        ``twin_changes``, when given, counts those changes, so that while it stands still a
+        property set's twin need not be looked up again."""
         self.state = state or RoutingState()
         self.hub_name = hub_name
         self.twins = twins
+        self.twin_changes = twin_changes
         routes = [_compile(i, r) for i, r in enumerate(self.state.routes)]
         self._routes = routes
         enabled = [r for r in routes if r.spec.enabled]
@@ -200,12 +213,19 @@ class Router:
                     self._cache[key] = hit
             names = hit.names
             twin: Any = _NO_TWIN
-            if hit.twin_table is not None:
-                twin = self.twins(device_id, module_id) if self.twins is not None else None
-                if twin is not hit.twin:  # a new twin object: the twin changed (or a new split)
-                    hit.twin_names = tuple(hit.twin_table(
-                        system, application, b"", device_id, module_id, 0, None, twin))
-                    hit.twin = twin if key is not None else _NO_TWIN
+            if hit.reads_twin:
+                clock = self.twin_changes
+                if clock is not None and clock.changes == hit.seen:
+                    twin = hit.twin  # no twin changed since this one was looked up
+                else:
+                    twin = self.twins(device_id, module_id) if self.twins is not None else None
+                    if hit.twin_table is not None and twin is not hit.twin:
+                        hit.twin_names = tuple(hit.twin_table(
+                            system, application, b"", device_id, module_id, 0, None, twin))
+                    if key is not None:  # a split kept in the cache: remember for next time
+                        hit.twin = twin
+                        if clock is not None:
+                            hit.seen = clock.changes
                 if hit.twin_names:
                     names = names + hit.twin_names
             if hit.table is not None:
@@ -243,9 +263,11 @@ class Router:
             elif r.compiled.predicate(view):
                 matched.append(r.spec.name)
         codec = body_codec(system)
+        reads_twin = bool(twin_only) or any("twin" in self._routes[i].compiled.deps
+                                            for i in dynamic)
         return _Split(tuple(matched),
                       self._table(twin_only, None, view) if twin_only else None,
-                      self._table(dynamic, codec, view) if dynamic else None)
+                      self._table(dynamic, codec, view) if dynamic else None, reads_twin)
 
     def _table(self, indexes: list[int], codec: str | None, view: MessageView) -> Table:
         """The conditions of ``indexes`` for messages with ``view``'s properties (folded in:

@@ -187,6 +187,20 @@ def test_twin_conditions_run_once_per_twin_and_the_twin_is_looked_up_once_per_me
     twin = Twin(tags={"site": "b"}, desired={"mode": "eco"})  # changed: a new object
     assert r.route("telemetry", JSON, {}, b'{"t": 40}', "dev1", None, 0, "k") == ("eco",)
 
+    class Changes:
+        changes = 0
+
+    counter = Changes()
+    lookups.clear()
+    r = Router(state, twins=lookup, twin_changes=counter)
+    for _ in range(3):
+        assert r.route("telemetry", JSON, {}, b'{"t": 40}', "dev1", None, 0, "k") == ("eco",)
+    assert len(lookups) == 1  # no twin changed: the one looked up first still holds
+    twin = Twin(tags={"site": "a"}, desired={"mode": "boost"})
+    counter.changes += 1
+    assert r.route("telemetry", JSON, {}, b'{"t": 40}', "dev1", None, 0, "k") == ("site",)
+    assert len(lookups) == 2
+
 
 def test_disabled_routes_and_module_inputs() -> None:
     r = router({"a": 'FROM /messages/modules/s/* INTO BrokeredEndpoint("/modules/f/inputs/in1")',
