@@ -175,7 +175,8 @@ class Router:
         self.trivial = self.empty  # everything goes to events (or nowhere): no evaluation
         self.default = FALLBACK_ONLY if self.fallback else NOWHERE  # what route() gives then
         self._cache: dict[str, _Split] = {}
-        self._tables: dict[tuple[str, str], Table] = {}
+        self._tables: dict[tuple[str, str], Table] = {}  # by source
+        self._general: dict[tuple[tuple[int, ...], str | None], Table] = {}  # unfolded
         self._endpoint_routes: dict[str, frozenset[str]] = {}
         for r in routes:
             self._endpoint_routes[r.spec.endpoint] = self._endpoint_routes.get(
@@ -206,7 +207,8 @@ class Router:
         if self._by_kind.get(kind):
             hit = self._cache.get(key) if key is not None else None
             if hit is None:
-                hit = self._split(kind, system, application, device_id, module_id)
+                hit = self._split(kind, system, application, device_id, module_id,
+                                  key is not None)
                 if key is not None:
                     if len(self._cache) >= CACHE_LIMIT:
                         self._cache.clear()
@@ -244,9 +246,11 @@ class Router:
         return bool(self._by_kind.get(kind))
 
     def _split(self, kind: str, system: Mapping[str, str], application: Mapping[str, str | None],
-               device_id: str, module_id: str | None) -> _Split:
+               device_id: str, module_id: str | None, kept: bool) -> _Split:
         """The static routes matched, and the compiled tables of the routes left to evaluate
-        per twin and per message, for one property set."""
+        per twin and per message, for one property set; ``kept``: the split is cached for
+        the messages of this property set (so worth compiling with the properties folded
+        in), else it serves one message (an event) and takes the general tables."""
         path = source_path(kind, module_id, system)
         view = MessageView(system, application, b"", device_id=device_id, module_id=module_id,
                            enqueued_ms=0)
@@ -265,17 +269,22 @@ class Router:
         codec = body_codec(system)
         reads_twin = bool(twin_only) or any("twin" in self._routes[i].compiled.deps
                                             for i in dynamic)
+        props = view if kept else None
         return _Split(tuple(matched),
-                      self._table(twin_only, None, view) if twin_only else None,
-                      self._table(dynamic, codec, view) if dynamic else None, reads_twin)
+                      self._table(twin_only, None, props) if twin_only else None,
+                      self._table(dynamic, codec, props) if dynamic else None, reads_twin)
 
-    def _table(self, indexes: list[int], codec: str | None, view: MessageView) -> Table:
+    def _table(self, indexes: list[int], codec: str | None, view: MessageView | None) -> Table:
         """The conditions of ``indexes`` for messages with ``view``'s properties (folded in:
-        what reads only them is a constant here) and a body with ``codec``; one compiled
-        function per distinct source."""
+        what reads only them is a constant here; None: any properties) and a body with
+        ``codec``; one compiled function per distinct source."""
         routes = [self._routes[i] for i in indexes]
+        general = (tuple(indexes), codec)
+        if view is None and general in self._general:
+            return self._general[general]
         try:
-            trees = [fold_properties(r.compiled.tree, view) for r in routes]
+            trees = [r.compiled.tree if view is None else fold_properties(r.compiled.tree, view)
+                     for r in routes]
             source, consts = table_source(trees, [r.spec.name for r in routes], codec)
             key = (source, repr(sorted((k, type(v).__name__, repr(v)) for k, v in consts.items())))
             table = self._tables.get(key)
@@ -285,6 +294,8 @@ class Router:
                 table = self._tables[key] = compile_source(source, consts)
         except (SyntaxError, RecursionError, MemoryError):  # past CPython's nesting limits
             table = _slow_table(routes)
+        if view is None:
+            self._general[general] = table
         return table
 
     # -- readers -------------------------------------------------------------------------------
