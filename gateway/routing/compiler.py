@@ -1,15 +1,21 @@
 """Compile a parsed condition once into a Python predicate (IoT Hub ref §10.2-10.3). Pure.
 
-The tree becomes the source of one small function, compiled with :func:`compile`: property
-look-ups are direct ``dict.get`` calls, comparisons with a literal are inlined with their type
-test, ``AND``/``OR`` short-circuit with the cheaper operand first (properties before the twin,
-the twin before the body: the language has no side effects, and the three-valued ``AND``/
-``OR`` are commutative), and the body is decoded only when a body operand is reached. The
+The tree becomes the source of one small function, compiled with :func:`compile`. A route
+needs only "is the condition exactly ``true``", so the code is a Python test, not a value:
+the three-valued ``AND``/``OR``/``NOT`` become Python's ``and``/``or`` (``NOT x`` is true
+exactly when ``x`` is false, so the test for false is generated too), a comparison with a
+literal is one type test and one operator on a constant, property look-ups are direct
+``dict.get`` calls, and the cheaper operand goes first (properties before the twin, the twin
+before the body: the language has no side effects, and the three-valued ``AND``/``OR`` are
+commutative). Values are computed (:meth:`_Gen.expr`) only where an operator needs one. The
 meaning is :func:`gateway.routing.semantics.evaluate`'s; tests check the two agree.
 
 :attr:`Compiled.deps` says what a condition reads (``props``, ``time``, ``twin``, ``body``): a
 condition that reads only properties gives the same answer for every message with the same
-properties, which the router uses to cache it per topic.
+properties, which the router uses to cache it per topic; :func:`fold_properties` puts those
+answers into the rest, and :func:`compile_table` compiles all the routes left for one set of
+properties into one function (the body decoded once, up front when the first condition that
+reads it reads it first thing; the twin looked up once).
 """
 
 from __future__ import annotations
