@@ -220,7 +220,8 @@ class RoutingService:
             return state
 
     async def _commit(self, state: RoutingState, *, file_doc: str | None = None) -> None:
-        router = Router(state, hub_name=self.hub.host_name, twins=self.hub.twin_store.get)
+        router = Router(state, hub_name=self.hub.host_name, twins=self.hub.twin_store.get,
+                        twin_changes=self.hub.twin_store)
         rows = [("state", json.dumps(state_json(state, secrets=True)))]
         if file_doc is not None:
             rows.append(("file", file_doc))

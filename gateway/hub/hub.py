@@ -161,7 +161,7 @@ class Hub:
         self.provisioning: ProvisioningService | None = None
         self.children = ChildDirectory(registry, twin_store, self.connection_state)
         # The route table (DESIGN step 4); the routing service swaps in a new one on change.
-        self.router = Router(hub_name=host_name, twins=twin_store.get)
+        self.router = Router(hub_name=host_name, twins=twin_store.get, twin_changes=twin_store)
         self.on_behalf: onbehalf.OnBehalf | None = None  # edge devices acting for others
         self.quota: DailyQuota | None = None  # [hub] daily_message_quota (IoT Hub's 403002)
         self.billed_messages = 0  # telemetry messages received (a pack of readings is one)

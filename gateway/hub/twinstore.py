@@ -120,12 +120,14 @@ class TwinStore:
         self._clock = clock
         self._twins: dict[str, dict[str | None, Twin]] = {}  # device_id -> module_id -> twin
         self._heads: dict[Key, _Head] = {}  # twins with writes in flight
+        self.changes = 0  # counts changes to what get() returns (the router's cue to look again)
 
     async def open(self) -> None:
         """Create or migrate the table, then load every twin into memory."""
         await self._db.migrate(MIGRATION)
         loaded = await self._db.run(_load_all)
         self._twins = {}
+        self.changes += 1
         for twin in loaded:
             self._twins.setdefault(twin.device_id, {})[twin.module_id] = twin
         log.info("twins loaded count=%d", len(loaded))
@@ -319,6 +321,7 @@ class TwinStore:
         device_id, module_id = keys[0]
 
         def apply() -> None:
+            self.changes += 1
             if module_id is None:
                 self._twins.pop(device_id, None)
             else:
@@ -359,6 +362,7 @@ class TwinStore:
         return twin
 
     def _put(self, twin: Twin) -> None:
+        self.changes += 1
         self._twins.setdefault(twin.device_id, {})[twin.module_id] = twin
 
 

@@ -1,15 +1,21 @@
 """Compile a parsed condition once into a Python predicate (IoT Hub ref §10.2-10.3). Pure.
 
-The tree becomes the source of one small function, compiled with :func:`compile`: property
-look-ups are direct ``dict.get`` calls, comparisons with a literal are inlined with their type
-test, ``AND``/``OR`` short-circuit with the cheaper operand first (properties before the twin,
-the twin before the body: the language has no side effects, and the three-valued ``AND``/
-``OR`` are commutative), and the body is decoded only when a body operand is reached. The
+The tree becomes the source of one small function, compiled with :func:`compile`. A route
+needs only "is the condition exactly ``true``", so the code is a Python test, not a value:
+the three-valued ``AND``/``OR``/``NOT`` become Python's ``and``/``or`` (``NOT x`` is true
+exactly when ``x`` is false, so the test for false is generated too), a comparison with a
+literal is one type test and one operator on a constant, property look-ups are direct
+``dict.get`` calls, and the cheaper operand goes first (properties before the twin, the twin
+before the body: the language has no side effects, and the three-valued ``AND``/``OR`` are
+commutative). Values are computed (:meth:`_Gen.expr`) only where an operator needs one. The
 meaning is :func:`gateway.routing.semantics.evaluate`'s; tests check the two agree.
 
 :attr:`Compiled.deps` says what a condition reads (``props``, ``time``, ``twin``, ``body``): a
 condition that reads only properties gives the same answer for every message with the same
-properties, which the router uses to cache it per topic.
+properties, which the router uses to cache it per topic; :func:`fold_properties` puts those
+answers into the rest, and :func:`compile_table` compiles all the routes left for one set of
+properties into one function (the body decoded once, up front when the first condition that
+reads it reads it first thing; the twin looked up once).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from gateway.routing.message import (
     decode_body,
     decode_with,
     iso_ms,
+    loads_utf8,
     system_key,
 )
 from gateway.routing.query import (
@@ -134,12 +141,20 @@ def _arith(fn: Callable[[Any, Any], Any], zero_guard: bool) -> Callable[[Any, An
     return run
 
 
+_EMPTY: dict[str, Any] = {}  # never written: a body or twin section that is not an object
+
+
+def _as_dict(value: Any) -> Any:
+    return value if value.__class__ is dict else _EMPTY
+
+
 _CMP_HELPER = {"=": "_eq", "!=": "_ne", "<>": "_ne", "<": "_lt", ">": "_gt", "<=": "_le",
                ">=": "_ge"}
 _ARITH_HELPER = {"+": "_add", "-": "_sub", "*": "_mul", "/": "_div", "%": "_mod"}
 
 _NAMESPACE: dict[str, Any] = {
-    "U": U, "_NUM": _NUM, "_walk": semantics.walk, "_iso": iso_ms,
+    "U": U, "_NUM": _NUM, "_walk": semantics.walk, "_iso": iso_ms, "_E": _EMPTY,
+    "_dict": _as_dict,
     "_tci": semantics.twin_change_includes,
     "_eq": _eq, "_ne": _ne, "_lt": _lt, "_gt": _gt, "_le": _le, "_ge": _ge,
     "_add": _arith(lambda a, b: a + b, False), "_sub": _arith(lambda a, b: a - b, False),
@@ -155,22 +170,57 @@ _NAMESPACE: dict[str, Any] = {
 class _Gen:
     """Code for one condition over a :class:`MessageView` ``m`` (``raw=False``), or for a whole
     table over the raw parts (``raw=True``: locals ``S`` ``A`` ``body`` ``dev`` ``mod`` ``enq``
-    ``twins``, with the decoded body ``B`` and the twin ``T`` computed on first use)."""
+    ``twins``, with the decoded body ``B``, the body as an object ``D``, the twin ``T`` and its
+    sections ``G_tags`` ``G_desired`` ``G_reported`` computed on first use).
+
+    :meth:`truth` is the form a route needs: a Python test that holds exactly when the
+    condition is ``true`` (or exactly ``false``, under ``NOT``), so the three-valued ``AND``/
+    ``OR``/``NOT`` become Python's ``and``/``or`` and a comparison with a literal is one type
+    test and one operator; :meth:`expr` gives the value itself where one is needed."""
 
     def __init__(self, raw: bool = False, codec: str | None | object = None) -> None:
         self.consts: dict[str, Any] = {}
         self.temps = 0
         self.raw = raw
         self.codec = codec  # raw: AUTO (look at the properties), None (no body), or a codec
+        self.decoded = False  # raw: B and D are set already (decoded by a statement)
+
+    def decode_statement(self) -> list[str]:
+        """Lines that decode the body into ``B`` and ``D`` now (for a condition that reads it
+        first thing: no test per operand after it)."""
+        self.decoded = True
+        tail = ["    D = B if B.__class__ is dict else _E"]
+        if self.codec is AUTO:
+            return ["    B = _decode(body, S)", *tail]
+        call = f"_decode_with(body, {self.const(self.codec)})"
+        if self.codec != "utf-8-sig":
+            return [f"    B = {call}", *tail]
+        # the common case without a Python call: UTF-8 without a byte order mark, which the
+        # fast decoder takes; anything it refuses goes the general way (decode_with)
+        return ["    try:",
+                f"        B = _loads(body) if body[:1] != b'\\xef' else {call}",
+                "    except ValueError:",
+                f"        B = {call}", *tail]
 
     def body(self) -> str:
         if not self.raw:
             return "m.body_json()"
+        if self.decoded:
+            return "B"
         if self.codec is AUTO:
             return "(B if B is not _N else (B := _decode(body, S)))"
         if self.codec is None:
             return "U"
         return f"(B if B is not _N else (B := _decode_with(body, {self.const(self.codec)})))"
+
+    def body_object(self) -> str | None:
+        """The body when it is a JSON object, else ``{}`` (a key path reads undefined either
+        way); None where there is no such local."""
+        if not self.raw or self.codec is None:
+            return None
+        if self.decoded:
+            return "D"
+        return f"(D if D is not None else (D := _dict({self.body()})))"
 
     def twin(self, section: str) -> str:
         if not self.raw:
@@ -179,34 +229,50 @@ class _Gen:
         return (f"(U if ({t} := (T if T is not _N else (T := (twins(dev, mod) if twins is not None"
                 f" else None)))) is None else {t}.{section})")
 
+    def twin_object(self, section: str) -> str | None:
+        if not self.raw:
+            return None
+        local, t, v = f"G_{section}", self.temp(), self.temp()
+        twin = "(T if T is not _N else (T := (twins(dev, mod) if twins is not None else None)))"
+        return (f"({local} if {local} is not None else ({local} := _E if ({t} := {twin}) is None"
+                f" else ({v} if ({v} := {t}.{section}).__class__ is dict else _E)))")
+
     def const(self, value: Any) -> str:
         name = f"_c{len(self.consts)}"
         self.consts[name] = value
         return name
+
+    def lit(self, value: Any) -> str:
+        """A literal in the source where Python has one (a constant load), else a name."""
+        if type(value) is str or type(value) is int or (
+                type(value) is float and math.isfinite(value)):
+            return f"({value!r})"
+        return self.const(value)
 
     def temp(self) -> str:
         self.temps += 1
         return f"_t{self.temps}"
 
     def expr(self, node: Node) -> str:  # noqa: C901 - one branch per node type
+        node = _fold(node)
         if isinstance(node, Lit):
             if node.value is U:
                 return "U"
             if node.value is None or type(node.value) is bool:
                 return repr(node.value)
-            return self.const(node.value)
+            return self.const(node.value)  # a name: ``is`` tests on a literal are refused
         if isinstance(node, AppProp):
-            return f"A.get({self.const(node.name)}, U)"
+            return f"A.get({self.lit(node.name)}, U)"
         if isinstance(node, SysProp):
             if node.name.lower() == ENQUEUED_TIME:
                 return "_iso(enq)" if self.raw else "_iso(m.enqueued_ms)"
             t = self.temp()
-            key, fallback = self.const(system_key(node.name)), self.const("$" + node.name)
+            key, fallback = self.lit(system_key(node.name)), self.lit("$" + node.name)
             return f"({t} if ({t} := S.get({key}, U)) is not U else A.get({fallback}, U))"
         if isinstance(node, BodyPath):
-            return self._path(self.body(), node.path)
+            return self._path(self.body(), node.path, self.body_object())
         if isinstance(node, TwinPath):
-            return self._path(self.twin(node.section), node.path)
+            return self._path(self.twin(node.section), node.path, self.twin_object(node.section))
         if isinstance(node, Unary):
             t = self.temp()
             inner = self.expr(node.operand)
@@ -219,18 +285,83 @@ class _Gen:
         if isinstance(node, Call):
             if node.name == "TWIN_CHANGE_INCLUDES":
                 return f"_tci({self.body()}, {self.const(node.args[0].value)})"  # type: ignore[union-attr]
+            if node.name in _TYPE_TESTS:
+                return f"({self.expr(node.args[0])}{_TYPE_TESTS[node.name]})"
             return f"_f_{node.name}({', '.join(self.expr(a) for a in node.args)})"
         raise TypeError(node)  # pragma: no cover
 
-    def _path(self, base: str, path: tuple[Any, ...]) -> str:
-        """Inline steps: ``x.get(k, U)`` behind a dict test, ``x[i]`` behind a list test."""
+    def truth(self, node: Node, want: bool = True) -> str:
+        """A Python test that holds exactly when ``node`` is ``want`` (``true``/``false``)."""
+        node = _fold(node)
+        if isinstance(node, Lit):
+            return "True" if node.value is want else "False"
+        if isinstance(node, Unary) and node.op == "NOT":
+            return self.truth(node.operand, not want)
+        if isinstance(node, Binary):
+            if node.op in ("AND", "OR"):
+                left, right = node.left, node.right
+                if cost(right) < cost(left):
+                    left, right = right, left
+                # AND is true when both are, false when either is; OR the other way round
+                both = (node.op == "AND") == want  # else either
+                a = self.truth(left, want)
+                if a == ("False" if both else "True"):
+                    return a
+                b = self.truth(right, want)
+                if a == ("True" if both else "False"):
+                    return b
+                if b == ("True" if both else "False"):
+                    return a
+                if b == ("False" if both else "True"):
+                    return b
+                return f"({a}{' and ' if both else ' or '}{b})"
+            if node.op in _CMP_HELPER:
+                test = self._compare_truth(node.op, _fold(node.left), _fold(node.right), want)
+                if test is not None:
+                    return test
+        if isinstance(node, Call) and node.name in _TYPE_TESTS:
+            test = f"({self.expr(node.args[0])}{_TYPE_TESTS[node.name]})"
+            return test if want else f"(not {test})"
+        return f"({self.expr(node)} is {want!r})"
+
+    def _compare_truth(self, op: str, left: Node, right: Node, want: bool) -> str | None:
+        """``left op literal`` as a test for ``want``; None when neither side is a literal."""
+        if isinstance(left, Lit) and not isinstance(right, Lit):
+            left, right, op = right, left, _FLIP[op]
+        if not isinstance(right, Lit) or isinstance(left, Lit):
+            return None
+        value = right.value
+        equality = op in ("=", "!=", "<>")
+        if value is U or ((value is None or type(value) is bool) and not equality):
+            return "False"  # undefined whatever the other side is
+        inner = self.expr(left)
+        if value is None:  # x = null is true for null and never false; != the other way
+            return f"({inner} is None)" if (op == "=") == want else "False"
+        if type(value) is bool:  # x = true: true for true, false for false
+            return f"({inner} is {value if (op == '=') == want else not value!r})"
+        pyop = _PYOP[op] if want else _NEG[_PYOP[op]]
+        c = self.lit(value)
+        if type(value) is str and pyop == "==":
+            return f"({inner} == {c})"  # only a str equals a str among the language's values
+        t = self.temp()
+        kind = "is str" if type(value) is str else "in _NUM"
+        return f"(({t} := {inner}).__class__ {kind} and {t} {pyop} {c})"
+
+    def _path(self, base: str, path: tuple[Any, ...], obj: str | None = None) -> str:
+        """Inline steps: ``x.get(k, U)`` behind a dict test, ``x[i]`` behind a list test;
+        ``obj``, when given, is ``base`` as an object (``{}`` when it is not one), so a first
+        key step needs no test."""
         if len(path) > 4:
             return f"_walk({base}, {self.const(path)})"
         code = base
-        for step in path:
+        for i, step in enumerate(path):
             t = self.temp()
             if type(step) is str:
-                code = f"({t}.get({self.const(step)}, U) if ({t} := {code}).__class__ is dict else U)"
+                if i == 0 and obj is not None:
+                    code = f"{obj}.get({self.lit(step)}, U)"
+                else:
+                    code = (f"({t}.get({self.lit(step)}, U) if ({t} := {code}).__class__ is dict"
+                            " else U)")
             else:
                 code = (f"({t}[{step}] if ({t} := {code}).__class__ is list and len({t}) > {step}"
                         " else U)")
@@ -256,7 +387,7 @@ class _Gen:
             return (f"({a} + {b} if ({a} := {self.expr(node.left)}).__class__ is str and "
                     f"({b} := {self.expr(node.right)}).__class__ is str else U)")
         if op in _CMP_HELPER:
-            return self._compare(op, node.left, node.right)
+            return self._compare(op, _fold(node.left), _fold(node.right))
         return f"{_ARITH_HELPER[op]}({self.expr(node.left)}, {self.expr(node.right)})"
 
     def _compare(self, op: str, left: Node, right: Node) -> str:
@@ -278,10 +409,27 @@ class _Gen:
                     return "U"
                 test = "is" if op == "=" else "is not"
                 return f"(({t} {test} {value!r}) if ({t} := {inner}).__class__ is bool else U)"
-            c = self.const(value)
+            c = self.lit(value)
             kind = "is str" if type(value) is str else "in _NUM"
             return f"(({t} {_PYOP[op]} {c}) if ({t} := {inner}).__class__ {kind} else U)"
         return f"{_CMP_HELPER[op]}({self.expr(left)}, {self.expr(right)})"
+
+
+_NEG = {"==": "!=", "!=": "==", "<": ">=", ">": "<=", "<=": ">", ">=": "<"}
+"""The negated operator: exact for numbers and strings (the language has no NaN)."""
+_TYPE_TESTS = {"IS_ARRAY": ".__class__ is list", "IS_BOOL": ".__class__ is bool",
+               "IS_NUMBER": ".__class__ in _NUM", "IS_OBJECT": ".__class__ is dict",
+               "IS_STRING": ".__class__ is str", "IS_DEFINED": " is not U", "IS_NULL": " is None"}
+"""Type-test functions inlined: each is a plain boolean for any operand, undefined included."""
+
+
+def _fold(node: Node) -> Node:
+    """``-5`` and ``+5`` (a sign on a number literal) as the literal itself."""
+    if isinstance(node, Unary) and node.op in ("-", "+"):
+        inner = _fold(node.operand)
+        if isinstance(inner, Lit) and (type(inner.value) is int or type(inner.value) is float):
+            return Lit(-inner.value if node.op == "-" else inner.value)
+    return node
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,13 +444,60 @@ class Compiled:
     source: str
 
 
+def fold_properties(node: Node, m: MessageView) -> Node:
+    """``node`` with every part that reads only properties and identities replaced by its
+    value for ``m`` (exact for every message with the same properties: what the router
+    compiles per property set)."""
+    d = deps(node)
+    if not d:
+        return node
+    if d == {"props"}:
+        return Lit(semantics.evaluate(node, m))
+    if isinstance(node, Unary):
+        return Unary(node.op, fold_properties(node.operand, m))
+    if isinstance(node, Binary):
+        return Binary(node.op, fold_properties(node.left, m), fold_properties(node.right, m))
+    if isinstance(node, Call) and node.name != "TWIN_CHANGE_INCLUDES":
+        return Call(node.name, tuple(fold_properties(a, m) for a in node.args))
+    return node
+
+
+def _reads_body_first(node: Node) -> bool:
+    """Whether the code :meth:`_Gen.truth` makes for ``node`` reads the body whatever the
+    message, before anything can stop it (so decoding first loses nothing). Conservative:
+    False when unsure."""
+    node = _fold(node)
+    if isinstance(node, BodyPath):
+        return True
+    if isinstance(node, Unary):
+        return _reads_body_first(node.operand)
+    if isinstance(node, Call):
+        if node.name == "TWIN_CHANGE_INCLUDES":
+            return True
+        return any(_reads_body_first(a) for a in node.args)
+    if isinstance(node, Binary):
+        if node.op in ("AND", "OR"):
+            first = node.right if cost(node.right) < cost(node.left) else node.left
+            return _reads_body_first(first)
+        if node.op in ("??", "||"):
+            return _reads_body_first(node.left)
+        left, right = _fold(node.left), _fold(node.right)
+        for lit, other in ((right, left), (left, right)):
+            if isinstance(lit, Lit) and not isinstance(other, Lit):
+                if lit.value is U or lit.value is None or type(lit.value) is bool:
+                    return False  # may be decided without reading the other side
+                return _reads_body_first(other)
+        return _reads_body_first(left) or _reads_body_first(right)
+    return False
+
+
 def compile_tree(tree: Node, text: str = "") -> Compiled:
     gen = _Gen()
-    body = gen.expr(tree)
+    body = gen.truth(tree)
     source = ("def _condition(m):\n"
               "    S = m.system\n"
               "    A = m.application\n"
-              f"    return {body} is True\n")
+              f"    return {body}\n")
     namespace = dict(_NAMESPACE)
     namespace.update(gen.consts)
     try:
@@ -315,32 +510,56 @@ def compile_tree(tree: Node, text: str = "") -> Compiled:
                     source=source)
 
 
-_NOT_YET = object()
+_NOT_YET: Any = object()
+NOT_LOOKED_UP: Any = _NOT_YET
+"""A table's ``twin`` argument when the caller has not looked the twin up (it may be None)."""
 AUTO: Any = object()
 """``compile_table(codec=AUTO)``: decide per message from its properties whether and how the
 body is decoded (otherwise the caller knows it for the property set the table serves)."""
 
 
-def compile_table(trees: list[Node], names: list[str],
-                  codec: str | None = AUTO) -> Callable[..., list[str]]:
-    """One function for several conditions: ``fn(S, A, body, dev, mod, enq, twins)`` gives
-    the names of those that are true, in order. The body is decoded at most once and the twin
-    looked up at most once, and only if a condition reaches them; no view object is built.
-    ``codec``: the body's codec (:func:`gateway.routing.message.body_codec`) when every
-    message the table sees has the same properties, None when their body is not JSON."""
+def table_source(trees: list[Node], names: list[str],
+                 codec: str | None = AUTO) -> tuple[str, dict[str, Any]]:
+    """The source of :func:`compile_table`'s function and the constants it names."""
     gen = _Gen(raw=True, codec=codec)
-    lines = ["def _table(S, A, body, dev, mod, enq, twins):",
-             "    B = T = _N",
+    lines = ["def _table(S, A, body, dev, mod, enq, twins, T=_N):",
+             "    B = _N",
+             "    D = G_tags = G_desired = G_reported = None",
              "    out = []"]
     for tree, name in zip(trees, names, strict=True):
-        lines.append(f"    if {gen.expr(tree)} is True:")
-        lines.append(f"        out.append({gen.const(name)})")
+        if not gen.decoded and codec is not None and _reads_body_first(tree):
+            lines += gen.decode_statement()
+        test = gen.truth(tree)
+        if test == "False":
+            continue
+        if test == "True":
+            lines.append(f"    out.append({gen.lit(name)})")
+            continue
+        lines.append(f"    if {test}:")
+        lines.append(f"        out.append({gen.lit(name)})")
     lines.append("    return out")
+    return "\n".join(lines) + "\n", gen.consts
+
+
+def compile_source(source: str, consts: dict[str, Any]) -> Callable[..., list[str]]:
     namespace = dict(_NAMESPACE)
-    namespace.update(gen.consts)
-    namespace.update(_N=_NOT_YET, _decode=decode_body, _decode_with=decode_with)
-    exec(compile("\n".join(lines) + "\n", "<route table>", "exec"), namespace)  # noqa: S102
+    namespace.update(consts)
+    namespace.update(_N=_NOT_YET, _decode=decode_body, _decode_with=decode_with,
+                     _loads=loads_utf8)
+    exec(compile(source, "<route table>", "exec"), namespace)  # noqa: S102
     return namespace["_table"]  # type: ignore[no-any-return]
+
+
+def compile_table(trees: list[Node], names: list[str],
+                  codec: str | None = AUTO) -> Callable[..., list[str]]:
+    """One function for several conditions: ``fn(S, A, body, dev, mod, enq, twins[, twin])``
+    gives the names of those that are true, in order (``twin``: the twin when the caller has
+    looked it up already). The body is decoded at most once and the twin looked up at most
+    once, and only if a condition reaches them (decoded up front when the first condition
+    that reads it reads it first thing); no view object is built. ``codec``: the body's codec
+    (:func:`gateway.routing.message.body_codec`) when every message the table sees has the
+    same properties, None when their body is not JSON."""
+    return compile_source(*table_source(trees, names, codec))
 
 
 def compile_condition(text: str) -> Compiled:

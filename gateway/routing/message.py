@@ -59,6 +59,10 @@ SYSTEM_NAMES: dict[str, str] = {
 """Query name (``$contentType``, case-insensitive) -> the stored system property name. Other
 ``$names`` are looked up as stored names (``$iothub-connection-device-id`` works too)."""
 
+loads_utf8: Callable[[bytes], Any] = _loads_utf8
+"""The fast decoder for UTF-8 JSON without a byte order mark (raises ValueError where
+:func:`decode_with` has more to try)."""
+
 ENQUEUED_TIME = "enqueuedtime"
 _JSON_ENCODINGS = {"utf-8": "utf-8-sig", "utf8": "utf-8-sig", "utf-16": "utf-16",
                    "utf-32": "utf-32"}

@@ -10,8 +10,11 @@ all everything goes to ``events``.
 
 Cost: conditions that read only properties and identities give the same answer for every
 message with the same stored properties (one topic of one connection), so their outcome is
-cached per properties text; only conditions on the body, the twin or the enqueued time run
-per message, on one shared :class:`MessageView` (body decoded at most once).
+cached per properties text; conditions that read the twin besides are cached with it until the
+twin changes (the twin look-up gives a new object for every change, as the hub's twin store
+does); only conditions on the body or the enqueued time run per message, all of one property
+set in one generated function (:func:`gateway.routing.compiler.compile_table`: the body decoded
+at most once, the twin looked up at most once, no view object).
 """
 
 from __future__ import annotations
@@ -21,7 +24,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from gateway.routing.compiler import Compiled, compile_table
+from gateway.routing.compiler import (
+    NOT_LOOKED_UP,
+    Compiled,
+    compile_source,
+    fold_properties,
+    table_source,
+)
 from gateway.routing.message import MessageView, TwinLookup, body_codec
 from gateway.routing.model import (
     EVENTS,
@@ -42,6 +51,14 @@ ALL_KINDS: Final = frozenset(SOURCES.values())
 FALLBACK_ONLY: Final = (FALLBACK,)
 NOWHERE: Final[tuple[str, ...]] = ()
 CACHE_LIMIT: Final = 4096
+_NO_TWIN: Final[Any] = NOT_LOOKED_UP
+
+
+class TwinChanges(Protocol):
+    """Counts the changes of the twins a :data:`TwinLookup` gives (the hub's twin store)."""
+
+    @property
+    def changes(self) -> int: ...
 
 
 class Routed(Protocol):
@@ -83,6 +100,7 @@ class _Route:
     kinds: frozenset[str]
     prefix: str | None  # edgeHub source: lower-case path prefix ending in "/"
     static: bool  # the condition reads only properties and ids
+    twin_only: bool  # ... and the twin
 
     def source_matches(self, kind: str, path: str | None) -> bool:
         if kind not in self.kinds:
@@ -98,27 +116,56 @@ def _compile(index: int, spec: RouteSpec) -> _Route:
     else:
         prefix = None
         kinds = frozenset({SOURCES[spec.source]})
-    return _Route(index, spec, compiled, kinds, prefix, compiled.deps <= {"props"})
+    return _Route(index, spec, compiled, kinds, prefix, compiled.deps <= {"props"},
+                  "twin" in compiled.deps and compiled.deps <= {"props", "twin"})
 
 
 def _slow_table(routes: list[_Route]) -> Table:
     def table(system: Mapping[str, str], application: Mapping[str, str | None], body: bytes,
               device_id: str, module_id: str | None, enqueued_ms: int,
-              twins: TwinLookup | None) -> list[str]:
+              twins: TwinLookup | None, twin: Any = _NO_TWIN) -> list[str]:
+        if twin is not _NO_TWIN:
+            twins = _fixed(twin)
         view = MessageView(system, application, body, device_id=device_id, module_id=module_id,
                            enqueued_ms=enqueued_ms, twins=twins)
         return [r.spec.name for r in routes if r.compiled.predicate(view)]
     return table
 
 
+def _fixed(twin: Any) -> TwinLookup:
+    return lambda device_id, module_id: twin  # noqa: ARG005
+
+
+class _Split:
+    """What routing one property set takes: the routes it matches whatever the message
+    (``names``), the routes that also read the twin (``twin_table``, with the last twin seen and
+    their outcome for it) and those to run per message (``table``)."""
+
+    __slots__ = ("names", "reads_twin", "seen", "table", "twin", "twin_names", "twin_table")
+
+    def __init__(self, names: tuple[str, ...], twin_table: Table | None,
+                 table: Table | None, reads_twin: bool) -> None:
+        self.names = names
+        self.twin_table = twin_table
+        self.table = table
+        self.reads_twin = reads_twin  # some route left reads the twin: the router looks it up
+        self.twin: Any = _NO_TWIN  # the twin last looked up, twin_names are for it
+        self.twin_names: tuple[str, ...] = ()
+        self.seen = -1  # the twin store's change count when twin was looked up
+
+
 class Router:
     """One immutable, compiled routing state. Build a new one to change routing."""
 
     def __init__(self, state: RoutingState | None = None, *, hub_name: str = "",
-                 twins: TwinLookup | None = None) -> None:
+                 twins: TwinLookup | None = None, twin_changes: TwinChanges | None = None) -> None:
+        """``twins`` gives a new object whenever a twin changes (never mutates one);
+        ``twin_changes``, when given, counts those changes, so that while it stands still a
+        property set's twin need not be looked up again."""
         self.state = state or RoutingState()
         self.hub_name = hub_name
         self.twins = twins
+        self.twin_changes = twin_changes
         routes = [_compile(i, r) for i, r in enumerate(self.state.routes)]
         self._routes = routes
         enabled = [r for r in routes if r.spec.enabled]
@@ -127,8 +174,9 @@ class Router:
         self.fallback = self.state.fallback
         self.trivial = self.empty  # everything goes to events (or nowhere): no evaluation
         self.default = FALLBACK_ONLY if self.fallback else NOWHERE  # what route() gives then
-        self._cache: dict[str, tuple[tuple[str, ...], Table | None]] = {}
-        self._tables: dict[tuple[tuple[int, ...], str | None], Table] = {}
+        self._cache: dict[str, _Split] = {}
+        self._tables: dict[tuple[str, str], Table] = {}  # by source
+        self._general: dict[tuple[tuple[int, ...], str | None], Table] = {}  # unfolded
         self._endpoint_routes: dict[str, frozenset[str]] = {}
         for r in routes:
             self._endpoint_routes[r.spec.endpoint] = self._endpoint_routes.get(
@@ -159,15 +207,32 @@ class Router:
         if self._by_kind.get(kind):
             hit = self._cache.get(key) if key is not None else None
             if hit is None:
-                hit = self._split(kind, system, application, device_id, module_id)
+                hit = self._split(kind, system, application, device_id, module_id,
+                                  key is not None)
                 if key is not None:
                     if len(self._cache) >= CACHE_LIMIT:
                         self._cache.clear()
                     self._cache[key] = hit
-            names, table = hit
-            if table is not None:
-                more = table(system, application, body, device_id, module_id, enqueued_ms,
-                             self.twins)
+            names = hit.names
+            twin: Any = _NO_TWIN
+            if hit.reads_twin:
+                clock = self.twin_changes
+                if clock is not None and clock.changes == hit.seen:
+                    twin = hit.twin  # no twin changed since this one was looked up
+                else:
+                    twin = self.twins(device_id, module_id) if self.twins is not None else None
+                    if hit.twin_table is not None and twin is not hit.twin:
+                        hit.twin_names = tuple(hit.twin_table(
+                            system, application, b"", device_id, module_id, 0, None, twin))
+                    if key is not None:  # a split kept in the cache: remember for next time
+                        hit.twin = twin
+                        if clock is not None:
+                            hit.seen = clock.changes
+                if hit.twin_names:
+                    names = names + hit.twin_names
+            if hit.table is not None:
+                more = hit.table(system, application, body, device_id, module_id, enqueued_ms,
+                                 self.twins, twin)
                 if more:
                     names = names + tuple(more)
         if not names and kind == TELEMETRY and self.fallback:
@@ -181,36 +246,56 @@ class Router:
         return bool(self._by_kind.get(kind))
 
     def _split(self, kind: str, system: Mapping[str, str], application: Mapping[str, str | None],
-               device_id: str, module_id: str | None) -> tuple[tuple[str, ...], Table | None]:
-        """(static routes matched, the compiled table of the routes left to evaluate per
-        message) for one property set."""
+               device_id: str, module_id: str | None, kept: bool) -> _Split:
+        """The static routes matched, and the compiled tables of the routes left to evaluate
+        per twin and per message, for one property set; ``kept``: the split is cached for
+        the messages of this property set (so worth compiling with the properties folded
+        in), else it serves one message (an event) and takes the general tables."""
         path = source_path(kind, module_id, system)
         view = MessageView(system, application, b"", device_id=device_id, module_id=module_id,
                            enqueued_ms=0)
         matched: list[str] = []
+        twin_only: list[int] = []
         dynamic: list[int] = []
         for r in self._by_kind[kind]:
             if not r.source_matches(kind, path):
                 continue
-            if not r.static:
+            if r.twin_only:
+                twin_only.append(r.index)
+            elif not r.static:
                 dynamic.append(r.index)
             elif r.compiled.predicate(view):
                 matched.append(r.spec.name)
-        if not dynamic:
-            return tuple(matched), None
-        return tuple(matched), self._table(tuple(dynamic), body_codec(system))
+        codec = body_codec(system)
+        reads_twin = bool(twin_only) or any("twin" in self._routes[i].compiled.deps
+                                            for i in dynamic)
+        props = view if kept else None
+        return _Split(tuple(matched),
+                      self._table(twin_only, None, props) if twin_only else None,
+                      self._table(dynamic, codec, props) if dynamic else None, reads_twin)
 
-    def _table(self, indexes: tuple[int, ...], codec: str | None) -> Table:
-        """The compiled conditions of ``indexes`` for messages whose body has ``codec``."""
-        table = self._tables.get((indexes, codec))
-        if table is None:
-            routes = [self._routes[i] for i in indexes]
-            try:
-                table = compile_table([r.compiled.tree for r in routes],
-                                      [r.spec.name for r in routes], codec)
-            except (SyntaxError, RecursionError, MemoryError):  # past CPython's nesting limits
-                table = _slow_table(routes)
-            self._tables[(indexes, codec)] = table
+    def _table(self, indexes: list[int], codec: str | None, view: MessageView | None) -> Table:
+        """The conditions of ``indexes`` for messages with ``view``'s properties (folded in:
+        what reads only them is a constant here; None: any properties) and a body with
+        ``codec``; one compiled function per distinct source."""
+        routes = [self._routes[i] for i in indexes]
+        general = (tuple(indexes), codec)
+        if view is None and general in self._general:
+            return self._general[general]
+        try:
+            trees = [r.compiled.tree if view is None else fold_properties(r.compiled.tree, view)
+                     for r in routes]
+            source, consts = table_source(trees, [r.spec.name for r in routes], codec)
+            key = (source, repr(sorted((k, type(v).__name__, repr(v)) for k, v in consts.items())))
+            table = self._tables.get(key)
+            if table is None:
+                if len(self._tables) >= CACHE_LIMIT:
+                    self._tables.clear()
+                table = self._tables[key] = compile_source(source, consts)
+        except (SyntaxError, RecursionError, MemoryError):  # past CPython's nesting limits
+            table = _slow_table(routes)
+        if view is None:
+            self._general[general] = table
         return table
 
     # -- readers -------------------------------------------------------------------------------

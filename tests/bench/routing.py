@@ -101,10 +101,14 @@ def conditions(n: int) -> tuple[float, float, float]:
     k = len(ROUTES)
 
     def timed(fn: object) -> float:
-        start = time.perf_counter()
-        for i in range(n):
-            fn(bodies[i % 1000])  # type: ignore[operator]
-        return (time.perf_counter() - start) / n / k * 1e6
+        """CPU time (the machine is shared: wall time counts other jobs), best of three."""
+        best = float("inf")
+        for _ in range(3):
+            start = time.process_time()
+            for i in range(n):
+                fn(bodies[i % 1000])  # type: ignore[operator]
+            best = min(best, time.process_time() - start)
+        return best / n / k * 1e6
 
     no_cache = timed(lambda b: router.route("telemetry", system, app, b, "dev-17", None, 0))
     key = json.dumps({"system": system, "application": app})

@@ -75,6 +75,20 @@ async def test_ensure_creates_an_empty_twin_once(store: TwinStore) -> None:
     assert len(store) == 2 and store.module_twins("devA") == [module]
 
 
+async def test_every_change_to_what_get_returns_is_counted(store: TwinStore) -> None:
+    """The router looks a twin up again only when this count moved (gateway.routing.router)."""
+    seen = store.changes
+    twin = await store.ensure("devA")
+    assert store.changes > seen
+    seen = store.changes
+    assert store.get("devA") is twin and store.changes == seen  # reads count nothing
+    changed, _ = await store.update_reported("devA", None, {"t": 1})
+    assert store.changes > seen and store.get("devA") is changed is not twin  # a new object
+    seen = store.changes
+    await store.delete("devA")
+    assert store.changes > seen and store.get("devA") is None
+
+
 async def test_concurrent_ensure_creates_one_twin(tmp_path: Path) -> None:
     async with opened(tmp_path / "hub.db") as (_, store):
         made = await asyncio.gather(*(store.ensure("devA") for _ in range(10)))

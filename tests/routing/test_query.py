@@ -9,8 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway.routing.compiler import AUTO as AUTO_CODEC
 from gateway.routing.compiler import compile_condition, compile_tree
-from gateway.routing.message import MessageView
+from gateway.routing.message import MessageView, body_codec
 from gateway.routing.query import (
     FUNCTION_ARITY,
     UNDEFINED,
@@ -273,13 +274,38 @@ def test_deeply_chained_conditions_still_work() -> None:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(TREES, min_size=1, max_size=4), messages())
 def test_compiled_table_agrees_with_the_reference_evaluator(trees: list[Node], m: MessageView) -> None:
-    """The hub's form: several conditions in one function over the raw message parts."""
-    from gateway.routing.compiler import compile_table
+    """The hub's form: several conditions in one function over the raw message parts, also
+    with the message's properties folded in (as the router compiles them per property set)."""
+    from gateway.routing.compiler import compile_table, fold_properties
     from gateway.routing.message import body_codec
 
     names = [f"r{i}" for i in range(len(trees))]
     expected = [n for n, t in zip(names, trees) if evaluate(t, m) is True]
-    for table in (compile_table(trees, names), compile_table(trees, names, body_codec(m.system))):
+    folded = [fold_properties(t, m) for t in trees]
+    for table in (compile_table(trees, names), compile_table(trees, names, body_codec(m.system)),
+                  compile_table(folded, names, body_codec(m.system))):
         got = table(m.system, m.application, m.body, m.device_id, m.module_id, m.enqueued_ms,
                     m.twins)
         assert got == expected
+
+
+@pytest.mark.parametrize("raw,encoding,expected", [
+    (b'{"t": 40}', "utf-8", ["hot"]),
+    (b'\xef\xbb\xbf{"t": 40}', "utf-8", ["hot"]),  # a byte order mark: the general decoder
+    (b'{"t": 40, "big": 123456789012345678901234567890}', "utf-8", ["hot"]),  # past 64 bits
+    (b'{"t": 40', "utf-8", []),  # not JSON: undefined
+    (b'[1, 2]', "utf-8", []),  # not an object
+    ('{"t": 40}'.encode("utf-16"), "utf-16", ["hot"]),
+])
+def test_table_decodes_the_body_up_front_as_the_view_does(raw: bytes, encoding: str,
+                                                          expected: list[str]) -> None:
+    from gateway.routing.compiler import compile_table, table_source
+
+    system = {"content-type": "application/json", "content-encoding": encoding}
+    trees = [parse("$body.t > 30"), parse("$body.t > 100")]
+    assert "B = " in table_source(trees, ["hot", "hotter"], encoding.replace("utf-8", "utf-8-sig"))[0]
+    m = MessageView(system, {}, raw, device_id="d", module_id=None, enqueued_ms=0)
+    assert [n for n, t in zip(["hot", "hotter"], trees) if evaluate(t, m) is True] == expected
+    for codec in (AUTO_CODEC, body_codec(system)):
+        table = compile_table(trees, ["hot", "hotter"], codec)
+        assert table(system, {}, raw, "d", None, 0, None) == expected

@@ -166,6 +166,47 @@ def test_property_conditions_are_cached_per_topic_but_others_are_not() -> None:
     assert route(r, app={"alert": "low"}, body=b'{"t": 1}', key='{"k": 2}') == (FALLBACK,)
 
 
+def test_twin_conditions_run_once_per_twin_and_the_twin_is_looked_up_once_per_message() -> None:
+    twin = Twin(tags={"site": "a"}, desired={"mode": "eco"})
+    lookups: list[str] = []
+    runs: list[int] = []
+
+    def lookup(device_id: str, module_id: str | None) -> Twin:
+        lookups.append(device_id)
+        return twin
+
+    state = RoutingState(tuple(parse_route(n, {"condition": c, "endpointNames": ["events"]})
+                               for n, c in {"site": "$twin.tags.site = 'a'",
+                                            "eco": "$twin.properties.desired.mode = 'eco' "
+                                                   "AND $body.t > 30"}.items()))
+    r = Router(state, twins=lookup)
+    split = None
+    for t, want in ((40, ("site", "eco")), (1, ("site",)), (50, ("site", "eco"))):
+        got = r.route("telemetry", JSON, {}, b'{"t": %d}' % t, "dev1", None, 0, "k")
+        assert got == want
+        split = r._cache["k"]
+        assert split.twin is twin  # the twin-only outcome is kept with the twin it is for
+        runs.append(len(lookups))
+    assert runs == [1, 2, 3]  # one look-up per message, shared by both kinds of condition
+    assert split is not None
+    twin = Twin(tags={"site": "b"}, desired={"mode": "eco"})  # changed: a new object
+    assert r.route("telemetry", JSON, {}, b'{"t": 40}', "dev1", None, 0, "k") == ("eco",)
+
+    class Changes:
+        changes = 0
+
+    counter = Changes()
+    lookups.clear()
+    r = Router(state, twins=lookup, twin_changes=counter)
+    for _ in range(3):
+        assert r.route("telemetry", JSON, {}, b'{"t": 40}', "dev1", None, 0, "k") == ("eco",)
+    assert len(lookups) == 1  # no twin changed: the one looked up first still holds
+    twin = Twin(tags={"site": "a"}, desired={"mode": "boost"})
+    counter.changes += 1
+    assert r.route("telemetry", JSON, {}, b'{"t": 40}', "dev1", None, 0, "k") == ("site",)
+    assert len(lookups) == 2
+
+
 def test_disabled_routes_and_module_inputs() -> None:
     r = router({"a": 'FROM /messages/modules/s/* INTO BrokeredEndpoint("/modules/f/inputs/in1")',
                 "b": {"route": 'FROM /messages/* INTO BrokeredEndpoint("/modules/f/inputs/in2")',
