@@ -225,7 +225,10 @@ class Forwarder:
                 log.error("upstream cursors not saved: %s", exc)
 
     def _count_sent(self, route: str) -> None:
-        self.link.routes.setdefault(route, RouteCounters()).sent += 1
+        counters = self.link.routes.get(route)
+        if counters is None:
+            counters = self.link.routes[route] = RouteCounters()
+        counters.sent += 1
         if not self.backlog.full():
             self._space.set()
 
@@ -281,6 +284,10 @@ class Forwarder:
         by_route: dict[str, list[OriginQueue]] = {}
         for q in self.backlog.queues.values():
             by_route.setdefault(q.route, []).append(q)
+        # the bytes in memory per route matter only with a byte cap or over the disk mark
+        # (summing them walks every buffered message)
+        if disk is None and not any(self.policy(r).max_bytes for r in by_route):
+            by_route = {}  # nothing to enforce
         mem = {r: sum(i.size for q in qs for i in (*q.pending, *q.inflight))
                for r, qs in by_route.items()}
         total_mem = sum(mem.values()) or 1
