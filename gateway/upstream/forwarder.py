@@ -3,7 +3,10 @@
 One scanner reads the log in order from the floor cursor and offers every entry that
 ``select`` puts on an upstream route to the :class:`~gateway.upstream.backlog.Backlog` (a
 queue per (route, origin)); the pump keeps up to ``window`` QoS 1 publishes in flight on the
-link and moves a queue's cursor only on the parent's PUBACK; a flusher persists the cursors
+link and moves a queue's cursor only on the parent's PUBACK. It fills the window in bursts
+of a quarter, a loop turn apart: sent in one write, a whole window reaches the parent as one
+group commit and comes back as one run of PUBACKs, so each side would wait while the other
+works; in bursts the parent commits one while the next arrives; a flusher persists the cursors
 and the floor a few times a second. Towards a parent that is this software (mode
 ``gateway``), one connection carries every origin on our behalf and each message carries the
 dedupe stamp (:mod:`gateway.hub.onbehalf`), so the parent stores each exactly once.
@@ -45,6 +48,8 @@ log = logging.getLogger(__name__)
 SCAN_CHUNK = 2000
 QUOTA_CONNACK = 3  # "server unavailable": a parent of ours whose daily quota is used up
 FLUSH_INTERVAL = 0.25
+BURSTS = 4  # the window goes out in bursts of a quarter, a loop turn apart (see _pump)
+BURST_MIN = 32
 
 
 def _iso(moment: float) -> str:
@@ -520,6 +525,7 @@ class Forwarder:
                 self._wake.set()
 
         renewing = False
+        more = False  # the window has room after a burst
         buckets: dict[str, ByteBucket] = {}
         paced: set[str] = set()
         report = loop.create_task(self._report(session), name="upstream-report")
@@ -530,7 +536,11 @@ class Forwarder:
                     renewing = True
                 if not renewing:
                     paced.clear()
+                    burst = 0
                     while inflight[0] < self._window_now:
+                        if burst >= max(BURST_MIN, self._window_now // BURSTS):
+                            more = True  # the rest of the window after a loop turn
+                            break
                         item = backlog.take(now, registered if stamp else None, paced)
                         if item is None:
                             break
@@ -558,6 +568,7 @@ class Forwarder:
                                     break
                                 inflight[0] += 1
                                 self._sends += 1
+                                burst += 1
                                 continue
                         if stamp:
                             topic = encoder.topic(item.entry, item.origin, item.route, item.prev)
@@ -571,6 +582,7 @@ class Forwarder:
                             item.queue.singles += 1
                         inflight[0] += 1
                         self._sends += 1
+                        burst += 1
                     if stamp and len(registering) < 64 and len(registered) < len(backlog.queues):
                         for q in backlog.waiting(now):
                             o = q.origin
@@ -583,6 +595,10 @@ class Forwarder:
                                     break
                 elif not inflight[0]:
                     return "renew"
+                if more:  # let this burst go out (and acknowledgements in) first
+                    more = False
+                    await asyncio.sleep(0)
+                    continue
                 self._wake.clear()
                 wake: asyncio.Future[Any] = loop.create_task(self._wake.wait())
                 await asyncio.wait({wake, session.lost}, timeout=0.05 if paced else 1.0,
