@@ -54,6 +54,21 @@ class _Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         link = self.link
         link.last_rx = time.monotonic()
+        if data[:2] == b"\x40\x02" and not self.decoder.buffered:
+            # a run of PUBACKs (MQTT 3.1.1 §3.4: 0x40, length 2, packet id), most of what a
+            # parent sends a forwarder: taken here, without a packet object each; the rest
+            # (and a packet id 0, which the decoder refuses) goes to the decoder
+            pos, end = 0, len(data)
+            acked = link.acked_packet
+            while pos + 4 <= end and data[pos] == 0x40 and data[pos + 1] == 2:
+                packet_id = (data[pos + 2] << 8) | data[pos + 3]
+                if not packet_id:
+                    break
+                acked(packet_id)
+                pos += 4
+            if pos == end:
+                return
+            data = data[pos:]
         try:
             packets = self.decoder.feed(data)
         except RemoteProtocolError as exc:
@@ -99,11 +114,11 @@ class MqttLink:
         self._pending: OrderedDict[int, tuple[asyncio.Future[None] | None, float,
                                               Callable[[Any], None] | None, Any]] = OrderedDict()
         self._next_id = 0
-        self._out: list[bytes] = []
+        self._out: list[bytes | bytearray] = []
         self._timer: asyncio.Task[None] | None = None
         self.on_publish: Callable[[Publish], None] | None = None  # PUBLISHes from the parent
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray) -> None:
         """Queue ``data``; everything written in one loop turn goes out in one TLS write."""
         if not self._out:
             asyncio.get_running_loop().call_soon(self._flush)
@@ -177,8 +192,8 @@ class MqttLink:
         head += len(raw).to_bytes(2, "big")
         head += raw
         head += pid.to_bytes(2, "big")
-        self.write(bytes(head))
-        self.write(payload)
+        head += payload
+        self.write(head)  # one piece per message for the flush to join
         return True
 
     def acked_packet(self, pid: int) -> None:

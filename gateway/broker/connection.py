@@ -113,6 +113,7 @@ class MqttConnection(asyncio.Protocol):
         self._topic_cache: dict[str, Any] = {}
         self._close_reason = ""
         self._flush_soon = False
+        self._stamps = False  # the identity may send stamped on-behalf-of telemetry
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -193,6 +194,9 @@ class MqttConnection(asyncio.Protocol):
                 self.transport.close()
             return
         self.principal = principal
+        # a device's own connection may be a child gateway's (Hub.stamped_record checks)
+        self._stamps = (principal.module_id is None and principal.provisioning is None
+                        and self.broker.hub.on_behalf is not None)
         if packet.will is not None:
             self.will = self.broker.hub.check_will(principal, packet.will)
         session_present = self.broker.attach(self, packet.clean_session)
@@ -209,6 +213,15 @@ class MqttConnection(asyncio.Protocol):
         assert self.principal is not None
         prepared = self._topic_cache.get(packet.topic)
         if prepared is None:
+            if self._stamps:  # a child gateway's forwarded messages: a topic per message
+                record = self.broker.hub.stamped_record(self.principal, packet.topic,
+                                                        packet.payload, packet.retain)
+                if record is not None:
+                    rows.append(record)
+                    if packet.qos == 1:
+                        assert packet.packet_id is not None
+                        ack_ids.append(packet.packet_id)
+                    return
             prepared = self.broker.hub.prepare_publish(self.principal, packet.topic)
             if type(prepared) is PreparedTelemetry and len(self._topic_cache) < 64:
                 self._topic_cache[packet.topic] = prepared  # twin topics carry a fresh $rid

@@ -107,10 +107,7 @@ class _StampTemplate:
         """This message's own. ``routed``: routes look at ``system``, so it gets its own
         copy with the message id (else the template's is shared, read by nobody)."""
         mid = mid or f"{self.epoch}-{seq}"
-        if mid.isascii() and mid.isprintable() and '"' not in mid and "\\" not in mid:
-            quoted, size = f'"{mid}"', len(mid)
-        else:
-            quoted, size = json.dumps(mid, ensure_ascii=False), len(mid.encode())
+        quoted, size = _quoted(mid)
         p = self.prepared
         system = p.system
         if routed:
@@ -120,6 +117,13 @@ class _StampTemplate:
             p.device_id, p.module_id, self.head + quoted + self.tail, p.props_size - 1 + size,
             self.retained_head + quoted + self.retained_tail, system, p.application,
             p.retained_application, (self.key, self.epoch, seq, prev))
+
+
+def _quoted(mid: str) -> tuple[str, int]:
+    """A message id as a JSON string, and its size as counted against the 256 KB limit."""
+    if mid.isascii() and mid.isprintable() and '"' not in mid and "\\" not in mid:
+        return f'"{mid}"', len(mid)
+    return json.dumps(mid, ensure_ascii=False), len(mid.encode())
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +218,36 @@ class Hub:
                 and self.on_behalf.is_gateway(principal.device_id, principal.module_id):
             return self._prepare_on_behalf(principal, topic)
         return self._prepare_own(principal, topic)
+
+    def stamped_record(self, principal: Principal, topic: str, body: bytes,
+                       retain: bool = False) -> Record | None:
+        """The stored row of a child gateway's stamped message whose rest of the topic was
+        prepared before (:meth:`_prepare_on_behalf`'s template), or None: then it takes
+        :meth:`prepare_publish` and :meth:`handle_publish` (the first of each rest, anything
+        else). The same row, checks and routes as that path, without its per-message
+        objects; a template exists only while the registry has not changed since it was made
+        for this gateway (``principal``: a device's own connection, not a module's or DPS's)."""
+        stamped = onbehalf.split_stamp(topic)
+        if stamped is None or self.on_behalf is None:
+            return None
+        rest, seq, prev, mid = stamped
+        template = self.on_behalf.templates.get((principal.device_id, rest))
+        if type(template) is not _StampTemplate:
+            return None
+        router = self.router
+        if not router.trivial:  # route conditions read the message's own system properties
+            return self.telemetry_record(template.prepare(seq, prev, mid, True), body,
+                                         retain=retain)
+        quoted, size = _quoted(mid or f"{template.epoch}-{seq}")
+        p = template.prepared
+        if len(body) + p.props_size - 1 + size > self.max_message_bytes:
+            raise MessageTooLargeError(
+                f"message of {len(body) + p.props_size - 1 + size} bytes is over the "
+                f"{self.max_message_bytes}-byte limit")
+        props = (template.retained_head + quoted + template.retained_tail if retain
+                 else template.head + quoted + template.tail)
+        return new_record(TELEMETRY, p.device_id, p.module_id, int(self.clock() * 1000), props,
+                          body, router.default, (template.key, template.epoch, seq, prev))
 
     def _prepare_own(self, principal: Principal, topic: str) -> Any:
         address = addresses.parse_publish_topic(
@@ -459,12 +493,15 @@ class Hub:
                     done: Callable[[BaseException | None], None]) -> None:
         """:meth:`append` for the broker's PUBACK path: ``done(None)`` once ``rows`` are
         durable, ``done(error)`` if not (at once when refused); no future per commit
-        (:meth:`MessageLog.append_then`). Anything but a plain append goes through
+        (:meth:`MessageLog.append_then`, or :meth:`MessageLog.append_once_then` for a child
+        gateway's stamped rows). While refusing or with a quota it goes through
         :meth:`append`."""
-        if self.refusing is None and self.quota is None and (
-                self.on_behalf is None or not any(map(_ONCE_OF, rows))):
+        if self.refusing is None and self.quota is None:  # what append checks first
             self.billed_messages += len(rows)
-            self.log.append_then(rows, done)
+            if self.on_behalf is not None and any(map(_ONCE_OF, rows)):
+                self.log.append_once_then(rows, done)  # a child's resends: dropped
+            else:
+                self.log.append_then(rows, done)
             return
         self.append(rows).add_done_callback(partial(_then, done))
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -123,40 +124,32 @@ def is_stamped(topic: str) -> bool:
     return at >= 0 and topic.startswith(_SEQ_HEAD, at + len(_EVENTS))
 
 
+_STAMP: Final = re.compile(r"/messages/events/\$\.gws=([0-9]+)&(?:\$\.gwq=([0-9]+)&)?"
+                           r"(?:\$\.mid=([^&]+)&)?", re.ASCII)
+
+
 def split_stamp(topic: str) -> tuple[str, int, int | None, str | None] | None:
     """``(topic without the per-message parts, seq, prev, message id)`` of a telemetry topic
     whose bag starts with the stamp, else None (then it is parsed the general way)."""
     at = topic.find(_EVENTS)
     if at < 0:
         return None
-    at += len(_EVENTS)
-    if not topic.startswith(_SEQ_HEAD, at):
+    found = _STAMP.match(topic, at)
+    if found is None:
         return None
-    start = at + len(_SEQ_HEAD)
-    end = topic.find("&", start)
-    digits = topic[start:end]
-    if end < 0 or not digits.isdigit() or not digits.isascii():
-        return None
-    seq = int(digits)
-    prev: int | None = None
-    mid: str | None = None
-    pos = end + 1
-    if topic.startswith(_PREV_HEAD, pos):
-        end = topic.find("&", pos)
-        digits = topic[pos + len(_PREV_HEAD):end]
-        if end < 0 or not digits.isdigit() or not digits.isascii():
-            return None
-        prev = int(digits)
-        pos = end + 1
-    if topic.startswith(_MID_HEAD, pos):
-        end = topic.find("&", pos)
-        if end < 0:
-            return None
-        mid = decode_component(topic[pos + len(_MID_HEAD):end])
-        pos = end + 1
+    pos = found.end()
+    prev = found.group(2)
+    mid = found.group(3)
+    if mid is None and (topic.startswith(_MID_HEAD, pos)
+                        or prev is None and topic.startswith(_PREV_HEAD, pos)):
+        return None  # an empty or malformed previous sequence or message id
+    if mid is not None:
+        mid = decode_component(mid)
         if not mid:
             return None
-    return topic[:at] + topic[pos:], seq, prev, mid
+    at += len(_EVENTS)
+    return (topic[:at] + topic[pos:], int(found.group(1)), int(prev) if prev is not None
+            else None, mid)
 
 
 def register_topic(device_id: str, module_id: str | None) -> str:

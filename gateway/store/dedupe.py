@@ -3,8 +3,8 @@
 Each such record carries ``once = (key, epoch, seq)``: ``key`` names (gateway, origin), ``epoch``
 the child's store incarnation, ``seq`` the child's log sequence (increasing per origin). The
 high-water mark per key lives in ``log_dedupe`` and is read and moved **in the same transaction
-body** that inserts the records, so a commit either stores a message and raises the mark, or
-does neither: after a SIGKILL of either side the child resends what it has no PUBACK for, and
+body** that inserts the records (the log's group-commit body, :func:`filter_once`), so a commit
+either stores a message and raises the mark, or does neither: after a SIGKILL of either side the child resends what it has no PUBACK for, and
 whatever is at or below the mark is dropped (federation.md §0.1 fact 3: by sequence, never by a
 time window). A new epoch (the child's store was recreated) starts the key afresh.
 
@@ -12,18 +12,20 @@ The gap check: a record may also carry ``prev``, the sequence of the message the
 before it in the same queue. If that one is above the mark, it never got here (its commit
 failed while this later one's did not, or it is still in flight on a connection that died):
 storing this one would raise the mark past it, and its resend would then be dropped as a
-duplicate. So the whole body is refused (:class:`~gateway.errors.StoreError`: no PUBACK, the
-child resends both in order). ``prev`` at or below the mark, or None, passes.
+duplicate. So that append (one read of the child's connection, or one pack) is refused whole
+(:class:`~gateway.errors.StoreError`: no PUBACK, the child resends both in order); the other
+appends of the same group commit are not affected. ``prev`` at or below the mark, or None,
+passes.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Final, TypeAlias
 
 from gateway.errors import StoreError
-from gateway.store._log_sql import ROW_OF, Row, insert
+from gateway.store._log_sql import Row
 from gateway.store.db import Migration
 
 MIGRATION: Final[Migration] = (
@@ -39,46 +41,77 @@ MIGRATION: Final[Migration] = (
 )
 
 
-def insert_once(conn: sqlite3.Connection, records: Sequence[Any]) -> tuple[int, list[Row], int]:
-    """Insert the records not seen before, raise their marks; return (seq of the last row
-    inserted or 0, the rows inserted, how many were dropped as duplicates)."""
+Once: TypeAlias = tuple[str, str, int, int | None]
+"""A record's stamp: (key, epoch, seq, prev)."""
+
+Group: TypeAlias = tuple[int, Sequence[Once | None] | None]
+"""One append's share of a group commit's rows: how many, and their stamps (None: a plain
+append, every row is stored)."""
+
+Outcome: TypeAlias = tuple[int, int, int, StoreError | None]
+"""What became of one group: rows stored, their bytes (body + props), duplicates dropped,
+and the error refusing the whole group (the gap check), if any."""
+
+
+def filter_once(conn: sqlite3.Connection, rows: Sequence[Row],
+                groups: Sequence[Group]) -> tuple[list[Row], list[Outcome]]:
+    """The rows of one group commit to insert, with the stamped ones at or below their key's
+    high-water mark left out, and the marks raised for the rest (in this transaction, so
+    they commit with the rows or not at all). ``groups`` splits ``rows`` by append, in
+    order; a group the gap check refuses stores nothing and moves no mark, and the groups
+    after it see the marks as they were. One query per 500 keys reads the marks."""
     marks: dict[str, tuple[str, int]] = {}
-    keys = list({r.once[0] for r in records if getattr(r, "once", None) is not None})
-    for start in range(0, len(keys), 500):  # one query per 500 keys (SQLite's variable limit)
+    keys = list({o[0] for _, onces in groups if onces is not None
+                 for o in onces if o is not None})
+    for start in range(0, len(keys), 500):  # SQLite's variable limit
         chunk = keys[start:start + 500]
         for key, epoch, seq in conn.execute(
                 "SELECT key, epoch, seq FROM log_dedupe WHERE key IN "
                 f"({','.join('?' * len(chunk))})", chunk):
             marks[str(key)] = (str(epoch), int(seq))
+    kept: list[Row] = []
+    outcomes: list[Outcome] = []
     changed: set[str] = set()
-    rows: list[Row] = []
-    dropped = 0
-    for record in records:
-        once = getattr(record, "once", None)
-        if once is not None:
-            key, epoch, seq = once[0], once[1], once[2]
-            prev = once[3] if len(once) > 3 else None
-            mark = marks.get(key)
-            if mark is None:
-                mark = ("", 0)
+    pos = 0
+    for count, onces in groups:
+        part = rows[pos:pos + count]
+        pos += count
+        if onces is None:
+            kept += part
+            outcomes.append((count, sum([len(r[4]) + len(r[5]) for r in part]), 0, None))
+            continue
+        raised: dict[str, tuple[str, int]] = {}  # this group's marks, applied if it passes
+        keep: list[Row] = []
+        dropped = 0
+        error: StoreError | None = None
+        for row, once in zip(part, onces):
+            if once is None:
+                keep.append(row)
+                continue
+            key, epoch, seq, prev = once
+            mark = raised.get(key) or marks.get(key) or ("", 0)
             if mark[0] == epoch and seq <= mark[1]:
                 dropped += 1
-                marks[key] = mark
                 continue
             if prev is not None and mark[0] == epoch and prev > mark[1]:
-                raise StoreError(f"{key}: message {seq} follows {prev}, which is not stored "
-                                 f"(stored up to {mark[1]}): resend in order")
-            marks[key] = (epoch, seq)
-            changed.add(key)
-        rows.append(ROW_OF(record))
-    if not rows:
-        return 0, rows, dropped
-    last = insert(conn, rows)
-    conn.executemany(
-        "INSERT INTO log_dedupe(key, epoch, seq) VALUES (?, ?, ?)"
-        " ON CONFLICT(key) DO UPDATE SET epoch = excluded.epoch, seq = excluded.seq",
-        [(key, *marks[key]) for key in changed])
-    return last, rows, dropped
+                error = StoreError(f"{key}: message {seq} follows {prev}, which is not stored "
+                                   f"(stored up to {mark[1]}): resend in order")
+                break
+            raised[key] = (epoch, seq)
+            keep.append(row)
+        if error is not None:
+            outcomes.append((0, 0, 0, error))
+            continue
+        marks.update(raised)
+        changed.update(raised)
+        kept += keep
+        outcomes.append((len(keep), sum([len(r[4]) + len(r[5]) for r in keep]), dropped, None))
+    if changed:
+        conn.executemany(
+            "INSERT INTO log_dedupe(key, epoch, seq) VALUES (?, ?, ?)"
+            " ON CONFLICT(key) DO UPDATE SET epoch = excluded.epoch, seq = excluded.seq",
+            [(key, *marks[key]) for key in changed])
+    return kept, outcomes
 
 
 def high_water(conn: sqlite3.Connection, key: str) -> tuple[str, int] | None:

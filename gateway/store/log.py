@@ -108,9 +108,49 @@ class Entry:
         return cls(seq, kind, device_id, module_id, enqueued_ms, props, body, routes_of(routes))
 
 
+# Readers build one Entry per row on the db thread, which holds the GIL meanwhile (the loop
+# waits): the slotted twin, given Entry's class, as for Record above, and the route names of
+# a read made once per distinct text.
+@dataclass(slots=True)
+class _EntryTwin:
+    seq: int
+    kind: str
+    device_id: str
+    module_id: str | None
+    enqueued_ms: int
+    props: str
+    body: bytes
+    routes: tuple[str, ...]
+
+
+def _entries(rows: Any, limit_bytes: int | None = None) -> tuple[list[Entry], bool]:
+    """Entries of the ``rows`` of a read (``SELECT COLUMNS``), stopping once ``limit_bytes``
+    of body and props are read (True then)."""
+    out: list[Entry] = []
+    known: dict[str, tuple[str, ...]] = {}
+    total = 0
+    append = out.append
+    for seq, kind, device_id, module_id, enqueued_ms, props, body, text in rows:
+        routes = known.get(text)
+        if routes is None:
+            routes = known[text] = routes_of(text)
+        entry = _EntryTwin(seq, kind, device_id, module_id, enqueued_ms, props, body, routes)
+        entry.__class__ = Entry  # type: ignore[assignment]
+        append(entry)  # type: ignore[arg-type]
+        if limit_bytes is not None:
+            total += len(body) + len(props)
+            if total >= limit_bytes:
+                return out, True
+    return out, False
+
+
 Waiter: TypeAlias = "asyncio.Future[int] | Callable[[BaseException | None], None]"
 """Who waits for an append: a future (:meth:`MessageLog.append`), or a function called on the
 loop when the transaction is over, with None once committed (:meth:`MessageLog.append_then`)."""
+
+_Waiting: TypeAlias = "tuple[Waiter, int, int, Sequence[dedupe.Once | None] | None]"
+"""An append in the buffer: its waiter, how many rows, their bytes, their dedupe stamps (None
+for a plain append)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,29 +185,40 @@ class LogStats:
 
 class _WriteBody:
     """The writer's transaction body: takes the whole append buffer when it first runs and
-    inserts it (:func:`insert`); settles every waiting append on the loop."""
+    inserts it (:func:`insert`); settles every waiting append on the loop. When some appends
+    carry dedupe stamps (:meth:`MessageLog.append_once`), their duplicates are left out and
+    the high-water marks raised in this same body (:func:`dedupe.filter_once`)."""
 
-    __slots__ = ("owner", "rows", "waiters")
+    __slots__ = ("kept", "once", "outcomes", "owner", "rows", "waiters")
 
     def __init__(self, owner: MessageLog) -> None:
         self.owner = owner
         self.rows: list[Row] | None = None
-        self.waiters: list[tuple[Waiter, int, int]] = []
+        self.waiters: list[_Waiting] = []
+        self.once = False  # some waiter's rows carry stamps
+        self.outcomes: list[dedupe.Outcome] | None = None  # per waiter, when ``once``
+        self.kept: list[Row] = []  # the rows inserted, when ``once``
 
     def __call__(self, conn: sqlite3.Connection) -> int:
         rows = self.rows
         if rows is None:  # first run: take the buffer (a re-run reuses it)
-            rows, self.waiters = self.owner._take_buffer(self)
+            rows, self.waiters, self.once = self.owner._take_buffer(self)
             self.rows = rows
-        return insert(conn, rows)
+        if not self.once:
+            return insert(conn, rows)
+        self.kept, self.outcomes = dedupe.filter_once(
+            conn, rows, [(count, onces) for _, count, _, onces in self.waiters])
+        return insert(conn, self.kept) if self.kept else 0
 
     def settle(self, last: int | None, exc: BaseException | None) -> None:
         """On the loop, once the transaction is over: resolve or fail every waiter."""
         owner = self.owner
         if self.rows is None:  # never ran (database closed): the buffer is still ours
-            self.rows, self.waiters = owner._take_buffer(self)
+            self.rows, self.waiters, self.once = owner._take_buffer(self)
         if exc is not None or last is None:
             owner._failed(self.waiters, exc or StoreError("append not committed"))
+        elif self.outcomes is not None:
+            owner._committed_once(self.kept, self.waiters, last, self.outcomes)
         else:
             owner._committed(self.rows, self.waiters, last)
 
@@ -210,7 +261,8 @@ class MessageLog:
         # The append buffer, shared with the db thread (guarded by _lock).
         self._lock = threading.Lock()
         self._rows: list[Row] = []
-        self._waiters: list[tuple[Waiter, int, int]] = []
+        self._waiters: list[_Waiting] = []
+        self._buffer_once = False  # an append in the buffer carries dedupe stamps
         self._writer: _WriteBody | None = None
         self._advanced: asyncio.Event | None = None
         self._over_cap = asyncio.Event()
@@ -261,8 +313,10 @@ class MessageLog:
         if error is not None:
             done(error)
 
-    def _enqueue(self, records: Sequence[Record], waiter: Waiter) -> StoreError | None:
-        """Put ``records`` into the append buffer for ``waiter``; the error refusing them."""
+    def _enqueue(self, records: Sequence[Record], waiter: Waiter,
+                 onces: Sequence[dedupe.Once | None] | None = None) -> StoreError | None:
+        """Put ``records`` into the append buffer for ``waiter``; the error refusing them.
+        ``onces``: their dedupe stamps (:meth:`append_once`)."""
         if len(records) == 1:
             record = records[0]
             rows = [ROW_OF(record)]
@@ -279,7 +333,9 @@ class MessageLog:
         writer = None
         with self._lock:
             self._rows += rows
-            self._waiters.append((waiter, len(rows), nbytes))
+            self._waiters.append((waiter, len(rows), nbytes, onces))
+            if onces is not None:
+                self._buffer_once = True
             if self._writer is None:
                 writer = self._writer = _WriteBody(self)
         if writer is not None:
@@ -295,69 +351,45 @@ class MessageLog:
     def append_once(self, records: Sequence[Record]) -> asyncio.Future[int]:
         """:meth:`append` for records that may carry a dedupe stamp (``Record.once``): those at
         or below their key's durable high-water mark are dropped, in the same transaction that
-        stores the rest and raises the marks (:mod:`gateway.store.dedupe`). Runs as its own
-        body in the next group commit; the future resolves with the last seq stored."""
+        stores the rest and raises the marks (:mod:`gateway.store.dedupe`); the gap check
+        refuses the whole append (:class:`StoreError`). It joins the next group commit like
+        any append; the future resolves with the seq of its last stored row (the log's last
+        seq when every one was a duplicate)."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        if not self._opened:
-            future.set_exception(StoreError("message log is not open"))
+        if not records:
+            future.set_result(self.last_seq)
             return future
-        nbytes = sum(len(r.body) + len(r.props) for r in records)
-        if self._reject_new and self._bytes + self._pending_bytes + nbytes > self._max_bytes:
-            self._rejected += len(records)
-            future.set_exception(
-                StoreFullError(f"store full: {self._bytes} of {self._max_bytes} bytes used"))
-            return future
-        self._pending_bytes += nbytes
-        batch = list(records)
-
-        def settle(done: asyncio.Future[tuple[int, list[Row], int]]) -> None:
-            self._pending_bytes -= nbytes
-            exc = done.exception() if not done.cancelled() else StoreError("append cancelled")
-            if exc is not None:
-                if not future.done():
-                    future.set_exception(exc)
-                return
-            last, rows, dropped = done.result()
-            self.deduplicated += dropped
-            if rows:
-                stored = sum(len(row[5]) + len(row[4]) for row in rows)
-                if self._count == 0:
-                    self._first_seq = last - len(rows) + 1
-                    self._oldest_ms = rows[0][3]
-                self._count += len(rows)
-                self._bytes += stored
-                self._appended += len(rows)
-                self.last_seq = max(self.last_seq, last)
-                if self._advanced is not None:
-                    self._advanced.set()
-                    self._advanced = None
-                if not self._reject_new and self._bytes > self._max_bytes:
-                    self._over_cap.set()
-            self._commits += 1
-            if not future.done():
-                future.set_result(self.last_seq)
-
-        self._db.submit(partial(dedupe.insert_once, records=batch)).add_done_callback(settle)
+        error = self._enqueue(records, future, [r.once for r in records])
+        if error is not None:
+            future.set_exception(error)
         return future
 
-    def _take_buffer(
-        self, writer: _WriteBody
-    ) -> tuple[list[Row], list[tuple[Waiter, int, int]]]:
+    def append_once_then(self, records: Sequence[Record],
+                         done: Callable[[BaseException | None], None]) -> None:
+        """:meth:`append_once` without a future, as :meth:`append_then` (the broker's PUBACK
+        path for a child gateway's forwarded messages)."""
+        if not records:
+            done(None)
+            return
+        error = self._enqueue(records, done, [r.once for r in records])
+        if error is not None:
+            done(error)
+
+    def _take_buffer(self, writer: _WriteBody) -> tuple[list[Row], list[_Waiting], bool]:
         """Hand the whole buffer to ``writer`` (db thread, or loop if it never ran)."""
         with self._lock:
             assert self._writer is writer
             rows, self._rows = self._rows, []
             waiters, self._waiters = self._waiters, []
+            once, self._buffer_once = self._buffer_once, False
             self._writer = None
-        return rows, waiters
+        return rows, waiters, once
 
-    def _committed(
-        self, rows: list[Row], waiters: list[tuple[Waiter, int, int]], last: int
-    ) -> None:
+    def _committed(self, rows: list[Row], waiters: list[_Waiting], last: int) -> None:
         """The log's state first, then the waiters in append order: a waiter called here
         sees the log as a future's callback would."""
         nbytes = 0
-        for _waiter, _count, size in waiters:
+        for _waiter, _count, size, _ in waiters:
             nbytes += size
         self._pending_bytes -= nbytes
         if self._count == 0:
@@ -374,7 +406,7 @@ class MessageLog:
         if not self._reject_new and self._bytes > self._max_bytes:
             self._over_cap.set()
         seq = last - len(rows)
-        for waiter, count, _size in waiters:
+        for waiter, count, _size, _ in waiters:
             seq += count
             if isinstance(waiter, asyncio.Future):
                 if not waiter.done():
@@ -382,10 +414,43 @@ class MessageLog:
             else:
                 _call_waiter(waiter, None)
 
-    def _failed(
-        self, waiters: list[tuple[Waiter, int, int]], exc: BaseException
-    ) -> None:
-        for waiter, _count, size in waiters:
+    def _committed_once(self, kept: list[Row], waiters: list[_Waiting], last: int,
+                        outcomes: list[dedupe.Outcome]) -> None:
+        """:meth:`_committed` for a body that left duplicates out: ``kept``, the rows it
+        inserted; ``outcomes`` per waiter, what it stored or the gap check's refusal."""
+        stored = sum([o[0] for o in outcomes])
+        for _waiter, _count, size, _ in waiters:
+            self._pending_bytes -= size
+        self.deduplicated += sum([o[2] for o in outcomes])
+        self._commits += 1
+        if stored:
+            if self._count == 0:
+                self._first_seq = last - stored + 1
+                self._oldest_ms = kept[0][3]
+            self._count += stored
+            self._bytes += sum([o[1] for o in outcomes])
+            self._appended += stored
+            self.last_seq = max(self.last_seq, last)
+            if self._advanced is not None:
+                self._advanced.set()
+                self._advanced = None
+            if not self._reject_new and self._bytes > self._max_bytes:
+                self._over_cap.set()
+        seq = last - stored
+        for (waiter, _count, _size, _), (count, _b, _d, error) in zip(waiters, outcomes):
+            seq += count
+            result = seq if count else self.last_seq
+            if isinstance(waiter, asyncio.Future):
+                if not waiter.done():
+                    if error is not None:
+                        waiter.set_exception(error)
+                    else:
+                        waiter.set_result(result)
+            else:
+                _call_waiter(waiter, error)
+
+    def _failed(self, waiters: list[_Waiting], exc: BaseException) -> None:
+        for waiter, _count, size, _ in waiters:
             self._pending_bytes -= size
             if isinstance(waiter, asyncio.Future):
                 if not waiter.done():
@@ -468,15 +533,10 @@ class MessageLog:
         def query(conn: sqlite3.Connection) -> tuple[list[Entry], bool]:
             cursor = conn.execute(sql, args)
             if max_bytes is None:
-                out = [Entry.of_row(row) for row in cursor]
+                out, _ = _entries(cursor.fetchall())
                 return out, len(out) == limit
-            out, total = [], 0
-            for row in cursor:  # rows come one by one: stop reading at the byte bound
-                out.append(Entry.of_row(row))
-                total += len(row[6]) + len(row[5])
-                if total >= max_bytes:
-                    return out, True
-            return out, len(out) == limit
+            out, full = _entries(cursor, max_bytes)  # row by row: stop at the byte bound
+            return out, full or len(out) == limit
 
         return await self._db.run(query)
 

@@ -3,7 +3,10 @@
 One scanner reads the log in order from the floor cursor and offers every entry that
 ``select`` puts on an upstream route to the :class:`~gateway.upstream.backlog.Backlog` (a
 queue per (route, origin)); the pump keeps up to ``window`` QoS 1 publishes in flight on the
-link and moves a queue's cursor only on the parent's PUBACK; a flusher persists the cursors
+link and moves a queue's cursor only on the parent's PUBACK. It fills the window in bursts
+of a quarter, a loop turn apart: sent in one write, a whole window reaches the parent as one
+group commit and comes back as one run of PUBACKs, so each side would wait while the other
+works; in bursts the parent commits one while the next arrives; a flusher persists the cursors
 and the floor a few times a second. Towards a parent that is this software (mode
 ``gateway``), one connection carries every origin on our behalf and each message carries the
 dedupe stamp (:mod:`gateway.hub.onbehalf`), so the parent stores each exactly once.
@@ -51,6 +54,8 @@ SCAN_CHUNK = 2000
 QUOTA_CONNACK = 3  # "server unavailable": a parent of ours whose daily quota is used up
 FLUSH_INTERVAL = 0.25
 LIVE_RESERVE = 16  # places of the window kept for live lanes while their backlog drains
+BURSTS = 4  # the window goes out in bursts of a quarter, a loop turn apart (see _pump)
+BURST_MIN = 32
 
 
 def _iso(moment: float) -> str:
@@ -304,7 +309,10 @@ class Forwarder:
                 log.error("upstream cursors not saved: %s", exc)
 
     def _count_sent(self, route: str) -> None:
-        self.link.routes.setdefault(route, RouteCounters()).sent += 1
+        counters = self.link.routes.get(route)
+        if counters is None:
+            counters = self.link.routes[route] = RouteCounters()
+        counters.sent += 1
         if not self.backlog.full():
             self._space.set()
 
@@ -360,6 +368,10 @@ class Forwarder:
         by_route: dict[str, list[OriginQueue]] = {}
         for q in self.backlog.queues.values():
             by_route.setdefault(q.route, []).append(q)
+        # the bytes in memory per route matter only with a byte cap or over the disk mark
+        # (summing them walks every buffered message)
+        if disk is None and not any(self.policy(r).max_bytes for r in by_route):
+            by_route = {}  # nothing to enforce
         mem = {r: sum(i.size for q in qs for i in (*q.pending, *q.inflight))
                for r, qs in by_route.items()}
         total_mem = sum(mem.values()) or 1
@@ -603,6 +615,7 @@ class Forwarder:
                 self._wake.set()
 
         renewing = False
+        more = False  # the window has room after a burst
         buckets: dict[str, ByteBucket] = {}
         paced: set[str] = set()
         report = loop.create_task(self._report(session), name="upstream-report")
@@ -615,7 +628,11 @@ class Forwarder:
                     paced.clear()
                     # with live lanes, the last LIVE_RESERVE places of the window are theirs
                     below = self._window_now - (LIVE_RESERVE if backlog.segmented else 0)
+                    burst = 0
                     while inflight[0] < self._window_now:
+                        if burst >= max(BURST_MIN, self._window_now // BURSTS):
+                            more = True  # the rest of the window after a loop turn
+                            break
                         item = backlog.take(now, registered if stamp else None, paced,
                                             live_only=inflight[0] >= below)
                         if item is None:
@@ -644,6 +661,7 @@ class Forwarder:
                                     break
                                 inflight[0] += 1
                                 self._sends += 1
+                                burst += 1
                                 continue
                         if stamp:
                             topic = encoder.topic(item.entry, item.origin, item.lane, item.prev)
@@ -657,6 +675,7 @@ class Forwarder:
                             item.queue.singles += 1
                         inflight[0] += 1
                         self._sends += 1
+                        burst += 1
                     if stamp and len(registering) < 64 and len(registered) < len(backlog.origins):
                         for q in backlog.waiting(now):
                             o = q.origin
@@ -669,6 +688,10 @@ class Forwarder:
                                     break
                 elif not inflight[0]:
                     return "renew"
+                if more:  # let this burst go out (and acknowledgements in) first
+                    more = False
+                    await asyncio.sleep(0)
+                    continue
                 self._wake.clear()
                 wake: asyncio.Future[Any] = loop.create_task(self._wake.wait())
                 await asyncio.wait({wake, session.lost}, timeout=0.05 if paced else 1.0,

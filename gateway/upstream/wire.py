@@ -116,19 +116,27 @@ def _pairs(data: dict[str, Any], epoch: str | None, route: str,
 
 class Encoder:
     """:func:`encode` towards a parent that is this software, with the per-message stamp in
-    front and the rest of the bag cached per (stored properties, origin, route): a forwarded
-    message then costs one dictionary look-up and a string join, not a JSON parse and a
-    percent-encoding of every property. Bounded: the cache is emptied when it is full."""
+    front and the rest of the bag cached per (stored properties, origin, route), with the
+    origin's topic: a forwarded message then costs one dictionary look-up and a string
+    join, not a JSON parse and a percent-encoding of every property. Bounded: the cache is
+    emptied when it is full."""
 
     def __init__(self, epoch: str, max_entries: int = 4096) -> None:
         self.epoch = epoch
         self.max_entries = max_entries
-        self._rest: dict[tuple[str, Origin, str], str] = {}
+        # (props, origin, route) -> (the origin's topic, the rest of the bag); not for a
+        # message with an id of its own (its bag is made per message)
+        self._rest: dict[tuple[str, Origin, str], tuple[str, str]] = {}
 
     def topic(self, entry: Entry, origin: Origin, route: str = DEFAULT_ROUTE,
               prev: int | None = None) -> str:
         """The stamped topic of ``entry``; ``prev``: the sequence of the message sent before
         it in its queue, when known (the parent's gap check, :mod:`gateway.store.dedupe`)."""
+        cached = self._rest.get((entry.props, origin, route))
+        if cached is not None:
+            if prev is None:
+                return f"{cached[0]}$.gws={entry.seq}&{cached[1]}"
+            return f"{cached[0]}$.gws={entry.seq}&$.gwq={prev}&{cached[1]}"
         return base_topic(origin) + self.bag(entry, origin, route, prev)
 
     def bag(self, entry: Entry, origin: Origin, route: str = DEFAULT_ROUTE,
@@ -137,9 +145,9 @@ class Encoder:
         a pack)."""
         head = f"$.gws={entry.seq}&" if prev is None else f"$.gws={entry.seq}&$.gwq={prev}&"
         key = (entry.props, origin, route)
-        rest = self._rest.get(key)
-        if rest is not None:
-            return head + rest
+        cached = self._rest.get(key)
+        if cached is not None:
+            return head + cached[1]
         data = json.loads(entry.props)
         own = data.get("system", {}).get("message-id")
         pairs = _pairs(data, self.epoch, route)
@@ -148,7 +156,7 @@ class Encoder:
             return head + "$.mid=" + encode_component(own) + "&" + tail
         if len(self._rest) >= self.max_entries:
             self._rest.clear()
-        self._rest[key] = tail
+        self._rest[key] = (base_topic(origin), tail)
         return head + tail
 
 

@@ -17,6 +17,11 @@ parent when the link comes up.
 
     python tests/bench/upstream.py                  # 1,000,000 messages, 100 origins
     python tests/bench/upstream.py --msgs 200000
+    python tests/bench/upstream.py --msgs 200000 --profile   # + where each side's CPU goes
+
+``--profile`` samples both hubs with py-spy from the parent's start to the end of the drain
+and prints, per side and thread, the CPU per forwarded message by the innermost function of
+the project that was running (as tests/bench/budget.py does for ingest).
 """
 
 from __future__ import annotations
@@ -30,8 +35,11 @@ import subprocess
 import sys
 import tempfile
 import threading
+import re
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -79,6 +87,9 @@ def main() -> None:
     ap.add_argument("--pack", action="store_true",
                     help="[upstream] pack = true: the backlog goes up in packs of <= 4 KB")
     ap.add_argument("--loadgen", default=str(LOADGEN))
+    ap.add_argument("--profile", action="store_true",
+                    help="sample both hubs with py-spy during the drain (CPU per function)")
+    ap.add_argument("--profile-top", type=int, default=18)
     args = ap.parse_args()
     gen = loadgen_path(args.loadgen)
     tmp = Path(tempfile.mkdtemp(prefix="bench-upstream-"))
@@ -125,6 +136,8 @@ def main() -> None:
 
         t0 = time.monotonic()
         parent.start()
+        spies = _spy_start(tmp, {"child": child.pid, "parent": parent.pid}) if args.profile \
+            else {}
         sent_at: dict[int, float] = {}
         thread = threading.Thread(target=live_thread, daemon=True)
         thread.start()
@@ -157,6 +170,7 @@ def main() -> None:
         drain_s = time.monotonic() - t0
         drained_wall = time.time()
         cpu1 = (_cpu(child.pid), _cpu(parent.pid), s["sent"])
+        profile = _spy_stop(spies, s["sent"], args.profile_top) if spies else ""
         stop.set()
         # what the live devices sent last waits behind the plain route's backlog: let it in
         settle = time.monotonic() + 120
@@ -165,6 +179,7 @@ def main() -> None:
         time.sleep(2.0)
         packed = s.get("packed", {"messages": 0, "readings": 0})
         billed = _billed(parent)
+        commits = {"child": _commits(child), "parent": _commits(parent)}
         drain_rate = backlog / drain_s
         up_s = time.monotonic() - (connected_at or t0)
         linked_rate = backlog / up_s
@@ -218,6 +233,7 @@ def main() -> None:
             "pack": args.pack, "packs": packed["messages"], "packed_readings": packed["readings"],
             "billed_at_parent": billed, "readings_sent": s["sent"],
             "load_average": _load(),
+            "commits": commits,
             "live_messages": len(lat_sorted),
             "live_p50_ms": round(pct(lat_sorted, 0.5) * 1000, 1),
             "live_p99_ms": round(pct(lat_sorted, 0.99) * 1000, 1),
@@ -246,10 +262,58 @@ def main() -> None:
               f"link up to the end of the drain, route with liveFirst); without the lane: p99 "
               f"{result['no_lane_p99_ms']:,} ms (p50 {result['no_lane_p50_ms']:,} ms, "
               f"{len(plain_sorted)} messages, the same run)")
+        for side, (count, seconds) in commits.items():
+            print(f"{side}: {count:,.0f} group commits since its start, {seconds * 1e3 / max(1, count):.2f} ms each")
+        if profile:
+            print(profile)
     finally:
         child.stop()
         parent.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _spy_start(tmp: Path, pids: dict[str, int]) -> dict[str, Any]:
+    """py-spy on each hub (raw stacks, with thread ids) and each thread's CPU at the start."""
+    from tests.bench.budget import thread_cpu
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    spies: dict[str, Any] = {}
+    for name, pid in pids.items():
+        raw = tmp / f"{name}.spy"
+        proc = subprocess.Popen([exe, "record", "-p", str(pid), "-o", str(raw), "-f", "raw",
+                                 "-r", "200", "--nonblocking", "--threads"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        spies[name] = (proc, raw, pid, thread_cpu(pid))
+    return spies
+
+
+def _spy_stop(spies: dict[str, Any], moved: int, top: int) -> str:
+    """Stop the samplers; per side and thread, CPU per message split by the innermost
+    ``gateway/`` function of each sample (its share of that thread's samples)."""
+    from tests.bench.budget import thread_cpu
+    out = []
+    for name, (proc, raw, pid, before) in spies.items():
+        after = thread_cpu(pid)
+        proc.send_signal(2)
+        proc.wait(timeout=60)
+        per_thread: dict[str, Counter[str]] = {}
+        for line in raw.read_text().splitlines() if raw.exists() else []:
+            stack_text, _, count = line.rpartition(" ")
+            frames = stack_text.split(";")
+            thread = "store" if any("Database._main" in f for f in frames) else "loop"
+            inner = next((f for f in reversed(frames) if "gateway/" in f), frames[-1])
+            fn = re.sub(r" \((.*):\d+\)$", r" (\1)", inner)
+            per_thread.setdefault(thread, Counter())[fn] += int(count)
+        # the loop thread is the process's own pid; the busiest other one is the store's
+        cpu = {"loop": after.get(pid, 0.0) - before.get(pid, 0.0),
+               "store": max((after[t] - before.get(t, 0.0) for t in after if t != pid),
+                            default=0.0)}
+        for thread, counter in sorted(per_thread.items()):
+            total = sum(counter.values()) or 1
+            us = 1e6 * cpu[thread] / max(1, moved)
+            out.append(f"{name} {thread} thread: {us:.1f} us per message")
+            for fn, n in counter.most_common(top):
+                out.append(f"  {us * n / total:6.2f} us  {fn}")
+    return "\n".join(out)
 
 
 def _billed(hub: HubProcess) -> float:
@@ -259,6 +323,17 @@ def _billed(hub: HubProcess) -> float:
         text = response.read().decode()
     return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
                 if s.name.startswith("gateway_telemetry_billed_messages"))
+
+
+def _commits(hub: HubProcess) -> tuple[float, float]:
+    """The hub's group commits since its start and the seconds they took."""
+    from prometheus_client.parser import text_string_to_metric_families
+    with HubClient(hub.data_dir)._open("GET", "/metrics") as response:
+        text = response.read().decode()
+    found = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+             if s.name.startswith("gateway_store_commit_seconds")}
+    return found.get("gateway_store_commit_seconds_count", 0.0), \
+        found.get("gateway_store_commit_seconds_sum", 0.0)
 
 
 def _cpu(pid: int) -> float:
