@@ -316,7 +316,12 @@ class ServiceApi:
         device_id, module_id = self._ids(request)
         identity = self._twin_identity(device_id, module_id)
         twin = await self.hub.twins.twin(device_id, module_id)
-        return _json(twin.service_view(identity))
+        view = twin.service_view(identity)
+        owner = self.hub.twins.configured_owner(device_id, module_id)
+        if owner is not None:  # a module the parent's configuration push lists (modulepush)
+            view["properties"]["desired"].setdefault("$metadata", {}).setdefault(
+                "$owner", owner)
+        return _json(view)
 
     async def _write_twin(self, request: web.Request, *, replace: bool) -> web.Response:
         device_id, module_id = self._ids(request)
