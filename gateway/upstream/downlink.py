@@ -141,6 +141,7 @@ class Downlink:
                     (up_settled_topic(upstream_id if d == self.local_gateway else d, m, st),
                      b"", ((d, m), st)) for (d, m), st in batch])
                 await mirror.sent(acked)
+                log.debug("downlink: c2d outcomes up batch=%d acked=%d", len(batch), len(acked))
                 if not whole:
                     return
             await _changed_or_lost(mirror.changed, session)
@@ -175,11 +176,14 @@ class Downlink:
             queue.changed.clear()
             items = queue.items()
             for start in range(0, len(items), BATCH):
+                batch = items[start:start + BATCH]
                 acked, whole = await _send_batch(session, [
                     (up_reported_topic(upstream_id if d == self.local_gateway else d, m),
                      json.dumps(patch, separators=(",", ":")).encode(), ((d, m), gen))
-                    for (d, m), patch, gen in items[start:start + BATCH]])
+                    for (d, m), patch, gen in batch])
                 await queue.sent(acked)
+                log.debug("downlink: reported patches up batch=%d acked=%d", len(batch),
+                          len(acked))
                 if not whole:
                     return
             await _changed_or_lost(queue.changed, session)
