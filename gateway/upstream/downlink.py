@@ -210,10 +210,8 @@ class Downlink:
         c2d = parse_down_c2d(packet.topic)
         if c2d is not None:
             device_id, via = c2d
-            if via and self.federation is not None:  # for further down: passed on
-                conn = self.federation.targets.target(via[0], DownlinkFilter)
-                if conn is not None:
-                    conn.publish(down_c2d_topic(device_id, via[1:]), packet.payload, 0)
+            if via and self.federation is not None:  # for further down: passed on, in order
+                self._enqueue(partial(self._pass_c2d, device_id, via, packet.payload), "c2d")
             elif not via and self.c2d is not None and device_id:
                 self._enqueue(partial(self.c2d.accept, device_id, packet.payload), "c2d")
             return
@@ -230,6 +228,15 @@ class Downlink:
             self._serve(session, upstream_id, call, packet.payload), name="downlink-call")
         self._running.add(task)
         task.add_done_callback(self._running.discard)
+
+    async def _pass_c2d(self, device_id: str, via: tuple[str, ...], payload: bytes) -> None:
+        """A C2D message for further down, passed on after the identity messages that came
+        before it: a device created at the top just before the send reaches the next hop
+        (pushed by our registry) before its message does, so the hop nearest it can queue it."""
+        assert self.federation is not None
+        conn = self.federation.targets.target(via[0], DownlinkFilter)
+        if conn is not None:
+            conn.publish(down_c2d_topic(device_id, via[1:]), payload, 0)
 
     def _state(self, device_id: str, module_id: str | None, connected: bool,
                path: str | None) -> None:

@@ -88,6 +88,11 @@ def _module_twin(hub: Any, module: str) -> dict[str, Any]:
     return json.loads(hub.cli("twin", "show", "leaf.local", "--module", module).stdout)  # type: ignore[no-any-return]
 
 
+def _module_owner(hub: Any, module: str) -> str:
+    rows = [line.split("\t") for line in hub.cli("module", "list", "leaf.local").stdout.splitlines()]
+    return {row[0]: row[-1] for row in rows}[module]
+
+
 def test_modules_pushed_from_the_top(tmp_path: Path) -> None:
     """``modules`` in the leaf gateway's desired properties at the top: a declared bridge
     (a real Modbus bridge process at the leaf) gets the document as its desired properties
@@ -131,6 +136,7 @@ def test_modules_pushed_from_the_top(tmp_path: Path) -> None:
         assert "belong to the parent hub site.local (its configuration push sets them)" \
             in out.stderr, out.stderr
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert _module_owner(h.leaf, "modbus") == "parent"  # `module list`'s last column
         h.leaf.cli("twin", "update", "leaf.local", "--module", "modbus", "--tags",
                    json.dumps({"room": "b2"}))  # tags stay local
         assert set(_module_twin(h.leaf, "modbus")["properties"]["desired"]["buses"]) == \
@@ -154,6 +160,7 @@ def test_modules_pushed_from_the_top(tmp_path: Path) -> None:
         wait(lambda: "$owner" not in _module_twin(h.leaf, "modbus")["properties"]["desired"][
             "$metadata"], 20, "the module local again")
         assert set(_module_twin(h.leaf, "modbus")["properties"]["desired"]["buses"]) == {"plc"}
+        assert _module_owner(h.leaf, "modbus") == "local"
         h.leaf.cli("twin", "update", "leaf.local", "--module", "modbus", "--desired",
                    json.dumps({"buses": {"spare": plc}}))
         wait(lambda: running({"plc", "spare"}), 30, "the bridge running the local change")
