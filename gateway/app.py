@@ -228,9 +228,10 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
             routing, db, ModulePush(hub.twins, gateway_id=gateway_id))
         await config_push.open()
         routing.owner_of = config_push.owner_of  # parent-owned items: marked, not changed here
+        hub.twins.configured_owner = config_push.modules_owner  # and parent-owned modules
         c2d_mirror = C2DMirror(hub.c2d, db)  # C2D handed down by the parent
         await c2d_mirror.open()
-        hub.c2d.on_settled = c2d_mirror.on_settled
+        c2d_queues.settle_hooks.append(c2d_mirror.on_queue_settled)  # whatever settled it
         c2d_forwarder = C2DForwarder(c2d_queues, hub.federation)  # and handed down by us
         hub.c2d.forwarder = c2d_forwarder
         hub.federation.settle_here = c2d_forwarder.settle_here

@@ -193,7 +193,7 @@ def cmd_module(args: argparse.Namespace) -> int:
     elif args.action == "list":
         for module in client.request("GET", base):
             print(f"{module['moduleId']}\t{module['connectionState']}\t"
-                  f"{module['authentication']['type']}")
+                  f"{module['authentication']['type']}\t{module.get('owner', 'local')}")
     elif args.action == "delete":
         client.request("DELETE", path, headers={"If-Match": "*"})
     elif args.action == "connection-string":

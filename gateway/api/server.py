@@ -225,7 +225,15 @@ class ServiceApi:
         device_id = request.match_info["device_id"]
         if self.registry.get_device(device_id) is None:
             raise NotFoundError(f"device {device_id!r} not found")
-        return _json([m.to_json() for m in self.registry.modules(device_id)])
+        return _json([self._module_json(m) for m in self.registry.modules(device_id)])
+
+    def _module_json(self, module: Any) -> dict[str, Any]:
+        """The module identity; ``"owner": "parent"`` when a parent hub's configuration push
+        lists it (its desired properties are the parent's: gateway.upstream.modulepush)."""
+        doc: dict[str, Any] = module.to_json()
+        if self.hub.twins.configured_owner(module.device_id, module.module_id) is not None:
+            doc["owner"] = "parent"
+        return doc
 
     async def get_module(self, request: web.Request) -> web.Response:
         """Get one module identity."""
@@ -233,7 +241,7 @@ class ServiceApi:
         module = self.registry.get_module(device_id, module_id)
         if module is None:
             raise NotFoundError(f"module {device_id}/{module_id} not found")
-        return _json(module.to_json())
+        return _json(self._module_json(module))
 
     async def put_module(self, request: web.Request) -> web.Response:
         """Create or update a module identity."""
@@ -316,7 +324,12 @@ class ServiceApi:
         device_id, module_id = self._ids(request)
         identity = self._twin_identity(device_id, module_id)
         twin = await self.hub.twins.twin(device_id, module_id)
-        return _json(twin.service_view(identity))
+        view = twin.service_view(identity)
+        owner = self.hub.twins.configured_owner(device_id, module_id)
+        if owner is not None:  # a module the parent's configuration push lists (modulepush)
+            view["properties"]["desired"].setdefault("$metadata", {}).setdefault(
+                "$owner", owner)
+        return _json(view)
 
     async def _write_twin(self, request: web.Request, *, replace: bool) -> web.Response:
         device_id, module_id = self._ids(request)

@@ -77,6 +77,14 @@ _FEEDBACK_COLUMNS: Final = (
 _Dead: TypeAlias = tuple[int, str, str, str, str]
 """seq, device_id, message_id, generation_id, ack: what dead-lettering needs."""
 
+ABANDONED: Final = "Abandoned"
+"""The status of a settle event for an abandon that put the message back (not a feedback
+status: the message stays queued)."""
+
+Settled: TypeAlias = tuple[str, str, str]
+"""A settle event: device id, message id, and the feedback status the message left the queue
+with (:class:`FeedbackStatus`), or :data:`ABANDONED`."""
+
 
 @dataclass(frozen=True, slots=True)
 class After:
@@ -87,6 +95,11 @@ class After:
     message_due: float | None
     lock_due: float | None
     feedback_due: float | None
+    settled: tuple[Settled, ...] = ()  # what the transaction settled, in order
+
+
+def _events(rows: Iterable[_Dead], status: str) -> list[Settled]:
+    return [(row[1], row[2], str(status)) for row in rows]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +110,8 @@ class Outcome:
     feedback_expiry: float
 
 
-def _after(conn: sqlite3.Connection, devices: Iterable[str]) -> After:
+def _after(conn: sqlite3.Connection, devices: Iterable[str],
+           settled: Sequence[Settled] = ()) -> After:
     counts = {
         device: int(
             conn.execute(
@@ -111,7 +125,7 @@ def _after(conn: sqlite3.Connection, devices: Iterable[str]) -> After:
         " (SELECT min(locked_until) FROM c2d_messages),"
         " (SELECT min(expiry) FROM c2d_feedback)"
     ).fetchone()
-    return After(counts, message_due, lock_due, feedback_due)
+    return After(counts, message_due, lock_due, feedback_due, tuple(settled))
 
 
 def _wants(ack: str, status: FeedbackStatus) -> bool:
@@ -145,9 +159,9 @@ def _remove(
 
 def _expire_messages(
     conn: sqlite3.Connection, outcome: Outcome, device_id: str | None, limit: int = -1
-) -> list[str]:
+) -> list[Settled]:
     """Dead-letter messages whose expiry passed (feedback Expired), of one device or (at
-    most ``limit``, earliest first) of all; return their device ids."""
+    most ``limit``, earliest first) of all; return their settle events."""
     if device_id is None:
         rows = conn.execute(
             f"SELECT {_DEAD_COLUMNS} FROM c2d_messages WHERE expiry <= ? ORDER BY expiry LIMIT ?",
@@ -159,7 +173,7 @@ def _expire_messages(
             (device_id, outcome.now),
         ).fetchall()
     _remove(conn, rows, FeedbackStatus.EXPIRED, outcome)
-    return [row[1] for row in rows]
+    return _events(rows, FeedbackStatus.EXPIRED)
 
 
 def recover_body(conn: sqlite3.Connection) -> tuple[dict[str, int], After]:
@@ -180,7 +194,7 @@ def send_body(
     outcome: Outcome,
 ) -> After:
     device_id = row[0]
-    _expire_messages(conn, outcome, device_id)
+    expired = _expire_messages(conn, outcome, device_id)
     pending = conn.execute(
         "SELECT count(*) FROM c2d_messages WHERE device_id = ?", (device_id,)
     ).fetchone()[0]
@@ -194,7 +208,7 @@ def send_body(
         " enqueued, expiry) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         row,
     )
-    return _after(conn, (device_id,))
+    return _after(conn, (device_id,), expired)
 
 
 def _message_of(
@@ -226,7 +240,7 @@ def deliver_body(
     outcome: Outcome,
 ) -> tuple[list[C2DMessage], After]:
     """Lock up to ``len(tokens)`` deliverable messages of the device, oldest first."""
-    _expire_messages(conn, outcome, device_id)
+    settled = _expire_messages(conn, outcome, device_id)
     rows = conn.execute(
         f"SELECT {_MESSAGE_COLUMNS}, generation_id FROM c2d_messages"
         " WHERE device_id = ? AND (locked_until IS NULL OR locked_until <= ?) ORDER BY seq",
@@ -251,7 +265,8 @@ def deliver_body(
             _message_of(row, delivery_count=count, lock_token=token, locked_until=locked_until)
         )
     _remove(conn, exceeded, FeedbackStatus.DELIVERY_COUNT_EXCEEDED, outcome)
-    return out, _after(conn, (device_id,))
+    settled += _events(exceeded, FeedbackStatus.DELIVERY_COUNT_EXCEEDED)
+    return out, _after(conn, (device_id,), settled)
 
 
 def _locked_row(conn: sqlite3.Connection, device_id: str, lock_token: str) -> _Dead:
@@ -271,7 +286,7 @@ def settle_body(
     """Complete (``SUCCESS``) or reject (``REJECTED``) the message holding the lock."""
     row = _locked_row(conn, device_id, lock_token)
     _remove(conn, [row], status, outcome)
-    return _after(conn, (device_id,))
+    return _after(conn, (device_id,), _events([row], status))
 
 
 def abandon_body(
@@ -288,13 +303,15 @@ def abandon_body(
     ).fetchone()[0]
     if count >= max_delivery_count:
         _remove(conn, [row], FeedbackStatus.DELIVERY_COUNT_EXCEEDED, outcome)
+        status: str = FeedbackStatus.DELIVERY_COUNT_EXCEEDED
     else:
         conn.execute(
             "UPDATE c2d_messages SET counts_next = 1, lock_token = NULL, locked_until = NULL"
             " WHERE seq = ?",
             (row[0],),
         )
-    return _after(conn, (device_id,))
+        status = ABANDONED
+    return _after(conn, (device_id,), _events([row], status))
 
 
 def release_body(conn: sqlite3.Connection, *, device_id: str) -> tuple[int, After]:
@@ -313,7 +330,7 @@ def purge_body(
         f"SELECT {_DEAD_COLUMNS} FROM c2d_messages WHERE device_id = ?", (device_id,)
     ).fetchall()
     _remove(conn, rows, FeedbackStatus.PURGED, outcome)
-    return len(rows), _after(conn, (device_id,))
+    return len(rows), _after(conn, (device_id,), _events(rows, FeedbackStatus.PURGED))
 
 
 def drop_body(conn: sqlite3.Connection, *, device_id: str) -> tuple[int, After]:
@@ -327,7 +344,7 @@ def sweep_body(
 ) -> tuple[int, bool, After]:
     """One chunk of the sweep: dead-letter expired messages, end lapsed locks, delete
     expired feedback, at most ``limit`` rows of each; also says whether any hit the limit."""
-    devices = _expire_messages(conn, outcome, None, limit)
+    expired = _expire_messages(conn, outcome, None, limit)
     unlocked = conn.execute(
         "UPDATE c2d_messages SET locked_until = NULL WHERE seq IN (SELECT seq FROM c2d_messages"
         " WHERE locked_until <= ? LIMIT ?)",
@@ -338,8 +355,8 @@ def sweep_body(
         " WHERE expiry <= ? LIMIT ?)",
         (outcome.now, limit),
     ).rowcount
-    more = limit in (len(devices), unlocked, dropped)
-    return len(devices), more, _after(conn, devices)
+    more = limit in (len(expired), unlocked, dropped)
+    return len(expired), more, _after(conn, [device for device, _, _ in expired], expired)
 
 
 def feedback_batch_body(

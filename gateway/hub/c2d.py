@@ -59,7 +59,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Final
 
@@ -78,8 +78,11 @@ from gateway.hub.c2dsend import parse_send
 from gateway.store.db import Database
 
 MIGRATION = sql.MIGRATION
+ABANDONED = sql.ABANDONED
+Settled = sql.Settled
 
 __all__ = [
+    "ABANDONED",
     "MIGRATION",
     "Ack",
     "C2DMessage",
@@ -89,6 +92,7 @@ __all__ = [
     "FeedbackStatus",
     "LockLostError",
     "QueueFullError",
+    "Settled",
 ]
 
 log = logging.getLogger(__name__)
@@ -145,6 +149,10 @@ class C2DQueues:
         self._message_due: float | None = None
         self._lock_due: float | None = None
         self._feedback_due: float | None = None
+        # Called after each commit that settled messages, whatever the way (MQTT PUBACK, the
+        # device HTTP API, AMQP, expiry, purge, dead-lettering): the one place federation
+        # learns that a message handed down by a parent left the queue here (c2dmirror).
+        self.settle_hooks: list[Callable[[Sequence[Settled]], None]] = []
 
     # -- state kept in memory ------------------------------------------------------------------
 
@@ -157,6 +165,12 @@ class C2DQueues:
         self._message_due = after.message_due
         self._lock_due = after.lock_due
         self._feedback_due = after.feedback_due
+        if after.settled:
+            for hook in self.settle_hooks:
+                try:
+                    hook(after.settled)
+                except Exception:  # a hook must not fail a committed change
+                    log.exception("c2d settle hook failed")
 
     def _outcome(self, now: float) -> sql.Outcome:
         return sql.Outcome(now, now + self.feedback_ttl)
@@ -302,6 +316,12 @@ class C2DQueues:
         """Dead-letter the message (ref §3.2); feedback Rejected if ``ack`` is negative or
         full. :class:`LockLostError` as for :meth:`complete`."""
         await self._settle(device_id, lock_token, FeedbackStatus.REJECTED)
+
+    async def settle(self, device_id: str, lock_token: str, status: FeedbackStatus) -> None:
+        """Remove the message holding the lock with feedback ``status`` (where its ``ack``
+        asks): how a settle reported from a child gateway ends the copy here
+        (:mod:`gateway.hub.c2dfed`). :class:`LockLostError` as for :meth:`complete`."""
+        await self._settle(device_id, lock_token, status)
 
     async def _settle(self, device_id: str, lock_token: str, status: FeedbackStatus) -> None:
         after = await self._db.run(

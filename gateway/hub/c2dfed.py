@@ -12,11 +12,19 @@ connection:
 * the lock lapses as usual; each lapse resends it (a redelivery after a lapse does not count,
   ref §3.2, and the child drops the copy it already has): a message lost on a link that went
   down is sent again, one already down there costs a few hundred bytes per lock period;
-* when the device completes it (its PUBACK at the leaf), the completion travels up hop by hop
-  (``$iothub/gateway/up/c2d/settled/?d={d}&mid={id}&st={status}``, queued durably on the way)
-  and completes the message here with the lock token of its latest delivery: feedback
-  ``Success`` is written here, where the sender reads it. Expiry is decided here too (the
-  copy below carries the same absolute expiry time, so it lapses there as well).
+* when the message is settled down there -- completed, rejected or abandoned by the device
+  over whatever protocol it uses at its hop, or dead-lettered there -- the outcome travels up
+  hop by hop (``$iothub/gateway/up/c2d/settled/?d={d}&mid={id}&st={status}``, queued durably
+  on the way, :mod:`gateway.upstream.c2dmirror`) and settles the message here the same way,
+  with the lock token of its latest delivery: ``Success`` completes it, ``Rejected`` rejects
+  it, ``Abandoned`` abandons it (the delivery counts here too; at ``max_delivery_count`` it is
+  dead-lettered here), ``DeliveryCountExceeded``, ``Expired`` and ``Purged`` remove it with
+  that status. The feedback is written here, where the sender reads it. Expiry is decided
+  here too (the copy below carries the same absolute expiry time, so it lapses there too).
+* when a gateway's downlink comes (back) up, directly or further down (a resync from the
+  child), the locks of the messages handed down behind it are released and they are handed
+  down again at once: one sent while that link was reconnecting is not left waiting for its
+  lock period (the hop nearest the device drops the copies it already has).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from gateway.errors import GatewayError
-from gateway.hub.c2d import C2DMessage, C2DQueues
+from gateway.hub.c2d import ABANDONED, C2DMessage, C2DQueues, FeedbackStatus
 from gateway.hub.c2dmodel import LockLostError
 from gateway.hub.federated import DOWN_PREFIX, DownlinkFilter, Federation
 from gateway.hub.propbag import decode_bag, encode_bag
@@ -106,34 +114,41 @@ class C2DForwarder:
         await self.settled(device_id, message_id, status)
         return True
 
-    def on_ready(self, gateway: str) -> None:
-        """A child gateway's downlink is up: hand down what waits behind it."""
+    def on_ready(self, gateway: str, below: tuple[str, ...] = ()) -> None:
+        """A downlink is up: ``gateway`` (a child of ours), or ``below`` it (the child asked
+        for a resync of that path). What waits behind it is handed down again at once."""
         for device_id in self.devices():
             hops = self.federation.hops(device_id, None)
-            if hops is not None and hops.first == gateway:
-                self.federation.spawn(self.pump(device_id))
+            if hops is not None and hops.first == gateway and hops.via[:len(below)] == below:
+                self.federation.spawn(self._again(device_id))
+
+    async def _again(self, device_id: str) -> None:
+        await self.queues.release(device_id)  # a redelivery after a release does not count
+        await self.pump(device_id)
 
     def devices(self) -> list[str]:
         return [d for d in self._devices if self.queues.pending(d)]
 
     async def settled(self, device_id: str, message_id: str, status: str) -> None:
-        """The device completed (or rejected) the message down there: settle it here."""
+        """The message was settled down there with ``status``: settle it here the same way."""
+        if status not in _OUTCOMES:
+            log.warning("c2d %s for %s: unknown outcome %r from below ignored", message_id,
+                        device_id, status)
+            return
         token = self._tokens.pop((device_id, message_id), None)
-        if token is None:  # we restarted since the delivery: lock them afresh to settle
-            for message in await self.queues.deliverable(device_id):
-                assert message.lock_token is not None
-                self._tokens[(device_id, message.message_id)] = message.lock_token
+        if token is None:  # not locked here now (restarted, abandoned): hand it down again
+            await self.pump(device_id)
             token = self._tokens.pop((device_id, message_id), None)
             if token is None:
-                log.info("c2d %s for %s settled below but no longer queued here", message_id,
-                         device_id)
+                log.info("c2d %s for %s settled below (%s) but not deliverable here",
+                         message_id, device_id, status)
                 return
         for attempt in (1, 2):
             try:
-                if status == "Rejected":
-                    await self.queues.reject(device_id, token)
+                if status == ABANDONED:
+                    await self.queues.abandon(device_id, token)
                 else:
-                    await self.queues.complete(device_id, token)
+                    await self.queues.settle(device_id, token, FeedbackStatus(status))
                 return
             except LockLostError:  # handed down again meanwhile: settle with that token
                 newer = self._tokens.pop((device_id, message_id), None)
@@ -144,3 +159,6 @@ class C2DForwarder:
             except GatewayError as exc:
                 log.warning("c2d %s for %s not settled: %s", message_id, device_id, exc)
                 return
+
+
+_OUTCOMES: Final = frozenset({ABANDONED, *(status.value for status in FeedbackStatus)})

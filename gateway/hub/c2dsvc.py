@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from gateway.errors import NotFoundError
@@ -45,8 +45,6 @@ class C2DService:
         self._inflight: dict[Connection, dict[int, str]] = {}
         self._pumping: dict[str, bool] = {}  # device id -> "pump again when done"
         self.forwarder: C2DForwarder | None = None  # devices behind child gateways
-        self.on_settled: Callable[[str, str], None] | None = None  # (device, message id)
-        self._ids: dict[str, str] = {}  # lock token -> message id, while in flight
         self._wake = asyncio.Event()
 
     # -- broker hooks ------------------------------------------------------------------------
@@ -62,12 +60,8 @@ class C2DService:
             return
         device_id = conn.client_id
 
-        message_id = self._ids.pop(token, None)
-
         async def complete() -> None:
-            await self.queues.complete(device_id, token)
-            if self.on_settled is not None and message_id is not None:
-                self.on_settled(device_id, message_id)  # federation: tell the owner above
+            await self.queues.complete(device_id, token)  # federation hears it (settle_hooks)
             self.pump(device_id)
 
         self.tasks.spawn(complete(), f"c2d-complete {device_id}")
@@ -77,8 +71,6 @@ class C2DService:
         connection already took the session over: its own deliveries hold locks of the same
         queue, so the old ones are left to lapse (and be redelivered) after the lock period."""
         unacked = self._inflight.pop(conn, None)
-        for token in (unacked or {}).values():
-            self._ids.pop(token, None)
         if unacked and self.broker.live.get(conn.client_id) is None:
             self.tasks.spawn(self.queues.release(conn.client_id), f"c2d-release {conn.client_id}")
 
@@ -123,8 +115,6 @@ class C2DService:
                         pid = conn.publish(message.topic(), message.body, 1)
                         assert pid is not None and message.lock_token is not None
                         self._inflight.setdefault(conn, {})[pid] = message.lock_token
-                        if self.on_settled is not None:
-                            self._ids[message.lock_token] = message.message_id
                 if not self._pumping.get(device_id):
                     return
                 self._pumping[device_id] = False

@@ -378,7 +378,8 @@ class Federation:
         self.is_mirrored: Callable[[str, str | None], bool] = lambda d, m: False  # from above
         self.settle_here: Callable[[str, str, str], Awaitable[bool]] | None = None  # c2dfed
         self.send_settled: Callable[[str, str, str], Awaitable[None]] | None = None  # downlink
-        self.ready_hooks: list[Callable[[str], None]] = []  # a child gateway's downlink is up
+        # a downlink is up: a child gateway's (first, ()), or one behind it (first, below)
+        self.ready_hooks: list[Callable[[str, tuple[str, ...]], None]] = []
         self.send_state: Callable[[str, str | None, bool, str | None], None] | None = None
         self.send_lifecycle: Callable[[str, str | None, bool, str | None], None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -665,7 +666,7 @@ class Federation:
             return
         self.resync(conn.client_id)
         for hook in self.ready_hooks:
-            hook(conn.client_id)
+            hook(conn.client_id, ())
         if self.child_ready is not None:
             self.child_ready(conn.client_id)
 
@@ -743,6 +744,9 @@ class Federation:
 
     def handle_resync(self, client_id: str, request: UpResync) -> None:
         self.resync(client_id, request.via)
+        if request.via:  # a downlink further down came back (ours was handled in on_ready)
+            for hook in self.ready_hooks:
+                hook(client_id, request.via)
         if self.child_ready is not None and request.via:  # and what our parent owns there
             self.child_ready(";".join((client_id, *request.via)))
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from gateway.errors import (
@@ -54,6 +54,8 @@ class TwinService:
         self.hub = hub
         self.broker = broker
         self.tasks = tasks
+        # the owner of a module's desired properties by configuration push (modulepush)
+        self.configured_owner: Callable[[str, str | None], str | None] = lambda d, m: None
 
     # -- identities come and go ----------------------------------------------------------------
 
@@ -217,19 +219,31 @@ class TwinService:
 
     # -- service ---------------------------------------------------------------------------------
 
-    async def service_update(self, device_id: str, module_id: str | None,
-                             body: Mapping[str, Any], *, if_match: str | None,
-                             replace: bool) -> Twin:
-        current = await self.twin(device_id, module_id)
-        owner = owner_of(current)
+    def desired_owner(self, device_id: str, module_id: str | None, twin: Twin) -> str | None:
+        """Who the desired properties belong to when not to this hub: the owner of a mirrored
+        twin, the parent of an identity from the parent, or the parent whose configuration
+        push lists the module (:attr:`configured_owner`); None when they are local."""
+        owner = owner_of(twin)
         federation = self.hub.federation
         if owner is None and federation is not None and federation.is_mirrored(device_id,
                                                                                module_id):
             owner = "the parent hub"  # an identity from the parent, desired not yet written
-        if owner is not None and _writes_desired(body):
-            raise ForbiddenError(  # federation: the parent's section (gateway.hub.twinmirror)
+        return owner if owner is not None else self.configured_owner(device_id, module_id)
+
+    async def service_update(self, device_id: str, module_id: str | None,
+                             body: Mapping[str, Any], *, if_match: str | None,
+                             replace: bool, as_owner: bool = False) -> Twin:
+        """A service write (tags and desired). ``as_owner``: the configuration push writing
+        on its owner's behalf, the only writer of an owned module's desired properties."""
+        current = await self.twin(device_id, module_id)
+        owner = self.desired_owner(device_id, module_id, current)
+        if owner is not None and not as_owner and _writes_desired(body):
+            pushed = self.configured_owner(device_id, module_id) is not None \
+                and owner_of(current) is None
+            raise ForbiddenError(  # federation: the parent's section (twinmirror, modulepush)
                 f"the desired properties of {_client_id(device_id, module_id)} belong to "
-                f"{owner}; change them there (tags may be set here)")
+                f"{owner}{' (its configuration push sets them)' if pushed else ''}; change "
+                "them there (tags may be set here)")
         twin, change, push = await self.store.update_desired(
             device_id, module_id, body, if_match=if_match, replace=replace)
         self.hub.twin_change_event(device_id, module_id,

@@ -4,10 +4,17 @@ A message the parent hands down for a device here goes into our own durable C2D 
 (:meth:`gateway.hub.c2dsvc.C2DService.send`, same message id and absolute expiry, no feedback
 of our own: the parent writes it) and is noted in ``federation_c2d``; the parent resends it
 each time its lock lapses, and the note makes those copies no-ops until the message's expiry.
-When the device completes it here, the completion is recorded in the same row and sent up
-(``$iothub/gateway/up/c2d/settled/...``) until the parent acknowledges it, so it survives our
-link being down and our restarts. A middle hop that only relays records completions coming
-from below the same way and passes them on.
+
+Whatever settles it here -- the device's PUBACK over MQTT, complete, reject or abandon through
+the device HTTP API or AMQP, expiry, a purge, dead-lettering after too many deliveries -- the
+queue reports it through its one settle hook (:attr:`gateway.hub.c2d.C2DQueues.settle_hooks`,
+after the commit), and the outcome is recorded in the message's row and sent up
+(``$iothub/gateway/up/c2d/settled/?d=&mid=&st=``, ``st`` the feedback status the message left
+with, or ``Abandoned``) until the parent acknowledges it, so it survives our link being down
+and our restarts. An abandon is not final: it goes up (the parent's copy counts the delivery)
+and the row goes back to "held"; several abandons made while the link is down go up as one.
+A final outcome replaces an abandon not yet sent. A middle hop that only relays records
+outcomes coming from below the same way and passes them on.
 """
 
 from __future__ import annotations
@@ -18,9 +25,11 @@ import json
 import logging
 import sqlite3
 import time
+from collections.abc import Sequence
 from typing import Final
 
 from gateway.errors import GatewayError
+from gateway.hub.c2d import ABANDONED, Settled
 from gateway.hub.c2dsvc import C2DService
 from gateway.store.db import Database, Migration
 
@@ -39,7 +48,7 @@ MIGRATION: Final[Migration] = (
         """,
     ),
 )
-SENT: Final = "sent"  # the parent has the completion
+SENT: Final = "sent"  # the parent has the final outcome
 RELAY_KEEP: Final = 48 * 3600.0  # a relayed completion's row lives at most this long
 
 Key = tuple[str, str]
@@ -98,28 +107,41 @@ class C2DMirror:
         await self._put(key, message.expiry, None)
         self.accepted += 1
 
-    def on_settled(self, device_id: str, message_id: str) -> None:
-        """C2DService hook: the device completed a message; if the parent's, tell it."""
-        row = self.rows.get((device_id, message_id))
-        if row is not None and row[1] is None:
-            self.c2d.tasks.spawn(self.completed(device_id, message_id, "Success", row[0]),
-                                 "c2d-settled")
+    def on_queue_settled(self, events: Sequence[Settled]) -> None:
+        """The queue's settle hook: outcomes of the parent's messages are to go up."""
+        for device_id, message_id, status in events:
+            if (device_id, message_id) in self.rows:
+                self.c2d.tasks.spawn(self.completed(device_id, message_id, status),
+                                     "c2d-settled")
 
-    async def completed(self, device_id: str, message_id: str, status: str,
-                        expiry: float | None = None) -> None:
-        """Record a completion to send up (ours, or relayed from below)."""
-        await self._put((device_id, message_id),
-                        expiry if expiry is not None else time.time() + RELAY_KEEP, status)
+    async def completed(self, device_id: str, message_id: str, status: str) -> None:
+        """Record an outcome to send up (ours, or relayed from below; see the module doc)."""
+        key = (device_id, message_id)
+        row = self.rows.get(key)
+        current = row[1] if row is not None else None
+        if current == SENT or (status == ABANDONED and current is not None):
+            return  # final already sent; or an abandon behind one still to go (coalesced)
+        await self._put(key, row[0] if row is not None else time.time() + RELAY_KEEP, status)
         self.changed.set()
 
     def unsent(self) -> list[tuple[Key, str]]:
         return [(key, status) for key, (_, status) in self.rows.items()
                 if status is not None and status != SENT]
 
-    async def sent(self, key: Key) -> None:
-        row = self.rows.get(key)
-        if row is not None:
-            await self._put(key, row[0], SENT)  # kept until expiry: resends stay no-ops
+    async def sent(self, done: Sequence[tuple[Key, str]]) -> None:
+        """The parent acknowledged these outcomes: a final one is kept as sent until the
+        message's expiry (resends stay no-ops); after an abandon the row is held again.
+        One transaction for the lot; an outcome changed meanwhile goes next."""
+        rows = []
+        for key, status in done:
+            row = self.rows.get(key)
+            if row is None or row[1] != status:
+                continue
+            self.rows[key] = (row[0], None if status == ABANDONED else SENT)
+            rows.append((key[0], key[1], row[0], self.rows[key][1]))
+        if rows:
+            await self.db.submit(lambda conn: conn.executemany(
+                "INSERT OR REPLACE INTO federation_c2d VALUES (?, ?, ?, ?)", rows))
 
     async def _expire(self) -> None:
         now = time.time()

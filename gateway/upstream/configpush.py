@@ -15,7 +15,8 @@ report what happened as the reported property ``routing``::
     {"$version"-like "desiredVersion": N, "applied": {"routes": [...], ...},
      "refused": [{"kind": "route", "name": ..., "reason": ...}]}
 
-Which wins: **the parent, for the names it lists.** A technician may add local routes,
+Which wins: **the parent, for the names it lists** (and for the modules it lists:
+:mod:`gateway.upstream.modulepush`, the same rule). A technician may add local routes,
 endpoints and enrichments under other names; they are never touched. An item the parent set
 here is the parent's (:meth:`ConfigPush.owner_of`): a local change to it (the service API,
 so ``gateway route|endpoint|enrichment``) is refused naming the owner, and ``GET /routing``
@@ -69,17 +70,32 @@ class ConfigPush:
 
         def load(conn: sqlite3.Connection) -> dict[str, str]:
             return {str(k): str(v) for k, v in conn.execute(
-                "SELECT key, doc FROM federation_config WHERE key IN ('owned', 'owner')")}
+                "SELECT key, doc FROM federation_config"
+                " WHERE key IN ('owned', 'owner', 'modules')")}
 
         rows = await self.db.run(load)
         self.owned = json.loads(rows["owned"]) if "owned" in rows else {}
         self.owner = json.loads(rows["owner"]) if "owner" in rows else self.owner
+        if self.modules is not None:
+            self.modules.owned = set(json.loads(rows.get("modules", "[]")))
+            self.modules.owner = self.owner
+
+    async def _save(self) -> None:
+        docs = [("owned", json.dumps(self.owned)), ("owner", json.dumps(self.owner))]
+        if self.modules is not None:
+            docs.append(("modules", json.dumps(sorted(self.modules.owned))))
+        await self.db.run(lambda conn: conn.executemany(
+            "INSERT OR REPLACE INTO federation_config VALUES (?, ?)", docs))
 
     def owner_of(self, kind: str, name: str) -> str | None:
         """Who owns routing item ``name`` of ``kind`` (route, endpoint, enrichment): the
         parent's name if its configuration push set it here, else None (local)."""
         plural = {k: p for p, k, _ in _KINDS}.get(kind)
         return self.owner if plural and name in self.owned.get(plural, ()) else None
+
+    def modules_owner(self, device_id: str, module_id: str | None) -> str | None:
+        """Who owns a module's desired properties by this push (None: local)."""
+        return self.modules.owner_of(device_id, module_id) if self.modules is not None else None
 
     def attach(self, session: Session) -> None:
         session.link.subscribe(*TWIN_FILTERS).add_done_callback(_ignore)
@@ -120,8 +136,10 @@ class ConfigPush:
         modules = self.desired.get(MODULES_KEY)
         if self.modules is not None and MODULES_KEY in keys and (
                 modules is not None or self.modules.owned):
+            self.modules.owner = self.owner
             reports[MODULES_KEY] = await self.modules.apply(
                 modules if modules is not None else {}, version=self.desired.get("$version"))
+            await self._save()
         if not reports:
             return
         self._rid += 1
@@ -177,10 +195,7 @@ class ConfigPush:
                                     "reason": f"could not remove: {exc}"})
                     owned[plural].append(name)
         self.owned = owned
-        text, owner = json.dumps(owned), json.dumps(self.owner)
-        await self.db.run(lambda conn: conn.executemany(
-            "INSERT OR REPLACE INTO federation_config VALUES (?, ?)",
-            (("owned", text), ("owner", owner))))
+        await self._save()
         self.last = {"desiredVersion": version, "applied": applied, "refused": refused}
         log.info("configuration from the parent applied: %s; refused: %s", applied,
                  [f"{r['kind']} {r['name']}: {r['reason']}" for r in refused] or "none")

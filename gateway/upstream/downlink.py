@@ -21,9 +21,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Final, TypeVar
 
 from gateway.errors import GatewayError, NotFoundError, RemoteProtocolError, UpstreamError
 from gateway.hub.federated import (
@@ -56,6 +56,9 @@ from gateway.upstream.link import Session
 from gateway.upstream.reported import ReportedQueue
 
 log = logging.getLogger(__name__)
+
+BATCH: Final = 64  # upward messages of one kind in flight at once (reported patches, C2D outcomes)
+T = TypeVar("T")
 
 
 class Downlink:
@@ -125,22 +128,23 @@ class Downlink:
             task.add_done_callback(self._running.discard)
 
     async def _flush_settled(self, session: Session, upstream_id: str) -> None:
-        """Send C2D completions up, each marked sent on its PUBACK; then wait for more."""
+        """Send C2D outcomes up, up to :data:`BATCH` at once, each marked sent on its PUBACK
+        (one transaction per batch); then wait for more."""
         mirror = self.c2d
         assert mirror is not None
         while not session.lost.done():
             mirror.changed.clear()
-            for (device_id, message_id), status in mirror.unsent():
-                device = upstream_id if device_id == self.local_gateway else device_id
-                try:
-                    await session.send(up_settled_topic(device, message_id, status), b"")
-                except UpstreamError:
+            unsent = mirror.unsent()
+            for start in range(0, len(unsent), BATCH):
+                batch = unsent[start:start + BATCH]
+                acked, whole = await _send_batch(session, [
+                    (up_settled_topic(upstream_id if d == self.local_gateway else d, m, st),
+                     b"", ((d, m), st)) for (d, m), st in batch])
+                await mirror.sent(acked)
+                log.debug("downlink: c2d outcomes up batch=%d acked=%d", len(batch), len(acked))
+                if not whole:
                     return
-                await mirror.sent((device_id, message_id))
-            changed: asyncio.Future[Any] = asyncio.ensure_future(mirror.changed.wait())
-            waits: set[asyncio.Future[Any]] = {changed, session.lost}
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            changed.cancel()
+            await _changed_or_lost(mirror.changed, session)
 
     async def _apply_ordered(self, upstream_id: str) -> None:
         """Identity and C2D messages, one at a time in arrival order (a parent before its
@@ -163,24 +167,26 @@ class Downlink:
             session.send(up_resync_topic(()), b"").add_done_callback(_ignore)
 
     async def _flush_reported(self, session: Session, upstream_id: str) -> None:
-        """Send the coalesced reported patches, one per identity, each dropped from the queue
-        on its PUBACK; then wait for more."""
+        """Send the coalesced reported patches, one per identity and up to :data:`BATCH` at
+        once, each dropped from the queue on its PUBACK (one transaction per batch); then
+        wait for more."""
         queue = self.reported
         assert queue is not None
         while not session.lost.done():
             queue.changed.clear()
-            for (device_id, module_id), patch, gen in queue.items():
-                device = upstream_id if device_id == self.local_gateway else device_id
-                try:
-                    await session.send(up_reported_topic(device, module_id),
-                                       json.dumps(patch, separators=(",", ":")).encode())
-                except UpstreamError:
+            items = queue.items()
+            for start in range(0, len(items), BATCH):
+                batch = items[start:start + BATCH]
+                acked, whole = await _send_batch(session, [
+                    (up_reported_topic(upstream_id if d == self.local_gateway else d, m),
+                     json.dumps(patch, separators=(",", ":")).encode(), ((d, m), gen))
+                    for (d, m), patch, gen in batch])
+                await queue.sent(acked)
+                log.debug("downlink: reported patches up batch=%d acked=%d", len(batch),
+                          len(acked))
+                if not whole:
                     return
-                await queue.sent((device_id, module_id), gen)
-            changed: asyncio.Future[Any] = asyncio.ensure_future(queue.changed.wait())
-            waits: set[asyncio.Future[Any]] = {changed, session.lost}
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            changed.cancel()
+            await _changed_or_lost(queue.changed, session)
 
     def _cancel(self) -> None:
         for task in list(self._running):
@@ -204,10 +210,8 @@ class Downlink:
         c2d = parse_down_c2d(packet.topic)
         if c2d is not None:
             device_id, via = c2d
-            if via and self.federation is not None:  # for further down: passed on
-                conn = self.federation.targets.target(via[0], DownlinkFilter)
-                if conn is not None:
-                    conn.publish(down_c2d_topic(device_id, via[1:]), packet.payload, 0)
+            if via and self.federation is not None:  # for further down: passed on, in order
+                self._enqueue(partial(self._pass_c2d, device_id, via, packet.payload), "c2d")
             elif not via and self.c2d is not None and device_id:
                 self._enqueue(partial(self.c2d.accept, device_id, packet.payload), "c2d")
             return
@@ -224,6 +228,15 @@ class Downlink:
             self._serve(session, upstream_id, call, packet.payload), name="downlink-call")
         self._running.add(task)
         task.add_done_callback(self._running.discard)
+
+    async def _pass_c2d(self, device_id: str, via: tuple[str, ...], payload: bytes) -> None:
+        """A C2D message for further down, passed on after the identity messages that came
+        before it: a device created at the top just before the send reaches the next hop
+        (pushed by our registry) before its message does, so the hop nearest it can queue it."""
+        assert self.federation is not None
+        conn = self.federation.targets.target(via[0], DownlinkFilter)
+        if conn is not None:
+            conn.publish(down_c2d_topic(device_id, via[1:]), payload, 0)
 
     def _state(self, device_id: str, module_id: str | None, connected: bool,
                path: str | None) -> None:
@@ -345,6 +358,27 @@ class Downlink:
         log.debug("downlink: %s for %s -> %s", call.name, call.device_id, topic)
         sent = session.send(topic, body)
         sent.add_done_callback(_ignore)
+
+
+async def _send_batch(session: Session, items: Sequence[tuple[str, bytes, T]]
+                      ) -> tuple[list[T], bool]:
+    """Publish ``(topic, payload, token)`` items all at once (QoS 1, pipelined on the link;
+    the parent handles each on its own and acknowledges each once durable) and wait for
+    every PUBACK: the tokens acknowledged, and whether all were (False: the link went)."""
+    futures = [session.send(topic, payload) for topic, payload, _ in items]
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    acked = [token for (_, _, token), result in zip(items, results, strict=True)
+             if result is None]
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, UpstreamError):
+            log.warning("downlink: an upward message failed: %r", result)
+    return acked, len(acked) == len(items)
+
+
+async def _changed_or_lost(changed: asyncio.Event, session: Session) -> None:
+    waiter: asyncio.Future[Any] = asyncio.ensure_future(changed.wait())
+    await asyncio.wait({waiter, session.lost}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
 
 
 def _log_subscribe(future: asyncio.Future[None]) -> None:

@@ -15,9 +15,14 @@ in the module's reported ``config``. Reported up as ``modules``::
 
     {"desiredVersion": N, "applied": ["modbus"], "refused": [{"name": "ble", "reason": ...}]}
 
-Which wins: the parent's document, on each of its pushes and on every (re)connection; a local
-change to a listed module's desired properties lasts until then. A module the parent stops
-listing keeps its last document and is local again.
+Which wins: **the parent, for the modules it lists**, as for routes, endpoints and
+enrichments (:mod:`gateway.upstream.configpush`). A listed module's desired properties are the
+parent's: a local write to them (the service API, so ``gateway twin update GW --module M``
+and the web page) is refused naming the owner, and ``gateway twin show GW --module M`` shows
+it as ``properties.desired.$metadata.$owner``; the module's tags and its reported properties
+stay local. A module whose push is refused stays the parent's if it was before (kept as it
+was). A module the parent stops listing keeps its last document and is local again. The
+names are kept in ``hub.db`` with the routing names, so a restart keeps the rule.
 """
 
 from __future__ import annotations
@@ -72,7 +77,15 @@ class ModulePush:
     def __init__(self, twins: TwinService, *, gateway_id: str) -> None:
         self.twins = twins
         self.gateway_id = gateway_id
-        self.owned: set[str] = set()  # modules whose document the parent set (this run)
+        self.owned: set[str] = set()  # modules whose document the parent set (ConfigPush keeps it)
+        self.owner = "the parent hub"  # who (ConfigPush names the parent)
+
+    def owner_of(self, device_id: str, module_id: str | None) -> str | None:
+        """Who owns the desired properties of ``device_id/module_id`` by configuration push:
+        the parent's name for a module of ours it lists, else None."""
+        if module_id is not None and device_id == self.gateway_id and module_id in self.owned:
+            return self.owner
+        return None
 
     async def apply(self, wanted: Any, *, version: Any = None) -> dict[str, Any]:
         """Make each listed module's desired document the parent's; returns the report."""
@@ -99,12 +112,14 @@ class ModulePush:
                 if patch:
                     await self.twins.service_update(
                         self.gateway_id, name, {"properties": {"desired": patch}},
-                        if_match=None, replace=False)
+                        if_match=None, replace=False, as_owner=True)
             except (GatewayError, ValueError, TypeError) as exc:
                 refused.append({"name": name, "reason": str(exc)})
                 continue
             applied.append(name)
-        self.owned = set(applied)
+        refused_names = {r["name"] for r in refused}
+        self.owned = set(applied) | {name for name in self.owned  # refused: kept as it was
+                                     if name in refused_names and name in wanted}
         log.info("modules from the parent applied: %s; refused: %s", applied or "none",
                  [f"{r['name']}: {r['reason']}" for r in refused] or "none")
         return {"desiredVersion": version, "applied": applied, "refused": refused}

@@ -4,7 +4,9 @@ A reported patch of an identity whose twin the parent owns (or one that came fro
 gateway further down) is queued here before the device's 204 goes out, and stays until the
 parent acknowledged it: one row per identity in ``hub.db``, the patches merged into one
 (:func:`coalesce`, the latest value per key), so a device reporting every second through a
-day-long outage sends one patch when the link returns, not 86,400.
+day-long outage sends one patch when the link returns, not 86,400. The downlink sends the
+patches of many identities at once (:data:`gateway.upstream.downlink.BATCH` in flight), and
+their acknowledgements are recorded in one transaction.
 
 ``coalesce`` is exact except for one case a single merge patch cannot say: a key removed
 (``null``) and then set to an object is sent as the object, which the parent merges into
@@ -16,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from gateway.store.db import Database, Migration
@@ -93,13 +95,17 @@ class ReportedQueue:
     def items(self) -> list[tuple[Key, dict[str, Any], int]]:
         return [(key, patch, gen) for key, (patch, gen) in self._pending.items()]
 
-    async def sent(self, key: Key, gen: int) -> None:
-        """The parent acknowledged the patch of generation ``gen``: drop it unless a newer
-        one was merged in meanwhile (that one goes next)."""
-        current = self._pending.get(key)
-        if current is None or current[1] != gen:
-            return
-        del self._pending[key]
-        await self._db.submit(lambda conn: conn.execute(
-            "DELETE FROM federation_reported WHERE device_id = ? AND module_id = ? AND gen = ?",
-            (key[0], key[1] or "", gen)))
+    async def sent(self, done: Sequence[tuple[Key, int]]) -> None:
+        """The parent acknowledged these patches (identity, generation): each is dropped
+        unless a newer one was merged in meanwhile (that one goes next). One transaction."""
+        rows = []
+        for key, gen in done:
+            current = self._pending.get(key)
+            if current is None or current[1] != gen:
+                continue
+            del self._pending[key]
+            rows.append((key[0], key[1] or "", gen))
+        if rows:
+            await self._db.submit(lambda conn: conn.executemany(
+                "DELETE FROM federation_reported WHERE device_id = ? AND module_id = ?"
+                " AND gen = ?", rows))

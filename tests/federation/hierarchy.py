@@ -43,20 +43,23 @@ TOP_PROXY, SITE_PROXY = f"{NET}.4", f"{NET}.5"  # fault proxies in front of top 
 
 
 def _hub(tmp: Path, name: str, address: str, port: int, extra: str = "",
-         alias: str = "") -> HubProcess:
-    return HubProcess(tmp / name, host_name=f"{name}.local", address=address, tls_port=port,
-                      log_level="debug", extra_config=extra,
+         alias: str = "", host_name: str = "", api_port: int = 0) -> HubProcess:
+    return HubProcess(tmp / name, host_name=host_name or f"{name}.local", address=address,
+                      tls_port=port, api_port=api_port, log_level="debug", extra_config=extra,
                       hub_config=f'addresses = ["{alias}"]\n' if alias else "")
 
 
 def start(tmp: Path, dial: Callable[[str, int], tuple[str, int]] | None = None,
-          leaf_extra: str = "") -> Hierarchy:
+          leaf_extra: str = "", service_sdk: bool = False) -> Hierarchy:
     """Start the three hubs and link them: ``site`` (--edge) and ``leaf`` (--edge --parent
     site) at the top, ``leaf`` (--edge) at the site; the leaf's and the site's upstream set.
     ``dial(parent address, port)``: where the child dials instead (a fault proxy; the
     certificates of top and site also name TOP_PROXY and SITE_PROXY). ``leaf_extra``: more
-    of the leaf's gateway.toml (sections with their headers)."""
-    top = _hub(tmp, "top", TOP, free_port(TOP), alias=TOP_PROXY if dial else "").start()
+    of the leaf's gateway.toml (sections with their headers). ``service_sdk``: the top's host
+    name is its address and its service API listens on 443 there, so that the unmodified
+    ``azure-iot-hub`` registry manager (which dials ``https://{HostName}``) reaches it."""
+    top = _hub(tmp, "top", TOP, free_port(TOP), alias=TOP_PROXY if dial else "",
+               host_name=TOP if service_sdk else "", api_port=443 if service_sdk else 0).start()
     site = _hub(tmp, "site", SITE, free_port(SITE), UPSTREAM,
                 alias=SITE_PROXY if dial else "").start()
     leaf = _hub(tmp, "leaf", LEAF, 8883, UPSTREAM + leaf_extra).start()

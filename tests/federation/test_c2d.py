@@ -6,10 +6,14 @@ is the message gone at the top, with its feedback there."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
+from gateway.mqtt.packets import Connack, Puback, Publish, Suback, Subscribe
 from tests.federation.hierarchy import LEAF, Hierarchy, leaf_device, show, status, wait
+from tests.hubproc import device_token, username
 from tests.interop.conftest import DeviceSession
+from tests.mqttraw import RawClient
 
 
 def _pending(h_hub, device_id: str) -> int:  # type: ignore[no-untyped-def]
@@ -51,3 +55,35 @@ def test_c2d_to_an_offline_device_behind_two_gateways(hierarchy: Hierarchy,
         assert all("c2d" not in e for e in list(session.events.queue))  # nothing twice
     finally:
         session.close()
+
+
+def test_c2d_sent_while_a_link_further_down_is_down(hierarchy: Hierarchy) -> None:
+    """The top hands the message to the site while the site's link to the leaf is down (the
+    site cannot pass it on). When the leaf links again, the message is handed down again at
+    once (a resync from the site releases the top's lock), not after the top's 60 s lock
+    period: the window in which this flaked under load was the leaf's link coming up."""
+    h = hierarchy
+    device = leaf_device(h, "dev9")
+    key = device["authentication"]["symmetricKey"]["primaryKey"]
+    h.leaf.stop()
+    h.top.cli("c2d", "send", "dev9", "--body", "while-down", "--message-id", "w-1")
+    time.sleep(1.0)  # handed to the site, which has no leaf to pass it to
+    h.leaf.start()
+    wait(lambda: status(h.leaf)["state"] == "connected", 30, "the leaf linked again")
+    started = time.monotonic()
+    wait(lambda: _pending(h.leaf, "dev9") == 1, 20, "the message in the leaf's queue")
+    assert time.monotonic() - started < 20  # far inside the top's lock period
+    client = RawClient(h.leaf.port("mqtt_local_port"), host=LEAF)
+    try:
+        ack = client.connect("dev9", username(h.leaf, "dev9"),
+                             device_token(h.leaf, "dev9", key), clean=True)
+        assert isinstance(ack, Connack) and ack.return_code == 0
+        client.send(Subscribe(1, (("devices/dev9/messages/devicebound/#", 1),)))
+        assert isinstance(client.recv(), Suback)
+        got = client.recv()
+        assert isinstance(got, Publish) and got.payload == b"while-down"
+        assert got.packet_id is not None
+        client.send(Puback(got.packet_id))
+        wait(lambda: _pending(h.top, "dev9") == 0, 20, "completed at the top")
+    finally:
+        client.sock.close()

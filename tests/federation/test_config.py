@@ -90,10 +90,17 @@ def _module_twin(hub: Any, module: str) -> dict[str, Any]:
     return json.loads(hub.cli("twin", "show", "leaf.local", "--module", module).stdout)  # type: ignore[no-any-return]
 
 
+def _module_owner(hub: Any, module: str) -> str:
+    rows = [line.split("\t") for line in hub.cli("module", "list", "leaf.local").stdout.splitlines()]
+    return {row[0]: row[-1] for row in rows}[module]
+
+
 def test_modules_pushed_from_the_top(tmp_path: Path) -> None:
     """``modules`` in the leaf gateway's desired properties at the top: a declared bridge
     (a real Modbus bridge process at the leaf) gets the document as its desired properties
-    and runs it; an unknown module is refused with the reason; a key the parent drops goes."""
+    and runs it; an unknown module is refused with the reason; a local change to a listed
+    module is refused naming the owner (as for routes), also after a restart; a key the
+    parent drops goes; a module it stops listing is local again."""
     h = start(tmp_path, leaf_extra='[modules.modbus]\nbridge = "modbus"\nstatus_interval = 1.0\n')
     try:
         plc = {"tcp": {"host": f"{NET}.9", "port": 5020}, "timeout": 0.5}
@@ -121,6 +128,27 @@ def test_modules_pushed_from_the_top(tmp_path: Path) -> None:
                 set((status_.get("buses") or {})) == buses
 
         wait(lambda: running({"plc", "spare"}), 30, "the bridge running the pushed document")
+        # the rule of routes holds for modules: a listed module's desired properties are the
+        # parent's, a local write is refused naming the owner; `twin show` says who owns them
+        twin = _module_twin(h.leaf, "modbus")
+        assert twin["properties"]["desired"]["$metadata"]["$owner"] == "the parent hub site.local"
+        out = h.leaf.cli("twin", "update", "leaf.local", "--module", "modbus", "--desired",
+                         json.dumps({"buses": {"local": plc}}), check=False)
+        assert out.returncode != 0
+        assert "belong to the parent hub site.local (its configuration push sets them)" \
+            in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert _module_owner(h.leaf, "modbus") == "parent"  # `module list`'s last column
+        h.leaf.cli("twin", "update", "leaf.local", "--module", "modbus", "--tags",
+                   json.dumps({"room": "b2"}))  # tags stay local
+        assert set(_module_twin(h.leaf, "modbus")["properties"]["desired"]["buses"]) == \
+            {"plc", "spare"}
+        h.leaf.stop()  # the rule survives a restart of the leaf
+        h.leaf.start()
+        out = h.leaf.cli("twin", "update", "leaf.local", "--module", "modbus", "--desired",
+                         json.dumps({"buses": {"local": plc}}), check=False)
+        assert out.returncode != 0 and "belong to the parent hub site.local" in out.stderr
+        wait(lambda: running({"plc", "spare"}), 30, "the bridge running after the restart")
         # the parent drops a bus and the unknown module (a twin patch: null removes a key):
         # the bus goes at the leaf, live
         h.top.cli("twin", "update", "leaf", "--desired", json.dumps({"modules": {
@@ -129,5 +157,14 @@ def test_modules_pushed_from_the_top(tmp_path: Path) -> None:
         assert "spare" not in _module_twin(h.leaf, "modbus")["properties"]["desired"]["buses"]
         wait(lambda: (r := report()) and r["refused"] == [] and r, 20,
              f"the new report ({report()})")
+        # the parent stops listing the module: it keeps its document and is local again
+        h.top.cli("twin", "update", "leaf", "--desired", json.dumps({"modules": None}))
+        wait(lambda: "$owner" not in _module_twin(h.leaf, "modbus")["properties"]["desired"][
+            "$metadata"], 20, "the module local again")
+        assert set(_module_twin(h.leaf, "modbus")["properties"]["desired"]["buses"]) == {"plc"}
+        assert _module_owner(h.leaf, "modbus") == "local"
+        h.leaf.cli("twin", "update", "leaf.local", "--module", "modbus", "--desired",
+                   json.dumps({"buses": {"spare": plc}}))
+        wait(lambda: running({"plc", "spare"}), 30, "the bridge running the local change")
     finally:
         h.stop()

@@ -3,12 +3,15 @@ while the top invokes methods, writes desired properties and sends C2D, and the 
 leaf reports: every call answers 200 or 404 (never a hang past its timeout), and once the
 links are left alone everything has converged: the leaf device's desired equals the top's and
 it saw each $version at most once and in increasing order, the top holds the device's last
-report, and every C2D message reached the device exactly once and left the top's queue."""
+report, and every C2D message reached the device exactly once and left the top's queue.
+The same with identity changes and configuration pushes made during the cuts."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -16,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from gateway.hubclient import HubClient
 from tests.faultproxy import FaultProxy
 from tests.federation.hierarchy import (
     LEAF,
@@ -111,5 +115,72 @@ def test_everything_converges_through_link_cuts(tmp_path: Path, azure_python: Pa
     finally:
         if session is not None:
             session.close()
+        h.stop()
+        proxies.stop()
+
+
+def _routing(hub: Any) -> dict[str, Any]:
+    return HubClient(hub.data_dir).request("GET", "/routing")  # type: ignore[no-any-return]
+
+
+@pytest.mark.slow
+def test_identities_and_configuration_converge_through_link_cuts(tmp_path: Path) -> None:
+    """While both links are cut, stalled and restored: identities created, disabled, re-keyed
+    and deleted at the top, and three configuration pushes. Once the links are left alone the
+    leaf holds exactly the top's identities (status and keys), none of the deleted ones, and
+    runs the last push (reported at the top with its version)."""
+    proxies = Proxies()
+    h = start(tmp_path, dial=proxies.dial)
+    try:
+        leaf_device(h, "fx0")
+        cuts = proxies.schedule(8, seed=23)
+        api = HubClient(h.top.data_dir)
+        for n in range(1, 7):
+            h.top.cli("device", "create", f"fx{n}", "--parent", "leaf")
+            if n % 2 == 0:
+                h.top.cli("device", "update", f"fx{n - 1}", "--status", "disabled")
+            if n % 3 == 0:
+                body = api.request("GET", f"/devices/fx{n - 2}")
+                key = base64.b64encode(os.urandom(32)).decode()
+                body["authentication"]["symmetricKey"]["primaryKey"] = key
+                api.request("PUT", f"/devices/fx{n - 2}", body, headers={"If-Match": "*"})
+            if n in (2, 4, 6):
+                h.top.cli("twin", "update", "leaf", "--desired", json.dumps({"routing": {
+                    "routes": [{"name": f"r{n}", "source": "DeviceMessages",
+                                "condition": "true", "endpointNames": ["events"]}]}}))
+            if n == 5:
+                h.top.cli("device", "delete", "fx0")
+            time.sleep(0.3)
+        cuts.result(120)
+        for hub in (h.site, h.leaf):
+            wait(lambda hub=hub: status(hub)["state"] == "connected", 30, "links back")
+
+        def identities(hub: Any) -> dict[str, tuple[str, str]]:
+            out = {}
+            for n in range(7):
+                device = show(hub, f"fx{n}")
+                if device is not None:
+                    out[f"fx{n}"] = (device["status"],
+                                     device["authentication"]["symmetricKey"]["primaryKey"])
+            return out
+
+        top = identities(h.top)
+        assert "fx0" not in top and len(top) == 6, top
+        wait(lambda: identities(h.leaf) == top, 30,
+             f"the leaf's identities equal the top's ({identities(h.leaf)} vs {top})")
+        assert {s for s, _ in top.values()} == {"enabled", "disabled"}
+        wait(lambda: {r["name"] for r in _routing(h.leaf)["routes"]} == {"r6"}, 30,
+             "the last push at the leaf")
+        version = json.loads(h.top.cli("twin", "show", "leaf").stdout)["properties"][
+            "desired"]["$version"]
+
+        def reported() -> bool:
+            twin = json.loads(h.top.cli("twin", "show", "leaf").stdout)
+            routing = twin["properties"]["reported"].get("routing") or {}
+            return bool(routing.get("desiredVersion") == version
+                        and routing.get("applied", {}).get("routes") == ["r6"])
+
+        wait(reported, 30, "the leaf's report of the last push at the top")
+    finally:
         h.stop()
         proxies.stop()

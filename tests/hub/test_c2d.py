@@ -721,3 +721,31 @@ async def test_feedback_survives_a_restart(hub: Hub) -> None:
     q = await hub.reopen()
     await q.complete_feedback(batch[0])
     assert [r.original_message_id for r in await all_feedback(q)] == ["m1"]
+
+
+# -- settle events (federation's one hook) -------------------------------------------------------
+
+
+async def test_every_way_out_of_the_queue_is_reported_to_the_settle_hooks(hub: Hub) -> None:
+    """Complete, reject, abandon (put back, then dead-lettered at the maximum), expiry and
+    purge each reach ``settle_hooks`` once, after the commit, with the status the message
+    left with; feedback reads change nothing."""
+    q = await hub.reopen(max_delivery_count=2)
+    events: list[tuple[str, str, str]] = []
+    q.settle_hooks.append(events.extend)
+    for mid in ("c", "r", "a"):
+        await send(q, messageId=mid)
+    await q.complete("dev1", (await deliver(q)).lock_token or "")
+    await q.reject("dev1", (await deliver(q)).lock_token or "")
+    await q.abandon("dev1", (await deliver(q)).lock_token or "")
+    await q.abandon("dev1", (await deliver(q)).lock_token or "")  # the 2nd counted delivery
+    assert events == [("dev1", "c", "Success"), ("dev1", "r", "Rejected"),
+                      ("dev1", "a", "Abandoned"), ("dev1", "a", "DeliveryCountExceeded")]
+    events.clear()
+    await send(q, messageId="e", expiryTimeUtc=iso(hub.clock.now + 5))
+    await send(q, messageId="p")
+    hub.clock.advance(6)
+    await q.expire()
+    await q.purge("dev1")
+    await all_feedback(q)
+    assert events == [("dev1", "e", "Expired"), ("dev1", "p", "Purged")]

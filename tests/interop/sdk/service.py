@@ -4,7 +4,9 @@ Argument: JSON {connection_string, ops: [...]}; REQUESTS_CA_BUNDLE must name the
 Ops: {"op": "update_twin", "device": d, "module": m?, "patch": {...}},
 {"op": "get_twin", "device": d, "module": m?}, {"op": "invoke", "device": d, "module": m?,
 "method": name, "payload": ..., "timeout": s, "connect_timeout": s},
-{"op": "create_device", "device": d}, {"op": "get_device", "device": d},
+{"op": "create_device", "device": d, "scope": parent edge's deviceScope?},
+{"op": "update_device", "device": d, "primary": key, "secondary": key, "status": s,
+"scope": ...?}, {"op": "get_device", "device": d},
 {"op": "delete_device", "device": d}, {"op": "create_module", "device": d, "module": m},
 {"op": "create_device_x509", "device": d, "primary": thumbprint, "secondary": thumbprint?},
 {"op": "create_device_ca", "device": d}.
@@ -45,8 +47,18 @@ for op in args["ops"]:
                    if op.get("module") else rm.invoke_device_method(op["device"], method))
             results.append({"status": out.status, "payload": out.payload})
         elif kind == "create_device":
-            out = rm.create_device_with_sas(op["device"], None, None, "enabled")
+            scope = op.get("scope")
+            out = rm.create_device_with_sas(op["device"], None, None, "enabled",
+                                            device_scope=scope,
+                                            parent_scopes=[scope] if scope else None)
             results.append({"deviceId": out.device_id,
+                            "primaryKey": out.authentication.symmetric_key.primary_key})
+        elif kind == "update_device":
+            scope = op.get("scope")
+            out = rm.update_device_with_sas(op["device"], "*", op["primary"], op["secondary"],
+                                            op["status"], device_scope=scope,
+                                            parent_scopes=[scope] if scope else None)
+            results.append({"deviceId": out.device_id, "status": out.status,
                             "primaryKey": out.authentication.symmetric_key.primary_key})
         elif kind == "create_device_x509":
             out = rm.create_device_with_x509(op["device"], op["primary"], op.get("secondary"),
