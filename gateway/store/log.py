@@ -23,7 +23,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, make_dataclass
 from functools import partial
 from typing import Any, Literal, TypeAlias
 
@@ -65,19 +65,19 @@ class Record:
     once: tuple[str, str, int, int | None] | None = None  # (key, epoch, seq, prev): dedupe.py
 
 
+def _slotted_twin(cls: type) -> Any:
+    """A plain slotted dataclass with the fields of the frozen ``cls``, in order: building one
+    and giving it ``cls``'s class (CPython allows it, the layouts are equal) makes an object
+    equal to and indistinguishable from ``cls(...)`` at a fraction of the cost. Derived from
+    ``cls``, so a field added there is in the twin too."""
+    return make_dataclass(f"_{cls.__name__}Twin", [(f.name, f.type) for f in fields(cls)],
+                          slots=True)
+
+
 # Building the frozen Record costs ~1 us on this VM (one object.__setattr__ per field), more than
 # the rest of a telemetry message's hub work; the hot path builds this slotted twin and gives it
 # Record's class, as the MQTT decoder does for Publish (gateway.mqtt._readers.PublishTwin).
-@dataclass(slots=True)
-class _RecordTwin:
-    kind: str
-    device_id: str
-    module_id: str | None
-    enqueued_ms: int
-    props: str
-    body: bytes
-    routes: tuple[str, ...]
-    once: tuple[str, str, int, int | None] | None
+_RecordTwin = _slotted_twin(Record)
 
 
 def new_record(kind: str, device_id: str, module_id: str | None, enqueued_ms: int, props: str,
@@ -85,8 +85,8 @@ def new_record(kind: str, device_id: str, module_id: str | None, enqueued_ms: in
                once: tuple[str, str, int, int | None] | None = None) -> Record:
     """``Record(...)``, fast (see _RecordTwin); equal to and indistinguishable from it."""
     record = _RecordTwin(kind, device_id, module_id, enqueued_ms, props, body, routes, once)
-    record.__class__ = Record  # type: ignore[assignment]
-    return record  # type: ignore[return-value]
+    record.__class__ = Record
+    return record  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,25 +102,11 @@ class Entry:
     body: bytes
     routes: tuple[str, ...] = ()
 
-    @classmethod
-    def of_row(cls, row: tuple[Any, ...]) -> Entry:
-        seq, kind, device_id, module_id, enqueued_ms, props, body, routes = row
-        return cls(seq, kind, device_id, module_id, enqueued_ms, props, body, routes_of(routes))
-
 
 # Readers build one Entry per row on the db thread, which holds the GIL meanwhile (the loop
 # waits): the slotted twin, given Entry's class, as for Record above, and the route names of
 # a read made once per distinct text.
-@dataclass(slots=True)
-class _EntryTwin:
-    seq: int
-    kind: str
-    device_id: str
-    module_id: str | None
-    enqueued_ms: int
-    props: str
-    body: bytes
-    routes: tuple[str, ...]
+_EntryTwin = _slotted_twin(Entry)
 
 
 def _entries(rows: Any, limit_bytes: int | None = None) -> tuple[list[Entry], bool]:
@@ -135,8 +121,8 @@ def _entries(rows: Any, limit_bytes: int | None = None) -> tuple[list[Entry], bo
         if routes is None:
             routes = known[text] = routes_of(text)
         entry = _EntryTwin(seq, kind, device_id, module_id, enqueued_ms, props, body, routes)
-        entry.__class__ = Entry  # type: ignore[assignment]
-        append(entry)  # type: ignore[arg-type]
+        entry.__class__ = Entry
+        append(entry)
         if limit_bytes is not None:
             total += len(body) + len(props)
             if total >= limit_bytes:
@@ -392,19 +378,7 @@ class MessageLog:
         for _waiter, _count, size, _ in waiters:
             nbytes += size
         self._pending_bytes -= nbytes
-        if self._count == 0:
-            self._first_seq = last - len(rows) + 1
-            self._oldest_ms = rows[0][3]
-        self._count += len(rows)
-        self._bytes += nbytes
-        self._appended += len(rows)
-        self._commits += 1
-        self.last_seq = max(self.last_seq, last)
-        if self._advanced is not None:
-            self._advanced.set()
-            self._advanced = None
-        if not self._reject_new and self._bytes > self._max_bytes:
-            self._over_cap.set()
+        self._stored(rows, nbytes, last)
         seq = last - len(rows)
         for waiter, count, _size, _ in waiters:
             seq += count
@@ -418,25 +392,11 @@ class MessageLog:
                         outcomes: list[dedupe.Outcome]) -> None:
         """:meth:`_committed` for a body that left duplicates out: ``kept``, the rows it
         inserted; ``outcomes`` per waiter, what it stored or the gap check's refusal."""
-        stored = sum([o[0] for o in outcomes])
         for _waiter, _count, size, _ in waiters:
             self._pending_bytes -= size
         self.deduplicated += sum([o[2] for o in outcomes])
-        self._commits += 1
-        if stored:
-            if self._count == 0:
-                self._first_seq = last - stored + 1
-                self._oldest_ms = kept[0][3]
-            self._count += stored
-            self._bytes += sum([o[1] for o in outcomes])
-            self._appended += stored
-            self.last_seq = max(self.last_seq, last)
-            if self._advanced is not None:
-                self._advanced.set()
-                self._advanced = None
-            if not self._reject_new and self._bytes > self._max_bytes:
-                self._over_cap.set()
-        seq = last - stored
+        self._stored(kept, sum([o[1] for o in outcomes]), last)
+        seq = last - len(kept)
         for (waiter, _count, _size, _), (count, _b, _d, error) in zip(waiters, outcomes):
             seq += count
             result = seq if count else self.last_seq
@@ -448,6 +408,25 @@ class MessageLog:
                         waiter.set_result(result)
             else:
                 _call_waiter(waiter, error)
+
+    def _stored(self, rows: list[Row], nbytes: int, last: int) -> None:
+        """The log's state after a commit that inserted ``rows`` (``nbytes`` of body and
+        props), the last of them at seq ``last``."""
+        self._commits += 1
+        if not rows:
+            return
+        if self._count == 0:
+            self._first_seq = last - len(rows) + 1
+            self._oldest_ms = rows[0][3]
+        self._count += len(rows)
+        self._bytes += nbytes
+        self._appended += len(rows)
+        self.last_seq = max(self.last_seq, last)
+        if self._advanced is not None:
+            self._advanced.set()
+            self._advanced = None
+        if not self._reject_new and self._bytes > self._max_bytes:
+            self._over_cap.set()
 
     def _failed(self, waiters: list[_Waiting], exc: BaseException) -> None:
         for waiter, _count, size, _ in waiters:
