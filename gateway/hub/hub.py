@@ -240,10 +240,9 @@ class Hub:
                                          retain=retain)
         quoted, size = _quoted(mid or f"{template.epoch}-{seq}")
         p = template.prepared
-        if len(body) + p.props_size - 1 + size > self.max_message_bytes:
-            raise MessageTooLargeError(
-                f"message of {len(body) + p.props_size - 1 + size} bytes is over the "
-                f"{self.max_message_bytes}-byte limit")
+        total = len(body) + p.props_size - 1 + size  # less the template's 1-byte placeholder id
+        if total > self.max_message_bytes:
+            raise self._too_large(total)
         props = (template.retained_head + quoted + template.retained_tail if retain
                  else template.head + quoted + template.tail)
         return new_record(TELEMETRY, p.device_id, p.module_id, int(self.clock() * 1000), props,
@@ -427,10 +426,7 @@ class Hub:
         WebSocket, HTTP): the 256 KB limit (ref §2.4), the enqueued time, and the routes it
         matches (conditions on properties are cached per topic by the router)."""
         if len(body) + prepared.props_size > self.max_message_bytes:
-            raise MessageTooLargeError(
-                f"message of {len(body) + prepared.props_size} bytes is over the "
-                f"{self.max_message_bytes}-byte limit"
-            )
+            raise self._too_large(len(body) + prepared.props_size)
         enqueued = int(self.clock() * 1000)
         props = prepared.retained_props if retain else prepared.props
         router = self.router
@@ -443,6 +439,10 @@ class Hub:
                 body, prepared.device_id, prepared.module_id, enqueued, props)
         return new_record(TELEMETRY, prepared.device_id, prepared.module_id, enqueued, props,
                           body, routes, prepared.once)
+
+    def _too_large(self, size: int) -> MessageTooLargeError:
+        return MessageTooLargeError(
+            f"message of {size} bytes is over the {self.max_message_bytes}-byte limit")
 
     def _unpack(self, conn: Connection, pack: onbehalf.Pack,
                 packet: Publish) -> asyncio.Future[int]:
