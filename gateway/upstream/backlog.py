@@ -199,13 +199,16 @@ class _Class:
         ring = self._by_rank.get(rank)
         if ring is None:
             ring = self._by_rank[rank] = deque()
-            self.rings = [self._by_rank[r] for r in sorted(self._by_rank)]
+            self._order()
         return ring
 
     def drop_ring(self, rank: int) -> None:
         if rank in self._by_rank and not self._by_rank[rank]:
             del self._by_rank[rank]
-            self.rings = [self._by_rank[r] for r in sorted(self._by_rank)]
+            self._order()
+
+    def _order(self) -> None:
+        self.rings = [self._by_rank[r] for r in sorted(self._by_rank)]
 
     @property
     def ready(self) -> bool:
@@ -215,7 +218,7 @@ class _Class:
         """Forget the empty rings (those of finished segments; made again when needed)."""
         if any(not ring for ring in self.rings):
             self._by_rank = {r: ring for r, ring in self._by_rank.items() if ring}
-            self.rings = [self._by_rank[r] for r in sorted(self._by_rank)]
+            self._order()
 
     def live_rings(self) -> list[deque[OriginQueue]]:
         ring = self._by_rank.get(LIVE)
@@ -369,9 +372,7 @@ class Backlog:
         returns their lane names (the caller deletes their cursors)."""
         gone: list[str] = []
         for lanes in self.lanes.values():
-            names = lanes.forget(floor)
-            if names:
-                gone.extend(names)  # the others keep their ranks (the newest stays LIVE)
+            gone += lanes.forget(floor)  # the others keep their ranks (the newest stays LIVE)
         if gone:
             self._segments_changed()
             dead = set(gone)

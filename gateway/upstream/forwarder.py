@@ -210,22 +210,14 @@ class Forwarder:
                         await self._space.wait()
                 except TimeoutError:
                     pass
-            try:
-                entries, pos = await self.log.scan(backlog.scan_pos, SCAN_CHUNK)
-            except StoreError as exc:  # a full disk fails reads in a failed group commit too
-                log.error("upstream: reading the store failed: %s", exc)
-                await asyncio.sleep(1.0)
+            read = await self._read(backlog.scan_pos, origins, live=False)
+            if read is None:
                 continue
-            for entry in entries:
-                route = self.select(entry)
-                if route is None:
-                    continue
-                backlog.offer(route, origins.of(entry), entry, len(entry.body) + len(entry.props),
-                              self.policy(route).priority)
+            pos, count, _ = read
             backlog.scan_pos = pos
-            if entries:
+            if count:
                 self._wake.set()
-            if len(entries) < SCAN_CHUNK:
+            if count < SCAN_CHUNK:
                 await self.log.wait_beyond(pos, timeout=1.0)
 
     async def _scan_live(self) -> None:
@@ -245,26 +237,37 @@ class Forwarder:
                     async with asyncio.timeout(0.2):
                         await self._space.wait()
                 continue
-            start = backlog.live_pos
-            try:
-                entries, pos = await self.log.scan(start, SCAN_CHUNK)
-            except StoreError as exc:
-                log.error("upstream: reading the store failed: %s", exc)
-                await asyncio.sleep(1.0)
+            read = await self._read(backlog.live_pos, origins, live=True)
+            if read is None:
                 continue
-            woke = False
-            for entry in entries:
-                route = self.select(entry)
-                if route is None or not backlog.is_live(route, entry.seq):
-                    continue
-                woke |= backlog.offer(route, origins.of(entry), entry,
-                                      len(entry.body) + len(entry.props),
-                                      self.policy(route).priority)
+            pos, count, woke = read
             backlog.live_pos = max(backlog.live_pos, pos)
             if woke:
                 self._wake.set()
-            if len(entries) < SCAN_CHUNK:
+            if count < SCAN_CHUNK:
                 await self.log.wait_beyond(pos, timeout=1.0)
+
+    async def _read(self, start: int, origins: wire.Origins,
+                    live: bool) -> tuple[int, int, bool] | None:
+        """One chunk of the log after ``start`` offered to the backlog (``live``: only the
+        messages of the live lanes the live reader adopted): (the position reached, entries
+        read, whether any was queued), or None when the read failed (after a pause)."""
+        backlog = self.backlog
+        try:
+            entries, pos = await self.log.scan(start, SCAN_CHUNK)
+        except StoreError as exc:  # a full disk fails reads in a failed group commit too
+            log.error("upstream: reading the store failed: %s", exc)
+            await asyncio.sleep(1.0)
+            return None
+        queued = False
+        for entry in entries:
+            route = self.select(entry)
+            if route is None or live and not backlog.is_live(route, entry.seq):
+                continue
+            queued |= backlog.offer(route, origins.of(entry), entry,
+                                    len(entry.body) + len(entry.props),
+                                    self.policy(route).priority)
+        return pos, len(entries), queued
 
     async def _cut_lanes(self) -> bool:
         """The link is up: a live-first route with a backlog starts a new live lane above the
