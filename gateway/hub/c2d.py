@@ -299,7 +299,7 @@ class C2DQueues:
         """Remove the message (MQTT PUBACK, HTTP complete; ref §3.2); feedback Success if
         ``ack`` is positive or full. :class:`LockLostError` (a NotFoundError) if no message
         of the device holds ``lock_token`` (unknown, settled, or redelivered since)."""
-        await self._settle(device_id, lock_token, FeedbackStatus.SUCCESS)
+        await self.settle(device_id, lock_token, FeedbackStatus.SUCCESS)
 
     async def abandon(self, device_id: str, lock_token: str) -> None:
         """Put the message back (ref §3.2); its next delivery counts. If it has had
@@ -315,15 +315,12 @@ class C2DQueues:
     async def reject(self, device_id: str, lock_token: str) -> None:
         """Dead-letter the message (ref §3.2); feedback Rejected if ``ack`` is negative or
         full. :class:`LockLostError` as for :meth:`complete`."""
-        await self._settle(device_id, lock_token, FeedbackStatus.REJECTED)
+        await self.settle(device_id, lock_token, FeedbackStatus.REJECTED)
 
     async def settle(self, device_id: str, lock_token: str, status: FeedbackStatus) -> None:
         """Remove the message holding the lock with feedback ``status`` (where its ``ack``
         asks): how a settle reported from a child gateway ends the copy here
         (:mod:`gateway.hub.c2dfed`). :class:`LockLostError` as for :meth:`complete`."""
-        await self._settle(device_id, lock_token, status)
-
-    async def _settle(self, device_id: str, lock_token: str, status: FeedbackStatus) -> None:
         after = await self._db.run(
             partial(sql.settle_body, device_id=device_id, lock_token=lock_token, status=status,
                     outcome=self._outcome(self._clock()))
