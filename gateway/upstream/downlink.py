@@ -132,19 +132,10 @@ class Downlink:
         (one transaction per batch); then wait for more."""
         mirror = self.c2d
         assert mirror is not None
-        while not session.lost.done():
-            mirror.changed.clear()
-            unsent = mirror.unsent()
-            for start in range(0, len(unsent), BATCH):
-                batch = unsent[start:start + BATCH]
-                acked, whole = await _send_batch(session, [
-                    (up_settled_topic(upstream_id if d == self.local_gateway else d, m, st),
-                     b"", ((d, m), st)) for (d, m), st in batch])
-                await mirror.sent(acked)
-                log.debug("downlink: c2d outcomes up batch=%d acked=%d", len(batch), len(acked))
-                if not whole:
-                    return
-            await _changed_or_lost(mirror.changed, session)
+        up = partial(self._upward_id, upstream_id)
+        await _flush_batches(session, "c2d outcomes", mirror.changed, lambda: [
+            (up_settled_topic(up(d), m, st), b"", ((d, m), st))
+            for (d, m), st in mirror.unsent()], mirror.sent)
 
     async def _apply_ordered(self, upstream_id: str) -> None:
         """Identity and C2D messages, one at a time in arrival order (a parent before its
@@ -172,21 +163,14 @@ class Downlink:
         wait for more."""
         queue = self.reported
         assert queue is not None
-        while not session.lost.done():
-            queue.changed.clear()
-            items = queue.items()
-            for start in range(0, len(items), BATCH):
-                batch = items[start:start + BATCH]
-                acked, whole = await _send_batch(session, [
-                    (up_reported_topic(upstream_id if d == self.local_gateway else d, m),
-                     json.dumps(patch, separators=(",", ":")).encode(), ((d, m), gen))
-                    for (d, m), patch, gen in batch])
-                await queue.sent(acked)
-                log.debug("downlink: reported patches up batch=%d acked=%d", len(batch),
-                          len(acked))
-                if not whole:
-                    return
-            await _changed_or_lost(queue.changed, session)
+        up = partial(self._upward_id, upstream_id)
+        await _flush_batches(session, "reported patches", queue.changed, lambda: [
+            (up_reported_topic(up(d), m), json.dumps(patch, separators=(",", ":")).encode(),
+             ((d, m), gen)) for (d, m), patch, gen in queue.items()], queue.sent)
+
+    def _upward_id(self, upstream_id: str, device_id: str) -> str:
+        """The id the parent knows ``device_id`` by (our own device is our upstream id)."""
+        return upstream_id if device_id == self.local_gateway else device_id
 
     def _cancel(self) -> None:
         for task in list(self._running):
@@ -250,7 +234,7 @@ class Downlink:
 
     def _send_state(self, session: Session, device_id: str, module_id: str | None,
                     connected: bool, path: str | None) -> None:
-        device = self._upstream_id if device_id == self.local_gateway else device_id
+        device = self._upward_id(self._upstream_id, device_id)
         session.send(up_state_topic(device, module_id, connected, path),
                      b"").add_done_callback(_ignore)
 
@@ -269,7 +253,7 @@ class Downlink:
 
     def _send_lifecycle(self, session: Session, device_id: str, module_id: str | None,
                         created: bool, path: str | None) -> None:
-        device = self._upstream_id if device_id == self.local_gateway else device_id
+        device = self._upward_id(self._upstream_id, device_id)
         key, sent = (device_id, module_id), (created, path)
 
         def acked(done: asyncio.Future[Any]) -> None:
@@ -358,6 +342,24 @@ class Downlink:
         log.debug("downlink: %s for %s -> %s", call.name, call.device_id, topic)
         sent = session.send(topic, body)
         sent.add_done_callback(_ignore)
+
+
+async def _flush_batches(session: Session, kind: str, changed: asyncio.Event,
+                         pending: Callable[[], list[tuple[str, bytes, T]]],
+                         sent: Callable[[list[T]], Awaitable[None]]) -> None:
+    """While the link lasts: send what ``pending`` gives, :data:`BATCH` at a time, telling
+    ``sent`` the tokens acknowledged after each batch; then wait for ``changed``."""
+    while not session.lost.done():
+        changed.clear()
+        items = pending()
+        for start in range(0, len(items), BATCH):
+            batch = items[start:start + BATCH]
+            acked, whole = await _send_batch(session, batch)
+            await sent(acked)
+            log.debug("downlink: %s up batch=%d acked=%d", kind, len(batch), len(acked))
+            if not whole:
+                return
+        await _changed_or_lost(changed, session)
 
 
 async def _send_batch(session: Session, items: Sequence[tuple[str, bytes, T]]
