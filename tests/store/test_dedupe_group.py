@@ -10,23 +10,22 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import StoreError
-from gateway.store import Database, MessageLog, Record
+from gateway.store import Record
+from tests.store.test_message_log import Store, record
 
 
 def _rec(seq: int, prev: int | None, key: str = "gw/d1", epoch: str = "e1") -> Record:
-    return Record("telemetry", key.split("/")[1], None, seq, "{}", f"{key}:{seq}".encode(),
+    return record(seq, device_id=key.split("/")[1], body=f"{key}:{seq}".encode(),
                   once=(key, epoch, seq, prev))
 
 
 def _plain(body: bytes) -> Record:
-    return Record("telemetry", "local", None, 0, "{}", body)
+    return record(0, device_id="local", body=body)
 
 
 async def test_one_commit_holds_plain_deduplicated_and_refused_appends(tmp_path: Path) -> None:
-    db = Database(tmp_path / "log.sqlite")
-    await db.open()
-    log = MessageLog(db)
-    await log.open()
+    store = await Store(tmp_path / "log.sqlite").open()
+    log = store.log
     try:
         await log.append_once([_rec(1, None), _rec(2, 1)])
         commits = log.stats().commits
@@ -59,4 +58,4 @@ async def test_one_commit_holds_plain_deduplicated_and_refused_appends(tmp_path:
         with pytest.raises(StoreError, match="follows 5"):  # d2 is stored up to 1
             await log.append_once([_rec(9, 5, key="gw/d2")])
     finally:
-        await db.close()
+        await store.db.close()

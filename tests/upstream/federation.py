@@ -16,6 +16,15 @@ CHILD_ADDRESS = "127.0.6.2"
 PROXY_ADDRESS = "127.0.6.3"
 
 
+def make_devices(child: HubProcess, n: int, prefix: str = "dev") -> list[Device]:
+    """``n`` devices created at ``child`` (``{prefix}0`` ...), with their keys."""
+    out = []
+    for i in range(n):
+        info = create_device(child, f"{prefix}{i}")
+        out.append(Device(info["deviceId"], info["authentication"]["symmetricKey"]["primaryKey"]))
+    return out
+
+
 def free_port(address: str) -> int:
     with socket.socket() as s:
         s.bind((address, 0))

@@ -10,10 +10,11 @@ import re
 import time
 from collections import Counter
 
-from tests.hubproc import HubProcess, create_device
+from tests.hubproc import create_device
 from tests.upstream.federation import (
     child_hub,
     link,
+    make_devices,
     parent_events,
     parent_hub,
     send_from,
@@ -24,20 +25,12 @@ from tests.upstream.load import Device
 from tests.waiting import eventually
 
 
-def _devices(child: HubProcess, n: int, prefix: str = "dev") -> list[Device]:
-    out = []
-    for i in range(n):
-        info = create_device(child, f"{prefix}{i}")
-        out.append(Device(info["deviceId"], info["authentication"]["symmetricKey"]["primaryKey"]))
-    return out
-
-
 def test_forward_devices_and_modules_with_origin(tmp_path) -> None:  # type: ignore[no-untyped-def]
     parent, child = parent_hub(tmp_path).start(), child_hub(tmp_path).start()
     try:
         shown = link(parent, child)
         assert shown["device_id"] == "child-gw" and shown["shared_access_key"] == "<hidden>"
-        devices = _devices(child, 3)
+        devices = make_devices(child, 3)
         create_device(child, "child.local")
         module = json.loads(child.cli("module", "create", "child.local", "sensor").stdout)
         devices.append(Device("child.local", module["authentication"]["symmetricKey"]["primaryKey"],
@@ -123,7 +116,7 @@ def test_backlog_built_offline_drains_and_survives_child_restart(tmp_path) -> No
         link(parent, child)
         port = parent.port("mqtt_tls_port")
         parent.stop()  # link down
-        devices = _devices(child, 4)
+        devices = make_devices(child, 4)
         send_from(child, devices, 300)
         s = status(child)
         assert s["backlog"] == 1200 and s["state"] in ("connecting", "disconnected")
@@ -156,7 +149,7 @@ def test_bandwidth_cap_paces_the_drain(tmp_path) -> None:  # type: ignore[no-unt
         link(parent, child)
         port = parent.port("mqtt_tls_port")
         parent.stop()
-        devices = _devices(child, 3)
+        devices = make_devices(child, 3)
         send_from(child, devices, 100, body_bytes=1000)
         backlog_bytes = status(child)["backlogBytes"]
         assert backlog_bytes > 300_000

@@ -30,6 +30,7 @@ from tests.upstream.federation import (
     child_hub,
     free_port,
     link,
+    make_devices,
     parent_events,
     parent_hub,
     send_from,
@@ -39,14 +40,6 @@ from tests.upstream.load import Device, run_device
 from tests.waiting import eventually
 
 BANDWIDTH = 40_000  # bytes/s: a message is about 400 bytes, so ~100 msg/s over the link
-
-
-def _devices(child: HubProcess, n: int) -> list[Device]:
-    out = []
-    for i in range(n):
-        info = create_device(child, f"dev{i}")
-        out.append(Device(info["deviceId"], info["authentication"]["symmetricKey"]["primaryKey"]))
-    return out
 
 
 def _telemetry(hub: HubProcess) -> list[tuple[str, int, int]]:
@@ -86,7 +79,7 @@ def test_live_messages_overtake_the_backlog_each_lane_once_and_in_order(tmp_path
     child = child_hub(tmp_path, f"live_first = true\nbandwidth = {BANDWIDTH}\n").start()
     try:
         link(parent, child)
-        devices = _devices(child, 3)
+        devices = make_devices(child, 3)
         send_from(child, devices, 5)  # the link works
         asyncio.run(eventually(lambda: status(child)["sent"] >= 15, 30, "first messages up",
                                interval=0.3, blocking=True))
@@ -127,7 +120,7 @@ def test_lanes_hold_across_sigkill_of_the_child_mid_drain_and_of_the_parent(tmp_
         assert json.loads(child.cli("route", "show", "up").stdout)["liveFirst"] is True
         child.cli("route", "create", "all", "--endpoint", "events")
         link(parent, child)
-        devices = _devices(child, 4)
+        devices = make_devices(child, 4)
         parent.stop()
         send_from(child, devices, 300)  # 1,200 behind the link: ~12 s of drain
         parent.start()
@@ -177,7 +170,7 @@ def test_identity_mode_the_live_lane_goes_first_too(tmp_path) -> None:  # type: 
                   "--ca-file", parent.ca_file, "--host", PARENT_ADDRESS,
                   "--port", str(parent.port("mqtt_tls_port")))
         api = HubClient(parent.data_dir)
-        devices = _devices(child, 3)
+        devices = make_devices(child, 3)
         for d in devices:
             keys = json.loads(child.cli("device", "show", d.device_id).stdout)[
                 "authentication"]["symmetricKey"]
