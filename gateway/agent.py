@@ -105,7 +105,8 @@ class Supervisor:
             return
         proc.send_signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(asyncio.shield(proc.wait()), 10)
+            async with asyncio.timeout(10):
+                await asyncio.shield(proc.wait())
         except TimeoutError:
             proc.kill()
             await proc.wait()

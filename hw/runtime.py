@@ -186,7 +186,8 @@ class ModuleRuntime:
         self._pending[rid] = fut
         try:
             await client.publish(template.format(rid=rid), payload, qos=1)
-            return await asyncio.wait_for(fut, 30)
+            async with asyncio.timeout(30):
+                return await fut
         finally:
             self._pending.pop(rid, None)
 
@@ -344,8 +345,9 @@ class ModuleRuntime:
         while True:
             timeout = min(FOLLOW_UP_S, self.status_interval) if follow_up \
                 else self.status_interval
-            try:
-                await asyncio.wait_for(self._report_now.wait(), timeout)
+            try:  # asyncio.timeout, not wait_for: 3.11's wait_for can lose a cancel
+                async with asyncio.timeout(timeout):
+                    await self._report_now.wait()
                 follow_up = True
             except TimeoutError:
                 follow_up = False

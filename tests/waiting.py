@@ -21,3 +21,15 @@ async def eventually(check: Callable[[], Any], timeout: float = 5.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(interval)
+
+
+async def stop(task: asyncio.Task[Any], within: float = 10.0) -> None:
+    """Cancel ``task`` and wait for it to end; AssertionError if it has not ended after
+    ``within`` seconds (it swallowed the cancel), its own exception if it failed. Unlike
+    ``suppress(CancelledError): await task``, a cancel of the caller itself is not eaten."""
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=within)
+    if not done:
+        raise AssertionError(f"task {task.get_name()} did not stop within {within:g} s of a cancel")
+    if not task.cancelled() and task.exception() is not None:
+        raise task.exception()  # type: ignore[misc]

@@ -108,7 +108,8 @@ class AmqpServer:
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+                async with asyncio.timeout(2.0):
+                    await self._server.wait_closed()
             self._server = None
 
     def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -139,7 +140,8 @@ class AmqpServer:
             self.live -= 1
             writer.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 2.0)
+                async with asyncio.timeout(2.0):
+                    await writer.wait_closed()
 
     # -- WebSocket ---------------------------------------------------------------------------
 

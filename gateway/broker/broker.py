@@ -181,7 +181,8 @@ class Broker:
         fut: asyncio.Future[MqttConnection] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(client_id, []).append((kind, fut))
         try:
-            return await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):
+                return await fut
         except TimeoutError:
             return None
         finally:

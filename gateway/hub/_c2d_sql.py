@@ -314,12 +314,15 @@ def abandon_body(
     return _after(conn, (device_id,), _events([row], status))
 
 
-def release_body(conn: sqlite3.Connection, *, device_id: str) -> tuple[int, After]:
-    released = conn.execute(
-        "UPDATE c2d_messages SET locked_until = NULL"
-        " WHERE device_id = ? AND locked_until IS NOT NULL",
-        (device_id,),
-    ).rowcount
+def release_body(conn: sqlite3.Connection, *, device_id: str,
+                 lock_tokens: Sequence[str] | None) -> tuple[int, After]:
+    sql = ("UPDATE c2d_messages SET locked_until = NULL"
+           " WHERE device_id = ? AND locked_until IS NOT NULL")
+    if lock_tokens is None:
+        released = conn.execute(sql, (device_id,)).rowcount
+    else:
+        released = sum(conn.execute(sql + " AND lock_token = ?", (device_id, token)).rowcount
+                       for token in lock_tokens)
     return released, _after(conn, (device_id,))
 
 

@@ -327,14 +327,15 @@ class C2DQueues:
         )
         self._apply(after)
 
-    async def release(self, device_id: str) -> int:
-        """End every lock of the device now, as if the lock periods had lapsed: the
-        messages are deliverable again at once and their next delivery does not count. Call
-        it when the device's MQTT connection ends with C2D PUBLISHes unacknowledged. Returns
-        how many locks ended."""
+    async def release(self, device_id: str, lock_tokens: Sequence[str] | None = None) -> int:
+        """End the locks of the device now (all, or those of ``lock_tokens``), as if the
+        lock periods had lapsed: the messages are deliverable again at once and their next
+        delivery does not count. Call it when the device's MQTT connection ends with C2D
+        PUBLISHes unacknowledged. Returns how many locks ended."""
         if not self.pending(device_id):
             return 0
-        released, after = await self._db.run(partial(sql.release_body, device_id=device_id))
+        released, after = await self._db.run(partial(sql.release_body, device_id=device_id,
+                                                     lock_tokens=lock_tokens))
         self._apply(after)
         return released
 

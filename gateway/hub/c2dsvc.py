@@ -6,8 +6,9 @@ it subscribes, when it reconnects (the subscription survives in its session), an
 message is sent to it; at most ``window`` messages are in flight per device. The device's
 PUBACK completes a message (and writes its feedback); a connection that ends with messages
 unacknowledged releases their locks, so they are delivered again on the next connection
-without counting as an abandon. Locks that lapse while a device is connected but silent, and
-messages that expire, are handled by one timer loop woken at the queues' ``next_wakeup``.
+(or the one that took the session over) without counting as an abandon. Locks that lapse
+while a device is connected but silent, and messages that expire, are handled by one timer
+loop woken at the queues' ``next_wakeup``.
 """
 
 from __future__ import annotations
@@ -67,12 +68,19 @@ class C2DService:
         self.tasks.spawn(complete(), f"c2d-complete {device_id}")
 
     def on_closed(self, conn: Connection) -> None:
-        """Unacknowledged deliveries become deliverable again at once -- unless a new
-        connection already took the session over: its own deliveries hold locks of the same
-        queue, so the old ones are left to lapse (and be redelivered) after the lock period."""
+        """Unacknowledged deliveries become deliverable again at once, and go to the device's
+        connection if it has one already (it reconnected, or a new connection took the session
+        over). Only this connection's locks end: a successor's deliveries keep theirs."""
         unacked = self._inflight.pop(conn, None)
-        if unacked and self.broker.live.get(conn.client_id) is None:
-            self.tasks.spawn(self.queues.release(conn.client_id), f"c2d-release {conn.client_id}")
+        if not unacked:
+            return
+        device_id, tokens = conn.client_id, list(unacked.values())
+
+        async def release() -> None:
+            await self.queues.release(device_id, tokens)
+            self.pump(device_id)
+
+        self.tasks.spawn(release(), f"c2d-release {device_id}")
 
     # -- sending and delivering ---------------------------------------------------------------
 
@@ -130,8 +138,9 @@ class C2DService:
             due = self.queues.next_wakeup()
             delay = 3600.0 if due is None else max(due - time.time(), 0.0)
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), delay)
+            try:  # asyncio.timeout, not wait_for: 3.11's wait_for can lose a cancel
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
                 continue  # something new was queued: recompute the next wake-up
             except TimeoutError:
                 pass

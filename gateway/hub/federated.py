@@ -519,7 +519,8 @@ class Federation:
             conn.publish(down_method_topic(sent), payload, 0)
             log.debug("method %s for %s sent down to %s via=%s", call.name, call.device_id,
                       hops.first, ";".join(hops.via))
-            return await asyncio.wait_for(future, call.response_timeout + max(0.0, left))
+            async with asyncio.timeout(call.response_timeout + max(0.0, left)):
+                return await future
         except TimeoutError:
             raise FederatedTimeoutError(
                 f"timed out waiting {call.response_timeout:.1f} s for the response from "

@@ -159,8 +159,13 @@ class BusRunner:
     # -- the loop -----------------------------------------------------------------------------
 
     async def run(self) -> None:
+        me = asyncio.current_task()
         try:
             while True:
+                if me is not None and me.cancelling():
+                    # pymodbus awaits answers with 3.11's asyncio.wait_for, which returns the
+                    # answer and drops a cancel that arrives with it: stop here instead
+                    raise asyncio.CancelledError
                 try:
                     if self._transport is None or not self._transport.connected:
                         await self._connect()

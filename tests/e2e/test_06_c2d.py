@@ -73,6 +73,22 @@ def test_unacknowledged_message_is_redelivered_on_reconnect(hub: HubProcess, dev
     assert isinstance(again, Publish) and bag(again.topic)["$.mid"] == "r-1"
 
 
+def test_a_takeover_gets_the_old_connections_unacknowledged_messages_at_once(
+        hub: HubProcess, device: tuple[str, str]) -> None:
+    """A second connection with the same client id replaces the first while a message is in
+    flight to it: the new one gets it now, not after the 60 s lock has lapsed."""
+    hub.cli("c2d", "send", "dev1", "--body", "x", "--message-id", "t-1")
+    old = connect(hub, device)
+    first = old.recv()
+    assert isinstance(first, Publish)  # no PUBACK
+    new = connect(hub, device, subscribe=False)  # takes the session over
+    again = new.recv(timeout=5)
+    assert isinstance(again, Publish) and bag(again.topic)["$.mid"] == "t-1"
+    new.send(Puback(again.packet_id))  # type: ignore[arg-type]
+    old.close()
+    new.close()
+
+
 def test_queue_depth_limit_is_50(hub: HubProcess, device: tuple[str, str]) -> None:
     api = HubClient(hub.data_dir)
     for i in range(50):

@@ -15,6 +15,7 @@ from gateway.endpoints.spec import parse_endpoint
 from gateway.hub.propbag import decode_bag
 from gateway.pki import ensure_certificates
 from gateway.store import Entry, MessageLog
+from tests import waiting
 from tests.endpoints.peers import HOST, Mosquitto, Subscriber, open_log, record
 from tests.waiting import eventually
 
@@ -27,9 +28,7 @@ async def running(manager: EndpointManager) -> AsyncIterator[EndpointManager]:
     try:
         yield manager
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await waiting.stop(task)
 
 
 def by_device(*devices: str):  # type: ignore[no-untyped-def]

@@ -418,6 +418,17 @@ async def test_release_makes_locked_messages_deliverable_at_once_without_countin
     assert await hub.q.release("nobody") == 0
 
 
+async def test_release_by_lock_token_ends_only_those_locks(hub: Hub) -> None:
+    await send(hub.q, messageId="m0")
+    await send(hub.q, messageId="m1")
+    first, second = await hub.q.deliverable("dev1")
+    assert await hub.q.release("dev1", [second.lock_token or ""]) == 1
+    assert await hub.q.release("dev1", ["no-such-token"]) == 0
+    [again] = await hub.q.deliverable("dev1")
+    assert again.message_id == "m1" and again.lock_token != second.lock_token
+    await hub.q.complete("dev1", first.lock_token or "")  # its lock held
+
+
 async def test_abandon_requeues_and_the_next_delivery_counts(hub: Hub) -> None:
     await send(hub.q, messageId="m0")
     await send(hub.q, messageId="m1")

@@ -6,7 +6,6 @@ runs in-process with a fake monotonic clock and boot id; the parent is a real hu
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from gateway.store import Database, MessageLog, Record
 from gateway.upstream.forwarder import Forwarder
 from gateway.upstream.policy import RoutePolicy
 from gateway.upstream.settings import from_connection_string
+from tests import waiting
 from tests.hubproc import HubProcess, create_device
 from tests.upstream.federation import PARENT_ADDRESS, free_port, parent_events, parent_hub
 from tests.waiting import eventually
@@ -60,9 +60,7 @@ async def _scenario(tmp: Path, parent: HubProcess, cs: str, dead_port: int) -> d
             await body  # type: ignore[misc]
         finally:
             await asyncio.sleep(0.6)  # a flush: cursors and checkpoints written
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await waiting.stop(task)
 
     clock = FakeClock(1000.0)
     boot1 = forwarder(clock, "boot-1", dead_port)  # the link is down for the whole day

@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
@@ -59,9 +59,7 @@ async def running(bridge: Bridge, fake: FakeBluez) -> AsyncIterator[Collector]:
         await eventually(lambda: fake.scanning)
         yield out
     finally:
-        task.cancel()
-        with suppress(asyncio.CancelledError):
-            await task
+        await waiting.stop(task)
 
 
 def config(**sensors: dict[str, Any]) -> dict[str, Any]:

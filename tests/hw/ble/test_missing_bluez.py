@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from contextlib import suppress
 from pathlib import Path
 
 import pytest
 
 from hw.ble.bridge import BleBridge
+from tests import waiting
 from tests.hw.ble.conftest import need_dbus_daemon
 from tests.hw.ble.fakebluez import PrivateBus
 from tests.waiting import eventually
@@ -33,9 +33,7 @@ async def scan_error(caplog: pytest.LogCaptureFixture) -> tuple[str, dict[str, o
         await asyncio.sleep(0.3)
         return str(error), bridge.status()["scan"]
     finally:
-        task.cancel()
-        with suppress(asyncio.CancelledError):
-            await task
+        await waiting.stop(task)
 
 
 async def test_no_system_bus_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,

@@ -8,7 +8,6 @@ out (``trace_packet`` returns no bytes), so the client waits for its full timeou
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import socket
@@ -20,6 +19,8 @@ from pathlib import Path
 import pytest
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
+
+from tests import waiting
 
 # table -> {start address: values}; coils/discrete take bools, registers take ints
 Tables = Mapping[str, Mapping[int, Sequence[int] | Sequence[bool]]]
@@ -234,9 +235,7 @@ async def running(bridge: object) -> AsyncIterator[list[tuple[str, list[object]]
     try:
         yield got
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await waiting.stop(task)
 
 
 def latest(got: Sequence[tuple[str, Sequence[object]]], sensor: str) -> dict[str, object]:

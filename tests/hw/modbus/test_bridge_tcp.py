@@ -13,7 +13,9 @@ import pytest
 
 from gateway.errors import ConfigError
 from hw.modbus.bridge import ModbusBridge, stable_name_for
+from hw.modbus.client import Transport
 from hw.modbus.profiles import ProfileLibrary
+from hw.modbus.registers import Table
 from tests import waiting
 from tests.hw.modbus.peers import (
     first_goldens,
@@ -234,6 +236,37 @@ async def test_a_silent_unit_that_comes_back_is_logged_once_each_way(
     assert len(messages(caplog, "unit 3 recovered")) == 1
     assert not [r for r in caplog.records if r.name.startswith("pymodbus")
                 and r.levelno >= logging.ERROR]
+
+
+class AnswerOverCancel(Transport):
+    """A pymodbus transport that, like 3.11's ``asyncio.wait_for`` when an answer and a cancel
+    arrive together, returns the answer and drops the cancel."""
+
+    reading = False
+    dropped = 0
+
+    async def read(self, table: Table, unit: int, address: int,
+                   count: int) -> list[int] | list[bool]:
+        answer = asyncio.ensure_future(super().read(table, unit, address, count))
+        AnswerOverCancel.reading = True
+        try:
+            return await asyncio.shield(answer)
+        except asyncio.CancelledError:
+            AnswerOverCancel.dropped += 1
+            return await answer
+        finally:
+            AnswerOverCancel.reading = False
+
+
+async def test_a_bus_stops_when_the_modbus_client_drops_a_cancel() -> None:
+    async with tcp_peer({1: PLAIN}) as peer:
+        bridge = ModbusBridge(transport_factory=AnswerOverCancel)
+        bridge.apply({"buses": {"plc": tcp_bus(peer.port)},
+                      "devices": {"a": inline(1, interval=0.01)}})
+        task = asyncio.create_task(bridge.run(lambda sensor, readings: asyncio.sleep(0)))
+        await until(lambda: device_state(bridge, "a") == "up" and AnswerOverCancel.reading)
+        await waiting.stop(task, within=3)  # the cancel lands in a read, which drops it
+    assert AnswerOverCancel.dropped == 1
 
 
 async def test_a_refused_connection_is_a_bus_down_that_recovers(

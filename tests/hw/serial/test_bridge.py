@@ -18,6 +18,7 @@ from hw.readings import Reading
 from hw.serial.bridge import SerialBridge
 from hw.serial.nmea import with_checksum
 from hw.serial.port import LinkSettings, SerialPort
+from tests import waiting
 from tests.hw.serial.ptys import PtyDevice
 from tests.waiting import eventually
 
@@ -68,9 +69,7 @@ async def running(bridge: SerialBridge, emit: Collector) -> AsyncIterator[asynci
     try:
         yield task
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await waiting.stop(task)
 
 
 @pytest.fixture
