@@ -45,7 +45,7 @@ from gateway.upstream.clock import AgeClock, boot_id
 from gateway.upstream.identity import Credentials, IdentityPump
 from gateway.upstream.cursors import FLOOR_CURSOR, CursorStore
 from gateway.upstream.link import Backoff, Session, open_session
-from gateway.upstream.policy import RoutePolicy
+from gateway.upstream.policy import Pacer, RoutePolicy
 from gateway.upstream.settings import LinkSettings
 
 log = logging.getLogger(__name__)
@@ -60,26 +60,6 @@ BURST_MIN = 32
 
 def _iso(moment: float) -> str:
     return datetime.fromtimestamp(moment, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-class ByteBucket:
-    """Bytes per second with a burst of one second's worth (at least one 4 KB message)."""
-
-    def __init__(self, rate: int, clock: Callable[[], float]) -> None:
-        self.rate = rate
-        self.burst = max(rate, 4096)
-        self.tokens = float(self.burst)
-        self.clock = clock
-        self.stamp = clock()
-
-    def take(self, size: int) -> bool:
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= min(size, self.burst):
-            self.tokens -= size
-            return True
-        return False
 
 
 @dataclass
@@ -619,8 +599,7 @@ class Forwarder:
 
         renewing = False
         more = False  # the window has room after a burst
-        buckets: dict[str, ByteBucket] = {}
-        paced: set[str] = set()
+        pacer = Pacer(self.policy, self.clock)
         report = loop.create_task(self._report(session), name="upstream-report")
         try:
             while not session.lost.done():
@@ -628,7 +607,7 @@ class Forwarder:
                 if not renewing and now >= session.renew_at:
                     renewing = True
                 if not renewing:
-                    paced.clear()
+                    pacer.turn()
                     # with live lanes, the last LIVE_RESERVE places of the window are theirs
                     below = self._window_now - (LIVE_RESERVE if backlog.segmented else 0)
                     burst = 0
@@ -636,28 +615,21 @@ class Forwarder:
                         if burst >= max(BURST_MIN, self._window_now // BURSTS):
                             more = True  # the rest of the window after a loop turn
                             break
-                        item = backlog.take(now, registered if stamp else None, paced,
+                        item = backlog.take(now, registered if stamp else None, pacer.paced,
                                             live_only=inflight[0] >= below)
                         if item is None:
                             break
-                        rate = self.policy(item.route).bandwidth
-                        if rate:  # a metered link: the route waits for its bytes/s
-                            bucket = buckets.get(item.route)
-                            if bucket is None:
-                                bucket = buckets[item.route] = ByteBucket(rate, self.clock)
-                            if not bucket.take(item.size):
-                                backlog.untake(item)
-                                paced.add(item.route)
-                                continue
+                        if not pacer.admit(item.route, item.size):  # a metered link: wait
+                            backlog.untake(item)
+                            continue
                         # pack only behind packs: a reading sent alone may still sit in the
                         # parent's batch when a pack (stored at once) arrives after it
                         if stamp and item.queue is not None and item.queue.pending and \
                                 not item.queue.singles and self.policy(item.route).pack:
                             pack = self._pack(encoder, item)
                             if pack is not None:
-                                if rate:  # the bucket paid for the first reading only
-                                    buckets[item.route].tokens -= sum(
-                                        one.size for one in pack[2][1:])
+                                # admit paid for the first reading only
+                                pacer.charge(item.route, sum(one.size for one in pack[2][1:]))
                                 if not session.send_nowait(pack[0], pack[1], done_pack, pack[2]):
                                     for one in reversed(pack[2]):
                                         backlog.untake(one)
@@ -697,7 +669,7 @@ class Forwarder:
                     continue
                 self._wake.clear()
                 wake: asyncio.Future[Any] = loop.create_task(self._wake.wait())
-                await asyncio.wait({wake, session.lost}, timeout=0.05 if paced else 1.0,
+                await asyncio.wait({wake, session.lost}, timeout=0.05 if pacer.paced else 1.0,
                                    return_when=asyncio.FIRST_COMPLETED)
                 wake.cancel()
             return session.lost.result()

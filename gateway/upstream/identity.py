@@ -6,7 +6,8 @@ fact 4, §3.3): the device's own key from our registry, or a token minted from a
 policy of the parent. Connections are opened lazily (when an origin has something to send),
 staggered by a token bucket (``connect_rate``, S1 allows 100 new connections/s), closed when idle
 (``idle_close``), and each keeps at most ``max_inflight`` (16, IoT Hub's Receive Maximum) QoS 1
-publishes in flight. A connection that fails holds back only its own origin.
+publishes in flight. A connection that fails holds back only its own origin. A route's
+bandwidth cap holds over all the connections together (one :class:`Pacer` for the pump).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from gateway.errors import UpstreamError
 from gateway.upstream import wire
 from gateway.upstream.backlog import Item
 from gateway.upstream.link import Backoff, Session, open_session
+from gateway.upstream.policy import Pacer
 from gateway.upstream.wire import Origin
 
 if TYPE_CHECKING:
@@ -74,6 +76,7 @@ class IdentityPump:
         fw, cfg = self.fw, self.fw.cfg
         backlog = fw.backlog
         limiter = TokenBucket(cfg.connect_rate, fw.clock)
+        pacer = Pacer(fw.policy, fw.clock)  # the routes' caps over all the connections
         loop = asyncio.get_running_loop()
         fw.link.set("connecting")
         try:
@@ -82,10 +85,14 @@ class IdentityPump:
                 self._reap(now)
                 allowed = {o for o, c in self.conns.items() if c.session is not None
                            and len(c.inflight) < cfg.max_inflight}
+                pacer.turn()
                 while allowed:
-                    item = backlog.take(now, allowed)
+                    item = backlog.take(now, allowed, pacer.paced)
                     if item is None:
                         break
+                    if not pacer.admit(item.route, item.size):  # a metered link: wait
+                        backlog.untake(item)
+                        continue
                     c = self.conns[item.origin]
                     assert c.session is not None
                     topic, payload = wire.encode(item.entry, item.origin, epoch=fw.epoch,
@@ -107,7 +114,7 @@ class IdentityPump:
                         c.connecting = loop.create_task(self._connect(c))
                 fw._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(0.2):
+                    async with asyncio.timeout(0.05 if pacer.paced else 0.2):
                         await fw._wake.wait()
         finally:
             for c in self.conns.values():

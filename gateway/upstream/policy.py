@@ -8,6 +8,7 @@ per route, every route gets the one built from ``[upstream]`` (:func:`from_confi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,6 +39,64 @@ class RoutePolicy:
     def weight(self) -> int:
         """Share of the link: each class gets twice the next lower one (never zero)."""
         return 1 << (9 - self.priority)
+
+
+class ByteBucket:
+    """Bytes per second with a burst of one second's worth (at least one 4 KB message)."""
+
+    def __init__(self, rate: int, clock: Callable[[], float]) -> None:
+        self.rate = rate
+        self.burst = max(rate, 4096)
+        self.tokens = float(self.burst)
+        self.clock = clock
+        self.stamp = clock()
+
+    def take(self, size: int) -> bool:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= min(size, self.burst):
+            self.tokens -= size
+            return True
+        return False
+
+
+class Pacer:
+    """The routes' bandwidth caps on one link (a connection, or all of identity mode's): one
+    :class:`ByteBucket` per capped route. ``paced`` holds the routes that ran out of bytes in
+    this turn of the sending loop, for the backlog to skip until :meth:`turn`."""
+
+    def __init__(self, policy_of: Callable[[str], RoutePolicy],
+                 clock: Callable[[], float]) -> None:
+        self._policy_of = policy_of
+        self._clock = clock
+        self._buckets: dict[str, ByteBucket] = {}
+        self.paced: set[str] = set()
+
+    def turn(self) -> None:
+        """A new turn of the sending loop: every route may try again."""
+        self.paced.clear()
+
+    def admit(self, route: str, size: int) -> bool:
+        """Whether ``size`` bytes of ``route`` may go now (paid for if so); a route that may
+        not joins :attr:`paced`."""
+        rate = self._policy_of(route).bandwidth
+        if not rate:
+            return True
+        bucket = self._buckets.get(route)
+        if bucket is None:
+            bucket = self._buckets[route] = ByteBucket(rate, self._clock)
+        if bucket.take(size):
+            return True
+        self.paced.add(route)
+        return False
+
+    def charge(self, route: str, size: int) -> None:
+        """Pay for ``size`` more bytes of ``route`` sent with what :meth:`admit` let through
+        (the other readings of a pack)."""
+        bucket = self._buckets.get(route)
+        if bucket is not None:
+            bucket.tokens -= size
 
 
 def from_config(cfg: UpstreamConfig) -> RoutePolicy:

@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from gateway.hubclient import HubClient
 from tests.hubproc import HubProcess, create_device
 from tests.upstream.load import Device, run_device
 
@@ -51,6 +52,29 @@ def link(parent: HubProcess, child: HubProcess, gateway: str = "child-gw", *,
     out = child.cli("upstream", "set", "--connection-string", cs, "--ca-file", parent.ca_file,
                     "--host", host, "--port", str(port or parent.port("mqtt_tls_port"))).stdout
     return json.loads(out)
+
+
+def azure_stand_in(tmp: Path, **kw: Any) -> HubProcess:
+    """A parent hub without the on-behalf-of feature, standing in for Azure IoT Hub (identity
+    mode's tests); not started."""
+    parent = parent_hub(tmp, **kw)
+    parent.config_file.write_text(parent.config_file.read_text().replace(
+        "[hub]\n", "[hub]\non_behalf = false\n"))
+    return parent
+
+
+def link_identity_mode(parent: HubProcess, child: HubProcess, devices: list[Device]) -> None:
+    """Point the child's upstream at ``parent`` as a gateway identity, and create each of
+    ``devices`` at the parent with the child's keys ("in Azure"), as identity mode needs."""
+    create_device(parent, "child-gw")  # names the parent; identity mode connects per device
+    child.cli("upstream", "set", "--connection-string", parent.connection_string("child-gw"),
+              "--ca-file", parent.ca_file, "--host", PARENT_ADDRESS,
+              "--port", str(parent.port("mqtt_tls_port")))
+    for d in devices:
+        keys = json.loads(child.cli("device", "show", d.device_id).stdout)[
+            "authentication"]["symmetricKey"]
+        HubClient(parent.data_dir).request("PUT", f"/devices/{d.device_id}", {
+            "deviceId": d.device_id, "authentication": {"type": "sas", "symmetricKey": keys}})
 
 
 def status(hub: HubProcess) -> dict[str, Any]:

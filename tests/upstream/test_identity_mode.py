@@ -14,10 +14,14 @@ from tests.hubproc import create_device
 from tests.upstream.federation import (
     CHILD_ADDRESS,
     PARENT_ADDRESS,
+    azure_stand_in,
     child_hub,
+    link_identity_mode,
+    make_devices,
     parent_events,
-    parent_hub,
+    send_from,
     status,
+    telemetry_by_origin,
 )
 from tests.upstream.load import Device, run_device
 
@@ -26,9 +30,7 @@ RATE = 4.0  # new connections per second
 
 
 def test_identity_mode_against_a_hub_without_on_behalf(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    parent = parent_hub(tmp_path)
-    parent.config_file.write_text(parent.config_file.read_text().replace(
-        "[hub]\n", "[hub]\non_behalf = false\n"))
+    parent = azure_stand_in(tmp_path)
     child = child_hub(tmp_path, f'mode = "identity"\nconnect_rate = {RATE}\nidle_close = 2.0\n')
     parent.start()
     child.start()
@@ -82,6 +84,38 @@ def test_identity_mode_against_a_hub_without_on_behalf(tmp_path) -> None:  # typ
                 break
             time.sleep(0.5)
         assert closed >= DEVICES
+    finally:
+        child.stop()
+        parent.stop()
+
+
+def test_identity_mode_keeps_a_routes_bandwidth_cap_over_all_its_connections(
+        tmp_path) -> None:  # type: ignore[no-untyped-def]
+    parent = azure_stand_in(tmp_path)
+    child = child_hub(tmp_path, 'mode = "identity"\nbandwidth = 50000\n')
+    parent.start()
+    child.start()
+    try:
+        devices = make_devices(child, 3)
+        link_identity_mode(parent, child, devices)
+        port = parent.port("mqtt_tls_port")
+        parent.stop()
+        send_from(child, devices, 100, body_bytes=1000)
+        backlog_bytes = status(child)["backlogBytes"]
+        assert backlog_bytes > 300_000
+        parent.config_file.write_text(parent.config_file.read_text().replace(
+            "tls_port = 0", f"tls_port = {port}"))
+        parent.start()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 60 and status(child)["backlog"]:
+            time.sleep(0.2)
+        took = time.monotonic() - t0
+        assert status(child)["backlog"] == 0
+        # 50 KB/s for the three connections together, after a one-second burst
+        assert took >= (backlog_bytes - 50_000) / 50_000 * 0.9, took
+        got = telemetry_by_origin(parent)
+        assert {k: sorted(set(v)) for k, v in got.items()} == {
+            d.device_id: list(range(1, 101)) for d in devices}  # at least once
     finally:
         child.stop()
         parent.stop()

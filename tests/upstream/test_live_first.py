@@ -22,14 +22,15 @@ import re
 import time
 from collections import Counter
 
-from gateway.hubclient import HubClient
-from tests.hubproc import HubProcess, create_device
+from tests.hubproc import HubProcess
 from tests.upstream.federation import (
     CHILD_ADDRESS,
     PARENT_ADDRESS,
+    azure_stand_in,
     child_hub,
     free_port,
     link,
+    link_identity_mode,
     make_devices,
     parent_events,
     parent_hub,
@@ -157,25 +158,14 @@ async def _live_with_kills(parent: HubProcess, child: HubProcess, devices: list[
 def test_identity_mode_the_live_lane_goes_first_too(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Towards Azure (one connection per origin; our hub without on-behalf-of stands in): the
     first connection of a link-up cuts the lane; at least once, in order within each lane."""
-    parent = parent_hub(tmp_path, tls_port=free_port(PARENT_ADDRESS))
-    parent.config_file.write_text(parent.config_file.read_text().replace(
-        "[hub]\n", "[hub]\non_behalf = false\n"))
-    # (identity mode has no bandwidth cap: one message in flight per connection slows the drain)
+    parent = azure_stand_in(tmp_path, tls_port=free_port(PARENT_ADDRESS))
+    # one message in flight per connection slows the drain enough to see the lanes
     child = child_hub(tmp_path, 'mode = "identity"\nlive_first = true\nmax_inflight = 1\n')
     parent.start()
     child.start()
     try:
-        create_device(parent, "child-gw")
-        child.cli("upstream", "set", "--connection-string", parent.connection_string("child-gw"),
-                  "--ca-file", parent.ca_file, "--host", PARENT_ADDRESS,
-                  "--port", str(parent.port("mqtt_tls_port")))
-        api = HubClient(parent.data_dir)
         devices = make_devices(child, 3)
-        for d in devices:
-            keys = json.loads(child.cli("device", "show", d.device_id).stdout)[
-                "authentication"]["symmetricKey"]
-            api.request("PUT", f"/devices/{d.device_id}", {  # the same identity "in Azure"
-                "deviceId": d.device_id, "authentication": {"type": "sas", "symmetricKey": keys}})
+        link_identity_mode(parent, child, devices)
         parent.stop()
         send_from(child, devices, 1000)
         parent.start()
