@@ -17,6 +17,18 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def checkpoint() -> None:
+    """Raise CancelledError when the current task has been asked to stop. Call it at the top
+    of a loop that awaits a library using Python 3.11's ``asyncio.wait_for`` (aiomqtt for its
+    acknowledgements, pymodbus for its answers): when the awaited result and a cancel arrive
+    together, that ``wait_for`` returns the result and drops the cancel, and the loop would run
+    on (and its TaskGroup wait for it) for ever. The request stays counted in
+    ``Task.cancelling()``, which only ``uncancel()`` (TaskGroup, ``asyncio.timeout``) lowers."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class TaskSet:
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()

@@ -45,6 +45,7 @@ import aiomqtt
 
 from gateway.client import ClientSettings
 from gateway.errors import ConfigError, RemoteProtocolError
+from gateway.tasks import checkpoint
 from gateway.translation import (
     CHILD_PROPERTY,
     CHILDREN_DOCUMENT_TOPIC,
@@ -109,6 +110,7 @@ class ModuleRuntime:
     async def _connection_loop(self) -> None:
         backoff = 1.0
         while True:
+            checkpoint()  # aiomqtt may have dropped a cancel (gateway.tasks.checkpoint)
             try:
                 async with self.settings.mqtt_client() as client:
                     backoff = 1.0
@@ -159,6 +161,7 @@ class ModuleRuntime:
 
     async def _reread_loop(self, client: aiomqtt.Client) -> None:
         while True:
+            checkpoint()  # aiomqtt may have dropped a cancel (gateway.tasks.checkpoint)
             await self._reread.wait()
             log.info("desired patch out of sequence bridge=%s; reading the twin again",
                      self.bridge.name)
@@ -290,6 +293,7 @@ class ModuleRuntime:
 
     async def _publisher(self, client: aiomqtt.Client) -> None:
         while True:
+            checkpoint()  # aiomqtt may have dropped a cancel (gateway.tasks.checkpoint)
             if self._unsent is None:
                 self._unsent = await self.queue.get()
             sensor, body = self._unsent
@@ -343,6 +347,7 @@ class ModuleRuntime:
         then: a new bus connected, a port opened) rather than a whole interval later."""
         follow_up = False
         while True:
+            checkpoint()  # aiomqtt may have dropped a cancel (gateway.tasks.checkpoint)
             timeout = min(FOLLOW_UP_S, self.status_interval) if follow_up \
                 else self.status_interval
             try:  # asyncio.timeout, not wait_for: 3.11's wait_for can lose a cancel

@@ -17,6 +17,7 @@ from functools import partial
 from typing import Any, Protocol
 
 from gateway.errors import DeviceError
+from gateway.tasks import checkpoint
 from hw.modbus.client import ExceptionResponse, LinkError, NoResponse, Transport
 from hw.modbus.config import BusConfig, DeviceConfig, Link, SerialLink
 from hw.modbus.registers import Block, DataType, Table, Value, encode_point
@@ -159,13 +160,9 @@ class BusRunner:
     # -- the loop -----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        me = asyncio.current_task()
         try:
             while True:
-                if me is not None and me.cancelling():
-                    # pymodbus awaits answers with 3.11's asyncio.wait_for, which returns the
-                    # answer and drops a cancel that arrives with it: stop here instead
-                    raise asyncio.CancelledError
+                checkpoint()  # pymodbus may have dropped a cancel (gateway.tasks.checkpoint)
                 try:
                     if self._transport is None or not self._transport.connected:
                         await self._connect()
