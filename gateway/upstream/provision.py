@@ -28,6 +28,7 @@ from gateway.errors import UpstreamError
 from gateway.hub import dps
 from gateway.hub.connstr import parse_connection_string
 from gateway.hub.sas import generate_sas_token
+from gateway.tasks import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ async def provision_until_done(data_dir: Path, cfg: UpstreamConfig, *,
     import aiomqtt  # only a hub with a registration pending at its parent gets here
 
     while True:
+        checkpoint()  # aiomqtt may have dropped a cancel (gateway.tasks.checkpoint)
         try:
             result = await register(host=host, port=cfg.port, ca_file=cfg.ca_file or None,
                                     id_scope=str(state["idScope"]),
