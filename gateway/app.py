@@ -40,6 +40,7 @@ from gateway.hub.c2dsvc import C2DService
 from gateway.hub.enrollments import EnrollmentGroup, EnrollmentStore
 from gateway.hub.provisioning import ProvisioningService
 from gateway.hub.connstr import ConnectionString
+from gateway.hub.drops import EnrichedDrops
 from gateway.hub.hub import Hub
 from gateway.hub.c2dfed import C2DForwarder
 from gateway.hub.federated import Federation
@@ -196,10 +197,15 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         broker.puback_hooks.append(hub.c2d.on_puback)
         broker.close_hooks.append(hub.c2d.on_closed)
         registry.add_listener(partial(_drop_c2d_queue, tasks_, c2d_queues))
+        # messages an endpoint's enrichments push over the size limit (IoT Hub ref §10.4):
+        # dropped for it, counted per endpoint for its health and /metrics
+        drops = EnrichedDrops()
         inputs = ModuleInputService(message_log, hub.router,
-                                    broker=broker, registry=registry, tasks=tasks_)
-        endpoints = EndpointManager(message_log, hub_name=config.hub.host_name, data_dir=data_dir)
-        routing = RoutingService(db, hub=hub, inputs=inputs, endpoints=endpoints)
+                                    broker=broker, registry=registry, tasks=tasks_,
+                                    max_message_bytes=hub.max_message_bytes, drops=drops)
+        endpoints = EndpointManager(message_log, hub_name=config.hub.host_name, data_dir=data_dir,
+                                    max_message_bytes=hub.max_message_bytes, drops=drops)
+        routing = RoutingService(db, hub=hub, inputs=inputs, endpoints=endpoints, drops=drops)
         await routing.open(config)  # the router, module inputs and endpoints, live from here
         broker.ready_hooks.append(inputs.on_ready)
         broker.puback_hooks.append(inputs.on_puback)
@@ -251,7 +257,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         add_upstream_routes(api, upstream)
         routing.upstream_status = upstream.status
         Metrics(db, broker, message_log,
-                lambda: upstream.status() if upstream.settings else None).add_route(api)
+                lambda: upstream.status() if upstream.settings else None,
+                enriched_drops=drops.counts).add_route(api)
         if provisioning is not None:
             add_enrollment_routes(api, provisioning)
         files = await _files(config, db, message_log, hub, api)
