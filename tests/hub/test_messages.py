@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.errors import LocalProtocolError, MessageTooLargeError, StoreError
-from gateway.hub.drops import EnrichedDrops
 from gateway.hub.addresses import c2d_topic, parse_publish_topic
+from gateway.hub.drops import EnrichedDrops
 from gateway.hub.messages import (
     DEVICE_SETTABLE,
     MAX_TELEMETRY_BYTES,
