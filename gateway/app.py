@@ -265,7 +265,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         file_forwarder = (for_upstream(files.store, config.files, upstream, gateway_id)
                           if files is not None else None)
         if config.amqp.enabled:  # back ends over AMQP: Event Hubs reads, C2D (gateway/amqp)
-            amqp = await _amqp(config, message_log, authenticator, hub, certs, api,
+            amqp = await _amqp(config, message_log, authenticator, hub, certs, api, routing,
                                files.store if files is not None else None)
         # The web page's restart: a clean stop, then the same command again (gateway run only).
         UiServer(config=config, api=api, upstream=upstream, ring=ring, broker=broker,
@@ -360,7 +360,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
 
 async def _amqp(config: Config, message_log: MessageLog, authenticator: Authenticator,
                 hub: Hub, certs: pki.HubCertificates, api: ServiceApi,
-                files: FileStore | None) -> AmqpServer | None:
+                routing: RoutingService, files: FileStore | None) -> AmqpServer | None:
     """The AMQP listener, when Apache Qpid Proton is installed (the ``amqp`` extra; it has no
     wheels on PyPI, so the appliance image leaves it out)."""
     try:
@@ -371,7 +371,7 @@ async def _amqp(config: Config, message_log: MessageLog, authenticator: Authenti
         return None
     server = AmqpServer(make_services(config.amqp, host_name=config.hub.host_name,
                                       log=message_log, authenticator=authenticator, c2d=hub.c2d,
-                                      files=files),
+                                      files=files, events=routing),
                         amqp_ssl_context(certs.server_cert, certs.server_key))
     server.add_websocket_route(api.app)
     await server.start()

@@ -23,8 +23,15 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from gateway.endpoints.spec import EndpointSpec, endpoint_json, parse_endpoint
-from gateway.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
+from gateway.errors import (
+    ConfigError,
+    ConflictError,
+    InvalidRequestError,
+    MessageTooLargeError,
+    NotFoundError,
+)
 from gateway.hub.drops import EnrichedDrops
+from gateway.hub.messages import Message, enriched, message_from_stored
 from gateway.routing.message import MessageView, system_key
 from gateway.routing.model import (
     EVENTS,
@@ -253,6 +260,20 @@ class RoutingService:
 
     def enrich(self, endpoint: str, entry: Entry) -> Mapping[str, str]:
         return self.router.enrich(endpoint, entry)
+
+    def events_message(self, entry: Entry) -> Message | None:
+        """``entry`` as the built-in endpoint's readers (REST, ``monitor-events``, AMQP) show
+        it: the ``events`` enrichments applied (IoT Hub ref §10.4). None when they push it over
+        the hub's message size limit: IoT Hub drops it for this endpoint, so the reader skips
+        it and moves on; the drop is logged and counted once however many readers pass it
+        (``gateway endpoint health events``)."""
+        message = message_from_stored(entry.props, entry.body)
+        try:
+            return enriched(message, self.router.enrich(EVENTS, entry),
+                            limit=self.hub.max_message_bytes)
+        except MessageTooLargeError as exc:
+            self.drops.drop(EVENTS, entry, exc)
+            return None
 
     # -- routes --------------------------------------------------------------------------------
 

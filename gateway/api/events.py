@@ -37,6 +37,11 @@ def entry_json(entry: Entry, host_name: str, enrichments: Mapping[str, str] | No
     message = entry_message(entry, host_name)
     if enrichments:
         message = enriched(message, enrichments, limit=limit)
+    return message_json(entry, message)
+
+
+def message_json(entry: Entry, message: Message) -> dict[str, Any]:
+    """:func:`entry_json` of ``entry`` shown as ``message`` (its enrichments applied)."""
     out = to_monitor_json(message, device_id=entry.device_id, module_id=entry.module_id,
                           enqueued_time_ms=entry.enqueued_ms)
     out["event"]["annotations"]["x-opt-sequence-number"] = entry.seq

@@ -34,13 +34,13 @@ from gateway.api.bodies import if_match, json_body, json_response
 from gateway.api.certificates import CertificateRoutes
 from gateway.api.device_http import add_device_routes
 from gateway.api.errors import error_middleware
-from gateway.api.events import entry_json
+from gateway.api.events import entry_json, message_json
 from gateway.api.limits import Deadlines
 from gateway.api.query import float_query, int_query
 from gateway.api.ws import add_websocket_route
 from gateway.broker.listener import Admission, Listener, listening_socket
 from gateway.broker.tls import TlsServerProtocol
-from gateway.errors import InvalidRequestError, MessageTooLargeError, NotFoundError
+from gateway.errors import InvalidRequestError, NotFoundError
 from gateway.hub.auth import Authenticator, ServicePrincipal
 from gateway.hub.hub import Hub
 from gateway.hub.messages import format_time as iso_time
@@ -485,16 +485,11 @@ class ServiceApi:
     def _event_json(self, entry: Any) -> dict[str, Any] | None:
         """The entry as the built-in endpoint shows it, with the ``events`` enrichments; None
         when they push it over the hub's size limit: IoT Hub drops it for this endpoint (ref
-        §10.4), so the reader moves on past it, and the drop is logged and counted once
-        (``gateway endpoint health events``), however many readers pass it."""
+        §10.4), so the reader moves on past it (:meth:`RoutingService.events_message`)."""
         if self.routing is None:
             return entry_json(entry, self.host_name)
-        extra = self.routing.enrich("events", entry)
-        try:
-            return entry_json(entry, self.host_name, extra, limit=self.hub.max_message_bytes)
-        except MessageTooLargeError as exc:
-            self.routing.drops.drop("events", entry, exc)
-            return None
+        message = self.routing.events_message(entry)
+        return message_json(entry, message) if message is not None else None
 
     async def checkpoint(self, request: web.Request) -> web.Response:
         """Record a consumer group's position in the built-in endpoint."""

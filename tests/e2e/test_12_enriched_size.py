@@ -1,8 +1,9 @@
 """A message that enrichments push over 256 KB is dropped for those endpoints only (IoT Hub ref
 §10.4), end to end: a module's three messages, the middle one near 262,000 bytes, reach a file
 endpoint without enrichments whole, and the enriched file endpoint, the built-in endpoint
-(``monitor-events``) and a module input without the middle one; health and /metrics count the
-drop once per endpoint, and each endpoint goes on with the next message."""
+(``monitor-events`` and an AMQP Event Hubs reader) and a module input without the middle one;
+health and /metrics count the drop once per endpoint, and each endpoint goes on with the next
+message."""
 
 from __future__ import annotations
 
@@ -12,14 +13,19 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.hubclient import HubClient
 from gateway.mqtt.packets import Puback, Publish, Suback, Subscribe
+from tests.amqp.protonclient import ProtonClient
+from tests.amqp.test_listener import token
 from tests.e2e.test_08_module_routes import connect, module
 from tests.e2e.test_12_routing import events, wait_until
 from tests.hubproc import HubProcess, create_device
 
+ADDRESS = "127.0.8.6"  # the AMQP listener's, in the hub's certificate
+PARTITION = "testhub/ConsumerGroups/$Default/Partitions/0"
 FILTER = 'BrokeredEndpoint("/modules/filter/inputs/in1")'
 ENRICHED = ["archive", "events", FILTER]
 PAD = 264  # two enrichments: 4 + 128 and 4 + 128 bytes (ref §2.4)
@@ -59,9 +65,13 @@ def scrape(hub: HubProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], flo
             for f in text_string_to_metric_families(text) for s in f.samples}
 
 
+@pytest.mark.slow
 def test_enriched_over_256_kb_is_dropped_per_endpoint(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    hub = HubProcess(tmp_path / "data", extra_config=config(out)).start()
+    hub = HubProcess(tmp_path / "data", extra_config=config(out),
+                     hub_config=f'addresses = ["{ADDRESS}"]\n',
+                     amqp_config=f'port = 0\nbind = "{ADDRESS}"\n').start()
+    amqp: ProtonClient | None = None
     try:
         create_device(hub, "edge1")
         sensor, filt = module(hub, "edge1", "sensor"), module(hub, "edge1", "filter")
@@ -100,6 +110,14 @@ def test_enriched_over_256_kb_is_dropped_per_endpoint(tmp_path: Path) -> None:
             assert [e["properties"]["application"]["n"] for e in shown] == ["0", "2"]
             assert shown[0]["properties"]["application"]["pad1"] == "a" * 128
 
+        amqp = ProtonClient(ADDRESS, hub.port("amqp_port"), ca_file=hub.ca_file,
+                            server_hostname=ADDRESS, hub_name=hub.host_name)
+        assert amqp.put_token(token(hub), f"sb://{hub.host_name}/testhub") == (200, "OK")
+        link = amqp.receiver(PARTITION)  # from the start
+        read = [amqp.receive(link) for _ in range(2)]
+        assert [m.properties["n"] for m in read] == ["0", "2"]
+        assert read[1].properties["pad2"] == "b" * 128 and bytes(read[1].body) == b"small 2"
+
         health = {h["endpointId"]: h for h in json.loads(
             hub.cli("endpoint", "health", "--json").stdout)}
         sizes = []
@@ -131,7 +149,12 @@ def test_enriched_over_256_kb_is_dropped_per_endpoint(tmp_path: Path) -> None:
         f.send(Puback(live.packet_id))  # type: ignore[arg-type]
         wait_until(lambda: len(lines("archive")) == 3, 15)
         assert [line["properties"]["n"] for line in lines("archive")] == ["0", "2", "3"]
+        assert amqp.receive(link).properties["n"] == "3"
+        assert [e["event"]["properties"]["application"]["n"] for e in events(hub)] == [
+            "0", "2", "3"]
         s.close()
         f.close()
     finally:
+        if amqp is not None:
+            amqp.close()
         hub.stop()
