@@ -19,6 +19,7 @@ import time
 from typing import Any, Final, Protocol
 
 from gateway.errors import MessageTooLargeError
+from gateway.hub.messages import format_time
 
 __all__ = ["REASON", "REMEMBER", "EnrichedDrops"]
 
@@ -75,8 +76,6 @@ class EnrichedDrops:
     def health(self, endpoint: str) -> dict[str, Any]:
         """The fields an endpoint's health row gets from its drops: ``deadLettered`` and, if
         any, ``lastError`` and ``lastErrorTime``."""
-        from gateway.hub.messages import format_time
-
         out: dict[str, Any] = {"deadLettered": self.counts.get(endpoint, 0)}
         if endpoint in self.last_error:
             out["lastError"] = self.last_error[endpoint]
