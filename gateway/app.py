@@ -40,6 +40,7 @@ from gateway.hub.c2dsvc import C2DService
 from gateway.hub.enrollments import EnrollmentGroup, EnrollmentStore
 from gateway.hub.provisioning import ProvisioningService
 from gateway.hub.connstr import ConnectionString
+from gateway.hub.drops import EnrichedDrops
 from gateway.hub.hub import Hub
 from gateway.hub.c2dfed import C2DForwarder
 from gateway.hub.federated import Federation
@@ -196,10 +197,15 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         broker.puback_hooks.append(hub.c2d.on_puback)
         broker.close_hooks.append(hub.c2d.on_closed)
         registry.add_listener(partial(_drop_c2d_queue, tasks_, c2d_queues))
+        # messages an endpoint's enrichments push over the size limit (IoT Hub ref §10.4):
+        # dropped for it, counted per endpoint for its health and /metrics
+        drops = EnrichedDrops()
         inputs = ModuleInputService(message_log, hub.router,
-                                    broker=broker, registry=registry, tasks=tasks_)
-        endpoints = EndpointManager(message_log, hub_name=config.hub.host_name, data_dir=data_dir)
-        routing = RoutingService(db, hub=hub, inputs=inputs, endpoints=endpoints)
+                                    broker=broker, registry=registry, tasks=tasks_,
+                                    max_message_bytes=hub.max_message_bytes, drops=drops)
+        endpoints = EndpointManager(message_log, hub_name=config.hub.host_name, data_dir=data_dir,
+                                    max_message_bytes=hub.max_message_bytes, drops=drops)
+        routing = RoutingService(db, hub=hub, inputs=inputs, endpoints=endpoints, drops=drops)
         await routing.open(config)  # the router, module inputs and endpoints, live from here
         broker.ready_hooks.append(inputs.on_ready)
         broker.puback_hooks.append(inputs.on_puback)
@@ -251,14 +257,15 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         add_upstream_routes(api, upstream)
         routing.upstream_status = upstream.status
         Metrics(db, broker, message_log,
-                lambda: upstream.status() if upstream.settings else None).add_route(api)
+                lambda: upstream.status() if upstream.settings else None,
+                enriched_drops=drops.counts).add_route(api)
         if provisioning is not None:
             add_enrollment_routes(api, provisioning)
         files = await _files(config, db, message_log, hub, api)
         file_forwarder = (for_upstream(files.store, config.files, upstream, gateway_id)
                           if files is not None else None)
         if config.amqp.enabled:  # back ends over AMQP: Event Hubs reads, C2D (gateway/amqp)
-            amqp = await _amqp(config, message_log, authenticator, hub, certs, api,
+            amqp = await _amqp(config, message_log, authenticator, hub, certs, api, routing,
                                files.store if files is not None else None)
         # The web page's restart: a clean stop, then the same command again (gateway run only).
         UiServer(config=config, api=api, upstream=upstream, ring=ring, broker=broker,
@@ -353,7 +360,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
 
 async def _amqp(config: Config, message_log: MessageLog, authenticator: Authenticator,
                 hub: Hub, certs: pki.HubCertificates, api: ServiceApi,
-                files: FileStore | None) -> AmqpServer | None:
+                routing: RoutingService, files: FileStore | None) -> AmqpServer | None:
     """The AMQP listener, when Apache Qpid Proton is installed (the ``amqp`` extra; it has no
     wheels on PyPI, so the appliance image leaves it out)."""
     try:
@@ -364,7 +371,7 @@ async def _amqp(config: Config, message_log: MessageLog, authenticator: Authenti
         return None
     server = AmqpServer(make_services(config.amqp, host_name=config.hub.host_name,
                                       log=message_log, authenticator=authenticator, c2d=hub.c2d,
-                                      files=files),
+                                      files=files, events=routing),
                         amqp_ssl_context(certs.server_cert, certs.server_key))
     server.add_websocket_route(api.app)
     await server.start()

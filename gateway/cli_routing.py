@@ -222,6 +222,8 @@ def cmd_endpoint(args: argparse.Namespace) -> int:
             if "delivered" in r:
                 counters = (f"\tdelivered={r['delivered']} backlog={r['backlog']} "
                             f"retries={r['retries']} deadLettered={r['deadLettered']}")
+            elif r.get("deadLettered"):  # events, a module input: enriched over the limit
+                counters = f"\tdeadLettered={r['deadLettered']}"
             error = f"\tlastError={r['lastError']}" if r.get("lastError") else ""
             print(f"{r['endpointId']}\t{r['healthStatus']}{counters}{error}")
     return 0

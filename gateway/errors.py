@@ -72,7 +72,13 @@ class InvalidRequestError(GatewayError):
 
 
 class MessageTooLargeError(InvalidRequestError):
-    """A message is over its size limit (256 KB for telemetry)."""
+    """A message is over its size limit (256 KB for telemetry). ``size`` and ``limit`` are in
+    bytes, when the raiser gives them (0 otherwise)."""
+
+    def __init__(self, message: str, *, size: int = 0, limit: int = 0) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
 
 
 class GatewayTimeoutError(GatewayError):

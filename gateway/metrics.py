@@ -4,18 +4,21 @@ One registry per hub (no process-global state): a collector reads the components
 at scrape time, plus a histogram of group-commit latency fed by the store's thread.
 Exported: live connections; messages in (stored) and out per endpoint; commit latency; the
 upstream link's state, backlog (messages, bytes, oldest age) and drops by reason (the store's
-byte-cap evictions among them) -- federation.md §1.6: the figures edgeHub does not export.
+byte-cap evictions among them) -- federation.md §1.6: the figures edgeHub does not export; and
+per endpoint the messages its enrichments pushed over the size limit (IoT Hub ref §10.4,
+reason ``enrichedTooLarge``).
 """
 
 from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
+from gateway.hub.drops import REASON as ENRICHED_TOO_LARGE
 from gateway.store.db import Database
 from gateway.store.log import MessageLog
 
@@ -67,10 +70,12 @@ def _bound(value: float) -> str:
 
 class _HubCollector:
     def __init__(self, broker: Broker, log: MessageLog,
-                 upstream: Callable[[], dict[str, Any] | None]) -> None:
+                 upstream: Callable[[], dict[str, Any] | None],
+                 enriched_drops: Mapping[str, int]) -> None:
         self.broker = broker
         self.log = log
         self.upstream = upstream
+        self.enriched_drops = enriched_drops
 
     def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -102,6 +107,8 @@ class _HubCollector:
                                       labels=["endpoint", "reason"])
         for reason, n in stats.dropped_total.items():
             dropped.add_metric(["store", reason], n)
+        for endpoint, n in sorted(self.enriched_drops.items()):
+            dropped.add_metric([endpoint, ENRICHED_TOO_LARGE], n)
         up = self.upstream()
         if up is not None:
             out.add_metric(["$upstream"], up["sent"])
@@ -129,10 +136,14 @@ class _HubCollector:
 
 class Metrics:
     def __init__(self, db: Database, broker: Broker, log: MessageLog,
-                 upstream: Callable[[], dict[str, Any] | None]) -> None:
+                 upstream: Callable[[], dict[str, Any] | None], *,
+                 enriched_drops: Mapping[str, int] | None = None) -> None:
+        """``enriched_drops``: per endpoint, the messages its enrichments pushed over the
+        size limit (:attr:`gateway.hub.drops.EnrichedDrops.counts`, read at each scrape)."""
         self.commit_seconds = CommitHistogram()
         db.on_commit = self.commit_seconds.observe  # called on the store's thread: thread-safe
-        self._collector = _HubCollector(broker, log, upstream)
+        self._collector = _HubCollector(broker, log, upstream,
+                                        enriched_drops if enriched_drops is not None else {})
         self.registry: Any = None  # the Prometheus registry, made at the first scrape
 
     def collect(self) -> Iterator[Metric]:

@@ -23,7 +23,15 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from gateway.endpoints.spec import EndpointSpec, endpoint_json, parse_endpoint
-from gateway.errors import ConfigError, ConflictError, InvalidRequestError, NotFoundError
+from gateway.errors import (
+    ConfigError,
+    ConflictError,
+    InvalidRequestError,
+    MessageTooLargeError,
+    NotFoundError,
+)
+from gateway.hub.drops import EnrichedDrops
+from gateway.hub.messages import Message, enriched, message_from_stored
 from gateway.routing.message import MessageView, system_key
 from gateway.routing.model import (
     EVENTS,
@@ -168,11 +176,15 @@ class RoutingService:
     """The one owner of the routing state (create with the parts it drives, then :meth:`open`)."""
 
     def __init__(self, db: Database, *, hub: Hub, inputs: ModuleInputService | None = None,
-                 endpoints: Endpoints | None = None) -> None:
+                 endpoints: Endpoints | None = None, drops: EnrichedDrops | None = None) -> None:
+        """``drops`` counts the messages each endpoint did not get because its enrichments
+        made them too large (IoT Hub ref §10.4), for :meth:`health`: the one the module
+        inputs, the custom endpoints and the built-in endpoint's readers share."""
         self.db = db
         self.hub = hub
         self.inputs = inputs
         self.endpoints = endpoints
+        self.drops = drops if drops is not None else EnrichedDrops()
         self.state = RoutingState()
         self.router = hub.router
         self._lock = asyncio.Lock()
@@ -248,6 +260,20 @@ class RoutingService:
 
     def enrich(self, endpoint: str, entry: Entry) -> Mapping[str, str]:
         return self.router.enrich(endpoint, entry)
+
+    def events_message(self, entry: Entry) -> Message | None:
+        """``entry`` as the built-in endpoint's readers (REST, ``monitor-events``, AMQP) show
+        it: the ``events`` enrichments applied (IoT Hub ref §10.4). None when they push it over
+        the hub's message size limit: IoT Hub drops it for this endpoint, so the reader skips
+        it and moves on; the drop is logged and counted once however many readers pass it
+        (``gateway endpoint health events``)."""
+        message = message_from_stored(entry.props, entry.body)
+        try:
+            return enriched(message, self.router.enrich(EVENTS, entry),
+                            limit=self.hub.max_message_bytes)
+        except MessageTooLargeError as exc:
+            self.drops.drop(EVENTS, entry, exc)
+            return None
 
     # -- routes --------------------------------------------------------------------------------
 
@@ -325,7 +351,8 @@ class RoutingService:
         """Endpoint health as IoT Hub reports it: the built-in ``events``, module inputs,
         ``$upstream`` (while routes use it) and the custom endpoints."""
         builtin: list[dict[str, Any]] = [
-            {"endpointId": EVENTS, "type": "builtin", "healthStatus": "healthy", "lastError": None}]
+            {"endpointId": EVENTS, "type": "builtin", "healthStatus": "healthy", "lastError": None,
+             **self.drops.health(EVENTS)}]
         used = {r.endpoint for r in self.state.routes}
         up = self.upstream_status() if self.upstream_status is not None else None
         if UPSTREAM in used or (up is not None and up.get("lastError") != NO_UPSTREAM):
@@ -338,7 +365,8 @@ class RoutingService:
                                 "healthStatus": "healthy" if live else "unknown",
                                 "lastError": None if live else "module not connected (its "
                                 "messages wait in the log)",
-                                "module": target[0], "input": target[1]})
+                                "module": target[0], "input": target[1],
+                                **self.drops.health(endpoint)})
         if name is not None:
             for row in builtin:
                 if row["endpointId"] == name:

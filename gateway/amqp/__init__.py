@@ -27,7 +27,7 @@ import ipaddress
 import time
 from collections.abc import Callable
 
-from gateway.amqp.services import FileNotifications, Services
+from gateway.amqp.services import BuiltinEndpoint, FileNotifications, Services
 from gateway.config import AmqpConfig
 from gateway.hub.auth import Authenticator
 from gateway.hub.c2dsvc import C2DService
@@ -54,9 +54,13 @@ def event_hub_name(config: AmqpConfig, host_name: str) -> str:
 def make_services(config: AmqpConfig, *, host_name: str, log: MessageLog,
                   authenticator: Authenticator, c2d: C2DService,
                   files: FileNotifications | None = None,
+                  events: BuiltinEndpoint | None = None,
                   clock: Callable[[], float] = time.time) -> Services:
-    """The AMQP nodes' view of the hub; consumer groups compare case-insensitively."""
+    """The AMQP nodes' view of the hub; consumer groups compare case-insensitively.
+    ``events`` (routing) says what the event hub holds: what went to the built-in endpoint,
+    with its enrichments, as the REST stream shows it."""
     groups = frozenset({"$default", *(g.lower() for g in config.consumer_groups)})
     return Services(host_name=host_name, event_hub=event_hub_name(config, host_name),
                     consumer_groups=groups, log=log, authenticator=authenticator, c2d=c2d,
-                    config=config, created_ms=int(clock() * 1000), clock=clock, files=files)
+                    config=config, created_ms=int(clock() * 1000), clock=clock, files=files,
+                    events=events)

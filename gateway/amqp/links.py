@@ -32,6 +32,7 @@ from gateway.amqp.wire import EventEncoder
 from gateway.api.events import entry_message
 from gateway.errors import AuthError, GatewayError, InvalidRequestError, NotFoundError
 from gateway.hub.c2d import C2DMessageTooLargeError, QueueFullError
+from gateway.routing.model import EVENTS
 
 if TYPE_CHECKING:
     from gateway.amqp.engine import AmqpConnection
@@ -434,7 +435,9 @@ async def partition_properties(services: Services) -> dict[str, Any]:
 
 class PartitionSender(LinkHandler):
     """Partition 0 of the event hub: the built-in endpoint's log, from the start position,
-    as fast as the peer's credit and the outbox bound allow."""
+    as fast as the peer's credit and the outbox bound allow. With routing (``services.events``)
+    it holds what the REST stream shows: the entries routed to ``events`` (IoT Hub ref §10.1),
+    with that endpoint's enrichments, less those they push over the size limit (§10.4)."""
 
     def __init__(self, conn: AmqpConnection, link: Link, start: addr.StartPosition | None) -> None:
         super().__init__(conn, link)
@@ -474,16 +477,24 @@ class PartitionSender(LinkHandler):
                 await message_log.wait_beyond(after, 1.0)
                 continue
             await conn.drained()
-            entries = await message_log.read(after, min(credit, READ_BATCH))
+            routing = services.events  # asked again for every read: routes change live
+            entries, upto = await message_log.scan(
+                after, min(credit, READ_BATCH),
+                where=routing.select(EVENTS) if routing is not None else None)
             if self.is_closed:
                 return
             for entry in entries:
                 if link.credit <= 0:
                     break
-                data = encoder.encode(entry_message(entry, host), seq=entry.seq,
-                                      enqueued_ms=entry.enqueued_ms)
-                _send_settled(impl, str(entry.seq).encode(), data)
+                message = (routing.events_message(entry) if routing is not None
+                           else entry_message(entry, host))
                 after = entry.seq
+                if message is None:  # its enrichments push it over 256 KB: dropped (§10.4)
+                    continue
+                data = encoder.encode(message, seq=entry.seq, enqueued_ms=entry.enqueued_ms)
+                _send_settled(impl, str(entry.seq).encode(), data)
+            else:
+                after = max(after, upto)  # past what the selection skipped too
             conn.process()
             log.debug("amqp partition read sent=%d after=%d", len(entries), after)
 

@@ -11,12 +11,22 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.config import AmqpConfig
 from gateway.hub.auth import Authenticator
-from gateway.store.log import MessageLog
+from gateway.hub.messages import Message
+from gateway.store.log import Entry, MessageLog
 
 if TYPE_CHECKING:
     from gateway.hub.c2dsvc import C2DService
 
-__all__ = ["FileNotifications", "Services"]
+__all__ = ["BuiltinEndpoint", "FileNotifications", "Services"]
+
+
+class BuiltinEndpoint(Protocol):
+    """What the built-in endpoint's readers ask routing (gateway.routingsvc.RoutingService):
+    which entries went to ``events``, and how one is shown (enrichments applied; None when
+    they push it over the size limit, IoT Hub ref §10.4: skipped)."""
+
+    def select(self, endpoint: str) -> Callable[[Entry], bool]: ...
+    def events_message(self, entry: Entry) -> Message | None: ...
 
 
 class FileNotifications(Protocol):
@@ -40,6 +50,7 @@ class Services:
     created_ms: int
     clock: Callable[[], float] = time.time
     files: FileNotifications | None = None  # the file upload notification queue, if enabled
+    events: BuiltinEndpoint | None = None  # routing: None reads every entry, as stored
 
     @property
     def namespace(self) -> str:

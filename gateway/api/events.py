@@ -13,7 +13,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from gateway.hub.messages import Message, message_from_stored, to_monitor_json
+from gateway.hub.messages import (
+    MAX_TELEMETRY_BYTES,
+    Message,
+    enriched,
+    message_from_stored,
+    to_monitor_json,
+)
 from gateway.store.log import Entry
 
 
@@ -22,15 +28,20 @@ def entry_message(entry: Entry, host_name: str) -> Message:
     return message_from_stored(entry.props, entry.body)
 
 
-def entry_json(entry: Entry, host_name: str,
-               enrichments: Mapping[str, str] | None = None) -> dict[str, Any]:
+def entry_json(entry: Entry, host_name: str, enrichments: Mapping[str, str] | None = None, *,
+               limit: int = MAX_TELEMETRY_BYTES) -> dict[str, Any]:
     """One line of the event stream: the monitor-events shape plus ``seq`` and ``kind``;
     ``enrichments`` (those of the ``events`` endpoint, IoT Hub ref §10.4) join the
-    application properties."""
+    application properties. :class:`~gateway.errors.MessageTooLargeError` when they push the
+    message over ``limit`` bytes (IoT Hub drops it for this endpoint, ref §10.4)."""
     message = entry_message(entry, host_name)
     if enrichments:
-        message = Message(body=message.body, system=message.system,
-                          application={**message.application, **enrichments})
+        message = enriched(message, enrichments, limit=limit)
+    return message_json(entry, message)
+
+
+def message_json(entry: Entry, message: Message) -> dict[str, Any]:
+    """:func:`entry_json` of ``entry`` shown as ``message`` (its enrichments applied)."""
     out = to_monitor_json(message, device_id=entry.device_id, module_id=entry.module_id,
                           enqueued_time_ms=entry.enqueued_ms)
     out["event"]["annotations"]["x-opt-sequence-number"] = entry.seq

@@ -34,7 +34,7 @@ from gateway.api.bodies import if_match, json_body, json_response
 from gateway.api.certificates import CertificateRoutes
 from gateway.api.device_http import add_device_routes
 from gateway.api.errors import error_middleware
-from gateway.api.events import entry_json
+from gateway.api.events import entry_json, message_json
 from gateway.api.limits import Deadlines
 from gateway.api.query import float_query, int_query
 from gateway.api.ws import add_websocket_route
@@ -447,7 +447,7 @@ class ServiceApi:
             entries = await self.log.read(after, limit, device_id=device_id, kinds=kinds,
                                           where=self._to_events(),
                                           max_bytes=self.events_page_bytes)
-            return _json([self._event_json(e) for e in entries])
+            return _json([j for j in map(self._event_json, entries) if j is not None])
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
         try:
@@ -466,7 +466,8 @@ class ServiceApi:
                                                  where=self._to_events(),
                                                  max_bytes=self.events_page_bytes)
             if entries:
-                lines = "".join(json.dumps(self._event_json(e)) + "\n" for e in entries)
+                lines = "".join(json.dumps(j) + "\n" for j in map(self._event_json, entries)
+                                if j is not None)
                 del entries  # one page in memory at a time (api.events_page_bytes)
                 await response.write(lines.encode())
                 del lines
@@ -481,9 +482,14 @@ class ServiceApi:
         """Only what went to the built-in endpoint (by a route or the fallback route)."""
         return self.routing.select("events") if self.routing is not None else None
 
-    def _event_json(self, entry: Any) -> dict[str, Any]:
-        extra = self.routing.enrich("events", entry) if self.routing is not None else None
-        return entry_json(entry, self.host_name, extra)
+    def _event_json(self, entry: Any) -> dict[str, Any] | None:
+        """The entry as the built-in endpoint shows it, with the ``events`` enrichments; None
+        when they push it over the hub's size limit: IoT Hub drops it for this endpoint (ref
+        §10.4), so the reader moves on past it (:meth:`RoutingService.events_message`)."""
+        if self.routing is None:
+            return entry_json(entry, self.host_name)
+        message = self.routing.events_message(entry)
+        return message_json(entry, message) if message is not None else None
 
     async def checkpoint(self, request: web.Request) -> web.Response:
         """Record a consumer group's position in the built-in endpoint."""

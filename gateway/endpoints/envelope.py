@@ -31,7 +31,9 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from gateway.hub.messages import (
+    MAX_TELEMETRY_BYTES,
     Message,
+    enriched,
     format_time,
     message_from_stored,
     to_monitor_json,
@@ -100,20 +102,20 @@ class Delivery:
     application: Mapping[str, str | None]
 
 
-def delivery_of(entry: Entry, enrichments: Mapping[str, str], host_name: str) -> Delivery:
+def delivery_of(entry: Entry, enrichments: Mapping[str, str], host_name: str, *,
+                limit: int = MAX_TELEMETRY_BYTES) -> Delivery:
     """The delivery of ``entry``. A device message sent without a message id gets a stable one
     derived from the host name and seq, so an endpoint's consumers can drop redeliveries (the
-    built-in endpoint shows none, as IoT Hub)."""
-    message = message_from_stored(entry.props, entry.body)
+    built-in endpoint shows none, as IoT Hub). :class:`~gateway.errors.MessageTooLargeError`
+    when the enrichments push the message over ``limit`` bytes (IoT Hub ref §10.4; the
+    derived message id does not count: :func:`gateway.hub.messages.enriched`)."""
+    message = enriched(message_from_stored(entry.props, entry.body), enrichments, limit=limit)
     system: Mapping[str, str] = message.system
     if entry.kind == "telemetry" and "message-id" not in system:
         system = dict(system)
         system["message-id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{host_name}/{entry.seq}"))
-    application: Mapping[str, str | None] = message.application
-    if enrichments:
-        application = {**application, **enrichments}
     return Delivery(entry.seq, entry.kind, entry.device_id, entry.module_id, entry.enqueued_ms,
-                    entry.body, system, application)
+                    entry.body, system, message.application)
 
 
 def json_envelope(d: Delivery) -> dict[str, Any]:

@@ -24,6 +24,8 @@ from gateway.endpoints.spec import (
     MqttEndpointSpec,
 )
 from gateway.errors import InvalidRequestError, NotFoundError
+from gateway.hub.drops import EnrichedDrops
+from gateway.hub.messages import MAX_TELEMETRY_BYTES
 from gateway.store.log import Entry, MessageLog
 
 __all__ = ["EndpointManager", "Tuning"]
@@ -40,12 +42,19 @@ def _nothing(_entry: Entry) -> bool:
 
 class EndpointManager:
     def __init__(self, log_: MessageLog, *, hub_name: str, data_dir: Path,
-                 host_name: str | None = None, tuning: Tuning | None = None) -> None:
+                 host_name: str | None = None, tuning: Tuning | None = None,
+                 max_message_bytes: int = MAX_TELEMETRY_BYTES,
+                 drops: EnrichedDrops | None = None) -> None:
+        """``max_message_bytes`` is the hub's message size limit, which an endpoint's
+        enrichments may not push a message over (IoT Hub ref §10.4); ``drops`` counts the
+        messages dropped so (shared with the hub's other readers)."""
         self.log = log_
         self.hub_name = hub_name
         self.host_name = host_name or hub_name
         self.data_dir = data_dir
         self.tuning = tuning or Tuning()
+        self.max_message_bytes = max_message_bytes
+        self.drops = drops if drops is not None else EnrichedDrops()
         self._specs: dict[str, EndpointSpec] = {}
         self._health: dict[str, Health] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -138,6 +147,7 @@ class EndpointManager:
             select=lambda: self._select(name),
             enrich=lambda: lambda entry: self._enrich(name, entry),
             host_name=self.host_name, tuning=self.tuning,
+            max_message_bytes=self.max_message_bytes, drops=self.drops,
         )
 
     def _start(self, name: str) -> None:

@@ -13,6 +13,13 @@ Health follows IoT Hub's endpoint health: ``unknown`` until the first connection
 delivery, ``healthy`` while working, ``unhealthy`` once a delivery or connection failed and
 retries are under way, ``dead`` once that has lasted ``dead_after`` seconds (still retrying:
 unlike IoT Hub, nothing is dropped when dead).
+
+A message that the endpoint's enrichments push over the hub's message size limit is not sent
+(IoT Hub ref §10.4: dropped for this endpoint only; the log keeps it for the others): the cursor
+moves past it as past a delivered one, it is logged once and counted in the health's
+``deadLettered`` with a ``lastError`` naming its seq, device and size
+(:class:`gateway.hub.drops.EnrichedDrops`). The health status stays as it is: the far side is
+not at fault.
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway.endpoints.envelope import Delivery, delivery_of
-from gateway.errors import EndpointError, GatewayError, StoreError
+from gateway.errors import EndpointError, GatewayError, MessageTooLargeError, StoreError
+from gateway.hub.drops import EnrichedDrops
+from gateway.hub.messages import MAX_TELEMETRY_BYTES
 from gateway.store.log import Entry, MessageLog
 
 __all__ = ["Health", "Progress", "Runner", "Session", "Sink", "Tuning", "cursor_name"]
@@ -219,7 +228,8 @@ class Runner:
 
     def __init__(self, log_: MessageLog, name: str, sink: Sink, health: Health, *,
                  select: Callable[[], Select], enrich: Callable[[], Enrich], host_name: str,
-                 tuning: Tuning) -> None:
+                 tuning: Tuning, max_message_bytes: int = MAX_TELEMETRY_BYTES,
+                 drops: EnrichedDrops | None = None) -> None:
         self.log = log_
         self.name = name
         self.cursor = cursor_name(name)
@@ -229,6 +239,8 @@ class Runner:
         self._enrich = enrich
         self._host_name = host_name
         self._tuning = tuning
+        self._limit = max_message_bytes
+        self._drops = drops if drops is not None else EnrichedDrops()
         self._backoff = Backoff(tuning.backoff_initial, tuning.backoff_max)
         self._stored = -1  # the position last written to the cursor (-1: none read yet)
         self._stored_at = 0.0
@@ -305,7 +317,13 @@ class Runner:
             for entry in entries:
                 if select(entry):
                     try:
-                        batch.append(delivery_of(entry, enrich(entry), self._host_name))
+                        batch.append(delivery_of(entry, enrich(entry), self._host_name,
+                                                 limit=self._limit))
+                    except MessageTooLargeError as exc:  # IoT Hub ref §10.4: not for us
+                        if self._drops.drop(self.name, entry, exc):
+                            self.health.dead_lettered += 1
+                            self.health.last_error = self._drops.last_error[self.name]
+                            self.health.last_error_time = time.time()
                     except StoreError as exc:  # a corrupt row: never deliverable
                         log.error("endpoint %s: dead-lettered seq=%d: %s", self.name,
                                   entry.seq, exc)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from gateway.errors import LocalProtocolError, StoreError
+from gateway.errors import LocalProtocolError, MessageTooLargeError, StoreError
 
 __all__ = [
     "DEVICE_SETTABLE",
@@ -35,6 +35,7 @@ __all__ = [
     "Message",
     "auth_method_json",
     "connection_state_event",
+    "enriched",
     "format_time",
     "lifecycle_event",
     "message_from_stored",
@@ -180,6 +181,30 @@ def message_size(
         if app_value is not None:
             size += _utf8_len(app_value)
     return size
+
+
+def enriched(message: Message, enrichments: Mapping[str, str], *,
+             limit: int = MAX_TELEMETRY_BYTES) -> Message:
+    """``message`` on its way to an endpoint with that endpoint's enrichments (ref §10.4):
+    added as application properties, an enrichment replacing a property of the same name.
+
+    IoT Hub drops, for that endpoint only, a message its enrichments push over 256 KB (ref
+    §10.4), sized as at ingress (:func:`message_size`, ref §2.4: body, system property values,
+    application property names and values; what an endpoint adds besides, such as a derived
+    message id, does not count). So a message whose enriched size is over ``limit`` raises
+    :class:`MessageTooLargeError` (``size``, ``limit``); exactly ``limit`` bytes passes. The
+    docs say nothing of a message that is already over the limit without enrichments (a hub
+    configured with a higher ``mqtt.max_message_bytes``): without enrichments nothing is
+    checked, the message went in under the hub's own limit, and callers pass that limit."""
+    if not enrichments:
+        return message
+    application = {**message.application, **enrichments}
+    size = message_size(message.body, message.system, application)
+    if size > limit:
+        raise MessageTooLargeError(
+            f"enriched message of {size} bytes is over the {limit}-byte limit",
+            size=size, limit=limit)
+    return Message(message.body, message.system, application)
 
 
 def format_time(epoch_seconds: float) -> str:

@@ -10,6 +10,11 @@ connected with a ``devices/{d}/modules/{m}/inputs/#`` (or ``.../modules/{m}/#``)
 gets its messages at QoS 1 on ``devices/{d}/modules/{m}/inputs/{input}/{bag}`` with the origin in
 ``$.cdid``/``$.cmid``, in log order, at most ``window`` in flight; the cursor advances only over
 acknowledged messages (at-least-once, like edgeHub's checkpointer).
+
+A message that an input's enrichments push over the hub's message size limit is not published
+to that input (IoT Hub ref §10.4: dropped for that endpoint only); the module's other inputs
+and every other endpoint still get it, the cursor moves past it, and the drop is logged and
+counted once (:class:`gateway.hub.drops.EnrichedDrops`, ``gateway endpoint health``).
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from gateway.errors import MessageTooLargeError
 from gateway.hub.addresses import ModuleInputsFilter, module_input_topic
 from gateway.hub.connections import Connection, Connections
-from gateway.hub.messages import message_from_stored, wire_pairs
+from gateway.hub.drops import EnrichedDrops
+from gateway.hub.messages import MAX_TELEMETRY_BYTES, enriched, message_from_stored, wire_pairs
 from gateway.hub.propbag import encode_bag
 from gateway.routing.model import module_input_endpoint
 from gateway.routing.router import Router
@@ -41,13 +48,17 @@ def cursor_name(device_id: str, module_id: str) -> str:
 
 class ModuleInputService:
     def __init__(self, message_log: MessageLog, router: Router, *, broker: Connections,
-                 registry: Registry, tasks: TaskSet, window: int = 50) -> None:
+                 registry: Registry, tasks: TaskSet, window: int = 50,
+                 max_message_bytes: int = MAX_TELEMETRY_BYTES,
+                 drops: EnrichedDrops | None = None) -> None:
         self.log = message_log
         self.router = router
         self.broker = broker
         self.registry = registry
         self.tasks = tasks
         self.window = window
+        self.max_message_bytes = max_message_bytes
+        self.drops = drops if drops is not None else EnrichedDrops()
         self._pumps: dict[str, _Pump] = {}
         self._subscribed: dict[str, Connection] = {}  # module connections with inputs/#
 
@@ -179,9 +190,14 @@ class _Pump:
         message = message_from_stored(entry.props, entry.body)
         router = self.s.router
         for input_name in inputs:
-            extra = router.enrich(module_input_endpoint(self.module_id, input_name), entry)
-            application = {**message.application, **extra} if extra else message.application
-            bag = encode_bag(wire_pairs(message.system, application))
+            endpoint = module_input_endpoint(self.module_id, input_name)
+            try:
+                out = enriched(message, router.enrich(endpoint, entry),
+                               limit=self.s.max_message_bytes)
+            except MessageTooLargeError as exc:
+                self.s.drops.drop(endpoint, entry, exc)
+                continue
+            bag = encode_bag(wire_pairs(out.system, out.application))
             topic = module_input_topic(self.device_id, self.module_id, input_name, bag)
             pid = self.conn.publish(topic, entry.body, 1)
             assert pid is not None

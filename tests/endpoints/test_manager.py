@@ -3,6 +3,7 @@ runner's pieces (backoff, acknowledgement prefix)."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,8 +15,10 @@ from gateway.endpoints.manager import EndpointManager, Tuning
 from gateway.endpoints.runner import Backoff, Progress
 from gateway.endpoints.spec import parse_endpoint
 from gateway.errors import InvalidRequestError, NotFoundError
-from gateway.store import Entry, MessageLog
-from tests.endpoints.peers import free_port, open_log, record
+from gateway.hub.drops import EnrichedDrops
+from gateway.hub.messages import message_from_stored, message_size
+from gateway.store import Entry, MessageLog, Record
+from tests.endpoints.peers import Mosquitto, Subscriber, free_port, open_log, record
 from tests.endpoints.test_files import read_jsonl
 from tests.endpoints.test_mqtt_endpoint import running
 from tests.waiting import eventually
@@ -112,3 +115,66 @@ async def test_health_goes_unhealthy_then_dead_and_keeps_everything(tmp_path: Pa
     assert health[0]["backlog"] == 4 and health[0]["retries"] >= 2
     assert health[0]["lastError"] and health[0]["lastErrorTime"].endswith("Z")
     assert await log.get_cursor("endpoint/m") == 0  # nothing given up while dead
+
+
+def big_record(device: str, i: int, size: int) -> Record:
+    """A record of ``size`` bytes as IoT Hub counts them (ref §2.4)."""
+    small = record(device, i)
+    message = message_from_stored(small.props, b"")
+    room = size - message_size(b"", message.system, message.application)
+    return record(device, i, body=b'"' + b"x" * (room - 2) + b'"')
+
+
+async def test_a_message_enrichments_push_over_256_kb_is_dropped_for_that_endpoint_only(
+        tmp_path: Path, log: MessageLog, caplog: pytest.LogCaptureFixture) -> None:
+    """IoT Hub ref §10.4: the enriched endpoints' far sides get the messages before and after
+    it, in order; the endpoint without enrichments gets all three; health counts the drop,
+    the cursors move past it, and it is logged once."""
+    broker = Mosquitto(tmp_path / "broker", persist=False)
+    broker.start()
+    sub = Subscriber(broker.port).start()
+    try:
+        drops = EnrichedDrops()
+        manager = EndpointManager(log, hub_name="hub1", data_dir=tmp_path, drops=drops,
+                                  tuning=Tuning(backoff_initial=0.05, backoff_max=0.2))
+        specs = [parse_endpoint("broker", {"type": "mqtt", "url": broker.url, "topic": "t"}),
+                 parse_endpoint("archive", {"type": "file", "path": str(tmp_path / "a")}),
+                 parse_endpoint("plain", {"type": "file", "path": str(tmp_path / "p")})]
+
+        def enrich(name: str, _entry: Entry) -> dict[str, str]:
+            return {} if name == "plain" else {"site": "p" * 128, "line": "l" * 128}  # +264
+
+        await manager.apply(specs, lambda _n: lambda _e: True, enrich)
+        big = big_record("d1", 1, 262_000)
+        message = message_from_stored(big.props, big.body)
+        assert message_size(big.body, message.system, message.application) == 262_000
+        with caplog.at_level("WARNING", logger="gateway.hub.drops"):
+            async with running(manager):
+                await log.append([record("d1", 0), big, record("d1", 2)])
+                await eventually(lambda: len(sub.messages) == 2, 10, "two messages")
+                await eventually(lambda: all(h["backlog"] == 0 for h in manager.health()), 10,
+                                 "every endpoint past the three")
+                health = {h["endpointId"]: h for h in manager.health()}
+                await log.append([record("d1", 3)])  # and on: no redelivery, no loop
+                await eventually(lambda: len(sub.messages) == 3, 10, "the next one")
+        assert [json.loads(m.payload)["i"] for m in sub.messages] == [0, 2, 3]
+        assert [line["body"]["i"] for line in read_jsonl(tmp_path / "a")] == [0, 2, 3]
+        plain = read_jsonl(tmp_path / "p")
+        assert [line["systemProperties"]["x-opt-sequence-number"] for line in plain] == [1, 2, 3,
+                                                                                      4]
+        assert len(plain[1]["body"]) == len(big.body) - 2
+        for name in ("broker", "archive"):
+            assert health[name]["deadLettered"] == 1 and health[name]["delivered"] == 2
+            assert health[name]["lastError"] == ("dropped seq 2 of d1: 262264 bytes enriched, "
+                                                 "over 262144")
+            assert health[name]["healthStatus"] == "healthy"
+            assert await log.get_cursor(f"endpoint/{name}") == 4
+        assert health["plain"]["deadLettered"] == 0 and health["plain"]["delivered"] == 3
+        assert drops.counts == {"broker": 1, "archive": 1}
+        logged = sorted(r.getMessage() for r in caplog.records)
+        assert logged == [
+            f"endpoint {name}: dropped seq=2 device=d1 size=262264: over the 262144-byte limit"
+            " once enriched (IoT Hub ref §10.4)" for name in ("archive", "broker")]
+    finally:
+        sub.stop()
+        broker.stop()

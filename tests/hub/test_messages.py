@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.errors import LocalProtocolError, StoreError
+from gateway.errors import LocalProtocolError, MessageTooLargeError, StoreError
 from gateway.hub.addresses import c2d_topic, parse_publish_topic
+from gateway.hub.drops import EnrichedDrops
 from gateway.hub.messages import (
     DEVICE_SETTABLE,
     MAX_TELEMETRY_BYTES,
@@ -18,6 +19,7 @@ from gateway.hub.messages import (
     Message,
     auth_method_json,
     connection_state_event,
+    enriched,
     format_time,
     lifecycle_event,
     message_from_stored,
@@ -187,6 +189,60 @@ def test_a_message_at_the_limit_fits_and_one_byte_more_does_not() -> None:
     body = b"\0" * (MAX_TELEMETRY_BYTES - 2)
     assert message_size(body, {}, app) == MAX_TELEMETRY_BYTES
     assert message_size(body + b"\0", {}, app) > MAX_TELEMETRY_BYTES
+
+
+# -- enrichments and size (ref §10.4, §2.4) ---------------------------------------------------
+
+
+def test_an_enriched_message_at_the_limit_passes_and_one_byte_more_is_refused() -> None:
+    system = {"iothub-connection-device-id": "d1", "message-id": "m"}  # 2 + 1
+    message = Message(b"\0" * (MAX_TELEMETRY_BYTES - 3 - 2 - 10), system, {"k": "v"})
+    assert message_size(message.body, system, message.application) == MAX_TELEMETRY_BYTES - 10
+    out = enriched(message, {"site": "plant7"})  # + 4 + 6: exactly the limit
+    assert message_size(out.body, out.system, out.application) == MAX_TELEMETRY_BYTES
+    assert out.application == {"k": "v", "site": "plant7"} and out.system == system
+    with pytest.raises(MessageTooLargeError) as err:
+        enriched(message, {"site": "plant-7"})  # one byte more
+    assert (err.value.size, err.value.limit) == (MAX_TELEMETRY_BYTES + 1, MAX_TELEMETRY_BYTES)
+    assert "262145 bytes" in str(err.value)
+
+
+def test_an_enrichment_replaces_a_property_and_the_replacement_is_what_counts() -> None:
+    message = Message(b"x" * 100, {}, {"site": "a-long-original-value", "bare": None})
+    out = enriched(message, {"site": "s"}, limit=100 + 4 + 1 + 4)
+    assert out.application == {"site": "s", "bare": None}
+    with pytest.raises(MessageTooLargeError):
+        enriched(message, {"site": "s2"}, limit=100 + 4 + 1 + 4)
+
+
+def test_without_enrichments_nothing_is_checked() -> None:
+    message = Message(b"x" * 10, {}, {})
+    assert enriched(message, {}, limit=5) is message  # it passed the hub's limit at ingress
+
+
+def test_drops_are_logged_and_counted_once_per_endpoint_and_message(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from gateway.store.log import Entry
+
+    drops = EnrichedDrops(remember=2)
+    error = MessageTooLargeError("x", size=262150, limit=262144)
+    first = Entry(7, "telemetry", "d1", None, 0, "{}", b"")
+    other = Entry(8, "telemetry", "d1", "m", 0, "{}", b"")
+    with caplog.at_level("WARNING", logger="gateway.hub.drops"):
+        assert drops.drop("archive", first, error)
+        assert not drops.drop("archive", first, error)  # read again: not counted again
+        assert drops.drop("events", first, error)  # another endpoint: its own count
+    assert drops.counts == {"archive": 1, "events": 1}
+    assert [r.getMessage() for r in caplog.records] == [
+        "endpoint archive: dropped seq=7 device=d1 size=262150: over the 262144-byte limit once "
+        "enriched (IoT Hub ref §10.4)",
+        "endpoint events: dropped seq=7 device=d1 size=262150: over the 262144-byte limit once "
+        "enriched (IoT Hub ref §10.4)"]
+    assert drops.drop("archive", other, error)  # bounded memory: (archive, 7) is forgotten
+    health = drops.health("archive")
+    assert health["deadLettered"] == 2 and health["lastErrorTime"].endswith("Z")
+    assert health["lastError"] == "dropped seq 8 of d1/m: 262150 bytes enriched, over 262144"
+    assert drops.health("nowhere") == {"deadLettered": 0}
 
 
 # -- stored form ------------------------------------------------------------------------------
