@@ -31,7 +31,7 @@ from aiohttp import web
 from OpenSSL import SSL
 
 from gateway.api import openapi
-from gateway.api.bodies import if_match, json_body, json_response
+from gateway.api.bodies import finite_json_response, if_match, json_body, json_response
 from gateway.api.certificates import CertificateRoutes
 from gateway.api.device_http import add_device_routes
 from gateway.api.errors import error_middleware
@@ -346,7 +346,7 @@ class ServiceApi:
         if owner is not None:  # a module the parent's configuration push lists (modulepush)
             view["properties"]["desired"].setdefault("$metadata", {}).setdefault(
                 "$owner", owner)
-        return _json(view)
+        return finite_json_response(view)  # twin values are finite (twins.validate_patch)
 
     async def _write_twin(self, request: web.Request, *, replace: bool) -> web.Response:
         device_id, module_id = self._ids(request)
@@ -354,7 +354,7 @@ class ServiceApi:
         twin = await self.hub.twins.service_update(
             device_id, module_id, await _body(request), if_match=_if_match(request),
             replace=replace)
-        return _json(twin.service_view(identity))
+        return finite_json_response(twin.service_view(identity))
 
     async def patch_twin(self, request: web.Request) -> web.Response:
         """Patch tags and desired properties (JSON merge patch, null deletes)."""
