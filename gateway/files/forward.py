@@ -34,7 +34,6 @@ import json
 import logging
 import ssl
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final
@@ -218,7 +217,9 @@ class FileForwarder:
                         self.held.pop(pending[0].correlation_id, None)
                         backoff.reset()
             except Exception as exc:  # never take the hub down: back off and retry
-                import aiohttp  # loaded by _session already
+                import xml.etree.ElementTree as ET  # loaded by now, or cheap on this path
+
+                import aiohttp
 
                 reason = str(exc) or type(exc).__name__
                 if not isinstance(exc, (UpstreamError, aiohttp.ClientError, OSError,
