@@ -81,10 +81,6 @@ class LazyApi:
         self._watching = True
         log.info("https service api listening port=%s", self.port)
 
-    @property
-    def built(self) -> bool:
-        return self.api is not None
-
     def _first_connection(self) -> None:
         self._unwatch()
         assert self._loop is not None
@@ -95,21 +91,6 @@ class LazyApi:
         if self._watching and self._loop is not None and self._sock is not None:
             self._loop.remove_reader(self._sock.fileno())
             self._watching = False
-
-    async def build(self) -> ServiceApi:
-        """Build and serve now (idempotent): the first connection does this, a test may too.
-        Raises what building raised."""
-        self._unwatch()
-        if self.api is None and self._task is None:
-            assert self._loop is not None, "start() first"
-            self._task = self._loop.create_task(self._serve(), name="service-api-build")
-        if self._task is not None:
-            await asyncio.shield(self._task)
-        if self.api is None:
-            assert self._failed is not None
-            self._failed.result()  # the build's exception
-            raise RuntimeError("the https service api was stopped")
-        return self.api
 
     async def _serve(self) -> None:
         assert self._sock is not None and self._serving is not None
