@@ -17,41 +17,40 @@ import secrets
 import signal
 import socket
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway import memory, pki
-from gateway.api.enrollments import add_enrollment_routes
-from gateway.api.files import FileApi, add_file_routes
-from gateway.files.forward import for_upstream
-from gateway.files.store import FileStore
 from gateway.agent import Supervisor
-from gateway.api.server import ServiceApi
+from gateway.api.lazy import LazyApi
 from gateway.broker import tls
 from gateway.broker.broker import Broker
 from gateway.broker.listener import Admission, raise_fd_limit
 from gateway.broker.sessions import SessionStore
 from gateway.config import Config
+from gateway.endpoints.manager import EndpointManager
+from gateway.files.forward import for_upstream
+from gateway.files.store import FileStore
 from gateway.hub.auth import Authenticator
 from gateway.hub.c2d import C2DQueues
+from gateway.hub.c2dfed import C2DForwarder
 from gateway.hub.c2dsvc import C2DService
-from gateway.hub.enrollments import EnrollmentGroup, EnrollmentStore
-from gateway.hub.provisioning import ProvisioningService
 from gateway.hub.connstr import ConnectionString
 from gateway.hub.drops import EnrichedDrops
-from gateway.hub.hub import Hub
-from gateway.hub.c2dfed import C2DForwarder
+from gateway.hub.enrollments import EnrollmentGroup, EnrollmentStore
 from gateway.hub.federated import Federation
+from gateway.hub.hub import Hub
 from gateway.hub.methods import MethodService
 from gateway.hub.modinputs import ModuleInputService
 from gateway.hub.onbehalf import OnBehalf
+from gateway.hub.provisioning import ProvisioningService
 from gateway.hub.quota import DailyQuota
 from gateway.hub.registry import Device, Module, Registry
 from gateway.hub.twinstore import TwinStore
 from gateway.hub.twinsvc import TwinService
-from gateway.endpoints.manager import EndpointManager
 from gateway.metrics import Metrics
 from gateway.notify import Notifier
 from gateway.routingsvc import RoutingService
@@ -59,22 +58,21 @@ from gateway.store.db import Database
 from gateway.store.files import private_directory
 from gateway.store.log import MessageLog
 from gateway.tasks import TaskSet
-from gateway.upstream.api import add_upstream_routes
+from gateway.ui.logbuf import RingHandler
 from gateway.upstream.c2dmirror import C2DMirror
 from gateway.upstream.configpush import ConfigPush
-from gateway.upstream.modulepush import ModulePush
 from gateway.upstream.downlink import Downlink
 from gateway.upstream.idmirror import IdentityMirror
-from gateway.upstream.reported import ReportedQueue
+from gateway.upstream.modulepush import ModulePush
 from gateway.upstream.policy import from_config
 from gateway.upstream.provision import provision_until_done
+from gateway.upstream.reported import ReportedQueue
 from gateway.upstream.routes import routed_policy, routed_select
 from gateway.upstream.service import Upstream
-from gateway.ui.logbuf import RingHandler
-from gateway.ui.server import UiServer, reexec
 
 if TYPE_CHECKING:
     from gateway.amqp.server import AmqpServer
+    from gateway.api.server import ServiceApi
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +122,7 @@ class Gateway:
     registry: Registry
     hub: Hub
     broker: Broker
-    api: ServiceApi
+    api: LazyApi  # the service API, built with its first connection
     log: MessageLog
     certs: pki.HubCertificates
     runtime: dict[str, object] = field(default_factory=dict)
@@ -150,7 +148,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
     await db.open()
     registry = await Registry.open(data_dir / "registry.db")
     broker: Broker | None = None
-    api: ServiceApi | None = None
+    api: LazyApi | None = None
     amqp: AmqpServer | None = None
     tasks_ = TaskSet()
     ring = RingHandler()  # the UI's live log tail
@@ -221,9 +219,6 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
             tls_context=device_tls,
             unix_path=data_dir / "mqtt.sock" if config.mqtt.unix_socket else None,
         )
-        api = ServiceApi(host_name=config.hub.host_name, registry=registry,
-                         authenticator=authenticator, log=message_log, hub=hub, broker=broker,
-                         events_page_bytes=config.api.events_page_bytes, routing=routing)
         gateway_id = config.hub.device_id or config.hub.host_name  # the bridges' device
         reported = ReportedQueue(db)  # federation: reported patches on their way up
         await reported.open()
@@ -254,28 +249,28 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
                                               reported=reported, identities=identities,
                                               c2d=c2d_mirror, config=config_push,
                                               refresh=config.upstream.federation_refresh))
-        add_upstream_routes(api, upstream)
         routing.upstream_status = upstream.status
-        Metrics(db, broker, message_log,
-                lambda: upstream.status() if upstream.settings else None,
-                enriched_drops=drops.counts).add_route(api)
-        if provisioning is not None:
-            add_enrollment_routes(api, provisioning)
-        files = await _files(config, db, message_log, hub, api)
-        file_forwarder = (for_upstream(files.store, config.files, upstream, gateway_id)
-                          if files is not None else None)
+        metrics = Metrics(db, broker, message_log,
+                          lambda: upstream.status() if upstream.settings else None,
+                          enriched_drops=drops.counts)
+        files = await _files(config, db, message_log)
+        file_store = files[0] if files is not None else None
+        file_forwarder = (for_upstream(file_store, config.files, upstream, gateway_id)
+                          if file_store is not None else None)
         if config.amqp.enabled:  # back ends over AMQP: Event Hubs reads, C2D (gateway/amqp)
-            amqp = await _amqp(config, message_log, authenticator, hub, certs, api, routing,
-                               files.store if files is not None else None)
-        # The web page's restart: a clean stop, then the same command again (gateway run only).
-        UiServer(config=config, api=api, upstream=upstream, ring=ring, broker=broker,
-                 restart=restart.set if stop is None else None).add_routes()
+            amqp = await _amqp(config, message_log, authenticator, hub, certs, routing,
+                               file_store)
+        # Listening from here; the routes below are built with the first connection.
+        api = LazyApi(partial(
+            _service_api, config, registry=registry, authenticator=authenticator,
+            log_=message_log, hub=hub, broker=broker, routing=routing, upstream=upstream,
+            metrics=metrics, provisioning=provisioning, files=files, amqp=amqp, ring=ring,
+            # The web page's restart: a clean stop, then the same command again (gateway run).
+            restart=restart.set if stop is None else None, started=time.time()),
+            modules=API_MODULES + (("gateway.amqp.websocket",) if amqp is not None else ()))
         await api.start(config.api.bind, config.api.port, device_tls, admission=admission,
                         header_timeout=config.api.header_timeout,
                         body_timeout=config.api.body_timeout)
-        if files is not None:  # devices upload to the port the API listens on
-            files.blob_host = config.files.blob_host or (
-                config.hub.host_name if api.port == 443 else f"{config.hub.host_name}:{api.port}")
         owner = registry.get_policy("iothubowner")
         assert owner is not None
         write_private(data_dir / OWNER_FILE, str(ConnectionString(
@@ -317,8 +312,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
             tasks.create_task(message_log.run_retention(), name="retention")
             tasks.create_task(hub.c2d.run(), name="c2d-timers")
             tasks.create_task(endpoints.run(), name="endpoints")
-            if files is not None:
-                tasks.create_task(files.store.run(), name="file-expiry")
+            if file_store is not None:
+                tasks.create_task(file_store.run(), name="file-expiry")
             if file_forwarder is not None:
                 tasks.create_task(file_forwarder.run(), name="file-forward")
             tasks.create_task(supervisor.run(), name="modules")
@@ -328,6 +323,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
                               name="upstream-provisioning")
             if amqp is not None:
                 tasks.create_task(amqp.serve(), name="amqp")
+            tasks.create_task(api.run(), name="service-api")
             if notifier.watchdog_interval:
                 tasks.create_task(_watchdog(notifier), name="watchdog")
             notifier.ready(f"serving: mqtt {broker.ports}, https {api.port}")
@@ -355,14 +351,17 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         log.info("hub stopped")
         logging.getLogger().removeHandler(ring)
         if restart.is_set():
+            from gateway.ui.server import reexec
+
             reexec()
 
 
 async def _amqp(config: Config, message_log: MessageLog, authenticator: Authenticator,
-                hub: Hub, certs: pki.HubCertificates, api: ServiceApi,
-                routing: RoutingService, files: FileStore | None) -> AmqpServer | None:
+                hub: Hub, certs: pki.HubCertificates, routing: RoutingService,
+                files: FileStore | None) -> AmqpServer | None:
     """The AMQP listener, when Apache Qpid Proton is installed (the ``amqp`` extra; it has no
-    wheels on PyPI, so the appliance image leaves it out)."""
+    wheels on PyPI, so the appliance image leaves it out). Its WebSocket route comes with the
+    service API (:func:`_service_api`)."""
     try:
         from gateway.amqp import make_services
         from gateway.amqp.server import AmqpServer, amqp_ssl_context
@@ -373,9 +372,46 @@ async def _amqp(config: Config, message_log: MessageLog, authenticator: Authenti
                                       log=message_log, authenticator=authenticator, c2d=hub.c2d,
                                       files=files, events=routing),
                         amqp_ssl_context(certs.server_cert, certs.server_key))
-    server.add_websocket_route(api.app)
     await server.start()
     return server
+
+
+API_MODULES = ("gateway.api.server", "gateway.api.routing_api", "gateway.api.enrollments",
+               "gateway.api.files", "gateway.upstream.api", "gateway.ui.server")
+"""What :func:`_service_api` imports: gateway.api.lazy loads them in a worker thread first."""
+
+
+def _service_api(config: Config, port: int, *, registry: Registry,
+                 authenticator: Authenticator, log_: MessageLog, hub: Hub, broker: Broker,
+                 routing: RoutingService, upstream: Upstream, metrics: Metrics,
+                 provisioning: ProvisioningService | None, files: tuple[FileStore, bytes] | None,
+                 amqp: AmqpServer | None, ring: RingHandler, restart: Callable[[], None] | None,
+                 started: float) -> ServiceApi:
+    """The HTTPS service API and every component's routes on it, in the order they were
+    always registered (the first route that matches a request serves it); built by
+    gateway.api.lazy with the first connection to ``port``."""
+    from gateway.api.enrollments import add_enrollment_routes
+    from gateway.api.files import add_file_routes
+    from gateway.api.server import ServiceApi
+    from gateway.ui.server import UiServer
+    from gateway.upstream.api import add_upstream_routes
+
+    api = ServiceApi(host_name=config.hub.host_name, registry=registry,
+                     authenticator=authenticator, log=log_, hub=hub, broker=broker,
+                     events_page_bytes=config.api.events_page_bytes, routing=routing)
+    add_upstream_routes(api, upstream)
+    metrics.add_route(api)
+    if provisioning is not None:
+        add_enrollment_routes(api, provisioning)
+    if files is not None:  # devices upload to the port the API listens on
+        store, key = files
+        add_file_routes(api, hub, store, key=key, blob_host=config.files.blob_host or (
+            config.hub.host_name if port == 443 else f"{config.hub.host_name}:{port}"))
+    if amqp is not None:
+        amqp.add_websocket_route(api.app)
+    UiServer(config=config, api=api, upstream=upstream, ring=ring, broker=broker,
+             restart=restart, started=started).add_routes()
+    return api
 
 
 async def _provisioning(config: Config, db: Database, registry: Registry, hub: Hub,
@@ -402,9 +438,10 @@ async def _provisioning(config: Config, db: Database, registry: Registry, hub: H
     return service
 
 
-async def _files(config: Config, db: Database, message_log: MessageLog, hub: Hub,
-                 api: ServiceApi) -> FileApi | None:
-    """File upload (ref §11): files under DATA_DIR/files, counted in the store's byte cap."""
+async def _files(config: Config, db: Database,
+                 message_log: MessageLog) -> tuple[FileStore, bytes] | None:
+    """File upload (ref §11): files under DATA_DIR/files, counted in the store's byte cap; the
+    store and the key of its upload tokens (the routes come with the service API)."""
     if not config.files.enabled:
         return None
     store = FileStore(db, config.data_dir / "files", config.files,
@@ -415,8 +452,7 @@ async def _files(config: Config, db: Database, message_log: MessageLog, hub: Hub
     key_file = config.data_dir / "files.key"
     if not key_file.exists():
         write_private(key_file, secrets.token_hex(32) + "\n")
-    key = bytes.fromhex(key_file.read_text().strip())
-    return add_file_routes(api, hub, store, key=key, blob_host="")
+    return store, bytes.fromhex(key_file.read_text().strip())
 
 
 def _drop_c2d_queue(tasks: TaskSet, queues: C2DQueues, event: str,

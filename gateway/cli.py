@@ -575,8 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     tool = _modbus_tool_argv(argv)
     if tool is not None:
         return modbus_tool(*tool)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)  # the parser goes (`run` keeps running in here)
     # `run` logs at --log-level (default info); every other command stays quiet unless asked.
     quiet = args.command != "run" and args.log_level == "info"
     setup_logging("warning" if quiet else args.log_level)

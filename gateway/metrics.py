@@ -16,13 +16,12 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
-from aiohttp import web
-
 from gateway.hub.drops import REASON as ENRICHED_TOO_LARGE
 from gateway.store.db import Database
 from gateway.store.log import MessageLog
 
 if TYPE_CHECKING:
+    from aiohttp import web
     from prometheus_client.core import Metric
 
     from gateway.api.server import ServiceApi
@@ -159,6 +158,8 @@ class Metrics:
         return generate_latest(self.registry)
 
     def add_route(self, api: ServiceApi) -> None:
+        from aiohttp import web  # with the service API (gateway.api.lazy)
+
         async def metrics(request: web.Request) -> web.Response:
             """The hub's metrics in Prometheus text format."""
             return web.Response(body=self.text(), headers={"Content-Type": CONTENT_TYPE})

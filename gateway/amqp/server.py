@@ -1,6 +1,6 @@
 """The AMQP listeners: AMQP 1.0 over TLS (``amqp.port``, 5671 as on IoT Hub and Event Hubs)
 and AMQP over WebSocket at ``/$servicebus/websocket`` on the HTTPS port (sub-protocol
-``AMQPWSB10``, Event Hubs' WebSocket binding). Each connection is one
+``AMQPWSB10``, Event Hubs' WebSocket binding: gateway.amqp.websocket). Each connection is one
 :class:`~gateway.amqp.engine.AmqpConnection`; the listener's :meth:`AmqpServer.serve` runs in
 the app's TaskGroup and owns a TaskGroup of its connections.
 """
@@ -12,11 +12,12 @@ import contextlib
 import logging
 import ssl
 from pathlib import Path
-from typing import Final
-
-from aiohttp import WSMsgType, web
+from typing import TYPE_CHECKING, Final
 
 from gateway.amqp.services import Services
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 READ_BYTES: Final = 64 * 1024  # as gateway.amqp.engine reads
 
@@ -50,25 +51,6 @@ class _SocketStream:
     async def write(self, data: bytes) -> None:
         self.writer.write(data)
         await self.writer.drain()
-
-
-class _WebSocketStream:
-    def __init__(self, ws: web.WebSocketResponse) -> None:
-        self.ws = ws
-
-    async def read(self) -> bytes:
-        while True:
-            msg = await self.ws.receive()
-            if msg.type is WSMsgType.BINARY:
-                if msg.data:
-                    return bytes(msg.data)
-                continue
-            if msg.type is WSMsgType.TEXT:
-                raise ConnectionError("AMQP in a WebSocket text frame")
-            return b""  # CLOSE, CLOSING, CLOSED, ERROR
-
-    async def write(self, data: bytes) -> None:
-        await self.ws.send_bytes(data)
 
 
 class AmqpServer:
@@ -145,29 +127,9 @@ class AmqpServer:
 
     # -- WebSocket ---------------------------------------------------------------------------
 
-    async def serve_websocket(self, request: web.Request) -> web.StreamResponse:
-        """``/$servicebus/websocket``: one AMQP connection for the request's lifetime."""
-        ws = web.WebSocketResponse(protocols=(WS_SUBPROTOCOL,), compress=False,
-                                   max_msg_size=4 * 1024 * 1024, timeout=5.0)
-        ready = ws.can_prepare(request)
-        if not ready.ok or ready.protocol != WS_SUBPROTOCOL:
-            raise web.HTTPBadRequest(
-                text=f"expected a WebSocket upgrade with the sub-protocol {WS_SUBPROTOCOL}")
-        if self.live >= self.services.config.max_connections:
-            raise web.HTTPServiceUnavailable(text="too many AMQP connections")
-        await ws.prepare(request)
-        peer = str(request.remote)
-        self.live += 1
-        try:
-            from gateway.amqp.engine import AmqpConnection
-
-            await AmqpConnection(self.services, peer).run(_WebSocketStream(ws))
-        finally:
-            self.live -= 1
-            await ws.close()
-        return ws
-
     def add_websocket_route(self, app: web.Application) -> None:
-        """Both spellings: azure-eventhub asks for the path, uamqp for it with a ``/``."""
-        app.router.add_get(WEBSOCKET_PATH, self.serve_websocket, allow_head=False)
-        app.router.add_get(WEBSOCKET_PATH + "/", self.serve_websocket, allow_head=False)
+        """AMQP over WebSocket on the service API's port (gateway.amqp.websocket, imported
+        with the service API: gateway.api.lazy)."""
+        from gateway.amqp.websocket import add_websocket_route
+
+        add_websocket_route(app, self)

@@ -21,6 +21,7 @@ import asyncio
 import base64
 import json
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -30,7 +31,7 @@ from aiohttp import web
 from OpenSSL import SSL
 
 from gateway.api import openapi
-from gateway.api.bodies import if_match, json_body, json_response
+from gateway.api.bodies import finite_json_response, if_match, json_body, json_response
 from gateway.api.certificates import CertificateRoutes
 from gateway.api.device_http import add_device_routes
 from gateway.api.errors import error_middleware
@@ -87,7 +88,8 @@ class ServiceApi:
         self.log = log
         self.clock = clock
         self.app = web.Application(middlewares=[error_middleware], client_max_size=1 << 20)
-        self._routes: list[tuple[str, str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = []
+        self._routes: list[tuple[str, str, str,
+                                 Callable[[web.Request], Awaitable[web.StreamResponse]]]] = []
         r = self._route
         r("GET", "/devices", READ, self.list_devices)
         r("GET", "/devices/{device_id}", READ, self.get_device)
@@ -153,6 +155,21 @@ class ServiceApi:
         connection caps of ``admission`` and the deadlines of gateway.api.limits apply. A
         pyOpenSSL context puts the hub's own TLS layer in front (gateway.broker.tls: X.509
         clients judged by the identity check, every refused handshake logged)."""
+        sock = listening_socket(host, port)
+        try:
+            await self.serve(sock, ssl_context, admission=admission,
+                             header_timeout=header_timeout, body_timeout=body_timeout)
+        except BaseException:
+            sock.close()
+            raise
+        log.info("https service api listening port=%s", self.port)
+
+    async def serve(self, sock: socket.socket,
+                    ssl_context: ssl.SSLContext | SSL.Context | None, *,
+                    admission: Admission | None = None, header_timeout: float = 10.0,
+                    body_timeout: float = 60.0) -> None:
+        """:meth:`start` on a socket already listening (gateway.api.lazy hands its own over,
+        with whatever connections wait in its backlog); the API owns ``sock`` from here."""
         deadlines = Deadlines(header_timeout, body_timeout)
         self.app.middlewares.insert(0, deadlines.middleware)
         # Open event streams end at once on shutdown instead of holding it for a minute.
@@ -170,12 +187,11 @@ class ServiceApi:
         else:
             plain_tls = ssl_context
         self._listener = Listener(
-            listening_socket(host, port), factory, admission or Admission(1 << 30, 1 << 30),
+            sock, factory, admission or Admission(1 << 30, 1 << 30),
             name="https", ssl_context=plain_tls, handshake_timeout=timeout,
             wrap=deadlines.wrap)
         self._listener.start()
         self.port = int(self._listener.port)
-        log.info("https service api listening port=%s", self.port)
 
     async def stop(self) -> None:
         if self._listener is not None:
@@ -217,7 +233,8 @@ class ServiceApi:
 
     async def delete_device(self, request: web.Request) -> web.Response:
         """Delete a device identity and its modules."""
-        await self.registry.delete_device(request.match_info["device_id"], if_match=_if_match(request))
+        await self.registry.delete_device(request.match_info["device_id"],
+                                          if_match=_if_match(request))
         return web.Response(status=204)
 
     async def list_modules(self, request: web.Request) -> web.Response:
@@ -329,7 +346,7 @@ class ServiceApi:
         if owner is not None:  # a module the parent's configuration push lists (modulepush)
             view["properties"]["desired"].setdefault("$metadata", {}).setdefault(
                 "$owner", owner)
-        return _json(view)
+        return finite_json_response(view)  # twin values are finite (twins.validate_patch)
 
     async def _write_twin(self, request: web.Request, *, replace: bool) -> web.Response:
         device_id, module_id = self._ids(request)
@@ -337,7 +354,7 @@ class ServiceApi:
         twin = await self.hub.twins.service_update(
             device_id, module_id, await _body(request), if_match=_if_match(request),
             replace=replace)
-        return _json(twin.service_view(identity))
+        return finite_json_response(twin.service_view(identity))
 
     async def patch_twin(self, request: web.Request) -> web.Response:
         """Patch tags and desired properties (JSON merge patch, null deletes)."""

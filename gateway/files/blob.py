@@ -9,9 +9,9 @@ naming the blocks in order). Errors are Azure Storage's: an XML ``<Error><Code>.
 <Message>..</Message></Error>`` body and an ``x-ms-error-code`` header.
 
 SAS tokens are the hub's own (shaped like Storage's: ``sv``, ``sr=b``, ``sp``, ``se``,
-``scid``, ``sig``): ``sig`` is an HMAC-SHA256, under a key only the hub holds, of the permissions, the
-expiry, the blob's path and the upload's correlation id, so a token opens exactly one upload
-of one blob until it expires.
+``scid``, ``sig``): ``sig`` is an HMAC-SHA256, under a key only the hub holds, of the
+permissions, the expiry, the blob's path and the upload's correlation id, so a token opens
+exactly one upload of one blob until it expires.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import binascii
 import hashlib
 import hmac
 import re
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import parse_qsl, quote
@@ -44,6 +43,8 @@ class BlobError(Exception):
         self.message = message
 
     def xml(self) -> bytes:
+        import xml.etree.ElementTree as ET  # with the first upload (footprint)
+
         root = ET.Element("Error")
         ET.SubElement(root, "Code").text = self.code
         ET.SubElement(root, "Message").text = self.message
@@ -123,6 +124,8 @@ def check_block_id(block_id: str) -> bytes:
 def parse_block_list(body: bytes) -> list[bytes]:
     """The ``<BlockList>`` of a Put Block List, in order (``Latest``, ``Uncommitted`` and
     ``Committed`` entries alike: an upload has only uncommitted blocks)."""
+    import xml.etree.ElementTree as ET  # with the first upload (footprint)
+
     try:
         root = ET.fromstring(body)
     except ET.ParseError as exc:
@@ -149,6 +152,8 @@ def block_id(index: int) -> str:
 
 def block_list_xml(ids: list[str]) -> bytes:
     """Put Block List's body: the blocks, in order, as ``Latest``."""
+    import xml.etree.ElementTree as ET  # with the first upload (footprint)
+
     root = ET.Element("BlockList")
     for i in ids:
         ET.SubElement(root, "Latest").text = i
@@ -157,6 +162,8 @@ def block_list_xml(ids: list[str]) -> bytes:
 
 def parse_get_block_list(body: bytes) -> tuple[dict[str, int], dict[str, int]]:
     """(committed, uncommitted) of a Get Block List answer: block id (base64) -> size."""
+    import xml.etree.ElementTree as ET  # with the first upload (footprint)
+
     root = ET.fromstring(body)
     out: list[dict[str, int]] = []
     for tag in ("CommittedBlocks", "UncommittedBlocks"):
@@ -172,6 +179,8 @@ def parse_get_block_list(body: bytes) -> tuple[dict[str, int], dict[str, int]]:
 def get_block_list_xml(committed: list[tuple[bytes, int]] | None,
                        uncommitted: list[tuple[bytes, int]] | None) -> bytes:
     """Get Block List's answer; a list left None is left out (``blocklisttype``)."""
+    import xml.etree.ElementTree as ET  # with the first upload (footprint)
+
     root = ET.Element("BlockList")
     for tag, blocks in (("CommittedBlocks", committed), ("UncommittedBlocks", uncommitted)):
         if blocks is None:

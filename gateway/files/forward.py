@@ -30,21 +30,14 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-import ipaddress
 import json
 import logging
-import socket
 import ssl
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
-
-import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import ThreadedResolver
 
 from gateway.config import FilesConfig, UpstreamConfig
 from gateway.errors import UpstreamError
@@ -59,6 +52,9 @@ from gateway.hub.sas import generate_sas_token
 from gateway.upstream.link import Backoff, ssl_context
 from gateway.upstream.settings import LinkSettings
 from gateway.upstream.wire import Origin
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -105,32 +101,6 @@ class Bucket:
                 self.tokens -= n
                 return
             await asyncio.sleep((n - self.tokens) / self.rate)
-
-
-class _PinnedResolver(AbstractResolver):
-    """The parent's host name resolves to the address the upstream link dials (a parent known
-    by IP, or a name the gateway's DNS does not know); other names as usual."""
-
-    def __init__(self, pins: dict[str, str]) -> None:
-        self.pins = pins
-        self.default = ThreadedResolver()
-
-    async def resolve(self, host: str, port: int = 0,
-                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
-        target = self.pins.get(host)
-        if target is None:
-            return await self.default.resolve(host, port, family)
-        try:
-            ip = ipaddress.ip_address(target)
-        except ValueError:
-            return [dict(r, hostname=host) for r in  # type: ignore[misc]
-                    await self.default.resolve(target, port, family)]
-        return [{"hostname": host, "host": str(ip), "port": port,
-                 "family": socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
-                 "proto": 0, "flags": socket.AI_NUMERICHOST}]
-
-    async def close(self) -> None:
-        await self.default.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +217,10 @@ class FileForwarder:
                         self.held.pop(pending[0].correlation_id, None)
                         backoff.reset()
             except Exception as exc:  # never take the hub down: back off and retry
+                import xml.etree.ElementTree as ET  # loaded by now, or cheap on this path
+
+                import aiohttp
+
                 reason = str(exc) or type(exc).__name__
                 if not isinstance(exc, (UpstreamError, aiohttp.ClientError, OSError,
                                         TimeoutError, ET.ParseError, ValueError)):
@@ -264,14 +238,13 @@ class FileForwarder:
             self.store.uploads[upload.correlation_id] = replace(upload, forward_error=reason)
 
     def _session(self, settings: LinkSettings) -> aiohttp.ClientSession:
+        from gateway.files.session import client_session  # aiohttp: with the first file
+
         ctx: ssl.SSLContext = ssl_context(settings)
         pins = {}
         if settings.host and settings.host != settings.hub:
             pins[settings.hub] = settings.host
-        connector = aiohttp.TCPConnector(ssl=ctx, resolver=_PinnedResolver(pins), limit=4)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30,
-                                        sock_read=self.upstream_cfg.ack_timeout)
-        return aiohttp.ClientSession(connector=connector, timeout=timeout)
+        return client_session(ctx, pins, self.upstream_cfg.ack_timeout)
 
     # -- one file ----------------------------------------------------------------------------
 

@@ -51,6 +51,23 @@ def _seconds(body: Mapping[str, Any], key: str, default: int, low: int, high: in
     return value
 
 
+def payload_json(value: Any) -> bytes:
+    """A method request's payload as the device gets it: the compact JSON ``json`` writes
+    (non-ASCII escaped), by orjson wherever that is the same text, byte for byte. Where it
+    may not be, ``json`` writes it, as it always did: orjson writes NaN and Infinity as
+    ``null``, non-ASCII as UTF-8 and DEL unescaped, spells floats below 1e-4 ``0.00001`` and
+    ``1e-7`` (``json``: ``1e-05``, ``1e-07``; every other float as ``json`` does), and refuses
+    what it cannot encode (integers beyond 64 bits, lone surrogates)."""
+    try:
+        text = orjson.dumps(value)
+    except TypeError:
+        text = b""
+    if not text or not text.isascii() or b"\x7f" in text or b"null" in text \
+            or b"e-" in text or b"0.0000" in text:
+        return json.dumps(value, separators=(",", ":")).encode()
+    return text
+
+
 def response_json(body: bytes) -> bytes:
     """A device's method response as the JSON text of the answer's ``payload``: the body
     itself when it is JSON (checked by orjson, not rebuilt: no second JSON round trip on
@@ -101,7 +118,7 @@ class MethodService:
             raise InvalidRequestError(f"methodName is missing or not allowed: {name!r}")
         response_timeout = _seconds(body, "responseTimeoutInSeconds", 30, 5, 300)
         connect_timeout = _seconds(body, "connectTimeoutInSeconds", 0, 0, 300)
-        payload = json.dumps(body.get("payload"), separators=(",", ":")).encode()
+        payload = payload_json(body.get("payload"))
         if len(payload) > MAX_PAYLOAD:
             raise InvalidRequestError(f"method payload of {len(payload)} bytes is over 128 KB")
         return await self.call(device_id, module_id, name, payload, float(response_timeout),

@@ -40,10 +40,13 @@ def test_observations_from_threads_are_all_counted() -> None:
 
 def test_the_hub_imports_optional_pieces_only_when_used() -> None:
     """The idle footprint: importing the hub (what ``gateway run`` loads before READY) loads
-    no endpoint client, no Prometheus, no Proton; they come with their first use."""
+    no endpoint client, no Prometheus, no Proton, no aiohttp (the service API comes with its
+    first connection: gateway.api.lazy), no XML parser (file uploads); they come with their
+    first use."""
     code = ("import sys, gateway.cli, gateway.app\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'prometheus_client', "
-            "'proton', 'cproton', 'fastavro', 'aiomqtt', 'paho'}))")
+            "'proton', 'cproton', 'fastavro', 'aiomqtt', 'paho', 'aiohttp', 'yarl', "
+            "'multidict', 'segno', 'xml', 'pyexpat'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=REPO, check=True, timeout=60).stdout
     assert out.strip() == "[]"
