@@ -178,12 +178,19 @@ class _Gen:
     ``OR``/``NOT`` become Python's ``and``/``or`` and a comparison with a literal is one type
     test and one operator; :meth:`expr` gives the value itself where one is needed."""
 
-    def __init__(self, raw: bool = False, codec: str | None | object = None) -> None:
+    def __init__(self, raw: bool = False, codec: str | None | object = None,
+                 prefix: str = "_c", facts: dict[str, tuple[int, Node, bool]] | None = None,
+                 fact_bit: int = 0) -> None:
         self.consts: dict[str, Any] = {}
+        self.prefix = prefix  # of the constants' names (two generators can share a namespace)
         self.temps = 0
         self.raw = raw
         self.codec = codec  # raw: AUTO (look at the properties), None (no body), or a codec
         self.decoded = False  # raw: B and D are set already (decoded by a statement)
+        # raw, one property set: parts that read only the twin (and folded properties) become
+        # bits of ``F``, computed once per twin object (see compile_split); repr -> bit, part
+        self.facts = facts
+        self.fact_bit = fact_bit  # the first bit free in F
 
     def decode_statement(self) -> list[str]:
         """Lines that decode the body into ``B`` and ``D`` now (for a condition that reads it
@@ -196,9 +203,10 @@ class _Gen:
         if self.codec != "utf-8-sig":
             return [f"    B = {call}", *tail]
         # the common case without a Python call: UTF-8 without a byte order mark, which the
-        # fast decoder takes; anything it refuses goes the general way (decode_with)
+        # fast decoder takes (it refuses a byte order mark); anything it refuses goes the
+        # general way (decode_with)
         return ["    try:",
-                f"        B = _loads(body) if body[:1] != b'\\xef' else {call}",
+                "        B = _loads(body)",
                 "    except ValueError:",
                 f"        B = {call}", *tail]
 
@@ -238,7 +246,7 @@ class _Gen:
                 f" else ({v} if ({v} := {t}.{section}).__class__ is dict else _E)))")
 
     def const(self, value: Any) -> str:
-        name = f"_c{len(self.consts)}"
+        name = f"{self.prefix}{len(self.consts)}"
         self.consts[name] = value
         return name
 
@@ -295,6 +303,12 @@ class _Gen:
         node = _fold(node)
         if isinstance(node, Lit):
             return "True" if node.value is want else "False"
+        if self.facts is not None and _twin_fact(node):
+            key = f"{want!r}:{node!r}"  # repr: Lit(1), Lit(1.0) and Lit(True) are distinct
+            found = self.facts.get(key)
+            if found is None:
+                found = self.facts[key] = (1 << (self.fact_bit + len(self.facts)), node, want)
+            return f"(F & {found[0]})"
         if isinstance(node, Unary) and node.op == "NOT":
             return self.truth(node.operand, not want)
         if isinstance(node, Binary):
@@ -421,6 +435,13 @@ _TYPE_TESTS = {"IS_ARRAY": ".__class__ is list", "IS_BOOL": ".__class__ is bool"
                "IS_NUMBER": ".__class__ in _NUM", "IS_OBJECT": ".__class__ is dict",
                "IS_STRING": ".__class__ is str", "IS_DEFINED": " is not U", "IS_NULL": " is None"}
 """Type-test functions inlined: each is a plain boolean for any operand, undefined included."""
+
+
+def _twin_fact(node: Node) -> bool:
+    """Whether ``node`` reads the twin and nothing but the twin and properties (which are
+    constants where facts are made: one property set)."""
+    d = deps(node)
+    return "twin" in d and d <= {"twin", "props"}
 
 
 def _fold(node: Node) -> Node:
@@ -568,3 +589,77 @@ def compile_condition(text: str) -> Compiled:
     if not text.strip():
         text = "true"
     return compile_tree(parse(text), text)
+
+
+SPLIT_GLOBALS = ("S", "A", "dev", "mod", "twins")
+"""The names :func:`compile_split`'s functions read the property set's own parts by."""
+
+
+def split_source(twin_trees: list[Node], trees: list[Node], codec: str | None,
+                 ) -> tuple[str, dict[str, Any]]:
+    """The source of :func:`compile_split`'s two functions and the constants they name."""
+    facts: dict[str, tuple[int, Node, bool]] = {}
+    first = len(twin_trees)  # bits 0..first-1 of F and of the mask: the twin-only routes
+    gen = _Gen(raw=True, codec=codec, facts=facts, fact_bit=first)
+    start = 0
+    tests: list[tuple[str, int]] = []
+    lines: list[str] = []
+    for i, tree in enumerate(trees):
+        if not gen.decoded and codec is not None and _reads_body_first(tree):
+            lines += gen.decode_statement()
+        test, bit = gen.truth(tree), 1 << (first + i)
+        if test == "True":
+            start |= bit
+        elif test != "False":
+            lines += [f"    if {test}:", f"        m |= {bit}"]
+        tests.append((test, bit))
+    low = (1 << first) - 1
+    head = ["def _run(body, enq, T, F):",
+            f"    m = {'F' if not facts else f'F & {low}' if first else '0'}"
+            + (f" | {start}" if start else "")]
+    run = head + _locals(lines) + lines + ["    return _O[m]"]
+    twin_gen = _Gen(raw=True, codec=None, prefix="_k")
+    fact_lines = ["def _facts(T):", "    F = 0"]
+    parts = [(tree, True, 1 << i) for i, tree in enumerate(twin_trees)]
+    parts += [(node, want, bit) for bit, node, want in facts.values()]
+    for node, want, bit in parts:
+        test = twin_gen.truth(node, want)
+        if test == "True":
+            fact_lines.append(f"    F |= {bit}")
+        elif test != "False":
+            fact_lines += [f"    if {test}:", f"        F |= {bit}"]
+    fact_lines[2:2] = _locals(fact_lines[2:])
+    fact_lines.append("    return F")
+    return "\n".join(run + fact_lines) + "\n", {**gen.consts, **twin_gen.consts}
+
+
+def _locals(lines: list[str]) -> list[str]:
+    """The first-use locals (the decoded body, the twin's sections) ``lines`` test before
+    setting, each set to "not yet" (no statement for those they do not use)."""
+    text = "\n".join(lines)
+    out = ["    B = _N"] if "B is not _N" in text else []
+    lazy = [name for name in ("D", "G_tags", "G_desired", "G_reported")
+            if f"{name} is not None" in text]
+    return out + ([f"    {' = '.join(lazy)} = None"] if lazy else [])
+
+
+def compile_split(twin_trees: list[Node], trees: list[Node], codec: str | None,
+                  outcomes: Any, env: dict[str, Any]) -> tuple[Callable[..., Any],
+                                                               Callable[[Any], int]]:
+    """The conditions left for one property set (folded in: :func:`fold_properties`), as two
+    functions. ``facts(twin)`` gives an int whose bit ``i`` says whether ``twin_trees[i]``
+    (conditions on the twin and the properties alone) is true, and whose higher bits are the
+    outcomes of the twin-only parts of ``trees`` (computed once per twin object, not per
+    message); ``run(body, enq, twin, facts)`` gives ``outcomes[mask]``, where bit
+    ``len(twin_trees) + j`` of ``mask`` says that ``trees[j]`` is true (and the low bits are
+    the twin-only routes' from ``facts``): no list, no tuple built per message. ``env`` holds
+    :data:`SPLIT_GLOBALS` (the property set's system and application properties, device and
+    module ids, twin look-up); the body is decoded at most once, as in :func:`compile_table`."""
+    source, consts = split_source(twin_trees, trees, codec)
+    namespace = dict(_NAMESPACE)
+    namespace.update(consts)
+    namespace.update(env)
+    namespace.update(_N=_NOT_YET, _decode=decode_body, _decode_with=decode_with,
+                     _loads=loads_utf8, _O=outcomes)
+    exec(compile(source, "<route split>", "exec"), namespace)  # noqa: S102
+    return namespace["_run"], namespace["_facts"]
