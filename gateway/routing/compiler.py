@@ -20,6 +20,7 @@ reads it reads it first thing; the twin looked up once).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -304,7 +305,7 @@ class _Gen:
         if isinstance(node, Lit):
             return "True" if node.value is want else "False"
         if self.facts is not None and _twin_fact(node):
-            key = f"{want!r}:{node!r}"  # repr: Lit(1), Lit(1.0) and Lit(True) are distinct
+            key = f"{want!r}:{_shape(node)}"
             found = self.facts.get(key)
             if found is None:
                 found = self.facts[key] = (1 << (self.fact_bit + len(self.facts)), node, want)
@@ -314,6 +315,11 @@ class _Gen:
         if isinstance(node, Binary):
             if node.op in ("AND", "OR"):
                 left, right = node.left, node.right
+                if node.op == "AND" and want:  # IS_NUMBER(x) AND x < 3: x < 3 alone
+                    if _implied(left, right):
+                        return self.truth(right, True)
+                    if _implied(right, left):
+                        return self.truth(left, True)
                 if cost(right) < cost(left):
                     left, right = right, left
                 # AND is true when both are, false when either is; OR the other way round
@@ -435,6 +441,41 @@ _TYPE_TESTS = {"IS_ARRAY": ".__class__ is list", "IS_BOOL": ".__class__ is bool"
                "IS_NUMBER": ".__class__ in _NUM", "IS_OBJECT": ".__class__ is dict",
                "IS_STRING": ".__class__ is str", "IS_DEFINED": " is not U", "IS_NULL": " is None"}
 """Type-test functions inlined: each is a plain boolean for any operand, undefined included."""
+
+
+def _shape(node: Node) -> str:
+    """``node`` as a text equal for equal trees wherever they stand (no positions) and
+    distinct for distinct ones (``1``, ``1.0`` and ``true`` are three literals)."""
+    if isinstance(node, Lit):
+        return f"Lit({type(node.value).__name__}:{node.value!r})"
+    if isinstance(node, Unary):
+        return f"Unary({node.op},{_shape(node.operand)})"
+    if isinstance(node, Binary):
+        return f"Binary({node.op},{_shape(node.left)},{_shape(node.right)})"
+    if isinstance(node, Call):
+        return f"Call({node.name},{','.join(_shape(a) for a in node.args)})"
+    return repr(dataclasses.replace(node, pos=0))
+
+
+def _implied(test: Node, other: Node) -> bool:
+    """Whether ``test`` is true whenever ``other`` is: ``test`` a type test (``IS_DEFINED``,
+    ``IS_NUMBER``, ``IS_STRING``) of what ``other`` compares with a literal (a comparison is
+    true only between two defined values of one type, ref §10.2)."""
+    test, other = _fold(test), _fold(other)
+    if not (isinstance(test, Call) and test.name in ("IS_DEFINED", "IS_NUMBER", "IS_STRING")
+            and isinstance(other, Binary) and other.op in _CMP_HELPER):
+        return False
+    left, right = _fold(other.left), _fold(other.right)
+    if isinstance(left, Lit):
+        left, right = right, left
+    if not isinstance(right, Lit) or isinstance(left, Lit) or _shape(left) != _shape(test.args[0]):
+        return False
+    value = right.value
+    if test.name == "IS_NUMBER":
+        return type(value) is int or type(value) is float
+    if test.name == "IS_STRING":
+        return type(value) is str
+    return True
 
 
 def _twin_fact(node: Node) -> bool:

@@ -4,6 +4,7 @@ as the reference evaluator, route by route, for several routes at once (IoT Hub 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -122,3 +123,28 @@ def test_outcomes_are_shared_and_carry_their_stored_text() -> None:
     r = Router(state, twins=lambda d, m: None)
     assert r.route("telemetry", system, {"alert": "low"}, b'{"t": 1}', "dev1", None, 0,
                    "k2") is FALLBACK_ONLY
+
+
+@given(st.sampled_from([  # the condition, how often its code reads $body.t
+    ("IS_NUMBER($body.t) AND $body.t < 3", 1),
+    ("$body.t >= -2 AND IS_NUMBER($body.t)", 1),
+    ("IS_STRING($body.t) AND $body.t = 'a'", 1),
+    ("IS_DEFINED($body.t) AND $body.t != 2", 1),
+    ("IS_DEFINED($body.t) AND $body.t = null", 1),
+    ("IS_NUMBER($body.t) AND $body.t = 'a'", 2),  # a type test the comparison does not make
+    ("IS_STRING($body.t) AND $body.t > 1", 2),
+    ("IS_NUMBER($body.t) AND $body.n < 3", 1),
+    ("NOT (IS_NUMBER($body.t) AND $body.t < 3)", 2),  # false, not true, is asked for here
+]), st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.sampled_from(["a", "b", ""]),
+              st.just([1]), st.just({"a": 1})), st.booleans())
+def test_a_type_test_the_comparison_makes_is_left_out(case: tuple[str, int], t: Any,
+                                                      present: bool) -> None:
+    text, reads = case
+    tree = parse(text)
+    source, _ = split_source([], [tree], "utf-8-sig")
+    assert source.count("('t')") == reads, source
+    body = {"t": t, "n": 1} if present else {"n": 1}
+    m = MessageView(JSON_SYS, {}, json.dumps(body).encode(), device_id="dev1",
+                    module_id=None, enqueued_ms=0)
+    run, _facts = compile_split([], [tree], "utf-8-sig", Outcomes(), env(m))
+    assert (run(m.body, 0, None, 0) == (0,)) is (evaluate(tree, m) is True), text
