@@ -15,7 +15,10 @@ condition that reads only properties gives the same answer for every message wit
 properties, which the router uses to cache it per topic; :func:`fold_properties` puts those
 answers into the rest, and :func:`compile_table` compiles all the routes left for one set of
 properties into one function (the body decoded once, up front when the first condition that
-reads it reads it first thing; the twin looked up once).
+reads it reads it first thing; the twin looked up once). :func:`compile_split`, the router's
+form for a property set it keeps, goes further: what reads only the twin becomes bits computed
+once per twin object, and the function answers with a mask of the routes matched, so nothing
+is built per message.
 """
 
 from __future__ import annotations
@@ -192,6 +195,7 @@ class _Gen:
         # bits of ``F``, computed once per twin object (see compile_split); repr -> bit, part
         self.facts = facts
         self.fact_bit = fact_bit  # the first bit free in F
+        self.twin_given = facts is not None or prefix != "_c"  # T is the twin (or None)
 
     def decode_statement(self) -> list[str]:
         """Lines that decode the body into ``B`` and ``D`` now (for a condition that reads it
@@ -234,6 +238,8 @@ class _Gen:
     def twin(self, section: str) -> str:
         if not self.raw:
             return f"m.twin_section({section!r})"
+        if self.twin_given:
+            return f"(U if T is None else T.{section})"
         t = self.temp()
         return (f"(U if ({t} := (T if T is not _N else (T := (twins(dev, mod) if twins is not None"
                 f" else None)))) is None else {t}.{section})")
@@ -243,6 +249,8 @@ class _Gen:
             return None
         local, t, v = f"G_{section}", self.temp(), self.temp()
         twin = "(T if T is not _N else (T := (twins(dev, mod) if twins is not None else None)))"
+        if self.twin_given:
+            twin = "T"
         return (f"({local} if {local} is not None else ({local} := _E if ({t} := {twin}) is None"
                 f" else ({v} if ({v} := {t}.{section}).__class__ is dict else _E)))")
 
@@ -632,10 +640,6 @@ def compile_condition(text: str) -> Compiled:
     return compile_tree(parse(text), text)
 
 
-SPLIT_GLOBALS = ("S", "A", "dev", "mod", "twins")
-"""The names :func:`compile_split`'s functions read the property set's own parts by."""
-
-
 def split_source(twin_trees: list[Node], trees: list[Node], codec: str | None,
                  ) -> tuple[str, dict[str, Any]]:
     """The source of :func:`compile_split`'s two functions and the constants they name."""
@@ -643,7 +647,6 @@ def split_source(twin_trees: list[Node], trees: list[Node], codec: str | None,
     first = len(twin_trees)  # bits 0..first-1 of F and of the mask: the twin-only routes
     gen = _Gen(raw=True, codec=codec, facts=facts, fact_bit=first)
     start = 0
-    tests: list[tuple[str, int]] = []
     lines: list[str] = []
     for i, tree in enumerate(trees):
         if not gen.decoded and codec is not None and _reads_body_first(tree):
@@ -653,12 +656,11 @@ def split_source(twin_trees: list[Node], trees: list[Node], codec: str | None,
             start |= bit
         elif test != "False":
             lines += [f"    if {test}:", f"        m |= {bit}"]
-        tests.append((test, bit))
     low = (1 << first) - 1
-    head = ["def _run(body, enq, T, F):",
+    head = ["def _run(body, enq, T, F, O):",
             f"    m = {'F' if not facts else f'F & {low}' if first else '0'}"
             + (f" | {start}" if start else "")]
-    run = head + _locals(lines) + lines + ["    return _O[m]"]
+    run = head + _locals(lines) + lines + ["    return O[m]"]
     twin_gen = _Gen(raw=True, codec=None, prefix="_k")
     fact_lines = ["def _facts(T):", "    F = 0"]
     parts = [(tree, True, 1 << i) for i, tree in enumerate(twin_trees)]
@@ -674,6 +676,11 @@ def split_source(twin_trees: list[Node], trees: list[Node], codec: str | None,
     return "\n".join(run + fact_lines) + "\n", {**gen.consts, **twin_gen.consts}
 
 
+_PER_SET = frozenset({"S", "A", "dev", "mod", "twins"})
+"""What a split's code must not read: the parts of one property set (folded in instead), so
+that property sets with equal conditions left share the compiled code."""
+
+
 def _locals(lines: list[str]) -> list[str]:
     """The first-use locals (the decoded body, the twin's sections) ``lines`` test before
     setting, each set to "not yet" (no statement for those they do not use)."""
@@ -684,23 +691,23 @@ def _locals(lines: list[str]) -> list[str]:
     return out + ([f"    {' = '.join(lazy)} = None"] if lazy else [])
 
 
-def compile_split(twin_trees: list[Node], trees: list[Node], codec: str | None,
-                  outcomes: Any, env: dict[str, Any]) -> tuple[Callable[..., Any],
-                                                               Callable[[Any], int]]:
-    """The conditions left for one property set (folded in: :func:`fold_properties`), as two
-    functions. ``facts(twin)`` gives an int whose bit ``i`` says whether ``twin_trees[i]``
-    (conditions on the twin and the properties alone) is true, and whose higher bits are the
-    outcomes of the twin-only parts of ``trees`` (computed once per twin object, not per
-    message); ``run(body, enq, twin, facts)`` gives ``outcomes[mask]``, where bit
-    ``len(twin_trees) + j`` of ``mask`` says that ``trees[j]`` is true (and the low bits are
-    the twin-only routes' from ``facts``): no list, no tuple built per message. ``env`` holds
-    :data:`SPLIT_GLOBALS` (the property set's system and application properties, device and
-    module ids, twin look-up); the body is decoded at most once, as in :func:`compile_table`."""
-    source, consts = split_source(twin_trees, trees, codec)
+def compile_split(source: str, consts: dict[str, Any]) -> tuple[Callable[..., Any],
+                                                                Callable[[Any], int]]:
+    """The two functions of :func:`split_source`'s text, for the conditions left for one
+    property set (folded in: :func:`fold_properties`): ``twin_trees``, which read the twin and
+    the properties alone, and ``trees``, the rest. ``facts(twin)`` gives an int whose bit
+    ``i`` says whether ``twin_trees[i]`` is true, and whose higher bits are the outcomes of
+    the twin-only parts of ``trees`` (computed once per twin object, not per message);
+    ``run(body, enq, twin, facts, outcomes)`` gives ``outcomes[mask]``, where bit
+    ``len(twin_trees) + j`` of ``mask`` says that ``trees[j]`` is true and the low bits are
+    the twin-only conditions' from ``facts``: no list, no tuple built per message. The body
+    is decoded at most once, as in :func:`compile_table`; nothing of the property set is read
+    (property sets with the same conditions left share the functions)."""
     namespace = dict(_NAMESPACE)
     namespace.update(consts)
-    namespace.update(env)
-    namespace.update(_N=_NOT_YET, _decode=decode_body, _decode_with=decode_with,
-                     _loads=loads_utf8, _O=outcomes)
+    namespace.update(_N=_NOT_YET, _decode_with=decode_with, _loads=loads_utf8)
     exec(compile(source, "<route split>", "exec"), namespace)  # noqa: S102
-    return namespace["_run"], namespace["_facts"]
+    run, facts = namespace["_run"], namespace["_facts"]
+    if _PER_SET & {*run.__code__.co_names, *facts.__code__.co_names}:
+        raise ValueError("the conditions read properties that are not folded in")
+    return run, facts

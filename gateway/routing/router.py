@@ -10,11 +10,14 @@ all everything goes to ``events``.
 
 Cost: conditions that read only properties and identities give the same answer for every
 message with the same stored properties (one topic of one connection), so their outcome is
-cached per properties text; conditions that read the twin besides are cached with it until the
-twin changes (the twin look-up gives a new object for every change, as the hub's twin store
-does); only conditions on the body or the enqueued time run per message, all of one property
-set in one generated function (:func:`gateway.routing.compiler.compile_table`: the body decoded
-at most once, the twin looked up at most once, no view object).
+cached per properties text; conditions that read the twin besides, and the parts of the others
+that do, are decided with it until the twin changes (the twin look-up gives a new object for
+every change, as the hub's twin store does); only what reads the body or the enqueued time runs
+per message, all of one property set in one generated function
+(:func:`gateway.routing.compiler.compile_split`: the body decoded at most once, no view
+object), which gives the set's shared tuple for the routes matched (:class:`_Outcomes`, each
+carrying the text the log stores), so a message costs one dict look-up, one call and the
+conditions themselves, and builds nothing.
 """
 
 from __future__ import annotations
@@ -26,11 +29,11 @@ from typing import Any, Final, Protocol
 
 from gateway.routing.compiler import (
     NOT_LOOKED_UP,
-    SPLIT_GLOBALS,
     Compiled,
     compile_source,
     compile_split,
     fold_properties,
+    split_source,
     table_source,
 )
 from gateway.routing.message import MessageView, TwinLookup, body_codec
@@ -213,6 +216,7 @@ class Router:
         self.default = FALLBACK_ONLY if self.fallback else NOWHERE  # what route() gives then
         self._cache: dict[str, _Split] = {}
         self._tables: dict[tuple[str, str], Table] = {}  # by source
+        self._splits: dict[tuple[str, str], tuple[Callable[..., Any], Callable[[Any], int]]] = {}
         self._general: dict[tuple[tuple[int, ...], str | None], Table] = {}  # unfolded
         self._endpoint_routes: dict[str, frozenset[str]] = {}
         for r in routes:
@@ -249,7 +253,7 @@ class Router:
                 run = hit.run
                 if run is None:
                     return hit.outcome
-                return run(body, enqueued_ms, hit.twin, hit.facts)
+                return run(body, enqueued_ms, hit.twin, hit.facts, hit.outcomes)
         if self.empty:
             return self.default
         names: tuple[str, ...] = ()
@@ -342,14 +346,19 @@ class Router:
         if not twin_only and not dynamic:
             split.outcome = outcomes[0]
             return split
-        env = dict(zip(SPLIT_GLOBALS, (view.system, view.application, view.device_id,
-                                       view.module_id, self.twins), strict=True))
         try:
             twin_trees = [fold_properties(self._routes[i].compiled.tree, view) for i in twin_only]
             trees = [fold_properties(self._routes[i].compiled.tree, view) for i in dynamic]
-            run, facts_of = compile_split(twin_trees, trees, codec, outcomes, env)
-        except (SyntaxError, RecursionError, MemoryError):  # past CPython's nesting limits
+            source, consts = split_source(twin_trees, trees, codec)
+            key = (source, repr(sorted((k, type(v).__name__, repr(v)) for k, v in consts.items())))
+            pair = self._splits.get(key)
+            if pair is None:
+                if len(self._splits) >= CACHE_LIMIT:
+                    self._splits.clear()
+                pair = self._splits[key] = compile_split(source, consts)
+        except (SyntaxError, RecursionError, MemoryError, ValueError):  # past CPython's limits
             return None
+        run, facts_of = pair
         split.run = run if dynamic else None
         split.facts_of = facts_of
         split.outcome = outcomes[0]

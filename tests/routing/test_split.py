@@ -39,11 +39,6 @@ class Outcomes(dict[int, tuple[int, ...]]):
         return tuple(i for i in range(mask.bit_length()) if mask >> i & 1)
 
 
-def env(m: MessageView) -> dict[str, Any]:
-    return {"S": m.system, "A": m.application, "dev": m.device_id, "mod": m.module_id,
-            "twins": m.twins}
-
-
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(TWIN_TREES, min_size=1, max_size=6), messages())
 def test_split_agrees_with_the_reference_evaluator(trees: list[Node], m: MessageView) -> None:
@@ -54,10 +49,10 @@ def test_split_agrees_with_the_reference_evaluator(trees: list[Node], m: Message
     twin_only = [i for i, t in enumerate(folded)
                  if "twin" in deps(t) and deps(t) <= {"props", "twin"}]
     rest = [i for i in range(len(trees)) if i not in twin_only]
-    run, facts_of = compile_split([folded[i] for i in twin_only], [folded[i] for i in rest],
-                                  body_codec(m.system), Outcomes(), env(m))
+    run, facts_of = compile_split(*split_source([folded[i] for i in twin_only],
+                                                [folded[i] for i in rest], body_codec(m.system)))
     twin = m.twin()
-    got = run(m.body, m.enqueued_ms, twin, facts_of(twin))
+    got = run(m.body, m.enqueued_ms, twin, facts_of(twin), Outcomes())
     order = twin_only + rest
     expected = [i for i in order if evaluate(trees[i], m) is True]
     assert [order[bit] for bit in got] == expected, [unparse(t) for t in trees]
@@ -65,16 +60,16 @@ def test_split_agrees_with_the_reference_evaluator(trees: list[Node], m: Message
 
 def test_twin_parts_are_read_once_per_twin_not_per_message() -> None:
     trees = [parse("$twin.tags.t = 'a' AND $body.t > 3"), parse("$twin.tags.n > 1")]
-    source, _ = split_source([trees[1]], [trees[0]], "utf-8-sig")
+    source, consts = split_source([trees[1]], [trees[0]], "utf-8-sig")
     run_source = source.split("def _facts")[0]
     assert "twin" not in run_source and ".tags" not in run_source  # the run only tests bits
     m = MessageView(JSON_SYS, {}, b'{"t": 5}', device_id="dev1", module_id=None, enqueued_ms=0)
-    run, facts_of = compile_split([trees[1]], [trees[0]], "utf-8-sig", Outcomes(), env(m))
-    twin = Twin(tags={"t": "a", "n": 2})
+    run, facts_of = compile_split(source, consts)
+    twin, outcomes = Twin(tags={"t": "a", "n": 2}), Outcomes()
     facts = facts_of(twin)
-    assert run(b'{"t": 5}', 0, twin, facts) == (0, 1)
-    assert run(b'{"t": 1}', 0, twin, facts) == (0,)
-    assert run(b'{"t": 5}', 0, None, facts_of(None)) == ()
+    assert run(m.body, 0, twin, facts, outcomes) == (0, 1)
+    assert run(b'{"t": 1}', 0, twin, facts, outcomes) == (0,)
+    assert run(m.body, 0, None, facts_of(None), outcomes) == ()
 
 
 ROUTE_TREES = st.lists(TWIN_TREES, min_size=1, max_size=6)
@@ -141,10 +136,25 @@ def test_a_type_test_the_comparison_makes_is_left_out(case: tuple[str, int], t: 
                                                       present: bool) -> None:
     text, reads = case
     tree = parse(text)
-    source, _ = split_source([], [tree], "utf-8-sig")
+    source, consts = split_source([], [tree], "utf-8-sig")
     assert source.count("('t')") == reads, source
     body = {"t": t, "n": 1} if present else {"n": 1}
     m = MessageView(JSON_SYS, {}, json.dumps(body).encode(), device_id="dev1",
                     module_id=None, enqueued_ms=0)
-    run, _facts = compile_split([], [tree], "utf-8-sig", Outcomes(), env(m))
-    assert (run(m.body, 0, None, 0) == (0,)) is (evaluate(tree, m) is True), text
+    run, _facts = compile_split(source, consts)
+    assert (run(m.body, 0, None, 0, Outcomes()) == (0,)) is (evaluate(tree, m) is True), text
+
+
+def test_property_sets_with_the_same_conditions_left_share_the_compiled_code() -> None:
+    """A key per message (a stamped on-behalf-of message carries its own message id in its
+    properties) folds and generates per key but compiles once."""
+    state = RoutingState(tuple(parse_route(n, {"condition": c, "endpointNames": ["events"]})
+                               for n, c in {"hot": "$body.t > 30 AND alert = 'high'",
+                                            "site": "$twin.tags.site = 'a'"}.items()))
+    r = Router(state, twins=lambda d, m: Twin(tags={"site": "a"}))
+    for i in range(50):
+        system = {**JSON_SYS, "message-id": f"m{i}"}
+        got = r.route("telemetry", system, {"alert": "high"}, b'{"t": %d}' % i, "dev1", None, 0,
+                      f"key{i}")
+        assert got == (("site", "hot") if i > 30 else ("site",))
+    assert len(r._cache) == 50 and len(r._splits) == 1
