@@ -196,6 +196,7 @@ class _Gen:
         self.facts = facts
         self.fact_bit = fact_bit  # the first bit free in F
         self.twin_given = facts is not None or prefix != "_c"  # T is the twin (or None)
+        self.known: dict[int, tuple[Node, frozenset[str]]] = {}  # deps of the trees' nodes
 
     def decode_statement(self) -> list[str]:
         """Lines that decode the body into ``B`` and ``D`` now (for a condition that reads it
@@ -253,6 +254,12 @@ class _Gen:
             twin = "T"
         return (f"({local} if {local} is not None else ({local} := _E if ({t} := {twin}) is None"
                 f" else ({v} if ({v} := {t}.{section}).__class__ is dict else _E)))")
+
+    def cost(self, node: Node) -> int:
+        found = self.known.get(id(node))
+        if found is not None and found[0] is node:
+            return sum(_COST[d] for d in found[1])
+        return cost(node)
 
     def const(self, value: Any) -> str:
         name = f"{self.prefix}{len(self.consts)}"
@@ -312,7 +319,7 @@ class _Gen:
         node = _fold(node)
         if isinstance(node, Lit):
             return "True" if node.value is want else "False"
-        if self.facts is not None and _twin_fact(node):
+        if self.facts is not None and _twin_fact(node, self.known):
             key = f"{want!r}:{_shape(node)}"
             found = self.facts.get(key)
             if found is None:
@@ -328,7 +335,7 @@ class _Gen:
                         return self.truth(right, True)
                     if _implied(right, left):
                         return self.truth(left, True)
-                if cost(right) < cost(left):
+                if self.cost(right) < self.cost(left):
                     left, right = right, left
                 # AND is true when both are, false when either is; OR the other way round
                 both = (node.op == "AND") == want  # else either
@@ -399,7 +406,7 @@ class _Gen:
         op = node.op
         if op in ("AND", "OR"):
             left, right = node.left, node.right
-            if cost(right) < cost(left):
+            if self.cost(right) < self.cost(left):
                 left, right = right, left
             a, b = self.temp(), self.temp()
             stop = "False" if op == "AND" else "True"
@@ -486,11 +493,29 @@ def _implied(test: Node, other: Node) -> bool:
     return True
 
 
-def _twin_fact(node: Node) -> bool:
+def _twin_fact(node: Node, known: dict[int, tuple[Node, frozenset[str]]]) -> bool:
     """Whether ``node`` reads the twin and nothing but the twin and properties (which are
-    constants where facts are made: one property set)."""
-    d = deps(node)
+    constants where facts are made: one property set); ``known``: :func:`_all_deps`."""
+    found = known.get(id(node))
+    d = found[1] if found is not None and found[0] is node else deps(node)
     return "twin" in d and d <= {"twin", "props"}
+
+
+def _all_deps(node: Node, known: dict[int, tuple[Node, frozenset[str]]]) -> frozenset[str]:
+    """:func:`deps` of ``node`` and of every part of it, into ``known`` by identity (the node
+    kept with it, so its id is not reused meanwhile): one walk instead of one per part."""
+    if isinstance(node, Unary):
+        out = _all_deps(node.operand, known)
+    elif isinstance(node, Binary):
+        out = _all_deps(node.left, known) | _all_deps(node.right, known)
+    elif isinstance(node, Call):
+        out = frozenset({"body"}) if node.name == "TWIN_CHANGE_INCLUDES" else frozenset()
+        for arg in node.args:
+            out |= _all_deps(arg, known)
+    else:
+        out = deps(node)
+    known[id(node)] = (node, out)
+    return out
 
 
 def _fold(node: Node) -> Node:
@@ -651,6 +676,7 @@ def split_source(twin_trees: list[Node], trees: list[Node], codec: str | None,
     for i, tree in enumerate(trees):
         if not gen.decoded and codec is not None and _reads_body_first(tree):
             lines += gen.decode_statement()
+        _all_deps(tree, gen.known)
         test, bit = gen.truth(tree), 1 << (first + i)
         if test == "True":
             start |= bit
