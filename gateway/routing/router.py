@@ -36,7 +36,7 @@ from gateway.routing.compiler import (
     split_source,
     table_source,
 )
-from gateway.routing.message import MessageView, TwinLookup, body_codec
+from gateway.routing.message import MessageView, TwinLookup, body_codec, system_key
 from gateway.routing.model import (
     EVENTS,
     FALLBACK,
@@ -48,7 +48,7 @@ from gateway.routing.model import (
     parse_module_input,
 )
 from gateway.routing.names import RouteNames
-from gateway.routing.query import UNDEFINED, clauses, unparse
+from gateway.routing.query import UNDEFINED, Binary, Call, Node, SysProp, Unary, clauses, unparse
 from gateway.routing.semantics import describe, evaluate, walk
 
 TELEMETRY: Final = "telemetry"
@@ -138,6 +138,19 @@ def _slow_table(routes: list[_Route]) -> Table:
     return table
 
 
+def _reads_system(node: Node, name: str) -> bool:
+    """Whether ``node`` reads the stored system property ``name`` (``$messageId``, ...)."""
+    if isinstance(node, SysProp):
+        return system_key(node.name) == name
+    if isinstance(node, Unary):
+        return _reads_system(node.operand, name)
+    if isinstance(node, Binary):
+        return _reads_system(node.left, name) or _reads_system(node.right, name)
+    if isinstance(node, Call):
+        return any(_reads_system(a, name) for a in node.args)
+    return False
+
+
 def _fixed(twin: Any) -> TwinLookup:
     return lambda device_id, module_id: twin  # noqa: ARG005
 
@@ -214,6 +227,9 @@ class Router:
         self.fallback = self.state.fallback
         self.trivial = self.empty  # everything goes to events (or nowhere): no evaluation
         self.default = FALLBACK_ONLY if self.fallback else NOWHERE  # what route() gives then
+        # whether a condition reads $messageId: if not, messages whose properties differ only
+        # by it route alike, and the caller may give them one key (a stamped topic's template)
+        self.reads_message_id = any(_reads_system(r.compiled.tree, "message-id") for r in routes)
         self._cache: dict[str, _Split] = {}
         self._tables: dict[tuple[str, str], Table] = {}  # by source
         self._splits: dict[tuple[str, str], tuple[Callable[..., Any], Callable[[Any], int]]] = {}

@@ -158,3 +158,15 @@ def test_property_sets_with_the_same_conditions_left_share_the_compiled_code() -
                       f"key{i}")
         assert got == (("site", "hot") if i > 30 else ("site",))
     assert len(r._cache) == 50 and len(r._splits) == 1
+
+
+def test_the_router_says_whether_a_condition_reads_the_message_id() -> None:
+    def reads(*conditions: str) -> bool:
+        state = RoutingState(tuple(parse_route(f"r{i}", {"condition": c,
+                                                         "endpointNames": ["events"]})
+                                   for i, c in enumerate(conditions)))
+        return Router(state).reads_message_id
+
+    assert not reads("$body.t > 3", "messageId = 'x'", "$correlationId = 'x'")
+    assert reads("$body.t > 3", "NOT ($messageId = 'x')")
+    assert reads("STARTS_WITH($MessageId, 'm')") and reads("$message-id = 'x'")
