@@ -207,6 +207,15 @@ class _Split:
         self.outcome: tuple[str, ...] = names
 
 
+def _new_twin(split: _Split, twin: Any) -> None:
+    """A fast split's facts for another twin object (see :class:`_Split`)."""
+    assert split.facts_of is not None and split.outcomes is not None
+    split.facts = split.facts_of(twin)
+    if split.run is None:
+        split.outcome = split.outcomes[split.facts]
+    split.twin = twin
+
+
 class Router:
     """One immutable, compiled routing state. Build a new one to change routing."""
 
@@ -264,7 +273,12 @@ class Router:
             if hit is not None and hit.fast:
                 if hit.reads_twin:
                     clock = self.twin_changes
-                    if clock is None or clock.changes != hit.seen:
+                    if clock is None:  # nothing counts the changes: look it up every time
+                        twins = self.twins
+                        now = twins(device_id, module_id) if twins is not None else None
+                        if now is not hit.twin:
+                            _new_twin(hit, now)
+                    elif clock.changes != hit.seen:
                         self._look_up_twin(hit, device_id, module_id)
                 run = hit.run
                 if run is None:
@@ -381,15 +395,11 @@ class Router:
         return split
 
     def _look_up_twin(self, split: _Split, device_id: str, module_id: str | None) -> None:
-        """A fast split's twin looked up again (a twin changed since, or nothing counts the
-        changes), and what its conditions read of it recomputed if it is another object."""
+        """A fast split's twin looked up again (a twin changed since), and what its conditions
+        read of it recomputed if it is another object."""
         twin = self.twins(device_id, module_id) if self.twins is not None else None
         if twin is not split.twin:
-            assert split.facts_of is not None and split.outcomes is not None
-            split.facts = split.facts_of(twin)
-            if split.run is None:
-                split.outcome = split.outcomes[split.facts]
-            split.twin = twin
+            _new_twin(split, twin)
         clock = self.twin_changes
         if clock is not None:
             split.seen = clock.changes
