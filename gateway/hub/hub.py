@@ -236,8 +236,12 @@ class Hub:
             return None
         router = self.router
         if not router.trivial:  # route conditions read the message's own system properties
+            # keyed by the template's properties while no condition reads the message id (all
+            # that differs between its messages): one compiled split for all of them
+            key = None if router.reads_message_id else (
+                template.prepared.retained_props if retain else template.prepared.props)
             return self.telemetry_record(template.prepare(seq, prev, mid, True), body,
-                                         retain=retain)
+                                         retain=retain, key=key)
         quoted, size = _quoted(mid or f"{template.epoch}-{seq}")
         p = template.prepared
         total = len(body) + p.props_size - 1 + size  # less the template's 1-byte placeholder id
@@ -421,10 +425,11 @@ class Hub:
         raise ForbiddenError(f"unsupported publish on {packet.topic!r}")  # pragma: no cover
 
     def telemetry_record(self, prepared: PreparedTelemetry, body: bytes, *,
-                         retain: bool = False) -> Record:
+                         retain: bool = False, key: str | None = None) -> Record:
         """The stored row of one telemetry message, whatever transport brought it (MQTT,
         WebSocket, HTTP): the 256 KB limit (ref §2.4), the enqueued time, and the routes it
-        matches (conditions on properties are cached per topic by the router)."""
+        matches (conditions on properties are cached per topic by the router, by ``key``
+        when given, else by the stored properties text)."""
         if len(body) + prepared.props_size > self.max_message_bytes:
             raise self._too_large(len(body) + prepared.props_size)
         enqueued = int(self.clock() * 1000)
@@ -436,7 +441,8 @@ class Hub:
             routes = router.route(
                 TELEMETRY, prepared.system,
                 prepared.retained_application if retain else prepared.application,
-                body, prepared.device_id, prepared.module_id, enqueued, props)
+                body, prepared.device_id, prepared.module_id, enqueued,
+                props if key is None else key)
         return new_record(TELEMETRY, prepared.device_id, prepared.module_id, enqueued, props,
                           body, routes, prepared.once)
 

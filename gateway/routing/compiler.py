@@ -15,11 +15,15 @@ condition that reads only properties gives the same answer for every message wit
 properties, which the router uses to cache it per topic; :func:`fold_properties` puts those
 answers into the rest, and :func:`compile_table` compiles all the routes left for one set of
 properties into one function (the body decoded once, up front when the first condition that
-reads it reads it first thing; the twin looked up once).
+reads it reads it first thing; the twin looked up once). :func:`compile_split`, the router's
+form for a property set it keeps, goes further: what reads only the twin becomes bits computed
+once per twin object, and the function answers with a mask of the routes matched, so nothing
+is built per message.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -178,12 +182,21 @@ class _Gen:
     ``OR``/``NOT`` become Python's ``and``/``or`` and a comparison with a literal is one type
     test and one operator; :meth:`expr` gives the value itself where one is needed."""
 
-    def __init__(self, raw: bool = False, codec: str | None | object = None) -> None:
+    def __init__(self, raw: bool = False, codec: str | None | object = None,
+                 prefix: str = "_c", facts: dict[str, tuple[int, Node, bool]] | None = None,
+                 fact_bit: int = 0) -> None:
         self.consts: dict[str, Any] = {}
+        self.prefix = prefix  # of the constants' names (two generators can share a namespace)
         self.temps = 0
         self.raw = raw
         self.codec = codec  # raw: AUTO (look at the properties), None (no body), or a codec
         self.decoded = False  # raw: B and D are set already (decoded by a statement)
+        # raw, one property set: parts that read only the twin (and folded properties) become
+        # bits of ``F``, computed once per twin object (see compile_split); repr -> bit, part
+        self.facts = facts
+        self.fact_bit = fact_bit  # the first bit free in F
+        self.twin_given = facts is not None or prefix != "_c"  # T is the twin (or None)
+        self.known: dict[int, tuple[Node, frozenset[str]]] = {}  # deps of the trees' nodes
 
     def decode_statement(self) -> list[str]:
         """Lines that decode the body into ``B`` and ``D`` now (for a condition that reads it
@@ -196,9 +209,10 @@ class _Gen:
         if self.codec != "utf-8-sig":
             return [f"    B = {call}", *tail]
         # the common case without a Python call: UTF-8 without a byte order mark, which the
-        # fast decoder takes; anything it refuses goes the general way (decode_with)
+        # fast decoder takes (it refuses a byte order mark); anything it refuses goes the
+        # general way (decode_with)
         return ["    try:",
-                f"        B = _loads(body) if body[:1] != b'\\xef' else {call}",
+                "        B = _loads(body)",
                 "    except ValueError:",
                 f"        B = {call}", *tail]
 
@@ -225,6 +239,8 @@ class _Gen:
     def twin(self, section: str) -> str:
         if not self.raw:
             return f"m.twin_section({section!r})"
+        if self.twin_given:
+            return f"(U if T is None else T.{section})"
         t = self.temp()
         return (f"(U if ({t} := (T if T is not _N else (T := (twins(dev, mod) if twins is not None"
                 f" else None)))) is None else {t}.{section})")
@@ -234,11 +250,19 @@ class _Gen:
             return None
         local, t, v = f"G_{section}", self.temp(), self.temp()
         twin = "(T if T is not _N else (T := (twins(dev, mod) if twins is not None else None)))"
+        if self.twin_given:
+            twin = "T"
         return (f"({local} if {local} is not None else ({local} := _E if ({t} := {twin}) is None"
                 f" else ({v} if ({v} := {t}.{section}).__class__ is dict else _E)))")
 
+    def cost(self, node: Node) -> int:
+        found = self.known.get(id(node))
+        if found is not None and found[0] is node:
+            return sum(_COST[d] for d in found[1])
+        return cost(node)
+
     def const(self, value: Any) -> str:
-        name = f"_c{len(self.consts)}"
+        name = f"{self.prefix}{len(self.consts)}"
         self.consts[name] = value
         return name
 
@@ -295,12 +319,23 @@ class _Gen:
         node = _fold(node)
         if isinstance(node, Lit):
             return "True" if node.value is want else "False"
+        if self.facts is not None and _twin_fact(node, self.known):
+            key = f"{want!r}:{_shape(node)}"
+            found = self.facts.get(key)
+            if found is None:
+                found = self.facts[key] = (1 << (self.fact_bit + len(self.facts)), node, want)
+            return f"(F & {found[0]})"
         if isinstance(node, Unary) and node.op == "NOT":
             return self.truth(node.operand, not want)
         if isinstance(node, Binary):
             if node.op in ("AND", "OR"):
                 left, right = node.left, node.right
-                if cost(right) < cost(left):
+                if node.op == "AND" and want:  # IS_NUMBER(x) AND x < 3: x < 3 alone
+                    if _implied(left, right):
+                        return self.truth(right, True)
+                    if _implied(right, left):
+                        return self.truth(left, True)
+                if self.cost(right) < self.cost(left):
                     left, right = right, left
                 # AND is true when both are, false when either is; OR the other way round
                 both = (node.op == "AND") == want  # else either
@@ -371,7 +406,7 @@ class _Gen:
         op = node.op
         if op in ("AND", "OR"):
             left, right = node.left, node.right
-            if cost(right) < cost(left):
+            if self.cost(right) < self.cost(left):
                 left, right = right, left
             a, b = self.temp(), self.temp()
             stop = "False" if op == "AND" else "True"
@@ -421,6 +456,66 @@ _TYPE_TESTS = {"IS_ARRAY": ".__class__ is list", "IS_BOOL": ".__class__ is bool"
                "IS_NUMBER": ".__class__ in _NUM", "IS_OBJECT": ".__class__ is dict",
                "IS_STRING": ".__class__ is str", "IS_DEFINED": " is not U", "IS_NULL": " is None"}
 """Type-test functions inlined: each is a plain boolean for any operand, undefined included."""
+
+
+def _shape(node: Node) -> str:
+    """``node`` as a text equal for equal trees wherever they stand (no positions) and
+    distinct for distinct ones (``1``, ``1.0`` and ``true`` are three literals)."""
+    if isinstance(node, Lit):
+        return f"Lit({type(node.value).__name__}:{node.value!r})"
+    if isinstance(node, Unary):
+        return f"Unary({node.op},{_shape(node.operand)})"
+    if isinstance(node, Binary):
+        return f"Binary({node.op},{_shape(node.left)},{_shape(node.right)})"
+    if isinstance(node, Call):
+        return f"Call({node.name},{','.join(_shape(a) for a in node.args)})"
+    return repr(dataclasses.replace(node, pos=0))
+
+
+def _implied(test: Node, other: Node) -> bool:
+    """Whether ``test`` is true whenever ``other`` is: ``test`` a type test (``IS_DEFINED``,
+    ``IS_NUMBER``, ``IS_STRING``) of what ``other`` compares with a literal (a comparison is
+    true only between two defined values of one type, ref §10.2)."""
+    test, other = _fold(test), _fold(other)
+    if not (isinstance(test, Call) and test.name in ("IS_DEFINED", "IS_NUMBER", "IS_STRING")
+            and isinstance(other, Binary) and other.op in _CMP_HELPER):
+        return False
+    left, right = _fold(other.left), _fold(other.right)
+    if isinstance(left, Lit):
+        left, right = right, left
+    if not isinstance(right, Lit) or isinstance(left, Lit) or _shape(left) != _shape(test.args[0]):
+        return False
+    value = right.value
+    if test.name == "IS_NUMBER":
+        return type(value) is int or type(value) is float
+    if test.name == "IS_STRING":
+        return type(value) is str
+    return True
+
+
+def _twin_fact(node: Node, known: dict[int, tuple[Node, frozenset[str]]]) -> bool:
+    """Whether ``node`` reads the twin and nothing but the twin and properties (which are
+    constants where facts are made: one property set); ``known``: :func:`_all_deps`."""
+    found = known.get(id(node))
+    d = found[1] if found is not None and found[0] is node else deps(node)
+    return "twin" in d and d <= {"twin", "props"}
+
+
+def _all_deps(node: Node, known: dict[int, tuple[Node, frozenset[str]]]) -> frozenset[str]:
+    """:func:`deps` of ``node`` and of every part of it, into ``known`` by identity (the node
+    kept with it, so its id is not reused meanwhile): one walk instead of one per part."""
+    if isinstance(node, Unary):
+        out = _all_deps(node.operand, known)
+    elif isinstance(node, Binary):
+        out = _all_deps(node.left, known) | _all_deps(node.right, known)
+    elif isinstance(node, Call):
+        out = frozenset({"body"}) if node.name == "TWIN_CHANGE_INCLUDES" else frozenset()
+        for arg in node.args:
+            out |= _all_deps(arg, known)
+    else:
+        out = deps(node)
+    known[id(node)] = (node, out)
+    return out
 
 
 def _fold(node: Node) -> Node:
@@ -568,3 +663,77 @@ def compile_condition(text: str) -> Compiled:
     if not text.strip():
         text = "true"
     return compile_tree(parse(text), text)
+
+
+def split_source(twin_trees: list[Node], trees: list[Node], codec: str | None,
+                 ) -> tuple[str, dict[str, Any]]:
+    """The source of :func:`compile_split`'s two functions and the constants they name."""
+    facts: dict[str, tuple[int, Node, bool]] = {}
+    first = len(twin_trees)  # bits 0..first-1 of F and of the mask: the twin-only routes
+    gen = _Gen(raw=True, codec=codec, facts=facts, fact_bit=first)
+    start = 0
+    lines: list[str] = []
+    for i, tree in enumerate(trees):
+        if not gen.decoded and codec is not None and _reads_body_first(tree):
+            lines += gen.decode_statement()
+        _all_deps(tree, gen.known)
+        test, bit = gen.truth(tree), 1 << (first + i)
+        if test == "True":
+            start |= bit
+        elif test != "False":
+            lines += [f"    if {test}:", f"        m |= {bit}"]
+    low = (1 << first) - 1
+    head = ["def _run(body, enq, T, F, O):",
+            f"    m = {'F' if not facts else f'F & {low}' if first else '0'}"
+            + (f" | {start}" if start else "")]
+    run = head + _locals(lines) + lines + ["    return O[m]"]
+    twin_gen = _Gen(raw=True, codec=None, prefix="_k")
+    fact_lines = ["def _facts(T):", "    F = 0"]
+    parts = [(tree, True, 1 << i) for i, tree in enumerate(twin_trees)]
+    parts += [(node, want, bit) for bit, node, want in facts.values()]
+    for node, want, bit in parts:
+        test = twin_gen.truth(node, want)
+        if test == "True":
+            fact_lines.append(f"    F |= {bit}")
+        elif test != "False":
+            fact_lines += [f"    if {test}:", f"        F |= {bit}"]
+    fact_lines[2:2] = _locals(fact_lines[2:])
+    fact_lines.append("    return F")
+    return "\n".join(run + fact_lines) + "\n", {**gen.consts, **twin_gen.consts}
+
+
+_PER_SET = frozenset({"S", "A", "dev", "mod", "twins"})
+"""What a split's code must not read: the parts of one property set (folded in instead), so
+that property sets with equal conditions left share the compiled code."""
+
+
+def _locals(lines: list[str]) -> list[str]:
+    """The first-use locals (the decoded body, the twin's sections) ``lines`` test before
+    setting, each set to "not yet" (no statement for those they do not use)."""
+    text = "\n".join(lines)
+    out = ["    B = _N"] if "B is not _N" in text else []
+    lazy = [name for name in ("D", "G_tags", "G_desired", "G_reported")
+            if f"{name} is not None" in text]
+    return out + ([f"    {' = '.join(lazy)} = None"] if lazy else [])
+
+
+def compile_split(source: str, consts: dict[str, Any]) -> tuple[Callable[..., Any],
+                                                                Callable[[Any], int]]:
+    """The two functions of :func:`split_source`'s text, for the conditions left for one
+    property set (folded in: :func:`fold_properties`): ``twin_trees``, which read the twin and
+    the properties alone, and ``trees``, the rest. ``facts(twin)`` gives an int whose bit
+    ``i`` says whether ``twin_trees[i]`` is true, and whose higher bits are the outcomes of
+    the twin-only parts of ``trees`` (computed once per twin object, not per message);
+    ``run(body, enq, twin, facts, outcomes)`` gives ``outcomes[mask]``, where bit
+    ``len(twin_trees) + j`` of ``mask`` says that ``trees[j]`` is true and the low bits are
+    the twin-only conditions' from ``facts``: no list, no tuple built per message. The body
+    is decoded at most once, as in :func:`compile_table`; nothing of the property set is read
+    (property sets with the same conditions left share the functions)."""
+    namespace = dict(_NAMESPACE)
+    namespace.update(consts)
+    namespace.update(_N=_NOT_YET, _decode_with=decode_with, _loads=loads_utf8)
+    exec(compile(source, "<route split>", "exec"), namespace)  # noqa: S102
+    run, facts = namespace["_run"], namespace["_facts"]
+    if _PER_SET & {*run.__code__.co_names, *facts.__code__.co_names}:
+        raise ValueError("the conditions read properties that are not folded in")
+    return run, facts

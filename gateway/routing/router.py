@@ -10,11 +10,14 @@ all everything goes to ``events``.
 
 Cost: conditions that read only properties and identities give the same answer for every
 message with the same stored properties (one topic of one connection), so their outcome is
-cached per properties text; conditions that read the twin besides are cached with it until the
-twin changes (the twin look-up gives a new object for every change, as the hub's twin store
-does); only conditions on the body or the enqueued time run per message, all of one property
-set in one generated function (:func:`gateway.routing.compiler.compile_table`: the body decoded
-at most once, the twin looked up at most once, no view object).
+cached per properties text; conditions that read the twin besides, and the parts of the others
+that do, are decided with it until the twin changes (the twin look-up gives a new object for
+every change, as the hub's twin store does); only what reads the body or the enqueued time runs
+per message, all of one property set in one generated function
+(:func:`gateway.routing.compiler.compile_split`: the body decoded at most once, no view
+object), which gives the set's shared tuple for the routes matched (:class:`_Outcomes`, each
+carrying the text the log stores), so a message costs one dict look-up, one call and the
+conditions themselves, and builds nothing.
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ from gateway.routing.compiler import (
     NOT_LOOKED_UP,
     Compiled,
     compile_source,
+    compile_split,
     fold_properties,
+    split_source,
     table_source,
 )
-from gateway.routing.message import MessageView, TwinLookup, body_codec
+from gateway.routing.message import MessageView, TwinLookup, body_codec, system_key
 from gateway.routing.model import (
     EVENTS,
     FALLBACK,
@@ -42,14 +47,15 @@ from gateway.routing.model import (
     compile_route,
     parse_module_input,
 )
-from gateway.routing.query import UNDEFINED, clauses, unparse
+from gateway.routing.names import RouteNames
+from gateway.routing.query import UNDEFINED, Binary, Call, Node, SysProp, Unary, clauses, unparse
 from gateway.routing.semantics import describe, evaluate, walk
 
 TELEMETRY: Final = "telemetry"
 TWIN_CHANGE: Final = "twinChange"
 ALL_KINDS: Final = frozenset(SOURCES.values())
-FALLBACK_ONLY: Final = (FALLBACK,)
-NOWHERE: Final[tuple[str, ...]] = ()
+FALLBACK_ONLY: Final = RouteNames((FALLBACK,))
+NOWHERE: Final[tuple[str, ...]] = RouteNames()
 CACHE_LIMIT: Final = 4096
 _NO_TWIN: Final[Any] = NOT_LOOKED_UP
 
@@ -132,16 +138,57 @@ def _slow_table(routes: list[_Route]) -> Table:
     return table
 
 
+def _reads_system(node: Node, name: str) -> bool:
+    """Whether ``node`` reads the stored system property ``name`` (``$messageId``, ...)."""
+    if isinstance(node, SysProp):
+        return system_key(node.name) == name
+    if isinstance(node, Unary):
+        return _reads_system(node.operand, name)
+    if isinstance(node, Binary):
+        return _reads_system(node.left, name) or _reads_system(node.right, name)
+    if isinstance(node, Call):
+        return any(_reads_system(a, name) for a in node.args)
+    return False
+
+
 def _fixed(twin: Any) -> TwinLookup:
     return lambda device_id, module_id: twin  # noqa: ARG005
+
+
+class _Outcomes(dict[int, tuple[str, ...]]):
+    """A property set's answers by mask (:func:`gateway.routing.compiler.compile_split`): the
+    names it matches whatever the message, then those of the mask's bits; the fallback's
+    answer for none. Filled on first use (one tuple per distinct outcome, shared by every
+    message with it), so a message builds nothing."""
+
+    __slots__ = ("empty", "names", "static")
+
+    def __init__(self, static: tuple[str, ...], names: tuple[str, ...],
+                 empty: tuple[str, ...]) -> None:
+        super().__init__()
+        self.static = static
+        self.names = names
+        self.empty = empty
+
+    def __missing__(self, mask: int) -> tuple[str, ...]:
+        names = self.static + tuple(n for i, n in enumerate(self.names) if mask >> i & 1)
+        out = RouteNames(names) if names else self.empty
+        if len(self) < CACHE_LIMIT:
+            self[mask] = out
+        return out
 
 
 class _Split:
     """What routing one property set takes: the routes it matches whatever the message
     (``names``), the routes that also read the twin (``twin_table``, with the last twin seen and
-    their outcome for it) and those to run per message (``table``)."""
+    their outcome for it) and those to run per message (``table``).
 
-    __slots__ = ("names", "reads_twin", "seen", "table", "twin", "twin_names", "twin_table")
+    A split kept for a property set (``fast``) has all of that compiled into ``run`` (None:
+    nothing left to run per message, the answer is ``outcome``) and ``facts_of``, which gives
+    ``facts`` for the twin last looked up (:func:`gateway.routing.compiler.compile_split`)."""
+
+    __slots__ = ("facts", "facts_of", "fast", "names", "outcome", "outcomes", "reads_twin", "run",
+                 "seen", "table", "twin", "twin_names", "twin_table")
 
     def __init__(self, names: tuple[str, ...], twin_table: Table | None,
                  table: Table | None, reads_twin: bool) -> None:
@@ -152,6 +199,21 @@ class _Split:
         self.twin: Any = _NO_TWIN  # the twin last looked up, twin_names are for it
         self.twin_names: tuple[str, ...] = ()
         self.seen = -1  # the twin store's change count when twin was looked up
+        self.fast = False
+        self.run: Callable[..., tuple[str, ...]] | None = None
+        self.facts_of: Callable[[Any], int] | None = None
+        self.facts = 0
+        self.outcomes: _Outcomes | None = None
+        self.outcome: tuple[str, ...] = names
+
+
+def _new_twin(split: _Split, twin: Any) -> None:
+    """A fast split's facts for another twin object (see :class:`_Split`)."""
+    assert split.facts_of is not None and split.outcomes is not None
+    split.facts = split.facts_of(twin)
+    if split.run is None:
+        split.outcome = split.outcomes[split.facts]
+    split.twin = twin
 
 
 class Router:
@@ -174,8 +236,12 @@ class Router:
         self.fallback = self.state.fallback
         self.trivial = self.empty  # everything goes to events (or nowhere): no evaluation
         self.default = FALLBACK_ONLY if self.fallback else NOWHERE  # what route() gives then
+        # whether a condition reads $messageId: if not, messages whose properties differ only
+        # by it route alike, and the caller may give them one key (a stamped topic's template)
+        self.reads_message_id = any(_reads_system(r.compiled.tree, "message-id") for r in routes)
         self._cache: dict[str, _Split] = {}
         self._tables: dict[tuple[str, str], Table] = {}  # by source
+        self._splits: dict[tuple[str, str], tuple[Callable[..., Any], Callable[[Any], int]]] = {}
         self._general: dict[tuple[tuple[int, ...], str | None], Table] = {}  # unfolded
         self._endpoint_routes: dict[str, frozenset[str]] = {}
         for r in routes:
@@ -200,7 +266,24 @@ class Router:
               key: str | None = None) -> tuple[str, ...]:
         """The names of the routes a message matches (``($fallback,)`` when it goes to
         ``events`` by the fallback route). ``key`` is the stored properties text when the
-        caller has it: property-only conditions are cached by it."""
+        caller has it: property-only conditions are cached by it, and everything else is
+        compiled for it into one function (the hub's path: a dict look-up and one call)."""
+        if key is not None:
+            hit = self._cache.get(key)
+            if hit is not None and hit.fast:
+                if hit.reads_twin:
+                    clock = self.twin_changes
+                    if clock is None:  # nothing counts the changes: look it up every time
+                        twins = self.twins
+                        now = twins(device_id, module_id) if twins is not None else None
+                        if now is not hit.twin:
+                            _new_twin(hit, now)
+                    elif clock.changes != hit.seen:
+                        self._look_up_twin(hit, device_id, module_id)
+                run = hit.run
+                if run is None:
+                    return hit.outcome
+                return run(body, enqueued_ms, hit.twin, hit.facts, hit.outcomes)
         if self.empty:
             return self.default
         names: tuple[str, ...] = ()
@@ -213,6 +296,9 @@ class Router:
                     if len(self._cache) >= CACHE_LIMIT:
                         self._cache.clear()
                     self._cache[key] = hit
+                    if hit.fast:
+                        return self.route(kind, system, application, body, device_id,
+                                          module_id, enqueued_ms, key)
             names = hit.names
             twin: Any = _NO_TWIN
             if hit.reads_twin:
@@ -269,10 +355,54 @@ class Router:
         codec = body_codec(system)
         reads_twin = bool(twin_only) or any("twin" in self._routes[i].compiled.deps
                                             for i in dynamic)
+        if kept:
+            split = self._fast_split(kind, tuple(matched), twin_only, dynamic, codec, view)
+            if split is not None:
+                split.reads_twin = reads_twin
+                return split
         props = view if kept else None
         return _Split(tuple(matched),
                       self._table(twin_only, None, props) if twin_only else None,
                       self._table(dynamic, codec, props) if dynamic else None, reads_twin)
+
+    def _fast_split(self, kind: str, matched: tuple[str, ...], twin_only: list[int],
+                    dynamic: list[int], codec: str | None, view: MessageView) -> _Split | None:
+        """A kept split compiled whole (see :class:`_Split`); None past CPython's limits."""
+        empty = FALLBACK_ONLY if kind == TELEMETRY and self.fallback else NOWHERE
+        names = tuple(self._routes[i].spec.name for i in twin_only + dynamic)
+        outcomes = _Outcomes(matched, names, empty)
+        split = _Split(matched, None, None, False)
+        split.fast, split.outcomes = True, outcomes
+        if not twin_only and not dynamic:
+            split.outcome = outcomes[0]
+            return split
+        try:
+            twin_trees = [fold_properties(self._routes[i].compiled.tree, view) for i in twin_only]
+            trees = [fold_properties(self._routes[i].compiled.tree, view) for i in dynamic]
+            source, consts = split_source(twin_trees, trees, codec)
+            key = (source, repr(sorted((k, type(v).__name__, repr(v)) for k, v in consts.items())))
+            pair = self._splits.get(key)
+            if pair is None:
+                if len(self._splits) >= CACHE_LIMIT:
+                    self._splits.clear()
+                pair = self._splits[key] = compile_split(source, consts)
+        except (SyntaxError, RecursionError, MemoryError, ValueError):  # past CPython's limits
+            return None
+        run, facts_of = pair
+        split.run = run if dynamic else None
+        split.facts_of = facts_of
+        split.outcome = outcomes[0]
+        return split
+
+    def _look_up_twin(self, split: _Split, device_id: str, module_id: str | None) -> None:
+        """A fast split's twin looked up again (a twin changed since), and what its conditions
+        read of it recomputed if it is another object."""
+        twin = self.twins(device_id, module_id) if self.twins is not None else None
+        if twin is not split.twin:
+            _new_twin(split, twin)
+        clock = self.twin_changes
+        if clock is not None:
+            split.seen = clock.changes
 
     def _table(self, indexes: list[int], codec: str | None, view: MessageView | None) -> Table:
         """The conditions of ``indexes`` for messages with ``view``'s properties (folded in:

@@ -12,6 +12,7 @@ from itertools import chain
 from operator import attrgetter
 from typing import Any, Final, TypeAlias
 
+from gateway.routing.names import RouteNames
 from gateway.store.db import Migration
 
 MIGRATION: Final[Migration] = (
@@ -53,8 +54,11 @@ COLUMNS: Final = "seq, kind, device_id, module_id, enqueued_ms, props, body, rou
 _SIZE: Final = "length(body) + length(props)"
 
 def ROW_OF(r: Any) -> Row:  # noqa: N802 - it stands in for an attrgetter
-    """The row of one Record: its fields, then its route names joined by commas."""
-    return (r.kind, r.device_id, r.module_id, r.enqueued_ms, r.props, r.body, ",".join(r.routes))
+    """The row of one Record: its fields, then its route names joined by commas (joined once
+    by the router when it gives :class:`RouteNames`)."""
+    routes = r.routes
+    return (r.kind, r.device_id, r.module_id, r.enqueued_ms, r.props, r.body,
+            routes.text if routes.__class__ is RouteNames else ",".join(routes))
 
 
 def routes_of(text: str) -> tuple[str, ...]:

@@ -94,3 +94,29 @@ def test_on_behalf_refused(tmp_path, case: str) -> None:  # type: ignore[no-unty
         assert ("topic not allowed" if case == "not-edge" else "may not act for") in hub.log_text()
     finally:
         hub.stop()
+
+
+def test_stamped_messages_are_routed_by_their_own_body_and_message_id(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Stamped messages of one topic share a compiled split while no condition reads the
+    message id (the only property that differs between them), and each is still routed by its
+    own body; once a condition reads the message id, by that too (IoT Hub ref §10.2)."""
+    routes = ('[routing]\nfallback = false\n[routes]\nhot = { source = "DeviceMessages", '
+              'condition = "$body.n > 11", endpoint = "events" }\n')
+    hub = HubProcess(tmp_path / "parent", log_level="info", extra_config=routes).start()
+    try:
+        client = _gateway(hub)
+        _send(client, 1, register_topic("leaf-1", None))
+        topic = ("devices/leaf-1/messages/events/%24.gwe=E1&%24.gws={seq}&%24.mid={mid}"
+                 "&%24.ct=application%2Fjson&%24.ce=utf-8&a=1")
+        for pid, n in ((2, 10), (3, 12), (4, 11), (5, 13)):
+            _send(client, pid, topic.format(seq=n, mid=f"m{n}"), json.dumps({"n": n}).encode())
+        hub.cli("route", "create", "byid", "--endpoint", "events", "--condition",
+                "$messageId = 'm20'")
+        for pid, n in ((6, 20), (7, 1), (8, 21)):
+            _send(client, pid, topic.format(seq=n, mid=f"m{n}"), json.dumps({"n": n}).encode())
+        leaf = [e for e in _events(hub) if e.get("origin") == "leaf-1"]
+        assert [e["payload"]["n"] for e in leaf] == [12, 13, 20, 21]
+        ids = [e["properties"]["system"]["message_id"] for e in leaf]
+        assert ids == ["m12", "m13", "m20", "m21"]
+    finally:
+        hub.stop()
