@@ -58,8 +58,10 @@ def test_daily_quota_pauses_the_child_and_loses_nothing(tmp_path) -> None:  # ty
         assert "CONNACK 3" in s["lastError"] and "paused until" in s["lastError"]
         assert s["lastError"].endswith("T00:00:00Z")
         got = telemetry_by_origin(parent)
-        stored = sum(map(len, got.values()))  # a batch that would pass the quota is refused whole
-        assert 0 < stored <= 30 and all(v == list(range(1, len(v) + 1)) for v in got.values())
+        # a batch that would pass the quota is refused whole: on a busy machine the whole
+        # backlog can arrive as one batch, and nothing is stored before the pause
+        stored = sum(map(len, got.values()))
+        assert 0 <= stored <= 30 and all(v == list(range(1, len(v) + 1)) for v in got.values())
         assert s["sent"] == stored and s["backlog"] == 100 - stored
         assert s["dropped"]["full"] == 0
         log = parent.log_text()
