@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -107,3 +108,23 @@ def telemetry_by_origin(parent: HubProcess) -> dict[str, list[int]]:
         origin = e["origin"] + (f"/{e['module']}" if e["module"] else "")
         out.setdefault(origin, []).append(e["payload"]["n"])
     return out
+
+
+def timed_drain(parent: HubProcess, child: HubProcess, devices: list[Device], count: int,
+                **kw: Any) -> tuple[int, float]:
+    """With ``parent`` stopped, ``count`` messages from each of ``devices`` into ``child``;
+    then ``parent`` starts again on the same TLS port. Returns the backlog's bytes and the
+    seconds from that start until the child's backlog is empty (at most 60)."""
+    port = parent.port("mqtt_tls_port")
+    parent.stop()
+    send_from(child, devices, count, **kw)
+    backlog_bytes = int(status(child)["backlogBytes"])
+    parent.config_file.write_text(parent.config_file.read_text().replace(
+        "tls_port = 0", f"tls_port = {port}"))
+    parent.start()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 60 and status(child)["backlog"]:
+        time.sleep(0.2)
+    took = time.monotonic() - t0
+    assert status(child)["backlog"] == 0, "the backlog did not drain in 60 s"
+    return backlog_bytes, took
