@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 from gateway.routing.compiler import (
     NOT_LOOKED_UP,
@@ -380,12 +380,7 @@ class Router:
             twin_trees = [fold_properties(self._routes[i].compiled.tree, view) for i in twin_only]
             trees = [fold_properties(self._routes[i].compiled.tree, view) for i in dynamic]
             source, consts = split_source(twin_trees, trees, codec)
-            key = (source, repr(sorted((k, type(v).__name__, repr(v)) for k, v in consts.items())))
-            pair = self._splits.get(key)
-            if pair is None:
-                if len(self._splits) >= CACHE_LIMIT:
-                    self._splits.clear()
-                pair = self._splits[key] = compile_split(source, consts)
+            pair = _compiled(self._splits, source, consts, compile_split)
         except (SyntaxError, RecursionError, MemoryError, ValueError):  # past CPython's limits
             return None
         run, facts_of = pair
@@ -416,12 +411,7 @@ class Router:
             trees = [r.compiled.tree if view is None else fold_properties(r.compiled.tree, view)
                      for r in routes]
             source, consts = table_source(trees, [r.spec.name for r in routes], codec)
-            key = (source, repr(sorted((k, type(v).__name__, repr(v)) for k, v in consts.items())))
-            table = self._tables.get(key)
-            if table is None:
-                if len(self._tables) >= CACHE_LIMIT:
-                    self._tables.clear()
-                table = self._tables[key] = compile_source(source, consts)
+            table = _compiled(self._tables, source, consts, compile_source)
         except (SyntaxError, RecursionError, MemoryError):  # past CPython's nesting limits
             table = _slow_table(routes)
         if view is None:
@@ -514,3 +504,19 @@ def _first_failing(compiled: Compiled, view: MessageView) -> str:
         if value is not True:
             return f"{unparse(clause)} was {describe(value)}"
     return "the condition was not true"  # pragma: no cover - the predicate said so
+
+
+_T = TypeVar("_T")
+
+
+def _compiled(cache: dict[tuple[str, str], _T], source: str, consts: dict[str, Any],
+              build: Callable[[str, dict[str, Any]], _T]) -> _T:
+    """``build(source, consts)`` once per distinct source and constants; the cache is
+    emptied when it holds :data:`CACHE_LIMIT` of them."""
+    key = (source, repr(sorted((k, type(v).__name__, repr(v)) for k, v in consts.items())))
+    found = cache.get(key)
+    if found is None:
+        if len(cache) >= CACHE_LIMIT:
+            cache.clear()
+        found = cache[key] = build(source, consts)
+    return found
