@@ -112,6 +112,7 @@ class OriginQueue:
     singles: int = 0  # sent alone and not acknowledged yet, on this link (packing waits)
     lane: str = ""  # the segment's lane name (the route's own name without segments)
     rank: int = 0  # service order inside the class: LIVE, then older segments first
+    ringed: bool = False  # in its class's ready ring (Backlog._ready)
 
     def __post_init__(self) -> None:
         if not self.lane:
@@ -240,7 +241,6 @@ class Backlog:
         self.buffered_bytes = 0
         self.inflight = 0
         self._classes: dict[int, _Class] = {}
-        self._queued: set[QueueKey] = set()  # queues in a class's ready ring
         self.lanes: dict[str, Lanes] = {
             route: Lanes(route, [Segment(int(low), int(slot)) for low, slot in segs])
             for route, segs in (lanes or {}).items()}
@@ -298,7 +298,7 @@ class Backlog:
         return self.buffered >= self.max_buffer + self.max_buffer // LIVE_HEADROOM
 
     def _ready(self, q: OriginQueue) -> None:
-        if q.key not in self._queued and q.pending:
+        if not q.ringed and q.pending:
             cls = self._classes.get(q.priority)
             if cls is None:
                 cls = self._classes[q.priority] = _Class(q.priority)
@@ -308,7 +308,7 @@ class Backlog:
                 cls.pass_ = max(cls.pass_, min(
                     (c.pass_ for c in self._classes.values() if c.ready), default=cls.pass_))
             cls.ring(q.rank).append(q)
-            self._queued.add(q.key)
+            q.ringed = True
 
     # -- lanes (live-first) --------------------------------------------------------------------
 
@@ -395,7 +395,7 @@ class Backlog:
         return {route: lanes.to_json() for route, lanes in self.lanes.items()}
 
     def _unring(self, q: OriginQueue) -> None:
-        if q.key in self._queued:
+        if q.ringed:
             cls = self._classes[q.priority]
             ring = cls.ring(q.rank)
             for i, other in enumerate(ring):
@@ -403,7 +403,7 @@ class Backlog:
                     del ring[i]
                     break
             cls.drop_ring(q.rank)
-            self._queued.discard(q.key)
+            q.ringed = False
 
     def _rerank(self, q: OriginQueue, rank: int) -> None:
         if q.rank != rank:
@@ -429,7 +429,7 @@ class Backlog:
                     q = ring[0]
                     if not q.pending:
                         ring.popleft()
-                        self._queued.discard(q.key)
+                        q.ringed = False
                         continue
                     ring.rotate(-1)
                     if q.hold_until > now or (allowed is not None and q.origin not in allowed) \

@@ -168,6 +168,7 @@ def main() -> None:
                 raise SystemExit("the drain took over an hour")
             time.sleep(0.5)
         drain_s = time.monotonic() - t0
+        up_s = time.monotonic() - (connected_at or t0)  # at the end of the drain, not after
         drained_wall = time.time()
         cpu1 = (_cpu(child.pid), _cpu(parent.pid), s["sent"])
         profile = _spy_stop(spies, s["sent"], args.profile_top) if spies else ""
@@ -181,7 +182,6 @@ def main() -> None:
         billed = _billed(parent)
         commits = {"child": _commits(child), "parent": _commits(parent)}
         drain_rate = backlog / drain_s
-        up_s = time.monotonic() - (connected_at or t0)
         linked_rate = backlog / up_s
         # the steady rate: from 10 % to 90 % of the backlog sent
         t10 = next(t for t, n in samples if n >= backlog * 0.1)
