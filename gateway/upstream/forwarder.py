@@ -86,7 +86,10 @@ class LinkState:
 
 
 class Forwarder:
-    """Store-and-forward to one parent. ``run`` until cancelled; ``status`` at any time."""
+    """Store-and-forward to one parent. ``run`` until cancelled; ``status`` at any time.
+
+    ``select`` names the upstream route of an entry (None: not forwarded) by its ``kind`` and
+    ``routes`` only: the scanner asks it once per distinct pair in a chunk it reads."""
 
     def __init__(self, log_: MessageLog, db: Database, settings: LinkSettings,
                  cfg: UpstreamConfig, *, local_gateway: str,

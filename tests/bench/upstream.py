@@ -30,12 +30,12 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
-import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -263,7 +263,8 @@ def main() -> None:
               f"{result['no_lane_p99_ms']:,} ms (p50 {result['no_lane_p50_ms']:,} ms, "
               f"{len(plain_sorted)} messages, the same run)")
         for side, (count, seconds) in commits.items():
-            print(f"{side}: {count:,.0f} group commits since its start, {seconds * 1e3 / max(1, count):.2f} ms each")
+            print(f"{side}: {count:,.0f} group commits since its start, "
+                  f"{seconds * 1e3 / max(1, count):.2f} ms each")
         if profile:
             print(profile)
     finally:
