@@ -618,6 +618,8 @@ class Forwarder:
         more = False  # the window has room after a burst
         pacer = Pacer(self.policy, self.clock)
         session.link.on_acks = acked
+        lost = session.lost
+        lost.add_done_callback(wake_on_loss := lambda _: woken.set())  # one waiter, not a task
         send = session.link.send_batched
         report = loop.create_task(self._report(session), name="upstream-report")
         try:
@@ -686,14 +688,14 @@ class Forwarder:
                     more = False
                     await asyncio.sleep(0)
                     continue
-                self._wake.clear()
-                wake: asyncio.Future[Any] = loop.create_task(self._wake.wait())
-                await asyncio.wait({wake, session.lost}, timeout=0.05 if pacer.paced else 1.0,
-                                   return_when=asyncio.FIRST_COMPLETED)
-                wake.cancel()
+                self._wake.clear()  # set by a PUBACK, the scanner, a registration, the loss
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.05 if pacer.paced else 1.0):
+                        await self._wake.wait()
             return session.lost.result()
         finally:
             session.ended = True
+            lost.remove_done_callback(wake_on_loss)
             for fut in [*registering.values(), report]:
                 fut.cancel()
             parked = backlog.link_lost(self.clock())
