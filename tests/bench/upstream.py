@@ -82,7 +82,7 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--msgs", type=int, default=1_000_000)
     ap.add_argument("--origins", type=int, default=100)
-    ap.add_argument("--window", type=int, default=512, help="the forwarder's QoS 1 window")
+    ap.add_argument("--window", type=int, default=1024, help="the forwarder's QoS 1 window")
     ap.add_argument("--live-rate", type=float, default=20.0)
     ap.add_argument("--pack", action="store_true",
                     help="[upstream] pack = true: the backlog goes up in packs of <= 4 KB")
