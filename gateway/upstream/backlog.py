@@ -150,6 +150,8 @@ class Lanes:
     def _index(self) -> None:
         self.lows = [s.low for s in self.segments]
         self.names = [lane_name(self.route, s.slot) for s in self.segments]
+        # (lane name, rank) per segment: what a queue of it is keyed and served by
+        self.slots = [(name, self.rank(i)) for i, name in enumerate(self.names)]
 
     def of(self, seq: int) -> int:
         """The index of the segment ``seq`` belongs to."""
@@ -260,9 +262,11 @@ class Backlog:
         lanes = self.lanes.get(route)
         if lanes is None:
             lane, rank = route, 0
-        else:
-            index = lanes.of(seq) if seq is not None else len(lanes.segments) - 1
-            lane, rank = lanes.names[index], lanes.rank(index)
+        elif seq is None:
+            lane, rank = lanes.slots[-1]
+        else:  # Lanes.of, inline: once per message the scanner offers
+            index = bisect_left(lanes.lows, seq) - 1
+            lane, rank = lanes.slots[index if index > 0 else 0]
         key = (lane, origin)
         q = self.queues.get(key)
         if q is None:
@@ -287,7 +291,8 @@ class Backlog:
         q.pending.append(item)
         self.buffered += 1
         self.buffered_bytes += size
-        self._ready(q)
+        if not q.ringed:
+            self._ready(q)
         return True
 
     def full(self) -> bool:
