@@ -201,7 +201,7 @@ class UpstreamConfig:
     port: int = 8883
     mode: Literal["gateway", "identity"] = "gateway"  # identity: one connection per origin (Azure)
     max_inflight: int = 16  # QoS 1 window per connection (IoT Hub's Receive Maximum)
-    gateway_inflight: int = 512  # the window of the one on-behalf-of connection to our own parent
+    gateway_inflight: int = 1024  # the window of the one on-behalf-of connection to our own parent
     keepalive: int = 60
     ack_timeout: float = 30.0  # no PUBACK for this long: the link is dead, reconnect
     token_ttl: int = 3600  # SAS tokens, renewed at 80 % of their life (reconnect between windows)

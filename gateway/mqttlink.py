@@ -20,10 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import struct
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, cast
-from collections import OrderedDict
 
 from gateway.errors import GatewayError, RemoteProtocolError, UpstreamError, UpstreamRefusedError
 from gateway.mqtt.codec import Decoder, encode
@@ -38,6 +39,9 @@ from gateway.mqtt.packets import (
     Suback,
     Subscribe,
 )
+
+_HEAD2 = struct.Struct(">BBBH")  # PUBLISH type and flags, two length bytes, topic length
+_PID = struct.Struct(">H")
 
 _CONNACK = {1: "unacceptable protocol version", 2: "identifier rejected",
             3: "server unavailable", 4: "bad username or password", 5: "not authorized"}
@@ -59,13 +63,14 @@ class _Protocol(asyncio.Protocol):
             # parent sends a forwarder: taken here, without a packet object each; the rest
             # (and a packet id 0, which the decoder refuses) goes to the decoder
             pos, end = 0, len(data)
-            acked = link.acked_packet
+            run: list[int] = []
             while pos + 4 <= end and data[pos] == 0x40 and data[pos + 1] == 2:
                 packet_id = (data[pos + 2] << 8) | data[pos + 3]
                 if not packet_id:
                     break
-                acked(packet_id)
+                run.append(packet_id)
                 pos += 4
+            link.acked_run(run)
             if pos == end:
                 return
             data = data[pos:]
@@ -110,9 +115,11 @@ class MqttLink:
         self.keepalive = keepalive
         self.ack_timeout = ack_timeout
         self.last_rx = self.last_tx = time.monotonic()
-        # packet id -> (future or None, sent at, on_ack or None, token for on_ack)
+        # packet id -> (future or None, sent at, on_ack or None, token for on_ack): neither
+        # a future nor an on_ack: the token goes to ``on_acks`` (:meth:`send_batched`)
         self._pending: OrderedDict[int, tuple[asyncio.Future[None] | None, float,
                                               Callable[[Any], None] | None, Any]] = OrderedDict()
+        self.on_acks: Callable[[list[Any]], None] | None = None
         self._next_id = 0
         self._out: list[bytes | bytearray] = []
         self._timer: asyncio.Task[None] | None = None
@@ -170,30 +177,34 @@ class MqttLink:
 
     def send_nowait(self, topic: str, payload: bytes, on_ack: Callable[[Any], None],
                     token: Any) -> bool:
-        """:meth:`send` without a future (the forwarder's hot path): ``on_ack(token)`` is
-        called from the PUBACK; nothing is called if the link goes (the caller watches
-        :attr:`lost`). False if the link is gone or every packet id is in use."""
+        """:meth:`send` without a future: ``on_ack(token)`` is called from the PUBACK; nothing
+        is called if the link goes (the caller watches :attr:`lost`). False if the link is
+        gone or every packet id is in use."""
+        return self._send_qos1(topic, payload, on_ack, token)
+
+    def send_batched(self, topic: str, payload: bytes, token: Any) -> bool:
+        """:meth:`send_nowait` for the forwarder's hot path: the tokens of a run of PUBACKs
+        (what one read of the socket brings) go to :attr:`on_acks` in one call, in the order
+        the PUBACKs came, instead of a call each."""
+        return self._send_qos1(topic, payload, None, token)
+
+    def _send_qos1(self, topic: str, payload: bytes, on_ack: Callable[[Any], None] | None,
+                   token: Any) -> bool:
         if self.lost.done() or len(self._pending) >= 65535:
             return False
         pid = self._take_packet_id()
         self._pending[pid] = (None, time.monotonic(), on_ack, token)
         raw = topic.encode()
-        if len(raw) > 65535:  # let the codec refuse it with its own error
+        size = len(raw) + 4 + len(payload)  # the remaining length (MQTT 3.1.1 §2.2.3)
+        if not 128 <= size < 16384 or len(raw) > 65535:  # not two length bytes: the codec
             self.write(encode(Publish(topic=topic, payload=payload, qos=1, packet_id=pid)))
             return True
-        # PUBLISH QoS 1 (MQTT 3.1.1 §3.3): fixed header, topic, packet id, payload
-        size = len(raw) + 4 + len(payload)
-        head = bytearray(b"\x32")
-        while True:
-            size, digit = divmod(size, 128)
-            head.append(digit | 0x80 if size else digit)
-            if not size:
-                break
-        head += len(raw).to_bytes(2, "big")
-        head += raw
-        head += pid.to_bytes(2, "big")
-        head += payload
-        self.write(head)  # one piece per message for the flush to join
+        # PUBLISH QoS 1 (MQTT 3.1.1 §3.3): fixed header with a two-byte remaining length,
+        # topic length, topic, packet id, payload; in pieces for the flush to join
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out += (_HEAD2.pack(0x32, (size & 0x7F) | 0x80, size >> 7, len(raw)), raw,
+                      _PID.pack(pid), payload)
         return True
 
     def acked_packet(self, pid: int) -> None:
@@ -204,8 +215,34 @@ class MqttLink:
         if future is None:
             if on_ack is not None:
                 on_ack(token)
+            elif self.on_acks is not None:
+                self.on_acks([token])
         elif not future.done():
             future.set_result(None)
+
+    def acked_run(self, pids: list[int]) -> None:
+        """A run of PUBACKs: the batched tokens (:meth:`send_batched`) go to :attr:`on_acks`
+        together; anything else is settled in order around them."""
+        pending = self._pending
+        tokens: list[Any] = []
+        for pid in pids:
+            entry = pending.pop(pid, None)
+            if entry is None:
+                continue
+            future, _, on_ack, token = entry
+            if future is None and on_ack is None:
+                tokens.append(token)
+                continue
+            if tokens and self.on_acks is not None:  # keep the order
+                self.on_acks(tokens)
+                tokens = []
+            if future is None:
+                if on_ack is not None:
+                    on_ack(token)
+            elif not future.done():
+                future.set_result(None)
+        if tokens and self.on_acks is not None:
+            self.on_acks(tokens)
 
     def lose(self, reason: str) -> None:
         if not self.lost.done():

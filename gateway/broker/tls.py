@@ -46,6 +46,10 @@ RECORD_PLAINTEXT: Final = 16 * 1024  # a TLS record carries at most 2^14 bytes (
 CIPHERS: Final = b"ECDHE+AESGCM:ECDHE+CHACHA20:ECDHE+AES:!aNULL:!eNULL:!SHA1:!AESCCM"
 BIO_KEEP: Final = 4096
 """Bytes a connection's memory BIOs may carry before they are replaced by empty ones."""
+BIO_RENEW_DELAY: Final = 0.5
+"""Seconds from the read or write that passed :data:`BIO_KEEP` to the renewal: a busy
+connection renews at most twice a second (not after every read), an idle one soon after its
+burst."""
 PEER_CHAIN: Final = "peer_cert_chain"
 """``get_extra_info`` name: the client's certificates as DER, leaf first (None: none sent)."""
 
@@ -130,7 +134,8 @@ class TlsServerProtocol(asyncio.Protocol):
     """The raw TCP side of one TLS connection; the inner protocol sees a plaintext transport."""
 
     __slots__ = ("tls", "_timeout", "_make_inner", "_inner", "raw", "_timer", "peer", "closing",
-                 "peer_chain", "_record_left", "_header", "_reading", "_unflushed", "_carried")
+                 "peer_chain", "_record_left", "_header", "_reading", "_unflushed", "_carried",
+                 "_renewal")
 
     def __init__(self, context: SSL.Context, handshake_timeout: float,
                  make_inner: Callable[[], asyncio.Protocol]) -> None:
@@ -152,6 +157,7 @@ class TlsServerProtocol(asyncio.Protocol):
         self._unflushed = False  # written while reading, not yet flushed
         # Bytes through the memory BIOs since they were new (-1: they are never renewed).
         self._carried = 0 if _MemoryBios.usable(self.tls) else -1
+        self._renewal: asyncio.TimerHandle | None = None  # the pending renewal of the BIOs
 
     # -- raw side ------------------------------------------------------------------------------
 
@@ -203,8 +209,21 @@ class TlsServerProtocol(asyncio.Protocol):
         if peer_closed:
             log.debug("tls close_notify from peer=%s", self.peer)
             self.close()
-        elif self._carried > BIO_KEEP and _MemoryBios.renew(self.tls):
+        elif self._carried > BIO_KEEP and self._renewal is None:
+            self._renew_soon()
+
+    def _renew_soon(self) -> None:
+        self._renewal = asyncio.get_running_loop().call_later(BIO_RENEW_DELAY, self._renew)
+
+    def _renew(self) -> None:
+        """Fresh BIOs (:class:`_MemoryBios`), the timer's; again later if they are not empty."""
+        self._renewal = None
+        if self.closing or self._carried <= BIO_KEEP:
+            return
+        if _MemoryBios.renew(self.tls):
             self._carried = 0
+        else:
+            self._renew_soon()
 
     def _complete_records(self, data: bytes) -> int:
         """How many TLS records ``data`` completes (5-byte headers: type, version, length)."""
@@ -249,6 +268,9 @@ class TlsServerProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._renewal is not None:
+            self._renewal.cancel()
+            self._renewal = None
         if self._inner is not None:
             self._inner.connection_lost(exc)
 
@@ -324,8 +346,8 @@ class TlsServerProtocol(asyncio.Protocol):
             self.raw.write(data)
             if self._carried >= 0:
                 self._carried += len(data)
-                if self._carried > BIO_KEEP and not self._reading and _MemoryBios.renew(self.tls):
-                    self._carried = 0
+                if self._carried > BIO_KEEP and self._renewal is None:
+                    self._renew_soon()
 
     def close(self) -> None:
         if self.closing:

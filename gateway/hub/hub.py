@@ -32,10 +32,9 @@ from gateway.errors import (
     StoreError,
     StoreFullError,
 )
-from gateway.hub import addresses, dps
+from gateway.hub import addresses, dps, federated, onbehalf
 from gateway.hub.auth import Authenticator, Principal
 from gateway.hub.children import ChildDirectory
-from gateway.hub import federated, onbehalf
 from gateway.hub.connections import Connection
 from gateway.hub.messages import (
     Event,
@@ -101,6 +100,7 @@ class _StampTemplate:
     retained_tail: str
     key: str
     epoch: str
+    plain_epoch: bool  # the default id ``{epoch}-{seq}`` goes into the JSON as it is
 
     def prepare(self, seq: int, prev: int | None, mid: str | None,
                 routed: bool = True) -> PreparedTelemetry:
@@ -242,7 +242,11 @@ class Hub:
                 template.prepared.retained_props if retain else template.prepared.props)
             return self.telemetry_record(template.prepare(seq, prev, mid, True), body,
                                          retain=retain, key=key)
-        quoted, size = _quoted(mid or f"{template.epoch}-{seq}")
+        if mid is None and template.plain_epoch:  # the usual case: no check per message
+            mid = f"{template.epoch}-{seq}"
+            quoted, size = f'"{mid}"', len(mid)
+        else:
+            quoted, size = _quoted(mid or f"{template.epoch}-{seq}")
         p = template.prepared
         total = len(body) + p.props_size - 1 + size  # less the template's 1-byte placeholder id
         if total > self.max_message_bytes:
@@ -297,8 +301,9 @@ class Hub:
             return False
         head, tail = prepared.props.split(mark)
         retained_head, retained_tail = prepared.retained_props.split(mark)
+        epoch = prepared.once[1]
         return _StampTemplate(prepared, head, tail, retained_head, retained_tail,
-                              prepared.once[0], prepared.once[1])
+                              prepared.once[0], epoch, _quoted(epoch) == (f'"{epoch}"', len(epoch)))
 
     def _prepare_on_behalf_topic(self, principal: Principal, topic: str) -> Any:
         assert self.on_behalf is not None

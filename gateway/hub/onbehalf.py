@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -124,32 +123,41 @@ def is_stamped(topic: str) -> bool:
     return at >= 0 and topic.startswith(_SEQ_HEAD, at + len(_EVENTS))
 
 
-_STAMP: Final = re.compile(r"/messages/events/\$\.gws=([0-9]+)&(?:\$\.gwq=([0-9]+)&)?"
-                           r"(?:\$\.mid=([^&]+)&)?", re.ASCII)
-
-
 def split_stamp(topic: str) -> tuple[str, int, int | None, str | None] | None:
     """``(topic without the per-message parts, seq, prev, message id)`` of a telemetry topic
-    whose bag starts with the stamp, else None (then it is parsed the general way)."""
+    whose bag starts with the stamp, ``$.gws={seq}&[$.gwq={prev}&][$.mid={id}&]`` (ASCII
+    digits, a non-empty id), else None (then it is parsed the general way). Called for every
+    message a child gateway forwards: string searches, no regular expression."""
     at = topic.find(_EVENTS)
     if at < 0:
         return None
-    found = _STAMP.match(topic, at)
-    if found is None:
+    start = at + len(_EVENTS)
+    if not topic.startswith(_SEQ_HEAD, start):
         return None
-    pos = found.end()
-    prev = found.group(2)
-    mid = found.group(3)
-    if mid is None and (topic.startswith(_MID_HEAD, pos)
-                        or prev is None and topic.startswith(_PREV_HEAD, pos)):
-        return None  # an empty or malformed previous sequence or message id
-    if mid is not None:
-        mid = decode_component(mid)
+    end = topic.find("&", start + len(_SEQ_HEAD))
+    digits = topic[start + len(_SEQ_HEAD):end]
+    if end < 0 or not digits.isdigit() or not digits.isascii():
+        return None
+    seq = int(digits)
+    pos = end + 1
+    prev = None
+    if topic.startswith(_PREV_HEAD, pos):
+        end = topic.find("&", pos + len(_PREV_HEAD))
+        digits = topic[pos + len(_PREV_HEAD):end]
+        if end < 0 or not digits.isdigit() or not digits.isascii():
+            return None  # an empty or malformed previous sequence
+        prev = int(digits)
+        pos = end + 1
+    mid = None
+    if topic.startswith(_MID_HEAD, pos):
+        end = topic.find("&", pos + len(_MID_HEAD))
+        if end <= pos + len(_MID_HEAD):
+            return None  # an empty or unterminated message id
+        mid = decode_component(topic[pos + len(_MID_HEAD):end])
         if not mid:
             return None
-    at += len(_EVENTS)
-    return (topic[:at] + topic[pos:], int(found.group(1)), int(prev) if prev is not None
-            else None, mid)
+        pos = end + 1
+    return topic[:start] + topic[pos:], seq, prev, mid
 
 
 def register_topic(device_id: str, module_id: str | None) -> str:

@@ -112,6 +112,7 @@ class OriginQueue:
     singles: int = 0  # sent alone and not acknowledged yet, on this link (packing waits)
     lane: str = ""  # the segment's lane name (the route's own name without segments)
     rank: int = 0  # service order inside the class: LIVE, then older segments first
+    ringed: bool = False  # in its class's ready ring (Backlog._ready)
 
     def __post_init__(self) -> None:
         if not self.lane:
@@ -149,6 +150,8 @@ class Lanes:
     def _index(self) -> None:
         self.lows = [s.low for s in self.segments]
         self.names = [lane_name(self.route, s.slot) for s in self.segments]
+        # (lane name, rank) per segment: what a queue of it is keyed and served by
+        self.slots = [(name, self.rank(i)) for i, name in enumerate(self.names)]
 
     def of(self, seq: int) -> int:
         """The index of the segment ``seq`` belongs to."""
@@ -240,7 +243,6 @@ class Backlog:
         self.buffered_bytes = 0
         self.inflight = 0
         self._classes: dict[int, _Class] = {}
-        self._queued: set[QueueKey] = set()  # queues in a class's ready ring
         self.lanes: dict[str, Lanes] = {
             route: Lanes(route, [Segment(int(low), int(slot)) for low, slot in segs])
             for route, segs in (lanes or {}).items()}
@@ -260,9 +262,11 @@ class Backlog:
         lanes = self.lanes.get(route)
         if lanes is None:
             lane, rank = route, 0
-        else:
-            index = lanes.of(seq) if seq is not None else len(lanes.segments) - 1
-            lane, rank = lanes.names[index], lanes.rank(index)
+        elif seq is None:
+            lane, rank = lanes.slots[-1]
+        else:  # Lanes.of, inline: once per message the scanner offers
+            index = bisect_left(lanes.lows, seq) - 1
+            lane, rank = lanes.slots[index if index > 0 else 0]
         key = (lane, origin)
         q = self.queues.get(key)
         if q is None:
@@ -287,7 +291,8 @@ class Backlog:
         q.pending.append(item)
         self.buffered += 1
         self.buffered_bytes += size
-        self._ready(q)
+        if not q.ringed:
+            self._ready(q)
         return True
 
     def full(self) -> bool:
@@ -298,7 +303,7 @@ class Backlog:
         return self.buffered >= self.max_buffer + self.max_buffer // LIVE_HEADROOM
 
     def _ready(self, q: OriginQueue) -> None:
-        if q.key not in self._queued and q.pending:
+        if not q.ringed and q.pending:
             cls = self._classes.get(q.priority)
             if cls is None:
                 cls = self._classes[q.priority] = _Class(q.priority)
@@ -308,7 +313,7 @@ class Backlog:
                 cls.pass_ = max(cls.pass_, min(
                     (c.pass_ for c in self._classes.values() if c.ready), default=cls.pass_))
             cls.ring(q.rank).append(q)
-            self._queued.add(q.key)
+            q.ringed = True
 
     # -- lanes (live-first) --------------------------------------------------------------------
 
@@ -395,7 +400,7 @@ class Backlog:
         return {route: lanes.to_json() for route, lanes in self.lanes.items()}
 
     def _unring(self, q: OriginQueue) -> None:
-        if q.key in self._queued:
+        if q.ringed:
             cls = self._classes[q.priority]
             ring = cls.ring(q.rank)
             for i, other in enumerate(ring):
@@ -403,7 +408,7 @@ class Backlog:
                     del ring[i]
                     break
             cls.drop_ring(q.rank)
-            self._queued.discard(q.key)
+            q.ringed = False
 
     def _rerank(self, q: OriginQueue, rank: int) -> None:
         if q.rank != rank:
@@ -429,7 +434,7 @@ class Backlog:
                     q = ring[0]
                     if not q.pending:
                         ring.popleft()
-                        self._queued.discard(q.key)
+                        q.ringed = False
                         continue
                     ring.rotate(-1)
                     if q.hold_until > now or (allowed is not None and q.origin not in allowed) \

@@ -23,27 +23,27 @@ import asyncio
 import contextlib
 import heapq
 import json
-import os
 import logging
+import os
 import time
-from collections.abc import Callable
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from gateway.config import UpstreamConfig
 from gateway.errors import StoreError, UpstreamError, UpstreamRefusedError
-from gateway.hub.quota import next_midnight
 from gateway.hub.onbehalf import pack_frame, register_topic
+from gateway.hub.quota import next_midnight
 from gateway.store.db import Database
 from gateway.store.log import Entry, MessageLog
 from gateway.upstream import wire
 from gateway.upstream.backlog import Backlog, Item, OriginQueue
 from gateway.upstream.clock import AgeClock, boot_id
-from gateway.upstream.identity import Credentials, IdentityPump
 from gateway.upstream.cursors import FLOOR_CURSOR, CursorStore
+from gateway.upstream.identity import Credentials, IdentityPump
 from gateway.upstream.link import Backoff, Session, open_session
 from gateway.upstream.policy import Pacer, RoutePolicy
 from gateway.upstream.settings import LinkSettings
@@ -86,7 +86,10 @@ class LinkState:
 
 
 class Forwarder:
-    """Store-and-forward to one parent. ``run`` until cancelled; ``status`` at any time."""
+    """Store-and-forward to one parent. ``run`` until cancelled; ``status`` at any time.
+
+    ``select`` names the upstream route of an entry (None: not forwarded) by its ``kind`` and
+    ``routes`` only: the scanner asks it once per distinct pair in a chunk it reads."""
 
     def __init__(self, log_: MessageLog, db: Database, settings: LinkSettings,
                  cfg: UpstreamConfig, *, local_gateway: str,
@@ -240,13 +243,22 @@ class Forwarder:
             await asyncio.sleep(1.0)
             return None
         queued = False
+        # the route and its priority per (kind, routes matched): ``select`` reads nothing
+        # else of an entry, and the routes of a read are one tuple per distinct text
+        # (gateway.store.log._entries), so a chunk asks once per kind of message
+        chosen: dict[tuple[str, tuple[str, ...]], tuple[str | None, int]] = {}
+        offer, origin_of = backlog.offer, origins.of
         for entry in entries:
-            route = self.select(entry)
+            key = (entry.kind, entry.routes)
+            found = chosen.get(key)
+            if found is None:
+                route = self.select(entry)
+                found = chosen[key] = (route, self.policy(route).priority if route else 0)
+            route = found[0]
             if route is None or live and not backlog.is_live(route, entry.seq):
                 continue
-            queued |= backlog.offer(route, origins.of(entry), entry,
-                                    len(entry.body) + len(entry.props),
-                                    self.policy(route).priority)
+            queued |= offer(route, origin_of(entry), entry, len(entry.body) + len(entry.props),
+                            found[1])
         return pos, len(entries), queued
 
     async def _cut_lanes(self) -> bool:
@@ -291,11 +303,14 @@ class Forwarder:
             except StoreError as exc:
                 log.error("upstream cursors not saved: %s", exc)
 
-    def _count_sent(self, route: str) -> None:
+    def _counters(self, route: str) -> RouteCounters:
         counters = self.link.routes.get(route)
         if counters is None:
             counters = self.link.routes[route] = RouteCounters()
-        counters.sent += 1
+        return counters
+
+    def _count_sent(self, route: str) -> None:
+        self._counters(route).sent += 1
         if not self.backlog.full():
             self._space.set()
 
@@ -558,36 +573,38 @@ class Forwarder:
         woken = self._wake
         link = self.link
 
-        def done(item: Item) -> None:  # a PUBACK (never called once the link is lost)
-            inflight[0] -= 1
+        def acked(tokens: list[Any]) -> None:  # a run of PUBACKs (never once the link is lost)
+            count = len(tokens)
+            inflight[0] -= count
             if session.ended:
                 return
-            if item.queue is not None:
-                item.queue.singles -= 1
-            session.acked += 1
-            self._session_acks += 1
+            session.acked += count
+            self._session_acks += count
             if self._window_now < self.window:
-                self._window_now += 1
-            backlog.acked(item)
-            link.sent += 1
-            self._count_sent(item.route)
-            if not woken.is_set():
-                woken.set()
-
-        def done_pack(items: list[Item]) -> None:  # a pack's PUBACK: every reading in it
-            inflight[0] -= 1
-            if session.ended:
-                return
-            session.acked += 1
-            self._session_acks += 1
-            if self._window_now < self.window:
-                self._window_now += 1
-            for one in items:
-                backlog.acked(one)
-                self._count_sent(one.route)
-            link.sent += len(items)
-            self.packs += 1
-            self.packed += len(items)
+                self._window_now = min(self.window, self._window_now + count)
+            route: str | None = None
+            counters = RouteCounters()
+            sent = 0
+            for token in tokens:
+                if type(token) is Item:  # one message
+                    if token.queue is not None:
+                        token.queue.singles -= 1
+                    backlog.acked(token)
+                    if token.route is not route:
+                        route = token.route
+                        counters = self._counters(route)
+                    counters.sent += 1
+                    sent += 1
+                    continue
+                for one in token:  # a pack: every reading in it
+                    backlog.acked(one)
+                    self._counters(one.route).sent += 1
+                sent += len(token)
+                self.packs += 1
+                self.packed += len(token)
+            link.sent += sent
+            if not backlog.full():
+                self._space.set()
             if not woken.is_set():
                 woken.set()
 
@@ -600,6 +617,10 @@ class Forwarder:
         renewing = False
         more = False  # the window has room after a burst
         pacer = Pacer(self.policy, self.clock)
+        session.link.on_acks = acked
+        lost = session.lost
+        lost.add_done_callback(wake_on_loss := lambda _: woken.set())  # one waiter, not a task
+        send = session.link.send_batched
         report = loop.create_task(self._report(session), name="upstream-report")
         try:
             while not session.lost.done():
@@ -630,7 +651,7 @@ class Forwarder:
                             if pack is not None:
                                 # admit paid for the first reading only
                                 pacer.charge(item.route, sum(one.size for one in pack[2][1:]))
-                                if not session.send_nowait(pack[0], pack[1], done_pack, pack[2]):
+                                if not send(pack[0], pack[1], pack[2]):
                                     for one in reversed(pack[2]):
                                         backlog.untake(one)
                                     break
@@ -643,7 +664,7 @@ class Forwarder:
                         else:
                             topic = wire.encode(item.entry, item.origin, epoch=self.epoch,
                                                 stamp=False, route=item.route)[0]
-                        if not session.send_nowait(topic, item.entry.body, done, item):
+                        if not send(topic, item.entry.body, item):
                             backlog.untake(item)
                             break
                         if item.queue is not None:
@@ -667,14 +688,14 @@ class Forwarder:
                     more = False
                     await asyncio.sleep(0)
                     continue
-                self._wake.clear()
-                wake: asyncio.Future[Any] = loop.create_task(self._wake.wait())
-                await asyncio.wait({wake, session.lost}, timeout=0.05 if pacer.paced else 1.0,
-                                   return_when=asyncio.FIRST_COMPLETED)
-                wake.cancel()
+                self._wake.clear()  # set by a PUBACK, the scanner, a registration, the loss
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.05 if pacer.paced else 1.0):
+                        await self._wake.wait()
             return session.lost.result()
         finally:
             session.ended = True
+            lost.remove_done_callback(wake_on_loss)
             for fut in [*registering.values(), report]:
                 fut.cancel()
             parked = backlog.link_lost(self.clock())

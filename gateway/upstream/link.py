@@ -21,8 +21,8 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
-from gateway.mqttlink import MqttLink, connect
 from gateway.hub.sas import generate_sas_token
+from gateway.mqttlink import MqttLink, connect
 from gateway.upstream.settings import LinkSettings
 from gateway.upstream.wire import Origin
 
@@ -79,6 +79,11 @@ class Session:
                     token: Any) -> bool:
         """QoS 1 without a future: ``on_ack(token)`` on PUBACK (the forwarder's hot path)."""
         return self.link.send_nowait(topic, payload, on_ack, token)
+
+    def send_batched(self, topic: str, payload: bytes, token: Any) -> bool:
+        """:meth:`send_nowait` with the PUBACKs of a socket read handed over together, to
+        ``link.on_acks`` (:meth:`gateway.mqttlink.MqttLink.send_batched`)."""
+        return self.link.send_batched(topic, payload, token)
 
     def _count(self, future: asyncio.Future[None]) -> None:
         if not future.cancelled() and future.exception() is None:

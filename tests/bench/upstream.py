@@ -30,12 +30,12 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
-import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -82,7 +82,7 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--msgs", type=int, default=1_000_000)
     ap.add_argument("--origins", type=int, default=100)
-    ap.add_argument("--window", type=int, default=512, help="the forwarder's QoS 1 window")
+    ap.add_argument("--window", type=int, default=1024, help="the forwarder's QoS 1 window")
     ap.add_argument("--live-rate", type=float, default=20.0)
     ap.add_argument("--pack", action="store_true",
                     help="[upstream] pack = true: the backlog goes up in packs of <= 4 KB")
@@ -168,6 +168,7 @@ def main() -> None:
                 raise SystemExit("the drain took over an hour")
             time.sleep(0.5)
         drain_s = time.monotonic() - t0
+        up_s = time.monotonic() - (connected_at or t0)  # at the end of the drain, not after
         drained_wall = time.time()
         cpu1 = (_cpu(child.pid), _cpu(parent.pid), s["sent"])
         profile = _spy_stop(spies, s["sent"], args.profile_top) if spies else ""
@@ -181,7 +182,6 @@ def main() -> None:
         billed = _billed(parent)
         commits = {"child": _commits(child), "parent": _commits(parent)}
         drain_rate = backlog / drain_s
-        up_s = time.monotonic() - (connected_at or t0)
         linked_rate = backlog / up_s
         # the steady rate: from 10 % to 90 % of the backlog sent
         t10 = next(t for t, n in samples if n >= backlog * 0.1)
@@ -263,7 +263,8 @@ def main() -> None:
               f"{result['no_lane_p99_ms']:,} ms (p50 {result['no_lane_p50_ms']:,} ms, "
               f"{len(plain_sorted)} messages, the same run)")
         for side, (count, seconds) in commits.items():
-            print(f"{side}: {count:,.0f} group commits since its start, {seconds * 1e3 / max(1, count):.2f} ms each")
+            print(f"{side}: {count:,.0f} group commits since its start, "
+                  f"{seconds * 1e3 / max(1, count):.2f} ms each")
         if profile:
             print(profile)
     finally:

@@ -204,14 +204,14 @@ def _heap_in_use() -> int | None:
 
 async def test_a_burst_leaves_no_buffers_behind(certs: pki.HubCertificates) -> None:
     """A connection that read a 200 KB burst and answered 100 KB holds no more memory than an
-    idle one once it is done (OpenSSL's memory BIOs never shrink: they are replaced), and it
-    still carries data both ways afterwards."""
+    idle one once it is done (OpenSSL's memory BIOs never shrink: they are replaced, within
+    ``BIO_RENEW_DELAY`` of the burst), and it still carries data both ways afterwards."""
     if _heap_in_use() is None:
         pytest.skip("needs glibc's mallinfo2")
     ctx = client_context(certs)
     burst = bytes(range(256)) * 800  # 200 KB
 
-    def connections(count: int, bulk: bool) -> tuple[list[Pair], int]:
+    async def connections(count: int, bulk: bool) -> tuple[list[Pair], int]:
         pairs = [Pair(certs, ctx) for _ in range(count)]
         for pair in pairs:
             pair.handshake()
@@ -225,15 +225,16 @@ async def test_a_burst_leaves_no_buffers_behind(certs: pki.HubCertificates) -> N
                 pair.raw.sent.clear()
         for pair in pairs:  # the client side's own buffers are not the hub's
             pair.client = pair.cin = pair.cout = None  # type: ignore[assignment]
+        await asyncio.sleep(tls.BIO_RENEW_DELAY + 0.2)
         return pairs, _heap_in_use() or 0
 
-    connections(5, True)  # warm up
+    await connections(5, True)  # warm up
     before = _heap_in_use() or 0
-    idle, with_idle = connections(40, False)
+    idle, with_idle = await connections(40, False)
     idle_each = (with_idle - before) / 40
     del idle
     before = _heap_in_use() or 0
-    busy, with_busy = connections(40, True)
+    busy, with_busy = await connections(40, True)
     busy_each = (with_busy - before) / 40
     assert busy_each < max(idle_each, 24_576) + 16_384, (idle_each, busy_each)
 
@@ -266,3 +267,27 @@ async def test_without_pyopenssl_internals_it_keeps_its_bios_and_still_works(
     assert pair.client_reads() == b"ack:bbbb" + big
     assert pair.inner.received == big
     assert pair.server.tls._into_ssl == into
+
+
+async def test_a_busy_connection_renews_its_buffers_at_most_once_per_delay(
+        certs: pki.HubCertificates, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reads of 64 KB one after another: the BIOs are replaced once, ``BIO_RENEW_DELAY`` after
+    the first, not after every read (each renewal is five OpenSSL calls on the hot path)."""
+    renewals: list[bool] = []
+    real = tls._MemoryBios.renew
+
+    def counted(conn: Any) -> bool:
+        renewals.append(real(conn))
+        return renewals[-1]
+
+    pair = Pair(certs, client_context(certs))
+    pair.handshake()
+    monkeypatch.setattr(tls._MemoryBios, "renew", staticmethod(counted))
+    pair.inner.echo = False
+    for _ in range(20):
+        pair.client.write(bytes(65536))
+        pair.server.data_received(pair.cout.read())
+    assert renewals == []
+    await asyncio.sleep(tls.BIO_RENEW_DELAY + 0.2)
+    assert renewals == [True]
+    assert len(pair.inner.received) == 20 * 65536

@@ -59,6 +59,10 @@ def test_a_device_message_id_travels_in_front() -> None:
     "devices/d/messages/events/$.gws=1&$.gwq=&a",
     "devices/d/messages/events/$.gws=1&$.mid=&a",
     "devices/d/twin/x",
+    "devices/d/messages/events/$.gws=&a",
+    "devices/d/messages/events/$.gws=1&$.gwq=x&a",
+    "devices/d/messages/events/$.gws=1&$.gwq=2",
+    "devices/d/messages/events/$.gws=1&$.mid=m1",  # an id without its "&"
 ])
 def test_anything_else_takes_the_general_path(topic: str) -> None:
     assert split_stamp(topic) is None
