@@ -75,14 +75,10 @@ class Session:
         future.add_done_callback(self._count)
         return future
 
-    def send_nowait(self, topic: str, payload: bytes, on_ack: Callable[[Any], None],
-                    token: Any) -> bool:
-        """QoS 1 without a future: ``on_ack(token)`` on PUBACK (the forwarder's hot path)."""
-        return self.link.send_nowait(topic, payload, on_ack, token)
-
     def send_batched(self, topic: str, payload: bytes, token: Any) -> bool:
-        """:meth:`send_nowait` with the PUBACKs of a socket read handed over together, to
-        ``link.on_acks`` (:meth:`gateway.mqttlink.MqttLink.send_batched`)."""
+        """QoS 1 without a future (the forwarder's hot path): the PUBACKs of a socket read
+        handed over together, to ``link.on_acks``
+        (:meth:`gateway.mqttlink.MqttLink.send_batched`)."""
         return self.link.send_batched(topic, payload, token)
 
     def _count(self, future: asyncio.Future[None]) -> None:

@@ -59,12 +59,13 @@ def start(tmp: Path, dial: Callable[[str, int], tuple[str, int]] | None = None,
     name is its address and its service API listens on 443 there, so that the unmodified
     ``azure-iot-hub`` registry manager (which dials ``https://{HostName}``) reaches it."""
     top = _hub(tmp, "top", TOP, free_port(TOP), alias=TOP_PROXY if dial else "",
-               host_name=TOP if service_sdk else "", api_port=443 if service_sdk else 0).start()
-    site = _hub(tmp, "site", SITE, free_port(SITE), UPSTREAM,
-                alias=SITE_PROXY if dial else "").start()
-    leaf = _hub(tmp, "leaf", LEAF, 8883, UPSTREAM + leaf_extra).start()
+               host_name=TOP if service_sdk else "", api_port=443 if service_sdk else 0)
+    site = _hub(tmp, "site", SITE, free_port(SITE), UPSTREAM, alias=SITE_PROXY if dial else "")
+    leaf = _hub(tmp, "leaf", LEAF, 8883, UPSTREAM + leaf_extra)
     h = Hierarchy(top, site, leaf)
-    try:
+    try:  # a hub that fails to start stops those started before it (no process left behind)
+        for hub in h.hubs():
+            hub.start()
         create_device(top, "site", "--edge")
         create_device(top, "leaf", "--edge", "--parent", "site")
         create_device(site, "leaf", "--edge")
