@@ -70,8 +70,7 @@ class _Protocol(asyncio.Protocol):
                     break
                 run.append(packet_id)
                 pos += 4
-            if run:
-                link.acked_run(run)
+            link.acked_run(run)
             if pos == end:
                 return
             data = data[pos:]
@@ -209,7 +208,17 @@ class MqttLink:
         return True
 
     def acked_packet(self, pid: int) -> None:
-        self.acked_run([pid])
+        entry = self._pending.pop(pid, None)
+        if entry is None:
+            return
+        future, _, on_ack, token = entry
+        if future is None:
+            if on_ack is not None:
+                on_ack(token)
+            elif self.on_acks is not None:
+                self.on_acks([token])
+        elif not future.done():
+            future.set_result(None)
 
     def acked_run(self, pids: list[int]) -> None:
         """A run of PUBACKs: the batched tokens (:meth:`send_batched`) go to :attr:`on_acks`
