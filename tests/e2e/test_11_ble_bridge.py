@@ -49,6 +49,10 @@ async def test_ruuvi_advertisements_reach_the_built_in_endpoint(
         fake.add_device(TAG, name="Ruuvi 884F", manufacturer_data={0x0499: frame.payload})
 
         def tag_events() -> list[dict[str, Any]]:
+            # A tag advertises about once a second: the bridge may have started scanning before
+            # the sensor's desired properties reached it, and an advertisement heard then is
+            # ignored, so keep advertising as the tag would.
+            fake.advertise(TAG, manufacturer_data={0x0499: frame.payload})
             batch = api.request("GET", "/messages/events", query={
                 "start": "earliest", "deviceId": GW, "kinds": "telemetry", "limit": "100"})
             return [i["event"] for i in batch if i["event"]["module"] == "ble"]
