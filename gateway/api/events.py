@@ -10,16 +10,9 @@ it, in the ``x-opt-sequence-number`` annotation.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-from gateway.hub.messages import (
-    MAX_TELEMETRY_BYTES,
-    Message,
-    enriched,
-    message_from_stored,
-    to_monitor_json,
-)
+from gateway.hub.messages import Message, message_from_stored, to_monitor_json
 from gateway.store.log import Entry
 
 
@@ -28,16 +21,11 @@ def entry_message(entry: Entry, host_name: str) -> Message:
     return message_from_stored(entry.props, entry.body)
 
 
-def entry_json(entry: Entry, host_name: str, enrichments: Mapping[str, str] | None = None, *,
-               limit: int = MAX_TELEMETRY_BYTES) -> dict[str, Any]:
-    """One line of the event stream: the monitor-events shape plus ``seq`` and ``kind``;
-    ``enrichments`` (those of the ``events`` endpoint, IoT Hub ref §10.4) join the
-    application properties. :class:`~gateway.errors.MessageTooLargeError` when they push the
-    message over ``limit`` bytes (IoT Hub drops it for this endpoint, ref §10.4)."""
-    message = entry_message(entry, host_name)
-    if enrichments:
-        message = enriched(message, enrichments, limit=limit)
-    return message_json(entry, message)
+def entry_json(entry: Entry, host_name: str) -> dict[str, Any]:
+    """One line of the event stream: the monitor-events shape plus ``seq`` and ``kind`` (the
+    ``events`` endpoint's enrichments: :meth:`gateway.routingsvc.RoutingService.events_message`
+    and :func:`message_json`)."""
+    return message_json(entry, entry_message(entry, host_name))
 
 
 def message_json(entry: Entry, message: Message) -> dict[str, Any]:

@@ -182,6 +182,11 @@ class Health:
         self.ok = True
         self.failing_since = None
 
+    def dead_letter(self, count: int, error: str) -> None:
+        """``count`` messages will never be delivered (the log keeps them): counted, with why."""
+        self.dead_lettered += count
+        self.last_error, self.last_error_time = error, time.time()
+
     def failed(self, error: str) -> None:
         self.ok = False
         if self.failing_since is None:
@@ -321,15 +326,11 @@ class Runner:
                                                  limit=self._limit))
                     except MessageTooLargeError as exc:  # IoT Hub ref §10.4: not for us
                         if self._drops.drop(self.name, entry, exc):
-                            self.health.dead_lettered += 1
-                            self.health.last_error = self._drops.last_error[self.name]
-                            self.health.last_error_time = time.time()
+                            self.health.dead_letter(1, self._drops.last_error[self.name])
                     except StoreError as exc:  # a corrupt row: never deliverable
                         log.error("endpoint %s: dead-lettered seq=%d: %s", self.name,
                                   entry.seq, exc)
-                        self.health.dead_lettered += 1
-                        self.health.last_error = f"dead-lettered seq {entry.seq}: {exc}"
-                        self.health.last_error_time = time.time()
+                        self.health.dead_letter(1, f"dead-lettered seq {entry.seq}: {exc}")
             if batch:
                 progress = Progress(batch)
                 self.health.last_attempt_time = time.time()
@@ -357,12 +358,11 @@ class Runner:
         elif batch:
             self.health.position = max(self.health.position, batch[0].seq - 1)
         self.health.delivered += progress.delivered
-        self.health.dead_lettered += progress.dead
         if progress.delivered:
             self.health.last_delivered_time = time.time()
         if progress.dead:
-            self.health.last_error = f"dead-lettered {progress.dead}: {progress.dead_reason}"
-            self.health.last_error_time = time.time()
+            self.health.dead_letter(progress.dead,
+                                    f"dead-lettered {progress.dead}: {progress.dead_reason}")
 
     async def _wait(self, session: Session) -> None:
         while True:

@@ -483,7 +483,7 @@ class UiServer:
         while True:
             entries, after = await log_.scan(after, 200, device_id=device or None,
                                              kinds={"telemetry"}, max_bytes=1 << 20)
-            rows = [entry_json(e, self.config.hub.host_name, None) for e in entries]
+            rows = [entry_json(e, self.config.hub.host_name) for e in entries]
             rows = [r for r in rows if not module or r.get("event", {}).get("module") == module]
             if rows:
                 await self._send(response, rows)
