@@ -23,11 +23,11 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway import memory, pki
+from gateway import hubcerts, memory
 from gateway.agent import Supervisor
 from gateway.api.lazy import LazyApi
-from gateway.broker import tls
 from gateway.broker.broker import Broker
+from gateway.broker.devicetls import DeviceTls
 from gateway.broker.listener import Admission, raise_fd_limit
 from gateway.broker.sessions import SessionStore
 from gateway.config import Config
@@ -124,7 +124,7 @@ class Gateway:
     broker: Broker
     api: LazyApi  # the service API, built with its first connection
     log: MessageLog
-    certs: pki.HubCertificates
+    certs: hubcerts.HubCertificates
     runtime: dict[str, object] = field(default_factory=dict)
     routing: RoutingService | None = None
     upstream: Upstream | None = None
@@ -140,8 +140,8 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         config.limits.max_connections, config.limits.max_connections_per_address,
         raise_fd_limit())
     host_names = [config.hub.host_name, *config.hub.aliases]
-    certs = await asyncio.to_thread(
-        pki.ensure_certificates, data_dir, host_names=host_names,
+    certs = await asyncio.to_thread(  # cryptography only when a file must be (re)made
+        hubcerts.ensure, data_dir, host_names=host_names,
         addresses=[*local_addresses(), *config.hub.addresses, *bind_addresses(config)],
     )
     db = Database(data_dir / "hub.db", synchronous=config.store.sync)
@@ -210,8 +210,9 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
         broker.close_hooks.append(inputs.on_closed)
         registry.add_listener(inputs.identity_changed)
         # Any client certificate passes the handshake, on 8883 and 443 alike: auth.py decides
-        # (ref §8), and every refusal is logged with its reason.
-        device_tls = tls.server_context(certs.server_cert, certs.server_key)
+        # (ref §8), and every refusal is logged with its reason. The pyOpenSSL context is
+        # built with the first TLS connection (the idle footprint, issue 16).
+        device_tls = DeviceTls(certs.server_cert, certs.server_key)
         provisioning = await _provisioning(config, db, registry, hub, certs, tasks_)
         registry.add_listener(broker.identity_changed, updates=True)
         registry.add_certificate_listener(broker.ca_certificate_changed)
@@ -357,7 +358,7 @@ async def run(config: Config, *, ready: asyncio.Future[Gateway] | None = None,
 
 
 async def _amqp(config: Config, message_log: MessageLog, authenticator: Authenticator,
-                hub: Hub, certs: pki.HubCertificates, routing: RoutingService,
+                hub: Hub, certs: hubcerts.HubCertificates, routing: RoutingService,
                 files: FileStore | None) -> AmqpServer | None:
     """The AMQP listener, when Apache Qpid Proton is installed (the ``amqp`` extra; it has no
     wheels on PyPI, so the appliance image leaves it out). Its WebSocket route comes with the
@@ -415,7 +416,8 @@ def _service_api(config: Config, port: int, *, registry: Registry,
 
 
 async def _provisioning(config: Config, db: Database, registry: Registry, hub: Hub,
-                        certs: pki.HubCertificates, tasks: TaskSet) -> ProvisioningService | None:
+                        certs: hubcerts.HubCertificates,
+                        tasks: TaskSet) -> ProvisioningService | None:
     """The DPS for downstream devices, on the hub's own MQTT port (ref §12)."""
     if not config.provisioning.enabled:
         return None

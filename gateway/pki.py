@@ -15,13 +15,10 @@ written mode 0600 through a temporary file and an atomic rename; certificates 06
 
 from __future__ import annotations
 
-import hashlib
-import ipaddress
 import os
 import secrets
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import quote
@@ -33,8 +30,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.errors import ConfigError, InvalidRequestError
+from gateway.hubcerts import (  # re-exported: they need no cryptography
+    RENEW_BEFORE,
+    HubCertificates,
+    IPAddress,
+    thumbprints,
+    wanted_names,
+)
 
 __all__ = [
+    "RENEW_BEFORE",
     "HubCertificates",
     "ensure_certificates",
     "issue_client_certificate",
@@ -45,27 +50,8 @@ __all__ = [
 
 CA_DAYS = 3650
 SERVER_DAYS = 730  # under the 825-day limit Apple platforms enforce for any TLS server cert
-RENEW_BEFORE = timedelta(days=30)
 _BACKDATE = timedelta(hours=1)  # tolerate clients whose clock lags a little
 _CN_MAX = 64  # RFC 5280 ub-common-name
-
-_IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-@dataclass(frozen=True, slots=True)
-class HubCertificates:
-    """Paths of the hub's CA and server certificate/key (PEM)."""
-
-    ca_cert: Path
-    ca_key: Path
-    server_cert: Path
-    server_key: Path
-
-
-def thumbprints(der: bytes) -> tuple[str, str]:
-    """(SHA-1, SHA-256) hex digests of a DER certificate, upper case (IoT Hub ref §8)."""
-    return hashlib.sha1(der).hexdigest().upper(), hashlib.sha256(der).hexdigest().upper()
-
 
 # --- files ------------------------------------------------------------------------------------
 
@@ -204,27 +190,8 @@ def _issue(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, subjec
 
 # --- server certificate -----------------------------------------------------------------------
 
-def _wanted_names(host_names: Sequence[str],
-                  addresses: Sequence[str]) -> tuple[frozenset[str], frozenset[_IPAddress]]:
-    dns = {"localhost"}
-    ips: set[_IPAddress] = {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
-    for name in host_names:
-        try:
-            ips.add(ipaddress.ip_address(name))
-        except ValueError:
-            if not name or not name.isascii() or any(c in name for c in " /\\"):
-                raise ConfigError(f"not a DNS name: {name!r}", path="host_names") from None
-            dns.add(name.rstrip(".").lower())
-    for address in addresses:
-        try:
-            ips.add(ipaddress.ip_address(address))
-        except ValueError:
-            raise ConfigError(f"not an IP address: {address!r}", path="addresses") from None
-    return frozenset(dns), frozenset(ips)
-
-
 def _server_ok(cert: x509.Certificate, ca_cert: x509.Certificate, dns: frozenset[str],
-               ips: frozenset[_IPAddress], now: datetime) -> bool:
+               ips: frozenset[IPAddress], now: datetime) -> bool:
     """Reuse the server certificate only if the current CA signed it, it is valid now for more
     than RENEW_BEFORE, and its SANs cover every wanted name."""
     try:
@@ -250,10 +217,9 @@ def ensure_certificates(data_dir: Path, *, host_names: Sequence[str], addresses:
     expires within 30 days, or does not match its key or the CA. ``now`` is for tests.
     """
     now = now or datetime.now(UTC)
-    dns, ips = _wanted_names(host_names, addresses)
+    dns, ips = wanted_names(host_names, addresses)
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    certs = HubCertificates(data_dir / "ca.pem", data_dir / "ca.key",
-                            data_dir / "server.pem", data_dir / "server.key")
+    certs = HubCertificates.in_dir(data_dir)
     ca = _load_pair(certs.ca_cert, certs.ca_key)
     if ca is None or not ca[0].not_valid_before_utc <= now <= ca[0].not_valid_after_utc:
         ca = _make_ca(now)

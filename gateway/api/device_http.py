@@ -40,7 +40,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from gateway.api.errors import error_response
-from gateway.broker.tls import peer_certificate_chain
+from gateway.broker.devicetls import peer_certificate_chain
 from gateway.errors import AuthError, MessageTooLargeError
 from gateway.hub.addresses import Telemetry
 from gateway.hub.auth import Principal

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from OpenSSL import SSL
 
     from gateway.api.server import ServiceApi
+    from gateway.broker.devicetls import DeviceTls
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 class _Serving:
     """What :meth:`ServiceApi.serve` gets with the socket."""
 
-    ssl_context: ssl.SSLContext | SSL.Context | None
+    ssl_context: ssl.SSLContext | SSL.Context | DeviceTls | None
     admission: Admission | None
     header_timeout: float
     body_timeout: float
@@ -66,7 +67,7 @@ class LazyApi:
         self._failed: asyncio.Future[None] | None = None
 
     async def start(self, host: str, port: int,
-                    ssl_context: ssl.SSLContext | SSL.Context | None, *,
+                    ssl_context: ssl.SSLContext | SSL.Context | DeviceTls | None, *,
                     admission: Admission | None = None, header_timeout: float = 10.0,
                     body_timeout: float = 60.0) -> None:
         """Bind and listen on ``host:port`` (as :meth:`ServiceApi.start`); the API is built when

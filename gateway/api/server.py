@@ -28,7 +28,6 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from OpenSSL import SSL
 
 from gateway.api import openapi
 from gateway.api.bodies import finite_json_response, if_match, json_body, json_response
@@ -39,8 +38,8 @@ from gateway.api.events import entry_json, message_json
 from gateway.api.limits import Deadlines
 from gateway.api.query import float_query, int_query
 from gateway.api.ws import add_websocket_route
+from gateway.broker.devicetls import DeviceTls
 from gateway.broker.listener import Admission, Listener, listening_socket
-from gateway.broker.tls import TlsServerProtocol
 from gateway.errors import InvalidRequestError, NotFoundError
 from gateway.hub.auth import Authenticator, ServicePrincipal
 from gateway.hub.hub import Hub
@@ -50,6 +49,8 @@ from gateway.hub.registry import Registry
 from gateway.store.log import MessageLog
 
 if TYPE_CHECKING:
+    from OpenSSL import SSL
+
     from gateway.broker.broker import Broker
     from gateway.routingsvc import RoutingService
 
@@ -148,13 +149,14 @@ class ServiceApi:
         self._route(method, path, right, handler)
 
     async def start(self, host: str, port: int,
-                    ssl_context: ssl.SSLContext | SSL.Context | None, *,
+                    ssl_context: ssl.SSLContext | SSL.Context | DeviceTls | None, *,
                     admission: Admission | None = None, header_timeout: float = 10.0,
                     body_timeout: float = 60.0) -> None:
         """Serve on ``host:port`` through our own accept loop (gateway.broker.listener): the
         connection caps of ``admission`` and the deadlines of gateway.api.limits apply. A
-        pyOpenSSL context puts the hub's own TLS layer in front (gateway.broker.tls: X.509
-        clients judged by the identity check, every refused handshake logged)."""
+        :class:`DeviceTls` (or a pyOpenSSL context) puts the hub's own TLS layer in front
+        (gateway.broker.tls: X.509 clients judged by the identity check, every refused
+        handshake logged)."""
         sock = listening_socket(host, port)
         try:
             await self.serve(sock, ssl_context, admission=admission,
@@ -165,7 +167,7 @@ class ServiceApi:
         log.info("https service api listening port=%s", self.port)
 
     async def serve(self, sock: socket.socket,
-                    ssl_context: ssl.SSLContext | SSL.Context | None, *,
+                    ssl_context: ssl.SSLContext | SSL.Context | DeviceTls | None, *,
                     admission: Admission | None = None, header_timeout: float = 10.0,
                     body_timeout: float = 60.0) -> None:
         """:meth:`start` on a socket already listening (gateway.api.lazy hands its own over,
@@ -181,11 +183,16 @@ class ServiceApi:
         timeout = header_timeout or 60.0
         factory: Callable[[], asyncio.BaseProtocol] = server
         plain_tls = None
-        if isinstance(ssl_context, SSL.Context):
+        if isinstance(ssl_context, DeviceTls):
+            device_tls = ssl_context
+            factory = lambda: device_tls.protocol(timeout, server)  # noqa: E731
+        elif ssl_context is None or isinstance(ssl_context, ssl.SSLContext):
+            plain_tls = ssl_context
+        else:  # a pyOpenSSL context
+            from gateway.broker.tls import TlsServerProtocol
+
             tls = ssl_context
             factory = lambda: TlsServerProtocol(tls, timeout, server)  # noqa: E731
-        else:
-            plain_tls = ssl_context
         self._listener = Listener(
             sock, factory, admission or Admission(1 << 30, 1 << 30),
             name="https", ssl_context=plain_tls, handshake_timeout=timeout,

@@ -14,22 +14,19 @@ import logging
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gateway.broker.connection import MqttConnection
 from gateway.broker.deadlines import Deadlines
+from gateway.broker.devicetls import DeviceTls, peer_certificate_chain
 from gateway.broker.listener import Admission, Listener, listening_socket, unix_listening_socket
 from gateway.broker.sessions import SessionStore
-from gateway.broker.tls import TlsServerProtocol, peer_certificate_chain
 from gateway.config import MqttConfig
 from gateway.hub import addresses, dps
 from gateway.hub.auth import Principal
 from gateway.hub.hub import Hub
 from gateway.hub.registry import CaCertificate, Device, Module
 from gateway.mqtt.packets import Connect, Subscribe, Unsubscribe
-
-if TYPE_CHECKING:
-    from OpenSSL import SSL
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +61,7 @@ class Broker:
 
     # -- listeners ---------------------------------------------------------------------------
 
-    async def start(self, *, tls_context: SSL.Context | None, unix_path: Path | None) -> None:
+    async def start(self, *, tls_context: DeviceTls | None, unix_path: Path | None) -> None:
         """Bind every configured listener. Port 0 binds an ephemeral port (tests); the bound
         ports are in :attr:`ports`."""
         cfg = self.config
@@ -81,7 +78,7 @@ class Broker:
         if tls_context is not None:
             tls = factory("tls")
             listen("tls", listening_socket(cfg.bind, cfg.tls_port),
-                   lambda: TlsServerProtocol(tls_context, cfg.connect_timeout, tls))
+                   lambda: tls_context.protocol(cfg.connect_timeout, tls))
         listen("local", listening_socket(cfg.local_bind, cfg.local_port), factory("local"))
         if unix_path is not None:
             if unix_path.exists():

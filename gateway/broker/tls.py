@@ -15,15 +15,15 @@ must get through, and a CA-signed device sends its intermediates. Python's ``ssl
 verify callback (a certificate it cannot chain fails the handshake) and, before 3.13, no way to
 read the chain the client sent. Here the verify callback accepts every certificate (they are
 still *requested*, not required: SAS clients send none) and :func:`peer_certificate_chain`
-hands the whole chain the client sent to :mod:`gateway.hub.auth`. Cost: a few Python calls per
-socket read, not per message.
+hands the whole chain the client sent to :mod:`gateway.hub.auth`. Cost: a few Python calls
+per socket read, not per message. The hub builds its context with the first TLS connection
+(gateway.broker.devicetls), so an idle hub does not import pyOpenSSL.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
@@ -31,11 +31,21 @@ from typing import Any, Final
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL, crypto
 
+from gateway.broker.devicetls import PEER_CHAIN, peer_certificate_chain
+
 try:  # pyOpenSSL's binding, to give a connection fresh memory BIOs (see _MemoryBios)
     from OpenSSL._util import ffi as _ffi
     from OpenSSL._util import lib as _lib
 except ImportError:  # pragma: no cover - a pyOpenSSL without it keeps its BIOs
     _ffi = _lib = None
+
+__all__ = [  # PEER_CHAIN and peer_certificate_chain: re-exported from gateway.broker.devicetls
+    "PEER_CHAIN",
+    "TlsServerProtocol",
+    "TlsTransport",
+    "peer_certificate_chain",
+    "server_context",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +60,6 @@ BIO_RENEW_DELAY: Final = 0.5
 """Seconds from the read or write that passed :data:`BIO_KEEP` to the renewal: a busy
 connection renews at most twice a second (not after every read), an idle one soon after its
 burst."""
-PEER_CHAIN: Final = "peer_cert_chain"
-"""``get_extra_info`` name: the client's certificates as DER, leaf first (None: none sent)."""
 
 
 def _accept_any(_conn: SSL.Connection, _cert: crypto.X509, _errno: int, _depth: int,
@@ -78,21 +86,6 @@ def server_context(cert_file: Path, key_file: Path) -> SSL.Context:
     ctx.set_verify(SSL.VERIFY_PEER, _accept_any)
     ctx.set_session_id(b"edge-gateway-mqtt")
     return ctx
-
-
-def peer_certificate_chain(transport: asyncio.BaseTransport | None) -> list[bytes] | None:
-    """The client certificates of a connection, DER, leaf first: the whole chain from our TLS
-    layer; from a Python ``ssl`` transport (aiohttp's), the leaf alone."""
-    if transport is None:
-        return None
-    chain = transport.get_extra_info(PEER_CHAIN)
-    if chain is not None:
-        return list(chain) or None
-    ssl_object = transport.get_extra_info("ssl_object")
-    if isinstance(ssl_object, (ssl.SSLObject, ssl.SSLSocket)):
-        der = ssl_object.getpeercert(binary_form=True)
-        return [der] if der else None
-    return None
 
 
 class _MemoryBios:

@@ -15,20 +15,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
-from cryptography import x509
-from cryptography.x509.oid import NameOID
-
 from gateway.errors import AuthError, ForbiddenError
-from gateway.hub.cacerts import verify_client_chain
 from gateway.hub import dps
+from gateway.hub.cacerts import verify_client_chain
 from gateway.hub.messages import auth_method_json
 from gateway.hub.policies import ALL_RIGHTS
 from gateway.hub.registry import Device, Module, Policy, Registry, Right
 from gateway.hub.sas import SasToken, parse_sas_token, verify_sas_signature
 from gateway.hub.username import Username, parse_username
-from gateway.pki import thumbprints
+from gateway.hubcerts import thumbprints
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # cryptography: imported by the first X.509 authentication
+    from cryptography import x509
+
     from gateway.hub.provisioning import ProvisioningService
 
 __all__ = ["Authenticator", "Principal", "ServicePrincipal"]
@@ -101,7 +100,8 @@ class Authenticator:
             raise ValueError("host_names must not be empty")
         self._registry = registry
         self._hosts = frozenset(name.lower() for name in host_names)
-        self._issuers = tuple(x509.load_pem_x509_certificate(pem.encode()) for pem in ca_pems)
+        self._ca_pems = tuple(ca_pems)
+        self._ca_certs: tuple[x509.Certificate, ...] | None = None  # parsed when first needed
         # Authorization header -> (policy it was verified against, principal): a back end
         # sends the same token with every call for up to an hour.
         self._service_tokens: dict[str, tuple[Policy, ServicePrincipal]] = {}
@@ -189,7 +189,18 @@ class Authenticator:
             policy=token.policy,
         )
 
+    def _issuers(self) -> tuple[x509.Certificate, ...]:
+        if self._ca_certs is None:
+            from cryptography import x509
+
+            self._ca_certs = tuple(x509.load_pem_x509_certificate(pem.encode())
+                                   for pem in self._ca_pems)
+        return self._ca_certs
+
     def _x509(self, user: Username, chain: Sequence[bytes], now: float) -> Principal:
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+
         device, module = self._identity(user)
         identity: Device | Module = module or device
         if identity.auth_type not in ("selfSigned", "certificateAuthority"):
@@ -217,7 +228,7 @@ class Authenticator:
                 intermediates = [x509.load_der_x509_certificate(der) for der in chain[1:]]
             except ValueError:
                 raise AuthError("client certificate chain unreadable") from None
-            anchors = [*self._issuers, *self._registry.verified_ca_certificates()]
+            anchors = [*self._issuers(), *self._registry.verified_ca_certificates()]
             verify_client_chain(leaf, intermediates, anchors, now=moment)
         return Principal(
             device_id=device.device_id,

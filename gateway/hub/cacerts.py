@@ -19,16 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
-from typing import Any, Final
-
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509 import verification
-from cryptography.x509.oid import NameOID
+from typing import TYPE_CHECKING, Any, Final
 
 from gateway.errors import AuthError, InvalidRequestError, NotFoundError
-from gateway.pki import thumbprints
+from gateway.hubcerts import thumbprints
+
+if TYPE_CHECKING:  # cryptography is imported where a certificate is read (idle footprint)
+    from cryptography import x509
 
 __all__ = [
     "CaCertificate",
@@ -59,10 +56,14 @@ class CaCertificate:
 
     @property
     def certificate(self) -> x509.Certificate:
+        from cryptography import x509
+
         return x509.load_pem_x509_certificate(self.pem.encode("ascii"))
 
     def to_json(self, *, with_code: bool = False) -> dict[str, Any]:
         """IoT Hub's certificate description (``with_code``: the verification-code answer)."""
+        from cryptography.hazmat.primitives.serialization import Encoding
+
         cert = self.certificate
         properties: dict[str, Any] = {
             "subject": cert.subject.rfc4514_string(),
@@ -98,6 +99,9 @@ def load_ca_pem(pem: object, *, now: datetime) -> str:
     """Check an uploaded CA certificate; return it alone, re-encoded as PEM. It must be a CA
     (basicConstraints CA:TRUE) and valid now: a leaf or an expired certificate would anchor
     nothing."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
     if not isinstance(pem, str) or not pem.strip():
         raise InvalidRequestError("properties.certificate must be a PEM certificate")
     try:
@@ -124,6 +128,10 @@ def new_verification_code() -> str:
 def check_proof(ca: CaCertificate, proof_pem: object, *, now: datetime) -> None:
     """Raise InvalidRequestError unless ``proof_pem`` is a certificate with ``CN`` = the CA's
     current verification code, signed by the CA's key, valid now."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.x509.oid import NameOID
+
     if ca.verification_code is None:
         raise InvalidRequestError(
             f"certificate {ca.name!r} has no verification code: generate one first")
@@ -151,6 +159,9 @@ def verify_client_chain(leaf: x509.Certificate, intermediates: Sequence[x509.Cer
     ``intermediates`` it sent (cryptography's verifier, web PKI rules: CA certificates must
     assert CA:TRUE, so a device's leaf can never issue for another). A device certificate
     needs no subjectAltName (IoT Hub identifies it by CN). Raises AuthError."""
+    from cryptography import x509
+    from cryptography.x509 import verification
+
     if not anchors:
         raise AuthError("no verified CA certificate to chain to")
     ee_policy = verification.ExtensionPolicy.webpki_defaults_ee().may_be_present(

@@ -13,13 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
-
 from gateway.errors import InvalidRequestError, PreconditionFailedError
 from gateway.hub.identities import AUTH_TYPES, Device, Module
 from gateway.hub.policies import new_key as _new_key
-from gateway.pki import thumbprints
+from gateway.hubcerts import thumbprints
 
 __all__ = ["check_precondition", "device_from_body", "module_from_body", "new_etag"]
 
@@ -100,6 +97,9 @@ def _check_thumbprint(value: str | None, name: str) -> str | None:
 def _load_certificate(pem: str) -> tuple[str, tuple[str, str]]:
     """-> (the first certificate alone, re-encoded as PEM; its thumbprints). Anything after
     the first certificate is dropped (one certificate, one thumbprint)."""
+    from cryptography import x509  # here: an idle hub does not import it
+    from cryptography.hazmat.primitives.serialization import Encoding
+
     try:
         cert = x509.load_pem_x509_certificate(pem.encode("ascii"))
     except (ValueError, UnicodeEncodeError):

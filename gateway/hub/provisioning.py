@@ -21,11 +21,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Protocol
-
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.x509.oid import NameOID
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.errors import AuthError, GatewayError
 from gateway.hub import dps
@@ -34,6 +30,9 @@ from gateway.hub.enrollments import EnrollmentGroup, EnrollmentStore, Registrati
 from gateway.hub.registry import Registry
 from gateway.hub.sas import parse_sas_token, verify_sas_signature
 from gateway.tasks import TaskSet
+
+if TYPE_CHECKING:  # cryptography: imported by the first X.509 registration
+    from cryptography import x509
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,8 @@ class ProvisioningService:
         self._tasks = tasks
         self.registry = registry
         self.assigned_hub = assigned_hub
-        self._issuers = tuple(x509.load_pem_x509_certificate(p.encode()) for p in ca_pems)
+        self._ca_pems = tuple(ca_pems)
+        self._ca_certs: tuple[x509.Certificate, ...] | None = None  # parsed when first needed
         self._initial_twin = initial_twin
         self._clock = clock
         self._operations: OrderedDict[str, str] = OrderedDict()  # operation id -> registration
@@ -112,6 +112,12 @@ class ProvisioningService:
 
     def _by_certificate(self, registration_id: str, leaf_der: bytes,
                         now: float) -> EnrollmentGroup:
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+
+        if self._ca_certs is None:
+            self._ca_certs = tuple(x509.load_pem_x509_certificate(p.encode())
+                                   for p in self._ca_pems)
         try:
             leaf = x509.load_der_x509_certificate(leaf_der)
         except ValueError:
@@ -122,7 +128,7 @@ class ProvisioningService:
         names = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         if len(names) != 1 or str(names[0].value).lower() != registration_id:
             raise AuthError("certificate common name is not the registration id")
-        if not any(_issued_by(leaf, ca) for ca in self._issuers):
+        if not any(_issued_by(leaf, ca) for ca in self._ca_certs):
             raise AuthError("certificate not issued by the hub CA")
         groups = [g for g in self.store.groups.values() if g.attestation == "x509"]
         enabled = [g for g in groups if g.enabled]
@@ -233,6 +239,8 @@ def _auth_of(device: Any) -> dict[str, Any]:
 
 
 def _issued_by(leaf: x509.Certificate, ca: x509.Certificate) -> bool:
+    from cryptography.exceptions import InvalidSignature
+
     try:
         leaf.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):

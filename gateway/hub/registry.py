@@ -24,9 +24,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self, TypeVar
-
-from cryptography import x509
+from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
 from gateway.errors import (
     ConflictError,
@@ -53,6 +51,9 @@ from gateway.hub.registrydb import (
     dump,
     load,
 )
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 __all__ = [
     "AUTH_TYPES",
