@@ -197,6 +197,7 @@ class _Gen:
         self.fact_bit = fact_bit  # the first bit free in F
         self.twin_given = facts is not None or prefix != "_c"  # T is the twin (or None)
         self.known: dict[int, tuple[Node, frozenset[str]]] = {}  # deps of the trees' nodes
+        self.lazy = False  # raw: code that decodes the body on first use was made
 
     def decode_statement(self) -> list[str]:
         """Lines that decode the body into ``B`` and ``D`` now (for a condition that reads it
@@ -204,23 +205,27 @@ class _Gen:
         self.decoded = True
         tail = ["    D = B if B.__class__ is dict else _E"]
         if self.codec is AUTO:
-            return ["    B = _decode(body, S)", *tail]
-        call = f"_decode_with(body, {self.const(self.codec)})"
-        if self.codec != "utf-8-sig":
-            return [f"    B = {call}", *tail]
-        # the common case without a Python call: UTF-8 without a byte order mark, which the
-        # fast decoder takes (it refuses a byte order mark); anything it refuses goes the
-        # general way (decode_with)
-        return ["    try:",
-                "        B = _loads(body)",
-                "    except ValueError:",
-                f"        B = {call}", *tail]
+            head = ["    B = _decode(body, S)"]
+        elif self.codec != "utf-8-sig":
+            head = [f"    B = _decode_with(body, {self.const(self.codec)})"]
+        else:
+            # the common case without a Python call: UTF-8 without a byte order mark, which
+            # the fast decoder takes (it refuses a byte order mark); anything it refuses goes
+            # the general way (decode_with)
+            head = ["    try:",
+                    "        B = _loads(body)",
+                    "    except ValueError:",
+                    f"        B = _decode_with(body, {self.const(self.codec)})"]
+        if self.lazy:  # a condition before may have decoded it already: not twice
+            head = ["    if B is _N:", *["    " + line for line in head]]
+        return head + tail
 
     def body(self) -> str:
         if not self.raw:
             return "m.body_json()"
         if self.decoded:
             return "B"
+        self.lazy = self.lazy or self.codec is not None
         if self.codec is AUTO:
             return "(B if B is not _N else (B := _decode(body, S)))"
         if self.codec is None:
@@ -711,7 +716,7 @@ def _locals(lines: list[str]) -> list[str]:
     """The first-use locals (the decoded body, the twin's sections) ``lines`` test before
     setting, each set to "not yet" (no statement for those they do not use)."""
     text = "\n".join(lines)
-    out = ["    B = _N"] if "B is not _N" in text else []
+    out = ["    B = _N"] if "B is not _N" in text or "B is _N" in text else []
     lazy = [name for name in ("D", "G_tags", "G_desired", "G_reported")
             if f"{name} is not None" in text]
     return out + ([f"    {' = '.join(lazy)} = None"] if lazy else [])

@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway.routing import compiler
 from gateway.routing.compiler import compile_split, deps, fold_properties, split_source
 from gateway.routing.message import MessageView, body_codec
 from gateway.routing.model import RoutingState, parse_route
@@ -70,6 +72,23 @@ def test_twin_parts_are_read_once_per_twin_not_per_message() -> None:
     assert run(m.body, 0, twin, facts, outcomes) == (0, 1)
     assert run(b'{"t": 1}', 0, twin, facts, outcomes) == (0,)
     assert run(m.body, 0, None, facts_of(None), outcomes) == ()
+
+
+def test_the_body_is_decoded_once_whichever_condition_decodes_it_first(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A condition that decodes the body on the way (after a twin fact), then one that reads
+    it first thing: one decode per message, not two."""
+    calls: list[bytes] = []
+    loads, decode_with = compiler.loads_utf8, compiler.decode_with
+    monkeypatch.setattr(compiler, "loads_utf8", lambda b: calls.append(b) or loads(b))
+    monkeypatch.setattr(compiler, "decode_with", lambda b, c: calls.append(b) or decode_with(b, c))
+    trees = [parse("$twin.tags.x = 1 AND $body.a > 0"), parse("$body.b > 1")]
+    run, facts_of = compile_split(*split_source([], trees, "utf-8-sig"))
+    for tags, expected in (({"x": 1}, (0, 1)), ({"x": 2}, (1,))):
+        calls.clear()
+        twin = Twin(tags=tags)
+        assert run(b'{"a": 1, "b": 2}', 0, twin, facts_of(twin), Outcomes()) == expected
+        assert len(calls) == 1
 
 
 ROUTE_TREES = st.lists(TWIN_TREES, min_size=1, max_size=6)
