@@ -15,17 +15,17 @@ condition that reads only properties gives the same answer for every message wit
 properties, which the router uses to cache it per topic; :func:`fold_properties` puts those
 answers into the rest, and :func:`compile_table` compiles all the routes left for one set of
 properties into one function (the body decoded once, up front when the first condition that
-reads it reads it first thing; the twin looked up once). :func:`compile_split`, the router's
-form for a property set it keeps, goes further: what reads only the twin becomes bits computed
-once per twin object, and the function answers with a mask of the routes matched, so nothing
-is built per message.
+reads it reads it first thing, a body path that several conditions read then read once; the
+twin looked up once). :func:`compile_split`, the router's form for a property set it keeps,
+goes further: what reads only the twin becomes bits computed once per twin object, and the
+function answers with a mask of the routes matched, so nothing is built per message.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,13 +197,19 @@ class _Gen:
         self.fact_bit = fact_bit  # the first bit free in F
         self.twin_given = facts is not None or prefix != "_c"  # T is the twin (or None)
         self.known: dict[int, tuple[Node, frozenset[str]]] = {}  # deps of the trees' nodes
+        self.hoisted: dict[tuple[Any, ...], str] = {}  # raw, decoded: body path -> its local
         self.lazy = False  # raw: code that decodes the body on first use was made
 
-    def decode_statement(self) -> list[str]:
+    def decode_statement(self, shared: Sequence[tuple[Any, ...]] = ()) -> list[str]:
         """Lines that decode the body into ``B`` and ``D`` now (for a condition that reads it
-        first thing: no test per operand after it)."""
+        first thing: no test per operand after it), then read the ``shared`` body paths (those
+        several conditions read) into locals once."""
         self.decoded = True
         tail = ["    D = B if B.__class__ is dict else _E"]
+        for path in shared:
+            name = f"_h{len(self.hoisted)}"
+            tail.append(f"    {name} = {self._path('B', path, 'D')}")
+            self.hoisted[path] = name
         if self.codec is AUTO:
             head = ["    B = _decode(body, S)"]
         elif self.codec != "utf-8-sig":
@@ -299,6 +305,8 @@ class _Gen:
             key, fallback = self.lit(system_key(node.name)), self.lit("$" + node.name)
             return f"({t} if ({t} := S.get({key}, U)) is not U else A.get({fallback}, U))"
         if isinstance(node, BodyPath):
+            if node.path in self.hoisted:
+                return self.hoisted[node.path]
             return self._path(self.body(), node.path, self.body_object())
         if isinstance(node, TwinPath):
             return self._path(self.twin(node.section), node.path, self.twin_object(node.section))
@@ -383,8 +391,10 @@ class _Gen:
         c = self.lit(value)
         if type(value) is str and pyop == "==":
             return f"({inner} == {c})"  # only a str equals a str among the language's values
-        t = self.temp()
         kind = "is str" if type(value) is str else "in _NUM"
+        if inner.isidentifier():  # a local already (a shared body path)
+            return f"({inner}.__class__ {kind} and {inner} {pyop} {c})"
+        t = self.temp()
         return f"(({t} := {inner}).__class__ {kind} and {t} {pyop} {c})"
 
     def _path(self, base: str, path: tuple[Any, ...], obj: str | None = None) -> str:
@@ -591,6 +601,32 @@ def _reads_body_first(node: Node) -> bool:
     return False
 
 
+def _body_paths(node: Node, out: list[tuple[Any, ...]]) -> None:
+    """Every body path ``node`` reads, into ``out`` (once per place it stands)."""
+    if isinstance(node, BodyPath):
+        out.append(node.path)
+    elif isinstance(node, Unary):
+        _body_paths(node.operand, out)
+    elif isinstance(node, Binary):
+        _body_paths(node.left, out)
+        _body_paths(node.right, out)
+    elif isinstance(node, Call):
+        for arg in node.args:
+            _body_paths(arg, out)
+
+
+def _shared_paths(trees: list[Node]) -> list[tuple[Any, ...]]:
+    """The body paths more than one of ``trees`` read, in order: read once into a local
+    after the body is decoded (reading one cannot fail, and has no effect)."""
+    counts: dict[tuple[Any, ...], int] = {}
+    for tree in trees:
+        found: list[tuple[Any, ...]] = []
+        _body_paths(tree, found)
+        for path in dict.fromkeys(found):
+            counts[path] = counts.get(path, 0) + 1
+    return [path for path, n in counts.items() if n > 1]
+
+
 def compile_tree(tree: Node, text: str = "") -> Compiled:
     gen = _Gen()
     body = gen.truth(tree)
@@ -626,9 +662,9 @@ def table_source(trees: list[Node], names: list[str],
              "    B = _N",
              "    D = G_tags = G_desired = G_reported = None",
              "    out = []"]
-    for tree, name in zip(trees, names, strict=True):
+    for i, (tree, name) in enumerate(zip(trees, names, strict=True)):
         if not gen.decoded and codec is not None and _reads_body_first(tree):
-            lines += gen.decode_statement()
+            lines += gen.decode_statement(_shared_paths(trees[i:]))
         test = gen.truth(tree)
         if test == "False":
             continue
@@ -680,7 +716,7 @@ def split_source(twin_trees: list[Node], trees: list[Node], codec: str | None,
     lines: list[str] = []
     for i, tree in enumerate(trees):
         if not gen.decoded and codec is not None and _reads_body_first(tree):
-            lines += gen.decode_statement()
+            lines += gen.decode_statement(_shared_paths(trees[i:]))
         _all_deps(tree, gen.known)
         test, bit = gen.truth(tree), 1 << (first + i)
         if test == "True":

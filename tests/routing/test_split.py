@@ -91,6 +91,20 @@ def test_the_body_is_decoded_once_whichever_condition_decodes_it_first(
         assert len(calls) == 1
 
 
+def test_a_body_path_several_conditions_read_is_read_once() -> None:
+    trees = [parse("$body.kind = 'a'"), parse("$body.kind = 'b' OR $body.n > 2"),
+             parse("$body.kind = 'c' AND $body.v.w[0] = 1"), parse("$body.v.w[0] = 2")]
+    source, consts = split_source([], trees, "utf-8-sig")
+    assert source.count("('kind')") == 1 and source.count("('n')") == 1, source
+    assert source.count("('w')") == 1, source
+    run, _facts = compile_split(source, consts)
+    assert run(b'{"kind": "b"}', 0, None, 0, Outcomes()) == (1,)
+    assert run(b'{"kind": "c", "n": 3, "v": {"w": [1]}}', 0, None, 0, Outcomes()) == (1, 2)
+    assert run(b'{"v": {"w": [2]}}', 0, None, 0, Outcomes()) == (3,)
+    assert run(b'[1]', 0, None, 0, Outcomes()) == ()
+    assert run(b'{"kind": "a"', 0, None, 0, Outcomes()) == ()
+
+
 ROUTE_TREES = st.lists(TWIN_TREES, min_size=1, max_size=6)
 
 
