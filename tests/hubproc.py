@@ -56,6 +56,7 @@ class HubProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self._log.close()  # not left for the garbage collector (a ResourceWarning later)
                 raise RuntimeError(f"hub exited with {self.proc.returncode}:\n{self.log_text()}")
             if runtime.exists():
                 try:
